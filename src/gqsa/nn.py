@@ -1,0 +1,78 @@
+"""``GQSALinear``: an ``nn.Linear`` replacement that holds a packed GQSA layer."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .format import TENSOR_NAMES, FormatError, PackedLinear
+from .kernels import reference
+
+
+class GQSALinear(nn.Module):
+    """A linear layer stored in the packed BSR format (see :mod:`gqsa.format`).
+
+    The packed tensors are buffers, so ``state_dict()`` is exactly the checkpoint layout and
+    ``load_state_dict`` accepts any number of kept groups (the buffers take the loaded sizes, after
+    validation). ``forward`` computes ``x @ Ŵᵀ + b`` with the pure-torch reference path; fused GPU
+    kernels plug in through :attr:`backend`.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bits: int = 4, group_size: int = 16,
+                 bias: bool = False, float_zeros: bool = False, dtype: torch.dtype = torch.float16):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size = bits, group_size
+        empty = torch.empty(0, dtype=torch.uint8)
+        self.register_buffer("row_ptr", torch.zeros(out_features + 1, dtype=torch.int32))
+        self.register_buffer("col_idx", torch.empty(0, dtype=torch.int16))
+        self.register_buffer("qweight", empty.reshape(0, group_size * bits // 8))
+        self.register_buffer("scales", torch.empty(0, dtype=torch.float16))
+        self.register_buffer("zeros", torch.empty(0, dtype=torch.float16 if float_zeros else torch.uint8))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
+        self.backend = "reference"
+
+    @classmethod
+    def from_packed(cls, packed: PackedLinear, bias: torch.Tensor | None = None) -> "GQSALinear":
+        n, k = packed.shape
+        m = cls(k, n, packed.bits, packed.group_size, bias=bias is not None, float_zeros=packed.float_zeros,
+                dtype=bias.dtype if bias is not None else torch.float16)
+        for name, t in packed.tensors().items():
+            setattr(m, name, t)
+        if bias is not None:
+            m.bias.data = bias.detach().clone()
+        return m
+
+    @property
+    def packed(self) -> PackedLinear:
+        return PackedLinear(**{n: getattr(self, n) for n in TENSOR_NAMES},
+                            shape=(self.out_features, self.in_features), bits=self.bits, group_size=self.group_size)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        found = {n: state_dict[prefix + n] for n in TENSOR_NAMES if prefix + n in state_dict}
+        if found:
+            if len(found) < len(TENSOR_NAMES):
+                missing_keys.extend(prefix + n for n in TENSOR_NAMES if n not in found)
+                return
+            PackedLinear(**found, shape=(self.out_features, self.in_features), bits=self.bits,
+                         group_size=self.group_size).validate(prefix.rstrip(".") or "GQSALinear")
+            for n, t in found.items():
+                setattr(self, n, t.to(getattr(self, n).device))
+        bias_key = prefix + "bias"
+        if self.bias is not None and bias_key in state_dict:
+            self.bias.data = state_dict[bias_key].to(self.bias.device, self.bias.dtype)
+        elif self.bias is not None:
+            missing_keys.append(bias_key)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return reference.dequantize(self.packed, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend == "reference":
+            return reference.linear(x, self.packed, None if self.bias is None else self.bias.to(x.dtype))
+        raise FormatError(f"unknown GQSALinear backend '{self.backend}'")
+
+    def extra_repr(self) -> str:
+        p = self.packed
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, sparsity={p.sparsity:.3f}, bias={self.bias is not None}")
