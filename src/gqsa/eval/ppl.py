@@ -1,0 +1,52 @@
+"""Perplexity by the GPTQ protocol: the whole text tokenized once (one BOS at the start), cut into
+non-overlapping windows of ``context`` tokens (the tail shorter than a window is dropped), the mean
+token NLL over all windows, ``exp``."""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import calib
+
+
+def model_context(model, cap: int = 2048) -> int:
+    """``min(cap, the model's maximum context)``."""
+    cfg = model.config
+    limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or cap
+    return min(cap, int(limit))
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, source: str, context: int | None = None, batch_size: int = 4,
+               device=None, progress: bool = True, max_windows: int | None = None) -> dict:
+    """Perplexity of ``model`` on a text file or dataset name; returns a dict with ``ppl``, the text,
+    context, token and window counts, and seconds. ``max_windows`` evaluates only the first windows
+    (quick checks; the count is in the result)."""
+    t0 = time.perf_counter()
+    context = context or model_context(model)
+    ids = calib.tokenize(calib.read_text(source, purpose="evaluation"), tokenizer)
+    n = ids.numel() // context
+    if n == 0:
+        raise ValueError(f"{source}: {ids.numel()} tokens are fewer than one window of {context}")
+    if max_windows is not None:
+        n = min(n, max_windows)
+    device = device or next(model.parameters()).device
+    windows = ids[: n * context].reshape(n, context)
+    total = 0.0
+    for batch in tqdm(windows.split(batch_size), desc="perplexity", unit="batch", disable=not progress):
+        logits = model(batch.to(device), use_cache=False).logits.float()
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1).to(device), reduction="none"
+        ).reshape(batch.shape[0], -1)
+        total += nll.mean(1).double().sum().item()
+    return {
+        "ppl": math.exp(total / n),
+        "text": str(source),
+        "context": context,
+        "tokens": int(ids.numel()),
+        "windows": n,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }

@@ -1,0 +1,187 @@
+"""One entry point to load a model and its tokenizer: ``load_model(name_or_path, tokenizer=None)``.
+
+* a llama2.c checkpoint file (``*.bin``) -> :func:`gqsa.models.llama2c.load_llama2c`; its tokenizer is
+  the ``tokenizer`` argument or a ``tok*.bin`` / ``tokenizer.model`` beside it whose vocabulary size
+  matches the model's;
+* a folder with ``config.json``, or a Hugging Face hub id (``org/name``) -> ``AutoModelForCausalLM``
+  and ``AutoTokenizer`` (never with remote code).
+
+Mistakes a user can make (a wrong path, a folder that is not a model, a file of another kind, a
+missing or mismatched tokenizer) raise ``FileNotFoundError`` / ``ValueError`` with a one-line message
+naming the path and what to do.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from .llama2c import load_llama2c, read_llama2c_header
+from .tokenizer import load_llama2c_tokenizer
+
+__all__ = ["load_model", "load_tokenizer", "resolve_dtype"]
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9]$")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}  # fmt: skip
+
+
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype | str:
+    """A ``torch.dtype`` from a dtype or its name (``"fp16"``, ``"bfloat16"``, ...); ``"auto"`` is kept."""
+    if isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype
+    try:
+        return _DTYPES[str(dtype).lower().removeprefix("torch.")]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}: use one of float32, float16, bfloat16, auto") from None
+
+
+def _is_hub_id(name: str) -> bool:
+    return bool(_HUB_ID.match(name)) and ".." not in name
+
+
+def load_tokenizer(source: str | Path) -> PreTrainedTokenizerBase:
+    """Load a tokenizer from a llama2.c ``.bin``, a SentencePiece ``.model``, a folder or a hub id."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        if path.suffix in (".bin", ".model"):
+            return load_llama2c_tokenizer(path)
+        raise ValueError(
+            f"{path}: unknown tokenizer file: pass a llama2.c tok*.bin, a SentencePiece .model, or a folder"
+        )
+    if path.is_dir():
+        if not any((path / f).is_file() for f in _TOKENIZER_FILES):
+            raise ValueError(f"{path}: no tokenizer files (tokenizer.json, tokenizer.model): pass --tokenizer PATH")
+        return AutoTokenizer.from_pretrained(path)
+    if _is_hub_id(str(source)):
+        try:
+            return AutoTokenizer.from_pretrained(str(source))
+        except OSError as e:
+            raise FileNotFoundError(
+                f"{source}: tokenizer not found locally or on the Hugging Face hub ({_first_line(e)})"
+            ) from e
+    raise FileNotFoundError(f"{source}: no such tokenizer file or folder")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _tokenizer_beside(path: Path, vocab_size: int) -> PreTrainedTokenizerBase:
+    """The tokenizer next to a llama2.c checkpoint whose vocabulary size is ``vocab_size``."""
+    candidates = [p for p in sorted(path.parent.glob("tok*.bin")) if p != path]
+    candidates += [p for p in [path.parent / "tokenizer.model"] if p.is_file()]
+    if not candidates:
+        raise ValueError(f"{path}: no tokenizer beside it (tok*.bin or tokenizer.model): pass --tokenizer PATH")
+    sizes = []
+    for candidate in candidates:
+        try:
+            tok = load_llama2c_tokenizer(candidate)
+        except ValueError:
+            continue
+        if len(tok) == vocab_size:
+            return tok
+        sizes.append(f"{candidate.name}: {len(tok)}")
+    raise ValueError(
+        f"{path}: no tokenizer beside it has the model's {vocab_size} tokens ({', '.join(sizes) or 'none readable'}): "
+        "pass --tokenizer PATH"
+    )
+
+
+def _load_model_file(path: Path, dtype: torch.dtype | str) -> PreTrainedModel:
+    """A model from a single file: only llama2.c checkpoints are single-file models."""
+    if path.suffix in (".safetensors", ".pt", ".pth", ".ckpt", ".gguf") or path.name == "config.json":
+        raise ValueError(
+            f"{path}: a single {path.suffix or path.name} file is not a loadable model: "
+            "pass the folder that holds config.json and the weights, or a llama2.c .bin checkpoint"
+        )
+    if path.suffix != ".bin":
+        try:
+            read_llama2c_header(path)
+        except ValueError:
+            raise ValueError(
+                f"{path}: unknown model file: pass a llama2.c .bin checkpoint or a Hugging Face model folder"
+            ) from None
+    return load_llama2c(path, dtype=torch.float32 if dtype == "auto" else dtype)
+
+
+def load_model(
+    name_or_path: str | Path,
+    tokenizer: str | Path | None = None,
+    dtype: torch.dtype | str = torch.float32,
+    device: str | torch.device = "cpu",
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer; the model is in eval mode on ``device``.
+
+    Args:
+        name_or_path: a llama2.c ``.bin`` checkpoint, a Hugging Face model folder, or a hub id.
+        tokenizer: where the tokenizer is (llama2.c ``.bin``, SentencePiece ``.model``, folder or hub
+            id); by default the model folder / hub id, or the tokenizer beside a llama2.c file.
+        dtype: the weights' dtype (a ``torch.dtype``, a name such as ``"bf16"``, or ``"auto"`` for the
+            checkpoint's own).
+        device: where to put the model.
+
+    Raises:
+        FileNotFoundError: nothing at ``name_or_path`` (and not a hub id that could be fetched).
+        ValueError: the path is not a model (folder without config.json, file of another kind), or
+            no matching tokenizer was found.
+    """
+    dtype = resolve_dtype(dtype)
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        model = _load_model_file(path, dtype)
+        if tokenizer is None:
+            tok = _tokenizer_beside(path, model.config.vocab_size)
+        else:
+            tok = load_tokenizer(tokenizer)
+            if len(tok) != model.config.vocab_size:
+                raise ValueError(
+                    f"{tokenizer}: tokenizer has {len(tok)} tokens but {path.name} has {model.config.vocab_size}: "
+                    "pass the model's own tokenizer"
+                )
+    else:
+        if path.is_dir():
+            if not (path / "config.json").is_file():
+                raise ValueError(
+                    f"{path}: is not a model folder: no config.json (for a llama2.c checkpoint pass its .bin file)"
+                )
+            source: str | Path = path
+        elif _is_hub_id(str(name_or_path)):
+            source = str(name_or_path)
+        else:
+            raise FileNotFoundError(
+                f"{name_or_path}: no such file or folder (and not a Hugging Face hub id like 'org/name')"
+            )
+        try:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        except OSError as e:
+            if path.is_dir():
+                raise ValueError(f"{path}: could not load the model ({_first_line(e)})") from e
+            raise FileNotFoundError(
+                f"{name_or_path}: not a local file or folder, and not loadable from the Hugging Face hub "
+                f"({_first_line(e)})"
+            ) from e
+        tok = load_tokenizer(tokenizer if tokenizer is not None else source)
+        if len(tok) > model.config.get_text_config().vocab_size:
+            raise ValueError(
+                f"{tokenizer or source}: tokenizer has {len(tok)} tokens, more than the model's "
+                f"{model.config.get_text_config().vocab_size}: pass the model's own tokenizer"
+            )
+
+    model.to(device)
+    model.eval()
+    gen = model.generation_config
+    if gen is not None and gen.pad_token_id is None:
+        eos = gen.eos_token_id if gen.eos_token_id is not None else tok.eos_token_id
+        if isinstance(eos, (list, tuple)):
+            eos = eos[0] if eos else None
+        gen.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else eos
+    return model, tok

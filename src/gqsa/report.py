@@ -1,0 +1,62 @@
+"""What goes into ``gqsa_report.json`` and ``gqsa inspect``: per-layer and whole-model storage
+accounting, and the environment a result was produced on."""
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+from .format import PackedLinear, design_bits_per_weight
+
+
+def environment() -> dict:
+    import transformers
+
+    env = {"python": platform.python_version(), "torch": torch.__version__,
+           "transformers": transformers.__version__, "platform": platform.platform(),
+           "cpu_count": os.cpu_count()}
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+    try:
+        from importlib.metadata import version
+
+        env["gqsa"] = version("gqsa")
+    except Exception:  # not installed as a distribution (e.g. run from a source tree)
+        pass
+    return env
+
+
+def layer_rows(packed: dict[str, PackedLinear]) -> list[dict]:
+    rows = []
+    for name, p in packed.items():
+        n, k = p.shape
+        rows.append({"name": name, "shape": [n, k], "bits": p.bits, "group_size": p.group_size,
+                     "sparsity": round(p.sparsity, 4), "bytes": p.nbytes(),
+                     "bits_per_weight": round(p.bits_per_weight(), 4),
+                     "design_bits_per_weight": round(
+                         design_bits_per_weight(p.sparsity, p.bits, p.group_size, k, p.float_zeros), 4)})
+    return rows
+
+
+def totals(packed: dict[str, PackedLinear], dense_params: int, folder: Path | None = None) -> dict:
+    """Whole-model accounting: compressed weights vs fp16 and the checkpoint's size on disk."""
+    weights = sum(p.shape[0] * p.shape[1] for p in packed.values())
+    packed_bytes = sum(p.nbytes() for p in packed.values())
+    kept = sum((1 - p.sparsity) * p.shape[0] * p.shape[1] for p in packed.values())
+    out = {
+        "compressed_layers": len(packed),
+        "compressed_weights": weights,
+        "sparsity": round(1 - kept / weights, 4),
+        "packed_bytes": packed_bytes,
+        "bits_per_weight": round(8 * packed_bytes / weights, 4),
+        "fp16_bytes_of_compressed_layers": 2 * weights,
+        "dense_params_uncompressed": dense_params,
+        "model_fp16_bytes": 2 * (weights + dense_params),
+    }
+    if folder is not None:
+        size = sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
+        out["safetensors_bytes"] = size
+        out["size_vs_fp16"] = round(size / out["model_fp16_bytes"], 4)
+    return out
