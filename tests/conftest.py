@@ -28,3 +28,22 @@ def asset(assets: Path):
         return path
 
     return get
+
+
+@pytest.fixture
+def tiny_llama():
+    """A random 2-block LLaMA with grouped-query attention and K not divisible by 16 in the MLP."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=88, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      tie_word_embeddings=True)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="session")
+def stories260k(asset):
+    """(model path, tokenizer path) of the llama2.c stories260K checkpoint."""
+    return asset("models/stories260K/stories260K.bin"), asset("models/stories260K/tok512.bin")

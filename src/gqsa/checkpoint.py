@@ -71,8 +71,12 @@ def save(model, folder, tokenizer=None, report: dict | None = None, overwrite: b
     if folder.exists() and not overwrite:
         raise FileExistsError(f"{folder} already exists; choose another --out or pass --overwrite")
     folder.parent.mkdir(parents=True, exist_ok=True)
+    for name, m in model.named_modules():
+        if isinstance(m, GQSALinear):
+            m.packed.validate(name)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
     try:
+        tmp.chmod(0o755)
         state = _unique_state_dict(model)
         split = split_torch_state_dict_into_shards(state, filename_pattern="model{suffix}.safetensors",
                                                    max_shard_size=max_shard_size)
@@ -84,7 +88,7 @@ def save(model, folder, tokenizer=None, report: dict | None = None, overwrite: b
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         config = model.config.to_dict()
         config["quantization_config"] = quantization_config(model, extra_quant_config)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:

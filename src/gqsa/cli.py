@@ -24,6 +24,9 @@ online (a hub model id and a dataset name):
 """
 
 
+METHODS = ("gqsa", "rtn", "gptq", "wanda", "sparsegpt", "magnitude")
+
+
 class CLIError(Exception):
     """An error of the user's input: printed as one line, exit status 2."""
 
@@ -39,6 +42,8 @@ def _add_compress(sub):
                                        "default: the model's own, or the tok*.bin beside a llama2.c file")
     p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--method", default="gqsa", choices=METHODS,
+                   help="gqsa (default), or a baseline for side-by-side comparisons")
     g = p.add_argument_group("GQSA settings")
     g.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8), help="weight bits (default 4)")
     g.add_argument("--group-size", type=int, default=16, choices=(16, 32, 64, 128),
@@ -140,6 +145,10 @@ def cmd_compress(args) -> int:
     source_dtype = _source_dtype(model)
     seqlen = min(args.seqlen, getattr(model.config, "max_position_embeddings", args.seqlen) or args.seqlen)
     tokens = calib.calibration_tokens(args.calib, tok, args.nsamples, seqlen, args.seed)
+    if args.method != "gqsa":
+        from .baselines import cli_compress  # writes its own folder and report
+
+        return cli_compress(args, model, tok, tokens, _device(args.device))
     packed = compress_model(model, config, tokens, device=_device(args.device), batch_size=args.batch_size)
     dense_dtype = source_dtype if args.dense_dtype == "auto" else getattr(torch, args.dense_dtype)
     model.to(dense_dtype)
@@ -180,7 +189,7 @@ def cmd_eval(args) -> int:
 
     device = _device(args.device)
     folder = Path(args.model)
-    is_gqsa = folder.is_dir() and (folder / checkpoint.REPORT).is_file()
+    is_gqsa = _is_gqsa_folder(folder)
     dtype = torch.float32 if device.type == "cpu" else torch.float16
     if is_gqsa:
         model, tok = checkpoint.load(folder, device=device, dtype=dtype, verify=not args.no_verify)
@@ -197,7 +206,7 @@ def cmd_eval(args) -> int:
         results.append(r)
         print(f"{text}: perplexity {r['ppl']:.3f} (context {r['context']}, {r['windows']} windows, "
               f"{r['tokens']} tokens, {r['seconds']:.0f} s)")
-    if is_gqsa:
+    if folder.is_dir() and (folder / checkpoint.REPORT).is_file():
         path = folder / checkpoint.REPORT
         rep = json.loads(path.read_text())
         rep.setdefault("evaluations", []).extend(results)
@@ -205,6 +214,15 @@ def cmd_eval(args) -> int:
         tmp.write_text(json.dumps(rep, indent=2))
         os.replace(tmp, path)
     return 0
+
+
+def _is_gqsa_folder(folder: Path) -> bool:
+    """A folder whose config.json names a quantization method (a malformed one is refused by the
+    GQSA loader with a precise message; a plain model folder goes to the ordinary loader)."""
+    try:
+        return "quantization_config" in json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
 
 
 def cmd_inspect(args) -> int:

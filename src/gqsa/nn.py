@@ -64,6 +64,17 @@ class GQSALinear(nn.Module):
         elif self.bias is not None:
             missing_keys.append(bias_key)
 
+    def _apply(self, fn, recurse=True):
+        """Device moves apply to the packed tensors; dtype casts (``model.half()``, ``.to(bf16)``) do
+        not: their dtypes are the format."""
+        saved = {n: getattr(self, n) for n in TENSOR_NAMES}
+        super()._apply(fn, recurse)
+        for n, t in saved.items():
+            moved = getattr(self, n)
+            if moved.dtype != t.dtype:
+                setattr(self, n, t.to(moved.device))
+        return self
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return reference.dequantize(self.packed, dtype)
 
