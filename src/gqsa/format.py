@@ -8,8 +8,9 @@
 | scales  | float16         | [nnz]           | s                                                 |
 | zeros   | uint8 / float16 | [nnz]           | z (integer by default, float after E2E on z)      |
 
-``K`` need not be a multiple of ``G``: the last group column is padded, its padding codes equal the
-zero point (they dequantize to exactly 0) and are never read against real inputs.
+``K`` need not be a multiple of ``G``: the last group column is padded; its padding codes equal the
+rounded zero point (exactly 0 after dequantization with integer zeros) and are never multiplied
+with real inputs.
 """
 from __future__ import annotations
 

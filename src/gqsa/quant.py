@@ -60,8 +60,9 @@ def _params_from_range(wmin: torch.Tensor, wmax: torch.Tensor, bits: int):
 
 
 def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
-    """Integer codes ``clamp(round(w / s) + z, 0, 2^b − 1)`` as float (``scale``/``zero``: ``[...]``)."""
-    return torch.clamp(torch.round(w / scale[..., None]) + zero[..., None], 0, qmax(bits))
+    """Integer codes ``clamp(round(w / s + z), 0, 2^b − 1)`` as float (``scale``/``zero``: ``[...]``;
+    ``z`` may be a real number, as after E2E-OQP trains it)."""
+    return torch.clamp(torch.round(w / scale[..., None] + zero[..., None]), 0, qmax(bits))
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
@@ -142,7 +143,7 @@ def fake_quant(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: i
     range (LSQ/OmniQuant style), so the weights, the scales and the zero points can all be trained.
     The forward value equals ``dequantize(quantize(w, s, z), s, z)`` exactly.
     """
-    q = torch.clamp(round_ste(w / scale[..., None]) + zero[..., None], 0, qmax(bits))
+    q = torch.clamp(round_ste(w / scale[..., None] + zero[..., None]), 0, qmax(bits))
     return dequantize(q, scale, zero)
 
 

@@ -1,0 +1,97 @@
+import math
+
+import pytest
+import torch
+
+from gqsa import format as F
+from gqsa import prune
+from gqsa.kernels import reference
+
+
+def correlated_inputs(k, n=1024, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, k, generator=g) @ (torch.randn(k, k, generator=g) / math.sqrt(k) + torch.eye(k))
+    return x, x.T @ x / n
+
+
+def test_hessian_saliency_is_the_exact_group_obs_error():
+    """Removing group g and optimally re-fitting the rest of the row raises (w'−w)ᵀH(w'−w) by exactly the
+    score: check against a brute-force constrained least-squares solve."""
+    k, g, damp = 48, 16, 0.01
+    _, h = correlated_inputs(k)
+    w = torch.randn(3, k)
+    score = prune.saliency(w, g, "hessian", h, damp)
+    hd = prune._prepare_hessian(h, g, damp).double()
+    for row in range(3):
+        for grp in range(k // g):
+            cols = torch.arange(grp * g, grp * g + g)
+            rest = torch.tensor([c for c in range(k) if c not in cols.tolist()])
+            # minimise d^T H d with d_g = -w_g: d_rest = -H_rr^{-1} H_rg d_g
+            d = torch.zeros(k, dtype=torch.float64)
+            d[cols] = -w[row, cols].double()
+            d[rest] = -torch.linalg.solve(hd[rest][:, rest], hd[rest][:, cols] @ d[cols])
+            assert score[row, grp].item() == pytest.approx((d @ hd @ d).item(), rel=1e-3)
+
+
+@pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.7])
+def test_row_allocation_keeps_the_same_count_in_every_row(sparsity):
+    score = torch.rand(32, 11)
+    mask = prune.select_mask(score, sparsity, "row")
+    counts = mask.sum(1)
+    assert bool((counts == counts[0]).all()) and counts[0] == round((1 - sparsity) * 11)
+    # and they are the top-scoring groups of the row
+    kept_min = torch.where(mask, score, torch.inf).amin(1)
+    dropped_max = torch.where(~mask, score, -torch.inf).amax(1)
+    assert bool((kept_min > dropped_max).all())
+
+
+def test_layer_allocation_keeps_the_global_top_groups():
+    score = torch.rand(32, 11)
+    mask = prune.select_mask(score, 0.5, "layer")
+    assert mask.sum() == round(0.5 * 32 * 11)
+    assert score[mask].min() > score[~mask].max()
+
+
+@pytest.mark.parametrize("saliency", ["magnitude", "wanda", "hessian"])
+@pytest.mark.parametrize("k", [64, 88])
+def test_compressed_weight_is_exactly_its_packed_form(saliency, k):
+    x, h = correlated_inputs(k)
+    w = torch.randn(24, k)
+    cw = prune.compress_weight(w, 4, 16, 0.5, saliency, "row", "mse", h)
+    p = F.pack(cw.codes, cw.scale, cw.zero, cw.mask, (24, k), 4, 16)
+    p.validate()
+    assert torch.equal(reference.dequantize(p), cw.weight)
+    dense_groups, _ = prune.group_view(cw.weight, 16)
+    assert bool((dense_groups[~cw.mask] == 0).all())  # pruned groups are exactly zero
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.5])
+def test_obs_compensation_beats_rounding_on_correlated_inputs(sparsity):
+    x, h = correlated_inputs(128, seed=1)
+    w = torch.randn(64, 128)
+    mask = prune.select_mask(prune.saliency(w, 16, "hessian", h), sparsity, "row") if sparsity else \
+        torch.ones(64, 8, dtype=torch.bool)
+    out_err = {}
+    for name, cw in (("rtn", prune.compress_rtn(w, mask, 4, 16, "mse", h)),
+                     ("obs", prune.compress_obs(w, h, mask, 4, 16, "mse"))):
+        out_err[name] = (x @ (cw.weight - w).T).square().mean().item()
+    assert out_err["obs"] < 0.9 * out_err["rtn"]
+
+
+def test_hessian_saliency_beats_magnitude_on_layer_output():
+    x, h = correlated_inputs(128, seed=2)
+    w = torch.randn(64, 128) * torch.linspace(0.2, 2, 128)  # columns of different scale
+    errs = {s: (x @ (prune.compress_weight(w, 4, 16, 0.5, s, "row", "mse", h).weight - w).T).square().mean()
+            for s in ("magnitude", "wanda", "hessian")}
+    assert errs["hessian"] < errs["wanda"] <= errs["magnitude"] * 1.05
+
+
+def test_bad_requests_are_refused():
+    with pytest.raises(ValueError, match="calibration statistics"):
+        prune.saliency(torch.randn(4, 32), 16, "wanda")
+    with pytest.raises(ValueError, match="unknown saliency"):
+        prune.saliency(torch.randn(4, 32), 16, "random", torch.eye(32))
+    with pytest.raises(ValueError, match="unknown allocation"):
+        prune.select_mask(torch.rand(4, 2), 0.5, "block")
+    with pytest.raises(ValueError, match="empty"):
+        prune.compress_weight(torch.zeros(0, 32), 4, 16, 0.5, "magnitude")
