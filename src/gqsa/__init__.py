@@ -9,6 +9,7 @@ Public API::
     save(model, "out-folder", tok)
     model, tok = load("out-folder")
 """
+from . import compress as _pipeline  # noqa: F401  (imported first: the function below takes the name)
 from .checkpoint import load, save
 from .config import GQSAConfig
 from .format import FormatError, PackedLinear

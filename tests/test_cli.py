@@ -1,0 +1,140 @@
+"""End to end through the command line on the real stories260K checkpoint, and the bad-input matrix:
+one clear error line, exit status 2, no partial output folder."""
+import json
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from gqsa.cli import main
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("runs")
+
+
+def compress_args(stories260k, asset, out, *extra):
+    model, tok = stories260k
+    return ["compress", str(model), "--tokenizer", str(tok), "--calib", str(asset("data/wikitext2/wiki.valid.tokens")),
+            "--nsamples", "16", "--seqlen", "128", "--out", str(out), *extra]
+
+
+@pytest.fixture(scope="module")
+def folder(stories260k, asset, run_dir):
+    out = run_dir / "s260-w4s50g16"
+    assert main(compress_args(stories260k, asset, out, "--bits", "4", "--group-size", "16", "--sparsity", "0.5")) == 0
+    return out
+
+
+def test_compress_writes_a_complete_folder(folder):
+    names = {p.name for p in folder.iterdir()}
+    assert {"config.json", "model.safetensors", "gqsa_report.json", "tokenizer.json"} <= names
+    rep = json.loads((folder / "gqsa_report.json").read_text())
+    assert rep["config"]["sparsity"] == 0.5 and rep["calibration"]["nsamples"] == 16
+    assert len(rep["layers"]) == 35 and rep["environment"]["torch"]
+    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_eval_appends_to_the_report(folder, asset, capsys):
+    text = asset("data/wikitext2/wiki.test.raw")
+    assert main(["eval", str(folder), "--ppl", str(text), "--max-windows", "8"]) == 0
+    assert "perplexity" in capsys.readouterr().out
+    rep = json.loads((folder / "gqsa_report.json").read_text())
+    assert rep["evaluations"][-1]["windows"] == 8 and rep["evaluations"][-1]["context"] == 512
+
+
+def test_inspect_bits_per_weight_matches_the_design_formula(folder, capsys):
+    assert main(["inspect", str(folder), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    for row in info["layers"]:
+        n, k = row["shape"]
+        if k % 16 == 0:  # exact formula, plus the one extra row_ptr entry per layer
+            assert row["bits_per_weight"] == pytest.approx(row["design_bits_per_weight"] + 32 / (n * k), abs=1e-3)
+    assert info["totals"]["size_vs_fp16"] < 0.6
+    assert main(["inspect", str(folder)]) == 0
+    assert "bits/weight" in capsys.readouterr().out
+
+
+def _err(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_missing_model_file(asset, stories260k, run_dir, capsys):
+    out = run_dir / "never"
+    args = compress_args(stories260k, asset, out)
+    args[1] = str(run_dir / "nope.bin")
+    assert main(args) == 2
+    assert "nope.bin" in _err(capsys) and not out.exists()
+
+
+def test_folder_that_is_not_a_model(asset, stories260k, run_dir, capsys):
+    (run_dir / "empty").mkdir()
+    out = run_dir / "never"
+    args = compress_args(stories260k, asset, out)
+    args[1] = str(run_dir / "empty")
+    assert main(args) == 2
+    assert "no config.json" in _err(capsys) and not out.exists()
+    assert main(["eval", str(run_dir / "empty"), "--ppl", "x.txt"]) == 2
+    assert "config.json" in _err(capsys)
+
+
+def test_existing_output_is_not_touched(folder, asset, stories260k, capsys):
+    before = (folder / "model.safetensors").stat().st_mtime_ns
+    assert main(compress_args(stories260k, asset, folder)) == 2
+    assert "already exists" in _err(capsys)
+    assert (folder / "model.safetensors").stat().st_mtime_ns == before
+
+
+@pytest.mark.parametrize("opt,value,message", [("--sparsity", "1.5", "sparsity"), ("--nsamples", "0", "nsamples")])
+def test_bad_settings(opt, value, message, asset, stories260k, run_dir, capsys):
+    out = run_dir / "never"
+    assert main(compress_args(stories260k, asset, out, opt, value)) == 2
+    assert message in _err(capsys) and not out.exists()
+
+
+def copy_folder(folder, dst):
+    dst.mkdir()
+    for p in folder.iterdir():
+        (dst / p.name).write_bytes(p.read_bytes())
+    return dst
+
+
+@pytest.mark.parametrize("case", ["truncated", "tampered", "row_ptr", "quant_method"])
+def test_bad_checkpoints_are_refused(case, folder, run_dir, capsys):
+    bad = copy_folder(folder, run_dir / f"bad-{case}")
+    st = bad / "model.safetensors"
+    extra = []
+    if case == "truncated":
+        st.write_bytes(st.read_bytes()[: st.stat().st_size // 2])
+        expect = "checksum"
+    elif case == "tampered":
+        data = bytearray(st.read_bytes())
+        data[-100] ^= 0xFF
+        st.write_bytes(bytes(data))
+        expect = "checksum"
+    elif case == "row_ptr":
+        t = load_file(st)
+        t["model.layers.2.self_attn.o_proj.row_ptr"][3] = 10**6
+        save_file(t, st)
+        extra, expect = ["--no-verify"], "o_proj: row_ptr"
+    else:
+        cfg = json.loads((bad / "config.json").read_text())
+        cfg["quantization_config"]["quant_method"] = "gptq"
+        (bad / "config.json").write_text(json.dumps(cfg))
+        expect = "quant_method 'gptq'"
+    assert main(["inspect", str(bad), *extra]) == 2
+    assert expect in _err(capsys)
+    assert main(["eval", str(bad), "--ppl", "unused.txt", *extra]) == 2
+    assert expect in _err(capsys)
+
+
+def test_console_script_prints_help_and_one_line_errors(tmp_path):
+    ok = subprocess.run([sys.executable, "-m", "gqsa.cli", "compress", "--help"], capture_output=True, text=True)
+    assert ok.returncode == 0 and "--group-size" in ok.stdout and "wikitext2" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "gqsa.cli", "inspect", str(tmp_path / "missing")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1

@@ -1,0 +1,42 @@
+import pytest
+import torch
+
+from gqsa import FormatError, GQSALinear
+from gqsa.kernels import reference
+
+from test_format import make_layer
+
+
+def test_forward_equals_x_times_dequantized_weight_plus_bias():
+    p, dense = make_layer(n=12, k=40, g=16)
+    bias = torch.randn(12)
+    m = GQSALinear.from_packed(p, bias)
+    x = torch.randn(3, 5, 40)
+    torch.testing.assert_close(m(x), x @ dense.T + bias, rtol=1e-5, atol=1e-5)
+    assert torch.equal(m.dequantize(), reference.dequantize(p))
+
+
+def test_dtype_casts_keep_the_packed_format_and_device_moves_apply():
+    p, _ = make_layer()
+    m = GQSALinear.from_packed(p, torch.zeros(12))
+    m.to(torch.bfloat16)
+    assert m.scales.dtype == torch.float16 and m.row_ptr.dtype == torch.int32
+    assert m.bias.dtype == torch.bfloat16
+    m.half().float()
+    assert torch.equal(m.scales, p.scales)
+
+
+def test_state_dict_round_trip_with_any_number_of_groups():
+    p, _ = make_layer()
+    src = GQSALinear.from_packed(p)
+    dst = GQSALinear(40, 12, 4, 16)
+    dst.load_state_dict(src.state_dict())
+    assert torch.equal(dst.dequantize(), src.dequantize())
+
+
+def test_loading_a_malformed_state_is_refused():
+    p, _ = make_layer()
+    sd = GQSALinear.from_packed(p).state_dict()
+    sd["col_idx"] = sd["col_idx"] + 100
+    with pytest.raises(FormatError, match="col_idx out of range"):
+        GQSALinear(40, 12, 4, 16).load_state_dict(sd)
