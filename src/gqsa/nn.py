@@ -13,8 +13,10 @@ class GQSALinear(nn.Module):
 
     The packed tensors are buffers, so ``state_dict()`` is exactly the checkpoint layout and
     ``load_state_dict`` accepts any number of kept groups (the buffers take the loaded sizes, after
-    validation). ``forward`` computes ``x @ Ŵᵀ + b`` with the pure-torch reference path; fused GPU
-    kernels plug in through :attr:`backend`.
+    validation). ``forward`` computes ``x @ Ŵᵀ + b``: on CUDA through the fused Triton kernels of
+    :mod:`gqsa.kernels.gemv` (a :class:`~gqsa.kernels.gemv.GemvPlan` built on the first CUDA call:
+    decode kernel for small batches, dense expansion + cuBLAS for prefill), elsewhere through the
+    pure-torch reference. ``backend = "reference"`` forces the reference everywhere.
     """
 
     def __init__(self, in_features: int, out_features: int, bits: int = 4, group_size: int = 16,
@@ -29,7 +31,8 @@ class GQSALinear(nn.Module):
         self.register_buffer("scales", torch.empty(0, dtype=torch.float16))
         self.register_buffer("zeros", torch.empty(0, dtype=torch.float16 if float_zeros else torch.uint8))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
-        self.backend = "reference"
+        self.backend = "auto"
+        self._plan = None
 
     @classmethod
     def from_packed(cls, packed: PackedLinear, bias: torch.Tensor | None = None) -> "GQSALinear":
@@ -58,6 +61,7 @@ class GQSALinear(nn.Module):
                          group_size=self.group_size).validate(prefix.rstrip(".") or "GQSALinear")
             for n, t in found.items():
                 setattr(self, n, t.to(getattr(self, n).device))
+            self._plan = None
         bias_key = prefix + "bias"
         if self.bias is not None and bias_key in state_dict:
             self.bias.data = state_dict[bias_key].to(self.bias.device, self.bias.dtype)
@@ -68,6 +72,7 @@ class GQSALinear(nn.Module):
         """Device moves apply to the packed tensors; dtype casts (``model.half()``, ``.to(bf16)``) do
         not: their dtypes are the format."""
         saved = {n: getattr(self, n) for n in TENSOR_NAMES}
+        self._plan = None
         super()._apply(fn, recurse)
         for n, t in saved.items():
             moved = getattr(self, n)
@@ -79,9 +84,16 @@ class GQSALinear(nn.Module):
         return reference.dequantize(self.packed, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.backend == "reference":
-            return reference.linear(x, self.packed, None if self.bias is None else self.bias.to(x.dtype))
-        raise FormatError(f"unknown GQSALinear backend '{self.backend}'")
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if self.backend == "auto" and x.is_cuda:
+            if self._plan is None:
+                from .kernels import gemv
+
+                self._plan = gemv.prepare(self.packed)
+            return self._plan(x, bias)
+        if self.backend in ("auto", "reference"):
+            return reference.linear(x, self.packed, bias)
+        raise FormatError(f"unknown GQSALinear backend '{self.backend}': use 'auto' or 'reference'")
 
     def extra_repr(self) -> str:
         p = self.packed

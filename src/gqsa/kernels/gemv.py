@@ -5,30 +5,39 @@
 never touched, dequantization happens in registers in float32 and the products are accumulated in
 float32.
 
-Paths (one entry point, :func:`gqsa_linear`, picks by batch size):
+Paths (entry points :func:`gqsa_linear` and, for repeated calls, :func:`prepare` → :class:`GemvPlan`):
 
-* ``variant="task"`` (default for B ≤ 16) — **task-centric** decode GEMV. The kept groups
-  ``0 … nnz−1`` are cut into equal tasks of ``task_size`` groups, independent of row boundaries;
-  one program per task, the grid sized to the GPU (:func:`build_task_table`, built once per layer
-  and cacheable). A row lying entirely inside one task is reduced and stored directly; a row cut
-  by task boundaries ("split row", at most two per task) is merged through an fp32 workspace with
-  atomics, and the last task to arrive at that row (an atomic counter) writes it, adds the bias and
-  resets the workspace for the next launch — one launch, no memset, safe to capture in a CUDA graph.
-* ``variant="data"`` — the plain data-centric kernel, one program per output row.
-* ``variant="dense"`` (default for B > 16, prefill) — a Triton kernel expands the layer to a dense
-  ``[N, K]`` weight in the activation dtype (bit-identical to ``reference.dequantize``), then cuBLAS
-  through ``F.linear``.
+* ``variant="task"`` — **task-centric** decode GEMV. The kept groups ``0 … nnz−1`` are cut into equal
+  tasks of ``task_size`` groups, independent of row boundaries; one program per task, the grid sized
+  to the GPU (:func:`build_task_table`, built once per layer and cacheable). A row lying entirely
+  inside one task is reduced and stored directly; a row cut by task boundaries ("split row", at most
+  two per task) is merged through an fp32 workspace with atomics, and the last task to arrive at that
+  row (an atomic counter) writes it, adds the bias and resets the workspace for the next launch — one
+  launch, no memset, safe to capture in a CUDA graph.
+* ``variant="data"`` — the plain data-centric kernel, one program per output row (same kernel body).
+* ``variant="dense"`` (prefill) — a Triton kernel expands the layer to a dense ``[N, K]`` weight in the
+  activation dtype (bit-identical to ``reference.dequantize``), then cuBLAS through ``F.linear``.
+* ``variant="auto"`` (default) — decode kernel for ≤ ``AUTO_KERNEL_MAX_BATCH`` (4) rows of x, dense
+  above (the crossover measured on the H100, benchmarks/RESULTS.md); task-centric when a task table
+  is passed or the rows are imbalanced (:func:`auto_variant`), data-centric for balanced rows.
 * ``variant="reference"`` — :func:`gqsa.kernels.reference.linear`, the pure-torch ground truth; also
   what runs on the CPU unless ``TRITON_INTERPRET=1`` is set (then the Triton kernels run in the
   interpreter, which is how CI tests them).
 
 Kernels support bits ∈ {2, 4, 8}, G ∈ {16, 32, 64, 128}, integer (uint8) and float16 zero points,
-K not divisible by G (the padded tail of the last group column is masked: x is never read out of
-bounds), activations in float16 / bfloat16 / float32. 3-bit layers (codes straddle bytes) use the
-reference path.
+K not divisible by G (activations are zero-padded to whole groups in a copy, so x is never read out
+of bounds), float16 / bfloat16 activations (float32 activations take the dense path). 3-bit layers
+(codes straddle bytes) use the reference. The 4-bit integer-zero case (the default format) runs
+an inline-PTX dequantization (``GQSA_NO_ASM=1`` or ``gemv._ASM_ENABLED = False`` selects the
+plain-Triton path, which the interpreter always uses).
+
+Work split inside a program: one thread per *unit* of ``UNIT_CODES`` (16) codes and their
+activations (two 16-byte loads), accumulation in float32 per unit, then per row.
 
 The interpreter/compiled choice is made when a kernel is first launched (not at import), per mode,
-so importing this module before or after ``TRITON_INTERPRET`` is set does not matter.
+so importing this module before or after ``TRITON_INTERPRET`` is set does not matter. After the first
+launch of a specialization the compiled kernel is called directly (``_launch``), which cuts Triton's
+Python launch cost.
 """
 from __future__ import annotations
 
@@ -45,7 +54,9 @@ from . import reference
 
 try:  # triton is optional: without it every path falls back to the reference
     import triton
+    import triton.knobs
     import triton.language as tl
+    import triton.runtime.driver
 
     HAS_TRITON = True
 except Exception:  # pragma: no cover - depends on the environment
@@ -53,7 +64,9 @@ except Exception:  # pragma: no cover - depends on the environment
     tl = None
     HAS_TRITON = False
 
-MAX_DECODE_BATCH = 16
+MAX_DECODE_BATCH = 16  # the decode kernels run up to this many rows of x
+AUTO_KERNEL_MAX_BATCH = 4  # variant="auto": decode kernel up to here, dense expansion + cuBLAS above (H100)
+IMBALANCE = 2.0  # variant="auto": task-centric when the longest row holds > IMBALANCE × the mean
 KERNEL_BITS = (2, 4, 8)
 VARIANTS = ("auto", "task", "data", "dense", "reference")
 _WS_STRIDE = MAX_DECODE_BATCH  # fp32 workspace entries per split-row slot
@@ -68,65 +81,194 @@ def _interpret() -> bool:
 # time of the launch). They reference no other jit function, so each compiles on its own.
 
 
-def _task_kernel(
+# Inline PTX for the 4-bit / integer-zero fast path (compiled mode only; the interpreter and other
+# formats take the plain-Triton path below). A "unit" is 8 codes (one 32-bit word) and the 8
+# activations they multiply (16 bytes). Code i sits at bits 4i. OR-ing a nibble into the mantissa of
+# 2^23 (0x4B000000) at bit 0 or bit 4 gives 2^23 + q or 2^23 + 16q exactly; subtracting
+# c0 = 2^23 + z or c4 = 2^23 + 16z (also exact, made the same way from the integer z) leaves q − z
+# or 16(q − z): one LOP3 and one FADD per code, no integer-to-float conversion. The dot folds the
+# odd codes' factor 16 back at the end.
+_PTX_DEQ4 = """{
+.reg .b32 m, t, u;
+mov.b32 m, 0x4B000000;
+lop3.b32 t, $8, 0xF, m, 0xEA;   sub.f32 $0, t, $9;
+lop3.b32 t, $8, 0xF0, m, 0xEA;  sub.f32 $1, t, $10;
+shr.u32 u, $8, 8;
+lop3.b32 t, u, 0xF, m, 0xEA;    sub.f32 $2, t, $9;
+lop3.b32 t, u, 0xF0, m, 0xEA;   sub.f32 $3, t, $10;
+shr.u32 u, $8, 16;
+lop3.b32 t, u, 0xF, m, 0xEA;    sub.f32 $4, t, $9;
+lop3.b32 t, u, 0xF0, m, 0xEA;   sub.f32 $5, t, $10;
+shr.u32 u, $8, 24;
+lop3.b32 t, u, 0xF, m, 0xEA;    sub.f32 $6, t, $9;
+lop3.b32 t, u, 0xF0, m, 0xEA;   sub.f32 $7, t, $10;
+}"""
+# y = Σ_even x·d + Σ_odd x·d / 16 over one unit; $1..$4: activation pairs (low half = even element)
+_PTX_DOT_F16 = """{
+.reg .b16 l, h;
+.reg .f32 a, b, v;
+mov.b32 {l, h}, $1;
+cvt.f32.f16 v, l;  mul.rn.f32 a, v, $5;
+cvt.f32.f16 v, h;  mul.rn.f32 b, v, $6;
+mov.b32 {l, h}, $2;
+cvt.f32.f16 v, l;  fma.rn.f32 a, v, $7, a;
+cvt.f32.f16 v, h;  fma.rn.f32 b, v, $8, b;
+mov.b32 {l, h}, $3;
+cvt.f32.f16 v, l;  fma.rn.f32 a, v, $9, a;
+cvt.f32.f16 v, h;  fma.rn.f32 b, v, $10, b;
+mov.b32 {l, h}, $4;
+cvt.f32.f16 v, l;  fma.rn.f32 a, v, $11, a;
+cvt.f32.f16 v, h;  fma.rn.f32 b, v, $12, b;
+fma.rn.f32 $0, b, 0f3D800000, a;
+}"""
+_PTX_DOT_BF16 = """{
+.reg .b32 v;
+.reg .f32 a, b;
+shl.b32 v, $1, 16;          mul.rn.f32 a, v, $5;
+and.b32 v, $1, 0xFFFF0000;  mul.rn.f32 b, v, $6;
+shl.b32 v, $2, 16;          fma.rn.f32 a, v, $7, a;
+and.b32 v, $2, 0xFFFF0000;  fma.rn.f32 b, v, $8, b;
+shl.b32 v, $3, 16;          fma.rn.f32 a, v, $9, a;
+and.b32 v, $3, 0xFFFF0000;  fma.rn.f32 b, v, $10, b;
+shl.b32 v, $4, 16;          fma.rn.f32 a, v, $11, a;
+and.b32 v, $4, 0xFFFF0000;  fma.rn.f32 b, v, $12, b;
+fma.rn.f32 $0, b, 0f3D800000, a;
+}"""
+
+
+def _gemv_kernel(
     x_ptr, qw_ptr, col_ptr, s_ptr, z_ptr, rp_ptr, tab_ptr, need_ptr, ws_ptr, cnt_ptr, bias_ptr, y_ptr,
-    N, K, nnz, task_size, stride_xb, stride_yb, B,
+    N, nnz, task_size, stride_xb, stride_yb, B, one,
     G: tl.constexpr, BITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_B: tl.constexpr,
-    EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, WS_STRIDE: tl.constexpr,
+    ROW_MODE: tl.constexpr, X_BF16: tl.constexpr, FLOAT_Z: tl.constexpr, USE_ASM: tl.constexpr,
+    HAS_BIAS: tl.constexpr, WS_STRIDE: tl.constexpr, DEQ: tl.constexpr, DOT: tl.constexpr, UC: tl.constexpr,
 ):
-    QB: tl.constexpr = G * BITS // 8  # bytes of codes per group
-    t = tl.program_id(0)
-    t0 = t * task_size
-    t1 = tl.minimum(t0 + task_size, nnz)
-    r = tl.load(tab_ptr + t * 4)  # first row this task visits
-    r_hi = tl.load(tab_ptr + t * 4 + 1)  # one past the last
-    slot_first = tl.load(tab_ptr + t * 4 + 2)  # workspace slot of the first row if it is split
-    slot_last = tl.load(tab_ptr + t * 4 + 3)  # ... of the last row if it is split
+    """Decode GEMV over packed groups; one program = one task (ROW_MODE False) or one row (True).
+
+    Work unit = 8 consecutive codes of a group (``BITS`` bytes, ``qw_ptr`` views the codes as
+    int{8·BITS}) and their 8 activations (16 bytes, ``x_ptr`` views x as int64, rows padded to whole
+    groups); one thread per unit, G/8 threads per group, so every group's activations are read by
+    one 16-byte load per thread and a warp's loads hit few L1 lines. The per-unit loads use the
+    run-time stride ``one`` (== 1) so that the compiler keeps them in one unit-per-thread layout.
+    """
+    NU: tl.constexpr = G // UC  # units per group
+    BLOCK_U: tl.constexpr = BLOCK_G * NU
+    XG: tl.constexpr = G // 4  # int64 activation words per group
+    XU: tl.constexpr = UC // 4  # int64 activation words per unit
+    if USE_ASM:
+        SCALE: tl.constexpr = 1.0
+    else:
+        SCALE: tl.constexpr = float(1 << BITS)
+    QMASK: tl.constexpr = ((1 << BITS) - 1) << (23 - BITS)
+    INV2: tl.constexpr = 1.0 / (1 << BITS)
+    pid = tl.program_id(0)
+    if ROW_MODE:
+        r = pid
+        t0 = tl.load(rp_ptr + pid)
+        t1 = tl.load(rp_ptr + pid + 1)
+        r_hi = pid + 1
+        slot_first = 0
+        slot_last = 0
+    else:
+        t0 = pid * task_size
+        t1 = tl.minimum(t0 + task_size, nnz)
+        r = tl.load(tab_ptr + pid * 4)  # first row this task visits
+        r_hi = tl.load(tab_ptr + pid * 4 + 1)  # one past the last
+        slot_first = tl.load(tab_ptr + pid * 4 + 2)  # workspace slot of the first row if it is split
+        slot_last = tl.load(tab_ptr + pid * 4 + 3)  # ... of the last row if it is split
     offs_b = tl.arange(0, BLOCK_B)
     mask_b = offs_b < B
-    offs_e = tl.arange(0, G)
-    offs_q = tl.arange(0, QB)
-    ar = tl.arange(0, BLOCK_G)
+    ar = tl.arange(0, BLOCK_U) * one  # unit index within the chunk
+    subx = (ar % NU) * XU  # first int64 activation word of the unit within its group
+    pair = tl.arange(0, 2)
+    xrow = x_ptr + offs_b[:, None, None] * stride_xb + pair[None, None, :]
     rs = tl.load(rp_ptr + r)
     re = tl.load(rp_ptr + r + 1)
-    acc = tl.zeros([BLOCK_B, BLOCK_G], dtype=tl.float32)
+    acc = tl.full([BLOCK_B, BLOCK_U], 0.0, tl.float32)
 
-    # prefetch the first chunk; each iteration issues the next chunk's loads before computing
-    g_n = t0 + ar
+    # prefetch the first chunk's codes and metadata; each iteration issues the next chunk's loads
+    # before computing on the current one
+    g_n = t0 + ar // NU
     m_n = g_n < t1
-    qb_n = tl.load(qw_ptr + g_n[:, None] * QB + offs_q[None, :], mask=m_n[:, None], other=0)
-    col_n = tl.load(col_ptr + g_n, mask=m_n, other=0)
-    s_n = tl.load(s_ptr + g_n, mask=m_n, other=0.0)
-    z_n = tl.load(z_ptr + g_n, mask=m_n, other=0)
+    w_n = tl.load(qw_ptr + t0 * NU + ar, mask=m_n)
+    col_n = tl.load(col_ptr + g_n, mask=m_n)
+    s_n = tl.load(s_ptr + g_n, mask=m_n)
+    z_n = tl.load(z_ptr + g_n, mask=m_n)
     c = t0
-    while c < t1:  # (a while, not range(): the interpreter cannot index with run-time bounds)
-        offs_g = c + ar
+    while c < t1:  # (a while, not range(): the interpreter cannot loop over run-time bounds)
+        offs_g = c + ar // NU  # group of each unit
         mg = offs_g < t1
-        qb = qb_n
+        w = w_n
         col = col_n.to(tl.int32)
-        s = s_n.to(tl.float32)
-        z = z_n.to(tl.float32)
+        sc = s_n.to(tl.float32) * SCALE
+        zq = z_n
         g_n = offs_g + BLOCK_G
         m_n = g_n < t1
-        qb_n = tl.load(qw_ptr + g_n[:, None] * QB + offs_q[None, :], mask=m_n[:, None], other=0)
-        col_n = tl.load(col_ptr + g_n, mask=m_n, other=0)
-        s_n = tl.load(s_ptr + g_n, mask=m_n, other=0.0)
-        z_n = tl.load(z_ptr + g_n, mask=m_n, other=0)
+        w_n = tl.load(qw_ptr + (c + BLOCK_G) * NU + ar, mask=m_n)
+        col_n = tl.load(col_ptr + g_n, mask=m_n)
+        s_n = tl.load(s_ptr + g_n, mask=m_n)
+        z_n = tl.load(z_ptr + g_n, mask=m_n)
 
-        # ---- unpack codes [BLOCK_G, G] (little-endian bit stream) and dequantize (without s)
-        if BITS == 4:
-            codes = tl.interleave(qb & 0xF, qb >> 4)
-        elif BITS == 2:
-            codes = tl.interleave(tl.interleave(qb & 3, (qb >> 4) & 3), tl.interleave((qb >> 2) & 3, qb >> 6))
+        # each unit: UC codes and UC activations, read as UC/8 loads of 16 bytes ([BLOCK_B, BLOCK_U, 2]
+        # int64 = 8 halves); r8 = Σ x·(q − z) over the unit (times 2^-BITS on the plain path)
+        xbase = xrow + (col * XG + subx)[None, :, None]
+        xmask = mask_b[:, None, None] & mg[None, :, None]
+        r8 = tl.full([BLOCK_B, BLOCK_U], 0.0, tl.float32)
+        if USE_ASM:
+            # integer z < 16 in the low mantissa bits of 2^23: exactly 2^23 + z and 2^23 + 16z
+            zi = zq.to(tl.int32)
+            c0 = (zi | 0x4B000000).to(tl.float32, bitcast=True)
+            c4 = ((zi << 4) | 0x4B000000).to(tl.float32, bitcast=True)
         else:
-            codes = qb
-        w = codes.to(tl.float32) - z[:, None]
-        kk = col[:, None] * G + offs_e[None, :]
-        xm = mask_b[:, None, None] & mg[None, :, None]
-        if not EVEN_K:
-            xm = xm & (kk < K)[None, :, :]
-        xv = tl.load(x_ptr + offs_b[:, None, None] * stride_xb + kk[None, :, :], mask=xm, other=0.0)
-        p = tl.sum(xv.to(tl.float32) * w[None, :, :], axis=2) * s[None, :]  # [BLOCK_B, BLOCK_G]
+            cz = 1.0 + zq.to(tl.float32) * INV2
+            if BITS * UC < 64:  # zero-extend the unit to int64
+                wi = w.to(tl.int64) & ((1 << (BITS * UC)) - 1)
+            else:
+                wi = w.to(tl.int64)
+        for h in tl.static_range(UC // 8):
+            xv = tl.load(xbase + 2 * h, mask=xmask)
+            xa, xb = tl.split(xv)
+            x0 = xa.to(tl.int32)
+            x1 = (xa >> 32).to(tl.int32)
+            x2 = xb.to(tl.int32)
+            x3 = (xb >> 32).to(tl.int32)
+            if USE_ASM:  # BITS == 4: word h of the unit holds its codes 8h … 8h+7
+                if UC == 8:
+                    wh = w.to(tl.int32, bitcast=True)
+                else:
+                    wh = (w >> (32 * h)).to(tl.int32)
+                d0, d1, d2, d3, d4, d5, d6, d7 = tl.inline_asm_elementwise(
+                    DEQ, "=f,=f,=f,=f,=f,=f,=f,=f,r,f,f", [wh, c0, c4],
+                    dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+                r8 += tl.inline_asm_elementwise(
+                    DOT, "=f,r,r,r,r,f,f,f,f,f,f,f,f",
+                    [x0, x1, x2, x3, d0[None, :], d1[None, :], d2[None, :], d3[None, :], d4[None, :],
+                     d5[None, :], d6[None, :], d7[None, :]],
+                    dtype=tl.float32, is_pure=True, pack=1)
+            else:
+                # generic: code i of the unit at bit i·BITS, moved to bit 23−BITS of 1.0f
+                for e in tl.static_range(8):
+                    if (8 * h + e) * BITS <= 23 - BITS:
+                        mv = (wi << (23 - BITS - (8 * h + e) * BITS)).to(tl.int32)
+                    else:
+                        mv = (wi >> ((8 * h + e) * BITS - 23 + BITS)).to(tl.int32)
+                    d = ((mv & QMASK) | 0x3F800000).to(tl.float32, bitcast=True) - cz  # (q − z)/2^BITS
+                    if e < 2:
+                        xw = x0
+                    elif e < 4:
+                        xw = x1
+                    elif e < 6:
+                        xw = x2
+                    else:
+                        xw = x3
+                    xh = (xw >> (16 * (e % 2))).to(tl.int16)
+                    if X_BF16:
+                        xf = xh.to(tl.bfloat16, bitcast=True).to(tl.float32)
+                    else:
+                        xf = xh.to(tl.float16, bitcast=True).to(tl.float32)
+                    r8 += xf * d[None, :]
+        # masked lanes loaded nothing (garbage registers): select, never multiply, them away
+        p = tl.where(mg[None, :], r8 * sc[None, :], 0.0)  # [BLOCK_B, BLOCK_U]
 
         # ---- rows ending inside this chunk: reduce and emit
         c_end = tl.minimum(c + BLOCK_G, t1)
@@ -134,7 +276,7 @@ def _task_kernel(
             seg = (offs_g < re)[None, :]
             acc += tl.where(seg, p, 0.0)
             p = tl.where(seg, 0.0, p)
-            v = tl.sum(acc, axis=1)
+            v = tl.reduce(acc, 1, tl.standard._sum_combine)
             if HAS_BIAS:
                 bv = tl.load(bias_ptr + r).to(tl.float32)
             else:
@@ -145,23 +287,23 @@ def _task_kernel(
                 tl.debug_barrier()
                 old = tl.atomic_add(cnt_ptr + slot, 1)
                 if old == tl.load(need_ptr + slot) - 1:  # last contributor writes and resets
-                    tot = tl.atomic_add(ws_ptr + slot * WS_STRIDE + offs_b, tl.zeros_like(v), mask=mask_b)  # L2 read
-                    tl.store(ws_ptr + slot * WS_STRIDE + offs_b, tl.zeros_like(v), mask=mask_b)  # reset
+                    tot = tl.atomic_add(ws_ptr + slot * WS_STRIDE + offs_b, tl.full([BLOCK_B], 0.0, tl.float32), mask=mask_b)
+                    tl.store(ws_ptr + slot * WS_STRIDE + offs_b, tl.full([BLOCK_B], 0.0, tl.float32), mask=mask_b)
                     tl.store(cnt_ptr + slot, 0)
                     tl.store(y_ptr + offs_b * stride_yb + r, (tot + bv).to(y_ptr.dtype.element_ty), mask=mask_b)
             else:
                 tl.store(y_ptr + offs_b * stride_yb + r, (v + bv).to(y_ptr.dtype.element_ty), mask=mask_b)
-            acc = tl.zeros([BLOCK_B, BLOCK_G], dtype=tl.float32)
+            acc = tl.full([BLOCK_B, BLOCK_U], 0.0, tl.float32)
             r += 1
             rs = re
             re = tl.load(rp_ptr + r + 1, mask=r < N, other=0)
         acc += p
         c += BLOCK_G
 
-    # rows not finished inside the loop: the last row if it continues in the next task, and (last
-    # task / empty layer) trailing empty rows
+    # rows not finished inside the loop: the last row if it continues in the next task, and
+    # (last task, empty rows / empty layer) trailing empty rows
     while r < r_hi:
-        v = tl.sum(acc, axis=1)
+        v = tl.reduce(acc, 1, tl.standard._sum_combine)
         if HAS_BIAS:
             bv = tl.load(bias_ptr + r).to(tl.float32)
         else:
@@ -172,76 +314,16 @@ def _task_kernel(
             tl.debug_barrier()
             old = tl.atomic_add(cnt_ptr + slot, 1)
             if old == tl.load(need_ptr + slot) - 1:
-                tot = tl.atomic_add(ws_ptr + slot * WS_STRIDE + offs_b, tl.zeros_like(v), mask=mask_b)
-                tl.store(ws_ptr + slot * WS_STRIDE + offs_b, tl.zeros_like(v), mask=mask_b)
+                tot = tl.atomic_add(ws_ptr + slot * WS_STRIDE + offs_b, tl.full([BLOCK_B], 0.0, tl.float32), mask=mask_b)
+                tl.store(ws_ptr + slot * WS_STRIDE + offs_b, tl.full([BLOCK_B], 0.0, tl.float32), mask=mask_b)
                 tl.store(cnt_ptr + slot, 0)
                 tl.store(y_ptr + offs_b * stride_yb + r, (tot + bv).to(y_ptr.dtype.element_ty), mask=mask_b)
         else:
             tl.store(y_ptr + offs_b * stride_yb + r, (v + bv).to(y_ptr.dtype.element_ty), mask=mask_b)
-        acc = tl.zeros([BLOCK_B, BLOCK_G], dtype=tl.float32)
+        acc = tl.full([BLOCK_B, BLOCK_U], 0.0, tl.float32)
         r += 1
         rs = re
         re = tl.load(rp_ptr + r + 1, mask=r < N, other=0)
-
-
-def _row_kernel(
-    x_ptr, qw_ptr, col_ptr, s_ptr, z_ptr, rp_ptr, bias_ptr, y_ptr,
-    K, stride_xb, stride_yb, B,
-    G: tl.constexpr, BITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_B: tl.constexpr,
-    EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-):
-    """Data-centric: program ``r`` computes output row ``r`` over its kept groups."""
-    QB: tl.constexpr = G * BITS // 8
-    r = tl.program_id(0)
-    rs = tl.load(rp_ptr + r)
-    re = tl.load(rp_ptr + r + 1)
-    offs_b = tl.arange(0, BLOCK_B)
-    mask_b = offs_b < B
-    offs_e = tl.arange(0, G)
-    offs_q = tl.arange(0, QB)
-    ar = tl.arange(0, BLOCK_G)
-    acc = tl.zeros([BLOCK_B, BLOCK_G], dtype=tl.float32)
-
-    g_n = rs + ar
-    m_n = g_n < re
-    qb_n = tl.load(qw_ptr + g_n[:, None] * QB + offs_q[None, :], mask=m_n[:, None], other=0)
-    col_n = tl.load(col_ptr + g_n, mask=m_n, other=0)
-    s_n = tl.load(s_ptr + g_n, mask=m_n, other=0.0)
-    z_n = tl.load(z_ptr + g_n, mask=m_n, other=0)
-    c = rs
-    while c < re:
-        offs_g = c + ar
-        mg = offs_g < re
-        qb = qb_n
-        col = col_n.to(tl.int32)
-        s = s_n.to(tl.float32)
-        z = z_n.to(tl.float32)
-        g_n = offs_g + BLOCK_G
-        m_n = g_n < re
-        qb_n = tl.load(qw_ptr + g_n[:, None] * QB + offs_q[None, :], mask=m_n[:, None], other=0)
-        col_n = tl.load(col_ptr + g_n, mask=m_n, other=0)
-        s_n = tl.load(s_ptr + g_n, mask=m_n, other=0.0)
-        z_n = tl.load(z_ptr + g_n, mask=m_n, other=0)
-
-        if BITS == 4:
-            codes = tl.interleave(qb & 0xF, qb >> 4)
-        elif BITS == 2:
-            codes = tl.interleave(tl.interleave(qb & 3, (qb >> 4) & 3), tl.interleave((qb >> 2) & 3, qb >> 6))
-        else:
-            codes = qb
-        w = codes.to(tl.float32) - z[:, None]
-        kk = col[:, None] * G + offs_e[None, :]
-        xm = mask_b[:, None, None] & mg[None, :, None]
-        if not EVEN_K:
-            xm = xm & (kk < K)[None, :, :]
-        xv = tl.load(x_ptr + offs_b[:, None, None] * stride_xb + kk[None, :, :], mask=xm, other=0.0)
-        acc += tl.sum(xv.to(tl.float32) * w[None, :, :], axis=2) * s[None, :]
-        c += BLOCK_G
-
-    v = tl.sum(acc, axis=1)
-    if HAS_BIAS:
-        v += tl.load(bias_ptr + r).to(tl.float32)
-    tl.store(y_ptr + offs_b * stride_yb + r, v.to(y_ptr.dtype.element_ty), mask=mask_b)
 
 
 def _expand_kernel(
@@ -265,9 +347,11 @@ def _expand_kernel(
         s = tl.load(s_ptr + offs_g, mask=mg, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + offs_g, mask=mg, other=0).to(tl.float32)
         if BITS == 4:
-            codes = tl.interleave(qb & 0xF, qb >> 4)
+            codes = tl.reshape(tl.join(qb & 0xF, qb >> 4), (BLOCK_G, G))
         elif BITS == 2:
-            codes = tl.interleave(tl.interleave(qb & 3, (qb >> 4) & 3), tl.interleave((qb >> 2) & 3, qb >> 6))
+            lo = tl.reshape(tl.join(qb & 3, (qb >> 4) & 3), (BLOCK_G, G // 2))
+            hi = tl.reshape(tl.join((qb >> 2) & 3, qb >> 6), (BLOCK_G, G // 2))
+            codes = tl.reshape(tl.join(lo, hi), (BLOCK_G, G))
         else:
             codes = qb
         w = (codes.to(tl.float32) - z[:, None]) * s[:, None]  # == reference: s·(q − z) in fp32
@@ -279,7 +363,8 @@ def _expand_kernel(
         c += BLOCK_G
 
 
-_KERNEL_SRC = {"task": _task_kernel, "row": _row_kernel, "expand": _expand_kernel}
+_KERNEL_SRC = {"gemv": _gemv_kernel, "expand": _expand_kernel}
+_NO_SPECIALIZE = {"gemv": ["one"], "expand": []}
 _KERNELS: dict = {}
 
 
@@ -288,7 +373,7 @@ def _kernel(name: str):
     key = (name, _interpret())
     k = _KERNELS.get(key)
     if k is None:
-        k = _KERNELS[key] = triton.jit(_KERNEL_SRC[name])
+        k = _KERNELS[key] = triton.jit(_KERNEL_SRC[name], do_not_specialize=_NO_SPECIALIZE[name])
     return k
 
 
@@ -313,6 +398,7 @@ class TaskTable:
     task_size: int
     block_g: int
     num_warps: int
+    unit_codes: int
     num_tasks: int
     num_split_rows: int
     shape: tuple[int, int]
@@ -323,12 +409,14 @@ class TaskTable:
         return self.table.device
 
 
-def default_block_g(group_size: int, batch: int = 1) -> int:
-    """Groups per chunk: about 2048 weights per chunk at batch 1, fewer with more batch rows so that
-    the ``[B, BLOCK_G, G]`` register tile stays near 4096 float32 values."""
-    bpad = _next_pow2(batch)
-    elems = 2048 if bpad == 1 else max(1024, 8192 // bpad)
-    return max(4, elems // group_size)
+# launch defaults (H100 sweep, benchmarks/NOTES-gemv.md); build_task_table / the data-centric launch
+# read them when not given explicitly
+TASK_DEFAULTS = {"tasks_per_sm": 16, "num_warps": 2, "units_per_thread": 4}
+
+
+def default_block_g(group_size: int, num_warps: int = 4, units_per_thread: int = 2, unit_codes: int = 8) -> int:
+    """Groups per chunk: ``units_per_thread`` units of ``unit_codes`` codes per thread."""
+    return max(1, 32 * num_warps * units_per_thread * unit_codes // group_size)
 
 
 def _next_pow2(v: int) -> int:
@@ -344,9 +432,11 @@ def _num_sms(device: torch.device) -> int:
 def build_task_table(
     packed: PackedLinear,
     task_size: int | None = None,
-    tasks_per_sm: int = 4,
+    tasks_per_sm: int | None = None,
     block_g: int | None = None,
-    num_warps: int = 4,
+    num_warps: int | None = None,
+    units_per_thread: int | None = None,
+    unit_codes: int | None = None,
     min_task_chunks: int = 2,
     device: torch.device | str | None = None,
 ) -> TaskTable:
@@ -360,8 +450,14 @@ def build_task_table(
     device = torch.device(device) if device is not None else packed.row_ptr.device
     n = packed.shape[0]
     nnz = packed.nnz
+    tasks_per_sm = tasks_per_sm or TASK_DEFAULTS["tasks_per_sm"]
+    num_warps = num_warps or TASK_DEFAULTS["num_warps"]
+    units_per_thread = units_per_thread or TASK_DEFAULTS["units_per_thread"]
+    uc = unit_codes or _unit_codes(packed)
+    if packed.bits > 4:
+        uc = 8
     if block_g is None:
-        block_g = default_block_g(packed.group_size)
+        block_g = default_block_g(packed.group_size, num_warps, units_per_thread, uc)
     if block_g < 1 or block_g & (block_g - 1):
         raise ValueError(f"block_g must be a positive power of two, got {block_g}")
     if task_size is None:
@@ -410,6 +506,7 @@ def build_task_table(
         task_size=int(task_size),
         block_g=int(block_g),
         num_warps=int(num_warps),
+        unit_codes=int(uc),
         num_tasks=int(num_tasks),
         num_split_rows=int(split_rows.numel()),
         shape=tuple(int(v) for v in packed.shape),
@@ -418,6 +515,24 @@ def build_task_table(
 
 
 _TABLE_CACHE: dict = {}
+_BALANCE_CACHE: dict = {}
+
+
+def auto_variant(packed: PackedLinear) -> str:
+    """``"task"`` when the kept groups are unevenly spread over rows (the longest row holds more
+    than ``IMBALANCE`` × the mean), else ``"data"``: on balanced layers the row-per-program kernel
+    has no split rows to merge and measured as fast or faster (benchmarks/RESULTS.md). Memoized on
+    the identity of ``row_ptr`` (one host sync the first time)."""
+    rp = packed.row_ptr
+    hit = _BALANCE_CACHE.get(id(rp))
+    if hit is not None and hit[0]() is rp and hit[1] == rp._version:
+        return hit[2]
+    counts = (rp[1:] - rp[:-1]).to(torch.float32)
+    mean = float(counts.mean()) if counts.numel() else 0.0
+    v = "task" if counts.numel() and float(counts.max()) > IMBALANCE * max(mean, 1.0) else "data"
+    _BALANCE_CACHE[id(rp)] = (weakref.ref(rp), rp._version, v)
+    return v
+
 
 
 def cached_task_table(packed: PackedLinear, **kw) -> TaskTable:
@@ -501,36 +616,122 @@ def _triton_usable(device: torch.device) -> bool:
 # ============================================================================ launchers
 
 
-def _launch_task(x2, packed, bias, tasks: TaskTable, y):
+_DUMMIES: dict = {}
+
+
+def _dummy_f32(device) -> torch.Tensor:
+    t = _DUMMIES.get(device)
+    if t is None:
+        t = _DUMMIES[device] = torch.zeros(_WS_STRIDE, dtype=torch.float32, device=device)
+    return t
+
+
+def _x_words(x2: torch.Tensor, packed: PackedLinear) -> torch.Tensor:
+    """Activations ``[B, K]`` as int64 words ``[B, C·G/4]`` (4 halves each), zero-padded to whole
+    groups so that the kernel never reads past K: a view when K % G == 0 and rows are 8-byte aligned,
+    else a padded copy."""
+    bsz, k = x2.shape
+    kp = packed.n_group_cols * packed.group_size
+    if (kp != k or x2.stride(1) != 1 or x2.stride(0) % 4 or x2.data_ptr() % 8
+            or (bsz > 1 and x2.stride(0) < k)):
+        xp = torch.zeros(bsz, kp, dtype=x2.dtype, device=x2.device)
+        xp[:, :k] = x2
+        x2 = xp
+    return x2.view(torch.int64)
+
+
+_UNIT_DTYPE = {(2, 8): torch.int16, (4, 8): torch.int32, (8, 8): torch.int64, (2, 16): torch.int32,
+               (4, 16): torch.int64}
+UNIT_CODES = 16  # codes per thread unit (16 for bits ≤ 4 halves the per-unit overhead, doubles x wavefronts)
+
+
+def _unit_codes(packed: PackedLinear) -> int:
+    return UNIT_CODES if packed.bits <= 4 else 8
+
+
+def _qweight_units(packed: PackedLinear, uc: int | None = None) -> torch.Tensor:
+    """Codes viewed as one integer per unit of ``uc`` codes: ``[nnz · G/uc]``."""
+    q = packed.qweight
+    dt = _UNIT_DTYPE[(packed.bits, uc or _unit_codes(packed))]
+    if q.numel() == 0:  # a zero-size view cannot always change dtype; the kernel reads nothing
+        return torch.zeros(1, dtype=dt, device=q.device)
+    return q.reshape(-1).view(dt)
+
+
+def _use_asm(packed: PackedLinear) -> bool:
+    return packed.bits == 4 and not packed.float_zeros and not _interpret() and _ASM_ENABLED
+
+
+_ASM_ENABLED = os.environ.get("GQSA_NO_ASM", "0") != "1"
+
+
+DATA_NUM_WARPS = 1  # data-centric defaults (one program per row)
+DATA_UNITS_PER_THREAD = 2
+
+_FAST: dict = {}  # (constexprs, num_warps, specialization bits) -> compiled kernel
+
+
+def _spec_bits(tensors, ints) -> tuple:
+    """What Triton specializes a launch on: 16-byte alignment of pointers, ints % 16 == 0 / == 1."""
+    return (tuple(t.data_ptr() % 16 == 0 for t in tensors), tuple((v % 16 == 0, v == 1) for v in ints))
+
+
+def _launch(grid, tensors, ints, consts: dict, num_warps: int, device: torch.device):
+    """Launch ``_gemv_kernel``; after the first launch of a specialization the compiled kernel is
+    called directly (Triton's Python launch path costs tens of µs per call)."""
+    kern = _kernel("gemv")
+    if _interpret() or device.type != "cuda":
+        kern[grid](*tensors, *ints, 1, **consts, num_warps=num_warps)
+        return
+    key = (tuple(consts.values()), num_warps, device.index, _spec_bits(tensors, ints))
+    ck = _FAST.get(key)
+    if ck is None:
+        _FAST[key] = kern[grid](*tensors, *ints, 1, **consts, num_warps=num_warps)
+        return
+    rt = triton.knobs.runtime
+    stream = triton.runtime.driver.active.get_current_stream(device.index)
+    args = (*tensors, *ints, 1, *consts.values())
+    ck.run(grid[0], 1, 1, stream, ck.function, ck.packed_metadata, ck.launch_metadata(grid, stream, *args),
+           rt.launch_enter_hook, rt.launch_exit_hook, *args)
+
+
+def _launch_gemv(x2, packed, bias, y, tasks: TaskTable | None, block_g=None, num_warps=None, qw=None,
+                 unit_codes=None):
+    """``tasks`` given: task-centric launch; None: data-centric (one program per row)."""
     bsz, k = x2.shape
     n = packed.shape[0]
     bpad = _next_pow2(bsz)
-    block_g = tasks.block_g
-    if bpad > 1:  # keep the [B, BLOCK_G, G] tile near 4096-8192 registers' worth
-        block_g = min(block_g, default_block_g(packed.group_size, bsz))
-    _kernel("task")[(tasks.num_tasks,)](
-        x2, packed.qweight, packed.col_idx, packed.scales, packed.zeros, packed.row_ptr, tasks.table, tasks.need,
-        tasks.workspace, tasks.counters, bias if bias is not None else y, y,
-        n, k, packed.nnz, tasks.task_size, x2.stride(0), y.stride(0), bsz,
-        G=packed.group_size, BITS=packed.bits, BLOCK_G=block_g, BLOCK_B=bpad,
-        EVEN_K=(k % packed.group_size == 0), HAS_BIAS=bias is not None, WS_STRIDE=_WS_STRIDE,
-        num_warps=tasks.num_warps,
-    )
-
-
-def _launch_row(x2, packed, bias, y, block_g=None, num_warps=4):
-    bsz, k = x2.shape
-    n = packed.shape[0]
-    bpad = _next_pow2(bsz)
-    if block_g is None:
-        avg = max(1, packed.nnz // max(1, n))
-        block_g = min(default_block_g(packed.group_size, bsz), max(4, _next_pow2(avg)))
-    _kernel("row")[(n,)](
-        x2, packed.qweight, packed.col_idx, packed.scales, packed.zeros, packed.row_ptr,
-        bias if bias is not None else y, y, k, x2.stride(0), y.stride(0), bsz,
-        G=packed.group_size, BITS=packed.bits, BLOCK_G=block_g, BLOCK_B=bpad,
-        EVEN_K=(k % packed.group_size == 0), HAS_BIAS=bias is not None, num_warps=num_warps,
-    )
+    xw = _x_words(x2, packed)
+    uc = tasks.unit_codes if tasks is not None else (unit_codes or _unit_codes(packed))
+    if packed.bits > 4:
+        uc = 8
+    if qw is None:
+        qw = _qweight_units(packed, uc)
+    if tasks is not None:
+        block_g = tasks.block_g
+        num_warps = tasks.num_warps
+        if bpad > 1:  # one unit per thread: the [B, units] tiles grow with the batch
+            block_g = min(block_g, default_block_g(packed.group_size, num_warps, 1, uc))
+        grid = (tasks.num_tasks,)
+        tab, need, ws, cnt, task_size = tasks.table, tasks.need, tasks.workspace, tasks.counters, tasks.task_size
+    else:
+        num_warps = num_warps or DATA_NUM_WARPS
+        if block_g is None:
+            block_g = default_block_g(packed.group_size, num_warps, DATA_UNITS_PER_THREAD if bpad == 1 else 1, uc)
+            avg = max(1, packed.nnz // max(1, n))
+            block_g = max(1, min(block_g, _next_pow2(avg)))
+        grid = (n,)
+        tab = need = cnt = packed.row_ptr
+        ws = _dummy_f32(y.device)
+        task_size = 0
+    bf16 = x2.dtype == torch.bfloat16
+    consts = dict(G=packed.group_size, BITS=packed.bits, BLOCK_G=block_g, BLOCK_B=bpad, ROW_MODE=tasks is None,
+                  X_BF16=bf16, FLOAT_Z=packed.float_zeros, USE_ASM=_use_asm(packed), HAS_BIAS=bias is not None,
+                  WS_STRIDE=_WS_STRIDE, DEQ=_PTX_DEQ4, DOT=_PTX_DOT_BF16 if bf16 else _PTX_DOT_F16, UC=uc)
+    tensors = (xw, qw, packed.col_idx, packed.scales, packed.zeros, packed.row_ptr, tab, need, ws, cnt,
+               bias if bias is not None else packed.row_ptr, y)
+    ints = (n, packed.nnz, task_size, xw.stride(0), y.stride(0), bsz)
+    _launch(grid, tensors, ints, consts, num_warps, y.device)
 
 
 def dequantize_dense(packed: PackedLinear, dtype: torch.dtype = torch.float16) -> torch.Tensor:
@@ -553,6 +754,13 @@ def dequantize_dense(packed: PackedLinear, dtype: torch.dtype = torch.float16) -
     return w
 
 
+def _into(out: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
+    if out is None:
+        return y
+    out.copy_(y)
+    return out
+
+
 def gqsa_linear(
     x: torch.Tensor,
     packed: PackedLinear,
@@ -564,9 +772,10 @@ def gqsa_linear(
     """``x @ Ŵᵀ (+ bias)`` for a packed GQSA layer; ``x`` is ``[..., K]``, the result ``[..., N]`` in
     ``x``'s dtype.
 
-    ``variant``: ``"auto"`` (task-centric for ≤ 16 rows of ``x``, dense expand + cuBLAS above),
-    ``"task"``, ``"data"``, ``"dense"`` or ``"reference"``. ``"task"``/``"data"`` with more than 16
-    rows fall through to ``"dense"``. ``tasks``: the layer's :class:`TaskTable` from
+    ``variant``: ``"auto"`` (decode kernel for ≤ ``AUTO_KERNEL_MAX_BATCH`` rows of ``x`` — task-centric
+    if ``tasks`` is given or the rows are imbalanced (:func:`auto_variant`), else data-centric — and
+    dense expansion + cuBLAS above), ``"task"``, ``"data"``, ``"dense"`` or ``"reference"``.
+    ``"task"``/``"data"`` with more than 16 rows fall through to ``"dense"``. ``tasks``: the layer's :class:`TaskTable` from
     :func:`build_task_table` (built and memoized here when omitted; pass it to skip the lookup).
     Without a usable Triton (CPU without ``TRITON_INTERPRET=1``, triton missing, 3-bit layers) the
     reference runs. Bad inputs raise ``ValueError`` naming the problem.
@@ -582,23 +791,27 @@ def gqsa_linear(
     x2 = x.reshape(-1, k)
     bsz = x2.shape[0]
     dev = x.device
+    if out is not None and (out.shape != (*lead, n) or out.dtype != x.dtype or out.device != dev
+                            or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous {x.dtype} tensor of shape {[*lead, n]} on {dev}")
     if variant == "reference" or packed.bits not in KERNEL_BITS or not _triton_usable(dev):
-        return reference.linear(x, packed, bias)
+        return _into(out, reference.linear(x, packed, bias))
     if bsz == 0:
-        return x.new_empty(*lead, n)
+        return out if out is not None else x.new_empty(*lead, n)
     if variant == "auto":
-        variant = "task" if bsz <= MAX_DECODE_BATCH else "dense"
+        variant = ("task" if tasks is not None else auto_variant(packed)) if bsz <= AUTO_KERNEL_MAX_BATCH \
+            else "dense"
     if bsz > MAX_DECODE_BATCH and variant in ("task", "data"):
         variant = "dense"
+    if x.dtype == torch.float32 and variant in ("task", "data"):
+        variant = "dense"  # the decode kernels read 16-bit activations
     if variant == "dense":
-        return F.linear(x, dequantize_dense(packed, x.dtype), bias)
+        return _into(out, F.linear(x, dequantize_dense(packed, x.dtype), bias))
     if x2.stride(-1) != 1 or (bsz > 1 and x2.stride(0) < k):
         x2 = x2.contiguous()
     if bias is not None and not bias.is_contiguous():
         bias = bias.contiguous()
     if out is not None:
-        if out.shape != (*lead, n) or out.dtype != x.dtype or out.device != dev or not out.is_contiguous():
-            raise ValueError(f"out must be a contiguous {x.dtype} tensor of shape {[*lead, n]} on {dev}")
         y = out.view(bsz, n)
     else:
         y = torch.empty(bsz, n, dtype=x.dtype, device=dev)
@@ -612,7 +825,61 @@ def gqsa_linear(
                              f"not this layer ({list(packed.shape)}, nnz={packed.nnz})")
         if tasks.device != dev:
             raise ValueError(f"task table is on {tasks.device} but x is on {dev}")
-        _launch_task(x2, packed, bias, tasks, y)
+        _launch_gemv(x2, packed, bias, y, tasks)
     else:
-        _launch_row(x2, packed, bias, y)
+        _launch_gemv(x2, packed, bias, y, None)
     return y.view(*lead, n)
+
+
+class GemvPlan:
+    """A packed layer prepared once for repeated calls (what ``GQSALinear`` should hold).
+
+    Validates the layer, picks the variant (``"auto"``: :func:`auto_variant`), builds the task table
+    and the code-word view at construction; a call checks only ``x`` / ``bias`` (dtype, last
+    dimension, device) and launches, with the batch-size dispatch of :func:`gqsa_linear` (decode
+    kernel for ≤ ``max_kernel_batch`` rows — ``AUTO_KERNEL_MAX_BATCH`` for ``"auto"``, 16 otherwise —
+    dense expansion + cuBLAS above). Rebuild it when the layer's tensors change or move. CUDA-graph
+    capturable once warmed up (first call compiles).
+    """
+
+    def __init__(self, packed: PackedLinear, variant: str = "auto", tasks: TaskTable | None = None, **table_kw):
+        if variant not in ("auto", "task", "data"):
+            raise ValueError(f"a plan runs variant 'auto', 'task' or 'data', got '{variant}'")
+        _check_packed(packed)
+        self.max_kernel_batch = AUTO_KERNEL_MAX_BATCH if variant == "auto" else MAX_DECODE_BATCH
+        if variant == "auto":
+            variant = "task" if tasks is not None else auto_variant(packed)
+        self.packed, self.variant = packed, variant
+        self.device = packed.row_ptr.device
+        self.kernel_ok = packed.bits in KERNEL_BITS and _triton_usable(self.device)
+        self.tasks = None
+        if variant == "task":
+            self.tasks = tasks if tasks is not None else build_task_table(packed, **table_kw)
+            if self.tasks.shape != tuple(packed.shape) or self.tasks.nnz != packed.nnz:
+                raise ValueError("task table does not belong to this layer")
+        self.qw = None
+        if packed.bits in KERNEL_BITS:
+            self.qw = _qweight_units(packed, self.tasks.unit_codes if self.tasks is not None else None)
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None, out: torch.Tensor | None = None):
+        p = self.packed
+        n, k = p.shape
+        if x.dtype not in (torch.float16, torch.bfloat16) or x.shape[-1] != k or x.device != self.device \
+                or (bias is not None and (bias.shape != (n,) or bias.device != self.device)) or out is not None:
+            return gqsa_linear(x, p, bias, tasks=self.tasks, variant=self.variant, out=out)
+        x2 = x.reshape(-1, k)
+        bsz = x2.shape[0]
+        if bsz > self.max_kernel_batch:
+            return gqsa_linear(x, p, bias, variant="dense")
+        if not self.kernel_ok or bsz == 0:
+            return gqsa_linear(x, p, bias, tasks=self.tasks, variant=self.variant)
+        if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
+            bias = bias.to(x.dtype).contiguous()
+        y = torch.empty(bsz, n, dtype=x.dtype, device=x.device)
+        _launch_gemv(x2, p, bias, y, self.tasks, qw=self.qw)
+        return y.view(*x.shape[:-1], n)
+
+
+def prepare(packed: PackedLinear, variant: str = "auto", tasks: TaskTable | None = None, **table_kw) -> GemvPlan:
+    """:class:`GemvPlan` for ``packed`` (``table_kw`` go to :func:`build_task_table`)."""
+    return GemvPlan(packed, variant, tasks, **table_kw)

@@ -1,0 +1,227 @@
+"""Fused GQSA kernels (``gqsa.kernels.gemv``) against the pure-torch reference, on the CPU through
+Triton's interpreter (``TRITON_INTERPRET=1``).
+
+The interpreter is switched on by an autouse fixture for this module only; the kernels read the
+variable when they are launched (not when ``gemv`` is imported), so the order in which test modules
+import things does not matter. Shapes are small: the interpreter runs every program in Python.
+Outputs are poisoned with NaN before every launch, so an unwritten element fails.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from gqsa import format as fmt  # noqa: E402
+from gqsa import quant  # noqa: E402
+from gqsa.kernels import gemv, reference  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    yield
+
+
+def make_packed(n, k, g, bits=4, sparsity=0.5, float_zeros=False, special=None, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    c = math.ceil(k / g)
+    w = torch.randn(n, c, g, generator=gen)
+    if k % g:  # padding of the last group column: not part of the range
+        valid = (torch.arange(c * g).reshape(c, g) < k)[None]
+        s, z = quant.minmax_params(w, bits, valid=valid)
+    else:
+        s, z = quant.minmax_params(w, bits)
+    if float_zeros:
+        z = z + torch.rand(z.shape, generator=gen) * 0.8 - 0.4
+    q = quant.quantize(w, s, z, bits)
+    mask = torch.rand(n, c, generator=gen) >= sparsity
+    if special == "empty_rows":
+        mask[::3] = False
+        mask[-1] = False
+    elif special == "one_row":  # one row holds every kept group, all others empty
+        mask[:] = False
+        mask[n // 2] = True
+    elif special == "empty":
+        mask[:] = False
+    p = fmt.pack(q, s, z, mask, (n, k), bits, g, float_zeros=float_zeros)
+    p.validate()
+    return p
+
+
+def run(x, p, variant, bias=None, tasks=None):
+    out = torch.full((*x.shape[:-1], p.shape[0]), float("nan"), dtype=x.dtype)
+    y = gemv.gqsa_linear(x, p, bias, tasks=tasks, variant=variant, out=out)
+    assert y.data_ptr() == out.data_ptr()
+    return y
+
+
+def check(y, x, p, bias=None):
+    ref = reference.linear(x.float(), p, None if bias is None else bias.float())
+    assert bool(torch.isfinite(y).all()), "unwritten (NaN) output elements"
+    err = float((y.float() - ref).norm() / ref.norm().clamp_min(1e-12))
+    tol = 1e-2 if x.dtype == torch.bfloat16 else 2e-3
+    assert err < tol, f"relative error {err:.2e}"
+
+
+CASES = [
+    # n, k, G, bits, sparsity, float zeros, special, batch, dtype, bias
+    (37, 200, 16, 4, 0.5, False, None, 1, torch.float16, False),  # K % G != 0
+    (29, 256, 32, 4, 0.3, True, None, 3, torch.bfloat16, True),
+    (20, 300, 64, 4, 0.6, False, "empty_rows", 2, torch.float16, True),
+    (9, 500, 128, 4, 0.2, False, None, 16, torch.float16, False),  # K % G != 0, batch 16
+    (23, 160, 16, 4, 0.0, False, "one_row", 1, torch.float16, True),
+    (17, 96, 16, 4, 0.5, False, "empty", 2, torch.float16, True),
+    (31, 256, 16, 2, 0.5, False, None, 1, torch.float16, False),
+    (19, 200, 32, 2, 0.4, True, None, 4, torch.float16, False),
+    (25, 160, 16, 8, 0.5, False, None, 5, torch.bfloat16, True),
+    (13, 300, 128, 8, 0.5, True, None, 1, torch.float16, False),
+]
+
+
+@pytest.mark.parametrize("variant", ["task", "data"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}x{c[1]}-G{c[2]}-b{c[3]}-S{c[4]}-fz{int(c[5])}-"
+                                                       f"{c[6]}-B{c[7]}-{str(c[8])[6:]}")
+def test_kernel_matches_reference(case, variant):
+    n, k, g, bits, sp, fz, special, b, dtype, has_bias = case
+    p = make_packed(n, k, g, bits, sp, fz, special)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(b, k, generator=gen).to(dtype)
+    bias = torch.randn(n, generator=gen).to(dtype) if has_bias else None
+    tasks = None
+    if variant == "task":  # small tasks so that rows are cut across several tasks
+        tasks = gemv.build_task_table(p, task_size=24, block_g=8, num_warps=1)
+        if special != "empty" and p.nnz > 24:
+            assert tasks.num_tasks > 1
+    check(run(x, p, variant, bias, tasks), x, p, bias)
+    if variant == "task":  # a second launch reuses the merge workspace: it must come back clean
+        assert not bool(tasks.workspace.any()) and not bool(tasks.counters.any())
+        check(run(x, p, variant, bias, tasks), x, p, bias)
+
+
+def test_default_task_table_and_leading_dims():
+    p = make_packed(40, 272, 16, sparsity=0.5)
+    x = torch.randn(2, 1, 272).half()
+    y = run(x, p, "auto")  # builds and memoizes the task table itself
+    assert y.shape == (2, 1, 40)
+    check(y.reshape(2, 40), x.reshape(2, 272), p)
+    assert gemv.cached_task_table(p) is gemv.cached_task_table(p)
+
+
+def test_task_table_covers_every_row_once():
+    p = make_packed(50, 320, 16, sparsity=0.5, special="empty_rows")
+    t = gemv.build_task_table(p, task_size=16, block_g=8)
+    rp = p.row_ptr.long()
+    tab = t.table.long()
+    visits = torch.zeros(50, dtype=torch.long)
+    for i in range(t.num_tasks):
+        visits[tab[i, 0]:tab[i, 1]] += 1
+    # a row is visited by every task it overlaps, and an empty row by exactly one
+    for r in range(50):
+        lo, hi = int(rp[r]), int(rp[r + 1])
+        expect = 1 if lo == hi else (hi - 1) // t.task_size - lo // t.task_size + 1
+        assert int(visits[r]) == expect, r
+    assert t.num_split_rows == int(((rp[1:] - 1) // t.task_size != rp[:-1] // t.task_size)
+                                   .logical_and(rp[1:] > rp[:-1]).sum())
+
+
+def test_dense_expand_is_bit_exact():
+    for bits, g, fz in ((4, 16, False), (4, 128, True), (2, 32, False), (8, 16, True)):
+        p = make_packed(21, 200, g, bits, 0.5, fz)
+        assert torch.equal(gemv.dequantize_dense(p, torch.float16), reference.dequantize(p, torch.float16))
+        # the interpreter truncates float32 -> bfloat16 (compiled code and torch round to nearest, and
+        # the GPU check in benchmarks/gemv.py --check compares them bit for bit): one bf16 ulp here
+        a, b = gemv.dequantize_dense(p, torch.bfloat16).float(), reference.dequantize(p, torch.bfloat16).float()
+        assert bool(((a - b).abs() <= b.abs() * 2**-7).all())
+
+
+def test_prefill_path_above_batch_16():
+    p = make_packed(24, 200, 16, sparsity=0.5)
+    x = torch.randn(20, 200).half()
+    bias = torch.randn(24).half()
+    check(run(x, p, "auto", bias), x, p, bias)
+    check(run(x, p, "task", bias), x, p, bias)  # task/data fall through to dense above 16 rows
+
+
+def test_cpu_without_interpreter_uses_reference(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    p = make_packed(12, 64, 16)
+    x = torch.randn(3, 64).half()
+    assert torch.equal(gemv.gqsa_linear(x, p), reference.linear(x, p))
+
+
+def test_three_bit_layers_use_reference():
+    p = make_packed(12, 64, 16, bits=3)
+    x = torch.randn(2, 64).half()
+    assert torch.equal(gemv.gqsa_linear(x, p, variant="task"), reference.linear(x, p))
+
+
+def test_bad_inputs_raise_value_error():
+    p = make_packed(12, 64, 16)
+    x = torch.randn(1, 64).half()
+    with pytest.raises(ValueError, match="last dimension"):
+        gemv.gqsa_linear(torch.randn(1, 63).half(), p)
+    with pytest.raises(ValueError, match="dtype"):
+        gemv.gqsa_linear(x.to(torch.int32), p)
+    with pytest.raises(ValueError, match="bias"):
+        gemv.gqsa_linear(x, p, torch.randn(11).half())
+    with pytest.raises(ValueError, match="variant"):
+        gemv.gqsa_linear(x, p, variant="fast")
+    with pytest.raises(ValueError, match="tasks"):
+        gemv.gqsa_linear(x, p, tasks="table", variant="task")
+    other = make_packed(12, 64, 16, sparsity=0.2, seed=3)
+    with pytest.raises(ValueError, match="task table"):
+        gemv.gqsa_linear(x, p, tasks=gemv.build_task_table(other), variant="task")
+    bad = fmt.PackedLinear(**{**p.tensors(), "scales": p.scales.float()}, shape=p.shape, bits=4, group_size=16)
+    with pytest.raises(ValueError, match="scales"):
+        gemv.gqsa_linear(x, bad)
+    with pytest.raises(ValueError, match="out"):
+        gemv.gqsa_linear(x, p, out=torch.empty(1, 11).half())
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device|on cuda"):
+            gemv.gqsa_linear(x.cuda(), p)
+    meta = torch.empty(1, 64, device="meta", dtype=torch.float16)
+    with pytest.raises(ValueError, match="on meta"):
+        gemv.gqsa_linear(meta, p)
+
+
+def test_prepared_plan_matches_reference():
+    p = make_packed(33, 272, 16, sparsity=0.4, special="empty_rows")
+    bias = torch.randn(33).half()
+    for variant in ("task", "data"):
+        plan = gemv.prepare(p, variant=variant, task_size=16, block_g=8, num_warps=1) if variant == "task" \
+            else gemv.prepare(p, variant="data")
+        for b in (1, 4, 20):
+            x = torch.randn(b, 272).half()
+            check(plan(x, bias), x, p, bias)
+        x = torch.randn(2, 272).to(torch.bfloat16)
+        check(plan(x), x, p)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[3] <= 4][:6], ids=lambda c: f"{c[0]}x{c[1]}-G{c[2]}-b{c[3]}")
+def test_sixteen_code_units(case, monkeypatch):
+    """Units of 16 codes per thread (one int64 code word, 32 bytes of activations)."""
+    monkeypatch.setattr(gemv, "UNIT_CODES", 16)
+    n, k, g, bits, sp, fz, special, b, dtype, has_bias = case
+    p = make_packed(n, k, g, bits, sp, fz, special)
+    x = torch.randn(b, k, generator=torch.Generator().manual_seed(2)).to(dtype)
+    tasks = gemv.build_task_table(p, task_size=24, block_g=8, num_warps=1)
+    assert tasks.unit_codes == 16
+    check(run(x, p, "task", tasks=tasks), x, p)
+    check(run(x, p, "data"), x, p)
+
+
+def test_auto_variant_and_dispatch():
+    balanced = make_packed(24, 256, 16, sparsity=0.5)
+    skewed = make_packed(24, 256, 16, sparsity=0.0, special="one_row")
+    assert gemv.auto_variant(balanced) == "data"
+    assert gemv.auto_variant(skewed) == "task"
+    plan = gemv.prepare(skewed)
+    assert plan.variant == "task" and plan.tasks is not None
+    for b in (1, 3, 5, 17):  # 5 and 17 rows: dense expansion + cuBLAS (reference GEMM on the CPU)
+        x = torch.randn(b, 256).half()
+        check(plan(x), x, skewed)
+        check(run(x, balanced, "auto"), x, balanced)
