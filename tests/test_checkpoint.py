@@ -13,7 +13,7 @@ from gqsa.nn import GQSALinear
 def compressed(tiny_llama):
     torch.manual_seed(0)
     tokens = torch.randint(0, 96, (8, 32))
-    gqsa.compress(tiny_llama, GQSAConfig(bits=4, group_size=16, sparsity=0.5), tokens, device="cpu",
+    gqsa.compress(tiny_llama, GQSAConfig(bits=4, group_size=16, sparsity=0.5, stages="oneshot"), tokens, device="cpu",
                   progress=False)
     return tiny_llama, tokens
 
@@ -103,7 +103,7 @@ def test_tampered_row_ptr_is_refused(folder):
 @pytest.mark.parametrize("edit,message", [
     (lambda qc: qc.update(quant_method="awq"), "quant_method 'awq' is not 'gqsa'"),
     (lambda qc: qc.update(format_version=99), "format version 99"),
-    (lambda qc: qc["layers"]["model.layers.0.mlp.up_proj"].update(shape=[88, 32]), "is \\[88, 32\\]"),
+    (lambda qc: qc["layers"]["model.layers.0.mlp.up_proj"].update(shape=[88, 32]), "up_proj: col_idx out of range"),
     (lambda qc: qc["layers"].update({"model.layers.0.mlp.nope": {"shape": [1, 1], "bits": 4, "group_size": 16}}),
      "lacks tensor|does not exist"),
 ])
@@ -112,6 +112,14 @@ def test_bad_quantization_config_is_refused(folder, edit, message):
     edit(cfg["quantization_config"])
     (folder / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(FormatError, match=message):
+        gqsa.load(folder)
+
+
+def test_model_config_that_disagrees_with_the_tensors_is_refused(folder):
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["intermediate_size"] = 80
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(FormatError, match="gate_proj is \\[88, 64\\] in quantization_config but \\[80, 64\\]"):
         gqsa.load(folder)
 
 

@@ -169,14 +169,21 @@ def read_tensors(folder, verify: bool = True) -> dict[str, torch.Tensor]:
 def packed_layers(folder, verify: bool = True) -> dict[str, PackedLinear]:
     """The validated packed layers of a checkpoint folder (no model code needed)."""
     _, qc = read_quantization_config(folder)
-    tensors = read_tensors(folder, verify)
+    return _validated_layers(folder, qc, read_tensors(folder, verify))
+
+
+def _validated_layers(folder, qc: dict, tensors: dict[str, torch.Tensor]) -> dict[str, PackedLinear]:
     out = {}
     for name, meta in qc["layers"].items():
         missing = [t for t in TENSOR_NAMES if f"{name}.{t}" not in tensors]
         if missing:
             raise FormatError(f"{folder}: layer {name} lacks tensor(s) {', '.join(missing)}")
-        p = PackedLinear(**{t: tensors[f"{name}.{t}"] for t in TENSOR_NAMES}, shape=tuple(meta["shape"]),
-                         bits=meta["bits"], group_size=meta["group_size"])
+        try:
+            shape, bits, group_size = tuple(meta["shape"]), meta["bits"], meta["group_size"]
+        except (KeyError, TypeError):
+            raise FormatError(f"{folder}: quantization_config entry of {name} needs shape, bits and group_size")
+        p = PackedLinear(**{t: tensors[f"{name}.{t}"] for t in TENSOR_NAMES}, shape=shape, bits=bits,
+                         group_size=group_size)
         p.validate(name)
         out[name] = p
     return out
@@ -191,8 +198,9 @@ def load(folder, device="cpu", dtype: torch.dtype | None = None, verify: bool = 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     folder = Path(folder)
-    config_dict, qc = read_quantization_config(folder)
+    _, qc = read_quantization_config(folder)
     tensors = read_tensors(folder, verify)
+    _validated_layers(folder, qc, tensors)
     config = AutoConfig.from_pretrained(folder)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
