@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-shot GQSA quality matrix on the two local models (issue 2's table).
 # usage: bash benchmarks/oneshot_matrix.sh [OUT_DIR]   (default runs/oneshot); prints a markdown table.
+# env: ASSETS (default ../shared/assets), COMPRESS_EXTRA / EVAL_EXTRA (extra arguments, e.g. --device cuda)
 set -euo pipefail
 A=${ASSETS:-../shared/assets}
 OUT=${1:-runs/oneshot}
@@ -14,10 +15,10 @@ run() {  # name, eval text, compress args...
   local name=$1 text=$2; shift 2
   [ -f "$OUT/$name/gqsa_report.json" ] && grep -q '"ppl"' "$OUT/$name/gqsa_report.json" && return
   rm -rf "$OUT/$name"
-  gqsa compress "$@" --out "$OUT/$name" >/dev/null 2>&1
-  gqsa eval "$OUT/$name" --ppl "$text" 2>/dev/null
+  gqsa compress "$@" ${COMPRESS_EXTRA:-} --out "$OUT/$name" >/dev/null 2>&1
+  gqsa eval "$OUT/$name" --ppl "$text" ${EVAL_EXTRA:-} 2>/dev/null
 }
-for sal in hessian magnitude wanda; do
+for sal in magnitude; do  # hessian (the default) is the S0.5 G16 row below
   run "s260-w4s50g16-$sal" "$S260_EVAL" "${S260[@]}" --sparsity 0.5 --group-size 16 --saliency $sal
   run "gut-w4s50g16-$sal" "$GUT_EVAL" "${GUT[@]}" --sparsity 0.5 --group-size 16 --saliency $sal
 done

@@ -103,7 +103,7 @@ def copy_folder(folder, dst):
     return dst
 
 
-@pytest.mark.parametrize("case", ["truncated", "tampered", "row_ptr", "quant_method"])
+@pytest.mark.parametrize("case", ["truncated", "tampered", "row_ptr", "quant_method", "zero_dim"])
 def test_bad_checkpoints_are_refused(case, folder, run_dir, capsys):
     bad = copy_folder(folder, run_dir / f"bad-{case}")
     st = bad / "model.safetensors"
@@ -121,6 +121,11 @@ def test_bad_checkpoints_are_refused(case, folder, run_dir, capsys):
         t["model.layers.2.self_attn.o_proj.row_ptr"][3] = 10**6
         save_file(t, st)
         extra, expect = ["--no-verify"], "o_proj: row_ptr"
+    elif case == "zero_dim":
+        cfg = json.loads((bad / "config.json").read_text())
+        cfg["quantization_config"]["layers"]["model.layers.0.mlp.up_proj"]["shape"] = [0, 64]
+        (bad / "config.json").write_text(json.dumps(cfg))
+        expect = "empty dimension"
     else:
         cfg = json.loads((bad / "config.json").read_text())
         cfg["quantization_config"]["quant_method"] = "gptq"

@@ -21,7 +21,7 @@ def setup(stories260k, asset):
 def ppl_after(setup, **settings):
     (path, tok_path), tok, tokens, text, _ = setup
     model, _ = load_model(str(path), str(tok_path))
-    compress(model, GQSAConfig(**settings), tokens, device="cpu", progress=False)
+    compress(model, GQSAConfig(stages="oneshot", **settings), tokens, device="cpu", progress=False)
     return perplexity(model, tok, text, max_windows=WINDOWS, progress=False)["ppl"]
 
 

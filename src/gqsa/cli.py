@@ -58,6 +58,61 @@ def _add_compress(sub):
     g.add_argument("--damp", type=float, default=0.01, help="Hessian dampening, fraction of mean diagonal")
     g.add_argument("--skip", nargs="*", default=[], metavar="SUFFIX",
                    help="module-name suffixes to leave dense, e.g. mlp.down_proj")
+    t = p.add_argument_group(
+        "GQSA training stages",
+        "BQPO trains each block's latent weights and s, z through fake quantization (mask held) to match the "
+        "uncompressed block; E2E-OQP then trains the scales end to end with the codes and mask frozen. Unset "
+        "options take the --preset's value (see gqsa.config.PRESETS); all are recorded in gqsa_report.json")
+    t.add_argument("--stages", default="bqpo+e2e", choices=("oneshot", "bqpo", "bqpo+e2e"),
+                   help="oneshot: no training; bqpo: block-wise; bqpo+e2e: then end to end (default)")
+    t.add_argument("--preset", default="default", choices=("default", "fast"),
+                   help="fast: ~4x fewer epochs (CPU runs of small models, quick checks)")
+    t.add_argument("--resume", action="store_true",
+                   help="continue a killed run from its work folder <out>.partial (same settings and data); "
+                        "the result is bitwise that of an uninterrupted run")
+    t.add_argument("--val-fraction", type=float, help="calibration windows held out for early stopping "
+                                                      "and best-epoch selection (default 0.1)")
+    t.add_argument("--bqpo-epochs", type=int, help="BQPO epochs per block (default 20; fast: 5)")
+    t.add_argument("--bqpo-batch-size", type=int, help="BQPO windows per step (default 4)")
+    t.add_argument("--bqpo-lr-weight", type=float,
+                   help="BQPO AdamW lr of the latent weights, in quantization steps per update (default 0.1)")
+    t.add_argument("--bqpo-lr-scale", type=float, help="BQPO lr of the scales, relative (default 0.03)")
+    t.add_argument("--bqpo-lr-zero", type=float, help="BQPO lr of the zero points, in codes (default 0.1)")
+    t.add_argument("--bqpo-patience", type=int, help="BQPO: stop a block after this many epochs without a "
+                                                     "better held-out loss (default 4; fast: 2)")
+    t.add_argument("--bqpo-target", choices=("fp", "qinput"),
+                   help="fp: uncompressed block on uncompressed inputs (default); qinput: uncompressed block "
+                        "on the compressed model's inputs")
+    t.add_argument("--e2e-epochs", type=int, help="E2E-OQP epochs (default 5; fast: 2)")
+    t.add_argument("--e2e-batch-size", type=int, help="E2E-OQP windows per micro-batch (default 4)")
+    t.add_argument("--e2e-grad-accum", type=int, help="E2E-OQP micro-batches per optimizer step (default 1)")
+    t.add_argument("--e2e-lr", type=float, help="E2E-OQP lr of the scales, relative (default 1e-2)")
+    t.add_argument("--e2e-train-zero", action="store_true",
+                   help="E2E-OQP also trains the zero points (then stored as float16)")
+    t.add_argument("--no-grad-checkpointing", action="store_true",
+                   help="E2E-OQP without recomputing blocks in the backward pass (faster, more memory)")
+    t.add_argument("--amp", choices=("auto", "none", "bfloat16", "float16"),
+                   help="autocast of the trained stages (default auto: bfloat16 on CUDA, none on CPU)")
+    t.add_argument("--activation-dtype", choices=("float32", "bfloat16", "float16"),
+                   help="storage dtype of the calibration activations between blocks (default float32)")
+    t.add_argument("--offload-activations", action="store_true",
+                   help="keep those activations in CPU memory, streaming batches to the device")
+    t.add_argument("--threads", type=int, default=None,
+                   help="CPU threads of torch while compressing (default: torch's own); on a busy machine or "
+                        "for small models 1 is often several times faster")
+    b = p.add_argument_group(
+        "baseline settings (--method rtn|gptq|wanda|sparsegpt|magnitude)",
+        "rtn/gptq use --bits and --group-size (every group kept; written in the packed format); "
+        "wanda/sparsegpt/magnitude keep fp16 values and are written dense with zeros")
+    b.add_argument("--pattern", default="2:4",
+                   help="wanda/sparsegpt/magnitude: n:m (keep n of every m inputs, default 2:4) or "
+                        "'unstructured' (removes --sparsity of the weights)")
+    b.add_argument("--act-order", action="store_true",
+                   help="gptq: quantize columns in order of decreasing activation energy (static groups)")
+    b.add_argument("--clip-search", action="store_true",
+                   help="rtn/gptq: MSE clipping search for scales instead of the papers' min-max")
+    b.add_argument("--blocksize", type=int, default=128,
+                   help="gptq/sparsegpt: lazy-update block width in columns (default 128)")
     c = p.add_argument_group("calibration")
     c.add_argument("--calib", required=True,
                    help="calibration text file, or a dataset name (wikitext2, c4, ptb) when online")
@@ -83,13 +138,30 @@ def _add_eval(sub):
                                    "folder the result is also appended to its gqsa_report.json.")
     p.add_argument("model", help="GQSA checkpoint folder, or any model `compress` accepts")
     p.add_argument("--tokenizer", help="tokenizer, for uncompressed llama2.c models")
-    p.add_argument("--ppl", required=True, nargs="+", metavar="TEXT",
+    p.add_argument("--ppl", nargs="+", default=[], metavar="TEXT",
                    help="text file(s), or dataset name(s) (wikitext2, ptb, c4) when online")
     p.add_argument("--context", type=int, default=None, help="window length (default min(2048, model max))")
     p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows (quick checks)")
     p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
     p.add_argument("--device", default=None, help="default: cuda if present, else cpu")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"),
+                   help="compute dtype; auto = float32 on CPU, float16 on GPU (default auto)")
     p.add_argument("--no-verify", action="store_true", help="skip the checksum check of the safetensors files")
+    z = p.add_argument_group("zero-shot and fidelity")
+    z.add_argument("--tasks", nargs="*", default=None, metavar="TASK",
+                   help="zero-shot log-likelihood tasks: piqa arc_easy arc_challenge boolq winogrande "
+                        "lambada_openai (all of them when given without names), or .jsonl task files")
+    z.add_argument("--tasks-dir", default=None,
+                   help="folder of the task files (default: $GQSA_TASKS_DIR, else ../shared/assets/data/zeroshot)")
+    z.add_argument("--limit", type=int, default=None, help="score only the first N documents of each task")
+    z.add_argument("--lm-eval", action="store_true",
+                   help="run --tasks through the lm-eval harness (if installed; it fetches its datasets)")
+    z.add_argument("--zeroshot-batch-size", type=int, default=16, help="sequences per forward pass (default 16)")
+    z.add_argument("--kl-reference", default=None, metavar="MODEL",
+                   help="uncompressed model to measure KL(reference || model) and top-1 agreement against")
+    z.add_argument("--kl-text", default=None, help="text for the KL measurement (default: the first --ppl text)")
+    z.add_argument("--kl-windows", type=int, default=None,
+                   help="windows for the KL measurement (default: --max-windows, else all)")
     p.set_defaults(func=cmd_eval)
 
 
@@ -104,6 +176,67 @@ def _add_inspect(sub):
     p.set_defaults(func=cmd_inspect)
 
 
+def _add_report(sub):
+    p = sub.add_parser(
+        "report", help="GQSA and the baselines side by side: perplexity, zero-shot, KL, bits/weight, size",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run a matrix of `gqsa compress` settings on one model (default: fp16; GQSA W4 S30/S50/S70 "
+                    "at G16 and G32; SparseGPT, Wanda and magnitude 2:4; GPTQ W2/W3/W4 g128; RTN W4 g128), "
+                    "evaluate every row and write OUT/report.md, report.json and report.png (perplexity vs "
+                    "bits/weight; needs matplotlib). Finished rows are kept in OUT/rows/*.json: rerunning "
+                    "the same command resumes.",
+        epilog="example:\n  gqsa report ../shared/assets/models/gutenberg-llama-22m \\\n"
+               "      --calib ../shared/assets/data/gutenberg/calib.txt \\\n"
+               "      --eval ../shared/assets/data/gutenberg/heldout.txt --context 512 --limit 200 --out runs/report")
+    p.add_argument("model", help="model folder, hub id or llama2.c .bin checkpoint (uncompressed)")
+    p.add_argument("--tokenizer", help="tokenizer, for llama2.c models whose tokenizer is not beside them")
+    p.add_argument("--calib", required=True, help="calibration text file (or dataset name when online)")
+    p.add_argument("--eval", required=True, dest="eval_text", metavar="TEXT",
+                   help="perplexity text (also the KL text)")
+    p.add_argument("--out", required=True, help="report folder (reused to resume)")
+    p.add_argument("--rows", nargs="+", default=None, metavar="NAME", help="only these default rows (by name)")
+    p.add_argument("--add-row", action="append", default=[], metavar="NAME=ARGS",
+                   help="an extra row: NAME=`gqsa compress` arguments, e.g. "
+                        "'gqsa-w4s50g16-bqpo=--method gqsa --sparsity 0.5 --stages bqpo'")
+    p.add_argument("--gqsa-stage", default="oneshot",
+                   help="training stages of the default GQSA rows (passed as --stages when compress has it; "
+                        "default oneshot)")
+    p.add_argument("--gqsa-args", default="", help="further `gqsa compress` arguments for every GQSA row (one string)")
+    p.add_argument("--context", type=int, default=None, help="perplexity window (default min(2048, model max))")
+    p.add_argument("--max-windows", type=int, default=None, help="perplexity on the first N windows only")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
+    p.add_argument("--seqlen", type=int, default=None, help="calibration window length (default: --context)")
+    p.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default 0)")
+    p.add_argument("--tasks", nargs="*", default=None, metavar="TASK",
+                   help="zero-shot tasks (default: all six local ones; give none to skip zero-shot)")
+    p.add_argument("--tasks-dir", default=None, help="folder of the task files (default: the shared assets')")
+    p.add_argument("--limit", type=int, default=100, help="documents per zero-shot task (default 100; 0 = all)")
+    p.add_argument("--kl-windows", type=int, default=32, help="windows for KL/top-1 agreement (default 32; 0 = skip)")
+    p.add_argument("--batch-size", type=int, default=4, help="perplexity windows per forward pass (default 4)")
+    p.add_argument("--device", default=None, help="default: cuda if present, else cpu")
+    p.add_argument("--keep-checkpoints", action="store_true", help="keep OUT/checkpoints/NAME folders")
+    p.set_defaults(func=cmd_report)
+
+
+def cmd_report(args) -> int:
+    import shlex
+
+    from .report_matrix import rows_from_cli, run_report
+
+    for name in ("nsamples", "batch_size"):
+        if getattr(args, name) <= 0:
+            raise CLIError(f"--{name.replace('_', '-')} must be positive")
+    rows = rows_from_cli(args.rows, args.add_row)
+    command = "gqsa " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["report"] else None
+    run_report(args.model, args.calib, args.eval_text, args.out, tokenizer=args.tokenizer, rows=rows,
+               context=args.context, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+               eval_batch_size=args.batch_size, tasks=args.tasks, tasks_dir=args.tasks_dir,
+               limit=args.limit or None, kl_windows=args.kl_windows, max_windows=args.max_windows,
+               device=args.device, gqsa_stage=args.gqsa_stage, gqsa_args=shlex.split(args.gqsa_args),
+               keep_checkpoints=args.keep_checkpoints, command=command)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="gqsa", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
@@ -113,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compress(sub)
     _add_eval(sub)
     _add_inspect(sub)
+    _add_report(sub)
     return p
 
 
@@ -136,9 +270,7 @@ def cmd_compress(args) -> int:
     for name in ("nsamples", "seqlen", "batch_size"):
         if getattr(args, name) <= 0:
             raise CLIError(f"--{name.replace('_', '-')} must be positive")
-    config = GQSAConfig(bits=args.bits, group_size=args.group_size, sparsity=args.sparsity, saliency=args.saliency,
-                        allocation=args.allocation, quant_init=args.quant_init, damp=args.damp, skip=args.skip,
-                        seed=args.seed)
+    config = _gqsa_config(args, GQSAConfig)
     t0 = time.time()
     torch.manual_seed(args.seed)
     model, tok = load_model(args.model, args.tokenizer, dtype=getattr(torch, args.dtype))
@@ -149,15 +281,29 @@ def cmd_compress(args) -> int:
         from .baselines import cli_compress  # writes its own folder and report
 
         return cli_compress(args, model, tok, tokens, _device(args.device))
-    packed = compress_model(model, config, tokens, device=_device(args.device), batch_size=args.batch_size)
+    if args.threads is not None:
+        if args.threads <= 0:
+            raise CLIError("--threads must be positive")
+        torch.set_num_threads(args.threads)
+    workdir = out.with_name(out.name + ".partial")
+    if config.trained and workdir.exists() and args.overwrite and not args.resume:
+        import shutil
+
+        shutil.rmtree(workdir)
+    stats = {}
+    packed = compress_model(model, config, tokens, device=_device(args.device), batch_size=args.batch_size,
+                            workdir=workdir if config.trained else None, resume=args.resume, stats=stats)
     dense_dtype = source_dtype if args.dense_dtype == "auto" else getattr(torch, args.dense_dtype)
     model.to(dense_dtype)
     dense_params = sum(p.numel() for p in model.parameters() if p.requires_grad or p.dim() > 0) - sum(
         m.bias.numel() for m in model.modules() if hasattr(m, "packed") and m.bias is not None)
     rep = {
-        "method": "gqsa", "stage": "oneshot", "config": config.to_dict(),
+        "method": "gqsa", "stage": config.stages, "preset": args.preset, "config": config.to_dict(),
+        "torch_threads": torch.get_num_threads(), "stages": stats,
+        "resumed": bool(args.resume and any(b.get("resumed") for b in stats.get("bqpo", []))),
         "model": str(args.model), "tokenizer": str(args.tokenizer) if args.tokenizer else None,
-        "calibration": {"source": str(args.calib), "nsamples": args.nsamples, "seqlen": seqlen, "seed": args.seed},
+        "calibration": {"source": str(args.calib), "nsamples": args.nsamples, "seqlen": seqlen, "seed": args.seed,
+                        "batch_size": args.batch_size, **stats.get("calibration_split", {})},
         "device": str(_device(args.device)), "compute_dtype": args.dtype, "dense_dtype": str(dense_dtype),
         "seconds": round(time.time() - t0, 1), "environment": report.environment(),
         "layers": report.layer_rows(packed), "evaluations": [],
@@ -165,10 +311,32 @@ def cmd_compress(args) -> int:
     rep["totals"] = report.totals(packed, dense_params)
     checkpoint.save(model, out, tok, rep, overwrite=args.overwrite,
                     extra_quant_config={"sparsity": config.sparsity})
+    if config.trained:
+        import shutil
+
+        shutil.rmtree(workdir, ignore_errors=True)  # the run is complete: its work folder is not needed
     t = rep["totals"]
     print(f"wrote {out}: {t['compressed_layers']} layers, sparsity {t['sparsity']:.3f}, "
           f"{t['bits_per_weight']:.3f} bits/weight, {rep['seconds']:.0f} s")
     return 0
+
+
+def _gqsa_config(args, GQSAConfig):
+    """The GQSAConfig of ``gqsa compress``: the preset, then every option given on the command line."""
+    stage_options = ("val_fraction", "bqpo_epochs", "bqpo_batch_size", "bqpo_lr_weight", "bqpo_lr_scale",
+                     "bqpo_lr_zero", "bqpo_patience", "bqpo_target", "e2e_epochs", "e2e_batch_size",
+                     "e2e_grad_accum", "e2e_lr", "amp", "activation_dtype")
+    given = {k: getattr(args, k) for k in stage_options if getattr(args, k, None) is not None}
+    for flag in ("e2e_train_zero", "offload_activations"):
+        if getattr(args, flag, False):
+            given[flag] = True
+    if getattr(args, "no_grad_checkpointing", False):
+        given["e2e_grad_checkpointing"] = False
+    if args.resume and args.stages == "oneshot":
+        raise CLIError("--resume applies to the trained stages (--stages bqpo or bqpo+e2e)")
+    return GQSAConfig.preset(args.preset, bits=args.bits, group_size=args.group_size, sparsity=args.sparsity,
+                             saliency=args.saliency, allocation=args.allocation, quant_init=args.quant_init,
+                             damp=args.damp, skip=args.skip, seed=args.seed, stages=args.stages, **given)
 
 
 def _source_dtype(model):
@@ -188,9 +356,16 @@ def cmd_eval(args) -> int:
     from .models import load_model
 
     device = _device(args.device)
+    if not args.ppl and args.tasks is None and not args.kl_reference:
+        raise CLIError("nothing to evaluate: pass --ppl TEXT, --tasks and/or --kl-reference MODEL")
+    if args.kl_reference and not (args.kl_text or args.ppl):
+        raise CLIError("--kl-reference needs a text: pass --kl-text TEXT (or --ppl TEXT)")
     folder = Path(args.model)
     is_gqsa = _is_gqsa_folder(folder)
-    dtype = torch.float32 if device.type == "cpu" else torch.float16
+    if args.dtype == "auto":
+        dtype = torch.float32 if device.type == "cpu" else torch.float16
+    else:
+        dtype = getattr(torch, args.dtype)
     if is_gqsa:
         model, tok = checkpoint.load(folder, device=device, dtype=dtype, verify=not args.no_verify)
         if tok is None:
@@ -206,6 +381,10 @@ def cmd_eval(args) -> int:
         results.append(r)
         print(f"{text}: perplexity {r['ppl']:.3f} (context {r['context']}, {r['windows']} windows, "
               f"{r['tokens']} tokens, {r['seconds']:.0f} s)")
+    if args.tasks is not None:
+        results.append(_eval_zeroshot(args, model, tok, dtype, device))
+    if args.kl_reference:
+        results.append(_eval_fidelity(args, model, tok, dtype, device))
     if folder.is_dir() and (folder / checkpoint.REPORT).is_file():
         path = folder / checkpoint.REPORT
         rep = json.loads(path.read_text())
@@ -214,6 +393,40 @@ def cmd_eval(args) -> int:
         tmp.write_text(json.dumps(rep, indent=2))
         os.replace(tmp, path)
     return 0
+
+
+def _eval_zeroshot(args, model, tok, dtype, device) -> dict:
+    if args.lm_eval:
+        from .eval.lm_eval_adapter import DEFAULT_HARNESS_TASKS, run_lm_eval
+
+        r = run_lm_eval(model, tok, args.tasks or DEFAULT_HARNESS_TASKS, limit=args.limit,
+                        batch_size=args.zeroshot_batch_size)
+    else:
+        from .eval.zeroshot import DEFAULT_TASKS, evaluate_zeroshot
+
+        r = evaluate_zeroshot(model, tok, args.tasks or DEFAULT_TASKS, tasks_dir=args.tasks_dir, limit=args.limit,
+                     batch_size=args.zeroshot_batch_size)
+    r.update(kind="zeroshot", dtype=str(dtype), device=str(device))
+    for name, t in r["tasks"].items():
+        extra = "".join(f", {m} {t[m]:.4f}" for m in ("acc_norm", "ppl") if m in t)
+        print(f"{name}: acc {t.get('acc', float('nan')):.4f}{extra} ({t.get('n', '?')} documents)")
+    print(f"zero-shot average acc: {r['avg_acc']:.4f} ({r['backend']}, limit {r['limit']})")
+    return r
+
+
+def _eval_fidelity(args, model, tok, dtype, device) -> dict:
+    from .eval.fidelity import evaluate_fidelity
+    from .models import load_model
+
+    reference, _ = load_model(args.kl_reference, args.tokenizer if not _is_gqsa_folder(Path(args.model)) else None,
+                              dtype=dtype, device=device)
+    text = args.kl_text or args.ppl[0]
+    windows = args.kl_windows if args.kl_windows is not None else args.max_windows
+    r = evaluate_fidelity(model, reference, tok, text, context=args.context, batch_size=args.batch_size, max_windows=windows)
+    r.update(kind="fidelity", reference=str(args.kl_reference), dtype=str(dtype), device=str(device))
+    print(f"{text}: KL(reference || model) {r['kl']:.5f} nats/token, top-1 agreement {r['top1_agreement']:.4f} "
+          f"({r['windows']} windows of {r['context']}, {r['seconds']:.0f} s)")
+    return r
 
 
 def _is_gqsa_folder(folder: Path) -> bool:

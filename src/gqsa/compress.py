@@ -1,11 +1,19 @@
-"""One-shot GQSA of a whole model, block by block (GPTQ-style sequential calibration).
+"""GQSA of a whole model, block by block: the one-shot step and the pipeline of stages.
 
-Each decoder block receives the outputs of the already compressed earlier blocks; inside a block,
-the linears are compressed group by group in execution order (q/k/v, then o, then gate/up, then
-down), each group calibrated on the inputs produced by the block as compressed so far. Only the
-current block (and its activations) lives on ``device``.
+One-shot (GPTQ-style sequential calibration): each decoder block receives the outputs of the
+already compressed earlier blocks; inside a block, the linears are compressed group by group in
+execution order (q/k/v, then o, then gate/up, then down), each group calibrated on the inputs
+produced by the block as compressed so far. Only the current block (and its activations) lives on
+``device``.
+
+``config.stages`` then adds BQPO (:mod:`gqsa.stages.bqpo`: the one-shot result of each block is the
+starting point of its block-wise training) and E2E-OQP (:mod:`gqsa.stages.e2e`: end-to-end scale
+training on the packed model).
 """
 from __future__ import annotations
+
+import math
+from typing import Callable
 
 import torch
 from torch import nn
@@ -55,19 +63,114 @@ def _move_except(module: nn.Module, keep: nn.Module, device) -> None:
             module._buffers[name] = b.to(device)
 
 
-@torch.no_grad()
-def compress_model(model, config: GQSAConfig, tokens: torch.Tensor, device=None, batch_size: int = 8,
-                   progress: bool = True) -> dict[str, PackedLinear]:
-    """Compress every adapter-listed linear of ``model`` in place with one-shot GQSA.
+def layers_prefix(model, adapter) -> str:
+    """Module-name prefix of the decoder blocks in ``model`` (``model.layers`` or ``layers``)."""
+    return adapter.layers_path if _has_path(model, adapter.layers_path) else adapter.layers_path.split(".", 1)[1]
 
-    ``tokens``: calibration token windows ``[n, T]``. The compressed linears are replaced by
-    :class:`GQSALinear` modules; returns ``{module name: PackedLinear}``.
+
+def block_linear_groups(adapter, block, prefix: str, index: int, config: GQSAConfig) -> list[list[str]]:
+    """The compressible linears of block ``index`` in execution order, grouped by shared input,
+    without the ``config.skip`` ones."""
+    linears = adapter.linears(block)
+    out = []
+    for group in adapter.linear_groups if not adapter.generic else [[n] for n in linears]:
+        group = [n for n in group if n in linears and not _skipped(f"{prefix}.{index}.{n}", config.skip)]
+        if group:
+            out.append(group)
+    return out
+
+
+@torch.no_grad()
+def oneshot_block(block, adapter, groups: list[list[str]], batches, config: GQSAConfig,
+                  amp: Callable = None) -> dict[str, prune.CompressedWeight]:
+    """One-shot GQSA of one block in place: each group of linears is calibrated (``XᵀX`` from
+    ``batches`` = ``[(hidden, kwargs), …]`` through the block as compressed so far), pruned and
+    quantized; its weights are replaced by the dequantized result. Returns ``{name: CompressedWeight}``.
+    """
+    linears = adapter.linears(block)
+    needs_stats = config.saliency != "magnitude"
+    out = {}
+    for group in groups:
+        stats = {}
+        if needs_stats:
+            accs = {n: HessianAccumulator(linears[n]) for n in group}
+            for hidden, kw in batches:
+                with amp() if amp else _null():
+                    calib.block_output(block, hidden, kw)
+            stats = {n: a.remove() for n, a in accs.items()}
+        for n in group:
+            lin = linears[n]
+            cw = prune.compress_weight(lin.weight.float(), config.bits, config.group_size, config.sparsity,
+                                       config.saliency, config.allocation, config.quant_init, stats.get(n),
+                                       config.damp)
+            lin.weight.copy_(cw.weight.to(lin.weight.dtype))  # later groups see the compressed layer
+            out[n] = cw
+    return out
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def pack_weight(cw: prune.CompressedWeight, shape, config: GQSAConfig) -> PackedLinear:
+    return pack(cw.codes, cw.scale, cw.zero, cw.mask, tuple(shape), config.bits, config.group_size).to("cpu")
+
+
+def compress_model(model, config: GQSAConfig, tokens: torch.Tensor, device=None, batch_size: int = 8,
+                   progress: bool = True, *, workdir=None, resume: bool = False, stats: dict | None = None,
+                   log: Callable[[str], None] | None = None, on_block_done: Callable[[int], None] | None = None
+                   ) -> dict[str, PackedLinear]:
+    """Compress every adapter-listed linear of ``model`` in place with GQSA, through the stages of
+    ``config.stages`` (``oneshot``, ``bqpo`` or ``bqpo+e2e``).
+
+    ``tokens``: calibration token windows ``[n, T]``; ``batch_size``: windows per forward pass of the
+    calibration (one-shot statistics and activation propagation). The compressed linears are replaced
+    by :class:`GQSALinear` modules; returns ``{module name: PackedLinear}``.
+
+    Trained stages only: ``workdir`` (a folder) receives each finished BQPO block, so that a run
+    killed mid-way continues with ``resume=True`` and ends bitwise as an uninterrupted one;
+    ``stats`` (a dict) receives the per-block and per-epoch losses, times and memory; ``log``
+    receives one line per block / epoch (default: printed above the progress bar);
+    ``on_block_done(i)`` is called after block ``i`` is written.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if not config.trained:
+        return _compress_oneshot(model, config, tokens, device, batch_size, progress)
+    from .stages import bqpo, e2e
+
+    stats = {} if stats is None else stats
+    log = log or (tqdm.write if progress else (lambda line: None))
+    train_tokens, val_tokens = split_calibration(tokens, config.val_fraction)
+    stats["calibration_split"] = {"train_windows": int(train_tokens.shape[0]), "val_windows": int(val_tokens.shape[0])}
+    packed = bqpo.run_bqpo(model, config, tokens, int(train_tokens.shape[0]), device, batch_size, progress,
+                           workdir=workdir, resume=resume, stats=stats, log=log, on_block_done=on_block_done)
+    replace_linears(model, packed)
+    if config.stages == "bqpo+e2e":
+        packed = e2e.run_e2e(model, packed, config, train_tokens, val_tokens, device, progress, stats=stats, log=log)
+    return packed
+
+
+def split_calibration(tokens: torch.Tensor, val_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training windows, held-out windows): the last ``ceil(n · val_fraction)`` windows are held out
+    (at least one when ``val_fraction > 0``; at least one window is always left for training)."""
+    n = tokens.shape[0]
+    n_val = 0 if val_fraction <= 0 else max(1, math.ceil(n * val_fraction))
+    if n_val >= n:
+        raise ValueError(f"{n} calibration window(s) cannot be split into training and held-out windows "
+                         f"(val_fraction={val_fraction}): use more --nsamples or val_fraction=0")
+    return tokens[: n - n_val], tokens[n - n_val:]
+
+
+@torch.no_grad()
+def _compress_oneshot(model, config: GQSAConfig, tokens: torch.Tensor, device, batch_size: int,
+                      progress: bool) -> dict[str, PackedLinear]:
     adapter = get_adapter(model)
     blocks = adapter.blocks(model)
-    prefix = adapter.layers_path if _has_path(model, adapter.layers_path) else adapter.layers_path.split(".", 1)[1]
-    needs_stats = config.saliency != "magnitude"
+    prefix = layers_prefix(model, adapter)
     home = next(model.parameters()).device
     _move_except(model, blocks, device)
     try:
@@ -78,25 +181,11 @@ def compress_model(model, config: GQSAConfig, tokens: torch.Tensor, device=None,
     bar = tqdm(total=len(blocks), desc="GQSA one-shot", unit="block", disable=not progress)
     for i, block in enumerate(blocks):
         block.to(device)
+        groups = block_linear_groups(adapter, block, prefix, i, config)
+        cws = oneshot_block(block, adapter, groups, batches, config)
         linears = adapter.linears(block)
-        for group in adapter.linear_groups if not adapter.generic else [[n] for n in linears]:
-            group = [n for n in group if n in linears and not _skipped(f"{prefix}.{i}.{n}", config.skip)]
-            if not group:
-                continue
-            stats = {}
-            if needs_stats:
-                accs = {n: HessianAccumulator(linears[n]) for n in group}
-                for hidden, kw in batches:
-                    calib.block_output(block, hidden, kw)
-                stats = {n: a.remove() for n, a in accs.items()}
-            for n in group:
-                lin = linears[n]
-                cw = prune.compress_weight(lin.weight.float(), config.bits, config.group_size, config.sparsity,
-                                           config.saliency, config.allocation, config.quant_init, stats.get(n),
-                                           config.damp)
-                lin.weight.copy_(cw.weight.to(lin.weight.dtype))  # later groups see the compressed layer
-                packed[f"{prefix}.{i}.{n}"] = pack(cw.codes, cw.scale, cw.zero, cw.mask, tuple(lin.weight.shape),
-                                                   config.bits, config.group_size).to("cpu")
+        for n, cw in cws.items():
+            packed[f"{prefix}.{i}.{n}"] = pack_weight(cw, linears[n].weight.shape, config)
         batches = [(calib.block_output(block, hidden, kw), kw) for hidden, kw in batches]
         block.to(home)
         bar.update(1)
@@ -118,11 +207,13 @@ def _skipped(name: str, skip: list[str]) -> bool:
 
 
 def replace_linears(model: nn.Module, packed: dict[str, PackedLinear]) -> None:
-    """Swap ``nn.Linear`` modules for :class:`GQSALinear` ones holding ``packed[name]``."""
+    """Swap ``nn.Linear`` (or earlier :class:`GQSALinear`) modules for :class:`GQSALinear` ones holding
+    ``packed[name]``."""
     for name, p in packed.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         old = getattr(parent, child)
         bias = old.bias.detach() if getattr(old, "bias", None) is not None else None
-        new = GQSALinear.from_packed(p, bias).to(old.weight.device if hasattr(old, "weight") else "cpu")
+        dev = old.weight.device if hasattr(old, "weight") else next(iter(old.buffers()), torch.empty(0)).device
+        new = GQSALinear.from_packed(p, bias).to(dev)
         setattr(parent, child, new)

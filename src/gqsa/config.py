@@ -8,6 +8,17 @@ from . import quant
 SALIENCIES = ("magnitude", "wanda", "hessian")
 ALLOCATIONS = ("row", "layer")
 QUANT_INITS = ("minmax", "mse")
+STAGES = ("oneshot", "bqpo", "bqpo+e2e")
+BQPO_TARGETS = ("fp", "qinput")
+AMP_DTYPES = ("auto", "none", "bfloat16", "float16")
+ACTIVATION_DTYPES = ("float32", "bfloat16", "float16")
+
+# Named bundles of stage settings; explicit arguments override them (see GQSAConfig.preset).
+PRESETS: dict[str, dict] = {
+    "default": {},
+    # ~4x less training: for CPU runs of small models and quick checks.
+    "fast": {"bqpo_epochs": 5, "bqpo_patience": 2, "e2e_epochs": 2},
+}
 
 
 @dataclass
@@ -27,6 +38,35 @@ class GQSAConfig:
     damp: Hessian dampening as a fraction of its mean diagonal (hessian saliency).
     skip: module-name suffixes never compressed (embeddings, norms and lm_head are never touched).
     seed: seeds calibration sampling and everything random.
+
+    Stages (:mod:`gqsa.stages`):
+
+    stages: ``oneshot`` (saliency + mask + OBS/RTN quantization only), ``bqpo`` (then block-wise
+        training of each block's latent weights and ``s, z`` through fake quantization, mask held) or
+        ``bqpo+e2e`` (then end-to-end training of the scales with codes and mask frozen; default).
+    val_fraction: fraction of the calibration windows held out (never trained on) for early stopping
+        and best-epoch selection in both trained stages (at least one window when > 0; 0 = none:
+        the last epoch is kept).
+    amp: autocast dtype of the trained stages on CUDA: ``auto`` = bfloat16 on CUDA, none on CPU.
+    bqpo_epochs, bqpo_batch_size: passes over the training windows per block, windows per step.
+    bqpo_lr_weight: AdamW learning rate of the latent weights, which are parametrized in units of
+        their group's initial quantization step (so the rate means "steps per update" whatever the
+        weights' magnitude).
+    bqpo_lr_scale: learning rate of each group's scale, parametrized as a multiplier of its initial
+        value (relative rate).
+    bqpo_lr_zero: learning rate of each group's zero point, in code units (it is rounded through the
+        straight-through estimator, so it stays an integer in the forward pass).
+    bqpo_patience: stop a block after this many epochs without a better held-out loss.
+    bqpo_target: ``fp`` — the uncompressed block on the uncompressed model's activations (default);
+        ``qinput`` — the uncompressed block on the compressed model's activations.
+    activation_dtype: storage dtype of the calibration activations kept between blocks.
+    offload_activations: keep those activations in CPU memory and stream batches to the device.
+    e2e_epochs, e2e_batch_size, e2e_grad_accum: end-to-end passes, windows per micro-batch,
+        micro-batches per optimizer step.
+    e2e_lr: learning rate of the scales (multipliers of the BQPO scales, relative rate) and, with
+        ``e2e_train_zero``, of the zero points (code units; then stored as float16).
+    e2e_grad_checkpointing: recompute each decoder block in the backward pass (memory ≈ one block's
+        activations instead of all of them).
     """
 
     bits: int = 4
@@ -38,6 +78,24 @@ class GQSAConfig:
     damp: float = 0.01
     skip: list[str] = field(default_factory=list)
     seed: int = 0
+    stages: str = "bqpo+e2e"
+    val_fraction: float = 0.1
+    amp: str = "auto"
+    bqpo_epochs: int = 20
+    bqpo_batch_size: int = 4
+    bqpo_lr_weight: float = 0.1
+    bqpo_lr_scale: float = 0.03
+    bqpo_lr_zero: float = 0.1
+    bqpo_patience: int = 4
+    bqpo_target: str = "fp"
+    activation_dtype: str = "float32"
+    offload_activations: bool = False
+    e2e_epochs: int = 5
+    e2e_batch_size: int = 4
+    e2e_grad_accum: int = 1
+    e2e_lr: float = 1e-2
+    e2e_train_zero: bool = False
+    e2e_grad_checkpointing: bool = True
 
     def __post_init__(self):
         self.validate()
@@ -54,6 +112,35 @@ class GQSAConfig:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}; got '{value}'")
         if not 0.0 < self.damp < 1.0:
             raise ValueError(f"damp must be in (0, 1), got {self.damp}")
+        for name, value, allowed in (("stages", self.stages, STAGES), ("bqpo_target", self.bqpo_target, BQPO_TARGETS),
+                                     ("amp", self.amp, AMP_DTYPES),
+                                     ("activation_dtype", self.activation_dtype, ACTIVATION_DTYPES)):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}; got '{value}'")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        for name in ("bqpo_epochs", "e2e_epochs"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"{name} must be a non-negative integer (0 = no training), got {getattr(self, name)}")
+        for name in ("bqpo_batch_size", "bqpo_patience", "e2e_batch_size", "e2e_grad_accum"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        for name in ("bqpo_lr_weight", "bqpo_lr_scale", "bqpo_lr_zero", "e2e_lr"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
+                raise ValueError(f"{name} must be in [0, 1) (0 freezes those parameters), got {value}")
+
+    @property
+    def trained(self) -> bool:
+        """True when a training stage (BQPO, E2E-OQP) runs."""
+        return self.stages != "oneshot"
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "GQSAConfig":
+        """A config from a named preset (:data:`PRESETS`: ``default``, ``fast``) with ``overrides``."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset '{name}': use one of {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
 
     def to_dict(self) -> dict:
         return asdict(self)

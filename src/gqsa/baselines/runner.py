@@ -1,0 +1,285 @@
+"""Whole-model baselines, block by block on calibration data (the sequential scheme of GPTQ and
+SparseGPT: each block is calibrated on the outputs of the already compressed earlier blocks, and
+inside a block the linears are compressed group by group in execution order, each group seeing the
+block as compressed so far), and the ``gqsa compress --method …`` entry point.
+
+Output: RTN and GPTQ (no sparsity, ``G`` ∈ {16, 32, 64, 128}) are exactly representable in the
+packed GQSA format (every group kept), so they are written as GQSA checkpoint folders and run
+through :class:`gqsa.nn.GQSALinear`. Wanda, SparseGPT and magnitude keep fp16 values in an
+element-wise pattern the group format cannot hold: they are written as ordinary dense model folders
+whose pruned weights are exact zeros ("dense with zeros"); their bits per weight are those of the
+usual sparse fp16 formats (``n:m``: 16·n/m + the index metadata, 2 bits per kept value for 2:4;
+unstructured: 16·(1−S) + a 1-bit bitmap).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import calib, quant
+from ..compress import HessianAccumulator, _has_path, _move_except, _skipped, replace_linears
+from ..format import PackedLinear, pack
+from ..models.adapters import get_adapter
+from . import masks
+from .gptq import gptq_layer
+from .magnitude import magnitude_layer
+from .rtn import rtn_layer
+from .sparsegpt import sparsegpt_layer
+from .wanda import wanda_layer
+
+QUANT_METHODS = ("rtn", "gptq")
+PRUNE_METHODS = ("wanda", "sparsegpt", "magnitude")
+METHODS = QUANT_METHODS + PRUNE_METHODS
+
+
+@dataclass
+class BaselineConfig:
+    """Settings of one baseline run.
+
+    method: ``rtn``, ``gptq`` (quantization, every weight kept) or ``wanda``, ``sparsegpt``,
+        ``magnitude`` (pruning, fp16 values).
+    bits, group_size: quantizer of rtn/gptq (asymmetric, integer zero point per group of G inputs).
+    act_order: gptq only: process columns by decreasing ``diag(XᵀX)`` (static groups).
+    quant_init: ``minmax`` (the papers' grid) or ``mse`` (clipping search).
+    pattern: ``"n:m"`` (keep n of every m consecutive inputs, default 2:4) or ``"unstructured"``.
+    sparsity: removed fraction for unstructured pruning.
+    damp: Hessian dampening λ as a fraction of the mean diagonal (gptq, sparsegpt).
+    blocksize: lazy-update block width (gptq, sparsegpt; also SparseGPT's mask-selection block).
+    skip: module-name suffixes left dense.
+    """
+
+    method: str
+    bits: int = 4
+    group_size: int = 128
+    act_order: bool = False
+    quant_init: str = "minmax"
+    pattern: str = "2:4"
+    sparsity: float = 0.5
+    damp: float = 0.01
+    blocksize: int = 128
+    skip: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown baseline '{self.method}': use one of {', '.join(METHODS)}")
+        if self.method in QUANT_METHODS:
+            quant.check_bits(self.bits)
+            quant.check_group_size(self.group_size)
+            if self.quant_init not in ("minmax", "mse"):
+                raise ValueError(f"quant_init must be minmax or mse, got '{self.quant_init}'")
+        else:
+            nm = masks.parse_pattern(self.pattern)
+            if nm is None and not 0.0 < self.sparsity < 1.0:
+                raise ValueError(f"unstructured sparsity must be in (0, 1), got {self.sparsity}")
+        if not 0.0 < self.damp < 1.0:
+            raise ValueError(f"damp must be in (0, 1), got {self.damp}")
+        if self.blocksize <= 0:
+            raise ValueError(f"blocksize must be positive, got {self.blocksize}")
+
+    @property
+    def packed(self) -> bool:
+        """Written in the packed GQSA format (else dense with zeros)."""
+        return self.method in QUANT_METHODS
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method in ("gptq", "wanda", "sparsegpt") or (self.method == "rtn" and self.quant_init == "mse")
+
+    def setting(self) -> str:
+        """A short human name, e.g. ``gptq W3 g128 act-order`` or ``sparsegpt 2:4``."""
+        if self.packed:
+            return f"{self.method} W{self.bits} g{self.group_size}" + (" act-order" if self.act_order else "")
+        nm = masks.parse_pattern(self.pattern)
+        return f"{self.method} {self.pattern}" if nm else f"{self.method} unstructured {self.sparsity:.0%}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class BaselineResult:
+    packed: dict[str, PackedLinear] | None  # rtn/gptq: the packed layers (the model now holds GQSALinear)
+    layers: list[dict]                      # per compressed layer: name, shape, kept, sparsity, bits/weight
+    totals: dict
+
+
+def compress_layer(w: torch.Tensor, config: BaselineConfig, hessian: torch.Tensor | None):
+    """One weight ``[N, K]`` → ``CompressedWeight`` (rtn/gptq) or ``(pruned weight, kept mask)``."""
+    nm = None if config.packed else masks.parse_pattern(config.pattern)
+    m = config.method
+    if m == "rtn":
+        return rtn_layer(w, config.bits, config.group_size, config.quant_init, hessian)
+    if m == "gptq":
+        return gptq_layer(w, hessian, config.bits, config.group_size, config.act_order, config.quant_init,
+                          config.damp, config.blocksize)
+    if m == "wanda":
+        return wanda_layer(w, hessian, config.sparsity, nm)
+    if m == "sparsegpt":
+        return sparsegpt_layer(w, hessian, config.sparsity, nm, config.damp, config.blocksize)
+    return magnitude_layer(w, config.sparsity, nm)
+
+
+@torch.no_grad()
+def compress_model_baseline(model, config: BaselineConfig, tokens: torch.Tensor | None = None, device=None,
+                            batch_size: int = 8, progress: bool = True) -> BaselineResult:
+    """Apply a baseline to every adapter-listed linear of ``model`` in place.
+
+    rtn/gptq: the linears become :class:`GQSALinear` (packed, every group kept). Pruning methods:
+    the linears keep their ``nn.Linear`` form with pruned weights set to zero and kept weights
+    rounded to fp16.
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    adapter = get_adapter(model)
+    blocks = adapter.blocks(model)
+    prefix = adapter.layers_path if _has_path(model, adapter.layers_path) else adapter.layers_path.split(".", 1)[1]
+    home = next(model.parameters()).device
+    batches = None
+    if config.needs_calibration:
+        if tokens is None:
+            raise ValueError(f"{config.method} needs calibration tokens")
+        _move_except(model, blocks, device)
+        try:
+            batches = calib.capture_block_inputs(model, blocks, tokens, batch_size, device)
+        finally:
+            _move_except(model, blocks, home)
+    packed: dict[str, PackedLinear] = {}
+    layers: list[dict] = []
+    bar = tqdm(total=len(blocks), desc=config.setting(), unit="block", disable=not progress)
+    for i, block in enumerate(blocks):
+        block.to(device)
+        linears = adapter.linears(block)
+        for group in adapter.linear_groups if not adapter.generic else [[n] for n in linears]:
+            group = [n for n in group if n in linears and not _skipped(f"{prefix}.{i}.{n}", config.skip)]
+            if not group:
+                continue
+            stats = {}
+            if batches is not None:
+                accs = {n: HessianAccumulator(linears[n]) for n in group}
+                for hidden, kw in batches:
+                    calib.block_output(block, hidden, kw)
+                stats = {n: a.remove() for n, a in accs.items()}
+            for n in group:
+                lin, name = linears[n], f"{prefix}.{i}.{n}"
+                rows, k = lin.weight.shape
+                out = compress_layer(lin.weight.float(), config, stats.get(n))
+                if config.packed:
+                    lin.weight.copy_(out.weight.to(lin.weight.dtype))
+                    packed[name] = pack(out.codes, out.scale, out.zero, out.mask, (rows, k), config.bits,
+                                        config.group_size).to("cpu")
+                    kept = rows * k
+                    bpw = packed[name].bits_per_weight()
+                else:
+                    weight, keep = out
+                    lin.weight.copy_(weight.half().to(lin.weight.dtype))  # fp16 values, exact zeros
+                    kept = int(keep.sum())
+                    bpw = 16 * kept / (rows * k) + masks.metadata_bits(masks.parse_pattern(config.pattern))
+                layers.append({"name": name, "shape": [rows, k], "kept": kept,
+                               "sparsity": round(1 - kept / (rows * k), 4), "bits_per_weight": round(bpw, 4)})
+        if batches is not None:
+            batches = [(calib.block_output(block, hidden, kw), kw) for hidden, kw in batches]
+        block.to(home)
+        bar.update(1)
+    bar.close()
+    if config.packed:
+        replace_linears(model, packed)
+    weights = sum(r["shape"][0] * r["shape"][1] for r in layers)
+    compressed_bits = sum(r["bits_per_weight"] * r["shape"][0] * r["shape"][1] for r in layers)
+    if config.packed:
+        compressed_bytes = sum(p.nbytes() for p in packed.values())
+    else:
+        compressed_bytes = round(compressed_bits / 8)
+    dense_params = sum(p.numel() for p in model.parameters()) - (0 if config.packed else weights)
+    totals = {
+        "compressed_layers": len(layers),
+        "compressed_weights": weights,
+        "sparsity": round(1 - sum(r["kept"] for r in layers) / max(weights, 1), 4),
+        "bits_per_weight": round(8 * compressed_bytes / max(weights, 1), 4),
+        "compressed_bytes": compressed_bytes,
+        "fp16_bytes_of_compressed_layers": 2 * weights,
+        "dense_params_uncompressed": dense_params,
+        "model_fp16_bytes": 2 * (weights + dense_params),
+        "model_bytes": compressed_bytes + 2 * dense_params,
+    }
+    if config.packed:
+        totals["packed_bytes"] = compressed_bytes
+    return BaselineResult(packed if config.packed else None, layers, totals)
+
+
+def save_dense(model, folder, tokenizer=None, report: dict | None = None, overwrite: bool = False) -> Path:
+    """Write an ordinary model folder (``save_pretrained``, safetensors) atomically: a temporary
+    sibling folder renamed into place when complete; ``gqsa_report.json`` records checksums."""
+    from ..checkpoint import REPORT, sha256
+
+    folder = Path(folder)
+    if folder.exists() and not overwrite:
+        raise FileExistsError(f"{folder} already exists; choose another --out or pass --overwrite")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    try:
+        tmp.chmod(0o755)
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        report = dict(report or {})
+        report["files"] = {f.name: sha256(f) for f in sorted(tmp.glob("*.safetensors"))}
+        (tmp / REPORT).write_text(json.dumps(report, indent=2))
+        if folder.exists():
+            trash = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+            folder.rename(trash)
+            tmp.rename(folder)
+            shutil.rmtree(trash)
+        else:
+            tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def config_from_args(args) -> BaselineConfig:
+    return BaselineConfig(method=args.method, bits=args.bits, group_size=args.group_size,
+                          act_order=getattr(args, "act_order", False),
+                          quant_init="mse" if getattr(args, "clip_search", False) else "minmax",
+                          pattern=getattr(args, "pattern", "2:4"), sparsity=args.sparsity, damp=args.damp,
+                          blocksize=getattr(args, "blocksize", 128), skip=list(args.skip or []))
+
+
+def cli_compress(args, model, tok, tokens, device) -> int:
+    """``gqsa compress --method rtn|gptq|wanda|sparsegpt|magnitude``: compress, write ``args.out``."""
+    from .. import checkpoint, report
+    from ..cli import _source_dtype
+
+    t0 = time.time()
+    config = config_from_args(args)
+    source_dtype = _source_dtype(model)
+    result = compress_model_baseline(model, config, tokens, device=device, batch_size=args.batch_size)
+    dense_dtype = source_dtype if args.dense_dtype == "auto" else getattr(torch, args.dense_dtype)
+    model.to(dense_dtype)
+    rep = {
+        "method": config.method, "stage": "oneshot", "setting": config.setting(), "config": config.to_dict(),
+        "format": "gqsa-packed" if config.packed else "dense-with-zeros",
+        "model": str(args.model), "tokenizer": str(args.tokenizer) if args.tokenizer else None,
+        "calibration": ({"source": str(args.calib), "nsamples": int(tokens.shape[0]), "seqlen": int(tokens.shape[1]),
+                         "seed": args.seed} if config.needs_calibration else None),
+        "device": str(device), "compute_dtype": args.dtype, "dense_dtype": str(dense_dtype),
+        "seconds": round(time.time() - t0, 1), "environment": report.environment(),
+        "layers": report.layer_rows(result.packed) if config.packed else result.layers,
+        "totals": result.totals, "evaluations": [],
+    }
+    if config.packed:
+        checkpoint.save(model, args.out, tok, rep, overwrite=args.overwrite,
+                        extra_quant_config={"sparsity": 0.0, "baseline": config.method})
+    else:
+        save_dense(model, args.out, tok, rep, overwrite=args.overwrite)
+    t = result.totals
+    print(f"wrote {args.out} ({rep['format']}): {config.setting()}, {t['compressed_layers']} layers, "
+          f"sparsity {t['sparsity']:.3f}, {t['bits_per_weight']:.3f} bits/weight, {rep['seconds']:.0f} s")
+    return 0

@@ -1,0 +1,72 @@
+"""SparseGPT (Frantar & Alistarh, "SparseGPT: Massive Language Models Can Be Accurately Pruned in
+One-Shot", 2023), Algorithm 1: prune a layer column by column; each removed weight's error is
+compensated on the columns not yet processed through the Cholesky factor of ``H⁻¹ = (XᵀX + λI)⁻¹``
+(the OBS update restricted to the remaining columns), with lazy block updates. The mask is chosen
+adaptively from the compensated weights with the OBS score ``w² / [H⁻¹]²_jj``: per block of
+``blocksize`` columns for unstructured sparsity (over the whole layer's rows in that block), and per
+``m`` columns for ``n:m``. Kept values stay full precision (rounded to fp16 by the caller).
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import prune
+
+
+def sparsegpt_layer(w: torch.Tensor, hessian: torch.Tensor, sparsity: float = 0.5,
+                    pattern: tuple[int, int] | None = (2, 4), damp: float = 0.01, blocksize: int = 128,
+                    mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns ``(pruned weight [N, K] float32 with exact zeros, kept mask [N, K] bool)``.
+
+    ``pattern=(n, m)`` keeps ``n`` of every ``m`` consecutive weights of a row; ``None`` removes a
+    ``sparsity`` fraction, chosen per ``blocksize`` columns. ``mask`` (kept = True) fixes the mask
+    instead (then only the compensation runs).
+    """
+    n_rows, k = w.shape
+    W = w.float().clone()
+    H = hessian.float().clone()
+    dead = H.diagonal() <= 0
+    H.diagonal()[dead] = 1.0
+    W[:, dead] = 0
+    H.diagonal().add_(damp * H.diagonal().mean())
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    if pattern is not None:
+        n_keep, m = pattern
+        bs = max(m, blocksize // m * m)  # n:m blocks never straddle two lazy blocks
+    else:
+        bs = blocksize
+    keep = torch.ones(n_rows, k, dtype=torch.bool, device=w.device)
+    for i1 in range(0, k, bs):
+        i2 = min(i1 + bs, k)
+        w1 = W[:, i1:i2].clone()
+        q1 = torch.zeros_like(w1)
+        err1 = torch.zeros_like(w1)
+        h1 = hinv[i1:i2, i1:i2]
+        d = h1.diagonal()
+        if mask is not None:
+            prune1 = ~mask[:, i1:i2]
+        elif pattern is None:
+            score = w1.square() / d[None, :].square()
+            drop = int(score.numel() * sparsity)
+            prune1 = torch.zeros_like(w1, dtype=torch.bool)
+            if drop:
+                prune1.view(-1)[score.flatten().topk(drop, largest=False).indices] = True
+        else:
+            prune1 = torch.zeros_like(w1, dtype=torch.bool)
+        for i in range(i2 - i1):
+            if mask is None and pattern is not None and i % m == 0:
+                j = min(i + m, i2 - i1)
+                score = w1[:, i:j].square() / d[None, i:j].square()
+                n_drop = max(0, (j - i) - n_keep)
+                if n_drop:
+                    prune1[:, i:j].scatter_(1, score.topk(n_drop, dim=1, largest=False).indices, True)
+            col = w1[:, i]
+            q = torch.where(prune1[:, i], torch.zeros_like(col), col)
+            q1[:, i] = q
+            e = (col - q) / h1[i, i]
+            w1[:, i:] -= e[:, None] * h1[i, i:][None, :]
+            err1[:, i] = e
+        W[:, i1:i2] = q1
+        keep[:, i1:i2] = ~prune1
+        W[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return W, keep

@@ -1,0 +1,387 @@
+"""BQPO — block-wise quantization-pruning optimization.
+
+For each decoder block in order:
+
+1. its inputs ``X_q`` are the outputs of the already compressed earlier blocks on the calibration
+   windows; its target ``Y`` is the uncompressed block's output on the uncompressed model's
+   activations ``X_fp`` (``bqpo_target="fp"``, default) or on ``X_q`` (``"qinput"``);
+2. one-shot GQSA of the block (saliency, mask, OBS/RTN quantization: :func:`gqsa.compress.oneshot_block`)
+   gives the starting point: mask, integer codes, ``s``, ``z``;
+3. each linear becomes a :class:`FakeQuantLinear` whose latent weights, scales and zero points are
+   trained through fake quantization (straight-through rounding, the mask held: pruned groups are
+   exactly zero) to minimize ``MSE(block(X_q), Y)`` with AdamW (one learning rate per kind of
+   parameter), a cosine schedule, and early stopping / best-epoch selection on the held-out windows;
+4. the latent weights are rounded to integer codes and frozen; the block's linears take the
+   dequantized weights, ``X_q`` moves on through the compressed block and ``X_fp`` through the
+   uncompressed one, and the block is written to the work folder (resume).
+
+Device memory (only the current block and the activations live there):
+
+    activations   2 · n · T · d · a        (X_q and Y; a = bytes of ``activation_dtype``;
+                                            0 with ``offload_activations``, then per batch only)
+    block         ≈ 24 · P_block           (fp32 latent weights, their gradient, two AdamW moments
+                                            and the best epoch's copy: 20 B; the dequantized weight
+                                            kept for the matmul's backward: 2-4 B; during the
+                                            one-shot step instead: the block (4 B) and XᵀX, a few
+                                            4·K² copies for the widest linear)
+    training      one batch's activations of the block (b = ``bqpo_batch_size`` windows)
+
+e.g. LLaMA-2-70B (d = 8192, P_block = 856 M) with 128 × 2048 windows in bfloat16 activations:
+2 · 128 · 2048 · 8192 · 2 B = 8 GiB + 24 · 0.856 G = 20.5 GB + a batch ⇒ one 80 GB GPU, whatever the
+number of blocks; the rest of the model waits in CPU memory (measured: benchmarks/RESULTS.md).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from tqdm.auto import tqdm
+
+from .. import calib, quant
+from ..compress import (_move_except, block_linear_groups, layers_prefix, oneshot_block, pack_weight)
+from ..config import GQSAConfig
+from ..format import PackedLinear
+from ..kernels import reference
+from ..models.adapters import get_adapter
+from ..prune import CompressedWeight
+from . import common
+from .workdir import BlockStore, tensor_sha256
+
+# Settings that do not change BQPO's result (a run may resume with other values of these).
+_NOT_BQPO = ("e2e_epochs", "e2e_batch_size", "e2e_grad_accum", "e2e_lr", "e2e_train_zero",
+             "e2e_grad_checkpointing", "stages", "offload_activations")
+
+
+class FakeQuantLinear(nn.Module):
+    """Train-time form of one compressed linear, started from a one-shot result ``cw``.
+
+    Trainable: ``u`` ``[N, C, G]`` — the latent weight in units of its group's initial scale ``s0``
+    (latent weight = ``u · s0``; initially the integer ``q − z``, so training starts exactly at the
+    one-shot weight); ``gamma`` ``[N, C]`` — the scale as a multiple of ``s0``; ``zero`` ``[N, C]`` —
+    a real latent zero point. The forward weight is ``fake_quant(u·s0, s, z)`` with
+    ``s = round_scale(s0·gamma)`` (float16, as stored) and ``z = clamp(round(zero), 0, 2^b−1)``,
+    both with straight-through gradients, and pruned groups set to exactly 0; :meth:`export` returns
+    the same weight as integer codes, bit for bit.
+    """
+
+    def __init__(self, cw: CompressedWeight, in_features: int, bits: int, bias: torch.Tensor | None = None):
+        super().__init__()
+        n, c, g = cw.codes.shape
+        self.in_features, self.out_features, self.bits, self.group_size = in_features, n, bits, g
+        self.register_buffer("s0", cw.scale.float().clone())
+        self.register_buffer("mask", cw.mask.bool()[..., None].clone())
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        self.u = nn.Parameter(cw.codes.float() - cw.zero.float()[..., None])
+        self.gamma = nn.Parameter(torch.ones(n, c, device=cw.scale.device))
+        self.zero = nn.Parameter(cw.zero.float().clone())
+
+    def scale_value(self) -> torch.Tensor:
+        return common.round_scale_ste(self.s0 * self.gamma)
+
+    def zero_value(self) -> torch.Tensor:
+        return torch.clamp(quant.round_ste(self.zero), 0, quant.qmax(self.bits))
+
+    def _weight(self) -> torch.Tensor:
+        s, z = self.scale_value(), self.zero_value()
+        w = quant.fake_quant(self.u * self.s0[..., None], s, z, self.bits)
+        w = torch.where(self.mask, w, torch.zeros((), device=w.device))
+        return w.reshape(self.out_features, -1)[:, : self.in_features]
+
+    def weight(self) -> torch.Tensor:
+        """The fake-quantized, masked weight ``[N, K]`` (float32)."""
+        if torch.is_grad_enabled() and self.u.requires_grad:
+            # recomputed in the backward pass: only the matmul's copy of the weight is kept
+            return checkpoint(self._weight, use_reentrant=False)
+        return self._weight()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight()
+        return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    @torch.no_grad()
+    def export(self) -> CompressedWeight:
+        """Round to integer codes: the weight :meth:`weight` computes, as codes, scales, zeros."""
+        s = quant.round_scale(self.s0 * self.gamma)
+        z = torch.clamp(torch.round(self.zero), 0, quant.qmax(self.bits))
+        codes = quant.quantize(self.u * self.s0[..., None], s, z, self.bits)
+        w = torch.where(self.mask, quant.dequantize(codes, s, z), torch.zeros((), device=s.device))
+        return CompressedWeight(codes, s, z, self.mask[..., 0].clone(),
+                                w.reshape(self.out_features, -1)[:, : self.in_features].clone())
+
+
+class _Batches:
+    """Re-iterable ``(hidden, kwargs)`` batches of stored activations, moved to the device per batch."""
+
+    def __init__(self, x: torch.Tensor, kwargs: dict, batch_size: int, device, dtype):
+        self.x, self.kwargs, self.bs, self.device, self.dtype = x, kwargs, batch_size, device, dtype
+
+    def __iter__(self):
+        for i in range(0, self.x.shape[0], self.bs):
+            yield self.x[i:i + self.bs].to(self.device, self.dtype), self.kwargs
+
+
+def verify_packed(p: PackedLinear, weight: torch.Tensor, name: str) -> None:
+    """The packed layer must dequantize, bit for bit, to the weight the model was trained with."""
+    if not torch.equal(reference.dequantize(p).to(weight.device), weight.float()):
+        raise RuntimeError(f"{name}: the packed layer does not dequantize to the trained weight (a gqsa bug)")
+
+
+def run_bqpo(model, config: GQSAConfig, tokens: torch.Tensor, n_train: int, device, batch_size: int = 8,
+             progress: bool = True, *, workdir=None, resume: bool = False, stats: dict | None = None,
+             log: Callable[[str], None] | None = None,
+             on_block_done: Callable[[int], None] | None = None) -> dict[str, PackedLinear]:
+    """BQPO over all blocks of ``model``; ``tokens[:n_train]`` are trained on, the rest held out.
+
+    The model's compressible linears end with the trained dequantized weights (still ``nn.Linear``);
+    returns ``{name: PackedLinear}``. See the module docstring for ``workdir``/``resume``.
+    """
+    device = torch.device(device)
+    stats = {} if stats is None else stats
+    log = log or (lambda line: None)
+    adapter = get_adapter(model)
+    blocks = adapter.blocks(model)
+    prefix = layers_prefix(model, adapter)
+    home = next(model.parameters()).device
+    amp = common.autocast(common.amp_dtype(config.amp, device), device)
+    act_device = torch.device("cpu") if config.offload_activations else device
+    act_dtype = getattr(torch, config.activation_dtype)
+    store = None
+    if workdir is not None:
+        store = BlockStore(workdir, _fingerprint(model, blocks, config, tokens, n_train, batch_size, device), resume,
+                           notes={"torch_threads": torch.get_num_threads()})
+    done = store.finished(len(blocks)) if store else 0
+    packed: dict[str, PackedLinear] = {}
+    block_stats: list[dict] = stats.setdefault("bqpo", [])
+    if done == len(blocks):  # every block is finished: nothing to replay
+        for i, block in enumerate(blocks):
+            p_i, s_i = store.load(i)
+            _set_block_weights(block, adapter, prefix, i, p_i)
+            packed.update(p_i)
+            block_stats.append({**s_i, "resumed": True})
+        log(f"BQPO: all {len(blocks)} blocks read back from {store.folder}")
+        return packed
+
+    _move_except(model, blocks, device)
+    try:
+        with torch.no_grad():
+            batches = calib.capture_block_inputs(model, blocks, tokens, batch_size, device)
+            kwargs = calib.capture_block_inputs(model, blocks, tokens[:1], 1, device)[0][1]  # broadcasts over batch
+    finally:
+        _move_except(model, blocks, home)
+    x_q = torch.cat([h.to(act_device, act_dtype) for h, _ in batches])
+    del batches
+    x_fp = x_q.clone() if config.bqpo_target == "fp" else None
+    if done:
+        log(f"BQPO: resuming from {store.folder}: blocks 0-{done - 1} are finished, replaying them")
+    bar = tqdm(total=len(blocks), desc="GQSA BQPO", unit="block", disable=not progress)
+    for i, block in enumerate(blocks):
+        t0 = time.perf_counter()
+        common.reset_peak(device)
+        block.to(device)
+        if i < done:
+            # replay a finished block: the same forward passes as when it was made
+            if x_fp is not None:
+                common.block_forward_all(block, x_fp, kwargs, batch_size, device, amp, out=x_fp)
+            p_i, s_i = store.load(i)
+            _set_block_weights(block, adapter, prefix, i, p_i)
+            block_stats.append({**s_i, "resumed": True})
+        else:
+            source = x_fp if x_fp is not None else x_q
+            y = common.block_forward_all(block, source, kwargs, batch_size, device, amp,
+                                         out=x_fp if x_fp is not None else None)
+            groups = block_linear_groups(adapter, block, prefix, i, config)
+            init = oneshot_block(block, adapter, groups, _Batches(x_q, kwargs, batch_size, device,
+                                                                  common.block_dtype(block)), config, amp)
+            t_init = time.perf_counter() - t0
+            cws, s_i = train_block(block, init, x_q, y, n_train, kwargs, config, device, amp,
+                                   seed=config.seed * 1_000_003 + i)
+            del y
+            linears = adapter.linears(block)
+            p_i = {}
+            for n, cw in cws.items():
+                name = f"{prefix}.{i}.{n}"
+                p_i[name] = pack_weight(cw, linears[n].weight.shape, config)
+                verify_packed(p_i[name], cw.weight, name)
+            _sync(device)
+            s_i.update(block=i, seconds=round(time.perf_counter() - t0, 2), oneshot_seconds=round(t_init, 2))
+            mem, kind = common.peak_memory(device)
+            s_i.update(peak_memory_bytes=mem, peak_memory_kind=kind)
+            block_stats.append(s_i)
+            log(_log_line(i, len(blocks), s_i))
+        common.block_forward_all(block, x_q, kwargs, batch_size, device, amp, out=x_q)
+        if i >= done and store is not None:
+            store.save(i, p_i, s_i)
+        packed.update(p_i)
+        block.to(home)
+        bar.update(1)
+        if i >= done and on_block_done is not None:
+            on_block_done(i)
+    bar.close()
+    return packed
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _set_block_weights(block, adapter, prefix: str, i: int, packed: dict[str, PackedLinear]) -> None:
+    linears = adapter.linears(block)
+    with torch.no_grad():
+        for name, p in packed.items():
+            lin = linears[name[len(f"{prefix}.{i}."):]]
+            lin.weight.copy_(reference.dequantize(p).to(lin.weight.device, lin.weight.dtype))
+
+
+def train_block(block, init: dict[str, CompressedWeight], x: torch.Tensor, y: torch.Tensor, n_train: int,
+                kwargs: dict, config: GQSAConfig, device, amp, seed: int = 0):
+    """Train the block's compressed linears (one-shot results ``init``, applied in place) to map
+    ``x[:n_train]`` to ``y[:n_train]``; early stopping and the kept epoch use ``x[n_train:]``.
+
+    Returns (``{name: CompressedWeight}`` of the kept epoch — applied to the block's linears —,
+    statistics).
+    """
+    if not init:  # every linear of the block is skipped
+        return {}, {"train_windows": n_train, "val_windows": x.shape[0] - n_train, "train_loss_before": 0.0,
+                    "train_loss_after": 0.0, "val_loss_before": None, "val_loss_after": None, "epochs_run": 0,
+                    "best_epoch": 0, "steps": 0, "early_stopped": False}
+    linears = {n: block.get_submodule(n) for n in init}
+    dtype = common.block_dtype(block)
+    fqs = {n: FakeQuantLinear(init[n], lin.in_features, config.bits, lin.bias).to(device)
+           for n, lin in linears.items()}
+    frozen = [(p, p.requires_grad) for p in block.parameters()]
+    for p, _ in frozen:
+        p.requires_grad_(False)
+    for n, lin in linears.items():
+        lin.to("cpu")  # only the trained form stays on the device
+        _swap(block, n, fqs[n])
+    groups = [
+        {"params": [m.u for m in fqs.values()], "lr": config.bqpo_lr_weight},
+        {"params": [m.gamma for m in fqs.values()], "lr": config.bqpo_lr_scale},
+        {"params": [m.zero for m in fqs.values()], "lr": config.bqpo_lr_zero},
+    ]
+    for g in groups:
+        for p in g["params"]:
+            p.requires_grad_(g["lr"] > 0)
+    groups = [g for g in groups if g["lr"] > 0]
+    n_val = x.shape[0] - n_train
+    bs = config.bqpo_batch_size
+    steps_per_epoch = math.ceil(n_train / bs)
+    total = steps_per_epoch * config.bqpo_epochs
+    st = {"train_windows": n_train, "val_windows": n_val}
+    try:
+        st["train_loss_before"] = _mse(block, x, y, range(n_train), bs, kwargs, device, dtype, amp)
+        st["val_loss_before"] = _mse(block, x, y, range(n_train, x.shape[0]), bs, kwargs, device, dtype, amp) \
+            if n_val else None
+        best, best_epoch, best_state, bad, epoch = st["val_loss_before"], 0, _snapshot(fqs), 0, 0
+        if groups and total:
+            opt = torch.optim.AdamW(groups, weight_decay=0.0)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, common.cosine(total))
+            gen = torch.Generator().manual_seed(seed)
+            for epoch in range(1, config.bqpo_epochs + 1):
+                for idx in torch.randperm(n_train, generator=gen).split(bs):
+                    xb = x[idx].to(device, dtype)
+                    yb = y[idx].to(device, torch.float32)
+                    with amp():
+                        out = calib.block_output(block, xb, kwargs)
+                    loss = F.mse_loss(out.float(), yb)
+                    loss.backward()
+                    opt.step()
+                    sched.step()
+                    opt.zero_grad(set_to_none=True)
+                if n_val:
+                    v = _mse(block, x, y, range(n_train, x.shape[0]), bs, kwargs, device, dtype, amp)
+                    if v < best:
+                        best, best_epoch, best_state, bad = v, epoch, _snapshot(fqs), 0
+                    else:
+                        bad += 1
+                        if bad >= config.bqpo_patience:
+                            break
+            if n_val:
+                _restore(fqs, best_state)
+            else:
+                best_epoch = epoch
+        st.update(epochs_run=epoch, best_epoch=best_epoch, steps=epoch * steps_per_epoch,
+                  early_stopped=bool(groups and n_val and 0 < epoch < config.bqpo_epochs),
+                  val_loss_after=best if n_val else None)
+        st["train_loss_after"] = _mse(block, x, y, range(n_train), bs, kwargs, device, dtype, amp)
+        out = {}
+        for n, m in fqs.items():
+            cw = m.export()
+            with torch.no_grad():
+                if not torch.equal(cw.weight, m.weight()):
+                    raise RuntimeError(f"{n}: exported codes do not reproduce the trained weight (a gqsa bug)")
+            out[n] = cw
+    finally:
+        for n, lin in linears.items():
+            _swap(block, n, lin)
+        for p, flag in frozen:
+            p.requires_grad_(flag)
+    with torch.no_grad():
+        for n, lin in linears.items():
+            lin.to(device)
+            lin.weight.copy_(out[n].weight.to(lin.weight.dtype))
+    return out, st
+
+
+def _swap(block, name: str, module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(block.get_submodule(parent_name) if parent_name else block, child, module)
+
+
+def _snapshot(fqs) -> dict:
+    """The trainable tensors of the best epoch so far (kept on their device: a copy to CPU per epoch
+    would cost more time than the 4 B per weight it saves)."""
+    return {n: [t.detach().clone() for t in (m.u, m.gamma, m.zero)] for n, m in fqs.items()}
+
+
+@torch.no_grad()
+def _restore(fqs, state) -> None:
+    for n, m in fqs.items():
+        for t, saved in zip((m.u, m.gamma, m.zero), state[n]):
+            t.copy_(saved)
+
+
+@torch.no_grad()
+def _mse(block, x, y, indices: range, bs: int, kwargs, device, dtype, amp) -> float:
+    total, count = 0.0, 0
+    for i in range(indices.start, indices.stop, bs):
+        j = min(i + bs, indices.stop)
+        with amp():
+            out = calib.block_output(block, x[i:j].to(device, dtype), kwargs)
+        total += F.mse_loss(out.float(), y[i:j].to(device, torch.float32), reduction="sum").item()
+        count += out.numel()
+    return total / max(count, 1)
+
+
+def _log_line(i: int, n: int, s: dict) -> str:
+    held = ""
+    if s.get("val_loss_before") is not None:
+        held = f", held-out {s['val_loss_before']:.4g} → {s['val_loss_after']:.4g}"
+    stop = ", early stop" if s.get("early_stopped") else ""
+    return (f"BQPO block {i + 1}/{n}: loss {s['train_loss_before']:.4g} → {s['train_loss_after']:.4g}{held} "
+            f"(best epoch {s['best_epoch']}/{s['epochs_run']}{stop}), {s['seconds']:.1f} s, "
+            f"{s['peak_memory_kind']} {common.fmt_bytes(s['peak_memory_bytes'])}")
+
+
+def _fingerprint(model, blocks, config: GQSAConfig, tokens, n_train: int, batch_size: int, device) -> dict:
+    """What must be equal for a resumed run to end bitwise as an uninterrupted one."""
+    shapes = [(n, list(p.shape), str(p.dtype)) for n, p in model.named_parameters()]
+    return {
+        "config": {k: v for k, v in config.to_dict().items() if k not in _NOT_BQPO},
+        "calibration_sha256": tensor_sha256(tokens),
+        "train_windows": n_train,
+        "model_sha256": tensor_sha256(torch.tensor(list(json.dumps(shapes).encode()), dtype=torch.uint8),
+                                      *blocks[0].parameters(), *blocks[-1].parameters()),
+        "parameters": len(shapes),
+        "blocks": len(blocks),
+        "batch_size": batch_size,
+        "device": device.type,
+        "torch": torch.__version__,
+    }

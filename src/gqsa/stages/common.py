@@ -1,0 +1,106 @@
+"""Pieces shared by the trained stages: storage-precision rounding with straight-through gradients,
+autocast, peak-memory readings, cosine schedules, batched replay of a block."""
+from __future__ import annotations
+
+import contextlib
+import math
+import resource
+
+import torch
+
+from .. import calib, quant
+
+
+class _ScaleSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, s):
+        return quant.round_scale(s)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class _HalfSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.to(torch.float16).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def round_scale_ste(s: torch.Tensor) -> torch.Tensor:
+    """:func:`gqsa.quant.round_scale` (clamp to a positive float16 and round to it) in the forward
+    pass, identity gradient: the trained scale is, bit for bit, the one a checkpoint stores."""
+    return _ScaleSTE.apply(s)
+
+
+def round_half_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round to float16 in the forward pass (keeping the dtype), identity gradient (float zero points)."""
+    return _HalfSTE.apply(x)
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of the trained stages (``auto``: bfloat16 on CUDA, none elsewhere)."""
+    if amp == "none" or (amp == "auto" and device.type != "cuda"):
+        return None
+    return torch.bfloat16 if amp in ("auto", "bfloat16") else torch.float16
+
+
+def autocast(dtype: torch.dtype | None, device: torch.device):
+    """A context factory: ``torch.autocast`` for ``dtype`` on ``device``'s type, or a no-op."""
+    if dtype is None:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device) -> tuple[int, str]:
+    """(bytes, what): the accelerator's peak allocation since :func:`reset_peak`, or on CPU the
+    process's peak resident set size (since the start of the process)."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device)), "peak GPU"
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "peak RSS"
+
+
+def fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def cosine(total_steps: int):
+    """LambdaLR factor: cosine decay from 1 to 0 over ``total_steps`` optimizer steps."""
+    total = max(1, total_steps)
+    return lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+
+
+@torch.no_grad()
+def block_forward_all(block, x: torch.Tensor, kwargs: dict, batch_size: int, device, amp,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """``block`` applied to all windows of ``x`` ``[n, T, d]`` (on any device, any storage dtype) in
+    batches, fed in the block's own dtype; the result has ``x``'s device and dtype and goes to
+    ``out`` when given (``out=x`` works in place: windows are independent)."""
+    dtype = block_dtype(block)
+    out = torch.empty_like(x) if out is None else out
+    for i in range(0, x.shape[0], batch_size):
+        with amp():
+            y = calib.block_output(block, x[i:i + batch_size].to(device, dtype), kwargs)
+        out[i:i + batch_size] = y.to(out.device, out.dtype)
+    return out
+
+
+def block_dtype(block) -> torch.dtype:
+    """The floating dtype of a block's parameters (its compute dtype)."""
+    for p in block.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32

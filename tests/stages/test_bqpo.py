@@ -1,0 +1,108 @@
+"""BQPO: the trainable fake-quant layer, the block loop, consistency of what is trained with what is packed."""
+import pytest
+import torch
+
+from gqsa import GQSAConfig, prune, quant
+from gqsa.compress import compress_model, pack_weight
+from gqsa.kernels import reference
+from gqsa.stages import common
+from gqsa.stages.bqpo import FakeQuantLinear
+
+
+def oneshot_weight(n=24, k=40, sparsity=0.5, bits=4):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(n, k, generator=g)
+    x = torch.randn(256, k, generator=g)
+    return w, prune.compress_weight(w, bits, 16, sparsity, "hessian", hessian=x.T @ x / 256)
+
+
+def test_fake_quant_linear_starts_exactly_at_the_oneshot_weight():
+    _, cw = oneshot_weight()
+    m = FakeQuantLinear(cw, 40, 4)
+    with torch.no_grad():
+        assert torch.equal(m.weight(), cw.weight)
+
+
+def test_export_reproduces_the_trained_weight_bit_for_bit_and_scales_are_float16():
+    _, cw = oneshot_weight()
+    m = FakeQuantLinear(cw, 40, 4)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # wander away from the grid, as training does
+        m.u.add_(torch.randn(m.u.shape, generator=g))
+        m.gamma.mul_(1 + 0.1 * torch.rand(m.gamma.shape, generator=g))  # s0·gamma is no float16 any more
+        m.zero.add_(torch.randn(m.zero.shape, generator=g))
+        assert not torch.equal(m.s0 * m.gamma, (m.s0 * m.gamma).half().float())
+        s = m.scale_value()
+        assert torch.equal(s, s.half().float())
+        out = m.export()
+        assert torch.equal(out.weight, m.weight())
+        assert torch.equal(out.zero, out.zero.round()) and out.zero.min() >= 0 and out.zero.max() <= 15
+        p = pack_weight(out, (24, 40), GQSAConfig(bits=4, group_size=16, stages="oneshot"))
+        assert torch.equal(reference.dequantize(p), m.weight())
+        assert torch.equal(out.mask, cw.mask)
+
+
+def test_pruned_groups_stay_exactly_zero_and_get_no_gradient():
+    _, cw = oneshot_weight()
+    m = FakeQuantLinear(cw, 40, 4)
+    x = torch.randn(8, 40)
+    opt = torch.optim.AdamW(m.parameters(), lr=0.1)
+    for _ in range(3):
+        m(x).square().sum().backward()
+        pruned = ~cw.mask
+        assert m.u.grad[pruned].abs().max() == 0 and m.gamma.grad[pruned].abs().max() == 0
+        assert m.u.grad[cw.mask].abs().max() > 0
+        opt.step()
+        opt.zero_grad()
+    with torch.no_grad():
+        wg, _ = prune.group_view(m.weight(), 16)
+        assert wg[~cw.mask].abs().max() == 0
+
+
+def test_gradients_reach_weights_scales_and_zeros_through_the_straight_through_estimator():
+    _, cw = oneshot_weight()
+    m = FakeQuantLinear(cw, 40, 4)
+    with torch.no_grad():
+        m.zero.add_(6.0)  # clip some weights, so that z gets a gradient too
+    m(torch.randn(8, 40)).sum().backward()
+    for p in (m.u, m.gamma, m.zero):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+def test_round_scale_ste_is_storage_rounding_with_identity_gradient():
+    s = torch.tensor([1.2345678e-3, 3.3e-7, 70000.0], requires_grad=True)
+    r = common.round_scale_ste(s)
+    assert torch.equal(r, quant.round_scale(s.detach()))
+    r.sum().backward()
+    assert torch.equal(s.grad, torch.ones(3))
+
+
+def test_bqpo_without_epochs_is_exactly_oneshot(llama_factory, calib_tokens):
+    """The BQPO machinery (activation store, batch-1 kwargs, in-place replay) changes nothing by itself."""
+    one = compress_model(llama_factory(), GQSAConfig(stages="oneshot"), calib_tokens, "cpu", 4, False)
+    zero = compress_model(llama_factory(), GQSAConfig(stages="bqpo", bqpo_epochs=0), calib_tokens, "cpu", 4, False)
+    assert one.keys() == zero.keys()
+    for name in one:
+        for t, v in one[name].tensors().items():
+            assert torch.equal(v, getattr(zero[name], t)), f"{name}.{t}"
+
+
+@pytest.mark.parametrize("target", ["fp", "qinput"])
+def test_bqpo_lowers_every_block_loss_and_holds_the_mask(llama_factory, calib_tokens, target):
+    cfg = dict(bits=3, sparsity=0.5)  # few steps on a random model: a large rate shows the effect
+    one = compress_model(llama_factory(), GQSAConfig(stages="oneshot", **cfg), calib_tokens, "cpu", 4, False)
+    stats, lines = {}, []
+    model = llama_factory()
+    cfg_b = GQSAConfig(stages="bqpo", bqpo_epochs=6, bqpo_target=target, bqpo_lr_weight=0.1, **cfg)
+    got = compress_model(model, cfg_b, calib_tokens, "cpu", 4, False, stats=stats, log=lines.append)
+    assert len(stats["bqpo"]) == 2 and len(lines) == 2 and "→" in lines[0] and "peak RSS" in lines[0]
+    for s in stats["bqpo"]:
+        assert s["val_loss_after"] <= s["val_loss_before"]
+        assert s["train_loss_after"] < s["train_loss_before"]
+    assert stats["bqpo"][0]["best_epoch"] > 0
+    # block 0 sees the same inputs in both runs, hence the same mask; BQPO never moves it
+    for name in [n for n in one if ".0." in n]:
+        assert torch.equal(one[name].row_ptr, got[name].row_ptr) and torch.equal(one[name].col_idx, got[name].col_idx)
+    # the model runs exactly the packed weights
+    for name, p in got.items():
+        assert torch.equal(model.get_submodule(name).dequantize(), reference.dequantize(p))

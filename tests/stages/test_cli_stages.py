@@ -1,0 +1,72 @@
+"""`gqsa compress --stages …`: options recorded in the report; a run interrupted mid-BQPO resumes with
+--resume to bitwise the same checkpoint."""
+import json
+
+import pytest
+import torch
+
+from gqsa import checkpoint, cli
+from gqsa.stages import workdir as wd
+
+from stages_helpers import make_llama
+
+TEXT = ("Once upon a time there was a little girl named Lily. She loved to play outside in the park with her "
+        "friend Tom. One day they found a big red ball under a tree and they played until the sun went down. ")
+
+
+@pytest.fixture
+def setup(tmp_path, asset):
+    model = make_llama(vocab=512)
+    model.save_pretrained(tmp_path / "model")
+    (tmp_path / "calib.txt").write_text(TEXT * 40)
+    tok = asset("models/stories260K/tok512.bin")
+    args = ["compress", str(tmp_path / "model"), "--tokenizer", str(tok), "--calib", str(tmp_path / "calib.txt"),
+            "--nsamples", "12", "--seqlen", "40", "--batch-size", "4", "--bits", "3", "--preset", "fast",
+            "--bqpo-epochs", "2", "--bqpo-lr-weight", "0.1", "--e2e-epochs", "1", "--e2e-lr", "0.01"]
+    return tmp_path, args
+
+
+def test_interrupted_compress_resumes_to_the_same_checkpoint(setup, monkeypatch, capsys):
+    tmp, args = setup
+    assert cli.main(args + ["--out", str(tmp / "a")]) == 0
+    assert not (tmp / "a.partial").exists()  # removed once the checkpoint is written
+    rep = json.loads((tmp / "a" / "gqsa_report.json").read_text())
+    assert rep["stage"] == "bqpo+e2e" and rep["preset"] == "fast"
+    cfg = rep["config"]
+    assert cfg["bqpo_epochs"] == 2 and cfg["e2e_epochs"] == 1 and cfg["bqpo_patience"] == 2  # preset, then options
+    assert rep["calibration"]["train_windows"] == 10 and rep["calibration"]["val_windows"] == 2
+    assert len(rep["stages"]["bqpo"]) == 2 and len(rep["stages"]["e2e"]["epochs"]) == 1 and not rep["resumed"]
+
+    save = wd.BlockStore.save
+
+    def save_then_interrupt(self, index, packed, stats):
+        save(self, index, packed, stats)
+        raise KeyboardInterrupt  # Ctrl-C (or a kill) right after block 0 is on disk
+
+    monkeypatch.setattr(wd.BlockStore, "save", save_then_interrupt)
+    out = str(tmp / "b")
+    assert cli.main(args + ["--out", out]) == 130
+    assert not (tmp / "b").exists() and (tmp / "b.partial" / "block_0000.safetensors").is_file()
+    monkeypatch.setattr(wd.BlockStore, "save", save)
+    capsys.readouterr()
+    assert cli.main(args + ["--out", out]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert cli.main(args + ["--out", out, "--resume"]) == 0
+    assert not (tmp / "b.partial").exists()
+    a, b = checkpoint.read_tensors(tmp / "a"), checkpoint.read_tensors(tmp / "b")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
+    rep = json.loads((tmp / "b" / "gqsa_report.json").read_text())
+    assert rep["resumed"] and [s.get("resumed", False) for s in rep["stages"]["bqpo"]] == [True, False]
+
+
+def test_resume_with_other_settings_is_refused_with_a_clear_message(setup, monkeypatch, capsys):
+    tmp, args = setup
+    monkeypatch.setattr(wd.BlockStore, "save", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    out = ["--out", str(tmp / "c"), "--stages", "bqpo"]
+    assert cli.main(args + out) == 130
+    capsys.readouterr()
+    assert cli.main(args + out + ["--resume", "--sparsity", "0.3"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot resume" in err and "config.sparsity: was 0.5, now 0.3" in err

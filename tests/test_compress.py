@@ -1,0 +1,62 @@
+"""compress_model: the pipeline of stages around the one-shot step."""
+import pytest
+import torch
+from torch import nn
+
+import gqsa
+from gqsa import GQSAConfig, GQSALinear
+from gqsa.compress import compress_model, split_calibration
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tokens(n=10, t=32):
+    return torch.randint(0, 96, (n, t), generator=torch.Generator().manual_seed(1))
+
+
+def test_split_calibration_holds_out_the_last_windows():
+    x = torch.arange(20).reshape(10, 2)
+    train, val = split_calibration(x, 0.1)
+    assert train.shape[0] == 9 and torch.equal(val, x[9:])
+    assert split_calibration(x, 0.25)[1].shape[0] == 3  # ceil
+    assert split_calibration(x, 0.0)[1].shape[0] == 0
+    with pytest.raises(ValueError, match="nsamples"):
+        split_calibration(x[:1], 0.1)
+
+
+def test_config_validation_names_the_setting():
+    for bad, match in ((dict(stages="e2e"), "stages must be one of oneshot, bqpo, bqpo\\+e2e"),
+                       (dict(bqpo_epochs=-1), "bqpo_epochs"), (dict(e2e_grad_accum=0), "e2e_grad_accum"),
+                       (dict(bqpo_lr_weight=2.0), "bqpo_lr_weight"), (dict(val_fraction=1.0), "val_fraction"),
+                       (dict(bqpo_target="x"), "bqpo_target")):
+        with pytest.raises(ValueError, match=match):
+            GQSAConfig(**bad)
+    with pytest.raises(ValueError, match="preset"):
+        GQSAConfig.preset("slow")
+    fast = GQSAConfig.preset("fast", e2e_epochs=7)
+    assert fast.bqpo_epochs < GQSAConfig().bqpo_epochs and fast.e2e_epochs == 7
+    assert GQSAConfig.from_dict(fast.to_dict()) == fast
+
+
+def test_oneshot_ignores_the_work_folder(tiny_llama, tmp_path):
+    compress_model(tiny_llama, GQSAConfig(stages="oneshot"), tokens(), "cpu", 4, False, workdir=tmp_path / "w")
+    assert not (tmp_path / "w").exists()
+
+
+def test_trained_stages_skip_layers_and_fill_stats(tiny_llama):
+    before = tiny_llama.model.layers[0].mlp.down_proj.weight.detach().clone()
+    stats = {}
+    gqsa.compress(tiny_llama, GQSAConfig(skip=["mlp.down_proj"], bqpo_epochs=1, e2e_epochs=1), tokens(), "cpu", 4,
+                  False, stats=stats)
+    down = tiny_llama.model.layers[0].mlp.down_proj
+    assert type(down) is nn.Linear and torch.equal(down.weight, before)
+    assert sum(isinstance(m, GQSALinear) for m in tiny_llama.modules()) == 2 * 6
+    assert stats["calibration_split"] == {"train_windows": 9, "val_windows": 1}
+    assert [s["block"] for s in stats["bqpo"]] == [0, 1] and stats["e2e"]["best_epoch"] in (0, 1)
+    assert all(p.requires_grad for p in tiny_llama.parameters())
