@@ -9,12 +9,14 @@ Public API::
     # compress(model, GQSAConfig.preset("fast", stages="bqpo"), tokens)       # fewer epochs, no E2E
     save(model, "out-folder", tok)
     model, tok = load("out-folder")
+    # or, after `import gqsa`: transformers.AutoModelForCausalLM.from_pretrained("out-folder")
 """
 from . import compress as _pipeline  # noqa: F401  (imported first: the function below takes the name)
 from .checkpoint import load, save
 from .config import GQSAConfig
 from .format import FormatError, PackedLinear
 from .nn import GQSALinear
+from . import integrations  # noqa: F401,E402  (registers quant_method "gqsa" with transformers)
 
 
 def compress(model, config: GQSAConfig, calib_tokens, device=None, batch_size: int = 8, progress: bool = True,
