@@ -1,4 +1,4 @@
-"""The ``gqsa`` command line: ``compress``, ``eval``, ``inspect``."""
+"""The ``gqsa`` command line: ``compress``, ``eval``, ``inspect``, ``report``, ``generate``, ``bench``."""
 from __future__ import annotations
 
 import argparse
@@ -237,6 +237,172 @@ def cmd_report(args) -> int:
     return 0
 
 
+def _add_generate(sub):
+    p = sub.add_parser("generate", help="generate text from a GQSA checkpoint (or any LLaMA model), streaming",
+                       description="Generate with the decode engine (static KV cache; CUDA graphs on a GPU): "
+                                   "greedy by default, sampling with --temperature > 0. One prompt streams its "
+                                   "tokens to the terminal; several are decoded as one batch.",
+                       epilog="example:\n  gqsa generate runs/stories260K-w4s50g16 --prompt 'Once upon a time' "
+                              "--max-new-tokens 64",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="GQSA checkpoint folder (or an uncompressed model `compress` accepts)")
+    p.add_argument("--prompt", action="append", required=True, metavar="TEXT",
+                   help="prompt text; repeat for a batch of prompts")
+    p.add_argument("--tokenizer", help="tokenizer, for uncompressed llama2.c models")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt (default 64)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (default 0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0 = off)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--device", default=None, help="default: cuda if present, else cpu")
+    p.add_argument("--no-verify", action="store_true", help="skip the checksum check of the safetensors files")
+    p.set_defaults(func=cmd_generate)
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from . import checkpoint
+    from .engine import Engine, SamplingParams
+    from .models import load_model
+
+    if args.max_new_tokens < 1:
+        raise CLIError("--max-new-tokens must be >= 1")
+    sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    if any(not p for p in args.prompt):
+        raise CLIError("--prompt is empty: give some text to continue")
+    device = _device(args.device)
+    dtype = torch.float32 if device.type == "cpu" else torch.float16
+    folder = Path(args.model)
+    if _is_gqsa_folder(folder):
+        model, tok = checkpoint.load(folder, device=device, dtype=dtype, verify=not args.no_verify)
+        if tok is None:
+            raise CLIError(f"{folder} has no tokenizer files")
+    else:
+        model, tok = load_model(args.model, args.tokenizer, dtype=dtype, device=device)
+    engine = Engine(model)
+    ids = [tok(p).input_ids for p in args.prompt]
+    eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+    eos = eos if eos is not None else tok.eos_token_id
+    single = len(ids) == 1
+    shown = {"ids": [], "text": ""}
+
+    def stream(step, tokens):
+        if tokens[0] in (eos if isinstance(eos, list) else [eos]):
+            return
+        shown["ids"].append(tokens[0])
+        text = tok.decode(shown["ids"], skip_special_tokens=True)
+        sys.stdout.write(text[len(shown["text"]):])
+        sys.stdout.flush()
+        shown["text"] = text
+
+    if single:
+        sys.stdout.write(args.prompt[0])
+        sys.stdout.flush()
+    out = engine.generate(ids, args.max_new_tokens, sampling, eos_token_id=eos, stream=stream if single else None)
+    if single:
+        sys.stdout.write("\n")
+    else:
+        for prompt, toks in zip(args.prompt, out.tokens):
+            print(prompt + tok.decode(toks, skip_special_tokens=True))
+            print()
+    n = sum(len(t) for t in out.tokens)
+    print(f"[{n} tokens; prefill {1e3 * out.prefill_s:.1f} ms, decode {out.decode_tokens_per_s:.1f} tokens/s "
+          f"on {device}{', CUDA graphs' if out.cuda_graphs else ''}]", file=sys.stderr)
+    return 0
+
+
+def _add_bench(sub):
+    p = sub.add_parser(
+        "bench", help="end-to-end decode speed: tokens/s, latency, prefill, memory; fp16 vs GQSA side by side",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Time the decode engine on a checkpoint folder (settings 'gqsa' = as stored, 'fp16' = the "
+                    "same weights dequantized to dense) or on a synthetic model of a named architecture with "
+                    "random weights and a random row-balanced group mask, built directly on the device "
+                    "(settings fp16, bf16, tinygemm, w{bits}s{sparsity%}g{G}). One untimed warm-up generation "
+                    "per batch size, then --repeats timed ones (median).",
+        epilog="examples:\n  gqsa bench --synthetic llama-2-7b --settings fp16,w4s50g16,w4s30g16 --batch 1,4,16 "
+               "--json runs/bench.json\n  gqsa bench --synthetic llama-2-70b-layers=8\n"
+               "  gqsa bench runs/stories260K-w4s50g16 --batch 1")
+    p.add_argument("folder", nargs="?", help="GQSA checkpoint folder (or use --synthetic)")
+    p.add_argument("--synthetic", metavar="ARCH",
+                   help="llama-2-7b | llama-3-8b | llama-2-13b | llama-2-70b | tiny, optionally ARCH-layers=N")
+    p.add_argument("--settings", default=None,
+                   help="comma-separated; default fp16,w4s50g16,w4s30g16 (synthetic) or gqsa,fp16 (folder)")
+    p.add_argument("--batch", default="1,4,16", help="comma-separated batch sizes (default 1,4,16)")
+    p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens per row (default 32)")
+    p.add_argument("--new-tokens", type=int, default=128, help="generated tokens per row (default 128)")
+    p.add_argument("--repeats", type=int, default=3, help="timed generations per batch size (default 3)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompts (default 0)")
+    p.add_argument("--device", default=None, help="default: cuda if present, else cpu")
+    p.add_argument("--profile", action="store_true",
+                   help="CUDA: kernel-time breakdown of a decode step at the first batch size")
+    p.add_argument("--no-compile", action="store_true", help="CUDA: eager pointwise ops (norm, RoPE, SiLU)")
+    p.add_argument("--no-fuse", action="store_true", help="separate q/k/v and gate/up projections")
+    p.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
+                   help="also write the results as JSON to PATH (or to stdout instead of the table: --json alone)")
+    p.set_defaults(func=cmd_bench)
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise CLIError(f"{flag} takes comma-separated integers, e.g. 1,4,16; got '{text}'") from None
+    if not values or min(values) < 1:
+        raise CLIError(f"{flag} needs positive integers, got '{text}'")
+    return values
+
+
+def cmd_bench(args) -> int:
+    from .engine import bench
+
+    if (args.folder is None) == (args.synthetic is None):
+        raise CLIError("give a checkpoint FOLDER or --synthetic ARCH (one of them)")
+    if args.folder is not None and not _is_gqsa_folder(Path(args.folder)):
+        if not Path(args.folder).exists():
+            raise CLIError(f"{args.folder}: no such folder")
+        raise CLIError(f"{args.folder} is not a GQSA checkpoint folder (config.json without quantization_config); "
+                       f"compress it first, or use --synthetic ARCH")
+    batches = _int_list(args.batch, "--batch")
+    for name in ("prompt_len", "repeats"):
+        if getattr(args, name) < 1:
+            raise CLIError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.new_tokens < 2:
+        raise CLIError("--new-tokens must be >= 2 (one prefill token and at least one decode step)")
+    default = "gqsa,fp16" if args.folder else "fp16,w4s50g16,w4s30g16"
+    settings = [s.strip() for s in (args.settings or default).split(",") if s.strip()]
+    if not settings:
+        raise CLIError("--settings is empty")
+    if args.folder is None:
+        from .engine.synthetic import arch_config, parse_setting
+
+        arch_config(args.synthetic)  # unknown names fail here, before anything is built
+        for s in settings:
+            parse_setting(s)
+    else:
+        bad = [s for s in settings if s not in ("gqsa", "fp16")]
+        if bad:
+            raise CLIError(f"a checkpoint folder is benchmarked as 'gqsa' and/or 'fp16', not {bad[0]!r}")
+
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    result = bench.run(settings, batches, synthetic=args.synthetic, folder=args.folder, device=args.device,
+                       prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats, seed=args.seed,
+                       profile=args.profile, compile_ops=False if args.no_compile else "auto",
+                       fuse=False if args.no_fuse else "auto", log=log)
+    result["command"] = "gqsa " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else None
+    if args.json == "-":
+        print(json.dumps(result, indent=2))
+        return 0
+    print(bench.format_table(result))
+    if args.json:
+        bench.write_json(result, args.json)
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="gqsa", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
@@ -247,6 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_inspect(sub)
     _add_report(sub)
+    _add_generate(sub)
+    _add_bench(sub)
     return p
 
 

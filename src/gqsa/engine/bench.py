@@ -1,0 +1,237 @@
+"""End-to-end decode benchmark (``gqsa bench``): the same :class:`~gqsa.engine.Engine` on dense and
+GQSA versions of one model, batch by batch.
+
+For each setting the model is built (a synthetic architecture, :mod:`gqsa.engine.synthetic`) or
+loaded (a checkpoint folder: ``gqsa`` = the folder as is, ``fp16`` = the same weights dequantized to
+dense), then for each batch size: random prompts of ``prompt_len`` tokens, one untimed generation
+(warm-up: kernel compilation, CUDA-graph capture), then ``repeats`` timed generations of
+``new_tokens`` tokens with no end-of-sequence stop. Reported per (setting, batch): decode tokens/s
+(batch × steps / decode time, median run), latency per step, prefill time, peak device memory,
+model size. ``profile=True`` adds, per setting at batch 1, a torch.profiler breakdown of one decode
+step's device time by kernel kind and the idle time between kernels of a replayed graph.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from .engine import Engine
+from .synthetic import Setting, build_synthetic, parse_setting, weight_bytes
+
+
+def environment(device) -> dict:
+    import transformers
+
+    env = {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+           "device": str(device)}
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except Exception:  # pragma: no cover
+        env["triton"] = None
+    if torch.device(device).type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        env.update(gpu=p.name, sms=p.multi_processor_count, gpu_memory_gib=round(p.total_memory / 2**30, 1))
+    else:
+        env["cpu_threads"] = torch.get_num_threads()
+    return env
+
+
+def _dense_from_gqsa(model, dtype):
+    """Replace every GQSALinear by an nn.Linear holding its dequantized weight (the same model, dense)."""
+    from torch import nn
+
+    from ..nn import GQSALinear
+
+    for name, m in list(model.named_modules()):
+        if isinstance(m, GQSALinear):
+            parent, _, child = name.rpartition(".")
+            lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta", dtype=dtype)
+            lin.weight = nn.Parameter(m.dequantize(dtype), requires_grad=False)
+            if m.bias is not None:
+                lin.bias = nn.Parameter(m.bias.detach().to(dtype), requires_grad=False)
+            setattr(model.get_submodule(parent), child, lin)
+    return model
+
+
+def load_folder(folder, setting: str, device):
+    from ..checkpoint import load
+
+    dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
+    model, _ = load(folder, device=device, dtype=dtype)
+    if setting in ("fp16", "dense"):
+        _dense_from_gqsa(model, dtype)
+    elif setting != "gqsa":
+        raise ValueError(f"a checkpoint folder is benchmarked as 'gqsa' (as stored) or 'fp16' (dequantized to "
+                         f"dense), not '{setting}'")
+    return model
+
+
+def _kind(name: str) -> str:
+    n = name.lower()
+    if "_gemv_kernel" in n:
+        return "gqsa_gemv"
+    if "_expand_kernel" in n:
+        return "gqsa_expand"
+    if "int4" in n or "tinygemm" in n:
+        return "tinygemm"
+    if any(s in n for s in ("attention", "fmha", "flash", "sdpa", "softmax")):
+        return "attention"
+    if any(s in n for s in ("gemm", "gemv", "cutlass", "xmma", "nvjet", "cublas")):
+        return "cublas"
+    return "other"
+
+
+def _device_events(prof):
+    out = []
+    for e in prof.events():
+        if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA:
+            tr = e.time_range
+            out.append((e.name, tr.start, tr.end))
+    return out
+
+
+def profile_decode(engine: Engine, prompts, new_tokens: int, steps: int = 8) -> dict:
+    """Kernel-time breakdown of decode steps: eager steps (one launch per op, attributable) and
+    replayed CUDA graphs (what the benchmark times: kernel time vs. step time = launch gaps)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out = engine.generate(prompts, new_tokens)  # the session is warm, graphs captured
+    s = next(iter(engine._sessions.values()))
+    kv_len = out.timings["cache_len"]
+    res = {}
+    with torch.inference_mode():
+        for mode in ("eager", "graph"):
+            if mode == "graph" and not engine.cuda_graphs:
+                continue
+            g = engine._graph(s, kv_len, True) if mode == "graph" else None
+            s.slot.fill_(max(0, kv_len - steps - 1))  # room for `steps` more slots and tokens
+            s.step.zero_()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(steps):
+                    if g is not None:
+                        g.replay()
+                    else:
+                        engine._decode_body(s, kv_len, True)
+                torch.cuda.synchronize()
+            ev = _device_events(prof)
+            by = {}
+            for name, a, b in ev:
+                by[_kind(name)] = by.get(_kind(name), 0.0) + (b - a)
+            kernels = [e for e in ev if not any(m in e[0].lower() for m in ("memcpy", "memset"))]
+            span = (max(b for _, _, b in ev) - min(a for _, a, _ in ev)) if ev else 0.0
+            busy = sum(b - a for _, a, b in ev)
+            res[mode] = {"kernels_per_step": len(kernels) / steps,
+                         "kernel_us_per_step": {k: round(v / steps, 1) for k, v in sorted(by.items())},
+                         "kernel_sum_us_per_step": round(busy / steps, 1),
+                         "span_us_per_step": round(span / steps, 1),
+                         "idle_us_per_step": round((span - busy) / steps, 1)}
+        # lm_head alone (cuBLAS GEMV of the dense output layer), CUDA events over 50 calls
+        x = torch.randn(s.bsz, 1, engine.model.config.hidden_size, device=engine.device, dtype=engine.dtype)
+        head = engine.model.lm_head
+        for _ in range(3):
+            head(x)
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(50):
+            head(x)
+        b.record()
+        torch.cuda.synchronize()
+        res["lm_head_us"] = round(1e3 * a.elapsed_time(b) / 50, 1)
+    return res
+
+
+def run(settings: list[str], batches: list[int], synthetic: str | None = None, folder=None, device=None,
+        prompt_len: int = 32, new_tokens: int = 128, repeats: int = 3, seed: int = 0, profile: bool = False,
+        compile_ops="auto", fuse="auto", log=print) -> dict:
+    """Benchmark every setting × batch; returns ``{"environment", "config", "rows", "profiles"}``."""
+    if (synthetic is None) == (folder is None):
+        raise ValueError("benchmark either a checkpoint folder or --synthetic ARCH, not both/neither")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cuda = device.type == "cuda"
+    if prompt_len < 1 or new_tokens < 2 or repeats < 1 or not batches or min(batches) < 1:
+        raise ValueError("need prompt_len >= 1, new_tokens >= 2, repeats >= 1 and batch sizes >= 1")
+    parsed = [s if folder is not None else parse_setting(s) for s in settings]
+    rows, profiles = [], {}
+    for setting in parsed:
+        label = setting if isinstance(setting, str) else setting.name
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        if folder is not None:
+            model = load_folder(folder, setting, device)
+        else:
+            model = build_synthetic(synthetic, setting, device, seed=seed)
+            if not cuda and isinstance(setting, Setting) and setting.kind != "tinygemm":
+                model = model.float()  # CPU: float32 compute (fp16 matmuls are slow or missing there)
+        size = weight_bytes(model)
+        engine = Engine(model, compile_ops=compile_ops, fuse_projections=fuse)
+        if cuda:
+            torch.cuda.synchronize(device)
+        build_s = time.perf_counter() - t0
+        log(f"[{label}] model ready in {build_s:.1f} s, {size / 1e9:.3f} GB of weights")
+        vocab = model.config.vocab_size
+        gen = torch.Generator().manual_seed(seed)
+        for bsz in batches:
+            prompts = torch.randint(0, vocab, (bsz, prompt_len), generator=gen).tolist()
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(device)
+            t1 = time.perf_counter()
+            engine.generate(prompts, new_tokens)  # warm-up: compile, capture
+            warm_s = time.perf_counter() - t1
+            runs = [engine.generate(prompts, new_tokens) for _ in range(repeats)]
+            tps = [r.decode_tokens_per_s for r in runs]
+            med = sorted(runs, key=lambda r: r.decode_tokens_per_s)[len(runs) // 2]
+            row = {"setting": label, "batch": bsz, "decode_tokens_per_s": round(statistics.median(tps), 2),
+                   "ms_per_step": round(med.ms_per_step, 3), "prefill_ms": round(1e3 * statistics.median(
+                       r.prefill_s for r in runs), 2), "decode_tokens_per_s_runs": [round(t, 2) for t in tps],
+                   "peak_memory_gb": round(torch.cuda.max_memory_allocated(device) / 1e9, 3) if cuda else None,
+                   "model_gb": round(size / 1e9, 4), "prompt_len": prompt_len, "new_tokens": new_tokens,
+                   "decode_steps": med.decode_steps, "cuda_graphs": med.cuda_graphs,
+                   "compute_dtype": str(engine.dtype).removeprefix("torch."),
+                   "warmup_s": round(warm_s, 2), "build_s": round(build_s, 2)}
+            rows.append(row)
+            log(f"[{label}] batch {bsz}: {row['decode_tokens_per_s']:.1f} tokens/s, {row['ms_per_step']:.3f} ms/step, "
+                f"prefill {row['prefill_ms']:.1f} ms (runs {row['decode_tokens_per_s_runs']})")
+            if profile and cuda and bsz == batches[0]:
+                profiles[f"{label}/b{bsz}"] = p = profile_decode(engine, prompts, new_tokens)
+                log(f"[{label}] profile b{bsz}: {json.dumps(p)}")
+        engine.release()
+        del engine, model
+    base = {r["batch"]: r["decode_tokens_per_s"] for r in rows if r["setting"] in ("fp16", "dense", "bf16")}
+    for r in rows:
+        if r["batch"] in base:
+            r["speedup_vs_fp16"] = round(r["decode_tokens_per_s"] / base[r["batch"]], 3)
+    return {"environment": environment(device),
+            "config": {"synthetic": synthetic, "folder": str(folder) if folder else None, "settings": settings,
+                       "batches": batches, "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats,
+                       "seed": seed, "compile_ops": compile_ops, "fuse_projections": fuse},
+            "rows": rows, "profiles": profiles}
+
+
+def format_table(result: dict) -> str:
+    cols = [("setting", "setting", "{}"), ("batch", "B", "{}"), ("decode_tokens_per_s", "tokens/s", "{:.1f}"),
+            ("ms_per_step", "ms/token", "{:.3f}"), ("speedup_vs_fp16", "x fp16", "{:.2f}"),
+            ("prefill_ms", "prefill ms", "{:.1f}"), ("peak_memory_gb", "peak GB", "{:.2f}"),
+            ("model_gb", "model GB", "{:.3f}")]
+    lines = [[h for _, h, _ in cols]]
+    for r in result["rows"]:
+        lines.append([("-" if r.get(k) is None else f.format(r[k])) for k, _, f in cols])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(cols))]
+    return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths)))
+                     for line in lines)
+
+
+def write_json(result: dict, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    return path
