@@ -150,7 +150,7 @@ def profile_decode(engine: Engine, prompts, new_tokens: int, steps: int = 8) -> 
 
 def run(settings: list[str], batches: list[int], synthetic: str | None = None, folder=None, device=None,
         prompt_len: int = 32, new_tokens: int = 128, repeats: int = 3, seed: int = 0, profile: bool = False,
-        compile_ops="auto", fuse="auto", log=print) -> dict:
+        compile_ops="auto", fuse="auto", cuda_graphs="auto", log=print) -> dict:
     """Benchmark every setting × batch; returns ``{"environment", "config", "rows", "profiles"}``."""
     if (synthetic is None) == (folder is None):
         raise ValueError("benchmark either a checkpoint folder or --synthetic ARCH, not both/neither")
@@ -173,7 +173,10 @@ def run(settings: list[str], batches: list[int], synthetic: str | None = None, f
             if not cuda and isinstance(setting, Setting) and setting.kind != "tinygemm":
                 model = model.float()  # CPU: float32 compute (fp16 matmuls are slow or missing there)
         size = weight_bytes(model)
-        engine = Engine(model, compile_ops=compile_ops, fuse_projections=fuse)
+        engine = Engine(model, compile_ops=compile_ops, fuse_projections=fuse, cuda_graphs=cuda_graphs)
+        emb = model.get_input_embeddings().weight
+        tied = emb.data_ptr() == model.get_output_embeddings().weight.data_ptr()
+        step_bytes = size - (0 if tied else emb.numel() * emb.element_size())  # weights read per decode step
         if cuda:
             torch.cuda.synchronize(device)
         build_s = time.perf_counter() - t0
@@ -194,7 +197,9 @@ def run(settings: list[str], batches: list[int], synthetic: str | None = None, f
                    "ms_per_step": round(med.ms_per_step, 3), "prefill_ms": round(1e3 * statistics.median(
                        r.prefill_s for r in runs), 2), "decode_tokens_per_s_runs": [round(t, 2) for t in tps],
                    "peak_memory_gb": round(torch.cuda.max_memory_allocated(device) / 1e9, 3) if cuda else None,
-                   "model_gb": round(size / 1e9, 4), "prompt_len": prompt_len, "new_tokens": new_tokens,
+                   "model_gb": round(size / 1e9, 4), "weights_read_per_step_gb": round(step_bytes / 1e9, 4),
+                   "kv_cache_gb": round(next(iter(engine._sessions.values())).cache.nbytes() / 1e9, 4),
+                   "prompt_len": prompt_len, "new_tokens": new_tokens,
                    "decode_steps": med.decode_steps, "cuda_graphs": med.cuda_graphs,
                    "compute_dtype": str(engine.dtype).removeprefix("torch."),
                    "warmup_s": round(warm_s, 2), "build_s": round(build_s, 2)}
@@ -213,7 +218,7 @@ def run(settings: list[str], batches: list[int], synthetic: str | None = None, f
     return {"environment": environment(device),
             "config": {"synthetic": synthetic, "folder": str(folder) if folder else None, "settings": settings,
                        "batches": batches, "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats,
-                       "seed": seed, "compile_ops": compile_ops, "fuse_projections": fuse},
+                       "seed": seed, "compile_ops": compile_ops, "fuse_projections": fuse, "cuda_graphs": cuda_graphs},
             "rows": rows, "profiles": profiles}
 
 

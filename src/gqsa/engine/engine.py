@@ -116,7 +116,7 @@ class Engine:
         """Record ``nxt`` ``[B]`` as the token of step ``s.step`` and feed it to the next step."""
         nxt = torch.where(s.done, s.pad, nxt)
         s.out.index_copy_(1, s.step, nxt[:, None])
-        s.done |= torch.isin(nxt, s.eos)
+        s.done |= (nxt[:, None] == s.eos[None, :]).any(-1)
         s.tok.copy_(nxt[:, None])
         s.pos.add_(1)
         s.slot.add_(1)
