@@ -128,6 +128,15 @@ def profile_decode(engine: Engine, prompts, new_tokens: int, steps: int = 8) -> 
             kernels = [e for e in ev if not any(m in e[0].lower() for m in ("memcpy", "memset"))]
             span = (max(b for _, _, b in ev) - min(a for _, a, _ in ev)) if ev else 0.0
             busy = sum(b - a for _, a, b in ev)
+            names = {}
+            for name, a, b in ev:
+                c = names.setdefault(name[:90], [0, 0.0])
+                c[0] += 1
+                c[1] += b - a
+            top = sorted(names.items(), key=lambda kv: -kv[1][1])[:15]
+            res.setdefault("top_kernels_" + mode, [
+                {"name": k, "calls_per_step": round(c / steps, 2), "us_per_step": round(t / steps, 1)}
+                for k, (c, t) in top])
             res[mode] = {"kernels_per_step": len(kernels) / steps,
                          "kernel_us_per_step": {k: round(v / steps, 1) for k, v in sorted(by.items())},
                          "kernel_sum_us_per_step": round(busy / steps, 1),

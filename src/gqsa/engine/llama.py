@@ -178,6 +178,8 @@ class LlamaDecoder:
         else:  # causal over slots; a padded query attends to itself only (never read by a real token)
             idx = torch.arange(kv_len, device=tokens.device)
             mask = (valid & (idx[None, :] <= slots[:, None])) | (idx[None, :] == slots[:, None])
+        if tokens.is_cuda:  # one additive mask per step, shared by all layers (not one conversion per layer)
+            mask = torch.zeros(mask.shape, dtype=h.dtype, device=h.device).masked_fill_(~mask, float("-inf"))
         x = self._norm(self.blocks[0].norm1, h) if self.blocks else h
         for i, b in enumerate(self.blocks):
             q, k, v = self._qkv(b, x)

@@ -42,9 +42,32 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 _COMPILED: dict = {}
 
 
+RECOMPILE_LIMIT = 64  # each function is specialized per dtype and per size-1 dims: 8 (torch's default) is too few
+
+
 def compiled(name: str):
-    """The ``torch.compile``d version of one of the functions above (made once per process)."""
+    """The ``torch.compile``d version of one of the functions above (made once per process). If
+    compilation fails, the function runs eagerly from then on (same math), with a warning."""
     fn = _COMPILED.get(name)
     if fn is None:
-        fn = _COMPILED[name] = torch.compile(globals()[name], dynamic=True, fullgraph=True)
+        import torch._dynamo
+
+        if torch._dynamo.config.recompile_limit < RECOMPILE_LIMIT:
+            torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
+        comp = torch.compile(globals()[name], dynamic=True, fullgraph=True)
+        eager = globals()[name]
+
+        def fn(*args, _state={"ok": True}):
+            if _state["ok"]:
+                try:
+                    return comp(*args)
+                except Exception as e:  # noqa: BLE001 - fall back to the same math, eagerly
+                    import warnings
+
+                    warnings.warn(f"torch.compile of gqsa.engine.ops.{name} failed ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0] if str(e) else ''}); running it eagerly")
+                    _state["ok"] = False
+            return eager(*args)
+
+        _COMPILED[name] = fn
     return fn
