@@ -1,0 +1,43 @@
+import json
+
+import pytest
+import torch
+
+from gqsa.engine import bench
+
+
+def test_bench_runs_the_settings_side_by_side_on_cpu(tmp_path):
+    r = bench.run(["fp16", "w4s50g16"], [1, 2], synthetic="tiny", device="cpu", prompt_len=3, new_tokens=3,
+                  repeats=1, log=lambda m: None)
+    assert [(x["setting"], x["batch"]) for x in r["rows"]] == [("fp16", 1), ("fp16", 2), ("w4s50g16", 1),
+                                                              ("w4s50g16", 2)]
+    for x in r["rows"]:
+        assert x["decode_tokens_per_s"] > 0 and x["decode_steps"] == 2 and x["compute_dtype"] == "float32"
+    assert r["rows"][0]["speedup_vs_fp16"] == 1.0
+    assert r["rows"][2]["model_gb"] < r["rows"][0]["model_gb"]
+    table = bench.format_table(r)
+    assert "w4s50g16" in table and "tokens/s" in table
+    path = bench.write_json(r, tmp_path / "b.json")
+    assert json.loads(path.read_text())["config"]["synthetic"] == "tiny"
+
+
+def test_bench_a_checkpoint_folder_as_stored_and_dequantized(s260k_folder):
+    r = bench.run(["gqsa", "fp16"], [1], folder=s260k_folder, device="cpu", prompt_len=2, new_tokens=2,
+                  repeats=1, log=lambda m: None)
+    assert [x["setting"] for x in r["rows"]] == ["gqsa", "fp16"]
+    assert r["rows"][0]["model_gb"] < r["rows"][1]["model_gb"]
+    with pytest.raises(ValueError, match="'gqsa'"):
+        bench.run(["w4s50g16"], [1], folder=s260k_folder, device="cpu")
+    with pytest.raises(ValueError, match="not both"):
+        bench.run(["fp16"], [1], device="cpu")
+
+
+def test_dense_from_gqsa_matches_logits(s260k_folder):
+    import gqsa
+
+    model, tok = gqsa.load(s260k_folder)
+    ids = torch.tensor([tok("Once upon a time").input_ids])
+    with torch.no_grad():
+        a = model(ids).logits
+        b = bench._dense_from_gqsa(model, torch.float32)(ids).logits
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

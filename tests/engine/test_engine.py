@@ -1,0 +1,147 @@
+"""The decode engine (CPU: no CUDA graphs) reproduces transformers' greedy output, dense and GQSA."""
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+import gqsa
+from gqsa import GQSAConfig
+from gqsa.engine import Engine, SamplingParams, StaticKVCache
+from gqsa.models import load_model
+from gqsa.nn import GQSALinear
+
+PROMPTS = ["Once upon a time", "It was a dark and stormy night; the rain fell in torrents", "The"]
+N = 16
+
+
+def hf_greedy(model, ids, n=N):
+    """transformers' greedy continuation of each prompt on its own (no padding), EOS not stopping."""
+    out = []
+    for p in ids:
+        g = model.generate(torch.tensor([p]), max_new_tokens=n, do_sample=False, eos_token_id=None,
+                           pad_token_id=0)
+        out.append(g[0, len(p):].tolist())
+    return out
+
+
+@pytest.fixture(params=["stories260K", "stories260K-gqsa", "gutenberg-22m", "gutenberg-22m-gqsa"])
+def model_and_ids(request, stories260k, asset):
+    name = request.param
+    if name == "stories260K":
+        model, tok = load_model(*stories260k)
+    elif name == "gutenberg-22m":
+        model, tok = load_model(asset("models/gutenberg-llama-22m"))
+    else:
+        folder = request.getfixturevalue("s260k_folder" if name.startswith("stories") else "g22m_folder")
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(folder)
+        assert any(isinstance(m, GQSALinear) for m in model.modules())
+    return model.eval(), [tok(p).input_ids for p in PROMPTS]
+
+
+def test_engine_greedy_equals_transformers_greedy(model_and_ids):
+    model, ids = model_and_ids
+    assert len({len(p) for p in ids}) > 1  # the batch is left-padded
+    ref = hf_greedy(model, ids)
+    eng = Engine(model)
+    assert not eng.cuda_graphs
+    batch = eng.generate(ids, N)
+    assert batch.tokens == ref
+    assert batch.decode_steps == N - 1 and batch.batch_size == len(ids)
+    assert [eng.generate([p], N).tokens[0] for p in ids] == ref  # batch 1, same engine (session change)
+
+
+def test_engine_matches_transformers_left_padded_batch(s260k_folder):
+    model = AutoModelForCausalLM.from_pretrained(s260k_folder, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(s260k_folder)
+    tok.padding_side = "left"
+    tok.pad_token = tok.pad_token or tok.unk_token or tok.eos_token
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    hf = model.generate(**enc, max_new_tokens=N, do_sample=False, eos_token_id=None)[:, enc.input_ids.shape[1]:]
+    assert Engine(model).generate([tok(p).input_ids for p in PROMPTS], N).tokens == hf.tolist()
+
+
+@pytest.fixture
+def tiny_gqsa(tiny_llama):
+    torch.manual_seed(0)
+    gqsa.compress(tiny_llama, GQSAConfig(stages="oneshot"), torch.randint(0, 96, (4, 32)), device="cpu",
+                  progress=False)
+    return tiny_llama
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_projection_fusion(request, compressed):
+    model = request.getfixturevalue("tiny_gqsa" if compressed else "tiny_llama")
+    ids = [[1, 5, 9, 3], [7, 2]]
+    plain = Engine(model).generate(ids, 10).tokens
+    ref = hf_greedy(model, ids, 10)
+    with torch.no_grad():
+        logits = model(torch.tensor([ids[0]])).logits
+    fused = Engine(model, fuse_projections=True)
+    assert fused.decoder.fused
+    kind = GQSALinear if compressed else torch.nn.Linear
+    assert all(type(b.qkv) is kind and type(b.gate_up) is kind for b in fused.decoder.blocks)
+    q = model.model.layers[0].self_attn.q_proj
+    attr = "qweight" if compressed else "weight"
+    base = getattr(fused.decoder.blocks[0].qkv, attr)
+    assert getattr(q, attr).untyped_storage().data_ptr() == base.untyped_storage().data_ptr()  # a view, no copy
+    assert fused.generate(ids, 10).tokens == plain == ref
+    with torch.no_grad():  # the model still runs through transformers, unchanged
+        torch.testing.assert_close(model(torch.tensor([ids[0]])).logits, logits, rtol=1e-5, atol=1e-5)
+
+
+def test_eos_stops_a_row_and_pads_it(tiny_llama):
+    ids = [[1, 5, 9, 3], [7, 2, 4]]
+    eng = Engine(tiny_llama)
+    free = eng.generate(ids, 12).tokens
+    stop = free[0][4]
+    first = free[0].index(stop)
+    out = eng.generate(ids, 12, eos_token_id=stop, pad_token_id=0)
+    assert out.tokens[0] == free[0][:first + 1]
+    cut = free[1].index(stop) + 1 if stop in free[1] else len(free[1])
+    assert out.tokens[1] == free[1][:cut]
+    # every row finished: the loop stops early once it checks (every sync_every steps)
+    eng2 = Engine(tiny_llama, sync_every=1)
+    both = eng2.generate([ids[0], ids[0]], 12, eos_token_id=stop)
+    assert both.decode_steps < 11 and both.timings["finished_early"]
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(tiny_llama):
+    eng = Engine(tiny_llama)
+    ids = [[1, 5, 9, 3], [7, 2]]
+    p = SamplingParams(temperature=1.5, top_k=20, top_p=0.9, seed=7)
+    a, b = eng.generate(ids, 12, p).tokens, eng.generate(ids, 12, p).tokens
+    assert a == b
+    assert a != eng.generate(ids, 12, SamplingParams(temperature=1.5, top_k=20, top_p=0.9, seed=8)).tokens
+    assert eng.generate(ids, 12, SamplingParams(temperature=2.0, top_k=1, seed=3)).tokens == \
+        eng.generate(ids, 12).tokens
+
+
+def test_bad_requests_are_refused(tiny_llama):
+    eng = Engine(tiny_llama)
+    with pytest.raises(ValueError, match="at least one token"):
+        eng.generate([[1, 2], []], 4)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        eng.generate([[1, 96]], 4)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        eng.generate([[1]], 0)
+    with pytest.raises(ValueError, match="cuda_graphs=True needs a model on a CUDA device"):
+        Engine(tiny_llama, cuda_graphs=True)
+
+
+def test_non_llama_models_are_refused():
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    with pytest.raises(ValueError, match="LLaMA-family"):
+        Engine(model)
+
+
+def test_static_kv_cache_writes_in_place():
+    c = StaticKVCache(2, 3, 2, 8, 4, torch.float32, "cpu")
+    k, v = torch.randn(3, 2, 2, 4), torch.randn(3, 2, 2, 4)
+    ptr = c.k.data_ptr()
+    c.write(1, torch.tensor([5, 6]), k, v)
+    kc, vc = c.view(1, 7)
+    assert torch.equal(kc[:, :, 5:7], k) and torch.equal(vc[:, :, 5:7], v) and c.k.data_ptr() == ptr
+    assert kc.shape == (3, 2, 7, 4) and not c.k[0].any()
+    assert c.nbytes() == 2 * 2 * 3 * 2 * 8 * 4 * 4
+    with pytest.raises(ValueError, match="positive"):
+        StaticKVCache(2, 0, 2, 8, 4, torch.float32, "cpu")

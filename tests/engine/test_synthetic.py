@@ -1,0 +1,50 @@
+import pytest
+import torch
+
+from gqsa.engine import Engine
+from gqsa.engine.synthetic import arch_config, build_synthetic, parse_setting, random_packed, weight_bytes
+from gqsa.format import design_bits_per_weight
+from gqsa.nn import GQSALinear
+
+
+@pytest.mark.parametrize("s", [0.5, 0.3])
+def test_random_packed_is_valid_and_row_balanced(s):
+    g = torch.Generator().manual_seed(0)
+    p = random_packed(48, 256, s, 4, 16, "cpu", g)
+    p.validate("synthetic")
+    counts = (p.row_ptr[1:] - p.row_ptr[:-1]).unique().tolist()
+    assert counts == [round((1 - s) * 16)]
+    assert abs(p.sparsity - (1 - round((1 - s) * 16) / 16)) < 1e-9
+    real_s = 1 - round((1 - s) * 16) / 16
+    assert p.bits_per_weight() == pytest.approx(design_bits_per_weight(real_s, 4, 16, 256), abs=0.01)  # + row_ptr[N]
+
+
+def test_settings_and_architectures():
+    assert parse_setting("W4S50G16").sparsity == 0.5 and parse_setting("w4s30g16").group_size == 16
+    assert parse_setting("fp16").kind == "dense" and parse_setting("tinygemm").kind == "tinygemm"
+    for bad in ("w4s50", "w5s50g16", "w4s50g24", "int3"):
+        with pytest.raises(ValueError, match="setting"):
+            parse_setting(bad)
+    assert arch_config("llama-2-70b-layers=3").num_hidden_layers == 3
+    assert arch_config("llama-3-8b").num_key_value_heads == 8
+    for bad in ("llama-9b", "llama-2-7b-layers=0"):
+        with pytest.raises(ValueError):
+            arch_config(bad)
+    with pytest.raises(ValueError, match="CUDA"):
+        build_synthetic("tiny", "tinygemm", "cpu")
+
+
+def test_synthetic_gqsa_model_runs_in_the_engine_and_in_transformers():
+    dense = build_synthetic("tiny", "fp16", "cpu").float()
+    model = build_synthetic("tiny", "w4s50g16", "cpu").float()
+    lin = [m for m in model.modules() if isinstance(m, GQSALinear)]
+    assert len(lin) == 7 * 2
+    for m in lin:
+        c = m.in_features // 16
+        assert abs(m.packed.sparsity - (1 - round(0.5 * c) / c)) < 1e-9
+    assert weight_bytes(model) < 0.5 * weight_bytes(dense)
+    ids = [[3, 4, 5], [9]]
+    out = Engine(model).generate(ids, 6).tokens
+    hf = [model.generate(torch.tensor([p]), max_new_tokens=6, do_sample=False, eos_token_id=None,
+                         pad_token_id=0)[0, len(p):].tolist() for p in ids]
+    assert out == hf
