@@ -86,7 +86,7 @@ def _add_compress(sub):
     t.add_argument("--e2e-epochs", type=int, help="E2E-OQP epochs (default 5; fast: 2)")
     t.add_argument("--e2e-batch-size", type=int, help="E2E-OQP windows per micro-batch (default 4)")
     t.add_argument("--e2e-grad-accum", type=int, help="E2E-OQP micro-batches per optimizer step (default 1)")
-    t.add_argument("--e2e-lr", type=float, help="E2E-OQP lr of the scales, relative (default 1e-2)")
+    t.add_argument("--e2e-lr", type=float, help="E2E-OQP lr of the scales, relative (default 1e-3)")
     t.add_argument("--e2e-train-zero", action="store_true",
                    help="E2E-OQP also trains the zero points (then stored as float16)")
     t.add_argument("--no-grad-checkpointing", action="store_true",
@@ -256,6 +256,9 @@ def _add_generate(sub):
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--device", default=None, help="default: cuda if present, else cpu")
     p.add_argument("--no-verify", action="store_true", help="skip the checksum check of the safetensors files")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads of torch (default: torch's own); on a busy machine 1 is often much faster "
+                        "for small models")
     p.set_defaults(func=cmd_generate)
 
 
@@ -271,6 +274,10 @@ def cmd_generate(args) -> int:
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     if any(not p for p in args.prompt):
         raise CLIError("--prompt is empty: give some text to continue")
+    if args.threads is not None:
+        if args.threads <= 0:
+            raise CLIError("--threads must be positive")
+        torch.set_num_threads(args.threads)
     device = _device(args.device)
     dtype = torch.float32 if device.type == "cpu" else torch.float16
     folder = Path(args.model)
