@@ -14,6 +14,7 @@ checkpoints.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 from pathlib import Path
@@ -38,11 +39,14 @@ def main(argv=None):
     ap.add_argument("--preset", default="default")
     ap.add_argument("--set", default="{}", help="JSON of further GQSAConfig settings")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu", help="where blocks train and models are evaluated (cpu, cuda)")
     ap.add_argument("--skip-fp", action="store_true", help="do not evaluate the uncompressed model")
     ap.add_argument("--fp-ppl", type=float, default=None, help="the uncompressed model's perplexity, if known")
     ap.add_argument("--kl-windows", type=int, default=64,
                     help="KL(uncompressed ‖ compressed) and top-1 agreement on the first N eval windows (0: skip)")
     ap.add_argument("--oneshot-ppl", type=float, default=None, help="the one-shot perplexity, if known (skips it)")
+    ap.add_argument("--e2e-lr-sweep", default=None,
+                    help="comma-separated E2E-OQP learning rates, each run from the same BQPO result (a table row each)")
     ap.add_argument("--save", default=None, help="write the three checkpoints under this folder")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)
@@ -62,20 +66,20 @@ def main(argv=None):
     model, tok = load_model(args.model, args.tokenizer)
     tokens = calib.calibration_tokens(args.calib, tok, args.nsamples, args.seqlen, config.seed)
 
-    reference = load_model(args.model, args.tokenizer)[0] if args.kl_windows else None
+    reference = load_model(args.model, args.tokenizer)[0].to(args.device) if args.kl_windows else None
 
     def ppl(m):
+        m.to(args.device)
         r = perplexity(m, tok, args.eval, context=args.context, max_windows=args.max_windows, progress=False)
         if reference is not None:
             f = evaluate_fidelity(m, reference, tok, args.eval, context=args.context, max_windows=args.kl_windows,
                                   progress=False)
             r.update(kl=f["kl"], top1_agreement=f["top1_agreement"], kl_windows=f["windows"])
+        m.to("cpu")
         return r
 
     def save(m, name):
         if args.save:
-            import copy
-
             checkpoint.save(copy.deepcopy(m).to(torch.float16), Path(args.save) / name, tok,
                             {"config": config.to_dict(), "stage": name}, overwrite=True)
 
@@ -85,31 +89,43 @@ def main(argv=None):
     if args.fp_ppl is not None:
         res["fp_ppl"] = args.fp_ppl
     elif not args.skip_fp:
-        res["fp_ppl"] = perplexity(model, tok, args.eval, context=args.context, max_windows=args.max_windows,
-                                   progress=False)["ppl"]
+        res["fp_ppl"] = perplexity(model.to(args.device), tok, args.eval, context=args.context,
+                                   max_windows=args.max_windows, progress=False)["ppl"]
+        model.to("cpu")
         print(f"fp: {res['fp_ppl']:.3f}", flush=True)
     t = time.time()
     if args.oneshot_ppl is not None:
         res["stages"]["oneshot"] = {"ppl": args.oneshot_ppl}
     else:
         one = load_model(args.model, args.tokenizer)[0]
-        compress_model(one, GQSAConfig(**{**config.to_dict(), "stages": "oneshot"}), tokens, "cpu", args.batch_size,
-                       False)
+        compress_model(one, GQSAConfig(**{**config.to_dict(), "stages": "oneshot"}), tokens, args.device,
+                       args.batch_size, False)
         res["stages"]["oneshot"] = {"seconds": round(time.time() - t, 1), **_short(ppl(one))}
         save(one, "oneshot")
         del one
     print(f"oneshot: {res['stages']['oneshot']}", flush=True)
     t = time.time()
     stats = {}
-    packed = compress_model(model, GQSAConfig(**{**config.to_dict(), "stages": "bqpo"}), tokens, "cpu",
+    packed = compress_model(model, GQSAConfig(**{**config.to_dict(), "stages": "bqpo"}), tokens, args.device,
                             args.batch_size, False, stats=stats, log=lambda s: print(s, flush=True))
     res["stages"]["bqpo"] = {"seconds": round(time.time() - t, 1), **_short(ppl(model)), "stats": stats}
     save(model, "bqpo")
     print(f"bqpo: ppl {res['stages']['bqpo']['ppl']:.3f}, {res['stages']['bqpo']['seconds']} s", flush=True)
-    t = time.time()
     train, val = split_calibration(tokens, config.val_fraction)
+    if args.e2e_lr_sweep:
+        res["e2e_lr_sweep"] = {}
+        for lr in (float(x) for x in args.e2e_lr_sweep.split(",")):
+            t = time.time()
+            m, stats = copy.deepcopy(model), {}
+            run_e2e(m, copy.deepcopy(packed), GQSAConfig(**{**config.to_dict(), "e2e_lr": lr}), train, val,
+                    args.device, False, stats=stats)
+            res["e2e_lr_sweep"][lr] = {"seconds": round(time.time() - t, 1), **_short(ppl(m)),
+                                       "best_epoch": stats["e2e"]["best_epoch"]}
+            print(f"e2e lr {lr:g}: {res['e2e_lr_sweep'][lr]}", flush=True)
+            del m
+    t = time.time()
     stats = {}
-    run_e2e(model, packed, config, train, val, "cpu", False, stats=stats, log=lambda s: print(s, flush=True))
+    run_e2e(model, packed, config, train, val, args.device, False, stats=stats, log=lambda s: print(s, flush=True))
     res["stages"]["bqpo+e2e"] = {"seconds": round(time.time() - t, 1), **_short(ppl(model)), "stats": stats}
     save(model, "bqpo+e2e")
     print(f"bqpo+e2e: ppl {res['stages']['bqpo+e2e']['ppl']:.3f}, {res['stages']['bqpo+e2e']['seconds']} s",

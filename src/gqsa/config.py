@@ -64,7 +64,9 @@ class GQSAConfig:
     e2e_epochs, e2e_batch_size, e2e_grad_accum: end-to-end passes, windows per micro-batch,
         micro-batches per optimizer step.
     e2e_lr: learning rate of the scales (multipliers of the BQPO scales, relative rate) and, with
-        ``e2e_train_zero``, of the zero points (code units; then stored as float16).
+        ``e2e_train_zero``, of the zero points (code units; then stored as float16). 1e-3 by
+        default: the best of 1e-2…1e-4 on both local models at S30%/S50% (benchmarks/RESULTS.md); 1e-2
+        overfits the calibration text after one epoch.
     e2e_grad_checkpointing: recompute each decoder block in the backward pass (memory ≈ one block's
         activations instead of all of them).
     """
@@ -93,7 +95,7 @@ class GQSAConfig:
     e2e_epochs: int = 5
     e2e_batch_size: int = 4
     e2e_grad_accum: int = 1
-    e2e_lr: float = 1e-2
+    e2e_lr: float = 1e-3
     e2e_train_zero: bool = False
     e2e_grad_checkpointing: bool = True
 

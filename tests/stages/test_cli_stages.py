@@ -70,3 +70,41 @@ def test_resume_with_other_settings_is_refused_with_a_clear_message(setup, monke
     assert cli.main(args + out + ["--resume", "--sparsity", "0.3"]) == 2
     err = capsys.readouterr().err
     assert "cannot resume" in err and "config.sparsity: was 0.5, now 0.3" in err
+
+
+def test_sigkill_mid_bqpo_then_resume_gives_bitwise_the_same_checkpoint(setup):
+    """A real kill (SIGKILL of the process, no clean-up runs) while block 1 trains; ``--resume`` finishes
+    from block 0's file and the packed tensors equal those of an uninterrupted run bit for bit."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    tmp, args = setup
+    args[args.index("--bqpo-epochs") + 1] = "40"  # block 1 trains for seconds: time to kill it mid-way
+    args += ["--bqpo-patience", "40"]
+    assert cli.main(args + ["--out", str(tmp / "a")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    run = [sys.executable, "-c", "import sys, torch; torch.set_num_threads(1); from gqsa.cli import main; "
+           "sys.exit(main(sys.argv[1:]))", *args, "--out", str(tmp / "b")]
+    proc = subprocess.Popen(run, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    work = tmp / "b.partial"
+    deadline = time.time() + 300
+    while not (work / "block_0000.safetensors").exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.time() < deadline, "block 0 was never written"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (tmp / "b").exists() and not (work / "block_0001.safetensors").exists()  # killed mid-block 1
+    done = subprocess.run(run + ["--resume"], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    a, b = checkpoint.read_tensors(tmp / "a"), checkpoint.read_tensors(tmp / "b")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
+    rep = json.loads((tmp / "b" / "gqsa_report.json").read_text())
+    assert [s.get("resumed", False) for s in rep["stages"]["bqpo"]] == [True, False]
