@@ -10,6 +10,8 @@ epochs) so every block runs all its epochs: the time is the worst case of the se
     python benchmarks/bqpo_7b.py --shape 7b --blocks 2 --out bqpo_7b.json
     python benchmarks/bqpo_7b.py --shape 70b --blocks 1 --epochs 2 --activation-dtype bfloat16
     python benchmarks/bqpo_7b.py --tiny --device cpu       # a smoke test of the script itself
+    torchrun --standalone --nproc-per-node 4 benchmarks/bqpo_7b.py --shape 7b --blocks 2 --out bqpo_7b_x4.json
+                                                           # data-parallel BQPO over 4 GPUs (rank 0 reports)
 """
 from __future__ import annotations
 
@@ -45,14 +47,14 @@ def main(argv=None):
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from gqsa import GQSAConfig
+    from gqsa import GQSAConfig, distributed
     from gqsa.compress import compress_model
     from gqsa.report import environment
 
     shape = "tiny" if args.tiny else args.shape
     if args.tiny:
         args.nsamples, args.seqlen = min(args.nsamples, 8), min(args.seqlen, 64)
-    device = torch.device(args.device)
+    device = distributed.setup(args.device) if distributed.launched() else torch.device(args.device)
     cfg = LlamaConfig(vocab_size=32000 if not args.tiny else 512, num_hidden_layers=args.blocks,
                       max_position_embeddings=max(4096, args.seqlen), rms_norm_eps=1e-5, **SHAPES[shape])
     t = time.perf_counter()
@@ -72,6 +74,9 @@ def main(argv=None):
     t = time.perf_counter()
     compress_model(model, config, tokens, device, batch_size=args.batch_size, progress=False, stats=stats, log=print)
     total_s = time.perf_counter() - t
+    if not distributed.is_main():
+        distributed.teardown()
+        return
     blocks = stats["bqpo"]
     per_block = sum(b["seconds"] for b in blocks) / len(blocks)
     train_per_epoch = sum((b["seconds"] - b["oneshot_seconds"]) / max(1, b["epochs_run"]) for b in blocks) / len(blocks)
@@ -82,6 +87,7 @@ def main(argv=None):
         "shape": shape, "blocks_run": len(blocks), "blocks_in_model": n_full, "nsamples": args.nsamples,
         "seqlen": args.seqlen, "epochs": args.epochs, "bqpo_batch_size": args.bqpo_batch_size,
         "activation_dtype": args.activation_dtype, "config": config.to_dict(), "device": str(device),
+        "world_size": distributed.world_size(),
         "build_seconds": round(build_s, 1), "total_seconds": round(total_s, 1),
         "seconds_per_block": round(per_block, 1), "wall_seconds_per_block": round(total_s / len(blocks), 1),
         "oneshot_seconds_per_block": round(oneshot, 1),
@@ -95,6 +101,7 @@ def main(argv=None):
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
+    distributed.teardown()
 
 
 if __name__ == "__main__":

@@ -434,8 +434,7 @@ def _device(name):
 def cmd_compress(args) -> int:
     import torch
 
-    from . import calib, checkpoint, report
-    from .compress import compress_model
+    from . import calib, distributed
     from .config import GQSAConfig
     from .models import load_model
 
@@ -460,14 +459,34 @@ def cmd_compress(args) -> int:
         if args.threads <= 0:
             raise CLIError("--threads must be positive")
         torch.set_num_threads(args.threads)
+    device = _device(args.device)
+    if distributed.launched():  # torchrun: data-parallel trained stages, rank 0 writes
+        if not config.trained:
+            raise CLIError("--stages oneshot has nothing to split across processes; run it without torchrun")
+        device = distributed.setup(args.device)
+    try:
+        return _compress_and_save(args, config, model, tok, tokens, seqlen, source_dtype, device, out, t0)
+    finally:
+        distributed.teardown()
+
+
+def _compress_and_save(args, config, model, tok, tokens, seqlen, source_dtype, device, out, t0) -> int:
+    import torch
+
+    from . import checkpoint, distributed, report
+    from .compress import compress_model
+
     workdir = out.with_name(out.name + ".partial")
-    if config.trained and workdir.exists() and args.overwrite and not args.resume:
+    if config.trained and workdir.exists() and args.overwrite and not args.resume and distributed.is_main():
         import shutil
 
         shutil.rmtree(workdir)
+    distributed.barrier()
     stats = {}
-    packed = compress_model(model, config, tokens, device=_device(args.device), batch_size=args.batch_size,
+    packed = compress_model(model, config, tokens, device=device, batch_size=args.batch_size,
                             workdir=workdir if config.trained else None, resume=args.resume, stats=stats)
+    if not distributed.is_main():
+        return 0
     dense_dtype = source_dtype if args.dense_dtype == "auto" else getattr(torch, args.dense_dtype)
     model.to(dense_dtype)
     dense_params = sum(p.numel() for p in model.parameters() if p.requires_grad or p.dim() > 0) - sum(
@@ -479,7 +498,7 @@ def cmd_compress(args) -> int:
         "model": str(args.model), "tokenizer": str(args.tokenizer) if args.tokenizer else None,
         "calibration": {"source": str(args.calib), "nsamples": args.nsamples, "seqlen": seqlen, "seed": args.seed,
                         "batch_size": args.batch_size, **stats.get("calibration_split", {})},
-        "device": str(_device(args.device)), "compute_dtype": args.dtype, "dense_dtype": str(dense_dtype),
+        "device": str(device), "world_size": distributed.world_size(), "compute_dtype": args.dtype, "dense_dtype": str(dense_dtype),
         "seconds": round(time.time() - t0, 1), "environment": report.environment(),
         "layers": report.layer_rows(packed), "evaluations": [],
     }

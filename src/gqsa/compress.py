@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import calib, prune
+from . import calib, distributed, prune
 from .config import GQSAConfig
 from .format import PackedLinear, pack
 from .models.adapters import get_adapter
@@ -136,8 +136,13 @@ def compress_model(model, config: GQSAConfig, tokens: torch.Tensor, device=None,
     ``stats`` (a dict) receives the per-block and per-epoch losses, times and memory; ``log``
     receives one line per block / epoch (default: printed above the progress bar);
     ``on_block_done(i)`` is called after block ``i`` is written.
+
+    Inside a ``torch.distributed`` process group of several ranks (``torchrun``), the trained stages
+    are data-parallel and rank 0 alone writes ``workdir`` (:mod:`gqsa.distributed`).
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if not distributed.is_main():  # under torchrun: rank 0 alone shows progress and logs
+        progress, log = False, (lambda line: None)
     if not config.trained:
         return _compress_oneshot(model, config, tokens, device, batch_size, progress)
     from .stages import bqpo, e2e

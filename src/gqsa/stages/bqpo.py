@@ -43,7 +43,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
-from .. import calib, quant
+from .. import calib, distributed, quant
 from ..compress import (_move_except, block_linear_groups, layers_prefix, oneshot_block, pack_weight)
 from ..config import GQSAConfig
 from ..format import PackedLinear
@@ -153,8 +153,12 @@ def run_bqpo(model, config: GQSAConfig, tokens: torch.Tensor, n_train: int, devi
     act_dtype = getattr(torch, config.activation_dtype)
     store = None
     if workdir is not None:
-        store = BlockStore(workdir, _fingerprint(model, blocks, config, tokens, n_train, batch_size, device), resume,
-                           notes={"torch_threads": torch.get_num_threads()})
+        fingerprint = _fingerprint(model, blocks, config, tokens, n_train, batch_size, device)
+        notes = {"torch_threads": torch.get_num_threads(), "world_size": distributed.world_size()}
+        # rank 0 makes (or checks) the folder; the other ranks then only read it
+        store = distributed.on_main(lambda: BlockStore(workdir, fingerprint, resume, notes=notes))
+        if store is None:
+            store = BlockStore(workdir, fingerprint, resume=True, notes=notes)
     done = store.finished(len(blocks)) if store else 0
     packed: dict[str, PackedLinear] = {}
     block_stats: list[dict] = stats.setdefault("bqpo", [])
@@ -212,11 +216,13 @@ def run_bqpo(model, config: GQSAConfig, tokens: torch.Tensor, n_train: int, devi
             s_i.update(block=i, seconds=round(time.perf_counter() - t0, 2), oneshot_seconds=round(t_init, 2))
             mem, kind = common.peak_memory(device)
             s_i.update(peak_memory_bytes=mem, peak_memory_kind=kind)
+            distributed.check_same(f"BQPO block {i}", {f"{n}.{t}": v for n, p in p_i.items()
+                                                       for t, v in p.tensors().items()})
             block_stats.append(s_i)
             log(_log_line(i, len(blocks), s_i))
         common.block_forward_all(block, x_q, kwargs, batch_size, device, amp, out=x_q)
         if i >= done and store is not None:
-            store.save(i, p_i, s_i)
+            distributed.on_main(lambda: store.save(i, p_i, s_i))
         packed.update(p_i)
         block.to(home)
         bar.update(1)
@@ -284,14 +290,18 @@ def train_block(block, init: dict[str, CompressedWeight], x: torch.Tensor, y: to
             opt = torch.optim.AdamW(groups, weight_decay=0.0)
             sched = torch.optim.lr_scheduler.LambdaLR(opt, common.cosine(total))
             gen = torch.Generator().manual_seed(seed)
+            trained = distributed.wrap(block, device)  # DDP under torchrun, else the block itself
             for epoch in range(1, config.bqpo_epochs + 1):
                 for idx in torch.randperm(n_train, generator=gen).split(bs):
-                    xb = x[idx].to(device, dtype)
-                    yb = y[idx].to(device, torch.float32)
-                    with amp():
-                        out = calib.block_output(block, xb, kwargs)
-                    loss = F.mse_loss(out.float(), yb)
-                    loss.backward()
+                    if distributed.active():
+                        _distributed_step(trained, x, y, idx, kwargs, device, dtype, amp)
+                    else:
+                        xb = x[idx].to(device, dtype)
+                        yb = y[idx].to(device, torch.float32)
+                        with amp():
+                            out = calib.block_output(block, xb, kwargs)
+                        loss = F.mse_loss(out.float(), yb)
+                        loss.backward()
                     opt.step()
                     sched.step()
                     opt.zero_grad(set_to_none=True)
@@ -328,6 +338,20 @@ def train_block(block, init: dict[str, CompressedWeight], x: torch.Tensor, y: to
             lin.to(device)
             lin.weight.copy_(out[n].weight.to(lin.weight.dtype))
     return out, st
+
+
+def _distributed_step(trained, x, y, idx: torch.Tensor, kwargs, device, dtype, amp) -> None:
+    """Backward pass of this rank's share of the global batch ``idx``, its summed squared error
+    divided by the batch's element count and multiplied by the world size: DDP's average over the
+    ranks is then the gradient of the whole batch's MSE. A rank without a window in the batch runs a
+    zero-weighted pass (every rank must take part in the all-reduce)."""
+    mine = distributed.share(idx)
+    weight = 1.0 if len(mine) else 0.0
+    mine = mine if len(mine) else idx[:1]
+    with amp():
+        out = calib.block_output(trained, x[mine].to(device, dtype), kwargs)
+    err = F.mse_loss(out.float(), y[mine].to(device, torch.float32), reduction="sum")
+    (err * (weight * distributed.world_size() / (len(idx) * out[0].numel()))).backward()
 
 
 def _swap(block, name: str, module) -> None:

@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
-from .. import quant
+from .. import distributed, quant
 from ..compress import replace_linears
 from ..config import GQSAConfig
 from ..format import PackedLinear
@@ -106,6 +106,22 @@ def _eval_loss(model, tokens: torch.Tensor, bs: int, device, amp) -> float:
     return total / tokens.shape[0]
 
 
+def _distributed_backward(trained, tokens: torch.Tensor, idx: torch.Tensor, windows: int, device, amp) -> float:
+    """This rank's share of micro-batch ``idx`` (of an optimizer step of ``windows`` windows): backward
+    of its mean loss weighted by its share × the world size (DDP averages over the ranks), so the
+    step's gradient is that of the mean loss over all its windows. Returns the micro-batch's summed
+    loss over all ranks (for the log)."""
+    mine = distributed.share(idx)
+    weight = 1.0 if len(mine) else 0.0
+    mine = mine if len(mine) else idx[:1]  # every rank takes part in the all-reduce
+    with amp():
+        loss = causal_lm_loss(trained, tokens[mine].to(device))
+    (loss * (weight * len(mine) * distributed.world_size() / windows)).backward()
+    total = torch.tensor([loss.item() * len(mine) * weight], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(total)
+    return total.item()
+
+
 def run_e2e(model, packed: dict[str, PackedLinear], config: GQSAConfig, train_tokens: torch.Tensor,
             val_tokens: torch.Tensor, device, progress: bool = True, *, stats: dict | None = None,
             log: Callable[[str], None] | None = None) -> dict[str, PackedLinear]:
@@ -159,6 +175,7 @@ def run_e2e(model, packed: dict[str, PackedLinear], config: GQSAConfig, train_to
             sched = torch.optim.lr_scheduler.LambdaLR(opt, common.cosine(total))
             gen = torch.Generator().manual_seed(config.seed * 1_000_003 + 999_983)
             bar = tqdm(total=total, desc="GQSA E2E-OQP", unit="step", disable=not progress)
+            trained = distributed.wrap(model, device)  # DDP under torchrun, else the model itself
             for epoch in range(1, config.e2e_epochs + 1):
                 te = time.perf_counter()
                 perm = torch.randperm(train_tokens.shape[0], generator=gen).split(bs)
@@ -167,6 +184,10 @@ def run_e2e(model, packed: dict[str, PackedLinear], config: GQSAConfig, train_to
                     step = perm[k:k + accum]
                     windows = sum(len(idx) for idx in step)
                     for idx in step:  # the step's gradient = that of the mean loss over its windows
+                        if distributed.active():
+                            running += _distributed_backward(trained, train_tokens, idx, windows, device, amp)
+                            seen += len(idx)
+                            continue
                         with amp():
                             loss = causal_lm_loss(model, train_tokens[idx].to(device))
                         (loss * (len(idx) / windows)).backward()
@@ -195,6 +216,7 @@ def run_e2e(model, packed: dict[str, PackedLinear], config: GQSAConfig, train_to
                         q.copy_(saved)
         e2e.update(best_epoch=best_epoch, val_loss_after=best)
         out = {}
+        distributed.check_same("E2E-OQP", {str(k): q for k, q in enumerate(params)})
         for name, m in mods.items():
             out[name] = m.export().to("cpu")
             with torch.no_grad():

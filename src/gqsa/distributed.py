@@ -1,0 +1,133 @@
+"""Data-parallel compression on ``torch.distributed`` (``torchrun --nproc-per-node N gqsa compress …``).
+
+Every rank holds the current block and all calibration activations (the one-shot step and the
+activation propagation run on every rank, bit for bit alike); the *training* of both stages is split:
+each optimizer step's global batch of windows — the same batches, in the same order, as a one-process
+run with that batch size draws — is divided among the ranks (rank ``r`` takes windows ``r, r+N, …`` of
+the batch), each rank back-propagates its share with the loss weighted by its share of the batch, and
+:class:`~torch.nn.parallel.DistributedDataParallel` averages the gradients, so every rank takes the
+optimizer step of the whole batch. The results differ from a one-process run only by the order of
+floating-point sums (the gradient of a batch is the all-reduced sum of per-rank parts), and are
+identical on all ranks (checked after every block). Rank 0 alone writes the work folder and the
+checkpoint and shows progress.
+
+One process (no ``WORLD_SIZE`` in the environment, no process group) is the default and runs the
+original code paths: its results do not change.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def active() -> bool:
+    """True inside an initialized process group of more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def launched() -> bool:
+    """True when started by ``torchrun`` (or another launcher setting ``WORLD_SIZE`` > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def setup(device: str | None) -> torch.device:
+    """Initialize the process group from the launcher's environment (``nccl`` on CUDA, ``gloo`` on
+    CPU) and return this rank's device (``cuda:LOCAL_RANK`` for ``cuda``)."""
+    want = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if want.type == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if local >= torch.cuda.device_count():
+            raise RuntimeError(f"local rank {local} has no GPU: {torch.cuda.device_count()} visible; start at most "
+                               f"that many processes per node (torchrun --nproc-per-node)")
+        want = torch.device("cuda", local)
+        torch.cuda.set_device(want)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if want.type == "cuda" else "gloo",
+                                device_id=want if want.type == "cuda" else None)
+    return want
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+def share(idx: torch.Tensor) -> torch.Tensor:
+    """This rank's windows of one global batch ``idx``: ``idx[rank::world]``."""
+    return idx[rank()::world_size()] if active() else idx
+
+
+def wrap(module: nn.Module, device: torch.device) -> nn.Module:
+    """``module`` under DistributedDataParallel (gradients of its trainable parameters averaged
+    over the ranks), or itself in one process."""
+    if not active():
+        return module
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    # the buffers (packed codes, masks, rotary tables) are equal on every rank: no sync per forward
+    # (torch ≥ 2.13 names the option forward_sync_buffers and deprecates broadcast_buffers)
+    no_sync = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+               else "broadcast_buffers")
+    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
+                                   **{no_sync: False})
+
+
+def on_main(fn: Callable[[], object]):
+    """Run ``fn`` on rank 0 only; its exception (if any) is raised on every rank, so that no rank
+    waits forever for one that failed. Returns ``fn``'s result on rank 0, None elsewhere."""
+    if not active():
+        return fn()
+    result, error = None, None
+    if is_main():
+        try:
+            result = fn()
+        except Exception as e:  # re-raised below, after the other ranks have heard of it
+            error = e
+    msg = [None if error is None else f"{type(error).__name__}: {error}"]
+    dist.broadcast_object_list(msg, src=0)
+    if error is not None:
+        raise error
+    if msg[0] is not None:
+        raise RuntimeError(f"rank 0 failed: {msg[0]}")
+    return result
+
+
+def check_same(what: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Raise when ``tensors`` differ between ranks (their sha256 is compared): the ranks must have
+    taken the same steps."""
+    if not active():
+        return
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    digests = [None] * world_size()
+    dist.all_gather_object(digests, h.hexdigest())
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"{what}: the ranks' results differ ({', '.join(d[:12] for d in digests)}); "
+                           f"the ranks must run the same code, data and settings")
