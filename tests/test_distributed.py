@@ -131,6 +131,34 @@ def _unpack4(t):
     return torch.stack([t & 15, t >> 4], -1)
 
 
+def _compress_one_and_two(stories260k, asset, tmp_path, extra):
+    model, tok = stories260k
+    calib = asset("data/wikitext2/wiki.valid.tokens")
+    args = ["compress", str(model), "--tokenizer", str(tok), "--calib", str(calib), "--nsamples", "16",
+            "--seqlen", "64", "--batch-size", "4", "--threads", "1", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "gqsa.cli", *args, "--out", str(tmp_path / "one")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                          "2", "-m", "gqsa.cli", *args, "--out", str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("wrote ") == 1  # rank 0 alone writes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]  # no work folder left behind
+    return checkpoint.read_tensors(tmp_path / "one"), checkpoint.read_tensors(tmp_path / "two")
+
+
+def test_two_rank_oneshot_is_bitwise_the_one_rank_result(stories260k, asset, tmp_path):
+    """Without training steps, the 2-rank run (each rank compresses some of the linears of every
+    group, the others receive them) is bitwise the 1-rank run."""
+    a, b = _compress_one_and_two(stories260k, asset, tmp_path, ["--stages", "bqpo+e2e", "--bqpo-epochs", "0",
+                                                                "--e2e-epochs", "0"])
+    assert a.keys() == b.keys() and len(a) > 100
+    for name in a:
+        assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
+
+
 def test_two_rank_compress_matches_one_rank(stories260k, asset, tmp_path):
     """``torchrun --nproc-per-node 2 gqsa compress`` vs the 1-process run, same global batch.
 
@@ -142,21 +170,7 @@ def test_two_rank_compress_matches_one_rank(stories260k, asset, tmp_path):
     tolerance: block 0's mask is identical and ≥ 99 % of its codes; every block's training and
     held-out losses, and the E2E-OQP held-out loss, within 5 % of the 1-rank run's.
     """
-    model, tok = stories260k
-    calib = asset("data/wikitext2/wiki.valid.tokens")
-    args = ["compress", str(model), "--tokenizer", str(tok), "--calib", str(calib), "--nsamples", "16",
-            "--seqlen", "64", "--batch-size", "4", "--bqpo-epochs", "2", "--e2e-epochs", "1", "--threads", "1"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, "-m", "gqsa.cli", *args, "--out", str(tmp_path / "one")],
-                         env=env, capture_output=True, text=True, timeout=600)
-    assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-                          "2", "-m", "gqsa.cli", *args, "--out", str(tmp_path / "two")],
-                         env=env, capture_output=True, text=True, timeout=600)
-    assert two.returncode == 0, two.stderr[-3000:]
-    assert two.stdout.count("wrote ") == 1  # rank 0 alone writes
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]  # no work folder left behind
-
+    a, b = _compress_one_and_two(stories260k, asset, tmp_path, ["--bqpo-epochs", "2", "--e2e-epochs", "1"])
     r1, r2 = (json.loads((tmp_path / d / "gqsa_report.json").read_text()) for d in ("one", "two"))
     assert r1["world_size"] == 1 and r2["world_size"] == 2
     for b1, b2 in zip(r1["stages"]["bqpo"], r2["stages"]["bqpo"], strict=True):
@@ -164,7 +178,6 @@ def test_two_rank_compress_matches_one_rank(stories260k, asset, tmp_path):
             assert b2[key] == pytest.approx(b1[key], rel=0.05), (b1["block"], key)
     assert r2["stages"]["e2e"]["val_loss_after"] == pytest.approx(r1["stages"]["e2e"]["val_loss_after"], rel=0.05)
 
-    a, b = checkpoint.read_tensors(tmp_path / "one"), checkpoint.read_tensors(tmp_path / "two")
     assert a.keys() == b.keys()
     first = [k for k in a if k.startswith("model.layers.0.") and k.endswith((".row_ptr", ".col_idx"))]
     assert len(first) == 14 and all(torch.equal(a[k], b[k]) for k in first)

@@ -12,6 +12,7 @@ training on the packed model).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable
 
@@ -98,11 +99,18 @@ def oneshot_block(block, adapter, groups: list[list[str]], batches, config: GQSA
                 with amp() if amp else _null():
                     calib.block_output(block, hidden, kw)
             stats = {n: a.remove() for n, a in accs.items()}
-        for n in group:
+        # the linears of a group are independent (their statistics are taken): under torchrun each
+        # rank compresses some of them and sends the results to the others
+        for k, n in enumerate(group):
             lin = linears[n]
-            cw = prune.compress_weight(lin.weight.float(), config.bits, config.group_size, config.sparsity,
-                                       config.saliency, config.allocation, config.quant_init, stats.get(n),
-                                       config.damp)
+            cw = None
+            if distributed.owner(k) == distributed.rank():
+                cw = prune.compress_weight(lin.weight.float(), config.bits, config.group_size, config.sparsity,
+                                           config.saliency, config.allocation, config.quant_init, stats.get(n),
+                                           config.damp)
+            if distributed.active():
+                cw = prune.CompressedWeight(**distributed.broadcast_tensors(
+                    None if cw is None else {f.name: getattr(cw, f.name) for f in dataclasses.fields(cw)}, distributed.owner(k), lin.weight.device))
             lin.weight.copy_(cw.weight.to(lin.weight.dtype))  # later groups see the compressed layer
             out[n] = cw
     return out

@@ -17,6 +17,7 @@ original code paths: its results do not change.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from typing import Callable
 
@@ -84,16 +85,17 @@ def wrap(module: nn.Module, device: torch.device) -> nn.Module:
     over the ranks), or itself in one process."""
     if not active():
         return module
-    import inspect
+    import warnings
 
     from torch.nn.parallel import DistributedDataParallel
 
-    # the buffers (packed codes, masks, rotary tables) are equal on every rank: no sync per forward
-    # (torch ≥ 2.13 names the option forward_sync_buffers and deprecates broadcast_buffers)
-    no_sync = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
-               else "broadcast_buffers")
-    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
-                                   **{no_sync: False})
+    # The buffers (packed codes, masks, rotary tables) are equal on every rank: never synced, neither
+    # at construction nor per forward (gloo cannot even send the int16 col_idx). torch 2.13 deprecates
+    # broadcast_buffers for forward_sync_buffers, which still syncs at construction: keep the old one.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+        return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
+                                       broadcast_buffers=False)
 
 
 def on_main(fn: Callable[[], object]):
@@ -114,6 +116,28 @@ def on_main(fn: Callable[[], object]):
     if msg[0] is not None:
         raise RuntimeError(f"rank 0 failed: {msg[0]}")
     return result
+
+
+def owner(k: int) -> int:
+    """The rank that computes the ``k``-th of several independent jobs (round robin)."""
+    return k % world_size()
+
+
+def broadcast_tensors(tensors: dict[str, torch.Tensor] | None, src: int, device) -> dict[str, torch.Tensor]:
+    """``tensors`` of rank ``src`` on every rank (others pass None), on ``device``."""
+    if not active():
+        return tensors
+    meta = [{k: (tuple(v.shape), v.dtype) for k, v in tensors.items()} if rank() == src else None]
+    dist.broadcast_object_list(meta, src=src, device=device if torch.device(device).type == "cuda" else None)
+    out = {}
+    for k, (shape, dtype) in meta[0].items():
+        # sent as raw bytes: not every backend sends every dtype (gloo: no int16, bool)
+        n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        wire = (tensors[k].to(device).contiguous().reshape(-1).view(torch.uint8) if rank() == src
+                else torch.empty(n, dtype=torch.uint8, device=device))
+        dist.broadcast(wire, src=src)
+        out[k] = wire.view(dtype).reshape(shape)
+    return out
 
 
 def check_same(what: str, tensors: dict[str, torch.Tensor]) -> None:
