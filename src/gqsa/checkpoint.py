@@ -109,6 +109,26 @@ def save(model, folder, tokenizer=None, report: dict | None = None, overwrite: b
     return folder
 
 
+def check_quantization_config(qc: dict, where: str = "quantization_config") -> None:
+    """Check a ``quantization_config`` dict (of a folder, or of a hub checkpoint, which has no local
+    folder to read): GQSA's quant_method, a supported format version, a well-formed layer map."""
+    if qc.get("quant_method") != "gqsa":
+        raise FormatError(f"{where}: quant_method '{qc.get('quant_method')}' is not 'gqsa'; "
+                          f"load it with the library that wrote it")
+    if qc.get("format_version") != FORMAT_VERSION:
+        raise FormatError(f"{where}: GQSA format version {qc.get('format_version')} is not supported "
+                          f"(this gqsa reads version {FORMAT_VERSION}); upgrade gqsa")
+    layers = qc.get("layers")
+    if not isinstance(layers, dict) or not layers:
+        raise FormatError(f"{where}: quantization_config lists no compressed layers")
+    for name, meta in layers.items():
+        try:
+            n, k = (int(v) for v in meta["shape"])
+            int(meta["bits"]), int(meta["group_size"])
+        except (KeyError, TypeError, ValueError):
+            raise FormatError(f"{where}: quantization_config entry of {name} needs shape, bits and group_size") from None
+
+
 def read_quantization_config(folder) -> tuple[dict, dict]:
     """(config.json as a dict, its validated ``quantization_config``) of a checkpoint folder."""
     folder = Path(folder)
@@ -127,15 +147,7 @@ def read_quantization_config(folder) -> tuple[dict, dict]:
     if not isinstance(qc, dict):
         raise FormatError(f"{folder} is not a GQSA checkpoint: config.json has no quantization_config "
                           f"(an uncompressed model? compress it with `gqsa compress`)")
-    if qc.get("quant_method") != "gqsa":
-        raise FormatError(f"{folder}: quant_method '{qc.get('quant_method')}' is not 'gqsa'; "
-                          f"load it with the library that wrote it")
-    if qc.get("format_version") != FORMAT_VERSION:
-        raise FormatError(f"{folder}: GQSA format version {qc.get('format_version')} is not supported "
-                          f"(this gqsa reads version {FORMAT_VERSION}); upgrade gqsa")
-    layers = qc.get("layers")
-    if not isinstance(layers, dict) or not layers:
-        raise FormatError(f"{folder}: quantization_config lists no compressed layers")
+    check_quantization_config(qc, str(folder))
     return config, qc
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import FORMAT_VERSION, read_quantization_config
+from ..checkpoint import FORMAT_VERSION, check_quantization_config, read_quantization_config
 from ..format import TENSOR_NAMES, FormatError
 from ..nn import GQSALinear
 
@@ -45,26 +45,6 @@ except ImportError:  # pragma: no cover - depends on the environment
     HfQuantizer = QuantizationConfigMixin = object
 
 QUANT_METHOD = "gqsa"
-
-
-def check_quantization_config(qc: dict, where: str = "quantization_config") -> None:
-    """The checks of :func:`gqsa.checkpoint.read_quantization_config`, on the dict itself (a hub
-    checkpoint has no local folder to read)."""
-    if qc.get("quant_method") != QUANT_METHOD:
-        raise FormatError(f"{where}: quant_method '{qc.get('quant_method')}' is not 'gqsa'; "
-                          f"load it with the library that wrote it")
-    if qc.get("format_version") != FORMAT_VERSION:
-        raise FormatError(f"{where}: GQSA format version {qc.get('format_version')} is not supported "
-                          f"(this gqsa reads version {FORMAT_VERSION}); upgrade gqsa")
-    layers = qc.get("layers")
-    if not isinstance(layers, dict) or not layers:
-        raise FormatError(f"{where}: quantization_config lists no compressed layers")
-    for name, meta in layers.items():
-        try:
-            n, k = (int(v) for v in meta["shape"])
-            int(meta["bits"]), int(meta["group_size"])
-        except (KeyError, TypeError, ValueError):
-            raise FormatError(f"{where}: quantization_config entry of {name} needs shape, bits and group_size") from None
 
 
 def looks_like_gqsa(qc) -> bool:
