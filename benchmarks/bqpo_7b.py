@@ -48,7 +48,7 @@ def main(argv=None):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from gqsa import GQSAConfig, distributed
-    from gqsa.compress import compress_model
+    from gqsa.pipeline import compress_model
     from gqsa.report import environment
 
     shape = "tiny" if args.tiny else args.shape

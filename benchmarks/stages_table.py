@@ -54,7 +54,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
 
     from gqsa import GQSAConfig, calib, checkpoint
-    from gqsa.compress import compress_model, split_calibration
+    from gqsa.pipeline import compress_model, split_calibration
     from gqsa.eval.fidelity import evaluate_fidelity
     from gqsa.eval.ppl import perplexity
     from gqsa.models import load_model

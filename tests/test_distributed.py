@@ -60,7 +60,8 @@ def _grad_worker(rank, world, store, out):
         x, y = torch.randn(7, 5, 8, generator=g), torch.randn(7, 5, 8, generator=g)
         ids = torch.randint(0, 32, (7, 12), generator=g)
         rows = []
-        for idx in (torch.tensor([0, 3, 5, 6]), torch.tensor([1, 2, 4]), torch.tensor([2])):  # even, uneven, one rank empty
+        # shares: even, uneven, one rank empty
+        for idx in (torch.tensor([0, 3, 5, 6]), torch.tensor([1, 2, 4]), torch.tensor([2])):
             ref = _Block()
             F.mse_loss(ref(x[idx])[0], y[idx]).backward()
             block = _Block()

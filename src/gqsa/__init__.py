@@ -11,7 +11,6 @@ Public API::
     model, tok = load("out-folder")
     # or, after `import gqsa`: transformers.AutoModelForCausalLM.from_pretrained("out-folder")
 """
-from . import compress as _pipeline  # noqa: F401  (imported first: the function below takes the name)
 from .checkpoint import load, save
 from .config import GQSAConfig
 from .format import FormatError, PackedLinear
@@ -30,7 +29,7 @@ def compress(model, config: GQSAConfig, calib_tokens, device=None, batch_size: i
     (bitwise the same result); ``stats`` (a dict) receives the per-block and per-epoch losses, times and
     peak memory; ``log`` receives one line per block / epoch.
     """
-    from .compress import compress_model
+    from .pipeline import compress_model
 
     compress_model(model, config, calib_tokens, device=device, batch_size=batch_size, progress=progress,
                    workdir=workdir, resume=resume, stats=stats, log=log)

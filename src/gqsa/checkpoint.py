@@ -123,10 +123,11 @@ def check_quantization_config(qc: dict, where: str = "quantization_config") -> N
         raise FormatError(f"{where}: quantization_config lists no compressed layers")
     for name, meta in layers.items():
         try:
-            n, k = (int(v) for v in meta["shape"])
+            _n, _k = (int(v) for v in meta["shape"])  # exactly two integers
             int(meta["bits"]), int(meta["group_size"])
         except (KeyError, TypeError, ValueError):
-            raise FormatError(f"{where}: quantization_config entry of {name} needs shape, bits and group_size") from None
+            raise FormatError(f"{where}: quantization_config entry of {name} needs shape, bits and "
+                              f"group_size") from None
 
 
 def read_quantization_config(folder) -> tuple[dict, dict]:

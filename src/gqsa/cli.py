@@ -21,6 +21,10 @@ examples (offline, with the local assets):
 online (a hub model id and a dataset name):
   gqsa compress meta-llama/Llama-2-7b-hf --calib wikitext2 --out runs/llama2-7b-w4s50g16
   gqsa eval runs/llama2-7b-w4s50g16 --ppl wikitext2
+
+several GPUs (data-parallel BQPO and E2E-OQP; rank 0 writes the folder):
+  torchrun --standalone --nproc-per-node 4 -m gqsa.cli compress meta-llama/Llama-2-7b-hf \
+      --calib wikitext2 --out runs/llama2-7b-w4s50g16
 """
 
 
@@ -474,7 +478,7 @@ def _compress_and_save(args, config, model, tok, tokens, seqlen, source_dtype, d
     import torch
 
     from . import checkpoint, distributed, report
-    from .compress import compress_model
+    from .pipeline import compress_model
 
     workdir = out.with_name(out.name + ".partial")
     if config.trained and workdir.exists() and args.overwrite and not args.resume and distributed.is_main():
@@ -498,7 +502,8 @@ def _compress_and_save(args, config, model, tok, tokens, seqlen, source_dtype, d
         "model": str(args.model), "tokenizer": str(args.tokenizer) if args.tokenizer else None,
         "calibration": {"source": str(args.calib), "nsamples": args.nsamples, "seqlen": seqlen, "seed": args.seed,
                         "batch_size": args.batch_size, **stats.get("calibration_split", {})},
-        "device": str(device), "world_size": distributed.world_size(), "compute_dtype": args.dtype, "dense_dtype": str(dense_dtype),
+        "device": str(device), "world_size": distributed.world_size(), "compute_dtype": args.dtype,
+        "dense_dtype": str(dense_dtype),
         "seconds": round(time.time() - t0, 1), "environment": report.environment(),
         "layers": report.layer_rows(packed), "evaluations": [],
     }

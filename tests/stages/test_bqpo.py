@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from gqsa import GQSAConfig, prune, quant
-from gqsa.compress import compress_model, pack_weight
+from gqsa.pipeline import compress_model, pack_weight
 from gqsa.kernels import reference
 from gqsa.stages import common
 from gqsa.stages.bqpo import FakeQuantLinear

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from gqsa import GQSAConfig, GQSALinear, prune
-from gqsa.compress import compress_model, pack_weight
+from gqsa.pipeline import compress_model, pack_weight
 from gqsa.kernels import reference
 from gqsa.stages.e2e import ScaleTrainableLinear
 

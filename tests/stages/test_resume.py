@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gqsa import GQSAConfig
-from gqsa.compress import compress_model
+from gqsa.pipeline import compress_model
 from gqsa.stages import workdir as wd
 
 CFG = dict(stages="bqpo+e2e", bits=3, bqpo_epochs=2, bqpo_lr_weight=0.1, e2e_epochs=1, e2e_lr=1e-2)
@@ -69,7 +69,7 @@ def test_work_folder_is_not_reused_without_resume_nor_with_other_settings(llama_
 
 def test_block_files_hold_packed_layers_and_stats(tmp_path):
     from gqsa import prune
-    from gqsa.compress import pack_weight
+    from gqsa.pipeline import pack_weight
 
     g = torch.Generator().manual_seed(0)
     cw = prune.compress_weight(torch.randn(24, 40, generator=g), 4, 16, 0.5, "magnitude")

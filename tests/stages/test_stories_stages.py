@@ -6,7 +6,7 @@ asserted.)"""
 import pytest
 
 from gqsa import GQSAConfig, calib
-from gqsa.compress import compress_model, split_calibration
+from gqsa.pipeline import compress_model, split_calibration
 from gqsa.eval.ppl import perplexity
 from gqsa.models import load_model
 from gqsa.stages.e2e import run_e2e

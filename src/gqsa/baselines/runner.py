@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import calib, quant
-from ..compress import HessianAccumulator, _has_path, _move_except, _skipped, replace_linears
+from ..pipeline import HessianAccumulator, _has_path, _move_except, _skipped, replace_linears
 from ..format import PackedLinear, pack
 from ..models.adapters import get_adapter
 from . import masks

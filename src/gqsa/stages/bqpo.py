@@ -5,7 +5,7 @@ For each decoder block in order:
 1. its inputs ``X_q`` are the outputs of the already compressed earlier blocks on the calibration
    windows; its target ``Y`` is the uncompressed block's output on the uncompressed model's
    activations ``X_fp`` (``bqpo_target="fp"``, default) or on ``X_q`` (``"qinput"``);
-2. one-shot GQSA of the block (saliency, mask, OBS/RTN quantization: :func:`gqsa.compress.oneshot_block`)
+2. one-shot GQSA of the block (saliency, mask, OBS/RTN quantization: :func:`gqsa.pipeline.oneshot_block`)
    gives the starting point: mask, integer codes, ``s``, ``z``;
 3. each linear becomes a :class:`FakeQuantLinear` whose latent weights, scales and zero points are
    trained through fake quantization (straight-through rounding, the mask held: pruned groups are
@@ -44,7 +44,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from .. import calib, distributed, quant
-from ..compress import (_move_except, block_linear_groups, layers_prefix, oneshot_block, pack_weight)
+from ..pipeline import (_move_except, block_linear_groups, layers_prefix, oneshot_block, pack_weight)
 from ..config import GQSAConfig
 from ..format import PackedLinear
 from ..kernels import reference

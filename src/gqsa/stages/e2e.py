@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from .. import distributed, quant
-from ..compress import replace_linears
+from ..pipeline import replace_linears
 from ..config import GQSAConfig
 from ..format import PackedLinear
 from ..models.adapters import get_adapter

@@ -5,7 +5,7 @@ from torch import nn
 
 import gqsa
 from gqsa import GQSAConfig, GQSALinear
-from gqsa.compress import compress_model, split_calibration
+from gqsa.pipeline import compress_model, split_calibration
 
 
 @pytest.fixture(autouse=True)

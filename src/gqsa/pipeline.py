@@ -109,8 +109,9 @@ def oneshot_block(block, adapter, groups: list[list[str]], batches, config: GQSA
                                            config.saliency, config.allocation, config.quant_init, stats.get(n),
                                            config.damp)
             if distributed.active():
-                cw = prune.CompressedWeight(**distributed.broadcast_tensors(
-                    None if cw is None else {f.name: getattr(cw, f.name) for f in dataclasses.fields(cw)}, distributed.owner(k), lin.weight.device))
+                fields = None if cw is None else {f.name: getattr(cw, f.name) for f in dataclasses.fields(cw)}
+                cw = prune.CompressedWeight(**distributed.broadcast_tensors(fields, distributed.owner(k),
+                                                                            lin.weight.device))
             lin.weight.copy_(cw.weight.to(lin.weight.dtype))  # later groups see the compressed layer
             out[n] = cw
     return out
