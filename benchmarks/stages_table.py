@@ -112,20 +112,26 @@ def main(argv=None):
     save(model, "bqpo")
     print(f"bqpo: ppl {res['stages']['bqpo']['ppl']:.3f}, {res['stages']['bqpo']['seconds']} s", flush=True)
     train, val = split_calibration(tokens, config.val_fraction)
+
+    def teacher():  # the uncompressed model, for e2e_loss="kd"
+        if config.e2e_loss != "kd":
+            return None
+        return reference if reference is not None else load_model(args.model, args.tokenizer)[0]
     if args.e2e_lr_sweep:
         res["e2e_lr_sweep"] = {}
         for lr in (float(x) for x in args.e2e_lr_sweep.split(",")):
             t = time.time()
             m, stats = copy.deepcopy(model), {}
             run_e2e(m, copy.deepcopy(packed), GQSAConfig(**{**config.to_dict(), "e2e_lr": lr}), train, val,
-                    args.device, False, stats=stats)
+                    args.device, False, stats=stats, teacher=teacher())
             res["e2e_lr_sweep"][lr] = {"seconds": round(time.time() - t, 1), **_short(ppl(m)),
                                        "best_epoch": stats["e2e"]["best_epoch"]}
             print(f"e2e lr {lr:g}: {res['e2e_lr_sweep'][lr]}", flush=True)
             del m
     t = time.time()
     stats = {}
-    run_e2e(model, packed, config, train, val, args.device, False, stats=stats, log=lambda s: print(s, flush=True))
+    run_e2e(model, packed, config, train, val, args.device, False, stats=stats, log=lambda s: print(s, flush=True),
+            teacher=teacher())
     res["stages"]["bqpo+e2e"] = {"seconds": round(time.time() - t, 1), **_short(ppl(model)), "stats": stats}
     save(model, "bqpo+e2e")
     print(f"bqpo+e2e: ppl {res['stages']['bqpo+e2e']['ppl']:.3f}, {res['stages']['bqpo+e2e']['seconds']} s",

@@ -91,6 +91,9 @@ def _add_compress(sub):
     t.add_argument("--e2e-batch-size", type=int, help="E2E-OQP windows per micro-batch (default 4)")
     t.add_argument("--e2e-grad-accum", type=int, help="E2E-OQP micro-batches per optimizer step (default 1)")
     t.add_argument("--e2e-lr", type=float, help="E2E-OQP lr of the scales, relative (default 1e-3)")
+    t.add_argument("--e2e-loss", choices=("lm", "kd"),
+                   help="E2E-OQP objective: lm = causal-LM loss on the calibration text (default); kd = KL to the "
+                        "uncompressed model (fidelity; holds a copy of it)")
     t.add_argument("--e2e-train-zero", action="store_true",
                    help="E2E-OQP also trains the zero points (then stored as float16)")
     t.add_argument("--no-grad-checkpointing", action="store_true",
@@ -524,7 +527,7 @@ def _gqsa_config(args, GQSAConfig):
     """The GQSAConfig of ``gqsa compress``: the preset, then every option given on the command line."""
     stage_options = ("val_fraction", "bqpo_epochs", "bqpo_batch_size", "bqpo_lr_weight", "bqpo_lr_scale",
                      "bqpo_lr_zero", "bqpo_patience", "bqpo_target", "e2e_epochs", "e2e_batch_size",
-                     "e2e_grad_accum", "e2e_lr", "amp", "activation_dtype")
+                     "e2e_grad_accum", "e2e_lr", "e2e_loss", "amp", "activation_dtype")
     given = {k: getattr(args, k) for k in stage_options if getattr(args, k, None) is not None}
     for flag in ("e2e_train_zero", "offload_activations"):
         if getattr(args, flag, False):

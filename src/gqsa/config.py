@@ -10,6 +10,7 @@ ALLOCATIONS = ("row", "layer")
 QUANT_INITS = ("minmax", "mse")
 STAGES = ("oneshot", "bqpo", "bqpo+e2e")
 BQPO_TARGETS = ("fp", "qinput")
+E2E_LOSSES = ("lm", "kd")
 AMP_DTYPES = ("auto", "none", "bfloat16", "float16")
 ACTIVATION_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -67,6 +68,10 @@ class GQSAConfig:
         ``e2e_train_zero``, of the zero points (code units; then stored as float16). 1e-3 by
         default: the best of 1e-2…1e-4 on both local models at S30%/S50% (benchmarks/RESULTS.md); 1e-2
         overfits the calibration text after one epoch.
+    e2e_loss: ``lm`` — the causal-LM loss on the calibration windows (default); ``kd`` — KL from the
+        uncompressed model's next-token distribution (distillation: fidelity to the original model
+        rather than fit to the calibration text; keeps a copy of the uncompressed model in CPU
+        memory during BQPO and on the device during E2E-OQP).
     e2e_grad_checkpointing: recompute each decoder block in the backward pass (memory ≈ one block's
         activations instead of all of them).
     """
@@ -97,6 +102,7 @@ class GQSAConfig:
     e2e_grad_accum: int = 1
     e2e_lr: float = 1e-3
     e2e_train_zero: bool = False
+    e2e_loss: str = "lm"
     e2e_grad_checkpointing: bool = True
 
     def __post_init__(self):
@@ -115,6 +121,7 @@ class GQSAConfig:
         if not 0.0 < self.damp < 1.0:
             raise ValueError(f"damp must be in (0, 1), got {self.damp}")
         for name, value, allowed in (("stages", self.stages, STAGES), ("bqpo_target", self.bqpo_target, BQPO_TARGETS),
+                                     ("e2e_loss", self.e2e_loss, E2E_LOSSES),
                                      ("amp", self.amp, AMP_DTYPES),
                                      ("activation_dtype", self.activation_dtype, ACTIVATION_DTYPES)):
             if value not in allowed:

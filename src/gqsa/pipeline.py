@@ -12,6 +12,7 @@ training on the packed model).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from typing import Callable
@@ -159,12 +160,15 @@ def compress_model(model, config: GQSAConfig, tokens: torch.Tensor, device=None,
     stats = {} if stats is None else stats
     log = log or (tqdm.write if progress else (lambda line: None))
     train_tokens, val_tokens = split_calibration(tokens, config.val_fraction)
+    # E2E-OQP distillation needs the uncompressed model: a copy before BQPO changes it in place
+    teacher = copy.deepcopy(model) if config.stages == "bqpo+e2e" and config.e2e_loss == "kd" else None
     stats["calibration_split"] = {"train_windows": int(train_tokens.shape[0]), "val_windows": int(val_tokens.shape[0])}
     packed = bqpo.run_bqpo(model, config, tokens, int(train_tokens.shape[0]), device, batch_size, progress,
                            workdir=workdir, resume=resume, stats=stats, log=log, on_block_done=on_block_done)
     replace_linears(model, packed)
     if config.stages == "bqpo+e2e":
-        packed = e2e.run_e2e(model, packed, config, train_tokens, val_tokens, device, progress, stats=stats, log=log)
+        packed = e2e.run_e2e(model, packed, config, train_tokens, val_tokens, device, progress, stats=stats, log=log,
+                             teacher=teacher)
     return packed
 
 

@@ -97,16 +97,27 @@ def causal_lm_loss(model, ids: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
 
 
+def distillation_loss(model, ids: torch.Tensor, teacher) -> torch.Tensor:
+    """Mean per-token KL(teacher ‖ model) of the next-token distributions over ``ids`` ``[b, T]``."""
+    logits = model(ids, use_cache=False).logits.float()
+    with torch.no_grad():
+        target = teacher(ids, use_cache=False).logits.float()
+    v = logits.shape[-1]
+    return F.kl_div(F.log_softmax(logits, -1).reshape(-1, v), F.log_softmax(target, -1).reshape(-1, v),
+                    log_target=True, reduction="batchmean")
+
+
 @torch.no_grad()
-def _eval_loss(model, tokens: torch.Tensor, bs: int, device, amp) -> float:
+def _eval_loss(model, tokens: torch.Tensor, bs: int, device, amp, objective=causal_lm_loss) -> float:
     total = 0.0
     for batch in tokens.split(bs):
         with amp():
-            total += causal_lm_loss(model, batch.to(device)).item() * batch.shape[0]
+            total += objective(model, batch.to(device)).item() * batch.shape[0]
     return total / tokens.shape[0]
 
 
-def _distributed_backward(trained, tokens: torch.Tensor, idx: torch.Tensor, windows: int, device, amp) -> float:
+def _distributed_backward(trained, tokens: torch.Tensor, idx: torch.Tensor, windows: int, device, amp,
+                          objective=causal_lm_loss) -> float:
     """This rank's share of micro-batch ``idx`` (of an optimizer step of ``windows`` windows): backward
     of its mean loss weighted by its share × the world size (DDP averages over the ranks), so the
     step's gradient is that of the mean loss over all its windows. Returns the micro-batch's summed
@@ -115,7 +126,7 @@ def _distributed_backward(trained, tokens: torch.Tensor, idx: torch.Tensor, wind
     weight = 1.0 if len(mine) else 0.0
     mine = mine if len(mine) else idx[:1]  # every rank takes part in the all-reduce
     with amp():
-        loss = causal_lm_loss(trained, tokens[mine].to(device))
+        loss = objective(trained, tokens[mine].to(device))
     (loss * (weight * len(mine) * distributed.world_size() / windows)).backward()
     total = torch.tensor([loss.item() * len(mine) * weight], dtype=torch.float64, device=device)
     torch.distributed.all_reduce(total)
@@ -124,11 +135,25 @@ def _distributed_backward(trained, tokens: torch.Tensor, idx: torch.Tensor, wind
 
 def run_e2e(model, packed: dict[str, PackedLinear], config: GQSAConfig, train_tokens: torch.Tensor,
             val_tokens: torch.Tensor, device, progress: bool = True, *, stats: dict | None = None,
-            log: Callable[[str], None] | None = None) -> dict[str, PackedLinear]:
+            log: Callable[[str], None] | None = None, teacher=None) -> dict[str, PackedLinear]:
     """Train the scales of the packed layers of ``model`` (the names of ``packed``, currently
     :class:`GQSALinear` or ``nn.Linear`` modules) end to end; they end as :class:`GQSALinear` modules
-    holding the trained layers, which are returned."""
+    holding the trained layers, which are returned.
+
+    ``config.e2e_loss``: ``lm`` — the causal-LM loss of the calibration windows (default); ``kd`` —
+    KL(``teacher`` ‖ model) per token, ``teacher`` being the uncompressed model (moved to ``device``
+    for the stage: its memory comes on top). Held-out selection uses the same objective.
+    """
     device = torch.device(device)
+    if config.e2e_loss == "kd":
+        if teacher is None:
+            raise ValueError("e2e_loss='kd' distils from the uncompressed model: pass it as teacher=")
+        objective = functools.partial(distillation_loss, teacher=teacher)
+        teacher_home = next(teacher.parameters()).device
+        teacher.to(device).eval()
+    else:
+        objective = causal_lm_loss
+    what = "KL to the uncompressed model" if config.e2e_loss == "kd" else "loss"
     stats = {} if stats is None else stats
     log = log or (lambda line: None)
     amp = common.autocast(common.amp_dtype(config.amp, device), device)
@@ -162,14 +187,14 @@ def run_e2e(model, packed: dict[str, PackedLinear], config: GQSAConfig, train_to
             q.requires_grad_(config.e2e_lr > 0)
         bs, accum = config.e2e_batch_size, config.e2e_grad_accum
         n_val = val_tokens.shape[0]
-        before = _eval_loss(model, val_tokens, bs, device, amp) if n_val else None
+        before = _eval_loss(model, val_tokens, bs, device, amp, objective) if n_val else None
         e2e["val_loss_before"] = before
         best, best_epoch, best_state = before, 0, [q.detach().to("cpu", copy=True) for q in params]
         micro = math.ceil(train_tokens.shape[0] / bs)
         steps_per_epoch = math.ceil(micro / accum)
         total = steps_per_epoch * config.e2e_epochs
         if before is not None:
-            log(f"E2E-OQP: held-out loss {before:.4f} (ppl {math.exp(before):.2f}) before training")
+            log(f"E2E-OQP: held-out {what} {before:.4f}{_ppl(before, config)} before training")
         if total and config.e2e_lr > 0:
             opt = torch.optim.AdamW(params, lr=config.e2e_lr, weight_decay=0.0)
             sched = torch.optim.lr_scheduler.LambdaLR(opt, common.cosine(total))
@@ -185,11 +210,12 @@ def run_e2e(model, packed: dict[str, PackedLinear], config: GQSAConfig, train_to
                     windows = sum(len(idx) for idx in step)
                     for idx in step:  # the step's gradient = that of the mean loss over its windows
                         if distributed.active():
-                            running += _distributed_backward(trained, train_tokens, idx, windows, device, amp)
+                            running += _distributed_backward(trained, train_tokens, idx, windows, device, amp,
+                                                             objective)
                             seen += len(idx)
                             continue
                         with amp():
-                            loss = causal_lm_loss(model, train_tokens[idx].to(device))
+                            loss = objective(model, train_tokens[idx].to(device))
                         (loss * (len(idx) / windows)).backward()
                         running += loss.item() * len(idx)
                         seen += len(idx)
@@ -199,14 +225,14 @@ def run_e2e(model, packed: dict[str, PackedLinear], config: GQSAConfig, train_to
                     bar.update(1)
                 row = {"epoch": epoch, "train_loss": running / seen, "seconds": round(time.perf_counter() - te, 2)}
                 if n_val:
-                    row["val_loss"] = _eval_loss(model, val_tokens, bs, device, amp)
+                    row["val_loss"] = _eval_loss(model, val_tokens, bs, device, amp, objective)
                     if row["val_loss"] < best:
                         best, best_epoch = row["val_loss"], epoch
                         best_state = [q.detach().to("cpu", copy=True) for q in params]
                 else:
                     best_epoch, best_state = epoch, None
                 e2e["epochs"].append(row)
-                held = f", held-out {row['val_loss']:.4f} (ppl {math.exp(row['val_loss']):.2f})" if n_val else ""
+                held = f", held-out {row['val_loss']:.4f}{_ppl(row['val_loss'], config)}" if n_val else ""
                 log(f"E2E-OQP epoch {epoch}/{config.e2e_epochs}: train loss {row['train_loss']:.4f}{held}, "
                     f"{row['seconds']:.1f} s")
             bar.close()
@@ -232,10 +258,16 @@ def run_e2e(model, packed: dict[str, PackedLinear], config: GQSAConfig, train_to
             p.requires_grad_(flag)
         model.train(was_training)
         model.to(home)
+        if config.e2e_loss == "kd":
+            teacher.to(teacher_home)
     replace_linears(model, out)
     mem, kind = common.peak_memory(device)
     e2e.update(seconds=round(time.perf_counter() - t0, 2), peak_memory_bytes=mem, peak_memory_kind=kind)
     if best is not None:
-        log(f"E2E-OQP: held-out loss {before:.4f} → {best:.4f} (best epoch {best_epoch}/{config.e2e_epochs}), "
+        log(f"E2E-OQP: held-out {what} {before:.4f} → {best:.4f} (best epoch {best_epoch}/{config.e2e_epochs}), "
             f"{e2e['seconds']:.1f} s, {kind} {common.fmt_bytes(mem)}")
     return out
+
+
+def _ppl(loss: float, config: GQSAConfig) -> str:
+    return f" (ppl {math.exp(loss):.2f})" if config.e2e_loss == "lm" else ""
