@@ -1,6 +1,5 @@
 """One-shot GQSA on the real stories260K: the quality relations that must hold."""
 import pytest
-import torch
 
 from gqsa import GQSAConfig, calib, compress
 from gqsa.eval.ppl import perplexity

@@ -65,6 +65,18 @@ def _move_except(module: nn.Module, keep: nn.Module, device) -> None:
             module._buffers[name] = b.to(device)
 
 
+@torch.no_grad()
+def capture_inputs(model, blocks, tokens: torch.Tensor, batch_size: int, device) -> list:
+    """``[(hidden, kwargs), …]`` inputs of the first decoder block for ``tokens`` (batches of
+    ``batch_size`` windows), computed on ``device`` with everything but the blocks moved there and back."""
+    home = next(model.parameters()).device
+    _move_except(model, blocks, device)
+    try:
+        return calib.capture_block_inputs(model, blocks, tokens, batch_size, device)
+    finally:
+        _move_except(model, blocks, home)
+
+
 def layers_prefix(model, adapter) -> str:
     """Module-name prefix of the decoder blocks in ``model`` (``model.layers`` or ``layers``)."""
     return adapter.layers_path if _has_path(model, adapter.layers_path) else adapter.layers_path.split(".", 1)[1]
@@ -190,11 +202,7 @@ def _compress_oneshot(model, config: GQSAConfig, tokens: torch.Tensor, device, b
     blocks = adapter.blocks(model)
     prefix = layers_prefix(model, adapter)
     home = next(model.parameters()).device
-    _move_except(model, blocks, device)
-    try:
-        batches = calib.capture_block_inputs(model, blocks, tokens, batch_size, device)
-    finally:
-        _move_except(model, blocks, home)
+    batches = capture_inputs(model, blocks, tokens, batch_size, device)
     packed: dict[str, PackedLinear] = {}
     bar = tqdm(total=len(blocks), desc="GQSA one-shot", unit="block", disable=not progress)
     for i, block in enumerate(blocks):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gqsa import prune, quant
+from gqsa import quant
 from gqsa.baselines import (gptq_layer, magnitude_layer, nm_mask, parse_pattern, rtn_layer, sparsegpt_layer,
                             unstructured_mask, wanda_layer)
 

@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import calib, quant
-from ..pipeline import HessianAccumulator, _has_path, _move_except, _skipped, replace_linears
+from ..pipeline import HessianAccumulator, _skipped, capture_inputs, layers_prefix, replace_linears
 from ..format import PackedLinear, pack
 from ..models.adapters import get_adapter
 from . import masks
@@ -139,17 +139,13 @@ def compress_model_baseline(model, config: BaselineConfig, tokens: torch.Tensor 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     adapter = get_adapter(model)
     blocks = adapter.blocks(model)
-    prefix = adapter.layers_path if _has_path(model, adapter.layers_path) else adapter.layers_path.split(".", 1)[1]
+    prefix = layers_prefix(model, adapter)
     home = next(model.parameters()).device
     batches = None
     if config.needs_calibration:
         if tokens is None:
             raise ValueError(f"{config.method} needs calibration tokens")
-        _move_except(model, blocks, device)
-        try:
-            batches = calib.capture_block_inputs(model, blocks, tokens, batch_size, device)
-        finally:
-            _move_except(model, blocks, home)
+        batches = capture_inputs(model, blocks, tokens, batch_size, device)
     packed: dict[str, PackedLinear] = {}
     layers: list[dict] = []
     bar = tqdm(total=len(blocks), desc=config.setting(), unit="block", disable=not progress)

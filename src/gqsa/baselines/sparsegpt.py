@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import torch
 
-from .. import prune
-
 
 def sparsegpt_layer(w: torch.Tensor, hessian: torch.Tensor, sparsity: float = 0.5,
                     pattern: tuple[int, int] | None = (2, 4), damp: float = 0.01, blocksize: int = 128,

@@ -44,7 +44,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from .. import calib, distributed, quant
-from ..pipeline import (_move_except, block_linear_groups, layers_prefix, oneshot_block, pack_weight)
+from ..pipeline import block_linear_groups, capture_inputs, layers_prefix, oneshot_block, pack_weight
 from ..config import GQSAConfig
 from ..format import PackedLinear
 from ..kernels import reference
@@ -171,13 +171,8 @@ def run_bqpo(model, config: GQSAConfig, tokens: torch.Tensor, n_train: int, devi
         log(f"BQPO: all {len(blocks)} blocks read back from {store.folder}")
         return packed
 
-    _move_except(model, blocks, device)
-    try:
-        with torch.no_grad():
-            batches = calib.capture_block_inputs(model, blocks, tokens, batch_size, device)
-            kwargs = calib.capture_block_inputs(model, blocks, tokens[:1], 1, device)[0][1]  # broadcasts over batch
-    finally:
-        _move_except(model, blocks, home)
+    batches = capture_inputs(model, blocks, tokens, batch_size, device)
+    kwargs = capture_inputs(model, blocks, tokens[:1], 1, device)[0][1]  # broadcasts over the batch
     x_q = torch.cat([h.to(act_device, act_dtype) for h, _ in batches])
     del batches
     x_fp = x_q.clone() if config.bqpo_target == "fp" else None
