@@ -301,11 +301,16 @@ def cmd_generate(args) -> int:
     single = len(ids) == 1
     shown = {"ids": [], "text": ""}
 
+    def continuation(prompt_ids, new_ids) -> str:
+        # decoded with the prompt: a SentencePiece piece's leading space is kept ("was" + "▁a" = "was a")
+        return tok.decode(prompt_ids + new_ids, skip_special_tokens=True)[
+            len(tok.decode(prompt_ids, skip_special_tokens=True)):]
+
     def stream(step, tokens):
         if tokens[0] in (eos if isinstance(eos, list) else [eos]):
             return
         shown["ids"].append(tokens[0])
-        text = tok.decode(shown["ids"], skip_special_tokens=True)
+        text = continuation(ids[0], shown["ids"])
         sys.stdout.write(text[len(shown["text"]):])
         sys.stdout.flush()
         shown["text"] = text
@@ -317,8 +322,8 @@ def cmd_generate(args) -> int:
     if single:
         sys.stdout.write("\n")
     else:
-        for prompt, toks in zip(args.prompt, out.tokens):
-            print(prompt + tok.decode(toks, skip_special_tokens=True))
+        for prompt, prompt_ids, toks in zip(args.prompt, ids, out.tokens):
+            print(prompt + continuation(prompt_ids, list(toks)))
             print()
     n = sum(len(t) for t in out.tokens)
     print(f"[{n} tokens; prefill {1e3 * out.prefill_s:.1f} ms, decode {out.decode_tokens_per_s:.1f} tokens/s "
