@@ -1,7 +1,8 @@
 """E2E-OQP — end-to-end optimized quantization-pruning: the integer codes and the mask are frozen
 (the packed ``row_ptr``, ``col_idx`` and ``qweight`` never change); only the scales (and, with
 ``e2e_train_zero``, the zero points, then stored as float16) are trained with the causal-LM loss on
-the calibration windows.
+the calibration windows, or (``e2e_loss="kd"``) with the KL from the uncompressed model's next-token
+distribution.
 
 Each packed layer becomes a :class:`ScaleTrainableLinear` whose forward weight is, bit for bit, the
 weight its exported :class:`~gqsa.format.PackedLinear` dequantizes to: the scale is rounded to
