@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -63,20 +64,46 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+@contextmanager
+def atomic_folder(folder, overwrite: bool = False):
+    """Yield a temporary sibling folder of ``folder`` to write into; when the block ends without an
+    exception it replaces ``folder``, otherwise it is removed (a half-written ``folder`` never exists)."""
+    folder = Path(folder)
+    if folder.exists() and not overwrite:
+        raise FileExistsError(f"{folder} already exists; choose another --out or pass --overwrite")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    try:
+        tmp.chmod(0o755)
+        yield tmp
+        if folder.exists():
+            trash = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+            folder.rename(trash)
+            tmp.rename(folder)
+            shutil.rmtree(trash)
+        else:
+            tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_report(folder: Path, report: dict | None) -> None:
+    """``gqsa_report.json`` in ``folder``, with the sha256 of every safetensors file there."""
+    report = dict(report or {})
+    report["files"] = {f.name: sha256(f) for f in sorted(folder.glob("*.safetensors"))}
+    (folder / REPORT).write_text(json.dumps(report, indent=2))
+
+
 def save(model, folder, tokenizer=None, report: dict | None = None, overwrite: bool = False,
          max_shard_size: str = "5GB", extra_quant_config: dict | None = None) -> Path:
     """Write a compressed model to ``folder`` atomically: everything goes to a temporary sibling
     folder first, which is renamed into place only when complete."""
     folder = Path(folder)
-    if folder.exists() and not overwrite:
-        raise FileExistsError(f"{folder} already exists; choose another --out or pass --overwrite")
-    folder.parent.mkdir(parents=True, exist_ok=True)
     for name, m in model.named_modules():
         if isinstance(m, GQSALinear):
             m.packed.validate(name)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
-    try:
-        tmp.chmod(0o755)
+    with atomic_folder(folder, overwrite) as tmp:
         state = _unique_state_dict(model)
         split = split_torch_state_dict_into_shards(state, filename_pattern="model{suffix}.safetensors",
                                                    max_shard_size=max_shard_size)
@@ -93,19 +120,7 @@ def save(model, folder, tokenizer=None, report: dict | None = None, overwrite: b
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        report = dict(report or {})
-        report["files"] = {f: sha256(tmp / f) for f in sorted(split.filename_to_tensors)}
-        (tmp / REPORT).write_text(json.dumps(report, indent=2))
-        if folder.exists():
-            trash = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-            folder.rename(trash)
-            tmp.rename(folder)
-            shutil.rmtree(trash)
-        else:
-            tmp.rename(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_report(tmp, report)
     return folder
 
 

@@ -76,6 +76,12 @@ def select_mask(score: torch.Tensor, sparsity: float, allocation: str = "row") -
     raise ValueError(f"unknown allocation '{allocation}': use row or layer")
 
 
+def upper_cholesky_of_inverse(h: torch.Tensor) -> torch.Tensor:
+    """The upper Cholesky factor of ``H⁻¹`` (``H`` positive definite): the row-by-row form of the
+    inverse Hessian that GPTQ/SparseGPT-style column updates use."""
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+
+
 def _prepare_hessian(h: torch.Tensor, group_size: int, damp: float) -> torch.Tensor:
     """Pad ``H`` ``[K, K]`` to ``[C·G, C·G]`` and make it positive definite (dead inputs, padding and
     dampening get a unit/damped diagonal)."""
@@ -124,7 +130,7 @@ def compress_obs(w: torch.Tensor, hessian: torch.Tensor, mask: torch.Tensor, bit
     dead = hessian.diagonal()[:k] <= 0
     W[:, :k][:, dead] = 0
     importance = H.diagonal().clone()
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    hinv = upper_cholesky_of_inverse(H)
     colmask = mask.repeat_interleave(g, dim=1).float()
     codes, out = torch.zeros(n, kp, device=w.device), torch.zeros(n, kp, device=w.device)
     scale, zero = torch.zeros(n, c, device=w.device), torch.zeros(n, c, device=w.device)

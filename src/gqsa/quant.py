@@ -121,19 +121,24 @@ def init_params(w: torch.Tensor, bits: int, method: str = "mse", **kw):
     raise ValueError(f"unknown quantization init '{method}': use 'minmax' or 'mse'")
 
 
-class _RoundSTE(torch.autograd.Function):
+class _StraightThrough(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x):
-        return torch.round(x)
+    def forward(ctx, x, fn):
+        return fn(x)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad
+        return grad, None
+
+
+def straight_through(fn, x: torch.Tensor) -> torch.Tensor:
+    """``fn(x)`` in the forward pass (a rounding), the identity's gradient in the backward pass."""
+    return _StraightThrough.apply(x, fn)
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
-    """``round`` whose gradient is the identity (straight-through estimator)."""
-    return _RoundSTE.apply(x)
+    """``round(x)`` with a straight-through (identity) gradient."""
+    return straight_through(torch.round, x)
 
 
 def fake_quant(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:

@@ -43,7 +43,7 @@ def gptq_layer(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: in
     perm = torch.argsort(H.diagonal(), descending=True, stable=True)
     W = W[:, perm]
     H = H[perm][:, perm]
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    hinv = prune.upper_cholesky_of_inverse(H)
     group_of = (perm // g).tolist()
     codes, out = torch.zeros_like(W), torch.zeros_like(W)
     bs = max(1, blocksize)

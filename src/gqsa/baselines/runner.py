@@ -13,10 +13,6 @@ unstructured: 16·(1−S) + a 1-bit bitmap).
 """
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -212,32 +208,14 @@ def compress_model_baseline(model, config: BaselineConfig, tokens: torch.Tensor 
 def save_dense(model, folder, tokenizer=None, report: dict | None = None, overwrite: bool = False) -> Path:
     """Write an ordinary model folder (``save_pretrained``, safetensors) atomically: a temporary
     sibling folder renamed into place when complete; ``gqsa_report.json`` records checksums."""
-    from ..checkpoint import REPORT, sha256
+    from ..checkpoint import atomic_folder, write_report
 
-    folder = Path(folder)
-    if folder.exists() and not overwrite:
-        raise FileExistsError(f"{folder} already exists; choose another --out or pass --overwrite")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
-    try:
-        tmp.chmod(0o755)
+    with atomic_folder(folder, overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        report = dict(report or {})
-        report["files"] = {f.name: sha256(f) for f in sorted(tmp.glob("*.safetensors"))}
-        (tmp / REPORT).write_text(json.dumps(report, indent=2))
-        if folder.exists():
-            trash = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-            folder.rename(trash)
-            tmp.rename(folder)
-            shutil.rmtree(trash)
-        else:
-            tmp.rename(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
+        write_report(tmp, report)
+    return Path(folder)
 
 
 def config_from_args(args) -> BaselineConfig:

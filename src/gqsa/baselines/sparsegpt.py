@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from .. import prune
+
 
 def sparsegpt_layer(w: torch.Tensor, hessian: torch.Tensor, sparsity: float = 0.5,
                     pattern: tuple[int, int] | None = (2, 4), damp: float = 0.01, blocksize: int = 128,
@@ -27,7 +29,7 @@ def sparsegpt_layer(w: torch.Tensor, hessian: torch.Tensor, sparsity: float = 0.
     H.diagonal()[dead] = 1.0
     W[:, dead] = 0
     H.diagonal().add_(damp * H.diagonal().mean())
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    hinv = prune.upper_cholesky_of_inverse(H)
     if pattern is not None:
         n_keep, m = pattern
         bs = max(m, blocksize // m * m)  # n:m blocks never straddle two lazy blocks

@@ -9,8 +9,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from .. import calib
-from .ppl import model_context
+from .ppl import model_context, text_windows
 
 
 @torch.no_grad()
@@ -30,13 +29,8 @@ def evaluate_fidelity(model, reference, tokenizer, source: str, context: int | N
     v_cmp = v_cmp.weight.shape[0] if hasattr(v_cmp, "weight") else v_ref
     if v_ref != v_cmp:
         raise ValueError(f"the reference has {v_ref} output tokens and the model {v_cmp}: they must share a vocabulary")
-    ids = calib.tokenize(calib.read_text(source, purpose="evaluation"), tokenizer)
-    n = ids.numel() // context
-    if n == 0:
-        raise ValueError(f"{source}: {ids.numel()} tokens are fewer than one window of {context}")
-    if max_windows is not None:
-        n = min(n, max_windows)
-    windows = ids[: n * context].reshape(n, context)
+    _, windows = text_windows(source, tokenizer, context, max_windows)
+    n = windows.shape[0]
     dev_m = next(model.parameters()).device
     dev_r = next(reference.parameters()).device
     kl_sum = agree = 0.0

@@ -19,6 +19,18 @@ def model_context(model, cap: int = 2048) -> int:
     return min(cap, int(limit))
 
 
+def text_windows(source: str, tokenizer, context: int, max_windows: int | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(all token ids of ``source``, its first ``max_windows`` non-overlapping ``[n, context]`` windows)."""
+    ids = calib.tokenize(calib.read_text(source, purpose="evaluation"), tokenizer)
+    n = ids.numel() // context
+    if n == 0:
+        raise ValueError(f"{source}: {ids.numel()} tokens are fewer than one window of {context}")
+    if max_windows is not None:
+        n = min(n, max_windows)
+    return ids, ids[: n * context].reshape(n, context)
+
+
 @torch.no_grad()
 def perplexity(model, tokenizer, source: str, context: int | None = None, batch_size: int = 4,
                device=None, progress: bool = True, max_windows: int | None = None) -> dict:
@@ -27,14 +39,9 @@ def perplexity(model, tokenizer, source: str, context: int | None = None, batch_
     (quick checks; the count is in the result)."""
     t0 = time.perf_counter()
     context = context or model_context(model)
-    ids = calib.tokenize(calib.read_text(source, purpose="evaluation"), tokenizer)
-    n = ids.numel() // context
-    if n == 0:
-        raise ValueError(f"{source}: {ids.numel()} tokens are fewer than one window of {context}")
-    if max_windows is not None:
-        n = min(n, max_windows)
+    ids, windows = text_windows(source, tokenizer, context, max_windows)
+    n = windows.shape[0]
     device = device or next(model.parameters()).device
-    windows = ids[: n * context].reshape(n, context)
     total = 0.0
     for batch in tqdm(windows.split(batch_size), desc="perplexity", unit="batch", disable=not progress):
         logits = model(batch.to(device), use_cache=False).logits.float()

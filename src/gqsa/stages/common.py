@@ -11,35 +11,19 @@ import torch
 from .. import calib, quant
 
 
-class _ScaleSTE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, s):
-        return quant.round_scale(s)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad
-
-
-class _HalfSTE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x.to(torch.float16).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad
-
-
 def round_scale_ste(s: torch.Tensor) -> torch.Tensor:
     """:func:`gqsa.quant.round_scale` (clamp to a positive float16 and round to it) in the forward
     pass, identity gradient: the trained scale is, bit for bit, the one a checkpoint stores."""
-    return _ScaleSTE.apply(s)
+    return quant.straight_through(quant.round_scale, s)
 
 
 def round_half_ste(x: torch.Tensor) -> torch.Tensor:
     """Round to float16 in the forward pass (keeping the dtype), identity gradient (float zero points)."""
-    return _HalfSTE.apply(x)
+    return quant.straight_through(_to_half_and_back, x)
+
+
+def _to_half_and_back(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.float16).to(x.dtype)
 
 
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
