@@ -2,8 +2,9 @@
 
 What is exact: the gradient of a global batch split across ranks equals the one-process gradient
 (up to float summation order), for BQPO's block MSE and E2E-OQP's causal-LM loss, with uneven and
-empty shares. What is within tolerance: a whole 2-rank ``torchrun gqsa compress`` against the 1-rank
-run (see test_two_rank_compress_matches_one_rank for the tolerance and its reason).
+empty shares; a whole 2-rank ``torchrun gqsa compress`` is bit for bit the one-process run that
+simulates two ranks (``GQSA_SIMULATE_RANKS=2``: same shares, same shapes, same order of sums), so the
+comparison holds on every machine whatever its BLAS does with other batch shapes.
 """
 from __future__ import annotations
 
@@ -21,6 +22,11 @@ from torch import nn
 
 from gqsa import checkpoint, distributed
 from gqsa.stages import bqpo, e2e
+
+
+# torch threads per process of the compress runs (GQSA_TEST_THREADS=2 checks that the bitwise results do
+# not hinge on one thread)
+THREADS = os.environ.get("GQSA_TEST_THREADS", "1")
 
 
 def _init(rank: int, world: int, store: str) -> None:
@@ -128,18 +134,31 @@ def test_one_process_is_not_distributed():
     assert distributed.share(torch.arange(3)).tolist() == [0, 1, 2]
 
 
-def _unpack4(t):
-    return torch.stack([t & 15, t >> 4], -1)
+def test_shares_of_a_batch():
+    idx = torch.tensor([5, 1, 4, 0, 2])
+    assert [(p.tolist(), f) for p, f in distributed.shares(idx)] == [([5, 1, 4, 0, 2], 1)]
+    os.environ[distributed.SIMULATE_ENV] = "2"
+    try:
+        assert distributed.split_batches()
+        assert [(p.tolist(), f) for p, f in distributed.shares(idx)] == [([5, 4, 2], 1), ([1, 0], 1)]
+        assert [(p.tolist(), f) for p, f in distributed.shares(idx[:1])] == [([5], 1)]  # empty share left out
+        os.environ[distributed.SIMULATE_ENV] = "two"
+        with pytest.raises(ValueError, match="GQSA_SIMULATE_RANKS='two'"):
+            distributed.simulated_ranks()
+    finally:
+        del os.environ[distributed.SIMULATE_ENV]
+    assert not distributed.split_batches()
 
 
-def _compress_one_and_two(stories260k, asset, tmp_path, extra):
+def _compress_one_and_two(stories260k, asset, tmp_path, extra, one_env=None):
     model, tok = stories260k
     calib = asset("data/wikitext2/wiki.valid.tokens")
     args = ["compress", str(model), "--tokenizer", str(tok), "--calib", str(calib), "--nsamples", "16",
-            "--seqlen", "64", "--batch-size", "4", "--threads", "1", *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+            "--seqlen", "64", "--batch-size", "4", "--threads", THREADS, *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": THREADS}
+    env.pop(distributed.SIMULATE_ENV, None)
     one = subprocess.run([sys.executable, "-m", "gqsa.cli", *args, "--out", str(tmp_path / "one")],
-                         env=env, capture_output=True, text=True, timeout=600)
+                         env={**env, **(one_env or {})}, capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
                           "2", "-m", "gqsa.cli", *args, "--out", str(tmp_path / "two")],
@@ -160,31 +179,27 @@ def test_two_rank_oneshot_is_bitwise_the_one_rank_result(stories260k, asset, tmp
         assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
 
 
-def test_two_rank_compress_matches_one_rank(stories260k, asset, tmp_path):
-    """``torchrun --nproc-per-node 2 gqsa compress`` vs the 1-process run, same global batch.
+def test_two_rank_compress_is_bitwise_the_simulated_two_rank_run(stories260k, asset, tmp_path):
+    """``torchrun --nproc-per-node 2 gqsa compress`` with BQPO and E2E-OQP training steps vs one process
+    with ``GQSA_SIMULATE_RANKS=2``: every tensor and every logged loss bit for bit equal.
 
-    Not bitwise, and why: a batch's gradient is the all-reduced sum of the two ranks' halves instead
-    of one reduction over the whole batch, so the trained latent weights differ in the last float
-    bits; rounding to integer codes turns that into a few flipped codes in block 0 (≤ 1 %), and the
-    next blocks' one-shot masks, chosen on slightly different inputs, differ wherever two groups'
-    saliencies nearly tie — after which those blocks train from different starting points. Stated
-    tolerance: block 0's mask is identical and ≥ 99 % of its codes; every block's training and
-    held-out losses, and the E2E-OQP held-out loss, within 5 % of the 1-rank run's.
-    """
-    a, b = _compress_one_and_two(stories260k, asset, tmp_path, ["--bqpo-epochs", "2", "--e2e-epochs", "1"])
+    (Against a plain one-process run the result is not bitwise — a batch's gradient is then one
+    reduction over the whole batch instead of the sum of the two ranks' halves — and how far the two
+    drift apart after rounding to codes and re-choosing masks depends on the machine's BLAS; the
+    gradient of a split batch is compared with the whole batch's in
+    test_split_batch_gradient_equals_the_whole_batch_gradient.)"""
+    a, b = _compress_one_and_two(stories260k, asset, tmp_path, ["--bqpo-epochs", "2", "--e2e-epochs", "1"],
+                                 one_env={distributed.SIMULATE_ENV: "2"})
     r1, r2 = (json.loads((tmp_path / d / "gqsa_report.json").read_text()) for d in ("one", "two"))
-    assert r1["world_size"] == 1 and r2["world_size"] == 2
+    assert r1["world_size"] == 1 and r1["simulated_ranks"] == 2 and r2["world_size"] == 2
+    assert len(r1["stages"]["bqpo"]) == len(r2["stages"]["bqpo"]) == 5
     for b1, b2 in zip(r1["stages"]["bqpo"], r2["stages"]["bqpo"], strict=True):
+        assert b1["steps"] > 0
         for key in ("train_loss_before", "train_loss_after", "val_loss_before", "val_loss_after"):
-            assert b2[key] == pytest.approx(b1[key], rel=0.05), (b1["block"], key)
-    assert r2["stages"]["e2e"]["val_loss_after"] == pytest.approx(r1["stages"]["e2e"]["val_loss_after"], rel=0.05)
-
-    assert a.keys() == b.keys()
-    first = [k for k in a if k.startswith("model.layers.0.") and k.endswith((".row_ptr", ".col_idx"))]
-    assert len(first) == 14 and all(torch.equal(a[k], b[k]) for k in first)
-    codes = [k for k in a if k.startswith("model.layers.0.") and k.endswith(".qweight")]
-    same = sum((_unpack4(a[k]) == _unpack4(b[k])).sum().item() for k in codes)
-    total = sum(_unpack4(a[k]).numel() for k in codes)
-    assert same / total >= 0.99
-    dense = [k for k in a if "layers" not in k or k.endswith("norm.weight")]
-    assert dense and all(torch.equal(a[k], b[k]) for k in dense)  # untouched tensors are bitwise equal
+            assert b2[key] == b1[key], (b1["block"], key)
+    e1, e2 = r1["stages"]["e2e"], r2["stages"]["e2e"]
+    assert e1["epochs"] and [r["train_loss"] for r in e1["epochs"]] == [r["train_loss"] for r in e2["epochs"]]
+    assert e2["val_loss_after"] == e1["val_loss_after"]
+    assert a.keys() == b.keys() and len(a) > 100
+    for name in a:
+        assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name

@@ -13,6 +13,15 @@ checkpoint and shows progress.
 
 One process (no ``WORLD_SIZE`` in the environment, no process group) is the default and runs the
 original code paths: its results do not change.
+
+Reproducing an N-rank run in one process: with ``GQSA_SIMULATE_RANKS=N`` a one-process run splits every
+training batch into the N shares the ranks would take, back-propagates them one after the other in rank
+order and lets the gradients add up. Each share is computed with the same shapes as on its rank, the
+gradients of a batch are summed in the same order as the all-reduce sums them (for N = 2 a single,
+commutative addition; the loss factors differ by the power of two that DDP divides out again, which is
+exact), so the result is bit for bit the ``torchrun --nproc-per-node N`` result on the same kind of
+device — on any machine, whatever its BLAS does with other shapes. This is how a multi-GPU result is
+checked or debugged on one device, and how the test suite compares a 2-rank run with one process.
 """
 from __future__ import annotations
 
@@ -78,6 +87,51 @@ def barrier() -> None:
 def share(idx: torch.Tensor) -> torch.Tensor:
     """This rank's windows of one global batch ``idx``: ``idx[rank::world]``."""
     return idx[rank()::world_size()] if active() else idx
+
+
+SIMULATE_ENV = "GQSA_SIMULATE_RANKS"
+
+
+def simulated_ranks() -> int:
+    """N ≥ 1: the number of ranks a one-process run reproduces (``GQSA_SIMULATE_RANKS``, module docstring);
+    1 under a real process group and by default."""
+    raw = os.environ.get(SIMULATE_ENV, "").strip()
+    if active() or not raw:
+        return 1
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"{SIMULATE_ENV}={raw!r}: expected a whole number of ranks ≥ 1 (or unset)")
+    return int(raw)
+
+
+def split_batches() -> bool:
+    """True when training steps go through :func:`shares` (a real process group or a simulated one)."""
+    return active() or simulated_ranks() > 1
+
+
+def shares(idx: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
+    """The pieces of the global batch ``idx`` that this process back-propagates, each with the factor its
+    loss is multiplied by on top of the whole batch's normalization:
+
+    * under a process group, this rank's share with factor ``world`` (DDP divides the summed gradients
+      by the world size again); a rank without a window in the batch gets ``idx[:1]`` with factor 0 (it
+      must still take part in the all-reduce);
+    * with ``N`` simulated ranks, the N shares in rank order with factor 1, empty ones left out;
+    * otherwise the whole batch with factor 1.
+    """
+    if active():
+        mine = share(idx)
+        return [(mine, world_size())] if len(mine) else [(idx[:1], 0)]
+    n = simulated_ranks()
+    return [(part, 1) for part in (idx[r::n] for r in range(n)) if len(part)]
+
+
+def sum_over_ranks(value: float, device) -> float:
+    """``value`` summed over the ranks (float64), or itself in one process."""
+    if not active():
+        return value
+    total = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return total.item()
 
 
 def wrap(module: nn.Module, device: torch.device) -> nn.Module:

@@ -288,7 +288,7 @@ def train_block(block, init: dict[str, CompressedWeight], x: torch.Tensor, y: to
             trained = distributed.wrap(block, device)  # DDP under torchrun, else the block itself
             for epoch in range(1, config.bqpo_epochs + 1):
                 for idx in torch.randperm(n_train, generator=gen).split(bs):
-                    if distributed.active():
+                    if distributed.split_batches():
                         _distributed_step(trained, x, y, idx, kwargs, device, dtype, amp)
                     else:
                         xb = x[idx].to(device, dtype)
@@ -336,17 +336,15 @@ def train_block(block, init: dict[str, CompressedWeight], x: torch.Tensor, y: to
 
 
 def _distributed_step(trained, x, y, idx: torch.Tensor, kwargs, device, dtype, amp) -> None:
-    """Backward pass of this rank's share of the global batch ``idx``, its summed squared error
-    divided by the batch's element count and multiplied by the world size: DDP's average over the
-    ranks is then the gradient of the whole batch's MSE. A rank without a window in the batch runs a
-    zero-weighted pass (every rank must take part in the all-reduce)."""
-    mine = distributed.share(idx)
-    weight = 1.0 if len(mine) else 0.0
-    mine = mine if len(mine) else idx[:1]
-    with amp():
-        out = calib.block_output(trained, x[mine].to(device, dtype), kwargs)
-    err = F.mse_loss(out.float(), y[mine].to(device, torch.float32), reduction="sum")
-    (err * (weight * distributed.world_size() / (len(idx) * out[0].numel()))).backward()
+    """Backward pass of this process's shares of the global batch ``idx`` (:func:`distributed.shares`):
+    each share's summed squared error divided by the batch's element count and multiplied by the share's
+    factor, so that the gradients, summed over the shares and averaged by DDP over the ranks, are the
+    gradient of the whole batch's MSE."""
+    for mine, factor in distributed.shares(idx):
+        with amp():
+            out = calib.block_output(trained, x[mine].to(device, dtype), kwargs)
+        err = F.mse_loss(out.float(), y[mine].to(device, torch.float32), reduction="sum")
+        (err * (factor / (len(idx) * out[0].numel()))).backward()
 
 
 def _swap(block, name: str, module) -> None:

@@ -119,19 +119,18 @@ def _eval_loss(model, tokens: torch.Tensor, bs: int, device, amp, objective=caus
 
 def _distributed_backward(trained, tokens: torch.Tensor, idx: torch.Tensor, windows: int, device, amp,
                           objective=causal_lm_loss) -> float:
-    """This rank's share of micro-batch ``idx`` (of an optimizer step of ``windows`` windows): backward
-    of its mean loss weighted by its share × the world size (DDP averages over the ranks), so the
-    step's gradient is that of the mean loss over all its windows. Returns the micro-batch's summed
-    loss over all ranks (for the log)."""
-    mine = distributed.share(idx)
-    weight = 1.0 if len(mine) else 0.0
-    mine = mine if len(mine) else idx[:1]  # every rank takes part in the all-reduce
-    with amp():
-        loss = objective(trained, tokens[mine].to(device))
-    (loss * (weight * len(mine) * distributed.world_size() / windows)).backward()
-    total = torch.tensor([loss.item() * len(mine) * weight], dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(total)
-    return total.item()
+    """This process's shares of micro-batch ``idx`` (of an optimizer step of ``windows`` windows,
+    :func:`distributed.shares`): backward of each share's mean loss weighted by its windows' part of the
+    step × the share's factor, so that the step's gradient (summed over shares, averaged by DDP over the
+    ranks) is that of the mean loss over all its windows. Returns the micro-batch's summed loss over all
+    shares and ranks (for the log)."""
+    total = 0.0
+    for mine, factor in distributed.shares(idx):
+        with amp():
+            loss = objective(trained, tokens[mine].to(device))
+        (loss * (factor * len(mine) / windows)).backward()
+        total += loss.item() * len(mine) * (factor > 0)
+    return distributed.sum_over_ranks(total, device)
 
 
 def run_e2e(model, packed: dict[str, PackedLinear], config: GQSAConfig, train_tokens: torch.Tensor,
@@ -210,7 +209,7 @@ def run_e2e(model, packed: dict[str, PackedLinear], config: GQSAConfig, train_to
                     step = perm[k:k + accum]
                     windows = sum(len(idx) for idx in step)
                     for idx in step:  # the step's gradient = that of the mean loss over its windows
-                        if distributed.active():
+                        if distributed.split_batches():
                             running += _distributed_backward(trained, train_tokens, idx, windows, device, amp,
                                                              objective)
                             seen += len(idx)
