@@ -1,0 +1,257 @@
+"""Tensor-core GQSA GEMM (Triton ``tl.dot``) over the load-time :class:`~gqsa.kernels.layout.TileLayout`.
+
+``y[M, N] = x[M, K] @ Ŵᵀ (+ bias)``. One program computes a ``BLOCK_M × BLOCK_N`` output tile over a
+range of k-tiles (all of them, or ``1/split_k`` of them). Per k-tile it reads the row masks of its
+``BLOCK_N`` rows (one byte per row) and the start of each 16-row chunk, recomputes where every kept
+group sits (prefix sums of the mask bits), gathers the kept groups' codes, scales and zero points —
+one read of the packed weights per output tile, shared by all ``BLOCK_M`` rows of x — dequantizes
+them in registers into a dense ``BLOCK_N × BLOCK_K`` tile (zeros where a group is pruned:
+``s · (q − z)`` in float32, rounded to the activation dtype, so the tile equals
+``reference.dequantize`` bit for bit) and accumulates ``tl.dot(x_tile, w_tileᵀ)`` in float32.
+
+Split-K (``split_k > 1``, for small M where the output tiles alone cannot fill the GPU): every
+program adds its partial tile into a float32 workspace with atomics; the last program to finish a
+tile (an atomic counter per tile) reads the sum (an atomic add of 0) and zeroes the workspace, adds
+the bias, writes y and resets the counter. One launch, no memset, CUDA-graph capturable; the
+workspace and counters are all zero between launches.
+
+The launcher (:func:`launch_gemm`) takes its tuning knobs as a :class:`GemmConfig` argument;
+:func:`default_config` picks one by batch size (the table measured on the H200 lives in
+:mod:`gqsa.kernels.dispatch`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .gemv import HAS_TRITON, _interpret, _spec_bits
+from .layout import ROW_BLOCK, TileLayout
+
+if HAS_TRITON:
+    import triton
+    import triton.knobs
+    import triton.language as tl
+    import triton.runtime.driver
+else:  # pragma: no cover
+    triton = tl = None
+
+
+def _gemm_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, mask_ptr, cs_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
+    M, N, K, n_pad, n_rb, n_kt, tiles_rt, split_k, stride_xm, stride_ym, n_tiles_n,
+    G: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    RB: tl.constexpr, TILES: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):
+    KT: tl.constexpr = BLOCK_K // G  # groups per row per k-tile
+    GB: tl.constexpr = G * BITS // 8  # code bytes per group
+    NRB: tl.constexpr = BLOCK_N // RB  # 16-row chunks per program tile
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < n_pad
+    rbs = rows // RB
+    ar_j = tl.arange(0, KT)
+    ar_b = tl.arange(0, GB)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    ar_k = tl.arange(0, BLOCK_K)
+    xrow = x_ptr + offs_m[:, None] * stride_xm
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    kt0 = pid_k * tiles_rt
+    # the interpreter cannot loop to a run-time bound: it gets the trip count as a constexpr (TILES > 0)
+    for i in range(0, TILES if TILES > 0 else tiles_rt):
+        kt = kt0 + i
+        k_ok = kt < n_kt
+        mk = tl.load(mask_ptr + kt * n_pad + rows, mask=row_ok & k_ok, other=0).to(tl.int32)
+        bits = (mk[:, None] >> ar_j[None, :]) & 1  # [BLOCK_N, KT]
+        before = tl.cumsum(bits, 1) - bits  # kept columns left of j in the row
+        cnt = tl.reshape(tl.sum(bits, 1), [NRB, RB])
+        above = tl.reshape(tl.cumsum(cnt, 1) - cnt, [BLOCK_N])  # groups of the rows above, same chunk
+        base = tl.load(cs_ptr + kt * n_rb + rbs, mask=row_ok & k_ok, other=0)
+        gidx = (base + above)[:, None] + before  # [BLOCK_N, KT] group index in chunk order
+        present = bits != 0
+        s = tl.load(s_ptr + gidx, mask=present, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + gidx, mask=present, other=0).to(tl.float32)
+        qb = tl.load(qw_ptr + gidx[:, :, None] * GB + ar_b[None, None, :], mask=present[:, :, None], other=0)
+        if BITS == 4:
+            codes = tl.interleave(qb & 0xF, qb >> 4)  # [BLOCK_N, KT, G], low nibble = even element
+        elif BITS == 2:
+            codes = tl.interleave(tl.interleave(qb & 3, (qb >> 4) & 3), tl.interleave((qb >> 2) & 3, qb >> 6))
+        else:
+            codes = qb
+        w = (codes.to(tl.float32) - z[:, :, None]) * s[:, :, None]  # s·(q − z) exactly as the reference
+        w = tl.reshape(w, [BLOCK_N, BLOCK_K]).to(x_ptr.dtype.element_ty)
+        kk = kt * BLOCK_K + ar_k
+        xt = tl.load(xrow + kk[None, :], mask=m_ok[:, None] & (kk < K)[None, :], other=0.0)
+        if not EVEN_K:  # the padded tail of the last group column is not part of the layer
+            w = tl.where((kk < K)[None, :], w, 0.0).to(x_ptr.dtype.element_ty)
+        if DOT_F32:  # the interpreter's bf16 tl.dot is wrong: same operands, float32 product there
+            acc = tl.dot(xt.to(tl.float32), tl.trans(w.to(tl.float32)), acc)
+        else:
+            acc = tl.dot(xt, tl.trans(w), acc)
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    omask = m_ok[:, None] & n_ok[None, :]
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros([BLOCK_N], dtype=tl.float32)
+    yp = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    if SPLIT:
+        wsp = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
+        tl.atomic_add(wsp, acc, mask=omask)
+        tl.debug_barrier()
+        tile = pid_m * n_tiles_n + pid_n
+        old = tl.atomic_add(cnt_ptr + tile, 1)
+        if old == split_k - 1:  # the last contributor writes the tile and leaves zeros behind
+            zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            tot = tl.atomic_add(wsp, zero, mask=omask)  # read the sum from L2 ...
+            tl.store(wsp, zero, mask=omask)  # ... and leave zeros for the next launch
+            tl.store(cnt_ptr + tile, 0)
+            tl.store(yp, (tot + bias[None, :]).to(y_ptr.dtype.element_ty), mask=omask)
+    else:
+        tl.store(yp, (acc + bias[None, :]).to(y_ptr.dtype.element_ty), mask=omask)
+
+
+_KERNELS: dict = {}
+
+
+def _kernel():
+    key = _interpret()
+    k = _KERNELS.get(key)
+    if k is None:
+        k = _KERNELS[key] = triton.jit(_gemm_kernel)
+    return k
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """Tuning knobs of one launch. ``split_k`` 0 = choose from the grid size (:func:`auto_split`)."""
+
+    block_m: int = 16
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+    split_k: int = 0
+    waves: float = 2.0  # split_k=0: aim for this many programs per SM
+
+    def __post_init__(self):
+        for name in ("block_m", "block_n"):
+            v = getattr(self, name)
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"{name} must be a power of two ≥ 16, got {v}")
+        if self.block_n % ROW_BLOCK:
+            raise ValueError(f"block_n must be a multiple of {ROW_BLOCK}")
+        if self.split_k < 0:
+            raise ValueError(f"split_k must be ≥ 0, got {self.split_k}")
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def auto_split(m: int, layout: TileLayout, cfg: GemmConfig, sms: int) -> int:
+    """Split-K factor: enough programs for ``cfg.waves`` per SM, each keeping ≥ 2 k-tiles."""
+    if cfg.split_k:
+        return max(1, min(cfg.split_k, layout.n_ktiles))
+    tiles = math.ceil(m / cfg.block_m) * math.ceil(layout.shape[0] / cfg.block_n)
+    want = math.ceil(cfg.waves * sms / tiles)
+    return max(1, min(want, layout.n_ktiles // 2 or 1))
+
+
+class Workspace:
+    """Self-cleaning split-K buffers shared by the layers of one device (they run one after another
+    on one stream): float32 partial sums and int32 per-tile counters, zero between launches. Grown
+    only outside CUDA-graph capture (warm up before capturing)."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.partial = torch.zeros(0, dtype=torch.float32, device=self.device)
+        self.counters = torch.zeros(0, dtype=torch.int32, device=self.device)
+
+    def get(self, n_partial: int, n_counters: int):
+        if self.partial.numel() < n_partial or self.counters.numel() < n_counters:
+            if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("the GQSA split-K workspace must grow, which cannot happen during CUDA-graph "
+                                   "capture: run the same batch size once before capturing")
+            self.partial = torch.zeros(max(n_partial, self.partial.numel()), dtype=torch.float32, device=self.device)
+            self.counters = torch.zeros(max(n_counters, self.counters.numel()), dtype=torch.int32,
+                                        device=self.device)
+        return self.partial, self.counters
+
+
+_WORKSPACES: dict = {}
+
+
+def workspace(device) -> Workspace:
+    device = torch.device(device)
+    ws = _WORKSPACES.get(device)
+    if ws is None:
+        ws = _WORKSPACES[device] = Workspace(device)
+    return ws
+
+
+_FAST: dict = {}
+
+
+def _run(grid, args, consts: dict, num_warps: int, num_stages: int, device: torch.device):
+    """Launch; after the first launch of a specialization the compiled kernel is called directly
+    (Triton's Python launch path costs tens of µs)."""
+    kern = _kernel()
+    if _interpret() or device.type != "cuda":
+        kern[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
+        return
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    ints = [a for a in args if not isinstance(a, torch.Tensor)]
+    key = (tuple(consts.values()), num_warps, num_stages, device.index, _spec_bits(tensors, ints))
+    ck = _FAST.get(key)
+    if ck is None:
+        _FAST[key] = kern[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
+        return
+    rt = triton.knobs.runtime
+    stream = triton.runtime.driver.active.get_current_stream(device.index)
+    full = (*args, *consts.values())
+    ck.run(grid[0], grid[1], grid[2], stream, ck.function, ck.packed_metadata, ck.launch_metadata(grid, stream, *full),
+           rt.launch_enter_hook, rt.launch_exit_hook, *full)
+
+
+def launch_gemm(x2: torch.Tensor, layout: TileLayout, bias: torch.Tensor | None, y: torch.Tensor,
+                cfg: GemmConfig, sms: int | None = None) -> torch.Tensor:
+    """``y[M, N] = x2[M, K] @ Ŵᵀ (+ bias)``; ``x2`` fp16/bf16 with unit stride along K, ``y`` [M, N]
+    contiguous in ``x2``'s dtype (written in full), ``bias`` [N] contiguous in ``x2``'s dtype or None."""
+    m, k = x2.shape
+    n = layout.shape[0]
+    if x2.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"the tensor-core kernel reads float16 or bfloat16 activations, got {x2.dtype}")
+    if k != layout.shape[1]:
+        raise ValueError(f"x has {k} features, the layer {layout.shape[1]}")
+    if x2.stride(1) != 1:
+        raise ValueError("x must have unit stride along its last dimension")
+    if m == 0:
+        return y
+    dev = x2.device
+    split = auto_split(m, layout, cfg, sms or num_sms(dev))
+    tiles_per_split = math.ceil(layout.n_ktiles / split)
+    split = math.ceil(layout.n_ktiles / tiles_per_split)  # no program without k-tiles
+    tm, tn = math.ceil(m / cfg.block_m), math.ceil(n / cfg.block_n)
+    if split > 1:
+        ws, cnt = workspace(dev).get(m * n, tm * tn)
+    else:
+        ws = cnt = y  # unused
+    consts = dict(G=layout.group_size, BITS=layout.bits, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                  BLOCK_K=layout.block_k, RB=layout.row_block, TILES=tiles_per_split if _interpret() else 0, SPLIT=split > 1, HAS_BIAS=bias is not None,
+                  EVEN_K=k % layout.group_size == 0,
+                  DOT_F32=_interpret() and x2.dtype == torch.bfloat16)
+    n_pad = layout.mask.shape[1]
+    args = (x2, layout.qweight, layout.scales, layout.zeros, layout.mask, layout.chunk_start,
+            bias if bias is not None else y, y, ws, cnt,
+            m, n, k, n_pad, layout.n_row_blocks, layout.n_ktiles, tiles_per_split, split, x2.stride(0), y.stride(0), tn)
+    _run((tm, tn, split), args, consts, cfg.num_warps, cfg.num_stages, dev)
+    return y
