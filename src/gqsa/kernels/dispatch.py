@@ -13,6 +13,8 @@ benchmarks/RESULTS.md); other GPUs use it too until measured.
 """
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -51,7 +53,26 @@ H200_TABLE = DispatchTable(
 )
 
 
+def table_to_json(table: DispatchTable) -> dict:
+    return {"gemv_max_m": table.gemv_max_m,
+            "buckets": [[m, dict(cfg.__dict__)] for m, cfg in table.buckets]}
+
+
+def table_from_json(obj: dict) -> DispatchTable:
+    try:
+        buckets = tuple((int(m), GemmConfig(**cfg)) for m, cfg in obj["buckets"])
+        return DispatchTable(gemv_max_m=int(obj["gemv_max_m"]), buckets=buckets)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"not a dispatch table: {e}") from None
+
+
 def default_table(device: torch.device | None = None) -> DispatchTable:
+    """:data:`H200_TABLE`, or the JSON file named by ``GQSA_DISPATCH_TABLE`` (as written by
+    ``benchmarks/gemm.py --sweep``) — an explicit opt-in for tuning on another GPU."""
+    path = os.environ.get("GQSA_DISPATCH_TABLE")
+    if path:
+        with open(path) as f:
+            return table_from_json(json.load(f))
     return H200_TABLE
 
 

@@ -43,22 +43,32 @@ def _gemm_kernel(
     M, N, K, n_pad, n_rb, n_kt, tiles_rt, split_k, stride_xm, stride_ym, n_tiles_n,
     G: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     RB: tl.constexpr, TILES: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-    DOT_F32: tl.constexpr,
+    DOT_F32: tl.constexpr, FLOAT_Z: tl.constexpr, DEQ16: tl.constexpr,
 ):
-    KT: tl.constexpr = BLOCK_K // G  # groups per row per k-tile
-    GB: tl.constexpr = G * BITS // 8  # code bytes per group
+    """One ``BLOCK_M × BLOCK_N`` output tile over ``tiles_rt`` k-tiles (see the module docstring).
+
+    Codes are read as *words* of 8 codes (int16 / int32 / int64 for 2 / 4 / 8 bits; ``qw_ptr`` views
+    the codes so): ``[BLOCK_N, 16]`` words per k-tile of 128 features. Code ``s`` of word ``w`` is
+    feature ``8w + s``, so the k-tile is consumed as 8 dots of K = 16, dot ``s`` taking every 8th
+    feature of x — a fixed permutation of K, which needs no data movement of the weights. Every word
+    also gathers the scale and zero point of its group, so no tensor is ever reshaped.
+    """
+    NW: tl.constexpr = BLOCK_K // 8  # words per row per k-tile
+    WPG: tl.constexpr = G // 8  # words per group
     NRB: tl.constexpr = BLOCK_N // RB  # 16-row chunks per program tile
+    QM: tl.constexpr = (1 << BITS) - 1
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n_pad
     rbs = rows // RB
-    ar_j = tl.arange(0, KT)
-    ar_b = tl.arange(0, GB)
+    ar_w = tl.arange(0, NW)
+    jw = ar_w // WPG  # group slot of each word inside the k-tile
+    below = (1 << jw) - 1  # mask bits of the slots before it
+    sub = ar_w % WPG  # word inside its group
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < M
-    ar_k = tl.arange(0, BLOCK_K)
     xrow = x_ptr + offs_m[:, None] * stride_xm
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     kt0 = pid_k * tiles_rt
@@ -67,32 +77,45 @@ def _gemm_kernel(
         kt = kt0 + i
         k_ok = kt < n_kt
         mk = tl.load(mask_ptr + kt * n_pad + rows, mask=row_ok & k_ok, other=0).to(tl.int32)
-        bits = (mk[:, None] >> ar_j[None, :]) & 1  # [BLOCK_N, KT]
-        before = tl.cumsum(bits, 1) - bits  # kept columns left of j in the row
-        cnt = tl.reshape(tl.sum(bits, 1), [NRB, RB])
+        # popcounts of 8-bit masks, SWAR (no popcount instruction that the interpreter runs)
+        c = mk - ((mk >> 1) & 0x55)
+        c = (c & 0x33) + ((c >> 2) & 0x33)
+        cnt = tl.reshape((c + (c >> 4)) & 0x0F, [NRB, RB])
         above = tl.reshape(tl.cumsum(cnt, 1) - cnt, [BLOCK_N])  # groups of the rows above, same chunk
         base = tl.load(cs_ptr + kt * n_rb + rbs, mask=row_ok & k_ok, other=0)
-        gidx = (base + above)[:, None] + before  # [BLOCK_N, KT] group index in chunk order
-        present = bits != 0
-        s = tl.load(s_ptr + gidx, mask=present, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + gidx, mask=present, other=0).to(tl.float32)
-        qb = tl.load(qw_ptr + gidx[:, :, None] * GB + ar_b[None, None, :], mask=present[:, :, None], other=0)
-        if BITS == 4:
-            codes = tl.interleave(qb & 0xF, qb >> 4)  # [BLOCK_N, KT, G], low nibble = even element
-        elif BITS == 2:
-            codes = tl.interleave(tl.interleave(qb & 3, (qb >> 4) & 3), tl.interleave((qb >> 2) & 3, qb >> 6))
+        present = ((mk[:, None] >> jw[None, :]) & 1) != 0  # [BLOCK_N, NW]
+        c = mk[:, None] & below[None, :]
+        c = c - ((c >> 1) & 0x55)
+        c = (c & 0x33) + ((c >> 2) & 0x33)
+        gidx = (base + above)[:, None] + ((c + (c >> 4)) & 0x0F)  # group of each word
+        wd = tl.load(qw_ptr + gidx * WPG + sub[None, :], mask=present, other=0)
+        if DEQ16:  # fp16 activations, integer zeros: (q − z)·s in fp16 is the reference's rounding
+            sc = tl.load(s_ptr + gidx, mask=present, other=0.0)
+            zc = (tl.load(z_ptr + gidx, mask=present, other=0).to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)
         else:
-            codes = qb
-        w = (codes.to(tl.float32) - z[:, :, None]) * s[:, :, None]  # s·(q − z) exactly as the reference
-        w = tl.reshape(w, [BLOCK_N, BLOCK_K]).to(x_ptr.dtype.element_ty)
-        kk = kt * BLOCK_K + ar_k
-        xt = tl.load(xrow + kk[None, :], mask=m_ok[:, None] & (kk < K)[None, :], other=0.0)
-        if not EVEN_K:  # the padded tail of the last group column is not part of the layer
-            w = tl.where((kk < K)[None, :], w, 0.0).to(x_ptr.dtype.element_ty)
-        if DOT_F32:  # the interpreter's bf16 tl.dot is wrong: same operands, float32 product there
-            acc = tl.dot(xt.to(tl.float32), tl.trans(w.to(tl.float32)), acc)
-        else:
-            acc = tl.dot(xt, tl.trans(w), acc)
+            sc = tl.load(s_ptr + gidx, mask=present, other=0.0).to(tl.float32)
+            if FLOAT_Z:
+                zc = tl.load(z_ptr + gidx, mask=present, other=0.0).to(tl.float32)
+            else:  # 2^23 + z exactly
+                zc = (tl.load(z_ptr + gidx, mask=present, other=0).to(tl.int32) | 0x4B000000).to(
+                    tl.float32, bitcast=True)
+        kbase = kt * BLOCK_K + ar_w * 8
+        for s in tl.static_range(8):
+            q = ((wd >> (BITS * s)) & QM).to(tl.int32)
+            if DEQ16:  # 1024 + q exactly, minus 1024 + z
+                w = ((q.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - zc) * sc
+            elif FLOAT_Z:
+                w = ((q.to(tl.float32) - zc) * sc).to(x_ptr.dtype.element_ty)
+            else:  # 2^23 + q exactly, minus 2^23 + z
+                w = (((q | 0x4B000000).to(tl.float32, bitcast=True) - zc) * sc).to(x_ptr.dtype.element_ty)
+            kk = kbase + s
+            xs = tl.load(xrow + kk[None, :], mask=m_ok[:, None] & (kk < K)[None, :], other=0.0)
+            if not EVEN_K:  # the padded tail of the last group column is not part of the layer
+                w = tl.where((kk < K)[None, :], w, 0.0).to(x_ptr.dtype.element_ty)
+            if DOT_F32:  # the interpreter's bf16 tl.dot is wrong: same operands, float32 product there
+                acc = tl.dot(xs.to(tl.float32), tl.trans(w.to(tl.float32)), acc)
+            else:
+                acc = tl.dot(xs, tl.trans(w), acc)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
@@ -139,6 +162,7 @@ class GemmConfig:
     num_stages: int = 3
     split_k: int = 0
     waves: float = 2.0  # split_k=0: aim for this many programs per SM
+    deq16: bool = True  # fp16 activations with integer zeros: dequantize in fp16 (same result, fewer ops)
 
     def __post_init__(self):
         for name in ("block_m", "block_n"):
@@ -210,7 +234,7 @@ def _run(grid, args, consts: dict, num_warps: int, num_stages: int, device: torc
         return
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     ints = [a for a in args if not isinstance(a, torch.Tensor)]
-    key = (tuple(consts.values()), num_warps, num_stages, device.index, _spec_bits(tensors, ints))
+    key = (tuple(consts.values()), tuple(t.dtype for t in tensors), num_warps, num_stages, device.index, _spec_bits(tensors, ints))
     ck = _FAST.get(key)
     if ck is None:
         _FAST[key] = kern[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
@@ -220,6 +244,17 @@ def _run(grid, args, consts: dict, num_warps: int, num_stages: int, device: torc
     full = (*args, *consts.values())
     ck.run(grid[0], grid[1], grid[2], stream, ck.function, ck.packed_metadata, ck.launch_metadata(grid, stream, *full),
            rt.launch_enter_hook, rt.launch_exit_hook, *full)
+
+
+_WORD_DTYPE = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def code_words(layout: TileLayout) -> torch.Tensor:
+    """The layout's codes viewed as words of 8 codes (what the kernel reads)."""
+    q = layout.qweight
+    if q.numel() == 0:
+        return torch.zeros(1, dtype=_WORD_DTYPE[layout.bits], device=q.device)
+    return q.reshape(-1).view(_WORD_DTYPE[layout.bits])
 
 
 def launch_gemm(x2: torch.Tensor, layout: TileLayout, bias: torch.Tensor | None, y: torch.Tensor,
@@ -248,9 +283,10 @@ def launch_gemm(x2: torch.Tensor, layout: TileLayout, bias: torch.Tensor | None,
     consts = dict(G=layout.group_size, BITS=layout.bits, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                   BLOCK_K=layout.block_k, RB=layout.row_block, TILES=tiles_per_split if _interpret() else 0, SPLIT=split > 1, HAS_BIAS=bias is not None,
                   EVEN_K=k % layout.group_size == 0,
-                  DOT_F32=_interpret() and x2.dtype == torch.bfloat16)
+                  DOT_F32=_interpret() and x2.dtype == torch.bfloat16, FLOAT_Z=layout.float_zeros,
+                  DEQ16=cfg.deq16 and x2.dtype == torch.float16 and not layout.float_zeros)
     n_pad = layout.mask.shape[1]
-    args = (x2, layout.qweight, layout.scales, layout.zeros, layout.mask, layout.chunk_start,
+    args = (x2, code_words(layout), layout.scales, layout.zeros, layout.mask, layout.chunk_start,
             bias if bias is not None else y, y, ws, cnt,
             m, n, k, n_pad, layout.n_row_blocks, layout.n_ktiles, tiles_per_split, split, x2.stride(0), y.stride(0), tn)
     _run((tm, tn, split), args, consts, cfg.num_warps, cfg.num_stages, dev)
