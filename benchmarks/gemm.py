@@ -77,7 +77,7 @@ def gpu_check() -> bool:
         lay = build_tile_layout(p)
         for dt in (torch.float16, torch.bfloat16):
             w_ref = reference.dequantize(p, dt).float()
-            for m in (1, 2, 3, 8, 16, 17, 33, 64, 100, 256, 600):
+            for m in (1, 3, 16, 33, 100, 600):
                 x = torch.randn(m, k, device=DEV).to(dt)
                 bias = torch.randn(n, device=DEV).to(dt) if m % 2 else None
                 ref = x.float() @ w_ref.t() + (bias.float() if bias is not None else 0)
@@ -156,7 +156,7 @@ def measure(method, x, n, bw):
     fns = method.fns_for_x(x)
     fns[0]()
     torch.cuda.synchronize()
-    us = bg.t_graph(fns)
+    us = bg.t_graph(fns, min_calls=64 if x.shape[0] < 256 else 8, replays=15 if x.shape[0] < 256 else 5)
     nbytes = method.nbytes_w + x.nbytes + x.shape[0] * n * 2
     rec = {"method": method.name, "M": x.shape[0], "us": us, "bytes": nbytes, "tbps": nbytes / (us * 1e-6) / 1e12,
            "roof_pct": 100 * nbytes / (bw * 1e12) / (us * 1e-6),
@@ -181,6 +181,8 @@ def run_matrix(args, bw, records):
         for m in args.batches:
             x16 = torch.randn(m, k, device=DEV, dtype=torch.float16)
             for meth in methods + (small if m <= 4 else []):
+                if m >= 256 and meth.name.startswith("tinygemm"):
+                    continue  # a decode kernel (~29 TFLOP/s at any M): seconds per graph here
                 try:
                     r = measure(meth, x16, n, bw)
                 except Exception as e:  # noqa: BLE001
@@ -196,6 +198,8 @@ def run_matrix(args, bw, records):
         del methods, small
         torch.cuda.empty_cache()
         print(f"# {model} {n}x{k}: {time.time() - t0:.0f}s", flush=True)
+        if args.out:
+            (Path(args.out) / "gemm.json").write_text(json.dumps({"records": records}, indent=1))
 
 
 def fmt_row(r):
@@ -225,15 +229,14 @@ def markdown(records, meta) -> str:
 def candidates(m):
     C = gemm.GemmConfig
     if m <= 16:
-        return [C(16, bn, 4, st, 0, wv) for bn in (32, 64, 128) for st in (2, 3) for wv in (2.0, 4.0)] + \
-            [C(16, 64, 4, 2, 0, 2.0, deq16=False)]
+        return [C(16, bn, 4, 2, 0, wv) for bn in (64, 128) for wv in (1.0, 2.0, 4.0)]
     if m <= 32:
-        return [C(32, bn, 4, st, 0, wv) for bn in (64, 128) for st in (2, 3) for wv in (1.0, 2.0)]
+        return [C(32, bn, 4, 2, 0, wv) for bn in (64, 128) for wv in (1.0, 2.0)]
     if m <= 64:
-        return [C(64, bn, nw, st, 0, wv) for bn in (64, 128) for nw in (4, 8) for st in (2, 3) for wv in (1.0, 2.0)]
+        return [C(64, bn, 4, 2, 0, wv) for bn in (64, 128) for wv in (1.0, 2.0)]
     if m <= 256:
-        return [C(bm, bn, nw, 3, 0, 1.0) for bm in (64, 128) for bn in (64, 128) for nw in (4, 8)]
-    return [C(128, bn, nw, st, 1) for bn in (128, 256) for nw in (4, 8) for st in (3, 4)]
+        return [C(bm, 128, 4, 3, 0, 1.0) for bm in (64, 128)]
+    return [C(128, bn, 8, 3, 1) for bn in (128, 256)]
 
 
 def sweep(args, records, path=None):
@@ -258,7 +261,7 @@ def sweep(args, records, path=None):
                 try:
                     fns[0]()
                     torch.cuda.synchronize()
-                    us = bg.t_graph(fns, replays=7)
+                    us = bg.t_graph(fns, min_calls=64 if m < 256 else 8, replays=7 if m < 256 else 3)
                 except Exception as e:  # noqa: BLE001
                     print(f"sweep {n}x{k} M={m} {cfg}: ERROR {repr(e)[:200]}", flush=True)
                     continue

@@ -1,9 +1,9 @@
 """Tensor-core GQSA GEMM (Triton ``tl.dot``) over the load-time :class:`~gqsa.kernels.layout.TileLayout`.
 
 ``y[M, N] = x[M, K] @ Ŵᵀ (+ bias)``. One program computes a ``BLOCK_M × BLOCK_N`` output tile over a
-range of k-tiles (all of them, or ``1/split_k`` of them). Per k-tile it reads the row masks of its
-``BLOCK_N`` rows (one byte per row) and the start of each 16-row chunk, recomputes where every kept
-group sits (prefix sums of the mask bits), gathers the kept groups' codes, scales and zero points —
+range of k-tiles (all of them, or ``1/split_k`` of them). Per k-tile it reads one metadata word per
+row (first kept group and kept-group mask), computes where every kept group sits (a popcount of the
+mask bits below it), gathers the kept groups' codes, scales and zero points —
 one read of the packed weights per output tile, shared by all ``BLOCK_M`` rows of x — dequantizes
 them in registers into a dense ``BLOCK_N × BLOCK_K`` tile (zeros where a group is pruned:
 ``s · (q − z)`` in float32, rounded to the activation dtype, so the tile equals
@@ -39,83 +39,99 @@ else:  # pragma: no cover
 
 
 def _gemm_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, mask_ptr, cs_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
-    M, N, K, n_pad, n_rb, n_kt, tiles_rt, split_k, stride_xm, stride_ym, n_tiles_n,
+    x_ptr, qw_ptr, s_ptr, z_ptr, meta_ptr, kts_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
+    M, N, K, n_pad, n_kt, tiles_rt, split_k, stride_xm, stride_ym, n_tiles_n,
     G: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    RB: tl.constexpr, TILES: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+    TILES: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
     DOT_F32: tl.constexpr, FLOAT_Z: tl.constexpr, DEQ16: tl.constexpr,
 ):
     """One ``BLOCK_M × BLOCK_N`` output tile over ``tiles_rt`` k-tiles (see the module docstring).
 
     Codes are read as *words* of 8 codes (int16 / int32 / int64 for 2 / 4 / 8 bits; ``qw_ptr`` views
-    the codes so): ``[BLOCK_N, 16]`` words per k-tile of 128 features. Code ``s`` of word ``w`` is
-    feature ``8w + s``, so the k-tile is consumed as 8 dots of K = 16, dot ``s`` taking every 8th
-    feature of x — a fixed permutation of K, which needs no data movement of the weights. Every word
-    also gathers the scale and zero point of its group, so no tensor is ever reshaped.
+    the codes so), ``[BLOCK_N, 16]`` words per k-tile of 128 features, each word with the scale and
+    zero point of its group; the words are spread into ``[BLOCK_N, 16, 8]`` codes by shifts and
+    dequantized there. Software pipeline by hand (loads are asynchronous until their registers are
+    used): the row metadata is loaded two k-tiles ahead, the codes / scales / zero points one k-tile
+    ahead, so no k-tile waits for a chain of dependent loads.
     """
     NW: tl.constexpr = BLOCK_K // 8  # words per row per k-tile
     WPG: tl.constexpr = G // 8  # words per group
-    NRB: tl.constexpr = BLOCK_N // RB  # 16-row chunks per program tile
     QM: tl.constexpr = (1 << BITS) - 1
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n_pad
-    rbs = rows // RB
     ar_w = tl.arange(0, NW)
     jw = ar_w // WPG  # group slot of each word inside the k-tile
     below = (1 << jw) - 1  # mask bits of the slots before it
     sub = ar_w % WPG  # word inside its group
+    shifts = tl.arange(0, 8) * BITS
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < M
+    ar_k = tl.arange(0, BLOCK_K)
     xrow = x_ptr + offs_m[:, None] * stride_xm
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     kt0 = pid_k * tiles_rt
+    kt_end = tl.minimum(kt0 + tiles_rt, n_kt)
+
+    # prologue: metadata of k-tiles kt0 and kt0 + 1, words of kt0
+    ok0 = kt0 < kt_end
+    meta = tl.load(meta_ptr + kt0 * n_pad + rows, mask=row_ok & ok0, other=0)
+    kb = tl.load(kts_ptr + kt0, mask=ok0, other=0)
+    mk = meta & 0xFF
+    c = mk[:, None] & below[None, :]
+    c = c - ((c >> 1) & 0x55)  # popcount of 8-bit masks, SWAR
+    c = (c & 0x33) + ((c >> 2) & 0x33)
+    gidx = (kb + (meta >> 8))[:, None] + ((c + (c >> 4)) & 0x0F)  # group of each word
+    present = ((mk[:, None] >> jw[None, :]) & 1) != 0
+    wd = tl.load(qw_ptr + gidx * WPG + sub[None, :], mask=present, other=0)
+    sc = tl.load(s_ptr + gidx, mask=present, other=0.0)
+    zq = tl.load(z_ptr + gidx, mask=present, other=0)
+    ok1 = kt0 + 1 < kt_end
+    meta = tl.load(meta_ptr + (kt0 + 1) * n_pad + rows, mask=row_ok & ok1, other=0)
+    kb = tl.load(kts_ptr + kt0 + 1, mask=ok1, other=0)
+
     # the interpreter cannot loop to a run-time bound: it gets the trip count as a constexpr (TILES > 0)
     for i in range(0, TILES if TILES > 0 else tiles_rt):
         kt = kt0 + i
-        k_ok = kt < n_kt
-        mk = tl.load(mask_ptr + kt * n_pad + rows, mask=row_ok & k_ok, other=0).to(tl.int32)
-        # popcounts of 8-bit masks, SWAR (no popcount instruction that the interpreter runs)
-        c = mk - ((mk >> 1) & 0x55)
-        c = (c & 0x33) + ((c >> 2) & 0x33)
-        cnt = tl.reshape((c + (c >> 4)) & 0x0F, [NRB, RB])
-        above = tl.reshape(tl.cumsum(cnt, 1) - cnt, [BLOCK_N])  # groups of the rows above, same chunk
-        base = tl.load(cs_ptr + kt * n_rb + rbs, mask=row_ok & k_ok, other=0)
-        present = ((mk[:, None] >> jw[None, :]) & 1) != 0  # [BLOCK_N, NW]
+        # words of k-tile kt + 1 (metadata already here), metadata of kt + 2
+        mk = meta & 0xFF
         c = mk[:, None] & below[None, :]
         c = c - ((c >> 1) & 0x55)
         c = (c & 0x33) + ((c >> 2) & 0x33)
-        gidx = (base + above)[:, None] + ((c + (c >> 4)) & 0x0F)  # group of each word
-        wd = tl.load(qw_ptr + gidx * WPG + sub[None, :], mask=present, other=0)
-        if DEQ16:  # fp16 activations, integer zeros: (q − z)·s in fp16 is the reference's rounding
-            sc = tl.load(s_ptr + gidx, mask=present, other=0.0)
-            zc = (tl.load(z_ptr + gidx, mask=present, other=0).to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)
+        gidx = (kb + (meta >> 8))[:, None] + ((c + (c >> 4)) & 0x0F)
+        present = ((mk[:, None] >> jw[None, :]) & 1) != 0
+        wd_n = tl.load(qw_ptr + gidx * WPG + sub[None, :], mask=present, other=0)
+        sc_n = tl.load(s_ptr + gidx, mask=present, other=0.0)
+        zq_n = tl.load(z_ptr + gidx, mask=present, other=0)
+        ok2 = kt + 2 < kt_end
+        meta = tl.load(meta_ptr + (kt + 2) * n_pad + rows, mask=row_ok & ok2, other=0)
+        kb = tl.load(kts_ptr + kt + 2, mask=ok2, other=0)
+
+        # k-tile kt: codes [BLOCK_N, NW, 8] -> dense [BLOCK_N, BLOCK_K] tile, zeros where pruned
+        q = (wd[:, :, None] >> shifts[None, None, :]) & QM
+        if DEQ16:  # fp16 activations, integer zeros: 1024 + q and 1024 + z exactly; (q − z)·s rounded once
+            zc = (zq.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)
+            w = ((q.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - zc[:, :, None]) * sc[:, :, None]
+        elif FLOAT_Z:
+            w = (q.to(tl.float32) - zq.to(tl.float32)[:, :, None]) * sc.to(tl.float32)[:, :, None]
+        else:  # 2^23 + q and 2^23 + z exactly
+            zc = (zq.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True)
+            w = ((q.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - zc[:, :, None]) \
+                * sc.to(tl.float32)[:, :, None]
+        w = tl.reshape(w.to(x_ptr.dtype.element_ty), [BLOCK_N, BLOCK_K])
+        kk = kt * BLOCK_K + ar_k
+        xt = tl.load(xrow + kk[None, :], mask=m_ok[:, None] & (kk < K)[None, :], other=0.0)
+        if not EVEN_K:  # the padded tail of the last group column is not part of the layer
+            w = tl.where((kk < K)[None, :], w, 0.0).to(x_ptr.dtype.element_ty)
+        if DOT_F32:  # the interpreter's bf16 tl.dot is wrong: same operands, float32 product there
+            acc = tl.dot(xt.to(tl.float32), tl.trans(w.to(tl.float32)), acc)
         else:
-            sc = tl.load(s_ptr + gidx, mask=present, other=0.0).to(tl.float32)
-            if FLOAT_Z:
-                zc = tl.load(z_ptr + gidx, mask=present, other=0.0).to(tl.float32)
-            else:  # 2^23 + z exactly
-                zc = (tl.load(z_ptr + gidx, mask=present, other=0).to(tl.int32) | 0x4B000000).to(
-                    tl.float32, bitcast=True)
-        kbase = kt * BLOCK_K + ar_w * 8
-        for s in tl.static_range(8):
-            q = ((wd >> (BITS * s)) & QM).to(tl.int32)
-            if DEQ16:  # 1024 + q exactly, minus 1024 + z
-                w = ((q.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - zc) * sc
-            elif FLOAT_Z:
-                w = ((q.to(tl.float32) - zc) * sc).to(x_ptr.dtype.element_ty)
-            else:  # 2^23 + q exactly, minus 2^23 + z
-                w = (((q | 0x4B000000).to(tl.float32, bitcast=True) - zc) * sc).to(x_ptr.dtype.element_ty)
-            kk = kbase + s
-            xs = tl.load(xrow + kk[None, :], mask=m_ok[:, None] & (kk < K)[None, :], other=0.0)
-            if not EVEN_K:  # the padded tail of the last group column is not part of the layer
-                w = tl.where((kk < K)[None, :], w, 0.0).to(x_ptr.dtype.element_ty)
-            if DOT_F32:  # the interpreter's bf16 tl.dot is wrong: same operands, float32 product there
-                acc = tl.dot(xs.to(tl.float32), tl.trans(w.to(tl.float32)), acc)
-            else:
-                acc = tl.dot(xs, tl.trans(w), acc)
+            acc = tl.dot(xt, tl.trans(w), acc)
+        wd = wd_n
+        sc = sc_n
+        zq = zq_n
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
@@ -281,13 +297,12 @@ def launch_gemm(x2: torch.Tensor, layout: TileLayout, bias: torch.Tensor | None,
     else:
         ws = cnt = y  # unused
     consts = dict(G=layout.group_size, BITS=layout.bits, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                  BLOCK_K=layout.block_k, RB=layout.row_block, TILES=tiles_per_split if _interpret() else 0, SPLIT=split > 1, HAS_BIAS=bias is not None,
+                  BLOCK_K=layout.block_k, TILES=tiles_per_split if _interpret() else 0, SPLIT=split > 1, HAS_BIAS=bias is not None,
                   EVEN_K=k % layout.group_size == 0,
                   DOT_F32=_interpret() and x2.dtype == torch.bfloat16, FLOAT_Z=layout.float_zeros,
                   DEQ16=cfg.deq16 and x2.dtype == torch.float16 and not layout.float_zeros)
-    n_pad = layout.mask.shape[1]
-    args = (x2, code_words(layout), layout.scales, layout.zeros, layout.mask, layout.chunk_start,
+    args = (x2, code_words(layout), layout.scales, layout.zeros, layout.meta, layout.kt_start,
             bias if bias is not None else y, y, ws, cnt,
-            m, n, k, n_pad, layout.n_row_blocks, layout.n_ktiles, tiles_per_split, split, x2.stride(0), y.stride(0), tn)
+            m, n, k, layout.n_pad, layout.n_ktiles, tiles_per_split, split, x2.stride(0), y.stride(0), tn)
     _run((tm, tn, split), args, consts, cfg.num_warps, cfg.num_stages, dev)
     return y

@@ -11,13 +11,12 @@ the tensor-core kernel consumes:
   row's groups in ascending column order; chunks are ordered k-tile-major
   (``chunk = kt · n_row_blocks + rb``), so the chunks one program reads for a ``BLOCK_N``-row tile at a
   k-tile are adjacent in memory;
-* ``mask[kt, n]`` (uint8, bit ``j`` set when row ``n`` keeps group column ``kt·KT + j``) replaces
-  ``col_idx``; ``chunk_start[kt · n_row_blocks + rb]`` (int32) is the index of the chunk's first group.
-  A row's groups inside its chunk start at the number of groups kept by the rows above it in the same
-  chunk (an exclusive prefix sum of ``popcount(mask)`` over the 16 rows), and group ``j`` sits at the
-  number of kept columns below ``j`` in its mask: the kernel recomputes both from the masks, so the
-  metadata is 8 bits per row per 128 input features plus 32 bits per chunk (≈ 0.08 bit per weight,
-  against 0.5 for ``col_idx`` at 50 % sparsity, G16).
+* one int32 word per row and k-tile replaces ``col_idx``: ``meta[kt, n] = (first << 8) | mask`` —
+  bit ``j`` of ``mask`` is set when row ``n`` keeps group column ``kt·KT + j``, and ``first`` is the
+  index of the row's first kept group of that k-tile relative to ``kt_start[kt]``, the first group of
+  the k-tile (chunks are k-tile-major). Group ``j`` of the row sits at
+  ``kt_start[kt] + first + popcount(mask & (2^j − 1))``. One load per row per k-tile and no dependent
+  metadata load: 0.25 bit per weight, against 0.5 for ``col_idx`` at 50 % sparsity, G16.
 * ``qweight`` / ``scales`` / ``zeros`` are the canonical tensors permuted into that group order
   (bit for bit the same codes, scales and zero points).
 
@@ -44,8 +43,8 @@ class TileLayout:
     qweight: torch.Tensor  # uint8 [nnz, G·bits/8], chunk order
     scales: torch.Tensor  # float16 [nnz]
     zeros: torch.Tensor  # uint8 or float16 [nnz]
-    mask: torch.Tensor  # uint8 [n_ktiles, n_pad]  (n_pad = n_row_blocks · ROW_BLOCK)
-    chunk_start: torch.Tensor  # int32 [n_ktiles · n_row_blocks + 1]
+    meta: torch.Tensor  # int32 [n_ktiles, n_pad]  (n_pad = n_row_blocks · ROW_BLOCK): (first << 8) | mask
+    kt_start: torch.Tensor  # int32 [n_ktiles + 1]
     shape: tuple[int, int]
     bits: int
     group_size: int
@@ -61,19 +60,28 @@ class TileLayout:
 
     @property
     def n_ktiles(self) -> int:
-        return self.mask.shape[0]
+        return self.meta.shape[0]
+
+    @property
+    def n_pad(self) -> int:
+        return self.meta.shape[1]
 
     @property
     def n_row_blocks(self) -> int:
-        return self.mask.shape[1] // self.row_block
+        return self.n_pad // self.row_block
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """uint8 ``[n_ktiles, n_pad]``: the kept-group bits of each row and k-tile."""
+        return (self.meta & 0xFF).to(torch.uint8)
 
     @property
     def device(self) -> torch.device:
         return self.qweight.device
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.zeros, self.mask,
-                                                           self.chunk_start))
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.zeros, self.meta,
+                                                           self.kt_start))
 
 
 def build_tile_layout(packed: PackedLinear, block_k: int = BLOCK_K, device=None) -> TileLayout:
@@ -98,24 +106,27 @@ def build_tile_layout(packed: PackedLinear, block_k: int = BLOCK_K, device=None)
     rows = torch.repeat_interleave(torch.arange(n, device=dev), rp[1:] - rp[:-1], output_size=nnz)
     kt = col // kt_groups
     j = col % kt_groups
-    rb = rows // ROW_BLOCK
-    chunk = kt * n_rb + rb
-    # chunk-major, then row, then column: the canonical order is already row-major, column-ascending
-    key = (chunk * n_pad + rows) * kt_groups + j
+    # k-tile-major, then row, then column (16-row chunks are then contiguous too)
+    key = (kt * n_pad + rows) * kt_groups + j
     perm = torch.argsort(key, stable=True)
     mask = torch.zeros(n_kt * n_pad, dtype=torch.int32, device=dev)
     mask.index_add_(0, kt * n_pad + rows, (1 << j).to(torch.int32))
-    counts = torch.bincount(chunk, minlength=n_kt * n_rb)
-    chunk_start = torch.zeros(n_kt * n_rb + 1, dtype=torch.int64, device=dev)
-    chunk_start[1:] = torch.cumsum(counts, 0)
+    # first kept group of each (k-tile, row) in chunk order, relative to the k-tile's first group
+    row_counts = torch.bincount(kt * n_pad + rows, minlength=n_kt * n_pad).reshape(n_kt, n_pad)
+    first = torch.cumsum(row_counts, 1) - row_counts
+    kt_start = torch.zeros(n_kt + 1, dtype=torch.int64, device=dev)
+    kt_start[1:] = torch.cumsum(row_counts.sum(1), 0)
     if nnz >= 2**31:
         raise ValueError(f"layer too large for 32-bit group indices (nnz={nnz})")
+    if n_pad * kt_groups >= 2**23:
+        raise ValueError(f"layer has too many rows for the tile layout ({n} ≥ {2**23 // kt_groups})")
+    meta = (first << 8) | mask.reshape(n_kt, n_pad).to(torch.int64)
     return TileLayout(
         qweight=packed.qweight.to(dev)[perm].contiguous(),
         scales=packed.scales.to(dev)[perm].contiguous(),
         zeros=packed.zeros.to(dev)[perm].contiguous(),
-        mask=mask.to(torch.uint8).reshape(n_kt, n_pad).contiguous(),
-        chunk_start=chunk_start.to(torch.int32),
+        meta=meta.to(torch.int32).contiguous(),
+        kt_start=kt_start.to(torch.int32),
         shape=(int(n), int(k)), bits=int(packed.bits), group_size=int(g), float_zeros=bool(packed.float_zeros),
         nnz=int(nnz), block_k=int(block_k),
     )
