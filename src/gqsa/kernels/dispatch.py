@@ -4,8 +4,12 @@
 * above: the tensor-core GEMM (:mod:`gqsa.kernels.gemm`) on the load-time
   :class:`~gqsa.kernels.layout.TileLayout`, with the :class:`~gqsa.kernels.gemm.GemmConfig` of the
   first bucket of ``table.buckets`` whose ``max_m`` holds M (split-K chosen from the grid size);
-* never a per-call dense expansion. ``dense_min_m`` (off by default) is the explicit opt-in of a cached
-  dense fp16/bf16 copy of the weight, used with cuBLAS from that many rows on (memory-rich prefill).
+* ``M ≥ table.expand_min_m`` (when set): the per-call dense expansion + cuBLAS of
+  :func:`gqsa.kernels.gemv.gqsa_linear` (``variant="dense"``). It is in the H200 table *only* because
+  the tensor-core kernel measured 2.5–4× slower than it at M = 256 and 2048 (benchmarks/RESULTS.md,
+  issue 11); set ``expand_min_m=None`` in a table to run the GEMM there too.
+* ``dense_min_m`` (off by default) is the explicit opt-in of a *cached* dense fp16/bf16 copy of the
+  weight, used with cuBLAS from that many rows on (memory-rich prefill).
 
 Every path is CUDA-graph capturable after one call at the same batch size (compilation, workspace).
 The crossover table :data:`H200_TABLE` was measured with ``benchmarks/gemm.py --sweep`` (see
@@ -29,10 +33,12 @@ from .layout import build_tile_layout
 @dataclass(frozen=True)
 class DispatchTable:
     """``gemv_max_m``: largest batch served by the GEMV; ``buckets``: ``(max_m, GemmConfig)`` in
-    ascending ``max_m``, the last one serving every larger M."""
+    ascending ``max_m``, the last one serving every larger M; ``expand_min_m``: from this many rows on,
+    per-call dense expansion + cuBLAS (None: never)."""
 
     gemv_max_m: int
     buckets: tuple = field(default_factory=tuple)
+    expand_min_m: int | None = None
 
     def config(self, m: int) -> GemmConfig:
         for max_m, cfg in self.buckets:
@@ -41,27 +47,33 @@ class DispatchTable:
         return self.buckets[-1][1]
 
 
+# Measured on the H200 (benchmarks/gemm.py --sweep, 2026-11-30, benchmarks/RESULTS.md): per bucket the
+# candidate with the least total time over 4096×4096, 11008×4096 and 28672×8192 (W4 S50 G16); the GEMV
+# beat the GEMM at M = 2 on every shape (132.7 µs against 316.6 µs summed over the three).
 H200_TABLE = DispatchTable(
-    gemv_max_m=1,
+    gemv_max_m=2,
     buckets=(
-        (16, GemmConfig(block_m=16, block_n=64, num_warps=4, num_stages=3)),
-        (32, GemmConfig(block_m=32, block_n=64, num_warps=4, num_stages=3)),
-        (64, GemmConfig(block_m=64, block_n=64, num_warps=4, num_stages=3)),
-        (256, GemmConfig(block_m=64, block_n=128, num_warps=8, num_stages=3, waves=1.0)),
-        (1 << 62, GemmConfig(block_m=128, block_n=128, num_warps=8, num_stages=3, waves=1.0)),
+        (16, GemmConfig(block_m=16, block_n=64, num_warps=4, num_stages=2, waves=4.0)),
+        (32, GemmConfig(block_m=32, block_n=128, num_warps=4, num_stages=2, waves=2.0)),
+        (64, GemmConfig(block_m=64, block_n=128, num_warps=4, num_stages=2, waves=1.0)),
+        (256, GemmConfig(block_m=64, block_n=128, num_warps=4, num_stages=3, waves=1.0)),
+        (1 << 62, GemmConfig(block_m=128, block_n=128, num_warps=8, num_stages=3, split_k=1)),
     ),
+    expand_min_m=256,
 )
 
 
 def table_to_json(table: DispatchTable) -> dict:
-    return {"gemv_max_m": table.gemv_max_m,
+    return {"gemv_max_m": table.gemv_max_m, "expand_min_m": table.expand_min_m,
             "buckets": [[m, dict(cfg.__dict__)] for m, cfg in table.buckets]}
 
 
 def table_from_json(obj: dict) -> DispatchTable:
     try:
         buckets = tuple((int(m), GemmConfig(**cfg)) for m, cfg in obj["buckets"])
-        return DispatchTable(gemv_max_m=int(obj["gemv_max_m"]), buckets=buckets)
+        exp = obj.get("expand_min_m")
+        return DispatchTable(gemv_max_m=int(obj["gemv_max_m"]), buckets=buckets,
+                             expand_min_m=None if exp is None else int(exp))
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"not a dispatch table: {e}") from None
 
@@ -101,11 +113,14 @@ class LinearPlan:
         self._dense = None
 
     def path(self, m: int) -> str:
-        """Which kernel serves ``m`` rows: ``"gemv"``, ``"gemm"``, ``"dense-cache"`` or ``"reference"``."""
+        """Which kernel serves ``m`` rows: ``"gemv"``, ``"gemm"``, ``"expand"``, ``"dense-cache"`` or
+        ``"reference"``."""
         if not self.kernel_ok:
             return "reference"
         if self.dense_min_m is not None and m >= self.dense_min_m:
             return "dense-cache"
+        if self.table.expand_min_m is not None and m >= self.table.expand_min_m:
+            return "expand"
         return "gemv" if m <= self.table.gemv_max_m else "gemm"
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -125,6 +140,8 @@ class LinearPlan:
         path = self.path(m)
         if path == "gemv":
             return self.gemv(x, bias)
+        if path == "expand":
+            return gemv.gqsa_linear(x, p, bias, variant="dense")
         if path == "dense-cache":
             if self._dense is None or self._dense.dtype != x.dtype:
                 self._dense = gemv.dequantize_dense(p, x.dtype)

@@ -71,7 +71,7 @@ def _gemm_kernel(
     m_ok = offs_m < M
     ar_k = tl.arange(0, BLOCK_K)
     xrow = x_ptr + offs_m[:, None] * stride_xm
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
     kt0 = pid_k * tiles_rt
     kt_end = tl.minimum(kt0 + tiles_rt, n_kt)
 
@@ -139,7 +139,7 @@ def _gemm_kernel(
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
     else:
-        bias = tl.zeros([BLOCK_N], dtype=tl.float32)
+        bias = tl.full([BLOCK_N], 0.0, tl.float32)
     yp = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
     if SPLIT:
         wsp = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
@@ -148,8 +148,8 @@ def _gemm_kernel(
         tile = pid_m * n_tiles_n + pid_n
         old = tl.atomic_add(cnt_ptr + tile, 1)
         if old == split_k - 1:  # the last contributor writes the tile and leaves zeros behind
-            zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            tot = tl.atomic_add(wsp, zero, mask=omask)  # read the sum from L2 ...
+            zero = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
+            tot = tl.where(omask, tl.atomic_add(wsp, zero, mask=omask), 0.0)  # read the sum from L2 ...
             tl.store(wsp, zero, mask=omask)  # ... and leave zeros for the next launch
             tl.store(cnt_ptr + tile, 0)
             tl.store(yp, (tot + bias[None, :]).to(y_ptr.dtype.element_ty), mask=omask)
