@@ -60,13 +60,16 @@ def _gemm_kernel(
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # index tensors are 3-D ([rows, words, 1]) from the start, so that the words, scales and zero
+    # points arrive in the layout of the [rows, words, 8] dequantization without a shared-memory trip
+    rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N))[:, None, None]
     row_ok = rows < n_pad
-    ar_w = tl.arange(0, NW)
+    ar_w = tl.arange(0, NW)[None, :, None]
     jw = ar_w // WPG  # group slot of each word inside the k-tile
     below = (1 << jw) - 1  # mask bits of the slots before it
     sub = ar_w % WPG  # word inside its group
-    shifts = tl.arange(0, 8) * BITS
+    e8 = tl.arange(0, 8)[None, None, :]
+    shifts = e8 * BITS
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < M
     ar_k = tl.arange(0, BLOCK_K)
@@ -77,15 +80,15 @@ def _gemm_kernel(
 
     # prologue: metadata of k-tiles kt0 and kt0 + 1, words of kt0
     ok0 = kt0 < kt_end
-    meta = tl.load(meta_ptr + kt0 * n_pad + rows, mask=row_ok & ok0, other=0)
+    meta = tl.load(meta_ptr + kt0 * n_pad + rows, mask=row_ok & ok0, other=0)  # [BLOCK_N, 1, 1]
     kb = tl.load(kts_ptr + kt0, mask=ok0, other=0)
     mk = meta & 0xFF
-    c = mk[:, None] & below[None, :]
+    c = mk & below
     c = c - ((c >> 1) & 0x55)  # popcount of 8-bit masks, SWAR
     c = (c & 0x33) + ((c >> 2) & 0x33)
-    gidx = (kb + (meta >> 8))[:, None] + ((c + (c >> 4)) & 0x0F)  # group of each word
-    present = ((mk[:, None] >> jw[None, :]) & 1) != 0
-    wd = tl.load(qw_ptr + gidx * WPG + sub[None, :], mask=present, other=0)
+    gidx = kb + (meta >> 8) + ((c + (c >> 4)) & 0x0F)  # [BLOCK_N, NW, 1]: group of each word
+    present = ((mk >> jw) & 1) != 0
+    wd = tl.load(qw_ptr + gidx * WPG + sub, mask=present, other=0)
     sc = tl.load(s_ptr + gidx, mask=present, other=0.0)
     zq = tl.load(z_ptr + gidx, mask=present, other=0)
     ok1 = kt0 + 1 < kt_end
@@ -97,12 +100,12 @@ def _gemm_kernel(
         kt = kt0 + i
         # words of k-tile kt + 1 (metadata already here), metadata of kt + 2
         mk = meta & 0xFF
-        c = mk[:, None] & below[None, :]
+        c = mk & below
         c = c - ((c >> 1) & 0x55)
         c = (c & 0x33) + ((c >> 2) & 0x33)
-        gidx = (kb + (meta >> 8))[:, None] + ((c + (c >> 4)) & 0x0F)
-        present = ((mk[:, None] >> jw[None, :]) & 1) != 0
-        wd_n = tl.load(qw_ptr + gidx * WPG + sub[None, :], mask=present, other=0)
+        gidx = kb + (meta >> 8) + ((c + (c >> 4)) & 0x0F)
+        present = ((mk >> jw) & 1) != 0
+        wd_n = tl.load(qw_ptr + gidx * WPG + sub, mask=present, other=0)
         sc_n = tl.load(s_ptr + gidx, mask=present, other=0.0)
         zq_n = tl.load(z_ptr + gidx, mask=present, other=0)
         ok2 = kt + 2 < kt_end
@@ -110,16 +113,15 @@ def _gemm_kernel(
         kb = tl.load(kts_ptr + kt + 2, mask=ok2, other=0)
 
         # k-tile kt: codes [BLOCK_N, NW, 8] -> dense [BLOCK_N, BLOCK_K] tile, zeros where pruned
-        q = (wd[:, :, None] >> shifts[None, None, :]) & QM
+        q = (wd >> shifts) & QM
         if DEQ16:  # fp16 activations, integer zeros: 1024 + q and 1024 + z exactly; (q − z)·s rounded once
             zc = (zq.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)
-            w = ((q.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - zc[:, :, None]) * sc[:, :, None]
+            w = ((q.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - zc) * sc
         elif FLOAT_Z:
-            w = (q.to(tl.float32) - zq.to(tl.float32)[:, :, None]) * sc.to(tl.float32)[:, :, None]
+            w = (q.to(tl.float32) - zq.to(tl.float32)) * sc.to(tl.float32)
         else:  # 2^23 + q and 2^23 + z exactly
             zc = (zq.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True)
-            w = ((q.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - zc[:, :, None]) \
-                * sc.to(tl.float32)[:, :, None]
+            w = ((q.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - zc) * sc.to(tl.float32)
         w = tl.reshape(w.to(x_ptr.dtype.element_ty), [BLOCK_N, BLOCK_K])
         kk = kt * BLOCK_K + ar_k
         xt = tl.load(xrow + kk[None, :], mask=m_ok[:, None] & (kk < K)[None, :], other=0.0)
@@ -296,11 +298,12 @@ def launch_gemm(x2: torch.Tensor, layout: TileLayout, bias: torch.Tensor | None,
         ws, cnt = workspace(dev).get(m * n, tm * tn)
     else:
         ws = cnt = y  # unused
+    deq16 = cfg.deq16 and x2.dtype == torch.float16 and not layout.float_zeros
     consts = dict(G=layout.group_size, BITS=layout.bits, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                   BLOCK_K=layout.block_k, TILES=tiles_per_split if _interpret() else 0, SPLIT=split > 1, HAS_BIAS=bias is not None,
                   EVEN_K=k % layout.group_size == 0,
                   DOT_F32=_interpret() and x2.dtype == torch.bfloat16, FLOAT_Z=layout.float_zeros,
-                  DEQ16=cfg.deq16 and x2.dtype == torch.float16 and not layout.float_zeros)
+                  DEQ16=deq16)
     args = (x2, code_words(layout), layout.scales, layout.zeros, layout.meta, layout.kt_start,
             bias if bias is not None else y, y, ws, cnt,
             m, n, k, layout.n_pad, layout.n_ktiles, tiles_per_split, split, x2.stride(0), y.stride(0), tn)

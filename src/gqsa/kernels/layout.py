@@ -121,8 +121,9 @@ def build_tile_layout(packed: PackedLinear, block_k: int = BLOCK_K, device=None)
     if n_pad * kt_groups >= 2**23:
         raise ValueError(f"layer has too many rows for the tile layout ({n} ≥ {2**23 // kt_groups})")
     meta = (first << 8) | mask.reshape(n_kt, n_pad).to(torch.int64)
+    qweight = packed.qweight.to(dev)[perm].contiguous()
     return TileLayout(
-        qweight=packed.qweight.to(dev)[perm].contiguous(),
+        qweight=qweight,
         scales=packed.scales.to(dev)[perm].contiguous(),
         zeros=packed.zeros.to(dev)[perm].contiguous(),
         meta=meta.to(torch.int32).contiguous(),
