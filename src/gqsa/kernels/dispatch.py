@@ -47,9 +47,11 @@ class DispatchTable:
         return self.buckets[-1][1]
 
 
-# Measured on the H200 (benchmarks/gemm.py --sweep, 2026-11-30, benchmarks/RESULTS.md): per bucket the
-# candidate with the least total time over 4096×4096, 11008×4096 and 28672×8192 (W4 S50 G16); the GEMV
-# beat the GEMM at M = 2 on every shape (132.7 µs against 316.6 µs summed over the three).
+# Measured on the H200 (benchmarks/gemm.py --sweep, 2026-11-30, benchmarks/RESULTS.md; swept on the
+# kernel revision before the 3-D index tensors, not re-swept since): per bucket the candidate with the
+# least total time over 4096×4096, 11008×4096 and 28672×8192 (W4 S50 G16); the GEMV beat the GEMM at
+# M = 2 on every shape (132.7 µs against 316.6 µs summed over the three). expand_min_m = 256: the GEMM
+# was 2.5–4× slower than dense expansion + cuBLAS at M = 256 and 2048 (an explicit stopgap).
 H200_TABLE = DispatchTable(
     gemv_max_m=2,
     buckets=(
