@@ -18,7 +18,6 @@ and the TFLOP/s column is the one to read.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import math
 import os
@@ -28,7 +27,6 @@ import traceback
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))

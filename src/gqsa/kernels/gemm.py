@@ -6,8 +6,14 @@ row (first kept group and kept-group mask), computes where every kept group sits
 mask bits below it), gathers the kept groups' codes, scales and zero points —
 one read of the packed weights per output tile, shared by all ``BLOCK_M`` rows of x — dequantizes
 them in registers into a dense ``BLOCK_N × BLOCK_K`` tile (zeros where a group is pruned:
-``s · (q − z)`` in float32, rounded to the activation dtype, so the tile equals
-``reference.dequantize`` bit for bit) and accumulates ``tl.dot(x_tile, w_tileᵀ)`` in float32.
+``s · (q − z)`` in float32 rounded to the activation dtype — or, for fp16 activations with integer
+zeros, in fp16, where ``q − z`` is exact and the product is rounded once: the same value — so the tile
+equals ``reference.dequantize`` bit for bit on the GPU) and accumulates ``tl.dot(x_tile, w_tileᵀ)`` in
+float32. (Triton's interpreter rounds float32 → bfloat16 differently and its bf16 ``tl.dot`` is wrong:
+under ``TRITON_INTERPRET=1`` bf16 tiles are multiplied in float32, ``DOT_F32``.)
+
+Status (H200, benchmarks/RESULTS.md): correct everywhere, but instruction-bound (≈ 12 instructions
+per dense weight, pruned ones included), 0.6–0.9× cuBLAS fp16 at M = 4–16 and 0.3–0.5× at M = 64.
 
 Split-K (``split_k > 1``, for small M where the output tiles alone cannot fill the GPU): every
 program adds its partial tile into a float32 workspace with atomics; the last program to finish a
@@ -15,9 +21,8 @@ tile (an atomic counter per tile) reads the sum (an atomic add of 0) and zeroes 
 the bias, writes y and resets the counter. One launch, no memset, CUDA-graph capturable; the
 workspace and counters are all zero between launches.
 
-The launcher (:func:`launch_gemm`) takes its tuning knobs as a :class:`GemmConfig` argument;
-:func:`default_config` picks one by batch size (the table measured on the H200 lives in
-:mod:`gqsa.kernels.dispatch`).
+The launcher (:func:`launch_gemm`) takes its tuning knobs as a :class:`GemmConfig` argument; the
+table of configurations by batch size measured on the H200 lives in :mod:`gqsa.kernels.dispatch`.
 """
 from __future__ import annotations
 
@@ -252,7 +257,8 @@ def _run(grid, args, consts: dict, num_warps: int, num_stages: int, device: torc
         return
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     ints = [a for a in args if not isinstance(a, torch.Tensor)]
-    key = (tuple(consts.values()), tuple(t.dtype for t in tensors), num_warps, num_stages, device.index, _spec_bits(tensors, ints))
+    key = (tuple(consts.values()), tuple(t.dtype for t in tensors), num_warps, num_stages, device.index,
+           _spec_bits(tensors, ints))
     ck = _FAST.get(key)
     if ck is None:
         _FAST[key] = kern[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
@@ -300,8 +306,8 @@ def launch_gemm(x2: torch.Tensor, layout: TileLayout, bias: torch.Tensor | None,
         ws = cnt = y  # unused
     deq16 = cfg.deq16 and x2.dtype == torch.float16 and not layout.float_zeros
     consts = dict(G=layout.group_size, BITS=layout.bits, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                  BLOCK_K=layout.block_k, TILES=tiles_per_split if _interpret() else 0, SPLIT=split > 1, HAS_BIAS=bias is not None,
-                  EVEN_K=k % layout.group_size == 0,
+                  BLOCK_K=layout.block_k, TILES=tiles_per_split if _interpret() else 0, SPLIT=split > 1,
+                  HAS_BIAS=bias is not None, EVEN_K=k % layout.group_size == 0,
                   DOT_F32=_interpret() and x2.dtype == torch.bfloat16, FLOAT_Z=layout.float_zeros,
                   DEQ16=deq16)
     args = (x2, code_words(layout), layout.scales, layout.zeros, layout.meta, layout.kt_start,
