@@ -8,7 +8,8 @@ one read of the packed weights per output tile, shared by all ``BLOCK_M`` rows o
 them in registers into a dense ``BLOCK_N × BLOCK_K`` tile (zeros where a group is pruned:
 ``s · (q − z)`` in float32 rounded to the activation dtype — or, for fp16 activations with integer
 zeros, in fp16, where ``q − z`` is exact and the product is rounded once: the same value — so the tile
-equals ``reference.dequantize`` bit for bit on the GPU) and accumulates ``tl.dot(x_tile, w_tileᵀ)`` in
+is ``reference.dequantize``'s by construction; the tests compare y with the tolerances of the GEMV's) and
+accumulates ``tl.dot(x_tile, w_tileᵀ)`` in
 float32. (Triton's interpreter rounds float32 → bfloat16 differently and its bf16 ``tl.dot`` is wrong:
 under ``TRITON_INTERPRET=1`` bf16 tiles are multiplied in float32, ``DOT_F32``.)
 
