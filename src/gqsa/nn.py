@@ -14,8 +14,8 @@ class GQSALinear(nn.Module):
     The packed tensors are buffers, so ``state_dict()`` is exactly the checkpoint layout and
     ``load_state_dict`` accepts any number of kept groups (the buffers take the loaded sizes, after
     validation). ``forward`` computes ``x @ Ŵᵀ + b``: on CUDA through the fused Triton kernels of
-    :mod:`gqsa.kernels.gemv` (a :class:`~gqsa.kernels.gemv.GemvPlan` built on the first CUDA call:
-    decode kernel for small batches, dense expansion + cuBLAS for prefill), elsewhere through the
+    :mod:`gqsa.kernels` (a :class:`~gqsa.kernels.dispatch.LinearPlan` built on the first CUDA call:
+    decode GEMV at batch 1, tensor-core GQSA GEMM above, by a measured crossover table), elsewhere through the
     pure-torch reference. ``backend = "reference"`` forces the reference everywhere.
     """
 
@@ -87,9 +87,9 @@ class GQSALinear(nn.Module):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if self.backend == "auto" and x.is_cuda:
             if self._plan is None:
-                from .kernels import gemv
+                from .kernels import dispatch
 
-                self._plan = gemv.prepare(self.packed)
+                self._plan = dispatch.prepare(self.packed)
             return self._plan(x, bias)
         if self.backend in ("auto", "reference"):
             return reference.linear(x, self.packed, bias)

@@ -77,6 +77,8 @@ def _kind(name: str) -> str:
     n = name.lower()
     if "_gemv_kernel" in n:
         return "gqsa_gemv"
+    if "_gemm_kernel" in n:
+        return "gqsa_gemm"
     if "_expand_kernel" in n:
         return "gqsa_expand"
     if "int4" in n or "tinygemm" in n:

@@ -1,0 +1,334 @@
+#!/usr/bin/env python
+"""GQSA at every batch size (issue 11): cuBLAS fp16, torch tinygemm int4 g128 and GQSA W4 G16 (S50, S30)
+side by side in one process, for the LLaMA-2-7B / LLaMA-3-8B / LLaMA-2-70B linear shapes and
+M = 1, 2, 4, 8, 16, 32, 64, 256, 2048.
+
+Every method runs over weight copies rotated beyond the L2 (``--rot-bytes``) and is timed by CUDA-graph
+replay of back-to-back calls (µs per call, median of 15 replays; ``benchmarks/gemv.py``'s ``t_graph``).
+GQSA runs through :class:`gqsa.kernels.dispatch.LinearPlan` (what ``GQSALinear`` holds): the GEMV at
+batch 1, the tensor-core GEMM above; at M ≤ 4 both kernels are also timed forced (the crossover).
+Roofline: the bytes a method must move (its weight format, read once, plus x and y) over the
+device-to-device copy bandwidth measured in the same run; at large M the kernels are compute-bound
+and the TFLOP/s column is the one to read.
+
+    python benchmarks/gemm.py --check                 # GPU correctness of the dispatch paths
+    python benchmarks/gemm.py --sweep --out DIR       # GemmConfig candidates per M on 3 shapes
+    python benchmarks/gemm.py --out DIR               # the matrix (gemm.json, gemm.md)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "src"))
+sys.path.insert(0, str(HERE))
+import gemv as bg  # noqa: E402  (benchmarks/gemv.py: shapes, random layers, timing helpers)
+
+from gqsa import format as fmt  # noqa: E402
+from gqsa import quant  # noqa: E402
+from gqsa.kernels import dispatch, gemm, reference  # noqa: E402
+from gqsa.kernels.layout import build_tile_layout  # noqa: E402
+
+DEV = "cuda"
+BATCHES = [1, 2, 4, 8, 16, 32, 64, 256, 2048]
+
+
+def layer_for_check(n, k, g, bits, sparsity, float_zeros=False, special=None, seed=0, device=DEV):
+    gen = torch.Generator().manual_seed(seed)
+    c = math.ceil(k / g)
+    w = torch.randn(n, c, g, generator=gen)
+    if k % g:
+        valid = (torch.arange(c * g).reshape(c, g) < k)[None]
+        s, z = quant.minmax_params(w, bits, valid=valid)
+    else:
+        s, z = quant.minmax_params(w, bits)
+    if float_zeros:
+        z = z + torch.rand(z.shape, generator=gen) * 0.8 - 0.4
+    q = quant.quantize(w, s, z, bits)
+    mask = torch.rand(n, c, generator=gen) >= sparsity
+    if special == "empty_rows":
+        mask[::3] = False
+    elif special == "uneven":  # row r keeps about r/n of its groups
+        mask = torch.rand(n, c, generator=gen) < torch.linspace(0, 1, n)[:, None]
+    p = fmt.pack(q, s, z, mask, (n, k), bits, g, float_zeros=float_zeros)
+    return fmt.PackedLinear(**{a: t.to(device) for a, t in p.tensors().items()}, shape=p.shape, bits=p.bits,
+                            group_size=p.group_size)
+
+
+def gpu_check(quick: bool = False) -> bool:
+    ok = True
+    cases = [(300, 1000, 16, 4, 0.5, False, None), (256, 4096, 16, 4, 0.5, False, "uneven"),
+             (200, 520, 32, 2, 0.4, True, "empty_rows"), (96, 777, 64, 8, 0.3, False, None),
+             (130, 1024, 128, 4, 0.6, True, None), (1000, 2048, 16, 4, 0.5, False, None)]
+    table = dispatch.default_table()
+    if quick:
+        cases = [cases[0], cases[2]]
+    for (n, k, g, bits, sp, fz, special) in cases:
+        p = layer_for_check(n, k, g, bits, sp, fz, special)
+        lay = build_tile_layout(p)
+        for dt in (torch.float16, torch.bfloat16):
+            w_ref = reference.dequantize(p, dt).float()
+            for m in (3, 16, 100) if quick else (1, 3, 16, 33, 100, 600):
+                x = torch.randn(m, k, device=DEV).to(dt)
+                bias = torch.randn(n, device=DEV).to(dt) if m % 2 else None
+                ref = x.float() @ w_ref.t() + (bias.float() if bias is not None else 0)
+                cfgs = {"table": table.config(m), "split3": gemm.GemmConfig(16, 32, split_k=3),
+                        "f32deq": gemm.GemmConfig(32, 64, deq16=False)}
+                for cname, cfg in cfgs.items():
+                    y = torch.full((m, n), float("nan"), device=DEV, dtype=dt)
+                    try:
+                        gemm.launch_gemm(x, lay, bias, y, cfg)
+                        torch.cuda.synchronize()
+                        err = float((y.float() - ref).norm() / ref.norm().clamp_min(1e-12))
+                        good = bool(torch.isfinite(y).all()) and err < (1e-2 if dt == torch.bfloat16 else 2e-3)
+                    except Exception as e:  # noqa: BLE001
+                        err, good = repr(e)[:300], False
+                    if not good:
+                        ok = False
+                        print(f"CHECK FAIL {n}x{k} G{g} b{bits} {special} {dt} M={m} {cname}: {err}", flush=True)
+        ws = gemm.workspace(torch.device(DEV))
+        if bool(ws.partial.any()) or bool(ws.counters.any()):
+            ok = False
+            print("CHECK FAIL: split-K workspace not clean after launches", flush=True)
+    # the plan, in a CUDA graph
+    p = layer_for_check(512, 1024, 16, 4, 0.5)
+    plan = dispatch.LinearPlan(p)
+    for m in (1, 4, 16, 64):
+        x = torch.randn(m, 1024, device=DEV, dtype=torch.float16)
+        y0 = plan(x)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            yg = plan(x)
+        x.copy_(torch.randn_like(x))
+        g.replay()
+        torch.cuda.synchronize()
+        ref = reference.linear(x.float(), p)
+        err = float((yg.float() - ref).norm() / ref.norm())
+        if not err < 2e-3:
+            ok = False
+            print(f"CHECK FAIL graph M={m}: {err}", flush=True)
+        del y0
+    print("GPU check:", "all ok" if ok else "FAILURES", flush=True)
+    return ok
+
+
+# ----------------------------------------------------------------------------- methods
+
+
+class GqsaMethod:
+    def __init__(self, n, k, sparsity, g, rot, path="auto", seed=0):
+        gen = torch.Generator(device=DEV).manual_seed(seed)
+        p0 = bg.random_packed(n, k, sparsity, g, gen=gen)
+        nb = p0.nbytes()
+        packs = [p0] + [bg.clone_packed(p0) for _ in range(bg.n_copies(nb, rot) - 1)]
+        self.plans = [dispatch.LinearPlan(p) for p in packs]
+        self.path = path
+        self.nbytes_w = nb
+        self.flops_per_row = 2 * n * k
+        self.name = f"GQSA W4 S{round(sparsity * 100)} G{g}" + ("" if path == "auto" else f" {path}")
+
+    def fns_for_x(self, x):
+        if self.path == "auto":
+            return [lambda pl=pl: pl(x) for pl in self.plans]
+        if self.path == "gemv":
+            return [lambda pl=pl: pl.gemv(x) for pl in self.plans]
+        m, n = x.shape[0], self.plans[0].packed.shape[0]
+        cfg = self.plans[0].table.config(max(2, m))
+        y = torch.empty(m, n, device=DEV, dtype=x.dtype)
+        return [lambda pl=pl: gemm.launch_gemm(x, pl.layout, None, y, cfg, pl.sms) for pl in self.plans]
+
+    def check(self, x):
+        pl = self.plans[0]
+        y = self.fns_for_x(x)[0]()
+        return bg.rel_err(y, reference.linear(x.float(), pl.packed))
+
+
+def measure(method, x, n, bw):
+    fns = method.fns_for_x(x)
+    fns[0]()
+    torch.cuda.synchronize()
+    us = bg.t_graph(fns, min_calls=64 if x.shape[0] < 256 else 8, replays=15 if x.shape[0] < 256 else 5)
+    nbytes = method.nbytes_w + x.nbytes + x.shape[0] * n * 2
+    rec = {"method": method.name, "M": x.shape[0], "us": us, "bytes": nbytes, "tbps": nbytes / (us * 1e-6) / 1e12,
+           "roof_pct": 100 * nbytes / (bw * 1e12) / (us * 1e-6),
+           "tflops": method.flops_per_row * x.shape[0] / (us * 1e-6) / 1e12}
+    if hasattr(method, "check") and callable(method.check) and isinstance(method, GqsaMethod):
+        rec["rel_err"] = method.check(x)
+    return rec
+
+
+def run_matrix(args, bw, records):
+    shapes = [(m, s) for m in args.models.split(",") for s in bg.MODELS[m]]
+    for model, (n, k) in shapes:
+        t0 = time.time()
+        methods = [bg.make_fp16(n, k, args.rot_bytes), bg.make_tinygemm(n, k, 128, args.rot_bytes)]
+        for sp in (0.5,) if args.quick else (0.5, 0.3):
+            methods.append(GqsaMethod(n, k, sp, 16, args.rot_bytes))
+        small = [GqsaMethod.__new__(GqsaMethod) for _ in range(2)]
+        for sm, path in zip(small, ("gemv", "gemm")):
+            sm.__dict__.update(methods[2].__dict__)
+            sm.path, sm.name = path, methods[2].name + " " + path
+        base = {}
+        for m in args.batches:
+            x16 = torch.randn(m, k, device=DEV, dtype=torch.float16)
+            for meth in methods + (small if m <= 4 else []):
+                if m >= 256 and meth.name.startswith("tinygemm"):
+                    continue  # a decode kernel (~29 TFLOP/s at any M): seconds per graph here
+                try:
+                    r = measure(meth, x16, n, bw)
+                except Exception as e:  # noqa: BLE001
+                    r = {"method": meth.name, "M": m, "error": repr(e)[:300]}
+                    traceback.print_exc()
+                r.update(model=model, N=n, K=k)
+                if meth.name == "cuBLAS fp16":
+                    base[m] = r.get("us")
+                if base.get(m) and r.get("us"):
+                    r["x_fp16"] = base[m] / r["us"]
+                records.append(r)
+                print(fmt_row(r), flush=True)
+        del methods, small
+        torch.cuda.empty_cache()
+        print(f"# {model} {n}x{k}: {time.time() - t0:.0f}s", flush=True)
+        if args.out:
+            (Path(args.out) / "gemm.json").write_text(json.dumps({"records": records}, indent=1))
+
+
+def fmt_row(r):
+    if "error" in r:
+        return f"{r.get('model', '')} {r.get('N')}x{r.get('K')} M={r['M']} {r['method']}: ERROR {r['error']}"
+    return (f"{r.get('model', '')} {r['N']}x{r['K']} M={r['M']:5d} {r['method']:<26s} {r['us']:9.2f} us "
+            f"{r['tbps']:5.2f} TB/s {r['roof_pct']:5.1f}% {r['tflops']:7.1f} TF  x{r.get('x_fp16', 0):5.2f}"
+            + (f" err {r['rel_err']:.1e}" if "rel_err" in r else ""))
+
+
+def markdown(records, meta) -> str:
+    lines = [f"{k}: {v}" for k, v in meta.items()] + [""]
+    lines.append("| model | N×K | M | method | µs | TB/s | % roofline | TFLOP/s | × fp16 |")
+    lines.append("|---|---|---|---|---|---|---|---|---|")
+    for r in records:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['N']}×{r['K']} | {r['M']} | {r['method']} | error | | | | |")
+            continue
+        lines.append(f"| {r['model']} | {r['N']}×{r['K']} | {r['M']} | {r['method']} | {r['us']:.2f} | "
+                     f"{r['tbps']:.2f} | {r['roof_pct']:.0f} | {r['tflops']:.1f} | {r.get('x_fp16', 0):.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- sweep
+
+
+def candidates(m):
+    C = gemm.GemmConfig
+    if m <= 16:
+        return [C(16, bn, 4, 2, 0, wv) for bn in (64, 128) for wv in (1.0, 2.0, 4.0)]
+    if m <= 32:
+        return [C(32, bn, 4, 2, 0, wv) for bn in (64, 128) for wv in (1.0, 2.0)]
+    if m <= 64:
+        return [C(64, bn, 4, 2, 0, wv) for bn in (64, 128) for wv in (1.0, 2.0)]
+    if m <= 256:
+        return [C(bm, 128, 4, 3, 0, 1.0) for bm in (64, 128)]
+    return [C(128, bn, 8, 3, 1) for bn in (128, 256)]
+
+
+def sweep(args, records, path=None):
+    """Time the candidates per M on three shapes; the table takes, per M, the candidate with the least
+    total time over the shapes (and the GEMV at M = 2 if it beats the GEMM there)."""
+    shapes = [(4096, 4096), (11008, 4096), (28672, 8192)]
+    ms = [b for b in args.batches if b > 1]
+    totals = {}  # (m, cfg) -> [us per shape]
+    gemv2 = []
+    for n, k in shapes:
+        meth = GqsaMethod(n, k, 0.5, 16, args.rot_bytes)
+        for m in ms:
+            x = torch.randn(m, k, device=DEV, dtype=torch.float16)
+            y = torch.empty(m, n, device=DEV, dtype=torch.float16)
+            if m == 2:
+                fns = [lambda pl=pl: pl.gemv(x) for pl in meth.plans]
+                fns[0]()
+                gemv2.append(bg.t_graph(fns, replays=7))
+            best = None
+            for cfg in candidates(m):
+                fns = [lambda pl=pl, cfg=cfg: gemm.launch_gemm(x, pl.layout, None, y, cfg, pl.sms) for pl in meth.plans]
+                try:
+                    fns[0]()
+                    torch.cuda.synchronize()
+                    us = bg.t_graph(fns, min_calls=64 if m < 256 else 8, replays=7 if m < 256 else 3)
+                except Exception as e:  # noqa: BLE001
+                    print(f"sweep {n}x{k} M={m} {cfg}: ERROR {repr(e)[:200]}", flush=True)
+                    continue
+                records.append({"N": n, "K": k, "M": m, "cfg": cfg.__dict__, "us": us})
+                totals.setdefault((m, cfg), []).append(us)
+                if best is None or us < best[1]:
+                    best = (cfg, us)
+            print(f"sweep best {n}x{k} M={m}: {best}", flush=True)
+        del meth
+        torch.cuda.empty_cache()
+    buckets = []
+    for m in ms:
+        full = [(sum(v), c) for (mm, c), v in totals.items() if mm == m and len(v) == len(shapes)]
+        if full:
+            buckets.append((m if m != ms[-1] else 1 << 62, min(full, key=lambda t: t[0])[1]))
+    g2 = sum(gemv2)
+    gemm2 = min((sum(v) for (mm, c), v in totals.items() if mm == 2 and len(v) == len(shapes)), default=float("inf"))
+    table = dispatch.DispatchTable(gemv_max_m=2 if g2 < gemm2 else 1, buckets=tuple(buckets))
+    print(f"sweep: GEMV at M=2 {g2:.1f} us vs GEMM {gemm2:.1f} us (sum of 3 shapes)", flush=True)
+    print("sweep table:", dispatch.table_to_json(table), flush=True)
+    if path is not None:
+        path.write_text(json.dumps({"records": records}, indent=1))
+        (path.parent / "gemm_table.json").write_text(json.dumps(dispatch.table_to_json(table), indent=1))
+    return table
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true", help="GPU correctness of the dispatch paths")
+    ap.add_argument("--sweep", action="store_true", help="GemmConfig candidates per M on three shapes")
+    ap.add_argument("--matrix", action="store_true", help="the side-by-side matrix (default when nothing else)")
+    ap.add_argument("--quick", action="store_true", help="fp16, tinygemm and GQSA S50 only")
+    ap.add_argument("--use-sweep", action="store_true", help="the matrix runs with the table the sweep found")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--models", default=",".join(bg.MODELS))
+    ap.add_argument("--batches", default=",".join(map(str, BATCHES)))
+    ap.add_argument("--rot-bytes", type=int, default=160 << 20)
+    args = ap.parse_args(argv)
+    args.batches = [int(b) for b in args.batches.split(",")]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    import triton
+
+    p = torch.cuda.get_device_properties(0)
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "gpu": p.name, "sms": p.multi_processor_count,
+            "torch": torch.__version__, "triton": triton.__version__, "command": "python " + " ".join(sys.argv)}
+    print(meta, flush=True)
+    if args.check:
+        meta["check_ok"] = gpu_check(quick=args.quick)
+    if args.sweep:
+        table = sweep(args, [], out / "gemm_sweep.json")
+        if args.use_sweep:
+            os.environ["GQSA_DISPATCH_TABLE"] = str(out / "gemm_table.json")
+            meta["table"] = dispatch.table_to_json(table)
+    meta["table_used"] = dispatch.table_to_json(dispatch.default_table())
+    if args.matrix or not (args.check or args.sweep):
+        bw = bg.copy_bandwidth(10, 40)
+        meta["copy_tbps"] = round(bw, 3)
+        print(f"copy bandwidth {bw:.3f} TB/s", flush=True)
+        recs = []
+        try:
+            run_matrix(args, bw, recs)
+        finally:
+            (out / "gemm.json").write_text(json.dumps({"meta": meta, "records": recs}, indent=1))
+            (out / "gemm.md").write_text(markdown(recs, meta))
+    return 0 if meta.get("check_ok", True) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""Batch-size dispatch of a packed GQSA layer: one :class:`LinearPlan` per layer, built once.
+
+* ``M ≤ table.gemv_max_m`` rows of x: the decode GEMV (:mod:`gqsa.kernels.gemv`, canonical layout);
+* above: the tensor-core GEMM (:mod:`gqsa.kernels.gemm`) on the load-time
+  :class:`~gqsa.kernels.layout.TileLayout`, with the :class:`~gqsa.kernels.gemm.GemmConfig` of the
+  first bucket of ``table.buckets`` whose ``max_m`` holds M (split-K chosen from the grid size);
+* ``M ≥ table.expand_min_m`` (when set): the per-call dense expansion + cuBLAS of
+  :func:`gqsa.kernels.gemv.gqsa_linear` (``variant="dense"``). It is in the H200 table *only* because
+  the tensor-core kernel measured 2.5–4× slower than it at M = 256 and 2048 (benchmarks/RESULTS.md,
+  issue 11); set ``expand_min_m=None`` in a table to run the GEMM there too.
+* ``dense_min_m`` (off by default) is the explicit opt-in of a *cached* dense fp16/bf16 copy of the
+  weight, used with cuBLAS from that many rows on (memory-rich prefill).
+
+Every path is CUDA-graph capturable after one call at the same batch size (compilation, workspace).
+The crossover table :data:`H200_TABLE` was measured with ``benchmarks/gemm.py --sweep`` (see
+benchmarks/RESULTS.md); other GPUs use it too until measured.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..format import PackedLinear
+from . import gemv
+from .gemm import GemmConfig, launch_gemm, num_sms
+from .layout import build_tile_layout
+
+
+@dataclass(frozen=True)
+class DispatchTable:
+    """``gemv_max_m``: largest batch served by the GEMV; ``buckets``: ``(max_m, GemmConfig)`` in
+    ascending ``max_m``, the last one serving every larger M; ``expand_min_m``: from this many rows on,
+    per-call dense expansion + cuBLAS (None: never)."""
+
+    gemv_max_m: int
+    buckets: tuple = field(default_factory=tuple)
+    expand_min_m: int | None = None
+
+    def config(self, m: int) -> GemmConfig:
+        for max_m, cfg in self.buckets:
+            if m <= max_m:
+                return cfg
+        return self.buckets[-1][1]
+
+
+# Measured on the H200 (benchmarks/gemm.py --sweep, 2026-11-30, benchmarks/RESULTS.md; swept on the
+# kernel revision before the 3-D index tensors, not re-swept since): per bucket the candidate with the
+# least total time over 4096×4096, 11008×4096 and 28672×8192 (W4 S50 G16); the GEMV beat the GEMM at
+# M = 2 on every shape (132.7 µs against 316.6 µs summed over the three). expand_min_m = 256: the GEMM
+# was 2.5–4× slower than dense expansion + cuBLAS at M = 256 and 2048 (an explicit stopgap).
+H200_TABLE = DispatchTable(
+    gemv_max_m=2,
+    buckets=(
+        (16, GemmConfig(block_m=16, block_n=64, num_warps=4, num_stages=2, waves=4.0)),
+        (32, GemmConfig(block_m=32, block_n=128, num_warps=4, num_stages=2, waves=2.0)),
+        (64, GemmConfig(block_m=64, block_n=128, num_warps=4, num_stages=2, waves=1.0)),
+        (256, GemmConfig(block_m=64, block_n=128, num_warps=4, num_stages=3, waves=1.0)),
+        (1 << 62, GemmConfig(block_m=128, block_n=128, num_warps=8, num_stages=3, split_k=1)),
+    ),
+    expand_min_m=256,
+)
+
+
+def table_to_json(table: DispatchTable) -> dict:
+    return {"gemv_max_m": table.gemv_max_m, "expand_min_m": table.expand_min_m,
+            "buckets": [[m, dict(cfg.__dict__)] for m, cfg in table.buckets]}
+
+
+def table_from_json(obj: dict) -> DispatchTable:
+    try:
+        buckets = tuple((int(m), GemmConfig(**cfg)) for m, cfg in obj["buckets"])
+        exp = obj.get("expand_min_m")
+        return DispatchTable(gemv_max_m=int(obj["gemv_max_m"]), buckets=buckets,
+                             expand_min_m=None if exp is None else int(exp))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"not a dispatch table: {e}") from None
+
+
+def default_table(device: torch.device | None = None) -> DispatchTable:
+    """:data:`H200_TABLE`, or the JSON file named by ``GQSA_DISPATCH_TABLE`` (as written by
+    ``benchmarks/gemm.py --sweep``) — an explicit opt-in for tuning on another GPU."""
+    path = os.environ.get("GQSA_DISPATCH_TABLE")
+    if path:
+        with open(path) as f:
+            return table_from_json(json.load(f))
+    return H200_TABLE
+
+
+class LinearPlan:
+    """A packed layer prepared for every batch size (what ``GQSALinear`` holds on the GPU).
+
+    Builds, once: the GEMV plan (canonical tensors, task table) and the tensor-core layout (a
+    permuted copy of the packed tensors: the layer's packed bytes are held twice on the device).
+    ``table``: a :class:`DispatchTable` (default: :func:`default_table`). ``dense_min_m``: opt-in dense
+    cache (see the module docstring). Rebuild when the layer's tensors change or move.
+    """
+
+    def __init__(self, packed: PackedLinear, table: DispatchTable | None = None, dense_min_m: int | None = None,
+                 gemv_plan: gemv.GemvPlan | None = None):
+        gemv._check_packed(packed)
+        self.packed = packed
+        self.device = packed.row_ptr.device
+        self.table = table or default_table(self.device)
+        if not self.table.buckets:
+            raise ValueError("a dispatch table needs at least one GEMM bucket")
+        self.kernel_ok = packed.bits in gemv.KERNEL_BITS and gemv._triton_usable(self.device)
+        self.gemv = gemv_plan or gemv.prepare(packed)
+        self.layout = build_tile_layout(packed) if self.kernel_ok else None
+        self.sms = num_sms(self.device)
+        self.dense_min_m = dense_min_m
+        self._dense = None
+
+    def path(self, m: int) -> str:
+        """Which kernel serves ``m`` rows: ``"gemv"``, ``"gemm"``, ``"expand"``, ``"dense-cache"`` or
+        ``"reference"``."""
+        if not self.kernel_ok:
+            return "reference"
+        if self.dense_min_m is not None and m >= self.dense_min_m:
+            return "dense-cache"
+        if self.table.expand_min_m is not None and m >= self.table.expand_min_m:
+            return "expand"
+        return "gemv" if m <= self.table.gemv_max_m else "gemm"
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        p = self.packed
+        n, k = p.shape
+        if (not self.kernel_ok or x.dtype not in (torch.float16, torch.bfloat16) or x.shape[-1] != k
+                or x.device != self.device):
+            return gemv.gqsa_linear(x, p, bias)  # validates, then reference / dense for fp32
+        if bias is not None:
+            if bias.shape != (n,) or bias.device != self.device:
+                return gemv.gqsa_linear(x, p, bias)  # raises the one-line error
+            if bias.dtype != x.dtype or not bias.is_contiguous():
+                bias = bias.to(x.dtype).contiguous()
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, k)
+        m = x2.shape[0]
+        path = self.path(m)
+        if path == "gemv":
+            return self.gemv(x, bias)
+        if path == "expand":
+            return gemv.gqsa_linear(x, p, bias, variant="dense")
+        if path == "dense-cache":
+            if self._dense is None or self._dense.dtype != x.dtype:
+                self._dense = gemv.dequantize_dense(p, x.dtype)
+            return F.linear(x, self._dense, bias)
+        if x2.stride(1) != 1:
+            x2 = x2.contiguous()
+        y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+        launch_gemm(x2, self.layout, bias, y, self.table.config(m), self.sms)
+        return y.view(*lead, n)
+
+
+def prepare(packed: PackedLinear, table: DispatchTable | None = None, dense_min_m: int | None = None) -> LinearPlan:
+    """:class:`LinearPlan` for ``packed``."""
+    return LinearPlan(packed, table, dense_min_m)
+

@@ -1,0 +1,318 @@
+"""Tensor-core GQSA GEMM (Triton ``tl.dot``) over the load-time :class:`~gqsa.kernels.layout.TileLayout`.
+
+``y[M, N] = x[M, K] @ Ŵᵀ (+ bias)``. One program computes a ``BLOCK_M × BLOCK_N`` output tile over a
+range of k-tiles (all of them, or ``1/split_k`` of them). Per k-tile it reads one metadata word per
+row (first kept group and kept-group mask), computes where every kept group sits (a popcount of the
+mask bits below it), gathers the kept groups' codes, scales and zero points —
+one read of the packed weights per output tile, shared by all ``BLOCK_M`` rows of x — dequantizes
+them in registers into a dense ``BLOCK_N × BLOCK_K`` tile (zeros where a group is pruned:
+``s · (q − z)`` in float32 rounded to the activation dtype — or, for fp16 activations with integer
+zeros, in fp16, where ``q − z`` is exact and the product is rounded once: the same value — so the tile
+is ``reference.dequantize``'s by construction; the tests compare y with the tolerances of the GEMV's) and
+accumulates ``tl.dot(x_tile, w_tileᵀ)`` in
+float32. (Triton's interpreter rounds float32 → bfloat16 differently and its bf16 ``tl.dot`` is wrong:
+under ``TRITON_INTERPRET=1`` bf16 tiles are multiplied in float32, ``DOT_F32``.)
+
+Status (H200, benchmarks/RESULTS.md): correct everywhere, but instruction-bound (≈ 12 instructions
+per dense weight, pruned ones included), 0.6–0.9× cuBLAS fp16 at M = 4–16 and 0.3–0.5× at M = 64.
+
+Split-K (``split_k > 1``, for small M where the output tiles alone cannot fill the GPU): every
+program adds its partial tile into a float32 workspace with atomics; the last program to finish a
+tile (an atomic counter per tile) reads the sum (an atomic add of 0) and zeroes the workspace, adds
+the bias, writes y and resets the counter. One launch, no memset, CUDA-graph capturable; the
+workspace and counters are all zero between launches.
+
+The launcher (:func:`launch_gemm`) takes its tuning knobs as a :class:`GemmConfig` argument; the
+table of configurations by batch size measured on the H200 lives in :mod:`gqsa.kernels.dispatch`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .gemv import HAS_TRITON, _interpret, _spec_bits
+from .layout import ROW_BLOCK, TileLayout
+
+if HAS_TRITON:
+    import triton
+    import triton.knobs
+    import triton.language as tl
+    import triton.runtime.driver
+else:  # pragma: no cover
+    triton = tl = None
+
+
+def _gemm_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, meta_ptr, kts_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
+    M, N, K, n_pad, n_kt, tiles_rt, split_k, stride_xm, stride_ym, n_tiles_n,
+    G: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    TILES: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+    DOT_F32: tl.constexpr, FLOAT_Z: tl.constexpr, DEQ16: tl.constexpr,
+):
+    """One ``BLOCK_M × BLOCK_N`` output tile over ``tiles_rt`` k-tiles (see the module docstring).
+
+    Codes are read as *words* of 8 codes (int16 / int32 / int64 for 2 / 4 / 8 bits; ``qw_ptr`` views
+    the codes so), ``[BLOCK_N, 16]`` words per k-tile of 128 features, each word with the scale and
+    zero point of its group; the words are spread into ``[BLOCK_N, 16, 8]`` codes by shifts and
+    dequantized there. Software pipeline by hand (loads are asynchronous until their registers are
+    used): the row metadata is loaded two k-tiles ahead, the codes / scales / zero points one k-tile
+    ahead, so no k-tile waits for a chain of dependent loads.
+    """
+    NW: tl.constexpr = BLOCK_K // 8  # words per row per k-tile
+    WPG: tl.constexpr = G // 8  # words per group
+    QM: tl.constexpr = (1 << BITS) - 1
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    # index tensors are 3-D ([rows, words, 1]) from the start, so that the words, scales and zero
+    # points arrive in the layout of the [rows, words, 8] dequantization without a shared-memory trip
+    rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N))[:, None, None]
+    row_ok = rows < n_pad
+    ar_w = tl.arange(0, NW)[None, :, None]
+    jw = ar_w // WPG  # group slot of each word inside the k-tile
+    below = (1 << jw) - 1  # mask bits of the slots before it
+    sub = ar_w % WPG  # word inside its group
+    e8 = tl.arange(0, 8)[None, None, :]
+    shifts = e8 * BITS
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    ar_k = tl.arange(0, BLOCK_K)
+    xrow = x_ptr + offs_m[:, None] * stride_xm
+    acc = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
+    kt0 = pid_k * tiles_rt
+    kt_end = tl.minimum(kt0 + tiles_rt, n_kt)
+
+    # prologue: metadata of k-tiles kt0 and kt0 + 1, words of kt0
+    ok0 = kt0 < kt_end
+    meta = tl.load(meta_ptr + kt0 * n_pad + rows, mask=row_ok & ok0, other=0)  # [BLOCK_N, 1, 1]
+    kb = tl.load(kts_ptr + kt0, mask=ok0, other=0)
+    mk = meta & 0xFF
+    c = mk & below
+    c = c - ((c >> 1) & 0x55)  # popcount of 8-bit masks, SWAR
+    c = (c & 0x33) + ((c >> 2) & 0x33)
+    gidx = kb + (meta >> 8) + ((c + (c >> 4)) & 0x0F)  # [BLOCK_N, NW, 1]: group of each word
+    present = ((mk >> jw) & 1) != 0
+    wd = tl.load(qw_ptr + gidx * WPG + sub, mask=present, other=0)
+    sc = tl.load(s_ptr + gidx, mask=present, other=0.0)
+    zq = tl.load(z_ptr + gidx, mask=present, other=0)
+    ok1 = kt0 + 1 < kt_end
+    meta = tl.load(meta_ptr + (kt0 + 1) * n_pad + rows, mask=row_ok & ok1, other=0)
+    kb = tl.load(kts_ptr + kt0 + 1, mask=ok1, other=0)
+
+    # the interpreter cannot loop to a run-time bound: it gets the trip count as a constexpr (TILES > 0)
+    for i in range(0, TILES if TILES > 0 else tiles_rt):
+        kt = kt0 + i
+        # words of k-tile kt + 1 (metadata already here), metadata of kt + 2
+        mk = meta & 0xFF
+        c = mk & below
+        c = c - ((c >> 1) & 0x55)
+        c = (c & 0x33) + ((c >> 2) & 0x33)
+        gidx = kb + (meta >> 8) + ((c + (c >> 4)) & 0x0F)
+        present = ((mk >> jw) & 1) != 0
+        wd_n = tl.load(qw_ptr + gidx * WPG + sub, mask=present, other=0)
+        sc_n = tl.load(s_ptr + gidx, mask=present, other=0.0)
+        zq_n = tl.load(z_ptr + gidx, mask=present, other=0)
+        ok2 = kt + 2 < kt_end
+        meta = tl.load(meta_ptr + (kt + 2) * n_pad + rows, mask=row_ok & ok2, other=0)
+        kb = tl.load(kts_ptr + kt + 2, mask=ok2, other=0)
+
+        # k-tile kt: codes [BLOCK_N, NW, 8] -> dense [BLOCK_N, BLOCK_K] tile, zeros where pruned
+        q = (wd >> shifts) & QM
+        if DEQ16:  # fp16 activations, integer zeros: 1024 + q and 1024 + z exactly; (q − z)·s rounded once
+            zc = (zq.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)
+            w = ((q.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - zc) * sc
+        elif FLOAT_Z:
+            w = (q.to(tl.float32) - zq.to(tl.float32)) * sc.to(tl.float32)
+        else:  # 2^23 + q and 2^23 + z exactly
+            zc = (zq.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True)
+            w = ((q.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - zc) * sc.to(tl.float32)
+        w = tl.reshape(w.to(x_ptr.dtype.element_ty), [BLOCK_N, BLOCK_K])
+        kk = kt * BLOCK_K + ar_k
+        xt = tl.load(xrow + kk[None, :], mask=m_ok[:, None] & (kk < K)[None, :], other=0.0)
+        if not EVEN_K:  # the padded tail of the last group column is not part of the layer
+            w = tl.where((kk < K)[None, :], w, 0.0).to(x_ptr.dtype.element_ty)
+        if DOT_F32:  # the interpreter's bf16 tl.dot is wrong: same operands, float32 product there
+            acc = tl.dot(xt.to(tl.float32), tl.trans(w.to(tl.float32)), acc)
+        else:
+            acc = tl.dot(xt, tl.trans(w), acc)
+        wd = wd_n
+        sc = sc_n
+        zq = zq_n
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    omask = m_ok[:, None] & n_ok[None, :]
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    else:
+        bias = tl.full([BLOCK_N], 0.0, tl.float32)
+    yp = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    if SPLIT:
+        wsp = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
+        tl.atomic_add(wsp, acc, mask=omask)
+        tl.debug_barrier()
+        tile = pid_m * n_tiles_n + pid_n
+        old = tl.atomic_add(cnt_ptr + tile, 1)
+        if old == split_k - 1:  # the last contributor writes the tile and leaves zeros behind
+            zero = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
+            tot = tl.where(omask, tl.atomic_add(wsp, zero, mask=omask), 0.0)  # read the sum from L2 ...
+            tl.store(wsp, zero, mask=omask)  # ... and leave zeros for the next launch
+            tl.store(cnt_ptr + tile, 0)
+            tl.store(yp, (tot + bias[None, :]).to(y_ptr.dtype.element_ty), mask=omask)
+    else:
+        tl.store(yp, (acc + bias[None, :]).to(y_ptr.dtype.element_ty), mask=omask)
+
+
+_KERNELS: dict = {}
+
+
+def _kernel():
+    key = _interpret()
+    k = _KERNELS.get(key)
+    if k is None:
+        k = _KERNELS[key] = triton.jit(_gemm_kernel)
+    return k
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """Tuning knobs of one launch. ``split_k`` 0 = choose from the grid size (:func:`auto_split`)."""
+
+    block_m: int = 16
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+    split_k: int = 0
+    waves: float = 2.0  # split_k=0: aim for this many programs per SM
+    deq16: bool = True  # fp16 activations with integer zeros: dequantize in fp16 (same result, fewer ops)
+
+    def __post_init__(self):
+        for name in ("block_m", "block_n"):
+            v = getattr(self, name)
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"{name} must be a power of two ≥ 16, got {v}")
+        if self.block_n % ROW_BLOCK:
+            raise ValueError(f"block_n must be a multiple of {ROW_BLOCK}")
+        if self.split_k < 0:
+            raise ValueError(f"split_k must be ≥ 0, got {self.split_k}")
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def auto_split(m: int, layout: TileLayout, cfg: GemmConfig, sms: int) -> int:
+    """Split-K factor: enough programs for ``cfg.waves`` per SM, each keeping ≥ 2 k-tiles."""
+    if cfg.split_k:
+        return max(1, min(cfg.split_k, layout.n_ktiles))
+    tiles = math.ceil(m / cfg.block_m) * math.ceil(layout.shape[0] / cfg.block_n)
+    want = math.ceil(cfg.waves * sms / tiles)
+    return max(1, min(want, layout.n_ktiles // 2 or 1))
+
+
+class Workspace:
+    """Self-cleaning split-K buffers shared by the layers of one device (they run one after another
+    on one stream): float32 partial sums and int32 per-tile counters, zero between launches. Grown
+    only outside CUDA-graph capture (warm up before capturing)."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.partial = torch.zeros(0, dtype=torch.float32, device=self.device)
+        self.counters = torch.zeros(0, dtype=torch.int32, device=self.device)
+
+    def get(self, n_partial: int, n_counters: int):
+        if self.partial.numel() < n_partial or self.counters.numel() < n_counters:
+            if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("the GQSA split-K workspace must grow, which cannot happen during CUDA-graph "
+                                   "capture: run the same batch size once before capturing")
+            self.partial = torch.zeros(max(n_partial, self.partial.numel()), dtype=torch.float32, device=self.device)
+            self.counters = torch.zeros(max(n_counters, self.counters.numel()), dtype=torch.int32,
+                                        device=self.device)
+        return self.partial, self.counters
+
+
+_WORKSPACES: dict = {}
+
+
+def workspace(device) -> Workspace:
+    device = torch.device(device)
+    ws = _WORKSPACES.get(device)
+    if ws is None:
+        ws = _WORKSPACES[device] = Workspace(device)
+    return ws
+
+
+_FAST: dict = {}
+
+
+def _run(grid, args, consts: dict, num_warps: int, num_stages: int, device: torch.device):
+    """Launch; after the first launch of a specialization the compiled kernel is called directly
+    (Triton's Python launch path costs tens of µs)."""
+    kern = _kernel()
+    if _interpret() or device.type != "cuda":
+        kern[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
+        return
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    ints = [a for a in args if not isinstance(a, torch.Tensor)]
+    key = (tuple(consts.values()), tuple(t.dtype for t in tensors), num_warps, num_stages, device.index,
+           _spec_bits(tensors, ints))
+    ck = _FAST.get(key)
+    if ck is None:
+        _FAST[key] = kern[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
+        return
+    rt = triton.knobs.runtime
+    stream = triton.runtime.driver.active.get_current_stream(device.index)
+    full = (*args, *consts.values())
+    ck.run(grid[0], grid[1], grid[2], stream, ck.function, ck.packed_metadata, ck.launch_metadata(grid, stream, *full),
+           rt.launch_enter_hook, rt.launch_exit_hook, *full)
+
+
+_WORD_DTYPE = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def code_words(layout: TileLayout) -> torch.Tensor:
+    """The layout's codes viewed as words of 8 codes (what the kernel reads)."""
+    q = layout.qweight
+    if q.numel() == 0:
+        return torch.zeros(1, dtype=_WORD_DTYPE[layout.bits], device=q.device)
+    return q.reshape(-1).view(_WORD_DTYPE[layout.bits])
+
+
+def launch_gemm(x2: torch.Tensor, layout: TileLayout, bias: torch.Tensor | None, y: torch.Tensor,
+                cfg: GemmConfig, sms: int | None = None) -> torch.Tensor:
+    """``y[M, N] = x2[M, K] @ Ŵᵀ (+ bias)``; ``x2`` fp16/bf16 with unit stride along K, ``y`` [M, N]
+    contiguous in ``x2``'s dtype (written in full), ``bias`` [N] contiguous in ``x2``'s dtype or None."""
+    m, k = x2.shape
+    n = layout.shape[0]
+    if x2.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"the tensor-core kernel reads float16 or bfloat16 activations, got {x2.dtype}")
+    if k != layout.shape[1]:
+        raise ValueError(f"x has {k} features, the layer {layout.shape[1]}")
+    if x2.stride(1) != 1:
+        raise ValueError("x must have unit stride along its last dimension")
+    if m == 0:
+        return y
+    dev = x2.device
+    split = auto_split(m, layout, cfg, sms or num_sms(dev))
+    tiles_per_split = math.ceil(layout.n_ktiles / split)
+    split = math.ceil(layout.n_ktiles / tiles_per_split)  # no program without k-tiles
+    tm, tn = math.ceil(m / cfg.block_m), math.ceil(n / cfg.block_n)
+    if split > 1:
+        ws, cnt = workspace(dev).get(m * n, tm * tn)
+    else:
+        ws = cnt = y  # unused
+    deq16 = cfg.deq16 and x2.dtype == torch.float16 and not layout.float_zeros
+    consts = dict(G=layout.group_size, BITS=layout.bits, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                  BLOCK_K=layout.block_k, TILES=tiles_per_split if _interpret() else 0, SPLIT=split > 1,
+                  HAS_BIAS=bias is not None, EVEN_K=k % layout.group_size == 0,
+                  DOT_F32=_interpret() and x2.dtype == torch.bfloat16, FLOAT_Z=layout.float_zeros,
+                  DEQ16=deq16)
+    args = (x2, code_words(layout), layout.scales, layout.zeros, layout.meta, layout.kt_start,
+            bias if bias is not None else y, y, ws, cnt,
+            m, n, k, layout.n_pad, layout.n_ktiles, tiles_per_split, split, x2.stride(0), y.stride(0), tn)
+    _run((tm, tn, split), args, consts, cfg.num_warps, cfg.num_stages, dev)
+    return y

@@ -1,0 +1,173 @@
+"""Tensor-core GQSA GEMM (``gqsa.kernels.gemm``), its load-time layout (``gqsa.kernels.layout``) and the
+batch-size dispatch (``gqsa.kernels.dispatch``) against the pure-torch reference, on the CPU through
+Triton's interpreter (``TRITON_INTERPRET=1``, switched on per test by an autouse fixture).
+
+Shapes are small (the interpreter runs every program in Python); outputs are poisoned with NaN before
+every launch, so an unwritten element fails. The tolerances are those of ``test_gemv.py``.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from gqsa.kernels import dispatch, gemm, reference  # noqa: E402
+from gqsa.kernels.layout import build_tile_layout, to_packed  # noqa: E402
+
+from test_gemv import check, make_packed  # noqa: E402  (same folder, on sys.path under pytest)
+
+
+@pytest.fixture(autouse=True)
+def interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    yield
+
+
+def launch(x, p, cfg, bias=None, layout=None):
+    layout = layout or build_tile_layout(p)
+    y = torch.full((x.shape[0], p.shape[0]), float("nan"), dtype=x.dtype)
+    out = gemm.launch_gemm(x, layout, bias, y, cfg)
+    assert out.data_ptr() == y.data_ptr()
+    return y
+
+
+# n, k, G, bits, sparsity, float zeros, special, M, dtype, bias, config (block_m, block_n, split_k)
+CASES = [
+    (37, 200, 16, 4, 0.5, False, None, 2, torch.float16, False, (16, 16, 0)),  # K % G != 0, M = 2
+    (29, 256, 32, 4, 0.3, True, None, 16, torch.bfloat16, True, (16, 32, 2)),  # float zeros, split-K
+    (40, 300, 64, 4, 0.6, False, "empty_rows", 17, torch.float16, True, (32, 32, 3)),  # M bucket 17–32
+    (9, 500, 128, 4, 0.2, False, None, 40, torch.float16, False, (64, 16, 0)),  # M bucket 33–64
+    (23, 160, 16, 4, 0.0, False, "one_row", 3, torch.float16, True, (16, 16, 2)),  # very uneven rows
+    (17, 96, 16, 4, 0.5, False, "empty", 5, torch.float16, True, (16, 16, 2)),  # no kept group at all
+    (31, 256, 16, 2, 0.5, False, None, 4, torch.float16, False, (16, 32, 0)),
+    (19, 200, 32, 2, 0.4, True, None, 8, torch.bfloat16, False, (16, 16, 2)),
+    (25, 160, 16, 8, 0.5, False, None, 6, torch.bfloat16, True, (16, 16, 0)),
+    (13, 300, 128, 8, 0.5, True, None, 70, torch.float16, False, (128, 16, 0)),  # M bucket > 64
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}x{c[1]}-G{c[2]}-b{c[3]}-S{c[4]}-fz{int(c[5])}-"
+                                                       f"{c[6]}-M{c[7]}-{str(c[8])[6:]}-cfg{c[10]}")
+def test_gemm_matches_reference(case):
+    n, k, g, bits, sp, fz, special, m, dtype, has_bias, (bm, bn, split) = case
+    p = make_packed(n, k, g, bits, sp, fz, special)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    bias = torch.randn(n, generator=gen).to(dtype) if has_bias else None
+    cfg = gemm.GemmConfig(block_m=bm, block_n=bn, split_k=split)
+    check(launch(x, p, cfg, bias), x, p, bias)
+    if split:  # the split-K workspace must come back clean for the next launch (and the next layer)
+        ws = gemm.workspace(torch.device("cpu"))
+        assert not bool(ws.partial.any()) and not bool(ws.counters.any())
+        check(launch(x, p, cfg, bias), x, p, bias)
+
+
+def test_fp16_dequant_paths_agree():
+    """``deq16`` (fp16 arithmetic) and the float32 path give the same dense tile, hence the same y."""
+    p = make_packed(33, 256, 16, 4, 0.5)
+    x = torch.randn(5, 256).half()
+    y16 = launch(x, p, gemm.GemmConfig(16, 32, deq16=True))
+    y32 = launch(x, p, gemm.GemmConfig(16, 32, deq16=False))
+    check(y16, x, p)
+    assert torch.equal(y16, y32)
+
+
+@pytest.mark.parametrize("g,bits,fz,special", [(16, 4, False, None), (32, 2, True, "empty_rows"),
+                                               (128, 8, False, "one_row"), (64, 4, False, "empty")])
+def test_layout_round_trip(g, bits, fz, special):
+    p = make_packed(45, 700, g, bits, 0.5, fz, special)
+    lay = build_tile_layout(p)
+    assert lay.groups_per_ktile == 128 // g and lay.n_pad % 16 == 0
+    assert int(lay.kt_start[-1]) == p.nnz
+    q = to_packed(lay)
+    for name in ("row_ptr", "col_idx", "qweight", "scales", "zeros"):
+        assert torch.equal(getattr(q, name), getattr(p, name)), name
+    assert lay.nbytes() < p.nbytes() + lay.meta.numel() * 4 + 4 * (lay.n_ktiles + 1)
+
+
+def test_layout_rejects_bad_block_k():
+    p = make_packed(8, 64, 16)
+    with pytest.raises(ValueError, match="block_k"):
+        build_tile_layout(p, block_k=200)
+    with pytest.raises(ValueError, match="block_k"):
+        build_tile_layout(p, block_k=256)  # 16 groups: more than the one-byte mask holds
+
+
+def test_config_and_launch_errors():
+    with pytest.raises(ValueError, match="block_m"):
+        gemm.GemmConfig(block_m=8)
+    with pytest.raises(ValueError, match="block_n"):
+        gemm.GemmConfig(block_n=48)
+    p = make_packed(16, 64, 16)
+    lay = build_tile_layout(p)
+    with pytest.raises(ValueError, match="float16 or bfloat16"):
+        gemm.launch_gemm(torch.randn(2, 64), lay, None, torch.empty(2, 16), gemm.GemmConfig())
+    with pytest.raises(ValueError, match="features"):
+        gemm.launch_gemm(torch.randn(2, 32).half(), lay, None, torch.empty(2, 16).half(), gemm.GemmConfig())
+
+
+def test_auto_split_fills_the_grid():
+    p = make_packed(64, 2048, 16)
+    lay = build_tile_layout(p)
+    cfg = gemm.GemmConfig(16, 64, waves=2.0)
+    assert gemm.auto_split(4, lay, cfg, sms=132) == lay.n_ktiles // 2  # 1 tile: split as far as allowed
+    assert gemm.auto_split(4, lay, gemm.GemmConfig(16, 64, split_k=3), sms=132) == 3
+    assert gemm.auto_split(4096, lay, cfg, sms=4) == 1
+
+
+TABLE = dispatch.DispatchTable(
+    gemv_max_m=1,
+    buckets=((16, gemm.GemmConfig(16, 16, split_k=2)), (1 << 62, gemm.GemmConfig(32, 32))),
+    expand_min_m=40,
+)
+
+
+@pytest.mark.parametrize("m,path", [(1, "gemv"), (2, "gemm"), (16, "gemm"), (20, "gemm"), (40, "expand")])
+def test_plan_dispatch_by_batch(m, path):
+    p = make_packed(21, 200, 16, 4, 0.5, special="empty_rows")
+    plan = dispatch.LinearPlan(p, table=TABLE)
+    assert plan.path(m) == path
+    x = torch.randn(m, 200).half()
+    bias = torch.randn(21).half()
+    y = plan(x, bias)
+    assert y.shape == (m, 21)
+    check(y, x, p, bias)
+
+
+def test_plan_leading_dims_fp32_and_dense_cache():
+    p = make_packed(24, 160, 32, 4, 0.4)
+    plan = dispatch.LinearPlan(p, table=TABLE, dense_min_m=8)
+    x = torch.randn(2, 3, 160).bfloat16()  # 6 rows: GEMM
+    y = plan(x)
+    assert y.shape == (2, 3, 24)
+    check(y.reshape(6, 24), x.reshape(6, 160), p)
+    assert plan.path(8) == "dense-cache"
+    x8 = torch.randn(8, 160).half()
+    check(plan(x8), x8, p)
+    xf = torch.randn(4, 160)  # float32: the reference-grade path
+    torch.testing.assert_close(plan(xf), reference.linear(xf, p), rtol=1e-4, atol=1e-4)
+
+
+def test_plan_bad_inputs_raise_one_line_errors():
+    p = make_packed(16, 64, 16)
+    plan = dispatch.LinearPlan(p, table=TABLE)
+    with pytest.raises(ValueError, match="in_features"):
+        plan(torch.randn(2, 32).half())
+    with pytest.raises(ValueError, match="bias"):
+        plan(torch.randn(2, 64).half(), torch.randn(5).half())
+    with pytest.raises(ValueError, match="at least one"):
+        dispatch.LinearPlan(p, table=dispatch.DispatchTable(gemv_max_m=1))
+
+
+def test_table_json_round_trip(tmp_path, monkeypatch):
+    t = dispatch.H200_TABLE
+    assert dispatch.table_from_json(dispatch.table_to_json(t)) == t
+    f = tmp_path / "t.json"
+    import json
+
+    f.write_text(json.dumps(dispatch.table_to_json(TABLE)))
+    monkeypatch.setenv("GQSA_DISPATCH_TABLE", str(f))
+    assert dispatch.default_table() == TABLE
+    with pytest.raises(ValueError, match="dispatch table"):
+        dispatch.table_from_json({"buckets": []})
