@@ -40,9 +40,11 @@ def test_compress_writes_a_complete_folder(folder):
 def test_eval_appends_to_the_report(folder, asset, capsys):
     text = asset("data/wikitext2/wiki.test.raw")
     assert main(["eval", str(folder), "--ppl", str(text), "--max-windows", "8"]) == 0
-    assert "perplexity" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "perplexity" in out and "8 windows = 4096 tokens evaluated" in out
     rep = json.loads((folder / "gqsa_report.json").read_text())
     assert rep["evaluations"][-1]["windows"] == 8 and rep["evaluations"][-1]["context"] == 512
+    assert rep["evaluations"][-1]["evaluated_tokens"] == 8 * 512
 
 
 def test_inspect_bits_per_weight_matches_the_design_formula(folder, capsys):

@@ -33,6 +33,7 @@ def test_gptq_protocol_windows_and_mean_nll(tiny_llama, tmp_path):
     assert r["ppl"] == pytest.approx(math.exp(sum(nlls) / len(nlls)), rel=1e-5)
     r2 = perplexity(tiny_llama, CharTokenizer(), str(text), context=64, max_windows=2, progress=False)
     assert r2["windows"] == 2 and r2["ppl"] == pytest.approx(math.exp(sum(nlls[:2]) / 2), rel=1e-5)
+    assert r2["evaluated_tokens"] == 2 * 64 and r2["tokens"] == ids.numel()
 
 
 def test_context_is_capped_by_the_model(tiny_llama):
