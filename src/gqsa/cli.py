@@ -140,7 +140,8 @@ def _add_compress(sub):
                    help="gptq/sparsegpt: lazy-update block width in columns (default 128)")
     c = p.add_argument_group("calibration")
     c.add_argument("--calib", required=True,
-                   help="calibration text file, or a dataset name (wikitext2, c4, ptb) when online")
+                   help="calibration text file, a dataset name (wikitext2, c4, ptb) when online, or 'self': "
+                        "windows sampled from the uncompressed model itself (no data needed; seeded by --seed)")
     c.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
     c.add_argument("--seqlen", type=int, default=2048,
                    help="tokens per window, capped at the model's context (default 2048)")
@@ -484,7 +485,10 @@ def cmd_compress(args) -> int:
     model, tok = load_model(args.model, args.tokenizer, dtype=getattr(torch, args.dtype))
     source_dtype = _source_dtype(model)
     seqlen = min(args.seqlen, getattr(model.config, "max_position_embeddings", args.seqlen) or args.seqlen)
-    tokens = calib.calibration_tokens(args.calib, tok, args.nsamples, seqlen, args.seed)
+    if args.calib == calib.SELF:
+        print(f"sampling {args.nsamples} calibration windows of {seqlen} tokens from the model itself",
+              file=sys.stderr, flush=True)
+    tokens = calib.calibration_tokens(args.calib, tok, args.nsamples, seqlen, args.seed, model=model)
     if args.method != "gqsa":
         from .baselines import cli_compress  # writes its own folder and report
 
