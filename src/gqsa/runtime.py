@@ -5,7 +5,11 @@ OpenMP threads then wait for cores they do not get, at every operation: small mo
 slower than on one thread (``gqsa generate`` on stories260K, 2 cores, other work running). The
 default here takes the cores that are free now — the CPUs this process may run on, minus the
 1-minute load average (the work of the other processes; we have not started), at least 1 — and
-``GQSA_THREADS`` overrides it.
+``GQSA_THREADS`` overrides it. The ``gqsa`` command also sets ``OMP_WAIT_POLICY=PASSIVE`` (unless
+given) before torch is loaded, so that idle OpenMP threads sleep instead of spinning: with 2 threads
+on that busy machine ``gqsa generate`` went from 3.7 to 535.6 tokens/s (``benchmarks/RESULTS.md``).
+``compress`` keeps torch's own count unless ``--threads`` is given (a rerun or ``--resume`` then
+computes with the same thread count, hence the same rounding).
 """
 from __future__ import annotations
 
