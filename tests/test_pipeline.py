@@ -75,3 +75,11 @@ def test_self_calibration_samples_full_windows_from_the_model(tiny_llama):
     assert not torch.equal(a, calib.self_tokens(tiny_llama, Tok(), 5, 12, seed=4))
     with pytest.raises(ValueError, match="pass model="):
         calib.calibration_tokens("self", Tok(), 5, 12)
+
+
+def test_a_run_says_its_plan_and_an_estimate_after_the_first_block(tiny_llama, capsys):
+    compress_model(tiny_llama, GQSAConfig(stages="oneshot"), tokens(), "cpu", 4, progress=True)
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert "GQSA: 2 blocks × one-shot per block (no training); 10 calibration windows of 32 tokens; on cpu" in text
+    assert "GQSA: first block took" in text and "for the other 1 blocks" in text

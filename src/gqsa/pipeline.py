@@ -166,13 +166,14 @@ def compress_model(model, config: GQSAConfig, tokens: torch.Tensor, device=None,
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if not distributed.is_main():  # under torchrun: rank 0 alone shows progress and logs
         progress, log = False, (lambda line: None)
-    log = log or (tqdm.write if progress else (lambda line: None))
-    eta = _Plan(model, config, tokens, device, log, on_block_done)
+    # the plan and the estimate go with the progress bar (``log`` keeps its one line per block / epoch)
+    eta = _Plan(model, config, tokens, device, tqdm.write if progress else (lambda line: None), on_block_done)
     if not config.trained:
         return _compress_oneshot(model, config, tokens, device, batch_size, progress, on_block_done=eta.block_done)
     from .stages import bqpo, e2e
 
     stats = {} if stats is None else stats
+    log = log or (tqdm.write if progress else (lambda line: None))
     on_block_done = eta.block_done
     train_tokens, val_tokens = split_calibration(tokens, config.val_fraction)
     # E2E-OQP distillation needs the uncompressed model: a copy before BQPO changes it in place
