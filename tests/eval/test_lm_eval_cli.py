@@ -77,5 +77,6 @@ def test_lm_eval_on_a_local_yaml_task_equals_our_zero_shot(s260k_folder, asset, 
     model, tok = gqsa.load(folder)
     ours = zs.evaluate_task(model, tok, str(data))
     assert ours["n"] == DOCS
+    print(f"lm-eval acc {theirs['acc']}, acc_norm {theirs['acc_norm']}; ours acc {ours['acc']}, acc_norm {ours['acc_norm']}")
     assert theirs["acc"] == pytest.approx(ours["acc"], abs=1e-9)
     assert theirs["acc_norm"] == pytest.approx(ours["acc_norm"], abs=1e-9)
