@@ -40,9 +40,11 @@ def test_compress_writes_a_complete_folder(folder):
 def test_eval_appends_to_the_report(folder, asset, capsys):
     text = asset("data/wikitext2/wiki.test.raw")
     assert main(["eval", str(folder), "--ppl", str(text), "--max-windows", "8"]) == 0
-    assert "perplexity" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "perplexity" in out and "8 windows = 4096 tokens evaluated" in out
     rep = json.loads((folder / "gqsa_report.json").read_text())
     assert rep["evaluations"][-1]["windows"] == 8 and rep["evaluations"][-1]["context"] == 512
+    assert rep["evaluations"][-1]["evaluated_tokens"] == 8 * 512
 
 
 def test_inspect_bits_per_weight_matches_the_design_formula(folder, capsys):
@@ -143,3 +145,35 @@ def test_console_script_prints_help_and_one_line_errors(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "gqsa.cli", "inspect", str(tmp_path / "missing")],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_version_and_help_do_not_load_torch():
+    """`gqsa --help` / `--version` parse before any heavy import (torch, transformers)."""
+    code = ("import sys\nfrom gqsa.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n"
+            "    assert e.code == 0, e.code\nassert 'torch' not in sys.modules and 'transformers' not in sys.modules\n")
+    for argv in (["--version"], ["--help"], ["eval", "--help"]):
+        run = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+    import gqsa
+
+    version = subprocess.run([sys.executable, "-m", "gqsa.cli", "--version"], capture_output=True, text=True)
+    assert version.stdout.strip() == f"gqsa {gqsa.__version__}"
+
+
+@pytest.mark.parametrize("argv", [["compress", "x", "--calib", "c", "--out", "o"], ["eval", "x", "--ppl", "t"],
+                                  ["generate", "x", "--prompt", "p"], ["bench", "--synthetic", "tiny"],
+                                  ["report", "x", "--calib", "c", "--eval", "e", "--out", "o"]])
+def test_every_computing_command_takes_threads(argv, capsys):
+    assert main([*argv, "--threads", "0"]) == 2
+    assert "--threads must be positive" in _err(capsys)
+
+
+def test_a_normal_run_prints_no_library_warnings(s260k_folder, asset, tmp_path):
+    """`gqsa generate` and `gqsa eval` in a fresh process: no FutureWarning/DeprecationWarning/transformers notice."""
+    env = {**__import__("os").environ, "PYTHONWARNINGS": "default"}
+    for argv in (["generate", str(s260k_folder), "--prompt", "Once upon a time", "--max-new-tokens", "4"],
+                 ["eval", str(s260k_folder), "--ppl", str(asset("data/wikitext2/wiki.test.raw")), "--max-windows", "1"]):
+        run = subprocess.run([sys.executable, "-m", "gqsa.cli", *argv], capture_output=True, text=True, env=env)
+        assert run.returncode == 0, run.stderr[-2000:]
+        noise = [l for l in run.stderr.splitlines() if "Warning" in l or "deprecated" in l or l.startswith("[transformers]")]
+        assert not noise, noise

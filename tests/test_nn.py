@@ -40,3 +40,34 @@ def test_loading_a_malformed_state_is_refused():
     sd["col_idx"] = sd["col_idx"] + 100
     with pytest.raises(FormatError, match="col_idx out of range"):
         GQSALinear(40, 12, 4, 16).load_state_dict(sd)
+
+
+def test_cpu_weight_cache_is_bitwise_the_reference_and_follows_the_buffers():
+    p, _ = make_layer(n=12, k=40, g=16)
+    m = GQSALinear.from_packed(p, torch.randn(12))
+    x = torch.randn(3, 5, 40)
+    want = reference.linear(x, m.packed, m.bias)
+    assert torch.equal(m(x), want) and m._dense is not None
+    w = m._dense[1]
+    assert torch.equal(m(x), want) and m._dense[1] is w  # reused, not rebuilt
+    assert torch.equal(m(x.double()), reference.linear(x.double(), m.packed, m.bias.double()))  # per dtype
+
+    m.scales.mul_(2)  # in place: the version counter moves
+    assert torch.equal(m(x), reference.linear(x, m.packed, m.bias)) and not torch.equal(m(x), want)
+    m.scales = m.scales / 2  # reassigned buffer
+    assert torch.equal(m(x), want)
+    m.qweight.data = m.qweight.data.flip(0).contiguous()  # storage swapped under the same tensor object
+    assert torch.equal(m(x), reference.linear(x, m.packed, m.bias))
+
+    src = GQSALinear.from_packed(p, torch.zeros(12))
+    m.load_state_dict(src.state_dict())
+    assert m._dense is None and torch.equal(m(x), src(x))
+    m.to("cpu")
+    m.float()
+    assert m._dense is None
+
+    m.cpu_weight_cache = False
+    m.drop_weight_cache()
+    assert torch.equal(m(x), reference.linear(x, m.packed, m.bias)) and m._dense is None
+    m.cpu_weight_cache, m.backend = True, "reference"  # the forced reference never caches
+    assert torch.equal(m(x), reference.linear(x, m.packed, m.bias)) and m._dense is None

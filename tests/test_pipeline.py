@@ -60,3 +60,26 @@ def test_trained_stages_skip_layers_and_fill_stats(tiny_llama):
     assert stats["calibration_split"] == {"train_windows": 9, "val_windows": 1}
     assert [s["block"] for s in stats["bqpo"]] == [0, 1] and stats["e2e"]["best_epoch"] in (0, 1)
     assert all(p.requires_grad for p in tiny_llama.parameters())
+
+
+def test_self_calibration_samples_full_windows_from_the_model(tiny_llama):
+    from gqsa import calib
+
+    class Tok:
+        bos_token_id, eos_token_id = 1, 2
+
+    a = calib.calibration_tokens("self", Tok(), nsamples=5, seqlen=12, seed=3, model=tiny_llama)
+    assert a.shape == (5, 12) and a.dtype == torch.long and (a[:, 0] == 1).all()
+    assert 0 <= int(a.min()) and int(a.max()) < tiny_llama.config.vocab_size
+    assert torch.equal(a, calib.self_tokens(tiny_llama, Tok(), 5, 12, seed=3))  # seeded
+    assert not torch.equal(a, calib.self_tokens(tiny_llama, Tok(), 5, 12, seed=4))
+    with pytest.raises(ValueError, match="pass model="):
+        calib.calibration_tokens("self", Tok(), 5, 12)
+
+
+def test_a_run_says_its_plan_and_an_estimate_after_the_first_block(tiny_llama, capsys):
+    compress_model(tiny_llama, GQSAConfig(stages="oneshot"), tokens(), "cpu", 4, progress=True)
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert "GQSA: 2 blocks × one-shot per block (no training); 10 calibration windows of 32 tokens; on cpu" in text
+    assert "GQSA: first block took" in text and "for the other 1 blocks" in text

@@ -58,8 +58,51 @@ def sample_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int = 0)
     return torch.stack([ids[s:s + seqlen] for s in starts.tolist()])
 
 
-def calibration_tokens(source: str, tokenizer, nsamples: int = 128, seqlen: int = 2048, seed: int = 0):
+def calibration_tokens(source: str, tokenizer, nsamples: int = 128, seqlen: int = 2048, seed: int = 0,
+                       model=None):
+    """``[nsamples, seqlen]`` calibration windows of a text file or dataset name, or, for ``source ==
+    "self"``, sampled from ``model`` itself (:func:`self_tokens`: for a model without data of its domain)."""
+    if source == SELF:
+        if model is None:
+            raise ValueError("--calib self samples the calibration text from the model: pass model=")
+        return self_tokens(model, tokenizer, nsamples, seqlen, seed)
     return sample_windows(tokenize(read_text(source, "calibration"), tokenizer), nsamples, seqlen, seed)
+
+
+SELF = "self"
+
+
+@torch.no_grad()
+def self_tokens(model, tokenizer, nsamples: int, seqlen: int, seed: int = 0, batch_size: int = 32) -> torch.Tensor:
+    """``[nsamples, seqlen]`` windows sampled from ``model`` (temperature 1, the full distribution), each
+    starting at the tokenizer's BOS; seeded, so the same call gives the same windows. Sampling goes on
+    through end-of-sequence tokens (the model starts a new text), so every window is full length."""
+    if nsamples <= 0 or seqlen <= 1:
+        raise ValueError(f"nsamples must be positive and seqlen > 1, got {nsamples} and {seqlen}")
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        bos = getattr(tokenizer, "eos_token_id", None)
+    if bos is None:
+        raise ValueError("--calib self needs a tokenizer with a BOS (or EOS) token to start the samples from")
+    import inspect
+
+    device = next(model.parameters()).device
+    # transformers >= 5.2x names the KV cache argument and output `cache` (`past_key_values` before)
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for start in range(0, nsamples, batch_size):
+        b = min(batch_size, nsamples - start)
+        ids = torch.full((b, 1), int(bos), dtype=torch.long)
+        seq, past = [ids], None
+        for _ in range(seqlen - 1):
+            o = model(ids.to(device), use_cache=True, **{key: past})
+            past = o.get("cache", None) if o.get("cache", None) is not None else o.get("past_key_values")
+            probs = torch.softmax(o.logits[:, -1].float().cpu(), -1)
+            ids = torch.multinomial(probs, 1, generator=g)
+            seq.append(ids)
+        out.append(torch.cat(seq, 1))
+    return torch.cat(out)
 
 
 class _Captured(Exception):

@@ -29,6 +29,26 @@ several GPUs (data-parallel BQPO and E2E-OQP; rank 0 writes the folder):
 
 
 METHODS = ("gqsa", "rtn", "gptq", "wanda", "sparsegpt", "magnitude")
+THREADS_HELP = ("CPU threads of torch (default: the cores free now — CPUs minus the 1-minute load average, at "
+                "least 1 — or $GQSA_THREADS)")
+COMPRESS_THREADS_HELP = ("CPU threads of torch (default: torch's own, one per core, so that a rerun or --resume "
+                         "computes the same; idle threads sleep instead of spinning, OMP_WAIT_POLICY=PASSIVE)")
+_OWN_PROCESS = False  # main() runs in a process of its own (torch not imported before): it picks the threads
+
+
+def _add_threads(p):
+    p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
+
+
+def _apply_threads(args, default: bool = True):
+    """``--threads``, else (``default``, in the ``gqsa`` process itself) :func:`gqsa.runtime.default_threads`;
+    a Python caller's own torch setting is left alone."""
+    from .runtime import set_threads
+
+    if args.threads is not None and args.threads <= 0:
+        raise CLIError("--threads must be positive")
+    if args.threads is not None or (default and _OWN_PROCESS):
+        set_threads(args.threads)
 
 
 class CLIError(Exception):
@@ -104,9 +124,7 @@ def _add_compress(sub):
                    help="storage dtype of the calibration activations between blocks (default float32)")
     t.add_argument("--offload-activations", action="store_true",
                    help="keep those activations in CPU memory, streaming batches to the device")
-    t.add_argument("--threads", type=int, default=None,
-                   help="CPU threads of torch while compressing (default: torch's own); on a busy machine or "
-                        "for small models 1 is often several times faster")
+    t.add_argument("--threads", type=int, default=None, help=COMPRESS_THREADS_HELP)
     b = p.add_argument_group(
         "baseline settings (--method rtn|gptq|wanda|sparsegpt|magnitude)",
         "rtn/gptq use --bits and --group-size (every group kept; written in the packed format); "
@@ -122,7 +140,8 @@ def _add_compress(sub):
                    help="gptq/sparsegpt: lazy-update block width in columns (default 128)")
     c = p.add_argument_group("calibration")
     c.add_argument("--calib", required=True,
-                   help="calibration text file, or a dataset name (wikitext2, c4, ptb) when online")
+                   help="calibration text file, a dataset name (wikitext2, c4, ptb) when online, or 'self': "
+                        "windows sampled from the uncompressed model itself (no data needed; seeded by --seed)")
     c.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
     c.add_argument("--seqlen", type=int, default=2048,
                    help="tokens per window, capped at the model's context (default 2048)")
@@ -169,6 +188,7 @@ def _add_eval(sub):
     z.add_argument("--kl-text", default=None, help="text for the KL measurement (default: the first --ppl text)")
     z.add_argument("--kl-windows", type=int, default=None,
                    help="windows for the KL measurement (default: --max-windows, else all)")
+    _add_threads(p)
     p.set_defaults(func=cmd_eval)
 
 
@@ -222,6 +242,7 @@ def _add_report(sub):
     p.add_argument("--batch-size", type=int, default=4, help="perplexity windows per forward pass (default 4)")
     p.add_argument("--device", default=None, help="default: cuda if present, else cpu")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep OUT/checkpoints/NAME folders")
+    _add_threads(p)
     p.set_defaults(func=cmd_report)
 
 
@@ -234,6 +255,7 @@ def cmd_report(args) -> int:
         if getattr(args, name) <= 0:
             raise CLIError(f"--{name.replace('_', '-')} must be positive")
     rows = rows_from_cli(args.rows, args.add_row)
+    _apply_threads(args)
     command = "gqsa " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["report"] else None
     run_report(args.model, args.calib, args.eval_text, args.out, tokenizer=args.tokenizer, rows=rows,
                context=args.context, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
@@ -263,9 +285,7 @@ def _add_generate(sub):
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--device", default=None, help="default: cuda if present, else cpu")
     p.add_argument("--no-verify", action="store_true", help="skip the checksum check of the safetensors files")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads of torch (default: torch's own); on a busy machine 1 is often much faster "
-                        "for small models")
+    _add_threads(p)
     p.set_defaults(func=cmd_generate)
 
 
@@ -281,10 +301,7 @@ def cmd_generate(args) -> int:
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     if any(not p for p in args.prompt):
         raise CLIError("--prompt is empty: give some text to continue")
-    if args.threads is not None:
-        if args.threads <= 0:
-            raise CLIError("--threads must be positive")
-        torch.set_num_threads(args.threads)
+    _apply_threads(args)
     device = _device(args.device)
     dtype = torch.float32 if device.type == "cpu" else torch.float16
     folder = Path(args.model)
@@ -360,6 +377,7 @@ def _add_bench(sub):
     p.add_argument("--no-fuse", action="store_true", help="separate q/k/v and gate/up projections")
     p.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
                    help="also write the results as JSON to PATH (or to stdout instead of the table: --json alone)")
+    _add_threads(p)
     p.set_defaults(func=cmd_bench)
 
 
@@ -384,6 +402,7 @@ def cmd_bench(args) -> int:
         raise CLIError(f"{args.folder} is not a GQSA checkpoint folder (config.json without quantization_config); "
                        f"compress it first, or use --synthetic ARCH")
     batches = _int_list(args.batch, "--batch")
+    _apply_threads(args)
     for name in ("prompt_len", "repeats"):
         if getattr(args, name) < 1:
             raise CLIError(f"--{name.replace('_', '-')} must be >= 1")
@@ -427,6 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="gqsa", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
         description="GQSA: group quantization + group sparsity for LLMs. Compress a model into a packed "
                     "BSR checkpoint, evaluate it, inspect it.")
+    from . import __version__
+
+    p.add_argument("--version", action="version", version=f"gqsa {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_compress(sub)
     _add_eval(sub)
@@ -457,20 +479,20 @@ def cmd_compress(args) -> int:
         if getattr(args, name) <= 0:
             raise CLIError(f"--{name.replace('_', '-')} must be positive")
     config = _gqsa_config(args, GQSAConfig)
+    _apply_threads(args, default=False)
     t0 = time.time()
     torch.manual_seed(args.seed)
     model, tok = load_model(args.model, args.tokenizer, dtype=getattr(torch, args.dtype))
     source_dtype = _source_dtype(model)
     seqlen = min(args.seqlen, getattr(model.config, "max_position_embeddings", args.seqlen) or args.seqlen)
-    tokens = calib.calibration_tokens(args.calib, tok, args.nsamples, seqlen, args.seed)
+    if args.calib == calib.SELF:
+        print(f"sampling {args.nsamples} calibration windows of {seqlen} tokens from the model itself",
+              file=sys.stderr, flush=True)
+    tokens = calib.calibration_tokens(args.calib, tok, args.nsamples, seqlen, args.seed, model=model)
     if args.method != "gqsa":
         from .baselines import cli_compress  # writes its own folder and report
 
         return cli_compress(args, model, tok, tokens, _device(args.device))
-    if args.threads is not None:
-        if args.threads <= 0:
-            raise CLIError("--threads must be positive")
-        torch.set_num_threads(args.threads)
     device = _device(args.device)
     if distributed.launched():  # torchrun: data-parallel trained stages, rank 0 writes
         if not config.trained:
@@ -551,7 +573,7 @@ def _gqsa_config(args, GQSAConfig):
 def _source_dtype(model):
     import torch
 
-    d = getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None)
+    d = getattr(model.config, "dtype", None)
     if isinstance(d, str):
         d = getattr(torch, d, None)
     return d if isinstance(d, torch.dtype) else torch.float32
@@ -569,6 +591,7 @@ def cmd_eval(args) -> int:
         raise CLIError("nothing to evaluate: pass --ppl TEXT, --tasks and/or --kl-reference MODEL")
     if args.kl_reference and not (args.kl_text or args.ppl):
         raise CLIError("--kl-reference needs a text: pass --kl-text TEXT (or --ppl TEXT)")
+    _apply_threads(args)
     folder = Path(args.model)
     is_gqsa = _is_gqsa_folder(folder)
     if args.dtype == "auto":
@@ -588,8 +611,8 @@ def cmd_eval(args) -> int:
         r["dtype"] = str(dtype)
         r["device"] = str(device)
         results.append(r)
-        print(f"{text}: perplexity {r['ppl']:.3f} (context {r['context']}, {r['windows']} windows, "
-              f"{r['tokens']} tokens, {r['seconds']:.0f} s)")
+        print(f"{text}: perplexity {r['ppl']:.3f} (context {r['context']}, {r['windows']} windows = "
+              f"{r['evaluated_tokens']} tokens evaluated of the text's {r['tokens']}, {r['seconds']:.0f} s)")
     if args.tasks is not None:
         results.append(_eval_zeroshot(args, model, tok, dtype, device))
     if args.kl_reference:
@@ -675,9 +698,13 @@ def cmd_inspect(args) -> int:
 
 
 def main(argv=None) -> int:
+    global _OWN_PROCESS
+    if "torch" not in sys.modules:  # see gqsa.runtime: idle OpenMP threads sleep instead of spinning
+        _OWN_PROCESS = True
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    args = build_parser().parse_args(argv)
     from .format import FormatError
 
-    args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (CLIError, FormatError, FileNotFoundError, FileExistsError, ValueError) as e:

@@ -1,6 +1,8 @@
 """``GQSALinear``: an ``nn.Linear`` replacement that holds a packed GQSA layer."""
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -17,6 +19,15 @@ class GQSALinear(nn.Module):
     :mod:`gqsa.kernels` (a :class:`~gqsa.kernels.dispatch.LinearPlan` built on the first CUDA call:
     decode GEMV at batch 1, tensor-core GQSA GEMM above, by a measured crossover table), elsewhere through the
     pure-torch reference. ``backend = "reference"`` forces the reference everywhere.
+
+    Off CUDA, the dense weight that the reference rebuilds is cached per layer (``N×K`` in the input's
+    dtype: 4 bytes per original weight in float32, i.e. what the layer costs in a dense fp32 model, on
+    top of the packed buffers) and reused while the packed buffers are the same tensors, unmodified
+    (identity, storage pointer and in-place version of each are checked on every call) and the input
+    dtype is the same; ``load_state_dict``, device moves and buffer reassignment drop it. The output
+    is bitwise the reference's (the same ``dequantize`` then ``F.linear``). ``cpu_weight_cache =
+    False`` on a layer, or ``GQSA_CPU_WEIGHT_CACHE=0`` in the environment, turns it off (memory-tight
+    runs); :meth:`drop_weight_cache` frees it.
     """
 
     def __init__(self, in_features: int, out_features: int, bits: int = 4, group_size: int = 16,
@@ -33,6 +44,8 @@ class GQSALinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
         self.backend = "auto"
         self._plan = None
+        self.cpu_weight_cache = os.environ.get("GQSA_CPU_WEIGHT_CACHE", "1") not in ("0", "false", "no", "off")
+        self._dense = None  # (dtype, weight, buffer state): the cached dequantized weight of the CPU path
 
     @classmethod
     def from_packed(cls, packed: PackedLinear, bias: torch.Tensor | None = None) -> "GQSALinear":
@@ -62,6 +75,7 @@ class GQSALinear(nn.Module):
             for n, t in found.items():
                 setattr(self, n, t.to(getattr(self, n).device))
             self._plan = None
+            self._dense = None
         bias_key = prefix + "bias"
         if self.bias is not None and bias_key in state_dict:
             self.bias.data = state_dict[bias_key].to(self.bias.device, self.bias.dtype)
@@ -73,6 +87,7 @@ class GQSALinear(nn.Module):
         not: their dtypes are the format."""
         saved = {n: getattr(self, n) for n in TENSOR_NAMES}
         self._plan = None
+        self._dense = None
         super()._apply(fn, recurse)
         for n, t in saved.items():
             moved = getattr(self, n)
@@ -83,7 +98,36 @@ class GQSALinear(nn.Module):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return reference.dequantize(self.packed, dtype)
 
+    def drop_weight_cache(self) -> None:
+        """Free the cached dense weight of the CPU path (rebuilt on the next call if the cache is on)."""
+        self._dense = None
+
+    def _cached_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """``reference.dequantize(self.packed, dtype)``, rebuilt only when a packed buffer changed."""
+        d = self._dense
+        if d is not None and d[0] == dtype:
+            buffers = self._buffers
+            for name, t, ptr, version in d[2]:
+                if buffers[name] is not t or t._version != version or t.data_ptr() != ptr:
+                    break
+            else:
+                return d[1]
+        self._dense = None  # free the old weight before building the new one
+        try:
+            state = tuple((n, t, t.data_ptr(), t._version) for n, t in ((n, self._buffers[n]) for n in TENSOR_NAMES))
+        except RuntimeError:  # inference-mode tensors have no version counter: do not cache
+            return reference.dequantize(self.packed, dtype)
+        with torch.no_grad():
+            w = reference.dequantize(self.packed, dtype)
+        self._dense = (dtype, w, state)
+        return w
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cpu_weight_cache and self.backend == "auto" and not x.is_cuda:  # CPU: the cached weight
+            bias = self._parameters.get("bias")
+            if bias is not None and bias.dtype != x.dtype:
+                bias = bias.to(x.dtype)
+            return torch.nn.functional.linear(x, self._cached_weight(x.dtype), bias)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if self.backend == "auto" and x.is_cuda:
             if self._plan is None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import time
 from typing import Callable
 
 import torch
@@ -165,12 +166,15 @@ def compress_model(model, config: GQSAConfig, tokens: torch.Tensor, device=None,
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if not distributed.is_main():  # under torchrun: rank 0 alone shows progress and logs
         progress, log = False, (lambda line: None)
+    # the plan and the estimate go with the progress bar (``log`` keeps its one line per block / epoch)
+    eta = _Plan(model, config, tokens, device, tqdm.write if progress else (lambda line: None), on_block_done)
     if not config.trained:
-        return _compress_oneshot(model, config, tokens, device, batch_size, progress)
+        return _compress_oneshot(model, config, tokens, device, batch_size, progress, on_block_done=eta.block_done)
     from .stages import bqpo, e2e
 
     stats = {} if stats is None else stats
     log = log or (tqdm.write if progress else (lambda line: None))
+    on_block_done = eta.block_done
     train_tokens, val_tokens = split_calibration(tokens, config.val_fraction)
     # E2E-OQP distillation needs the uncompressed model: a copy before BQPO changes it in place
     teacher = copy.deepcopy(model) if config.stages == "bqpo+e2e" and config.e2e_loss == "kd" else None
@@ -182,6 +186,41 @@ def compress_model(model, config: GQSAConfig, tokens: torch.Tensor, device=None,
         packed = e2e.run_e2e(model, packed, config, train_tokens, val_tokens, device, progress, stats=stats, log=log,
                              teacher=teacher)
     return packed
+
+
+class _Plan:
+    """Says up front what a run will do (blocks × stages × epochs, windows, device, threads), and after
+    the first block an estimate of the time left, from that block's time."""
+
+    def __init__(self, model, config: GQSAConfig, tokens: torch.Tensor, device, log, then=None):
+        self.log, self.then = log, then
+        self.n_blocks = len(get_adapter(model).blocks(model))
+        self.config = config
+        n, t = tokens.shape
+        if config.trained:
+            work = f"one-shot + BQPO (up to {config.bqpo_epochs} epochs, early stop after {config.bqpo_patience})"
+            if config.stages == "bqpo+e2e":
+                work += f" per block, then E2E-OQP: {config.e2e_epochs} epochs over the whole model"
+            else:
+                work += " per block"
+        else:
+            work = "one-shot per block (no training)"
+        threads = f", {torch.get_num_threads()} CPU threads" if device.type == "cpu" else ""
+        log(f"GQSA: {self.n_blocks} blocks × {work}; {n} calibration windows of {t} tokens; "
+            f"on {device}{threads}")
+        self.t0 = time.perf_counter()
+        self.first = None
+
+    def block_done(self, i: int) -> None:
+        if self.first is None:
+            self.first = time.perf_counter() - self.t0
+            left = self.n_blocks - 1 - i
+            if left > 0:
+                extra = " (+ E2E-OQP after the blocks)" if self.config.stages == "bqpo+e2e" else ""
+                self.log(f"GQSA: first block took {self.first:.1f} s: about {self.first * left:.0f} s more for "
+                         f"the other {left} blocks{extra}")
+        if self.then is not None:
+            self.then(i)
 
 
 def split_calibration(tokens: torch.Tensor, val_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,7 +236,7 @@ def split_calibration(tokens: torch.Tensor, val_fraction: float) -> tuple[torch.
 
 @torch.no_grad()
 def _compress_oneshot(model, config: GQSAConfig, tokens: torch.Tensor, device, batch_size: int,
-                      progress: bool) -> dict[str, PackedLinear]:
+                      progress: bool, on_block_done: Callable[[int], None] | None = None) -> dict[str, PackedLinear]:
     adapter = get_adapter(model)
     blocks = adapter.blocks(model)
     prefix = layers_prefix(model, adapter)
@@ -215,6 +254,8 @@ def _compress_oneshot(model, config: GQSAConfig, tokens: torch.Tensor, device, b
         batches = [(calib.block_output(block, hidden, kw), kw) for hidden, kw in batches]
         block.to(home)
         bar.update(1)
+        if on_block_done is not None:
+            on_block_done(i)
     bar.close()
     replace_linears(model, packed)
     return packed

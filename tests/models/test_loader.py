@@ -93,3 +93,19 @@ def test_not_a_model_file(tmp_path, name, content, message):
 def test_bad_dtype(asset):
     with pytest.raises(ValueError, match="unknown dtype"):
         load_model(asset("models/stories260K/stories260K.bin"), dtype="int3")
+
+
+def test_tokenizer_of_another_vocabulary_is_refused_for_a_folder(asset):
+    """Both directions on a model folder: a smaller tokenizer (tok512 for a 32000-token model) and a larger one."""
+    g22m = asset("models/gutenberg-llama-22m")
+    with pytest.raises(ValueError, match="tokenizer has 512 tokens, far fewer than the model's 32000"):
+        load_model(g22m, tokenizer=asset("models/stories260K/tok512.bin"))
+    model, tok = load_model(g22m, tokenizer=asset("models/llama2-tokenizer/tokenizer.model"))  # the same 32000
+    assert len(tok) == 32000
+
+
+
+def test_larger_tokenizer_than_the_model_is_refused(asset, tiny_llama, tmp_path):
+    tiny_llama.save_pretrained(tmp_path / "tiny")  # 96 tokens
+    with pytest.raises(ValueError, match="tokenizer has 512 tokens, more than the model's 96"):
+        load_model(tmp_path / "tiny", tokenizer=asset("models/stories260K/tok512.bin"))

@@ -2,11 +2,19 @@
 (``HFLM(pretrained=model, tokenizer=tokenizer)``), so the numbers are the ones papers report.
 
 ``lm_eval`` is optional (``pip install gqsa[eval]``); the harness downloads its datasets from the
-Hugging Face hub, so this path needs network access (or a populated datasets cache).
+Hugging Face hub, so its named tasks need network access (or a populated datasets cache). A task may
+also be given as the path of an lm-eval task YAML (``task: NAME`` plus, e.g., ``dataset_path: json`` and
+``dataset_kwargs: {data_files: {test: /path/docs.jsonl}}``): its folder is added to the harness's task
+paths, and such a task runs offline.
+
+The harness is run with the tokenizer's own special tokens (a BOS first when it adds one), as
+:mod:`gqsa.eval.zeroshot` does, so a task defined the same way scores the same in both.
 """
 from __future__ import annotations
 
+import re
 import time
+from pathlib import Path
 
 # our task names -> the harness's
 HARNESS_TASKS = {
@@ -25,6 +33,17 @@ def available() -> bool:
     return True
 
 
+def yaml_task(path) -> tuple[str, str]:
+    """(task name, folder) of an lm-eval task YAML file (its top-level ``task:`` key)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{path}: no such lm-eval task file")
+    m = re.search(r"^task:\s*['\"]?([^'\"\s#]+)", p.read_text(encoding="utf-8"), re.MULTILINE)
+    if m is None:
+        raise ValueError(f"{path}: not an lm-eval task file (no top-level 'task: NAME' line)")
+    return m.group(1), str(p.resolve().parent)
+
+
 def run_lm_eval(model, tokenizer, tasks=DEFAULT_HARNESS_TASKS, limit: int | None = None, batch_size: int = 16,
                 num_fewshot: int = 0) -> dict:
     """Run the harness on ``model``; returns ``{"tasks": {name: {"acc", "acc_norm"?, "ppl"?, ...}},
@@ -35,10 +54,22 @@ def run_lm_eval(model, tokenizer, tasks=DEFAULT_HARNESS_TASKS, limit: int | None
     except ImportError as e:
         raise ValueError("the lm-eval harness is not installed: pip install 'lm-eval>=0.4' "
                          "(or use the built-in local tasks)") from e
+    from lm_eval.tasks import TaskManager
+
     t0 = time.perf_counter()
-    names = [HARNESS_TASKS.get(t, t) for t in tasks]
+    names, include = [], []
+    for t in tasks:
+        if str(t).endswith((".yaml", ".yml")):
+            name, folder = yaml_task(t)
+            names.append(name)
+            if folder not in include:
+                include.append(folder)
+        else:
+            names.append(HARNESS_TASKS.get(t, t))
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    out = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit)
+    manager = TaskManager(include_path=include or None)
+    out = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit,
+                                  task_manager=manager)
     results = {}
     for name in names:
         raw = out["results"].get(name, {})

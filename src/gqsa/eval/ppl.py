@@ -35,7 +35,8 @@ def text_windows(source: str, tokenizer, context: int, max_windows: int | None =
 def perplexity(model, tokenizer, source: str, context: int | None = None, batch_size: int = 4,
                device=None, progress: bool = True, max_windows: int | None = None) -> dict:
     """Perplexity of ``model`` on a text file or dataset name; returns a dict with ``ppl``, the text,
-    context, token and window counts, and seconds. ``max_windows`` evaluates only the first windows
+    context, the text's token count (``tokens``), the evaluated ones (``evaluated_tokens``, ``windows ×
+    context``), the window count, and seconds. ``max_windows`` evaluates only the first windows
     (quick checks; the count is in the result)."""
     t0 = time.perf_counter()
     context = context or model_context(model)
@@ -53,7 +54,8 @@ def perplexity(model, tokenizer, source: str, context: int | None = None, batch_
         "ppl": math.exp(total / n),
         "text": str(source),
         "context": context,
-        "tokens": int(ids.numel()),
+        "tokens": int(ids.numel()),  # of the whole text
+        "evaluated_tokens": n * context,  # in the windows evaluated (max_windows)
         "windows": n,
         "seconds": round(time.perf_counter() - t0, 2),
     }

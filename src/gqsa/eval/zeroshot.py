@@ -188,7 +188,8 @@ def score_task(kind: str, docs: list[dict], pairs_per_doc: list[list[tuple[str, 
         scores = [r[0] for r in res]
         correct += int(max(range(len(scores)), key=scores.__getitem__) == gold)
         if kind == "mc":
-            norm = [r[0] / max(1, len(p[1])) for r, p in zip(res, pairs)]
+            # per character of the choice itself, without the space before it (the harness's completion_len)
+            norm = [r[0] / max(1, len(p[1]) - p[1].startswith(" ")) for r, p in zip(res, pairs)]
             correct_norm += int(max(range(len(norm)), key=norm.__getitem__) == gold)
     n = len(docs)
     out = {"n": n, "acc": correct / n if n else float("nan")}

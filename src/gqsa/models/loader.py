@@ -175,6 +175,13 @@ def load_model(
                 f"{tokenizer or source}: tokenizer has {len(tok)} tokens, more than the model's "
                 f"{model.config.get_text_config().vocab_size}: pass the model's own tokenizer"
             )
+        # fewer: models pad their embedding a little beyond the tokenizer (Qwen2 151665 -> 151936, OPT 50265 ->
+        # 50272), never past the next multiple of 1024; more than that is another model's tokenizer
+        if tokenizer is not None and model.config.get_text_config().vocab_size > -(-len(tok) // 1024) * 1024:
+            raise ValueError(
+                f"{tokenizer}: tokenizer has {len(tok)} tokens, far fewer than the model's "
+                f"{model.config.get_text_config().vocab_size}: pass the model's own tokenizer"
+            )
 
     model.to(device)
     model.eval()
