@@ -111,6 +111,9 @@ def test_bad_quantization_config_is_refused(folder, edit, message):
     cfg = json.loads((folder / "config.json").read_text())
     edit(cfg["quantization_config"])
     (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(FormatError, match="config.json"):  # the checksum, if nothing before it
+        gqsa.load(folder)
+    checkpoint.refresh_checksums(folder)
     with pytest.raises(FormatError, match=message):
         gqsa.load(folder)
 
@@ -119,6 +122,7 @@ def test_model_config_that_disagrees_with_the_tensors_is_refused(folder):
     cfg = json.loads((folder / "config.json").read_text())
     cfg["intermediate_size"] = 80
     (folder / "config.json").write_text(json.dumps(cfg))
+    checkpoint.refresh_checksums(folder)
     with pytest.raises(FormatError, match="gate_proj is \\[88, 64\\] in quantization_config but \\[80, 64\\]"):
         gqsa.load(folder)
 
