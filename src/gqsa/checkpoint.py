@@ -12,9 +12,11 @@ per-layer settings.
 Loading treats a folder as untrusted input. Every problem raises :class:`~gqsa.format.FormatError`
 (one family, no subclasses) whose message names the file and the problem:
 
-* checksums: ``gqsa_report.json`` records the sha256 of every file of the folder (itself excepted);
-  with ``verify=True`` (the default) a missing, unreadable or incomplete report is refused, so damaging
-  the folder cannot switch verification off (only ``verify=False`` / ``--no-verify`` does);
+* checksums: ``gqsa_report.json`` records the sha256 of every file of the folder (itself and
+  :data:`UNCHECKED` names such as README.md excepted); with ``verify=True`` (the default) a missing,
+  unreadable or incomplete report is refused, so damaging the folder cannot switch verification off
+  (only ``verify=False`` / ``--no-verify`` does). Folders whose report lists only the .safetensors files
+  (gqsa before this check) are refused too: :func:`refresh_checksums` re-records them;
 * every JSON file must parse into an object, without NaN/Infinity or numbers that overflow to them,
   nested at most :data:`MAX_JSON_DEPTH` deep; ``config.json`` values have the types of the model's config
   class, positive dimensions under :data:`LIMITS`, and a layer count equal to the checkpoint's; a
@@ -257,7 +259,10 @@ def _check_folder(folder) -> Path:
 def _inside(folder: Path, path: Path, what: str = "file") -> Path:
     """``path`` (an entry of ``folder``) if it stays inside the folder; FormatError otherwise."""
     if path.is_symlink():
-        target = path.resolve()
+        try:
+            target = path.resolve()
+        except (RuntimeError, OSError) as e:  # a loop
+            raise FormatError(f"{path} is a symbolic link that cannot be followed ({e})") from None
         if not target.is_relative_to(folder.resolve()):
             raise FormatError(f"{path} is a symbolic link to {target}, outside the checkpoint folder; "
                               f"copy the {what} into the folder")
@@ -400,12 +405,11 @@ def verify_checksums(folder, shards: list[str]) -> None:
                                               for k, v in files.items()):
         raise FormatError(f"{path}: 'files' must map file names to sha256 hex digests; the report is damaged "
                           f"(pass --no-verify to load without checksums)")
-    unlisted = [s for s in shards if s not in files]
-    if "config.json" in files:  # reports of this version list every file
-        unlisted += [f.name for f in _checksummed_files(folder) if f.name not in files and f.name not in unlisted]
-    if unlisted:
-        raise FormatError(f"{path} has no checksum for {', '.join(sorted(unlisted)[:3])}: the file was added "
-                          f"or the report damaged (pass --no-verify to load without checksums)")
+    unlisted = sorted((set(shards) | {f.name for f in _checksummed_files(folder)}) - set(files))
+    if unlisted:  # (reports written before every file was checksummed land here too: refresh_checksums)
+        raise FormatError(f"{path} has no checksum for {', '.join(unlisted[:3])}: the file was added or the "
+                          f"report damaged; pass --no-verify to load without checksums, or, if you trust the "
+                          f"folder, record them with gqsa.checkpoint.refresh_checksums")
     for name, digest in files.items():
         if "/" in name or "\\" in name or name in ("", ".", ".."):
             raise FormatError(f"{path}: 'files' names {name!r}, not a file of the folder")
@@ -569,7 +573,8 @@ def load(folder, device="cpu", dtype: torch.dtype | None = None, verify: bool = 
                           trust_remote_code=False)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    target = dtype or _dense_dtype(tensors, qc)
+    stored = _dense_dtype(tensors, qc)
+    target = dtype or stored
     with torch.device("meta"):
         model = _third_party(f"{cfg_path}: transformers cannot build a {config_dict['model_type']} model from it",
                              AutoModelForCausalLM.from_config, config, dtype=target, trust_remote_code=False)
@@ -605,6 +610,9 @@ def load(folder, device="cpu", dtype: torch.dtype | None = None, verify: bool = 
             if t.dtype not in _DENSE_DTYPES:
                 raise FormatError(f"{origin[name]}: tensor {name} has dtype {t.dtype}; dense tensors are "
                                   f"float32, float16 or bfloat16")
+            if t.dtype != stored:  # a checkpoint stores its dense tensors in one dtype
+                raise FormatError(f"{origin[name]}: tensor {name} has dtype {t.dtype} but the other dense "
+                                  f"tensors {stored}; the file was altered")
             t = t.to(target)
         elif t.dtype != want.dtype:
             raise FormatError(f"{origin[name]}: tensor {name} has dtype {t.dtype}, expected {want.dtype}")
@@ -625,6 +633,9 @@ def load(folder, device="cpu", dtype: torch.dtype | None = None, verify: bool = 
     if any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
         tokenizer = _third_party(f"{folder}: its tokenizer files cannot be loaded", AutoTokenizer.from_pretrained,
                                  folder, trust_remote_code=False)
+        # settings of tokenizer_config.json are used only when text is encoded: try it once here
+        _third_party(f"{folder}: its tokenizer cannot encode text (tokenizer files damaged?)",
+                     lambda: tokenizer.decode(tokenizer("Hello, world.").input_ids))
         if len(tokenizer) > model.config.get_text_config().vocab_size:
             raise FormatError(f"{folder}: the tokenizer has {len(tokenizer)} tokens, more than the model's "
                               f"{model.config.get_text_config().vocab_size}; the tokenizer files do not belong here")
