@@ -186,7 +186,7 @@ def write_report(folder: Path, report: dict | None) -> None:
     """``gqsa_report.json`` in ``folder``, with the sha256 of every other file there."""
     report = dict(report or {})
     report["files"] = {f.name: sha256(f) for f in _checksummed_files(folder)}
-    (folder / REPORT).write_text(json.dumps(report, indent=2, allow_nan=False))
+    (folder / REPORT).write_text(json.dumps(_finite_json(report), indent=2, allow_nan=False))
 
 
 def refresh_checksums(folder) -> None:
@@ -197,11 +197,23 @@ def refresh_checksums(folder) -> None:
     write_report(folder, report)
 
 
+def _finite_json(value):
+    """``value`` with non-finite floats replaced by None (JSON has no NaN; :func:`read_json` refuses it)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_json(v) for v in value]
+    return value
+
+
 def write_json_atomic(path, data) -> None:
-    """Replace the JSON file ``path`` atomically (temporary file, fsync, rename), keeping its mode."""
+    """Replace the JSON file ``path`` atomically (temporary file, fsync, rename), keeping its mode;
+    non-finite numbers are written as null."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
+    tmp.write_text(json.dumps(_finite_json(data), indent=2, allow_nan=False))
     tmp.chmod(path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_umask())
     _fsync(tmp)
     os.replace(tmp, path)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -592,13 +593,17 @@ def cmd_eval(args) -> int:
         results.append(_eval_zeroshot(args, model, tok, dtype, device))
     if args.kl_reference:
         results.append(_eval_fidelity(args, model, tok, dtype, device))
+    bad = [r.get("ppl") for r in results if "ppl" in r and not math.isfinite(r["ppl"])]
+    if bad:  # not recorded either
+        raise CLIError(f"perplexity is {bad[0]}: the model's outputs are not finite (damaged weights, or a dtype "
+                       f"that overflows: try --dtype float32)")
     if folder.is_dir() and (folder / checkpoint.REPORT).is_file():
         path = folder / checkpoint.REPORT
-        rep = json.loads(path.read_text())
-        rep.setdefault("evaluations", []).extend(results)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(rep, indent=2))
-        os.replace(tmp, path)
+        rep = checkpoint.read_json(path)
+        if not isinstance(rep.setdefault("evaluations", []), list):
+            raise CLIError(f"{path}: 'evaluations' is not a list; the report is damaged, results not recorded")
+        rep["evaluations"].extend(results)
+        checkpoint.write_json_atomic(path, rep)
     return 0
 
 
@@ -676,15 +681,25 @@ def main(argv=None) -> int:
     from .format import FormatError
 
     args = build_parser().parse_args(argv)
+    debug = os.environ.get("GQSA_DEBUG", "") not in ("", "0")
     try:
         return args.func(args)
-    except (CLIError, FormatError, FileNotFoundError, FileExistsError, ValueError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    except (CLIError, FormatError, FileNotFoundError, FileExistsError, ValueError, OSError) as e:
+        if debug:
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"gqsa {args.command}: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"gqsa {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug in gqsa (or a library): one line; GQSA_DEBUG=1 shows the traceback
+        if debug:
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"gqsa {args.command}: internal error: {type(e).__name__}: {msg[:300]} (a bug? rerun with "
+              f"GQSA_DEBUG=1 for the traceback and report it)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
