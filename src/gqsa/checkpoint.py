@@ -468,9 +468,12 @@ def read_tensors(folder, verify: bool = True, origin: dict | None = None) -> dic
 
 def packed_layers(folder, verify: bool = True) -> dict[str, PackedLinear]:
     """The validated packed layers of a checkpoint folder (no model code needed)."""
-    _, qc = read_quantization_config(folder)
+    config, qc = read_quantization_config(folder)
     origin = {}
-    return _validated_layers(folder, qc, read_tensors(folder, verify, origin), origin)
+    tensors = read_tensors(folder, verify, origin)
+    layers = _validated_layers(folder, qc, tensors, origin)
+    check_model_config(config, Path(folder) / "config.json", tensors)
+    return layers
 
 
 def _validated_layers(folder, qc: dict, tensors: dict[str, torch.Tensor], origin=None) -> dict[str, PackedLinear]:

@@ -548,12 +548,45 @@ def _gqsa_config(args, GQSAConfig):
 
 
 def _source_dtype(model):
+    """The dtype the source checkpoint stores its weights in: its config.json's ``dtype`` / ``torch_dtype``
+    (the loaded model's config says what it was loaded in, not that), else the dtype of most floating
+    tensors in its safetensors headers, else float32 (llama2.c files)."""
     import torch
 
-    d = getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None)
-    if isinstance(d, str):
-        d = getattr(torch, d, None)
-    return d if isinstance(d, torch.dtype) else torch.float32
+    stored = (torch.float32, torch.float16, torch.bfloat16)
+    name = str(getattr(model.config, "name_or_path", "") or "")
+    raw = None
+    try:
+        if name and Path(name).is_dir():
+            raw = json.loads((Path(name) / "config.json").read_text())
+        elif name:
+            from transformers import AutoConfig
+
+            raw = AutoConfig.from_pretrained(name, trust_remote_code=False).to_dict()
+    except Exception:  # noqa: BLE001  (only a default is lost: the model itself loaded)
+        raw = None
+    d = (raw or {}).get("dtype") or (raw or {}).get("torch_dtype")
+    d = getattr(torch, d.removeprefix("torch."), None) if isinstance(d, str) else d
+    if d in stored:
+        return d
+    if name and Path(name).is_dir():
+        from collections import Counter
+
+        from safetensors import safe_open
+
+        counts = Counter()
+        for f in Path(name).glob("*.safetensors"):
+            try:
+                with safe_open(str(f), framework="pt") as h:
+                    for k in h.keys():
+                        counts[h.get_slice(k).get_dtype()] += 1
+            except Exception:  # noqa: BLE001
+                continue
+        names = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+        found = [(n, names[k]) for k, n in counts.items() if k in names]
+        if found:
+            return max(found, key=lambda x: x[0])[1]
+    return torch.float32
 
 
 def cmd_eval(args) -> int:

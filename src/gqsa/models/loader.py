@@ -124,8 +124,7 @@ def _check_folder_config(path: Path) -> None:
     tok_cfg = path / "tokenizer_config.json"
     if tok_cfg.is_file():
         _refuse_remote_code(path, "tokenizer_config.json", read_json(tok_cfg))
-    if "quantization_config" not in config:  # (quantized folders of other libraries: transformers checks them)
-        check_model_config(config, path / "config.json")
+    check_model_config(config, path / "config.json")
 
 
 def _check_finite(model: PreTrainedModel, source) -> None:
