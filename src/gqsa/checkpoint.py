@@ -430,6 +430,12 @@ def verify_checksums(folder, shards: list[str]) -> None:
             raise FormatError(f"{f}: checksum does not match {REPORT}; the file was modified or is corrupt")
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):  # float8: no isfinite
+        t = t.to(torch.float32)
+    return bool(torch.isfinite(t).all())
+
+
 def read_tensors(folder, verify: bool = True, origin: dict | None = None) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint folder; a truncated, tampered or missing file raises FormatError.
     ``origin`` (a dict) receives tensor name -> the file it came from."""
@@ -454,7 +460,7 @@ def read_tensors(folder, verify: bool = True, origin: dict | None = None) -> dic
             if weight_map is not None and weight_map.get(name) != f:
                 raise FormatError(f"{path} holds {name}, which model.safetensors.index.json places in "
                                   f"{weight_map.get(name)!r}")
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            if t.is_floating_point() and not _all_finite(t):
                 raise FormatError(f"{path}: tensor {name} holds NaN or infinite values")
             tensors[name] = t
             where[name] = path

@@ -150,8 +150,9 @@ class GQSAHfQuantizer(HfQuantizer):
             # transformers casts anything): checksums, JSON, config, every tensor, the layer map
             config, folder_qc = read_quantization_config(folder)
             origin = {}
-            tensors = read_tensors(folder, verify=True, origin=origin)
-            packed = _validated_layers(folder, folder_qc, tensors, origin)
+            with torch.device("cpu"):  # (transformers may have made meta the default device)
+                tensors = read_tensors(folder, verify=True, origin=origin)
+                packed = _validated_layers(folder, folder_qc, tensors, origin)
             check_model_config(config, folder / "config.json", tensors)
             self._validated = {f"{n}.{t}": v for n, p in packed.items() for t, v in p.tensors().items()}
             self._tensor_names = set(tensors)
