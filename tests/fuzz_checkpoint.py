@@ -68,6 +68,16 @@ def _shards(folder: Path) -> list[Path]:
     return sorted(folder.glob("*.safetensors"))
 
 
+def _row_ptr(folder: Path, name: str) -> torch.Tensor:
+    from safetensors import safe_open
+
+    for shard in _shards(folder):
+        with safe_open(str(shard), framework="pt") as h:
+            if name in h.keys():
+                return h.get_tensor(name)
+    raise KeyError(name)
+
+
 def _split_safetensors(path: Path):
     raw = path.read_bytes()
     n = struct.unpack("<Q", raw[:8])[0]
@@ -253,14 +263,14 @@ def m_tensor(folder, rng, ctx):
             y[rng.randrange(n)] = rng.choice([32767, 10000, 600])
         elif which == "col_idx_negative":
             y[rng.randrange(n)] = -rng.randint(1, 32768)
-        elif which == "col_idx_repeat":
-            if n < 2:
-                y[0] = -1
-            else:  # entry i equal to entry i-1: not strictly ascending (or a row start moved: still caught)
-                i = rng.randrange(1, n)
+        elif which == "col_idx_repeat":  # entry i equal to entry i-1 of the same row: not strictly ascending
+            starts = set(_row_ptr(folder, name[: -len("col_idx")] + "row_ptr").tolist())
+            inner = [i for i in range(1, n) if i not in starts]
+            if inner:
+                i = rng.choice(inner)
                 y[i] = y[i - 1]
-                if torch.equal(y, x):
-                    y[0] = -1
+            else:
+                y[0] = -1
         elif which == "zeros_range":
             y[rng.randrange(n)] = rng.choice([16, 200, 255])
         t[name] = y
