@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-SLOW_S = 20.0
+SLOW_S = 60.0
 PROMPT = [1, 5, 9, 100, 200, 300, 17]
 TEXT = "Once upon a time, there was a little girl."
 

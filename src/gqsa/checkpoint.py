@@ -554,6 +554,18 @@ def check_model_config(config: dict, path, tensors: dict | None = None) -> None:
                               f"{min(idx)}..{max(idx)} ({len(idx)} of them)")
 
 
+def check_companion_files(folder: Path, config: dict) -> None:
+    """generation_config.json (JSON, token ids in the vocabulary) and tokenizer_config.json (JSON, no
+    auto_map) of a checkpoint folder, when present."""
+    gen_path = folder / "generation_config.json"
+    if gen_path.exists() or gen_path.is_symlink():
+        check_model_config({"model_type": config["model_type"], "vocab_size": config.get("vocab_size"),
+                            **{k: v for k, v in read_json(gen_path, folder).items() if k in _TOKEN_KEYS}}, gen_path)
+    tok_cfg = folder / "tokenizer_config.json"
+    if tok_cfg.exists() or tok_cfg.is_symlink():
+        _refuse_remote_code(folder, "tokenizer_config.json", read_json(tok_cfg, folder))
+
+
 def _third_party(what: str, fn, *args, **kwargs):
     """Call transformers on untrusted files: whatever it raises becomes one FormatError line."""
     try:
@@ -582,13 +594,8 @@ def load(folder, device="cpu", dtype: torch.dtype | None = None, verify: bool = 
     _validated_layers(folder, qc, tensors, origin)
     cfg_path = folder / "config.json"
     check_model_config(config_dict, cfg_path, tensors)
+    check_companion_files(folder, config_dict)
     gen_path = folder / "generation_config.json"
-    if gen_path.exists() or gen_path.is_symlink():
-        check_model_config({"model_type": config_dict["model_type"], "vocab_size": config_dict.get("vocab_size"),
-                            **{k: v for k, v in read_json(gen_path, folder).items() if k in _TOKEN_KEYS}}, gen_path)
-    tok_cfg = folder / "tokenizer_config.json"
-    if tok_cfg.exists() or tok_cfg.is_symlink():
-        _refuse_remote_code(folder, "tokenizer_config.json", read_json(tok_cfg, folder))
 
     config = _third_party(f"{cfg_path}: transformers cannot read this config", AutoConfig.from_pretrained, folder,
                           trust_remote_code=False)

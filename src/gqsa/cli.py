@@ -679,7 +679,7 @@ def _is_gqsa_folder(folder: Path) -> bool:
     GQSA loader with a precise message; a plain model folder goes to the ordinary loader)."""
     try:
         return "quantization_config" in json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError, TypeError):  # the loaders say what is wrong with it
         return False
 
 

@@ -26,7 +26,8 @@ Two further guards, because transformers on its own only *warns* in these cases:
   (transformers would skip quantization and load a dense model with missing weights). This wraps
   ``AutoHfQuantizer.supports_quant_method``; configs of other libraries pass through unchanged.
 
-:func:`gqsa.load` (:mod:`gqsa.checkpoint`) stays the direct API: it also verifies the files' checksums.
+:func:`gqsa.load` (:mod:`gqsa.checkpoint`) stays the direct API (``verify=False`` skips the checksums there;
+``from_pretrained`` of a local folder always verifies them).
 """
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import (FORMAT_VERSION, _validated_layers, check_model_config, check_quantization_config,
+from ..checkpoint import (FORMAT_VERSION, _validated_layers, check_companion_files, check_model_config,
+                          check_quantization_config,
                           read_quantization_config, read_tensors)
 from ..format import TENSOR_NAMES, FormatError
 from ..nn import GQSALinear
@@ -154,6 +156,7 @@ class GQSAHfQuantizer(HfQuantizer):
                 tensors = read_tensors(folder, verify=True, origin=origin)
                 packed = _validated_layers(folder, folder_qc, tensors, origin)
             check_model_config(config, folder / "config.json", tensors)
+            check_companion_files(folder, config)
             self._validated = {f"{n}.{t}": v for n, p in packed.items() for t, v in p.tensors().items()}
             self._tensor_names = set(tensors)
         shapes = _header_shapes(_checkpoint_files(model, checkpoint_files))
