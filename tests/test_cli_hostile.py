@@ -192,3 +192,24 @@ def test_a_bug_is_one_line_and_GQSA_DEBUG_shows_it(s260k_folder, capsys, monkeyp
     monkeypatch.setenv("GQSA_DEBUG", "1")
     with pytest.raises(TypeError, match="unsupported operand"):
         main(["inspect", str(s260k_folder)])
+
+
+def test_every_transformers_auto_call_passes_trust_remote_code_false():
+    """A static check of gqsa's sources: every call of an Auto* class's from_pretrained / from_config (directly,
+    or handed to a wrapper) says trust_remote_code=False."""
+    import ast
+
+    calls = []
+    for path in sorted((Path(SRC) / "gqsa").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call):
+                continue
+            refs = [n for n in [node.func, *node.args] if isinstance(n, ast.Attribute)
+                    and n.attr in ("from_pretrained", "from_config") and isinstance(n.value, ast.Name)
+                    and n.value.id.startswith("Auto")]
+            if refs:
+                ok = any(k.arg == "trust_remote_code" and isinstance(k.value, ast.Constant) and k.value.value is False
+                         for k in node.keywords)
+                calls.append((f"{path.name}:{node.lineno}", ok))
+    assert len(calls) >= 6, calls
+    assert all(ok for _, ok in calls), [c for c, ok in calls if not ok]
