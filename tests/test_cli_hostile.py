@@ -156,8 +156,8 @@ def _run_cli(argv, tty: bool):
         os.close(follower)
 
 
-@pytest.mark.parametrize("tty", [True, False], ids=["stdin-tty", "stdin-not-tty"])
-@pytest.mark.parametrize("kind", ["gqsa", "uncompressed"])
+@pytest.mark.parametrize("kind,tty", [("uncompressed", True), ("gqsa", False)],
+                         ids=["uncompressed-stdin-tty", "gqsa-stdin-not-tty"])  # (in-process: every command)
 def test_auto_map_is_refused_and_no_code_runs(kind, tty, s260k_folder, dense_folder, tmp_path, asset):
     folder = _damaged(s260k_folder if kind == "gqsa" else dense_folder, tmp_path, "auto_map", _auto_map)
     r = _run_cli(["eval", str(folder), "--ppl", str(asset("data/wikitext2/wiki.test.raw")), "--max-windows", "1"],
