@@ -739,8 +739,6 @@ def make_bases(root: Path) -> list[Path]:
     sys.path.insert(0, str(Path(__file__).parent))
     from conftest import ASSETS, compressed_folder
 
-    import gqsa
-
     single = compressed_folder(root, "stories260K-w4s50g16", ASSETS / "models/stories260K/stories260K.bin",
                                ASSETS / "models/stories260K/tok512.bin", ASSETS / "data/wikitext2/wiki.valid.tokens")
     return [single, sharded_copy(single, root / "gqsa-serving" / "stories260K-sharded")]

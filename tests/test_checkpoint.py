@@ -106,7 +106,7 @@ def test_tampered_row_ptr_is_refused(folder):
     (lambda qc: qc.update(format_version=99), "format version 99"),
     (lambda qc: qc["layers"]["model.layers.0.mlp.up_proj"].update(shape=[88, 32]), "up_proj: col_idx out of range"),
     (lambda qc: qc["layers"].update({"model.layers.0.mlp.nope": {"shape": [1, 1], "bits": 4, "group_size": 16}}),
-     "lacks tensor|does not exist"),
+     "lack its tensor|does not exist"),
 ])
 def test_bad_quantization_config_is_refused(folder, edit, message):
     cfg = json.loads((folder / "config.json").read_text())

@@ -488,7 +488,8 @@ def _validated_layers(folder, qc: dict, tensors: dict[str, torch.Tensor], origin
     for name, meta in qc["layers"].items():
         missing = [t for t in TENSOR_NAMES if f"{name}.{t}" not in tensors]
         if missing:
-            raise FormatError(f"{folder}: layer {name} lacks tensor(s) {', '.join(missing)}")
+            raise FormatError(f"{Path(folder) / 'config.json'}: quantization_config lists layer {name}, but the "
+                              f".safetensors files lack its tensor(s) {', '.join(missing)}")
         shape, bits, group_size = tuple(meta["shape"]), meta["bits"], meta["group_size"]
         p = PackedLinear(**{t: tensors[f"{name}.{t}"] for t in TENSOR_NAMES}, shape=shape, bits=bits,
                          group_size=group_size)
@@ -497,7 +498,8 @@ def _validated_layers(folder, qc: dict, tensors: dict[str, torch.Tensor], origin
     packed_modules = {n.rpartition(".")[0] for n in tensors if n.rpartition(".")[2] in TENSOR_NAMES}
     extra = sorted(packed_modules - set(qc["layers"]))
     if extra:
-        raise FormatError(f"{folder}: tensors of a packed layer {extra[0]} that quantization_config does not list; "
+        first = origin.get(f"{extra[0]}.row_ptr") or origin.get(f"{extra[0]}.qweight") or folder
+        raise FormatError(f"{first}: tensors of a packed layer {extra[0]} that quantization_config does not list; "
                           f"the layer map of config.json is damaged")
     return out
 
@@ -611,12 +613,13 @@ def load(folder, device="cpu", dtype: torch.dtype | None = None, verify: bool = 
         try:
             old = model.get_submodule(name)
         except AttributeError:
-            raise FormatError(f"{folder}: compressed layer {name} does not exist in a {config.model_type} model") from None
+            raise FormatError(f"{cfg_path}: compressed layer {name} does not exist in a {config.model_type} "
+                              f"model") from None
         if not isinstance(old, torch.nn.Linear):
-            raise FormatError(f"{folder}: compressed layer {name} is a {type(old).__name__}, not a linear layer")
+            raise FormatError(f"{cfg_path}: compressed layer {name} is a {type(old).__name__}, not a linear layer")
         n, k = meta["shape"]
         if (old.out_features, old.in_features) != (n, k):
-            raise FormatError(f"{folder}: layer {name} is [{n}, {k}] in quantization_config but "
+            raise FormatError(f"{cfg_path}: layer {name} is [{n}, {k}] in quantization_config but "
                               f"[{old.out_features}, {old.in_features}] in the model config")
         setattr(model.get_submodule(parent_name), child,
                 GQSALinear(k, n, meta["bits"], meta["group_size"], bias=old.bias is not None,
@@ -659,10 +662,11 @@ def load(folder, device="cpu", dtype: torch.dtype | None = None, verify: bool = 
                                                GenerationConfig.from_pretrained, folder)
     tokenizer = None
     if any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
-        tokenizer = _third_party(f"{folder}: its tokenizer files cannot be loaded", AutoTokenizer.from_pretrained,
-                                 folder, trust_remote_code=False)
+        tok_files = ", ".join(f.name for f in sorted(folder.glob("tok*")) + sorted(folder.glob("special_tokens*")))
+        tokenizer = _third_party(f"{folder}: its tokenizer files ({tok_files}) cannot be loaded",
+                                 AutoTokenizer.from_pretrained, folder, trust_remote_code=False)
         # settings of tokenizer_config.json are used only when text is encoded: try it once here
-        _third_party(f"{folder}: its tokenizer cannot encode text (tokenizer files damaged?)",
+        _third_party(f"{folder}: its tokenizer ({tok_files}) cannot encode text; the files are damaged",
                      lambda: tokenizer.decode(tokenizer("Hello, world.").input_ids))
         if len(tokenizer) > model.config.get_text_config().vocab_size:
             raise FormatError(f"{folder}: the tokenizer has {len(tokenizer)} tokens, more than the model's "
