@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -571,12 +572,45 @@ def _gqsa_config(args, GQSAConfig):
 
 
 def _source_dtype(model):
+    """The dtype the source checkpoint stores its weights in: its config.json's ``dtype`` / ``torch_dtype``
+    (the loaded model's config says what it was loaded in, not that), else the dtype of most floating
+    tensors in its safetensors headers, else float32 (llama2.c files)."""
     import torch
 
-    d = getattr(model.config, "dtype", None)
-    if isinstance(d, str):
-        d = getattr(torch, d, None)
-    return d if isinstance(d, torch.dtype) else torch.float32
+    stored = (torch.float32, torch.float16, torch.bfloat16)
+    name = str(getattr(model.config, "name_or_path", "") or "")
+    raw = None
+    try:
+        if name and Path(name).is_dir():
+            raw = json.loads((Path(name) / "config.json").read_text())
+        elif name:
+            from transformers import AutoConfig
+
+            raw = AutoConfig.from_pretrained(name, trust_remote_code=False).to_dict()
+    except Exception:  # noqa: BLE001  (only a default is lost: the model itself loaded)
+        raw = None
+    d = (raw or {}).get("dtype") or (raw or {}).get("torch_dtype")
+    d = getattr(torch, d.removeprefix("torch."), None) if isinstance(d, str) else d
+    if d in stored:
+        return d
+    if name and Path(name).is_dir():
+        from collections import Counter
+
+        from safetensors import safe_open
+
+        counts = Counter()
+        for f in Path(name).glob("*.safetensors"):
+            try:
+                with safe_open(str(f), framework="pt") as h:
+                    for k in h.keys():
+                        counts[h.get_slice(k).get_dtype()] += 1
+            except Exception:  # noqa: BLE001
+                continue
+        names = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+        found = [(n, names[k]) for k, n in counts.items() if k in names]
+        if found:
+            return max(found, key=lambda x: x[0])[1]
+    return torch.float32
 
 
 def cmd_eval(args) -> int:
@@ -617,13 +651,17 @@ def cmd_eval(args) -> int:
         results.append(_eval_zeroshot(args, model, tok, dtype, device))
     if args.kl_reference:
         results.append(_eval_fidelity(args, model, tok, dtype, device))
+    bad = [r.get("ppl") for r in results if "ppl" in r and not math.isfinite(r["ppl"])]
+    if bad:  # not recorded either
+        raise CLIError(f"perplexity is {bad[0]}: the model's outputs are not finite (damaged weights, or a dtype "
+                       f"that overflows: try --dtype float32)")
     if folder.is_dir() and (folder / checkpoint.REPORT).is_file():
         path = folder / checkpoint.REPORT
-        rep = json.loads(path.read_text())
-        rep.setdefault("evaluations", []).extend(results)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(rep, indent=2))
-        os.replace(tmp, path)
+        rep = checkpoint.read_json(path)
+        if not isinstance(rep.setdefault("evaluations", []), list):
+            raise CLIError(f"{path}: 'evaluations' is not a list; the report is damaged, results not recorded")
+        rep["evaluations"].extend(results)
+        checkpoint.write_json_atomic(path, rep)
     return 0
 
 
@@ -666,7 +704,7 @@ def _is_gqsa_folder(folder: Path) -> bool:
     GQSA loader with a precise message; a plain model folder goes to the ordinary loader)."""
     try:
         return "quantization_config" in json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError, TypeError):  # the loaders say what is wrong with it
         return False
 
 
@@ -705,15 +743,25 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from .format import FormatError
 
+    debug = os.environ.get("GQSA_DEBUG", "") not in ("", "0")
     try:
         return args.func(args)
-    except (CLIError, FormatError, FileNotFoundError, FileExistsError, ValueError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    except (CLIError, FormatError, FileNotFoundError, FileExistsError, ValueError, OSError) as e:
+        if debug:
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"gqsa {args.command}: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"gqsa {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug in gqsa (or a library): one line; GQSA_DEBUG=1 shows the traceback
+        if debug:
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"gqsa {args.command}: internal error: {type(e).__name__}: {msg[:300]} (a bug? rerun with "
+              f"GQSA_DEBUG=1 for the traceback and report it)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

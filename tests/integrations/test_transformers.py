@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import gqsa
-from gqsa import FormatError
+from gqsa import FormatError, checkpoint
 from gqsa.engine.bench import _dense_from_gqsa
 from gqsa.nn import GQSALinear
 
@@ -70,12 +70,14 @@ def _edit_config(folder, fn):
     cfg = json.loads((folder / "config.json").read_text())
     fn(cfg["quantization_config"])
     (folder / "config.json").write_text(json.dumps(cfg))
+    checkpoint.refresh_checksums(folder)  # the loader's own checks, not the checksum, must refuse it
 
 
 def _edit_tensors(folder, fn):
     t = load_file(folder / "model.safetensors")
     fn(t)
     save_file(t, folder / "model.safetensors", metadata={"format": "pt"})
+    checkpoint.refresh_checksums(folder)
 
 
 LAYER = "model.layers.0.self_attn.q_proj"
@@ -121,14 +123,15 @@ def test_inconsistent_row_ptr_fails(copy_of):
 def test_missing_tensor_fails(copy_of):
     f = copy_of()
     _edit_tensors(f, lambda t: t.pop(f"{LAYER}.scales"))
-    with pytest.raises(FormatError, match=rf"{LAYER} lacks tensor\(s\) scales"):
+    with pytest.raises(FormatError, match=rf"{LAYER}(, but the .safetensors files lack its| lacks) tensor\(s\) scales"):
         AutoModelForCausalLM.from_pretrained(f)
 
 
 def test_layer_shape_disagreeing_with_model_config_fails(copy_of):
     f = copy_of()
     _edit_config(f, lambda qc: qc["layers"][LAYER].update(shape=[7, 64]))
-    with pytest.raises(FormatError, match=r"q_proj is \[7, 64\] in quantization_config"):
+    # (the packed tensors contradict the layer map before the model config does)
+    with pytest.raises(FormatError, match=r"q_proj(: row_ptr has shape \[65\], expected \[8\]| is \[7, 64\] in)"):
         AutoModelForCausalLM.from_pretrained(f)
 
 
@@ -138,3 +141,52 @@ def test_configs_of_other_methods_pass_through_untouched():
     # a foreign, unregistered method without GQSA's layer map: transformers' own behaviour (a warning)
     assert AutoHfQuantizer.supports_quant_method({"quant_method": "some-other-method", "bits": 4}) is False
     assert AutoHfQuantizer.supports_quant_method({"quant_method": "gqsa"}) is True
+
+
+def test_edited_file_fails_its_checksum(copy_of):
+    f = copy_of()
+    t = load_file(f / "model.safetensors")
+    t["model.norm.weight"] = t["model.norm.weight"] * 2
+    save_file(t, f / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(FormatError, match="model.safetensors: checksum does not match"):
+        AutoModelForCausalLM.from_pretrained(f)
+
+
+def test_layer_removed_from_the_layer_map_fails(copy_of):
+    """It used to load as a randomly initialised dense layer."""
+    f = copy_of()
+    _edit_config(f, lambda qc: qc["layers"].pop(LAYER))
+    with pytest.raises(FormatError, match=f"packed layer {LAYER} that quantization_config does not list"):
+        AutoModelForCausalLM.from_pretrained(f)
+
+
+def test_missing_dense_tensor_fails(copy_of):
+    """It used to be initialised at random, with a warning."""
+    f = copy_of()
+    _edit_tensors(f, lambda t: t.pop("model.layers.1.input_layernorm.weight"))
+    with pytest.raises(FormatError, match="missing .*model.layers.1.input_layernorm.weight"):
+        AutoModelForCausalLM.from_pretrained(f)
+
+
+def test_extra_tensor_fails(copy_of):
+    f = copy_of()
+    _edit_tensors(f, lambda t: t.update({"model.layers.1.surprise.weight": torch.zeros(3)}))
+    with pytest.raises(FormatError, match="not in the model .*surprise"):
+        AutoModelForCausalLM.from_pretrained(f)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda t: t.update({f"{LAYER}.qweight": t[f"{LAYER}.qweight"].view(torch.float8_e4m3fn)}),
+     "qweight (has dtype torch.float8_e4m3fn|holds NaN)"),
+    (lambda t: t.update({f"{LAYER}.zeros": torch.full_like(t[f"{LAYER}.zeros"], float("nan"), dtype=torch.float16)}),
+     "NaN"),
+    (lambda t: t.update({"model.norm.weight": t["model.norm.weight"].clone().fill_(float("inf"))}), "NaN or infinite"),
+])
+def test_tensors_are_validated_as_stored_before_any_cast(copy_of, edit, message):
+    """transformers casts tensors to the buffers' dtypes: a float8 qweight or NaN float zeros used to pass."""
+    f = copy_of()
+    _edit_tensors(f, edit)
+    with pytest.raises(FormatError, match=message):
+        AutoModelForCausalLM.from_pretrained(f)
+    with pytest.raises(FormatError, match=message):
+        gqsa.load(f)

@@ -11,6 +11,12 @@ afterwards every packed layer is validated with :func:`gqsa.format.validate` —
 :func:`gqsa.load` — so a tampered or mismatched folder raises :class:`~gqsa.format.FormatError`
 instead of loading silently wrong.
 
+For a local folder, before any weight is read, the folder goes through the checks of :func:`gqsa.load`
+on the files as stored (so before transformers casts any dtype): checksums, JSON and config validation,
+every packed layer and dense tensor, packed tensors of a layer the layer map does not list; tensors the model
+lacks or parameters the folder lacks (tied ones excepted) raise; after loading, every packed buffer must
+be exactly the validated tensor and every tensor finite.
+
 Two further guards, because transformers on its own only *warns* in these cases:
 
 * a checkpoint tensor that is missing for a compressed layer raises (transformers would initialize
@@ -20,7 +26,8 @@ Two further guards, because transformers on its own only *warns* in these cases:
   (transformers would skip quantization and load a dense model with missing weights). This wraps
   ``AutoHfQuantizer.supports_quant_method``; configs of other libraries pass through unchanged.
 
-:func:`gqsa.load` (:mod:`gqsa.checkpoint`) stays the direct API: it also verifies the files' checksums.
+:func:`gqsa.load` (:mod:`gqsa.checkpoint`) stays the direct API (``verify=False`` skips the checksums there;
+``from_pretrained`` of a local folder always verifies them).
 """
 from __future__ import annotations
 
@@ -29,7 +36,9 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import FORMAT_VERSION, check_quantization_config, read_quantization_config
+from ..checkpoint import (FORMAT_VERSION, _validated_layers, check_companion_files, check_model_config,
+                          check_quantization_config,
+                          read_quantization_config, read_tensors)
 from ..format import TENSOR_NAMES, FormatError
 from ..nn import GQSALinear
 
@@ -115,6 +124,8 @@ class GQSAHfQuantizer(HfQuantizer):
     """Loads pre-compressed GQSA checkpoints (no on-the-fly quantization: compress with ``gqsa compress``)."""
 
     requires_calibration = True
+    _validated = None
+    _tensor_names: set = set()
 
     def __init__(self, quantization_config, **kwargs):
         super().__init__(quantization_config, **kwargs)
@@ -136,8 +147,18 @@ class GQSAHfQuantizer(HfQuantizer):
         qc = self.quantization_config
         folder = _folder_of(model)
         where = str(folder) if folder is not None else "quantization_config"
-        if folder is not None:
-            read_quantization_config(folder)  # the folder's own config.json: same checks as gqsa.load
+        self._validated = None
+        if folder is not None:  # a local folder: the checks of gqsa.load, on the files as stored (before
+            # transformers casts anything): checksums, JSON, config, every tensor, the layer map
+            config, folder_qc = read_quantization_config(folder)
+            origin = {}
+            with torch.device("cpu"):  # (transformers may have made meta the default device)
+                tensors = read_tensors(folder, verify=True, origin=origin)
+                packed = _validated_layers(folder, folder_qc, tensors, origin)
+            check_model_config(config, folder / "config.json", tensors)
+            check_companion_files(folder, config)
+            self._validated = {f"{n}.{t}": v for n, p in packed.items() for t, v in p.tensors().items()}
+            self._tensor_names = set(tensors)
         shapes = _header_shapes(_checkpoint_files(model, checkpoint_files))
         for name, meta in qc.layers.items():
             parent_name, _, child = name.rpartition(".")
@@ -162,16 +183,36 @@ class GQSAHfQuantizer(HfQuantizer):
                     buf = getattr(new, t)
                     setattr(new, t, torch.empty(shapes[f"{name}.{t}"], dtype=buf.dtype, device="meta"))
             setattr(model.get_submodule(parent_name), child, new)
+        if self._validated is not None:  # transformers only warns about these, and initializes at random
+            expected = set(model.state_dict())
+            try:
+                tied = set(model.get_expanded_tied_weights_keys())
+            except Exception:  # noqa: BLE001  (older transformers)
+                tied = set(getattr(model, "_tied_weights_keys", None) or ())
+            missing = sorted(expected - self._tensor_names - tied)
+            extra = sorted(self._tensor_names - expected)
+            if missing or extra:
+                raise FormatError(f"{where}: the tensors do not match a {model.config.model_type} model with this "
+                                  f"config.json: missing {missing[:3]}, not in the model {extra[:3]}")
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         where = str(_folder_of(model) or "checkpoint")
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if t.is_floating_point() and not t.is_meta and not bool(torch.isfinite(t).all()):
+                raise FormatError(f"{where}: {name} holds NaN or infinite values after loading")
         for name, m in model.named_modules():
             if isinstance(m, GQSALinear):
                 meta = [t for t in TENSOR_NAMES if getattr(m, t).is_meta]
                 if meta:
                     raise FormatError(f"{where}: layer {name} lacks tensor(s) {', '.join(meta)}")
                 m.packed.validate(f"{where}: {name}")
+                if self._validated is not None:  # exactly the validated tensors, not a cast of them
+                    for t in TENSOR_NAMES:
+                        ref, got = self._validated[f"{name}.{t}"], getattr(m, t)
+                        if got.dtype != ref.dtype or not torch.equal(got.cpu(), ref):
+                            raise FormatError(f"{where}: {name}.{t} changed while transformers loaded it "
+                                              f"({ref.dtype} -> {got.dtype})")
                 m._plan = None
         return model
 

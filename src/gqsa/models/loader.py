@@ -59,10 +59,10 @@ def load_tokenizer(source: str | Path) -> PreTrainedTokenizerBase:
     if path.is_dir():
         if not any((path / f).is_file() for f in _TOKENIZER_FILES):
             raise ValueError(f"{path}: no tokenizer files (tokenizer.json, tokenizer.model): pass --tokenizer PATH")
-        return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     if _is_hub_id(str(source)):
         try:
-            return AutoTokenizer.from_pretrained(str(source))
+            return AutoTokenizer.from_pretrained(str(source), trust_remote_code=False)
         except OSError as e:
             raise FileNotFoundError(
                 f"{source}: tokenizer not found locally or on the Hugging Face hub ({_first_line(e)})"
@@ -113,6 +113,26 @@ def _load_model_file(path: Path, dtype: torch.dtype | str) -> PreTrainedModel:
     return load_llama2c(path, dtype=torch.float32 if dtype == "auto" else dtype)
 
 
+def _check_folder_config(path: Path) -> None:
+    """A local model folder's config.json, before transformers builds anything from it: valid JSON without
+    NaN/Infinity, no ``auto_map`` (custom code is never run), types and dimension limits of
+    :func:`gqsa.checkpoint.check_model_config`. Raises :class:`gqsa.FormatError` (a ValueError)."""
+    from ..checkpoint import _refuse_remote_code, check_model_config, read_json
+
+    config = read_json(path / "config.json")  # (symbolic links allowed: a hub cache folder is made of them)
+    _refuse_remote_code(path, "config.json", config)
+    tok_cfg = path / "tokenizer_config.json"
+    if tok_cfg.is_file():
+        _refuse_remote_code(path, "tokenizer_config.json", read_json(tok_cfg))
+    check_model_config(config, path / "config.json")
+
+
+def _check_finite(model: PreTrainedModel, source) -> None:
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{source}: tensor {name} holds NaN or infinite values; the weights are damaged")
+
+
 def load_model(
     name_or_path: str | Path,
     tokenizer: str | Path | None = None,
@@ -153,6 +173,7 @@ def load_model(
                 raise ValueError(
                     f"{path}: is not a model folder: no config.json (for a llama2.c checkpoint pass its .bin file)"
                 )
+            _check_folder_config(path)
             source: str | Path = path
         elif _is_hub_id(str(name_or_path)):
             source = str(name_or_path)
@@ -161,7 +182,7 @@ def load_model(
                 f"{name_or_path}: no such file or folder (and not a Hugging Face hub id like 'org/name')"
             )
         try:
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=False)
         except OSError as e:
             if path.is_dir():
                 raise ValueError(f"{path}: could not load the model ({_first_line(e)})") from e
@@ -169,6 +190,12 @@ def load_model(
                 f"{name_or_path}: not a local file or folder, and not loadable from the Hugging Face hub "
                 f"({_first_line(e)})"
             ) from e
+        except Exception as e:  # damaged files: whatever transformers / safetensors raise, one line
+            if isinstance(e, ValueError) and not path.is_dir():
+                raise
+            raise ValueError(f"{path if path.is_dir() else name_or_path}: could not load the model "
+                             f"({type(e).__name__}: {_first_line(e)})") from e
+        _check_finite(model, source)
         tok = load_tokenizer(tokenizer if tokenizer is not None else source)
         if len(tok) > model.config.get_text_config().vocab_size:
             raise ValueError(

@@ -1,0 +1,215 @@
+"""Hostile and broken folders through the command line: every command that reads a model folder answers a
+damaged one with exactly one stderr line and exit status 2; custom code in a folder never runs (stdin a
+terminal or not); a non-finite perplexity is an error; gqsa's own bugs are one line too, with the traceback
+under GQSA_DEBUG=1."""
+import json
+import os
+import pty
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from gqsa import checkpoint
+from gqsa.cli import main
+
+SRC = str(Path(__file__).parents[1] / "src")
+
+
+def _edit_json(folder, name, fn):
+    path = folder / name
+    doc = json.loads(path.read_text())
+    fn(doc)
+    path.write_text(json.dumps(doc))
+
+
+def _edit_tensors(folder, fn):
+    path = folder / "model.safetensors"
+    t = load_file(path)
+    fn(t)
+    save_file(t, path, metadata={"format": "pt"})
+
+
+def _nan_norm(t):
+    name = next(k for k in t if k.endswith("norm.weight"))
+    t[name] = t[name].clone()
+    t[name][0] = float("nan")
+
+
+EVIL = "import pathlib; pathlib.Path(__file__).with_name('CUSTOM_CODE_RAN').write_text('yes')\n"
+
+
+def _auto_map(folder):
+    _edit_json(folder, "config.json", lambda c: c.update(auto_map={"AutoConfig": "modeling_evil.EvilConfig",
+                                                                 "AutoModelForCausalLM": "modeling_evil.Evil"}))
+    (folder / "modeling_evil.py").write_text(EVIL)
+
+
+# name -> (damage, expected fragment of the error line); "fixed" ones re-record the checksums afterwards
+DAMAGE = {
+    "truncated": (lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:5000]),
+                  "model.safetensors"),
+    "nan_tensor": (lambda f: _edit_tensors(f, _nan_norm), "NaN"),
+    "wrong_type": (lambda f: _edit_json(f, "config.json", lambda c: c.update(hidden_size="64")), "hidden_size"),
+    "huge_layers": (lambda f: _edit_json(f, "config.json", lambda c: c.update(num_hidden_layers=100000)),
+                    "num_hidden_layers"),
+    "nan_config": (lambda f: (f / "config.json").write_text(
+        (f / "config.json").read_text().replace('"rms_norm_eps": 1e-05', '"rms_norm_eps": NaN')), "NaN"),
+    "bad_json": (lambda f: (f / "config.json").write_text('{"model_type": "llama",'), "config.json"),
+    "auto_map": (_auto_map, "auto_map"),
+}
+GQSA_ONLY = {
+    "no_report": (lambda f: (f / "gqsa_report.json").unlink(), "gqsa_report.json"),
+    "layer_removed": (lambda f: _edit_json(f, "config.json", lambda c: c["quantization_config"]["layers"].pop(
+        "model.layers.0.mlp.up_proj")), "up_proj"),
+}
+
+
+@pytest.fixture(scope="module")
+def dense_folder(s260k_folder, tmp_path_factory):
+    """An uncompressed stories260K folder (what `compress` and `report` read)."""
+    from conftest import ASSETS
+    from gqsa.models.llama2c import load_llama2c
+
+    out = tmp_path_factory.mktemp("dense") / "stories260K-hf"
+    model = load_llama2c(ASSETS / "models/stories260K/stories260K.bin", dtype=torch.float32)
+    model.save_pretrained(out)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(s260k_folder / f, out / f)
+    return out
+
+
+def _damaged(base, tmp, name, damage):
+    out = tmp / name
+    shutil.copytree(base, out)
+    damage(out)
+    if name not in ("truncated", "no_report") and (out / checkpoint.REPORT).is_file():
+        checkpoint.refresh_checksums(out)  # so that the loader's own checks are what refuses it
+    return out
+
+
+def _one_error_line(capsys):
+    captured = capsys.readouterr()
+    # (transformers' "Loading weights: 100%|███|" progress bar may come first: it is not an error line)
+    err = [line for line in captured.err.strip().splitlines() if not re.search(r"\d+%\|", line)]
+    assert len(err) == 1, err
+    assert "Traceback" not in captured.err
+    return err[0]
+
+
+def _commands(folder, tmp, text):
+    return {
+        "eval": ["eval", str(folder), "--ppl", str(text), "--max-windows", "1"],
+        "inspect": ["inspect", str(folder)],
+        "generate": ["generate", str(folder), "--prompt", "Once upon a time", "--max-new-tokens", "2"],
+        "bench": ["bench", str(folder), "--batch", "1", "--prompt-len", "2", "--new-tokens", "2", "--repeats", "1"],
+        "report": ["report", str(folder), "--calib", str(text), "--eval", str(text), "--out", str(tmp / "report"),
+                   "--rows", "fp16", "--tasks", "--kl-windows", "0", "--max-windows", "1"],
+    }
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGE) + sorted(GQSA_ONLY))
+def test_damaged_gqsa_folder(case, s260k_folder, tmp_path, asset, capsys):
+    damage, expect = {**DAMAGE, **GQSA_ONLY}[case]
+    folder = _damaged(s260k_folder, tmp_path, case, damage)
+    for command, argv in _commands(folder, tmp_path, asset("data/wikitext2/wiki.test.raw")).items():
+        assert main(argv) == 2, command
+        line = _one_error_line(capsys)
+        assert line.startswith(f"gqsa {command}: error: "), line
+        assert expect in line and (command == "report" or str(folder) in line), (command, line)
+    assert not (folder / "CUSTOM_CODE_RAN").exists()
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGE))
+def test_damaged_uncompressed_folder(case, dense_folder, tmp_path, asset, capsys):
+    damage, expect = DAMAGE[case]
+    folder = _damaged(dense_folder, tmp_path, case, damage)
+    commands = _commands(folder, tmp_path, asset("data/wikitext2/wiki.test.raw"))
+    commands["compress"] = ["compress", str(folder), "--calib", str(asset("data/wikitext2/wiki.test.raw")),
+                            "--nsamples", "2", "--seqlen", "32", "--stages", "oneshot", "--out", str(tmp_path / "o")]
+    for command, argv in commands.items():
+        assert main(argv) == 2, command
+        line = _one_error_line(capsys)
+        assert line.startswith(f"gqsa {command}: error: "), line
+        if command not in ("bench", "inspect"):  # these two: "not a GQSA checkpoint" (when nothing else is)
+            assert expect in line or case == "truncated" and "model" in line, (command, line)
+    assert not (folder / "CUSTOM_CODE_RAN").exists() and not (tmp_path / "o").exists()
+
+
+def _run_cli(argv, tty: bool):
+    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), HF_HUB_OFFLINE="1")
+    if not tty:
+        return subprocess.run([sys.executable, "-m", "gqsa.cli", *argv], stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, env=env, timeout=300)
+    leader, follower = pty.openpty()
+    try:
+        os.write(leader, b"y\ny\ny\n")  # what a user answering transformers' "run the custom code?" would type
+        return subprocess.run([sys.executable, "-m", "gqsa.cli", *argv], stdin=follower, capture_output=True,
+                              text=True, env=env, timeout=300)
+    finally:
+        os.close(leader)
+        os.close(follower)
+
+
+@pytest.mark.parametrize("kind,tty", [("uncompressed", True), ("gqsa", False)],
+                         ids=["uncompressed-stdin-tty", "gqsa-stdin-not-tty"])  # (in-process: every command)
+def test_auto_map_is_refused_and_no_code_runs(kind, tty, s260k_folder, dense_folder, tmp_path, asset):
+    folder = _damaged(s260k_folder if kind == "gqsa" else dense_folder, tmp_path, "auto_map", _auto_map)
+    r = _run_cli(["eval", str(folder), "--ppl", str(asset("data/wikitext2/wiki.test.raw")), "--max-windows", "1"],
+                 tty)
+    assert r.returncode == 2, r.stderr
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and "auto_map" in err[0] and "never" in err[0], r.stderr
+    assert not (folder / "CUSTOM_CODE_RAN").exists()
+
+
+def test_nan_perplexity_exits_nonzero_and_is_not_recorded(s260k_folder, tmp_path, asset, capsys, monkeypatch):
+    import gqsa.eval.ppl as ppl
+
+    folder = tmp_path / "ck"
+    shutil.copytree(s260k_folder, folder)
+    before = (folder / checkpoint.REPORT).read_text()
+    monkeypatch.setattr(ppl, "perplexity", lambda *a, **k: {"ppl": float("nan"), "context": 8, "windows": 1,
+                                                             "tokens": 8, "seconds": 0.0})
+    assert main(["eval", str(folder), "--ppl", str(asset("data/wikitext2/wiki.test.raw"))]) == 2
+    assert "perplexity is nan" in _one_error_line(capsys)
+    assert (folder / checkpoint.REPORT).read_text() == before
+
+
+def test_a_bug_is_one_line_and_GQSA_DEBUG_shows_it(s260k_folder, capsys, monkeypatch):
+    def bug(*a, **k):
+        raise TypeError("unsupported operand")
+
+    monkeypatch.setattr(checkpoint, "packed_layers", bug)
+    assert main(["inspect", str(s260k_folder)]) == 2
+    line = _one_error_line(capsys)
+    assert "internal error: TypeError: unsupported operand" in line and "GQSA_DEBUG=1" in line
+    monkeypatch.setenv("GQSA_DEBUG", "1")
+    with pytest.raises(TypeError, match="unsupported operand"):
+        main(["inspect", str(s260k_folder)])
+
+
+def test_every_transformers_auto_call_passes_trust_remote_code_false():
+    """A static check of gqsa's sources: every call of an Auto* class's from_pretrained / from_config (directly,
+    or handed to a wrapper) says trust_remote_code=False."""
+    import ast
+
+    calls = []
+    for path in sorted((Path(SRC) / "gqsa").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call):
+                continue
+            refs = [n for n in [node.func, *node.args] if isinstance(n, ast.Attribute)
+                    and n.attr in ("from_pretrained", "from_config") and isinstance(n.value, ast.Name)
+                    and n.value.id.startswith("Auto")]
+            if refs:
+                ok = any(k.arg == "trust_remote_code" and isinstance(k.value, ast.Constant) and k.value.value is False
+                         for k in node.keywords)
+                calls.append((f"{path.name}:{node.lineno}", ok))
+    assert len(calls) >= 6, calls
+    assert all(ok for _, ok in calls), [c for c, ok in calls if not ok]
