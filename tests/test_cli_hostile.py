@@ -175,7 +175,7 @@ def test_nan_perplexity_exits_nonzero_and_is_not_recorded(s260k_folder, tmp_path
     shutil.copytree(s260k_folder, folder)
     before = (folder / checkpoint.REPORT).read_text()
     monkeypatch.setattr(ppl, "perplexity", lambda *a, **k: {"ppl": float("nan"), "context": 8, "windows": 1,
-                                                             "tokens": 8, "seconds": 0.0})
+                                                             "tokens": 8, "evaluated_tokens": 8, "seconds": 0.0})
     assert main(["eval", str(folder), "--ppl", str(asset("data/wikitext2/wiki.test.raw"))]) == 2
     assert "perplexity is nan" in _one_error_line(capsys)
     assert (folder / checkpoint.REPORT).read_text() == before
