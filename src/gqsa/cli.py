@@ -118,6 +118,9 @@ def _add_compress(sub):
                    help="gptq: quantize columns in order of decreasing activation energy (static groups)")
     b.add_argument("--clip-search", action="store_true",
                    help="rtn/gptq: MSE clipping search for scales instead of the papers' min-max")
+    b.add_argument("--prune-bits", type=int, choices=(2, 3, 4, 8), default=None,
+                   help="sparsegpt: also quantize the kept weights to this many bits in the same sweep, groups of "
+                        "--group-size inputs (e.g. --pattern 2:4 --prune-bits 4 --group-size 128: 2:4 + int4)")
     b.add_argument("--blocksize", type=int, default=128,
                    help="gptq/sparsegpt: lazy-update block width in columns (default 128)")
     c = p.add_argument_group("calibration")
