@@ -62,6 +62,7 @@ def main():
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--windows", type=int, default=16)
+    p.add_argument("--target-bits", type=float, default=None, help="per-layer sparsity under this budget")
     a = p.parse_args()
     base, tok = load_model(a.model)
     tokens = calib.calibration_tokens(os.path.join(ASSETS, "data/gutenberg/calib.txt"), tok, a.nsamples, a.seqlen, 0)
@@ -72,11 +73,17 @@ def main():
         if v != "fp":
             method, _, opt = v.partition("+")
             config = GQSAConfig(bits=a.bits, group_size=a.group_size, sparsity=a.sparsity, saliency=a.saliency,
-                                damp=a.damp, stages="oneshot")
+                                damp=a.damp, stages="oneshot", target_bits=a.target_bits)
+            if a.target_bits is not None:
+                from gqsa.allocation import apply_target_bits
+
+                chosen = apply_target_bits(model, config, tokens, "cpu")
+                print("layer sparsity:", {k: round(v, 3) for k, v in chosen.items()}, flush=True)
             oneshot(model, config, tokens, method, quantize=opt != "noquant")
         t1 = time.time()
         r = perplexity(model, tok, heldout, context=a.seqlen, max_windows=a.windows, progress=False)
-        print(f"{os.path.basename(a.model.rstrip('/'))} W{a.bits} S{a.sparsity:g} G{a.group_size} {a.saliency} "
+        tb = f" target-bits {a.target_bits:g}" if a.target_bits else ""
+        print(f"{os.path.basename(a.model.rstrip('/'))} W{a.bits} S{a.sparsity:g}{tb} G{a.group_size} {a.saliency} "
               f"{v}: ppl {r['ppl']:.2f} ({r['windows']} windows; compress {t1 - t0:.0f} s)", flush=True)
         del model
 

@@ -53,6 +53,7 @@ def test_parse_row():
     assert (r.name, r.family, r.args[-1]) == ("w4-bqpo", "gqsa", "bqpo")
     assert rm.parse_row("m=--method magnitude --pattern 4:8").family == "pruning"
     assert rm.parse_row("q=--method sparsegpt --prune-bits 4 --group-size 128").family == "pruning+quantization"
+    assert rm.parse_row("t=--target-bits 3.3 --mask iter2").label == "GQSA W4 3.3 bits/w G16 mask iter2"
     assert r.label == "GQSA W4 S50% G16 [bqpo]"
     assert rm.parse_row("u=--method sparsegpt --pattern unstructured --sparsity 0.6").label == "SparseGPT unstructured 60%"
     assert rm.parse_row("x=--method gptq --bits 3 --group-size 128 --act-order").label == "GPTQ W3 g128 act-order"

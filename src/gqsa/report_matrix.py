@@ -107,8 +107,9 @@ def auto_label(args: list[str]) -> str | None:
         return None
     defaults = build_parser().parse_args(["compress", "MODEL", "--calib", "C", "--out", "O"])
     if a.method == "gqsa":
-        label = f"GQSA W{a.bits} S{a.sparsity * 100:g}% G{a.group_size}"
-        for opt in ("stages", "saliency", "allocation", "quant_init", "nsamples", "preset"):
+        label = (f"GQSA W{a.bits} {a.target_bits:g} bits/w G{a.group_size}" if getattr(a, "target_bits", None)
+                 else f"GQSA W{a.bits} S{a.sparsity * 100:g}% G{a.group_size}")
+        for opt in ("stages", "saliency", "allocation", "mask", "quant_init", "nsamples", "preset"):
             if getattr(a, opt, None) != getattr(defaults, opt, None) and opt != "stages":
                 label += f" {opt.replace('_', '-')} {getattr(a, opt)}"
         if "--stages" in args:
