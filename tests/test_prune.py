@@ -112,7 +112,7 @@ def test_resolve_kept_is_the_least_squares_optimum_of_each_row():
         assert bool((out[r, ~cols] == 0).all())
 
 
-@pytest.mark.parametrize("method", ["iter1", "iter3", "adaptive", "adaptive16"])
+@pytest.mark.parametrize("method", ["iter1", "iter3", "cg10", "adaptive", "adaptive16"])
 def test_mask_methods_are_row_balanced_and_beat_the_fixed_mask(method):
     k, g, n = 128, 16, 24
     x, h = correlated_inputs(k)
@@ -128,3 +128,20 @@ def test_mask_methods_are_row_balanced_and_beat_the_fixed_mask(method):
     assert bool((cw.mask.sum(1) == k // g // 2).all())
     assert bool((cw.weight.reshape(n, -1, g)[~cw.mask] == 0).all())
     assert err(cw) < err(fixed)
+
+
+def test_conjugate_gradient_refit_reaches_the_least_squares_optimum():
+    k, g, n = 96, 16, 12
+    x, h = correlated_inputs(k)
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(2))
+    mask = prune.select_mask(prune.saliency(w, g, "hessian", h), 0.5, "row")
+    swept = prune.compress_obs(w, h, mask, 4, g, quantize=False).weight
+    exact, _ = prune.resolve_kept(w, prune._prepare_hessian(h, g, 0.01), mask, g)
+    hd = prune._prepare_hessian(h, g, 0.01)
+
+    def f(v):
+        return float(torch.einsum("nk,kl,nl->", w - v, hd, w - v))
+
+    refit = prune.refine_kept_cg(w, swept, h, mask, g, iters=30)
+    assert bool((refit.reshape(n, -1, g)[~mask] == 0).all())
+    assert f(exact) <= f(refit) <= f(exact) * 1.001 < f(swept)

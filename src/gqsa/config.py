@@ -39,7 +39,9 @@ class GQSAConfig:
     damp: Hessian dampening as a fraction of its mean diagonal (hessian saliency).
     mask: how the group mask is chosen with ``hessian`` saliency: ``fixed`` (ranked once on the
         original weights, then the OBS sweep), ``iterN`` (N rounds of removing a share of the groups,
-        re-solving the kept weights by least squares and re-ranking), ``adaptive[B]`` (chosen per
+        re-solving the kept weights by least squares and re-ranking), ``cgN`` (the fixed mask, then the
+        kept weights re-fitted towards that least-squares optimum by N conjugate-gradient steps
+        before quantization), ``adaptive[B]`` (chosen per
         block of B groups from the weights as compensated by the sweep).
     target_bits: when set, every compressed linear gets its own sparsity (row-balanced) so that the
         packed linears take at most this many bits per weight, at the least measured error
@@ -130,8 +132,9 @@ class GQSAConfig:
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}; got '{value}'")
         if not (self.mask == "fixed" or (self.mask.startswith("iter") and self.mask[4:].isdigit() and int(self.mask[4:]) > 0)
+                or (self.mask.startswith("cg") and self.mask[2:].isdigit() and int(self.mask[2:]) > 0)
                 or (self.mask.startswith("adaptive") and (self.mask[8:] == "" or self.mask[8:].isdigit()))):
-            raise ValueError(f"mask must be fixed, iterN (N >= 1) or adaptive[B]; got '{self.mask}'")
+            raise ValueError(f"mask must be fixed, cgN, iterN (N >= 1) or adaptive[B]; got '{self.mask}'")
         if self.target_bits is not None and not 0.0 < self.target_bits < 16.0:
             raise ValueError(f"target_bits must be in (0, 16), got {self.target_bits}")
         if not 0.0 < self.damp < 1.0:
