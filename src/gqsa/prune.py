@@ -146,15 +146,18 @@ def compress_obs(w: torch.Tensor, hessian: torch.Tensor, mask: torch.Tensor, bit
             colmask[:, i1:i2] = mask[:, i1 // g:i2 // g].repeat_interleave(g, dim=1).float()
         for i in range(i2 - i1):
             col = i1 + i
-            if col % g == 0:
+            if col % g == 0 and quantize:  # (a prune-only sweep needs no quantizer)
                 gi = col // g
                 s, z = quant.init_params(w1[:, i:i + g], bits, init, valid=valid[gi],
                                          importance=importance[col:col + g])
                 scale[:, gi], zero[:, gi] = s, z
-            s, z = scale[:, col // g], zero[:, col // g]
-            q = quant.quantize(w1[:, i:i + 1], s, z, bits)[:, 0]
-            deq = (quant.dequantize(q[:, None], s, z)[:, 0] if quantize else w1[:, i]) * colmask[:, col]
-            codes[:, col] = q
+            if quantize:
+                s, z = scale[:, col // g], zero[:, col // g]
+                q = quant.quantize(w1[:, i:i + 1], s, z, bits)[:, 0]
+                deq = quant.dequantize(q[:, None], s, z)[:, 0] * colmask[:, col]
+                codes[:, col] = q
+            else:
+                deq = w1[:, i] * colmask[:, col]
             out[:, col] = deq
             e = (w1[:, i] - deq) / h1[i, i]
             w1[:, i:] -= e[:, None] * h1[i, i:][None, :]
