@@ -170,3 +170,16 @@ def test_cli_compress_and_eval_gguf(tiny_gguf, tmp_path, capsys):
     assert main(["eval", str(out), "--ppl", str(text), "--context", "32", "--max-windows", "2"]) == 0
     lines = [ln for ln in capsys.readouterr().out.splitlines() if "perplexity" in ln]
     assert len(lines) == 2
+
+
+def test_report_on_a_gguf_file(tiny_gguf, tmp_path):
+    from gqsa import report_matrix as rm
+
+    path, _ = tiny_gguf
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT * 40)
+    rows = [r for r in rm.default_rows() if r.name in ("fp16", "gqsa-w4s50g16")]
+    rep = rm.run_report(str(path), str(text), str(text), tmp_path / "report", rows=rows, context=32, nsamples=4,
+                        tasks=[], kl_windows=1, max_windows=2, device="cpu", progress=False, log=lambda *a: None)
+    assert [r["name"] for r in rep["rows"]] == ["fp16", "gqsa-w4s50g16"]
+    assert rep["rows"][1]["bits_per_weight"] < 16 and rep["rows"][1]["ppl"]["ppl"] > 0
