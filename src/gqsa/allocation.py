@@ -39,12 +39,15 @@ def removal_costs(w: torch.Tensor, hessian: torch.Tensor, group_size: int, damp:
 
 
 def allocate(layers: dict[str, tuple[int, int, torch.Tensor]], bits: int, group_size: int, target_bits: float,
-             min_keep: int = 1) -> dict[str, int]:
+             min_keep: int = 1, max_deviation: float | None = 0.2) -> dict[str, int]:
     """Kept groups per row of every layer so that the packed size is at most ``target_bits`` per
     weight at the least total relative error.
 
     ``layers``: ``{name: (rows, k, cost)}`` with ``cost[m]`` the error of keeping ``m`` groups per
-    row (``m = 0 … C``, non-increasing in ``m``). Raises ``ValueError`` when ``target_bits`` is below
+    row (``m = 0 … C``, non-increasing in ``m``). ``max_deviation``: every layer's sparsity stays
+    within this distance of the uniform sparsity of the same size (OWL bounds its layer sparsities the
+    same way: the first measurement without a bound sent some layers to 98%; None = unbounded).
+    Raises ``ValueError`` when ``target_bits`` is below
     what ``min_keep`` groups per row take, or above the dense packed size (nothing to remove).
     """
     weights = sum(r * k for r, k, _ in layers.values())
@@ -63,12 +66,22 @@ def allocate(layers: dict[str, tuple[int, int, torch.Tensor]], bits: int, group_
         raise ValueError(f"--target-bits {target_bits:g} needs no pruning: W{bits} G{group_size} dense is "
                          f"{dense:.3f} bits/weight; pass a smaller target or use --sparsity 0")
 
+    hi = {n: math.ceil(k / group_size) for n, (_, k, _) in layers.items()}
+    lo = {n: min_keep for n in layers}
+    if max_deviation is not None:
+        uniform = 1 - target_bits / (bits + 40 / group_size)  # the design formula's sparsity for the target
+        for n, (_, k, _) in layers.items():
+            c = math.ceil(k / group_size)
+            lo[n] = min(c, max(min_keep, math.ceil(c * (1 - uniform - max_deviation) - 1e-9)))
+            hi[n] = max(lo[n], min(c, math.floor(c * (1 - uniform + max_deviation) + 1e-9)))
+            keep[n] = hi[n]
+
     def step(n):  # (error per bit saved of removing one more group per row, name)
         r, _, cost = layers[n]
         m = keep[n]
         return (float(cost[m - 1] - cost[m]) / (r * (bits * group_size + 40)), n)
 
-    heap = [step(n) for n in layers if keep[n] > min_keep]
+    heap = [step(n) for n in layers if keep[n] > lo[n]]
     heapq.heapify(heap)
     current = total()
     while current > budget and heap:
@@ -76,13 +89,13 @@ def allocate(layers: dict[str, tuple[int, int, torch.Tensor]], bits: int, group_
         r, _, _ = layers[n]
         keep[n] -= 1
         current -= r * (bits * group_size + 40)
-        if keep[n] > min_keep:
+        if keep[n] > lo[n]:
             heapq.heappush(heap, step(n))
     # the last removal may overshoot the budget: give back the groups that buy the most error per bit
     # while they still fit
     while True:
         fits = [n for n, (r, k, _) in layers.items()
-                if keep[n] < math.ceil(k / group_size) and current + r * (bits * group_size + 40) <= budget]
+                if keep[n] < hi[n] and current + r * (bits * group_size + 40) <= budget]
         if not fits:
             break
         n = max(fits, key=lambda n: float(layers[n][2][keep[n]] - layers[n][2][keep[n] + 1])
