@@ -41,7 +41,8 @@ class GQSAConfig:
         original weights, then the OBS sweep), ``iterN`` (N rounds of removing a share of the groups,
         re-solving the kept weights by least squares and re-ranking), ``cgN`` (the fixed mask, then the
         kept weights re-fitted towards that least-squares optimum by N conjugate-gradient steps
-        before quantization), ``adaptive[B]`` (chosen per
+        before quantization; default ``cg20``: gutenberg-llama-22m W4 S50 G16 one-shot 464 → 280 in
+        benchmarks/RESULTS.md), ``adaptive[B]`` (chosen per
         block of B groups from the weights as compensated by the sweep).
     target_bits: when set, every compressed linear gets its own sparsity (row-balanced) so that the
         packed linears take at most this many bits per weight, at the least measured error
@@ -93,7 +94,7 @@ class GQSAConfig:
     allocation: str = "row"
     quant_init: str = "mse"
     damp: float = 0.01
-    mask: str = "fixed"
+    mask: str = "cg20"
     target_bits: float | None = None
     layer_sparsity: dict = field(default_factory=dict)
     skip: list[str] = field(default_factory=list)
