@@ -36,9 +36,9 @@ def oneshot(model, config, tokens, mask_method: str, quantize: bool, batch_size:
     batches = pipeline.capture_inputs(model, blocks, tokens, batch_size, "cpu")
     orig = prune.compress_weight
 
-    def patched(w, bits, group_size, sparsity, saliency, allocation="row", init="mse", hessian=None, damp=0.01):
-        return orig(w, bits, group_size, sparsity, saliency, allocation, init, hessian, damp,
-                    mask_method=mask_method, quantize=quantize)
+    def patched(*args, **kw):
+        kw.update(mask_method=mask_method, quantize=quantize)
+        return orig(*args, **kw)
 
     prune.compress_weight = patched
     try:
