@@ -264,7 +264,7 @@ def resolve_kept(w: torch.Tensor, h: torch.Tensor, mask: torch.Tensor, g: int, c
     removed groups of ``w'`` at zero, i.e. ``w'_M = H_MM⁻¹ (H w)_M`` (all kept groups compensate, not
     only those after the removed ones). ``w`` ``[N, Kp]``, ``h`` ``[Kp, Kp]`` (damped, padded),
     ``mask`` ``[N, C]`` row-balanced. With ``with_saliency``, also each kept group's OBS error
-    ``w'_gᵀ [(H_MM)⁻¹]_gg⁻¹ w'_g`` (removed groups: +inf... they score 0)."""
+    ``w'_gᵀ [(H_MM)⁻¹]_gg⁻¹ w'_g`` (removed groups score 0)."""
     n, kp = w.shape
     c = mask.shape[1]
     out = torch.zeros_like(w)
@@ -294,7 +294,7 @@ def iterative_group_prune(w: torch.Tensor, hessian: torch.Tensor, g: int, sparsi
                           damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
     """Group pruning in ``steps`` rounds, each removing an equal share of the target in every row by
     the OBS group error of the weights as re-solved after the previous round (``resolve_kept``), then
-    re-solving the kept weights. Returns (pruned, compensated weight ``[N, K]``, kept mask ``[N, C]``)."""
+    re-solving the kept weights. Returns (the pruned, re-fitted weight ``[N, K]``, the kept mask ``[N, C]``)."""
     n, k = w.shape
     wg, _ = group_view(w.float(), g)
     c = wg.shape[1]
