@@ -736,8 +736,13 @@ def table(rows: list[dict]) -> str:
 
 def make_bases(root: Path) -> list[Path]:
     """Intact stories260K folders (W4 S50 G16 one-shot): single-file and sharded."""
-    sys.path.insert(0, str(Path(__file__).parent))
-    from conftest import ASSETS, compressed_folder
+    import importlib.util
+
+    # tests/conftest.py by its path: under pytest the module name "conftest" may be another folder's
+    spec = importlib.util.spec_from_file_location("gqsa_tests_conftest", Path(__file__).parent / "conftest.py")
+    conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conftest)
+    ASSETS, compressed_folder = conftest.ASSETS, conftest.compressed_folder
 
     single = compressed_folder(root, "stories260K-w4s50g16", ASSETS / "models/stories260K/stories260K.bin",
                                ASSETS / "models/stories260K/tok512.bin", ASSETS / "data/wikitext2/wiki.valid.tokens")

@@ -71,13 +71,12 @@ GQSA_ONLY = {
 
 
 @pytest.fixture(scope="module")
-def dense_folder(s260k_folder, tmp_path_factory):
+def dense_folder(s260k_folder, tmp_path_factory, asset):
     """An uncompressed stories260K folder (what `compress` and `report` read)."""
-    from conftest import ASSETS
     from gqsa.models.llama2c import load_llama2c
 
     out = tmp_path_factory.mktemp("dense") / "stories260K-hf"
-    model = load_llama2c(ASSETS / "models/stories260K/stories260K.bin", dtype=torch.float32)
+    model = load_llama2c(asset("models/stories260K/stories260K.bin"), dtype=torch.float32)
     model.save_pretrained(out)
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(s260k_folder / f, out / f)

@@ -95,3 +95,53 @@ def test_bad_requests_are_refused():
         prune.select_mask(torch.rand(4, 2), 0.5, "block")
     with pytest.raises(ValueError, match="empty"):
         prune.compress_weight(torch.zeros(0, 32), 4, 16, 0.5, "magnitude")
+
+
+def test_resolve_kept_is_the_least_squares_optimum_of_each_row():
+    """w'_M = H_MM⁻¹ (H w)_M: the removed groups at zero, every kept weight re-fitted; equals the
+    brute-force least-squares fit of the row's outputs X w on the kept inputs."""
+    k, g = 64, 16
+    x, h = correlated_inputs(k)
+    w = torch.randn(5, k)
+    mask = prune.select_mask(torch.rand(5, k // g), 0.5, "row")
+    out, _ = prune.resolve_kept(w, h, mask, g)
+    for r in range(5):
+        cols = mask[r].repeat_interleave(g)
+        fit = torch.linalg.lstsq(x[:, cols].double(), (x @ w[r]).double()[:, None]).solution[:, 0]
+        assert torch.allclose(out[r, cols].double(), fit, atol=1e-3)
+        assert bool((out[r, ~cols] == 0).all())
+
+
+@pytest.mark.parametrize("method", ["iter1", "iter3", "cg10", "adaptive", "adaptive16"])
+def test_mask_methods_are_row_balanced_and_beat_the_fixed_mask(method):
+    k, g, n = 128, 16, 24
+    x, h = correlated_inputs(k)
+    x[:, 3] *= 10  # an outlier input
+    h = x.T @ x / x.shape[0]
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(1))
+
+    def err(cw):
+        return ((x @ (w - cw.weight).T) ** 2).sum().item()
+
+    fixed = prune.compress_weight(w, 4, g, 0.5, "hessian", hessian=h)
+    cw = prune.compress_weight(w, 4, g, 0.5, "hessian", hessian=h, mask_method=method)
+    assert bool((cw.mask.sum(1) == k // g // 2).all())
+    assert bool((cw.weight.reshape(n, -1, g)[~cw.mask] == 0).all())
+    assert err(cw) < err(fixed)
+
+
+def test_conjugate_gradient_refit_reaches_the_least_squares_optimum():
+    k, g, n = 96, 16, 12
+    x, h = correlated_inputs(k)
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(2))
+    mask = prune.select_mask(prune.saliency(w, g, "hessian", h), 0.5, "row")
+    swept = prune.compress_obs(w, h, mask, 4, g, quantize=False).weight
+    exact, _ = prune.resolve_kept(w, prune._prepare_hessian(h, g, 0.01), mask, g)
+    hd = prune._prepare_hessian(h, g, 0.01)
+
+    def f(v):
+        return float(torch.einsum("nk,kl,nl->", w - v, hd, w - v))
+
+    refit = prune.refine_kept_cg(w, swept, h, mask, g, iters=30)
+    assert bool((refit.reshape(n, -1, g)[~mask] == 0).all())
+    assert f(exact) <= f(refit) <= f(exact) * 1.001 < f(swept)

@@ -24,8 +24,11 @@ def test_default_matrix():
     for g in (16, 32):
         for s in (30, 50, 70):
             assert f"gqsa-w4s{s}g{g}" in rows
-    for name in ("sparsegpt-2of4", "wanda-2of4", "gptq-w2g128", "gptq-w3g128", "rtn-w4g128"):
+    for name in ("sparsegpt-2of4", "wanda-2of4", "gptq-w2g128", "gptq-w3g128", "rtn-w4g128", "sparsegpt-4of8",
+                 "sparsegpt-2of4-w4g128", "sparsegpt-4of8-w4g128", "gqsa-w3s0g128"):
         assert name in rows
+    assert rows["sparsegpt-2of4-w4g128"].family == "pruning+quantization"
+    assert rm.auto_label(rows["sparsegpt-2of4-w4g128"].args) == rows["sparsegpt-2of4-w4g128"].label
     assert rows["gqsa-w4s50g16"].args == ["--method", "gqsa", "--bits", "4", "--group-size", "16", "--sparsity", "0.5"]
     # every row's arguments parse as a `gqsa compress` command line
     parser = cli.build_parser()
@@ -49,6 +52,8 @@ def test_parse_row():
     r = rm.parse_row("w4-bqpo=--method gqsa --sparsity 0.5 --stages bqpo")
     assert (r.name, r.family, r.args[-1]) == ("w4-bqpo", "gqsa", "bqpo")
     assert rm.parse_row("m=--method magnitude --pattern 4:8").family == "pruning"
+    assert rm.parse_row("q=--method sparsegpt --prune-bits 4 --group-size 128").family == "pruning+quantization"
+    assert rm.parse_row("t=--target-bits 3.3 --mask iter2").label == "GQSA W4 3.3 bits/w G16 mask iter2"
     assert r.label == "GQSA W4 S50% G16 [bqpo]"
     assert rm.parse_row("u=--method sparsegpt --pattern unstructured --sparsity 0.6").label == "SparseGPT unstructured 60%"
     assert rm.parse_row("x=--method gptq --bits 3 --group-size 128 --act-order").label == "GPTQ W3 g128 act-order"
@@ -76,11 +81,19 @@ def _fake_report():
 
 def test_markdown_table_and_headline():
     md = rm.markdown(_fake_report())
-    assert "| GQSA W4 S50% G16 | oneshot | 3.25 | 1.0 | 12.00 | 1.200 | 0.1000 | 0.900 | 0.500 |" in md
+    assert "| GQSA W4 S50% G16 | oneshot | 3.25 | 1.0 | 12.00 | 1.200 | 0.1000 | 0.900 | 0.500 |  |" in md
+    assert "| GPTQ W2 g128 | oneshot | 2.30 | 1.0 | 11.00 | 1.100 | 0.1000 | 0.900 | 0.500 | ★ |" in md
     assert "- SparseGPT 2:4 (9.00 bits/weight, perplexity 15.00): GQSA is better" in md
     assert "- GPTQ W2 g128 (2.30 bits/weight, perplexity 11.00): GQSA is WORSE" in md
     assert "GQSA W4 S50% G16 (3.25 bits/weight, perplexity 12.00) vs:" in md
     assert "first 5 documents of each" in md and "gqsa report m" in md
+
+
+def test_pareto_front():
+    rows = _fake_report()["rows"]
+    assert rm.pareto_front(rows) == {"fp16", "gptq-w2g128"}  # W2 dominates GQSA (fewer bits, lower ppl) and 2:4
+    rows.append(_fake_row("tie", "tie", "gqsa", 2.3, 11.0))
+    assert rm.pareto_front(rows) == {"fp16", "gptq-w2g128", "tie"}  # equal points do not dominate each other
 
 
 def test_plot_is_optional(tmp_path):

@@ -81,6 +81,13 @@ def _add_compress(sub):
     g.add_argument("--quant-init", default="mse", choices=("minmax", "mse"),
                    help="scale/zero init: min-max or clipping search (default mse)")
     g.add_argument("--damp", type=float, default=0.01, help="Hessian dampening, fraction of mean diagonal")
+    g.add_argument("--mask", default=None, metavar="METHOD",
+                   help="group mask with hessian saliency: fixed (ranked once), iterN (N rounds of prune, least-squares "
+                        "re-fit of the kept groups, re-rank) or adaptive[B] (per B groups during the sweep) "
+                        "(default: gqsa.config's)")
+    g.add_argument("--target-bits", type=float, default=None, metavar="B",
+                   help="choose each linear's sparsity (row-balanced) so the compressed linears take at most B "
+                        "bits/weight at the least measured error; replaces --sparsity")
     g.add_argument("--skip", nargs="*", default=[], metavar="SUFFIX",
                    help="module-name suffixes to leave dense, e.g. mlp.down_proj")
     t = p.add_argument_group(
@@ -137,6 +144,9 @@ def _add_compress(sub):
                    help="gptq: quantize columns in order of decreasing activation energy (static groups)")
     b.add_argument("--clip-search", action="store_true",
                    help="rtn/gptq: MSE clipping search for scales instead of the papers' min-max")
+    b.add_argument("--prune-bits", type=int, choices=(2, 3, 4, 8), default=None,
+                   help="sparsegpt: also quantize the kept weights to this many bits in the same sweep, groups of "
+                        "--group-size inputs (e.g. --pattern 2:4 --prune-bits 4 --group-size 128: 2:4 + int4)")
     b.add_argument("--blocksize", type=int, default=128,
                    help="gptq/sparsegpt: lazy-update block width in columns (default 128)")
     c = p.add_argument_group("calibration")
@@ -564,6 +574,9 @@ def _gqsa_config(args, GQSAConfig):
             given[flag] = True
     if getattr(args, "no_grad_checkpointing", False):
         given["e2e_grad_checkpointing"] = False
+    for name in ("mask", "target_bits"):
+        if getattr(args, name, None) is not None:
+            given[name] = getattr(args, name)
     if args.resume and args.stages == "oneshot":
         raise CLIError("--resume applies to the trained stages (--stages bqpo or bqpo+e2e)")
     return GQSAConfig.preset(args.preset, bits=args.bits, group_size=args.group_size, sparsity=args.sparsity,

@@ -37,6 +37,17 @@ class GQSAConfig:
     quant_init: ``minmax`` or ``mse`` (clipping search minimizing the group's squared error,
         weighted by activation energy when calibration data is there).
     damp: Hessian dampening as a fraction of its mean diagonal (hessian saliency).
+    mask: how the group mask is chosen with ``hessian`` saliency: ``fixed`` (ranked once on the
+        original weights, then the OBS sweep), ``iterN`` (N rounds of removing a share of the groups,
+        re-solving the kept weights by least squares and re-ranking), ``cgN`` (the fixed mask, then the
+        kept weights re-fitted towards that least-squares optimum by N conjugate-gradient steps
+        before quantization; default ``cg20``: gutenberg-llama-22m W4 S50 G16 one-shot 464 → 280 in
+        benchmarks/RESULTS.md), ``adaptive[B]`` (chosen per
+        block of B groups from the weights as compensated by the sweep).
+    target_bits: when set, every compressed linear gets its own sparsity (row-balanced) so that the
+        packed linears take at most this many bits per weight, at the least measured error
+        (:mod:`gqsa.allocation`; ``sparsity`` is then ignored); the choice is recorded in
+        ``layer_sparsity``.
     skip: module-name suffixes never compressed (embeddings, norms and lm_head are never touched).
     seed: seeds calibration sampling and everything random.
 
@@ -83,6 +94,9 @@ class GQSAConfig:
     allocation: str = "row"
     quant_init: str = "mse"
     damp: float = 0.01
+    mask: str = "cg20"
+    target_bits: float | None = None
+    layer_sparsity: dict = field(default_factory=dict)
     skip: list[str] = field(default_factory=list)
     seed: int = 0
     stages: str = "bqpo+e2e"
@@ -118,6 +132,12 @@ class GQSAConfig:
                                      ("quant_init", self.quant_init, QUANT_INITS)):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}; got '{value}'")
+        if not (self.mask == "fixed" or (self.mask.startswith("iter") and self.mask[4:].isdigit() and int(self.mask[4:]) > 0)
+                or (self.mask.startswith("cg") and self.mask[2:].isdigit() and int(self.mask[2:]) > 0)
+                or (self.mask.startswith("adaptive") and (self.mask[8:] == "" or self.mask[8:].isdigit()))):
+            raise ValueError(f"mask must be fixed, cgN, iterN (N >= 1) or adaptive[B]; got '{self.mask}'")
+        if self.target_bits is not None and not 0.0 < self.target_bits < 16.0:
+            raise ValueError(f"target_bits must be in (0, 16), got {self.target_bits}")
         if not 0.0 < self.damp < 1.0:
             raise ValueError(f"damp must be in (0, 1), got {self.damp}")
         for name, value, allowed in (("stages", self.stages, STAGES), ("bqpo_target", self.bqpo_target, BQPO_TARGETS),

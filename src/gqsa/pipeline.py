@@ -119,9 +119,10 @@ def oneshot_block(block, adapter, groups: list[list[str]], batches, config: GQSA
             lin = linears[n]
             cw = None
             if distributed.owner(k) == distributed.rank():
-                cw = prune.compress_weight(lin.weight.float(), config.bits, config.group_size, config.sparsity,
+                sparsity = getattr(lin, "gqsa_sparsity", config.sparsity)  # set by --target-bits (allocation)
+                cw = prune.compress_weight(lin.weight.float(), config.bits, config.group_size, sparsity,
                                            config.saliency, config.allocation, config.quant_init, stats.get(n),
-                                           config.damp)
+                                           config.damp, mask_method=config.mask)
             if distributed.active():
                 fields = None if cw is None else {f.name: getattr(cw, f.name) for f in dataclasses.fields(cw)}
                 cw = prune.CompressedWeight(**distributed.broadcast_tensors(fields, distributed.owner(k),
@@ -164,6 +165,10 @@ def compress_model(model, config: GQSAConfig, tokens: torch.Tensor, device=None,
     are data-parallel and rank 0 alone writes ``workdir`` (:mod:`gqsa.distributed`).
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if config.target_bits is not None:  # per-layer sparsity under the budget, from the uncompressed model
+        from .allocation import apply_target_bits
+
+        apply_target_bits(model, config, tokens, device, batch_size)
     if not distributed.is_main():  # under torchrun: rank 0 alone shows progress and logs
         progress, log = False, (lambda line: None)
     # the plan and the estimate go with the progress bar (``log`` keeps its one line per block / epoch)

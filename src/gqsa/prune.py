@@ -112,7 +112,8 @@ def compress_rtn(w: torch.Tensor, mask: torch.Tensor, bits: int, group_size: int
 
 
 def compress_obs(w: torch.Tensor, hessian: torch.Tensor, mask: torch.Tensor, bits: int, group_size: int,
-                 init: str = "mse", damp: float = 0.01, blocksize: int = 128) -> CompressedWeight:
+                 init: str = "mse", damp: float = 0.01, blocksize: int = 128, adaptive_sparsity: float | None = None,
+                 quantize: bool = True) -> CompressedWeight:
     """Prune the masked-out groups and quantize the kept ones column by column, spreading each
     column's error over the columns not yet processed through the inverse Hessian (SparseGPT's
     joint prune+quantize loop, GPTQ's lazy block updates), with the group mask held fixed.
@@ -140,17 +141,23 @@ def compress_obs(w: torch.Tensor, hessian: torch.Tensor, mask: torch.Tensor, bit
         w1 = W[:, i1:i2].clone()
         err1 = torch.zeros_like(w1)
         h1 = hinv[i1:i2, i1:i2]
+        if adaptive_sparsity is not None:
+            mask[:, i1 // g:i2 // g] = _adaptive_block_mask(w1, h1, g, adaptive_sparsity)
+            colmask[:, i1:i2] = mask[:, i1 // g:i2 // g].repeat_interleave(g, dim=1).float()
         for i in range(i2 - i1):
             col = i1 + i
-            if col % g == 0:
+            if col % g == 0 and quantize:  # (a prune-only sweep needs no quantizer)
                 gi = col // g
                 s, z = quant.init_params(w1[:, i:i + g], bits, init, valid=valid[gi],
                                          importance=importance[col:col + g])
                 scale[:, gi], zero[:, gi] = s, z
-            s, z = scale[:, col // g], zero[:, col // g]
-            q = quant.quantize(w1[:, i:i + 1], s, z, bits)[:, 0]
-            deq = quant.dequantize(q[:, None], s, z)[:, 0] * colmask[:, col]
-            codes[:, col] = q
+            if quantize:
+                s, z = scale[:, col // g], zero[:, col // g]
+                q = quant.quantize(w1[:, i:i + 1], s, z, bits)[:, 0]
+                deq = quant.dequantize(q[:, None], s, z)[:, 0] * colmask[:, col]
+                codes[:, col] = q
+            else:
+                deq = w1[:, i] * colmask[:, col]
             out[:, col] = deq
             e = (w1[:, i] - deq) / h1[i, i]
             w1[:, i:] -= e[:, None] * h1[i, i:][None, :]
@@ -159,14 +166,149 @@ def compress_obs(w: torch.Tensor, hessian: torch.Tensor, mask: torch.Tensor, bit
     return CompressedWeight(codes.reshape(n, c, g), scale, zero, mask, out[:, :k].clone())
 
 
+def _adaptive_block_mask(w1: torch.Tensor, h1: torch.Tensor, g: int, sparsity: float) -> torch.Tensor:
+    """Kept groups of one lazy block ``[N, B]`` chosen from the weights as compensated so far: each
+    group's OBS error ``‖U_gg⁻ᵀ w_g‖²`` with ``U_gg`` its diagonal block of the Cholesky factor of
+    ``H⁻¹`` (the inverse Hessian of the columns not yet processed), ``round((1−S)·B)`` kept per row."""
+    n, width = w1.shape
+    b = width // g
+    blocks = torch.stack([h1[j * g:(j + 1) * g, j * g:(j + 1) * g] for j in range(b)])  # [B, g, g] upper
+    x = torch.linalg.solve_triangular(blocks.transpose(1, 2), w1.reshape(n, b, g).permute(1, 2, 0), upper=False)
+    score = x.square().sum(1).T  # [N, B]
+    return select_mask(score, sparsity, "row")
+
+
 def compress_weight(w: torch.Tensor, bits: int, group_size: int, sparsity: float, saliency_method: str,
                     allocation: str = "row", init: str = "mse", hessian: torch.Tensor | None = None,
-                    damp: float = 0.01) -> CompressedWeight:
+                    damp: float = 0.01, mask_method: str = "fixed", quantize: bool = True) -> CompressedWeight:
     """One-shot GQSA of one weight matrix: rank groups, fix the mask, quantize what is kept."""
     if w.numel() == 0:
         raise ValueError(f"cannot compress an empty weight of shape {list(w.shape)}")
+    if saliency_method == "hessian" and sparsity > 0 and mask_method != "fixed":
+        return _compress_obs_masked(w, hessian, bits, group_size, sparsity, init, damp, mask_method, quantize)
     score = saliency(w, group_size, saliency_method, hessian, damp)
     mask = select_mask(score, sparsity, allocation) if sparsity > 0 else torch.ones_like(score, dtype=torch.bool)
     if saliency_method == "hessian":
-        return compress_obs(w, hessian, mask, bits, group_size, init, damp)
+        return compress_obs(w, hessian, mask, bits, group_size, init, damp, quantize=quantize)
     return compress_rtn(w, mask, bits, group_size, init, hessian)
+
+
+def _compress_obs_masked(w, hessian, bits, g, sparsity, init, damp, mask_method, quantize):
+    n, k = w.shape
+    c = math.ceil(k / g)
+    if mask_method.startswith("adaptive"):
+        width = int(mask_method[len("adaptive"):] or 8) * g
+        mask = torch.ones(n, c, dtype=torch.bool, device=w.device)
+        return compress_obs(w, hessian, mask, bits, g, init, damp, blocksize=width, adaptive_sparsity=sparsity,
+                            quantize=quantize)
+    if mask_method.startswith("iter"):  # iterN: N rounds of prune part / exact re-solve / re-rank
+        steps = int(mask_method[len("iter"):] or 1)
+        wq, mask = iterative_group_prune(w, hessian, g, sparsity, steps, damp)
+        return compress_obs(wq, hessian, mask, bits, g, init, damp, quantize=quantize)
+    if mask_method.startswith("cg"):  # cgN: fixed mask, OBS sweep, then N conjugate-gradient steps of the re-fit
+        iters = int(mask_method[2:] or 20)
+        score = saliency(w, g, "hessian", hessian, damp)
+        mask = select_mask(score, sparsity, "row")
+        pruned = compress_obs(w, hessian, mask, bits, g, init, damp, quantize=False).weight
+        refit = refine_kept_cg(w, pruned, hessian, mask, g, iters, damp)
+        return compress_obs(refit, hessian, mask, bits, g, init, damp, quantize=quantize)
+    raise ValueError(f"unknown mask method '{mask_method}'")
+
+
+def refine_kept_cg(w: torch.Tensor, start: torch.Tensor, hessian: torch.Tensor, mask: torch.Tensor, g: int,
+                   iters: int = 20, damp: float = 0.01) -> torch.Tensor:
+    """Approach :func:`resolve_kept`'s least-squares kept weights from ``start`` (e.g. the OBS sweep's
+    pruned weights) by ``iters`` steps of Jacobi-preconditioned conjugate gradients on every row's
+    ``(x − w)ᵀ H (x − w)`` with the removed groups held at zero: one ``[N, K] × [K, K]`` product per
+    step instead of a factorization per row. The objective never increases."""
+    n, k = w.shape
+    H = _prepare_hessian(hessian, g, damp)
+    kp = H.shape[0]
+    pad = kp - k
+    W = torch.nn.functional.pad(w.float(), (0, pad))
+    X = torch.nn.functional.pad(start.float(), (0, pad))
+    dead = torch.nn.functional.pad(hessian.diagonal() <= 0, (0, pad), value=True)
+    W[:, dead] = 0
+    m = mask.repeat_interleave(g, dim=1).float() * (~dead).float()
+    X = X * m
+    pinv = 1.0 / H.diagonal()
+    r = -((X - W) @ H) * m  # minus the gradient (halved)
+    z = r * pinv
+    p = z.clone()
+    rz = (r * z).sum(1, keepdim=True)
+    for _ in range(iters):
+        hp = (p @ H) * m
+        php = (p * hp).sum(1, keepdim=True)
+        alpha = torch.where(php > 0, rz / php.clamp(min=1e-30), torch.zeros_like(php))
+        X = X + alpha * p
+        r = r - alpha * hp
+        z = r * pinv
+        rz_new = (r * z).sum(1, keepdim=True)
+        beta = torch.where(rz > 0, rz_new / rz.clamp(min=1e-30), torch.zeros_like(rz))
+        p = z + beta * p
+        rz = rz_new
+    return X[:, :k]
+
+
+def _kept_index(mask: torch.Tensor, g: int) -> torch.Tensor:
+    """Column indices ``[N, m·g]`` of the kept groups of every row (rows keep the same count)."""
+    n, c = mask.shape
+    gidx = mask.float().argsort(dim=1, descending=True, stable=True)[:, : int(mask[0].sum())]
+    gidx = gidx.sort(dim=1).values
+    return (gidx[..., None] * g + torch.arange(g, device=mask.device)).reshape(n, -1)
+
+
+def resolve_kept(w: torch.Tensor, h: torch.Tensor, mask: torch.Tensor, g: int, chunk: int = 256,
+                 with_saliency: bool = False):
+    """The least-squares optimal kept weights of every row: ``argmin (w − w')ᵀ H (w − w')`` with the
+    removed groups of ``w'`` at zero, i.e. ``w'_M = H_MM⁻¹ (H w)_M`` (all kept groups compensate, not
+    only those after the removed ones). ``w`` ``[N, Kp]``, ``h`` ``[Kp, Kp]`` (damped, padded),
+    ``mask`` ``[N, C]`` row-balanced. With ``with_saliency``, also each kept group's OBS error
+    ``w'_gᵀ [(H_MM)⁻¹]_gg⁻¹ w'_g`` (removed groups score 0)."""
+    n, kp = w.shape
+    c = mask.shape[1]
+    out = torch.zeros_like(w)
+    sal = torch.zeros(n, c, device=w.device)
+    hw = w @ h
+    for r0 in range(0, n, chunk):
+        r1 = min(n, r0 + chunk)
+        m = mask[r0:r1]
+        idx = _kept_index(m, g)  # [r, M]
+        a = h[idx[:, :, None], idx[:, None, :]]
+        b = hw[r0:r1].gather(1, idx)
+        chol = torch.linalg.cholesky(a)
+        x = torch.cholesky_solve(b[..., None], chol)[..., 0]
+        out[r0:r1].scatter_(1, idx, x)
+        if with_saliency:
+            ainv = torch.cholesky_inverse(chol)
+            mk = idx.shape[1] // g
+            blocks = ainv.reshape(-1, mk, g, mk, g).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)  # [r, mk, g, g]
+            xg = x.reshape(-1, mk, g)
+            s = torch.einsum("rkg,rkgh,rkh->rk", xg, torch.linalg.inv(blocks), xg)
+            gi = idx[:, ::g] // g
+            sal[r0:r1].scatter_(1, gi, s)
+    return out, sal
+
+
+def iterative_group_prune(w: torch.Tensor, hessian: torch.Tensor, g: int, sparsity: float, steps: int,
+                          damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group pruning in ``steps`` rounds, each removing an equal share of the target in every row by
+    the OBS group error of the weights as re-solved after the previous round (``resolve_kept``), then
+    re-solving the kept weights. Returns (the pruned, re-fitted weight ``[N, K]``, the kept mask ``[N, C]``)."""
+    n, k = w.shape
+    wg, _ = group_view(w.float(), g)
+    c = wg.shape[1]
+    W = wg.reshape(n, -1).clone()
+    H = _prepare_hessian(hessian, g, damp)
+    dead = hessian.diagonal()[:k] <= 0
+    W[:, :k][:, dead] = 0
+    target = min(c, max(1, round((1 - sparsity) * c)))
+    mask = torch.ones(n, c, dtype=torch.bool, device=w.device)
+    score = saliency(W[:, :k], g, "hessian", hessian, damp)
+    for step in range(1, steps + 1):
+        keep = round(c - (c - target) * step / steps)
+        score = torch.where(mask, score, torch.full_like(score, -1.0))
+        idx = score.topk(keep, dim=1).indices
+        mask = torch.zeros_like(mask).scatter_(1, idx, True)
+        W, score = resolve_kept(W, H, mask, g, with_saliency=step < steps)
+    return W[:, :k], mask

@@ -50,8 +50,9 @@ class Row:
 
 
 def default_rows() -> list[Row]:
-    """fp16; GQSA W4 S30/S50/S70 at G16 and G32; SparseGPT, Wanda and magnitude 2:4; GPTQ W2/W3/W4 g128;
-    RTN W4 g128 (magnitude 2:4 and GPTQ W4 are the sanity checks every correct implementation passes)."""
+    """fp16; GQSA W4 S30/S50/S70 at G16 and G32; SparseGPT, Wanda and magnitude 2:4; SparseGPT 4:8;
+    SparseGPT 2:4 and 4:8 with int4 values (g128); GQSA W3 S0 G128; GPTQ W2/W3/W4 g128; RTN W4 g128
+    (magnitude 2:4 and GPTQ W4 are the sanity checks every correct implementation passes)."""
     rows = [Row(REFERENCE, "fp16 (uncompressed)", [], "reference")]
     for g in (16, 32):
         for s in (30, 50, 70):
@@ -60,6 +61,14 @@ def default_rows() -> list[Row]:
                             "gqsa"))
     for m in ("sparsegpt", "wanda", "magnitude"):
         rows.append(Row(f"{m}-2of4", f"{_TITLE[m]} 2:4", ["--method", m, "--pattern", "2:4"], "pruning"))
+    rows.append(Row("sparsegpt-4of8", "SparseGPT 4:8", ["--method", "sparsegpt", "--pattern", "4:8"], "pruning"))
+    # the equal-size competitors of W4 S50: n:m pruning with int4 values (Sparse-Marlin's 2:4 + int4 format)
+    for nm in ("2:4", "4:8"):
+        rows.append(Row(f"sparsegpt-{nm.replace(':', 'of')}-w4g128", f"SparseGPT {nm} + W4 g128",
+                        ["--method", "sparsegpt", "--pattern", nm, "--prune-bits", "4", "--group-size", "128"],
+                        "pruning+quantization"))
+    rows.append(Row("gqsa-w3s0g128", "GQSA W3 S0% G128",
+                    ["--method", "gqsa", "--bits", "3", "--group-size", "128", "--sparsity", "0"], "gqsa"))
     for b in (2, 3, 4):
         rows.append(Row(f"gptq-w{b}g128", f"GPTQ W{b} g128",
                         ["--method", "gptq", "--bits", str(b), "--group-size", "128"], "quantization"))
@@ -83,6 +92,8 @@ def parse_row(spec: str) -> Row:
     args = shlex.split(rest)
     method = args[args.index("--method") + 1] if "--method" in args[:-1] else "gqsa"
     family = {"gqsa": "gqsa", "rtn": "quantization", "gptq": "quantization"}.get(method, "pruning")
+    if family == "pruning" and "--prune-bits" in args:
+        family = "pruning+quantization"
     return Row(name, auto_label(args) or name, args, family)
 
 
@@ -96,8 +107,9 @@ def auto_label(args: list[str]) -> str | None:
         return None
     defaults = build_parser().parse_args(["compress", "MODEL", "--calib", "C", "--out", "O"])
     if a.method == "gqsa":
-        label = f"GQSA W{a.bits} S{a.sparsity * 100:g}% G{a.group_size}"
-        for opt in ("stages", "saliency", "allocation", "quant_init", "nsamples", "preset"):
+        label = (f"GQSA W{a.bits} {a.target_bits:g} bits/w G{a.group_size}" if getattr(a, "target_bits", None)
+                 else f"GQSA W{a.bits} S{a.sparsity * 100:g}% G{a.group_size}")
+        for opt in ("stages", "saliency", "allocation", "mask", "quant_init", "nsamples", "preset"):
             if getattr(a, opt, None) != getattr(defaults, opt, None) and opt != "stages":
                 label += f" {opt.replace('_', '-')} {getattr(a, opt)}"
         if "--stages" in args:
@@ -105,9 +117,10 @@ def auto_label(args: list[str]) -> str | None:
         return label
     if a.method in ("rtn", "gptq"):
         return f"{_TITLE[a.method]} W{a.bits} g{a.group_size}" + (" act-order" if a.act_order else "")
+    quant = f" + W{a.prune_bits} g{a.group_size}" if getattr(a, "prune_bits", None) else ""
     if a.pattern == "unstructured":
-        return f"{_TITLE[a.method]} unstructured {a.sparsity * 100:g}%"
-    return f"{_TITLE[a.method]} {a.pattern}"
+        return f"{_TITLE[a.method]} unstructured {a.sparsity * 100:g}%{quant}"
+    return f"{_TITLE[a.method]} {a.pattern}{quant}"
 
 
 def _fingerprint(obj) -> str:
@@ -353,10 +366,12 @@ def markdown(report: dict) -> str:
         "- bits/weight: storage of the compressed linears per original weight (packed GQSA format: codes, "
         "scales, zeros, indices; sparse fp16 baselines: values + index metadata); size: the whole model with "
         "everything else in fp16",
+        "- front: ★ marks the rows on the Pareto front of perplexity against bits/weight",
         "",
-        "| setting | stage | bits/weight | size (MB) | perplexity | × fp | KL | top-1 agree | zero-shot avg |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| setting | stage | bits/weight | size (MB) | perplexity | × fp | KL | top-1 agree | zero-shot avg | front |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|:---:|",
     ]
+    front = pareto_front(rows)
     for r in rows:
         ppl = r["ppl"]["ppl"]
         fid = r.get("fidelity", {})
@@ -365,7 +380,8 @@ def markdown(report: dict) -> str:
             f"| {r['label']} | {r.get('stage') or '–'} | {_fmt(r.get('bits_per_weight'), '.2f')} | "
             f"{_fmt(r['model_bytes'] / 1e6 if r.get('model_bytes') else None, '.1f')} | {ppl:.2f} | "
             f"{_fmt(ppl / ref_ppl if ref_ppl else None, '.3f')} | {_fmt(fid.get('kl'), '.4f')} | "
-            f"{_fmt(fid.get('top1_agreement'), '.3f')} | {_fmt(z.get('avg_acc'), '.3f')} |")
+            f"{_fmt(fid.get('top1_agreement'), '.3f')} | {_fmt(z.get('avg_acc'), '.3f')} | "
+            f"{'★' if r['name'] in front else ''} |")
     tasks = list(next((r["zeroshot"]["tasks"] for r in rows if r.get("zeroshot")), {}))
     if tasks:
         lines += ["", "Zero-shot accuracy per task (acc; LAMBADA: last-word accuracy and its perplexity):", "",
@@ -383,7 +399,8 @@ def markdown(report: dict) -> str:
 def headline(rows: list[dict]) -> list[str]:
     """Every GQSA W4 S50% G16 row (one-shot and trained) against 2:4 pruning and 2/3-bit GPTQ, in words."""
     ours = [r for r in rows if r["name"].startswith("gqsa-w4s50g16")]
-    others = [r for r in rows if r["name"] in ("sparsegpt-2of4", "wanda-2of4", "magnitude-2of4")
+    others = [r for r in rows if r["name"] in ("sparsegpt-2of4", "wanda-2of4", "magnitude-2of4",
+                                                "sparsegpt-2of4-w4g128", "sparsegpt-4of8-w4g128")
               or r["name"].startswith(("gptq-w2", "gptq-w3"))]
     out = []
     for g in ours:
@@ -396,6 +413,14 @@ def headline(rows: list[dict]) -> list[str]:
     return out
 
 
+def pareto_front(rows: list[dict]) -> set[str]:
+    """Names of the rows no other row dominates (as small or smaller bits/weight and lower perplexity,
+    or smaller bits/weight and the same perplexity)."""
+    pts = [(r["name"], r.get("bits_per_weight"), r["ppl"]["ppl"]) for r in rows if r.get("bits_per_weight") is not None]
+    return {n for n, b, p in pts
+            if not any((b2 <= b and p2 < p) or (b2 < b and p2 <= p) for _, b2, p2 in pts)}
+
+
 def plot(report: dict, path) -> bool:
     """Perplexity (log scale) against bits per weight; False when matplotlib is not installed."""
     try:
@@ -406,7 +431,7 @@ def plot(report: dict, path) -> bool:
     except ImportError:
         return False
     styles = {"reference": ("k", "*"), "gqsa": ("tab:blue", "o"), "pruning": ("tab:red", "s"),
-              "quantization": ("tab:green", "^")}
+              "quantization": ("tab:green", "^"), "pruning+quantization": ("tab:purple", "v")}
     fig, ax = plt.subplots(figsize=(7, 4.4), dpi=100)
     seen, placed = set(), []
     for r in report["rows"]:
@@ -425,6 +450,21 @@ def plot(report: dict, path) -> bool:
         placed.append((x, y))
         ax.annotate(r["label"].replace(" (uncompressed)", ""), (x, y), fontsize=7, xytext=(4, 3 - 9 * clash),
                     textcoords="offset points")
+    # one line per family (by bits/weight), the Pareto front as a dashed line through ringed points
+    lines: dict[tuple, list] = {}
+    for r in report["rows"]:
+        if r.get("bits_per_weight") is not None and r["family"] != "reference":
+            trained = r["family"] == "gqsa" and r.get("stage") not in (None, "oneshot")
+            lines.setdefault((r["family"], trained), []).append((r["bits_per_weight"], r["ppl"]["ppl"]))
+    for (family, _), pts in lines.items():
+        if len(pts) > 1:
+            pts.sort()
+            ax.plot(*zip(*pts), color=styles.get(family, ("tab:gray", "x"))[0], lw=0.8, alpha=0.6, zorder=2)
+    front = pareto_front(report["rows"])
+    fpts = sorted((r["bits_per_weight"], r["ppl"]["ppl"]) for r in report["rows"] if r["name"] in front)
+    if fpts:
+        ax.plot(*zip(*fpts), color="k", lw=1.0, ls=":", zorder=2, label="Pareto front")
+        ax.scatter(*zip(*fpts), s=120, facecolors="none", edgecolors="k", lw=0.8, zorder=4)
     ref = next((r for r in report["rows"] if r["family"] == "reference"), None)
     if ref:
         ax.axhline(ref["ppl"]["ppl"], color="k", lw=0.6, ls="--", zorder=1)

@@ -243,3 +243,21 @@ def test_padding_when_k_is_not_a_multiple_of_g(output_error):
         assert output_error(w, cw.weight, x) < output_error(w, rtn_layer(w, 4, 16).weight, x)
     wp, keep = sparsegpt_layer(w, h, pattern=(2, 4))
     assert keep.reshape(8, 10, 4).sum(-1).eq(2).all()
+
+
+def test_sparsegpt_two_four_int4_is_on_the_grid_and_beats_prune_then_round(layer_problem, output_error):
+    from gqsa import quant
+    from gqsa.baselines import sparsegpt_layer
+
+    w, x, h = layer_problem
+    wq, keep = sparsegpt_layer(w, h, pattern=(2, 4), bits=4, group_size=16)
+    assert bool((keep.reshape(32, -1, 4).sum(-1) == 2).all()) and bool((wq[~keep] == 0).all())
+    groups = wq.reshape(32, -1, 16)
+    assert max(len(torch.unique(gv)) for gv in groups.reshape(-1, 16)) <= 16 + 1  # 16 levels and the pruned zeros
+    # joint: every rounding error is compensated; better than SparseGPT 2:4 followed by round-to-nearest
+    wp, keep_p = sparsegpt_layer(w, h, pattern=(2, 4))
+    pg = wp.reshape(32, -1, 16)
+    s, z = quant.init_params(pg, 4, "minmax")
+    rounded = (quant.dequantize(quant.quantize(pg, s, z, 4), s, z).reshape(32, -1)) * keep_p
+    fp = output_error(w, wp, x)
+    assert fp < output_error(w, wq, x) < output_error(w, rounded, x)

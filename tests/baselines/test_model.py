@@ -114,3 +114,43 @@ def test_cli_writes_folders_that_load_and_evaluate(stories260k, calib_text, tmp_
 def test_eval_needs_something_to_do(stories260k, capsys):
     assert cli.main(["eval", str(stories260k[0])]) == 2
     assert "nothing to evaluate" in capsys.readouterr().err
+
+
+def test_two_four_int4_folder_loads_and_its_bits_per_weight_come_from_what_is_stored(stories260k, calib_text, tmp_path):
+    from gqsa.baselines.runner import sparse_bits_per_weight
+    from gqsa.models import load_model
+
+    model_path, _ = map(str, stories260k)
+    out = tmp_path / "sparsegpt-2of4-w4g32"
+    assert cli.main(["compress", model_path, "--method", "sparsegpt", "--pattern", "2:4", "--prune-bits", "4",
+                     "--group-size", "32", "--calib", str(calib_text), "--nsamples", "4", "--seqlen", "64",
+                     "--out", str(out), "--device", "cpu"]) == 0
+    rep = json.loads((out / "gqsa_report.json").read_text())
+    assert rep["setting"] == "sparsegpt 2:4 + W4 g32" and rep["format"] == "dense-with-zeros"
+    model, _ = load_model(out)
+    bits = weights = 0
+    for layer in model.model.layers:
+        for lin in (*[getattr(layer.self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")],
+                    *[getattr(layer.mlp, n) for n in ("gate_proj", "up_proj", "down_proj")]):
+            w = lin.weight.float()
+            rows, k = w.shape
+            assert bool(((w != 0).reshape(rows, -1, 4).sum(-1) <= 2).all())
+            c = -(-k // 32)
+            wg = torch.nn.functional.pad(w, (0, c * 32 - k)).reshape(rows, c, 32)
+            assert max(len(torch.unique(g)) for g in wg.reshape(-1, 32)) <= 16 + 1  # 4-bit levels + zeros
+            # what is stored: n of every m values as 4-bit codes + 2-bit indices, scale/zero per group
+            layer_bits = 4 * (rows * k // 2) + 2 * (rows * k // 2) + (16 + 8) * rows * c
+            assert layer_bits / (rows * k) == pytest.approx(sparse_bits_per_weight(rows * k // 2, rows, k, (2, 4), 4, 32))
+            bits += layer_bits
+            weights += rows * k
+    assert rep["totals"]["compressed_weights"] == weights
+    assert rep["totals"]["bits_per_weight"] == pytest.approx(bits / weights, abs=1e-3)
+    assert 3.0 < rep["totals"]["bits_per_weight"] < 4.0
+
+
+def test_prune_bits_is_for_sparsegpt_only():
+    with pytest.raises(ValueError, match="sparsegpt only"):
+        BaselineConfig("wanda", prune_bits=4)
+    with pytest.raises(ValueError, match="whole 3:5 blocks"):
+        BaselineConfig("sparsegpt", pattern="3:5", prune_bits=4, group_size=16)
+    assert BaselineConfig("sparsegpt", pattern="4:8", prune_bits=4, group_size=16).setting() == "sparsegpt 4:8 + W4 g16"

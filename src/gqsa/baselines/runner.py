@@ -50,6 +50,10 @@ class BaselineConfig:
     damp: Hessian dampening λ as a fraction of the mean diagonal (gptq, sparsegpt).
     blocksize: lazy-update block width (gptq, sparsegpt; also SparseGPT's mask-selection block).
     skip: module-name suffixes left dense.
+    prune_bits: sparsegpt only: also quantize the kept values to this many bits in the same sweep
+        (groups of ``group_size`` inputs, ``quant_init``), e.g. 2:4 + int4; stored dense with zeros,
+        bits per weight those of the packed n:m format (values, index metadata, fp16 scale and 8-bit
+        zero point per group).
     """
 
     method: str
@@ -62,6 +66,7 @@ class BaselineConfig:
     damp: float = 0.01
     blocksize: int = 128
     skip: list[str] = field(default_factory=list)
+    prune_bits: int | None = None
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -75,6 +80,13 @@ class BaselineConfig:
             nm = masks.parse_pattern(self.pattern)
             if nm is None and not 0.0 < self.sparsity < 1.0:
                 raise ValueError(f"unstructured sparsity must be in (0, 1), got {self.sparsity}")
+            if self.prune_bits is not None:
+                if self.method != "sparsegpt":
+                    raise ValueError(f"--prune-bits quantizes the kept weights of sparsegpt only, not {self.method}")
+                quant.check_bits(self.prune_bits)
+                quant.check_group_size(self.group_size)
+                if nm is not None and self.group_size % nm[1]:
+                    raise ValueError(f"group size {self.group_size} does not hold whole {self.pattern} blocks")
         if not 0.0 < self.damp < 1.0:
             raise ValueError(f"damp must be in (0, 1), got {self.damp}")
         if self.blocksize <= 0:
@@ -94,7 +106,8 @@ class BaselineConfig:
         if self.packed:
             return f"{self.method} W{self.bits} g{self.group_size}" + (" act-order" if self.act_order else "")
         nm = masks.parse_pattern(self.pattern)
-        return f"{self.method} {self.pattern}" if nm else f"{self.method} unstructured {self.sparsity:.0%}"
+        name = f"{self.method} {self.pattern}" if nm else f"{self.method} unstructured {self.sparsity:.0%}"
+        return name + (f" + W{self.prune_bits} g{self.group_size}" if self.prune_bits else "")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -119,8 +132,22 @@ def compress_layer(w: torch.Tensor, config: BaselineConfig, hessian: torch.Tenso
     if m == "wanda":
         return wanda_layer(w, hessian, config.sparsity, nm)
     if m == "sparsegpt":
-        return sparsegpt_layer(w, hessian, config.sparsity, nm, config.damp, config.blocksize)
+        return sparsegpt_layer(w, hessian, config.sparsity, nm, config.damp, config.blocksize,
+                               bits=config.prune_bits, group_size=config.group_size, init=config.quant_init)
     return magnitude_layer(w, config.sparsity, nm)
+
+
+def sparse_bits_per_weight(kept: int, rows: int, k: int, pattern: tuple[int, int] | None, bits: int | None = None,
+                           group_size: int = 128) -> float:
+    """Storage bits per original weight of a pruned layer ``[rows, k]`` keeping ``kept`` values: the
+    values (fp16, or ``bits``-bit codes plus an fp16 scale and an 8-bit zero point per group of
+    ``group_size`` inputs of a row, as the packed GQSA format stores them) and the index metadata
+    (``n:m``: ⌈log2 m⌉ bits per kept value; unstructured: a 1-bit bitmap)."""
+    weights = rows * k
+    if bits is None:
+        return 16 * kept / weights + masks.metadata_bits(pattern)
+    groups = rows * -(-k // group_size)
+    return (bits * kept + (16 + 8) * groups) / weights + masks.metadata_bits(pattern)
 
 
 @torch.no_grad()
@@ -172,7 +199,8 @@ def compress_model_baseline(model, config: BaselineConfig, tokens: torch.Tensor 
                     weight, keep = out
                     lin.weight.copy_(weight.half().to(lin.weight.dtype))  # fp16 values, exact zeros
                     kept = int(keep.sum())
-                    bpw = 16 * kept / (rows * k) + masks.metadata_bits(masks.parse_pattern(config.pattern))
+                    bpw = sparse_bits_per_weight(kept, rows, k, masks.parse_pattern(config.pattern),
+                                                 config.prune_bits, config.group_size)
                 layers.append({"name": name, "shape": [rows, k], "kept": kept,
                                "sparsity": round(1 - kept / (rows * k), 4), "bits_per_weight": round(bpw, 4)})
         if batches is not None:
@@ -223,7 +251,8 @@ def config_from_args(args) -> BaselineConfig:
                           act_order=getattr(args, "act_order", False),
                           quant_init="mse" if getattr(args, "clip_search", False) else "minmax",
                           pattern=getattr(args, "pattern", "2:4"), sparsity=args.sparsity, damp=args.damp,
-                          blocksize=getattr(args, "blocksize", 128), skip=list(args.skip or []))
+                          blocksize=getattr(args, "blocksize", 128), skip=list(args.skip or []),
+                          prune_bits=getattr(args, "prune_bits", None))
 
 
 def cli_compress(args, model, tok, tokens, device) -> int:

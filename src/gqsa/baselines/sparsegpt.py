@@ -4,23 +4,29 @@ compensated on the columns not yet processed through the Cholesky factor of ``H�
 (the OBS update restricted to the remaining columns), with lazy block updates. The mask is chosen
 adaptively from the compensated weights with the OBS score ``w² / [H⁻¹]²_jj``: per block of
 ``blocksize`` columns for unstructured sparsity (over the whole layer's rows in that block), and per
-``m`` columns for ``n:m``. Kept values stay full precision (rounded to fp16 by the caller).
+``m`` columns for ``n:m``. Kept values stay full precision (rounded to fp16 by the caller), or with
+``bits`` are quantized in the same sweep (the paper's joint sparsification + quantization, §3.5: the
+2:4 + int4 format that Sparse-Marlin serves): one scale and integer zero point per ``group_size``
+consecutive inputs of a row, set from the compensated weights when the sweep reaches the group
+(as the reference code does), each column's pruning or rounding error compensated alike.
 """
 from __future__ import annotations
 
 import torch
 
-from .. import prune
+from .. import prune, quant
 
 
 def sparsegpt_layer(w: torch.Tensor, hessian: torch.Tensor, sparsity: float = 0.5,
                     pattern: tuple[int, int] | None = (2, 4), damp: float = 0.01, blocksize: int = 128,
-                    mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    mask: torch.Tensor | None = None, bits: int | None = None, group_size: int = 128,
+                    init: str = "minmax") -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``(pruned weight [N, K] float32 with exact zeros, kept mask [N, K] bool)``.
 
     ``pattern=(n, m)`` keeps ``n`` of every ``m`` consecutive weights of a row; ``None`` removes a
     ``sparsity`` fraction, chosen per ``blocksize`` columns. ``mask`` (kept = True) fixes the mask
-    instead (then only the compensation runs).
+    instead (then only the compensation runs). ``bits``: also quantize the kept weights (groups of
+    ``group_size`` inputs; ``init`` = ``minmax`` or ``mse``); the returned weight is then dequantized.
     """
     n_rows, k = w.shape
     W = w.float().clone()
@@ -35,6 +41,12 @@ def sparsegpt_layer(w: torch.Tensor, hessian: torch.Tensor, sparsity: float = 0.
         bs = max(m, blocksize // m * m)  # n:m blocks never straddle two lazy blocks
     else:
         bs = blocksize
+    if bits is not None:
+        quant.check_bits(bits)
+        if pattern is not None and group_size % pattern[1]:
+            raise ValueError(f"quantization groups of {group_size} do not hold whole {pattern[0]}:{pattern[1]} blocks")
+        bs = max(group_size, bs // group_size * group_size)  # groups never straddle two lazy blocks
+        scale = zero = None
     keep = torch.ones(n_rows, k, dtype=torch.bool, device=w.device)
     for i1 in range(0, k, bs):
         i2 = min(i1 + bs, k)
@@ -61,7 +73,13 @@ def sparsegpt_layer(w: torch.Tensor, hessian: torch.Tensor, sparsity: float = 0.
                 if n_drop:
                     prune1[:, i:j].scatter_(1, score.topk(n_drop, dim=1, largest=False).indices, True)
             col = w1[:, i]
-            q = torch.where(prune1[:, i], torch.zeros_like(col), col)
+            if bits is not None:
+                if (i1 + i) % group_size == 0:
+                    scale, zero = quant.init_params(w1[:, i:i + group_size], bits, init)
+                kept = quant.dequantize(quant.quantize(col[:, None], scale, zero, bits), scale, zero)[:, 0]
+            else:
+                kept = col
+            q = torch.where(prune1[:, i], torch.zeros_like(col), kept)
             q1[:, i] = q
             e = (col - q) / h1[i, i]
             w1[:, i:] -= e[:, None] * h1[i, i:][None, :]

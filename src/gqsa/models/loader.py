@@ -51,6 +51,10 @@ def load_tokenizer(source: str | Path) -> PreTrainedTokenizerBase:
     """Load a tokenizer from a llama2.c ``.bin``, a SentencePiece ``.model``, a folder or a hub id."""
     path = Path(source).expanduser()
     if path.is_file():
+        if path.suffix == ".gguf":
+            from .gguf import load_gguf_tokenizer
+
+            return load_gguf_tokenizer(path)
         if path.suffix in (".bin", ".model"):
             return load_llama2c_tokenizer(path)
         raise ValueError(
@@ -76,7 +80,12 @@ def _first_line(e: BaseException) -> str:
 
 
 def _tokenizer_beside(path: Path, vocab_size: int) -> PreTrainedTokenizerBase:
-    """The tokenizer next to a llama2.c checkpoint whose vocabulary size is ``vocab_size``."""
+    """The tokenizer next to a llama2.c checkpoint whose vocabulary size is ``vocab_size`` (a GGUF
+    file's own tokenizer)."""
+    if path.suffix == ".gguf":
+        from .gguf import load_gguf_tokenizer
+
+        return load_gguf_tokenizer(path)
     candidates = [p for p in sorted(path.parent.glob("tok*.bin")) if p != path]
     candidates += [p for p in [path.parent / "tokenizer.model"] if p.is_file()]
     if not candidates:
@@ -97,11 +106,15 @@ def _tokenizer_beside(path: Path, vocab_size: int) -> PreTrainedTokenizerBase:
 
 
 def _load_model_file(path: Path, dtype: torch.dtype | str) -> PreTrainedModel:
-    """A model from a single file: only llama2.c checkpoints are single-file models."""
-    if path.suffix in (".safetensors", ".pt", ".pth", ".ckpt", ".gguf") or path.name == "config.json":
+    """A model from a single file: a GGUF file or a llama2.c checkpoint."""
+    if path.suffix == ".gguf":
+        from .gguf import load_gguf_model
+
+        return load_gguf_model(path, dtype)
+    if path.suffix in (".safetensors", ".pt", ".pth", ".ckpt") or path.name == "config.json":
         raise ValueError(
             f"{path}: a single {path.suffix or path.name} file is not a loadable model: "
-            "pass the folder that holds config.json and the weights, or a llama2.c .bin checkpoint"
+            "pass the folder that holds config.json and the weights, a .gguf file or a llama2.c .bin checkpoint"
         )
     if path.suffix != ".bin":
         try:
