@@ -26,7 +26,10 @@ def folder(tmp_path_factory, stories260k, asset):
     try:
         model, tok = load_model(*stories260k)
         tokens = calib.calibration_tokens(str(asset("data/wikitext2/wiki.valid.tokens")), tok, 8, 64, 0)
-        gqsa.compress(model, GQSAConfig(stages="oneshot"), tokens, device="cpu", progress=False)
+        # mask="fixed": with it this (broken, 50%-sparse, 512-token-calibrated) model's greedy continuation of
+        # "Once upon a time" starts with a space-led word, which the first test needs; with the default
+        # least-squares refit it continues "iiii…" and the leading space would go untested
+        gqsa.compress(model, GQSAConfig(stages="oneshot", mask="fixed"), tokens, device="cpu", progress=False)
         return gqsa.save(model, tmp_path_factory.mktemp("serve") / "s260k", tok)
     finally:
         torch.set_num_threads(threads)

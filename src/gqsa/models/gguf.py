@@ -57,7 +57,8 @@ def load_gguf_model(path: str | Path, dtype: torch.dtype | str = torch.float32):
     _check(path)
     dtype = torch.float32 if dtype == "auto" else dtype
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype,
+                                                     trust_remote_code=False)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise ValueError(f"{path}: could not load the GGUF model ({_first_line(e)})") from e
     # what transformers attaches for GGUF is not a quantization of the model as loaded (it is dense float)
@@ -84,7 +85,7 @@ def load_gguf_tokenizer(path: str | Path):
     path = Path(path).expanduser()
     _check(path)
     try:
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise ValueError(f"{path}: could not read the tokenizer of the GGUF file ({_first_line(e)})") from e
 
