@@ -17,6 +17,17 @@ def assets() -> Path:
     return ASSETS
 
 
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread for the test (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def asset(assets: Path):
     """``asset("models/stories260K/tok512.bin")`` -> its path; skips the test when it is missing."""

@@ -12,12 +12,7 @@ from gqsa.format import pack
 from gqsa.pipeline import compress_model
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small models: one thread is fastest on a busy machine
 
 
 def test_packed_bits_is_what_pack_stores():

@@ -8,12 +8,7 @@ from gqsa import GQSAConfig, GQSALinear
 from gqsa.pipeline import compress_model, split_calibration
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small models: one thread is fastest on a busy machine
 
 
 def tokens(n=10, t=32):

@@ -4,18 +4,12 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from gqsa import cli
 from gqsa import report_matrix as rm
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small models: one thread is fastest on a busy machine
 
 
 def test_default_matrix():

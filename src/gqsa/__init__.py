@@ -14,12 +14,16 @@ Public API::
 from __future__ import annotations
 
 import sys as _sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .config import GQSAConfig
 
 
 # Imported on first use (PEP 562), so that `gqsa --help` and `gqsa --version` do not load torch.
 _LAZY = {"load": ".checkpoint", "GQSAConfig": ".config", "FormatError": ".format",
          "PackedLinear": ".format", "GQSALinear": ".nn"}
-_SUBMODULES = ("baselines", "calib", "checkpoint", "cli", "config", "distributed", "engine", "eval", "format",
+_SUBMODULES = ("allocation", "baselines", "calib", "checkpoint", "cli", "config", "distributed", "engine", "eval", "format",
                "integrations", "kernels", "models", "nn", "pipeline", "prune", "quant", "report", "report_matrix",
                "runtime", "stages")
 

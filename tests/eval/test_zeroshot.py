@@ -21,12 +21,7 @@ class CharTokenizer:
         return Out
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small models: one thread is fastest on a busy machine
 
 
 def _manual(model, tok, ctx, cont):
