@@ -94,8 +94,6 @@ def compress(model, config: GQSAConfig, calib_tokens, device=None, batch_size: i
     """
     import time
 
-    import torch
-
     from . import report
     from .pipeline import compress_model
 
@@ -103,17 +101,9 @@ def compress(model, config: GQSAConfig, calib_tokens, device=None, batch_size: i
     stats = {} if stats is None else stats
     packed = compress_model(model, config, calib_tokens, device=device, batch_size=batch_size, progress=progress,
                             workdir=workdir, resume=resume, stats=stats, log=log)
-    n, t = (int(v) for v in calib_tokens.shape)
-    dense = sum(p.numel() for p in model.parameters()) - sum(
-        m.bias.numel() for m in model.modules() if hasattr(m, "packed") and m.bias is not None)
-    model.gqsa_report = {
-        "method": "gqsa", "stage": config.stages, "config": config.to_dict(), "api": "gqsa.compress",
-        "torch_threads": torch.get_num_threads(), "stages": stats,
-        "calibration": {"nsamples": n, "seqlen": t, "batch_size": batch_size, **stats.get("calibration_split", {})},
-        "device": str(device or next(model.parameters()).device), "seconds": round(time.time() - t0, 1),
-        "environment": report.environment(), "layers": report.layer_rows(packed),
-        "totals": report.totals(packed, dense), "evaluations": [],
-    }
+    model.gqsa_report = {**report.compression_report(model, config, packed, stats, calib_tokens, batch_size,
+                                                     device or next(model.parameters()).device,
+                                                     time.time() - t0), "api": "gqsa.compress"}
     return model
 
 

@@ -482,6 +482,7 @@ def cmd_compress(args) -> int:
     from . import calib, distributed
     from .config import GQSAConfig
     from .models import load_model
+    from .models.loader import stored_dtype
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:
@@ -494,7 +495,7 @@ def cmd_compress(args) -> int:
     t0 = time.time()
     torch.manual_seed(args.seed)
     model, tok = load_model(args.model, args.tokenizer, dtype=getattr(torch, args.dtype))
-    source_dtype = _source_dtype(model)
+    source_dtype = stored_dtype(model)
     seqlen = min(args.seqlen, getattr(model.config, "max_position_embeddings", args.seqlen) or args.seqlen)
     if args.calib == calib.SELF:
         print(f"sampling {args.nsamples} calibration windows of {seqlen} tokens from the model itself",
@@ -534,23 +535,16 @@ def _compress_and_save(args, config, model, tok, tokens, seqlen, source_dtype, d
         return 0
     dense_dtype = source_dtype if args.dense_dtype == "auto" else getattr(torch, args.dense_dtype)
     model.to(dense_dtype)
-    dense_params = sum(p.numel() for p in model.parameters() if p.requires_grad or p.dim() > 0) - sum(
-        m.bias.numel() for m in model.modules() if hasattr(m, "packed") and m.bias is not None)
-    rep = {
-        "method": "gqsa", "stage": config.stages, "preset": args.preset, "config": config.to_dict(),
-        "torch_threads": torch.get_num_threads(), "stages": stats,
+    rep = report.compression_report(model, config, packed, stats, tokens, args.batch_size, device, time.time() - t0)
+    rep["calibration"].update(source=str(args.calib), seed=args.seed)
+    rep.update({
+        "preset": args.preset,
         "resumed": bool(args.resume and any(b.get("resumed") for b in stats.get("bqpo", []))),
         "model": str(args.model), "tokenizer": str(args.tokenizer) if args.tokenizer else None,
-        "calibration": {"source": str(args.calib), "nsamples": args.nsamples, "seqlen": seqlen, "seed": args.seed,
-                        "batch_size": args.batch_size, **stats.get("calibration_split", {})},
-        "device": str(device), "world_size": distributed.world_size(),
+        "world_size": distributed.world_size(),
         **({"simulated_ranks": distributed.simulated_ranks()} if distributed.simulated_ranks() > 1 else {}),
-        "compute_dtype": args.dtype,
-        "dense_dtype": str(dense_dtype),
-        "seconds": round(time.time() - t0, 1), "environment": report.environment(),
-        "layers": report.layer_rows(packed), "evaluations": [],
-    }
-    rep["totals"] = report.totals(packed, dense_params)
+        "compute_dtype": args.dtype, "dense_dtype": str(dense_dtype),
+    })
     checkpoint.save(model, out, tok, rep, overwrite=args.overwrite,
                     extra_quant_config={"sparsity": config.sparsity})
     if config.trained:
@@ -582,48 +576,6 @@ def _gqsa_config(args, GQSAConfig):
     return GQSAConfig.preset(args.preset, bits=args.bits, group_size=args.group_size, sparsity=args.sparsity,
                              saliency=args.saliency, allocation=args.allocation, quant_init=args.quant_init,
                              damp=args.damp, skip=args.skip, seed=args.seed, stages=args.stages, **given)
-
-
-def _source_dtype(model):
-    """The dtype the source checkpoint stores its weights in: its config.json's ``dtype`` / ``torch_dtype``
-    (the loaded model's config says what it was loaded in, not that), else the dtype of most floating
-    tensors in its safetensors headers, else float32 (llama2.c files)."""
-    import torch
-
-    stored = (torch.float32, torch.float16, torch.bfloat16)
-    name = str(getattr(model.config, "name_or_path", "") or "")
-    raw = None
-    try:
-        if name and Path(name).is_dir():
-            raw = json.loads((Path(name) / "config.json").read_text())
-        elif name:
-            from transformers import AutoConfig
-
-            raw = AutoConfig.from_pretrained(name, trust_remote_code=False).to_dict()
-    except Exception:  # noqa: BLE001  (only a default is lost: the model itself loaded)
-        raw = None
-    d = (raw or {}).get("dtype") or (raw or {}).get("torch_dtype")
-    d = getattr(torch, d.removeprefix("torch."), None) if isinstance(d, str) else d
-    if d in stored:
-        return d
-    if name and Path(name).is_dir():
-        from collections import Counter
-
-        from safetensors import safe_open
-
-        counts = Counter()
-        for f in Path(name).glob("*.safetensors"):
-            try:
-                with safe_open(str(f), framework="pt") as h:
-                    for k in h.keys():
-                        counts[h.get_slice(k).get_dtype()] += 1
-            except Exception:  # noqa: BLE001
-                continue
-        names = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-        found = [(n, names[k]) for k, n in counts.items() if k in names]
-        if found:
-            return max(found, key=lambda x: x[0])[1]
-    return torch.float32
 
 
 def cmd_eval(args) -> int:

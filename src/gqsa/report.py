@@ -28,6 +28,23 @@ def environment() -> dict:
     return env
 
 
+def compression_report(model, config, packed: dict[str, PackedLinear], stats: dict, tokens: torch.Tensor,
+                       batch_size: int, device, seconds: float) -> dict:
+    """The part of ``gqsa_report.json`` that every GQSA compression has (``gqsa.compress`` and ``gqsa
+    compress``; the command adds what it knows of its sources): settings, calibration shape, stage
+    statistics, time, environment and storage of ``model`` after compression."""
+    dense = sum(p.numel() for p in model.parameters()) - sum(
+        m.bias.numel() for m in model.modules() if hasattr(m, "packed") and m.bias is not None)
+    return {
+        "method": "gqsa", "stage": config.stages, "config": config.to_dict(),
+        "torch_threads": torch.get_num_threads(), "stages": stats,
+        "calibration": {"nsamples": int(tokens.shape[0]), "seqlen": int(tokens.shape[1]), "batch_size": batch_size,
+                        **stats.get("calibration_split", {})},
+        "device": str(device), "seconds": round(seconds, 1), "environment": environment(),
+        "layers": layer_rows(packed), "totals": totals(packed, dense), "evaluations": [],
+    }
+
+
 def layer_rows(packed: dict[str, PackedLinear]) -> list[dict]:
     rows = []
     for name, p in packed.items():

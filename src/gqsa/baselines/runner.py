@@ -258,11 +258,11 @@ def config_from_args(args) -> BaselineConfig:
 def cli_compress(args, model, tok, tokens, device) -> int:
     """``gqsa compress --method rtn|gptq|wanda|sparsegpt|magnitude``: compress, write ``args.out``."""
     from .. import checkpoint, report
-    from ..cli import _source_dtype
+    from ..models.loader import stored_dtype
 
     t0 = time.time()
     config = config_from_args(args)
-    source_dtype = _source_dtype(model)
+    source_dtype = stored_dtype(model)
     result = compress_model_baseline(model, config, tokens, device=device, batch_size=args.batch_size)
     dense_dtype = source_dtype if args.dense_dtype == "auto" else getattr(torch, args.dense_dtype)
     model.to(dense_dtype)

@@ -13,6 +13,7 @@ naming the path and what to do.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -232,3 +233,44 @@ def load_model(
             eos = eos[0] if eos else None
         gen.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else eos
     return model, tok
+
+
+def stored_dtype(model) -> torch.dtype:
+    """The dtype the source checkpoint of a loaded ``model`` stores its weights in (the dense tensors of a
+    compressed folder keep it): its config.json's ``dtype`` / ``torch_dtype`` (the loaded model's config
+    says what it was loaded in, not that), else the dtype of most floating tensors in its safetensors
+    headers, else float32 (llama2.c and GGUF files)."""
+    stored = (torch.float32, torch.float16, torch.bfloat16)
+    name = str(getattr(model.config, "name_or_path", "") or "")
+    raw = None
+    try:
+        if name and Path(name).is_dir():
+            raw = json.loads((Path(name) / "config.json").read_text())
+        elif name:
+            from transformers import AutoConfig
+
+            raw = AutoConfig.from_pretrained(name, trust_remote_code=False).to_dict()
+    except Exception:  # noqa: BLE001  (only a default is lost: the model itself loaded)
+        raw = None
+    d = (raw or {}).get("dtype") or (raw or {}).get("torch_dtype")
+    d = getattr(torch, d.removeprefix("torch."), None) if isinstance(d, str) else d
+    if d in stored:
+        return d
+    if name and Path(name).is_dir():
+        from collections import Counter
+
+        from safetensors import safe_open
+
+        counts = Counter()
+        for f in Path(name).glob("*.safetensors"):
+            try:
+                with safe_open(str(f), framework="pt") as h:
+                    for k in h.keys():
+                        counts[h.get_slice(k).get_dtype()] += 1
+            except Exception:  # noqa: BLE001
+                continue
+        names = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+        found = [(n, names[k]) for k, n in counts.items() if k in names]
+        if found:
+            return max(found, key=lambda x: x[0])[1]
+    return torch.float32
