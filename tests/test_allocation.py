@@ -101,3 +101,7 @@ def test_bad_mask_and_target_are_refused():
             GQSAConfig(**bad)
     GQSAConfig(mask="iter3")
     GQSAConfig(mask="adaptive16")
+    GQSAConfig(mask="cg20", allocation="layer")
+    for mask in ("iter2", "adaptive"):  # row-balanced by construction
+        with pytest.raises(ValueError, match="allocation 'row'"):
+            GQSAConfig(mask=mask, allocation="layer")

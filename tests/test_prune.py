@@ -130,6 +130,20 @@ def test_mask_methods_are_row_balanced_and_beat_the_fixed_mask(method):
     assert err(cw) < err(fixed)
 
 
+def test_refit_keeps_the_layer_allocation_and_row_balanced_methods_refuse_it():
+    k, g, n = 128, 16, 24
+    _, h = correlated_inputs(k)
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(3))
+    w[:4] *= 8  # rows of larger weights: the layer-wide ranking keeps more of their groups
+    fixed = prune.compress_weight(w, 4, g, 0.5, "hessian", "layer", hessian=h, mask_method="fixed")
+    cw = prune.compress_weight(w, 4, g, 0.5, "hessian", "layer", hessian=h, mask_method="cg10")
+    assert torch.equal(cw.mask, fixed.mask)  # the same layer-wide mask, then the re-fit
+    assert len(set(cw.mask.sum(1).tolist())) > 1 and cw.mask.sum() == n * (k // g) // 2
+    for method in ("iter1", "adaptive"):
+        with pytest.raises(ValueError, match="allocation 'row'"):
+            prune.compress_weight(w, 4, g, 0.5, "hessian", "layer", hessian=h, mask_method=method)
+
+
 def test_conjugate_gradient_refit_reaches_the_least_squares_optimum():
     k, g, n = 96, 16, 12
     x, h = correlated_inputs(k)

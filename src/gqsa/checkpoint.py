@@ -331,7 +331,8 @@ def read_json(path, folder=None) -> dict:
     return data
 
 
-def _refuse_remote_code(folder: Path, name: str, data: dict) -> None:
+def refuse_remote_code(folder: Path, name: str, data: dict) -> None:
+    """Refuse a JSON file (config.json, tokenizer_config.json) that asks transformers to run the folder's code."""
     if "auto_map" in data:
         raise FormatError(f"{folder / name} has auto_map: the folder asks to run its own Python code, which gqsa "
                           f"never does (trust_remote_code=False); use a folder of a built-in architecture")
@@ -376,7 +377,7 @@ def read_quantization_config(folder) -> tuple[dict, dict]:
     if not cfg_path.is_file() and not cfg_path.is_symlink():
         raise FormatError(f"{folder} is not a model folder: it has no config.json")
     config = read_json(cfg_path, folder)
-    _refuse_remote_code(folder, "config.json", config)
+    refuse_remote_code(folder, "config.json", config)
     qc = config.get("quantization_config")
     if not isinstance(qc, dict):
         raise FormatError(f"{folder} is not a GQSA checkpoint: config.json has no quantization_config "
@@ -430,7 +431,8 @@ def verify_checksums(folder, shards: list[str]) -> None:
             raise FormatError(f"{f}: checksum does not match {REPORT}; the file was modified or is corrupt")
 
 
-def _all_finite(t: torch.Tensor) -> bool:
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or infinity in the floating tensor ``t`` (float8 included, checked through float32)."""
     if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):  # float8: no isfinite
         t = t.to(torch.float32)
     return bool(torch.isfinite(t).all())
@@ -460,7 +462,7 @@ def read_tensors(folder, verify: bool = True, origin: dict | None = None) -> dic
             if weight_map is not None and weight_map.get(name) != f:
                 raise FormatError(f"{path} holds {name}, which model.safetensors.index.json places in "
                                   f"{weight_map.get(name)!r}")
-            if t.is_floating_point() and not _all_finite(t):
+            if t.is_floating_point() and not all_finite(t):
                 raise FormatError(f"{path}: tensor {name} holds NaN or infinite values")
             tensors[name] = t
             where[name] = path
@@ -477,12 +479,14 @@ def packed_layers(folder, verify: bool = True) -> dict[str, PackedLinear]:
     config, qc = read_quantization_config(folder)
     origin = {}
     tensors = read_tensors(folder, verify, origin)
-    layers = _validated_layers(folder, qc, tensors, origin)
+    layers = validated_layers(folder, qc, tensors, origin)
     check_model_config(config, Path(folder) / "config.json", tensors)
     return layers
 
 
-def _validated_layers(folder, qc: dict, tensors: dict[str, torch.Tensor], origin=None) -> dict[str, PackedLinear]:
+def validated_layers(folder, qc: dict, tensors: dict[str, torch.Tensor], origin=None) -> dict[str, PackedLinear]:
+    """The packed layers of the layer map ``qc["layers"]`` built from ``tensors``, each validated
+    (:func:`gqsa.format.validate`); ``origin`` names the file each tensor came from, for the messages."""
     out = {}
     origin = origin or {}
     for name, meta in qc["layers"].items():
@@ -565,7 +569,7 @@ def check_companion_files(folder: Path, config: dict) -> None:
                             **{k: v for k, v in read_json(gen_path, folder).items() if k in _TOKEN_KEYS}}, gen_path)
     tok_cfg = folder / "tokenizer_config.json"
     if tok_cfg.exists() or tok_cfg.is_symlink():
-        _refuse_remote_code(folder, "tokenizer_config.json", read_json(tok_cfg, folder))
+        refuse_remote_code(folder, "tokenizer_config.json", read_json(tok_cfg, folder))
 
 
 def _third_party(what: str, fn, *args, **kwargs):
@@ -593,7 +597,7 @@ def load(folder, device="cpu", dtype: torch.dtype | None = None, verify: bool = 
     config_dict, qc = read_quantization_config(folder)
     origin: dict = {}
     tensors = read_tensors(folder, verify, origin)
-    _validated_layers(folder, qc, tensors, origin)
+    validated_layers(folder, qc, tensors, origin)
     cfg_path = folder / "config.json"
     check_model_config(config_dict, cfg_path, tensors)
     check_companion_files(folder, config_dict)

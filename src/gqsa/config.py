@@ -136,6 +136,9 @@ class GQSAConfig:
                 or (self.mask.startswith("cg") and self.mask[2:].isdigit() and int(self.mask[2:]) > 0)
                 or (self.mask.startswith("adaptive") and (self.mask[8:] == "" or self.mask[8:].isdigit()))):
             raise ValueError(f"mask must be fixed, cgN, iterN (N >= 1) or adaptive[B]; got '{self.mask}'")
+        if self.allocation != "row" and self.mask.startswith(("iter", "adaptive")):
+            raise ValueError(f"mask '{self.mask}' keeps the same number of groups in every row: use allocation "
+                             f"'row' with it (or mask 'fixed' or 'cgN')")
         if self.target_bits is not None and not 0.0 < self.target_bits < 16.0:
             raise ValueError(f"target_bits must be in (0, 16), got {self.target_bits}")
         if not 0.0 < self.damp < 1.0:

@@ -185,7 +185,8 @@ def compress_weight(w: torch.Tensor, bits: int, group_size: int, sparsity: float
     if w.numel() == 0:
         raise ValueError(f"cannot compress an empty weight of shape {list(w.shape)}")
     if saliency_method == "hessian" and sparsity > 0 and mask_method != "fixed":
-        return _compress_obs_masked(w, hessian, bits, group_size, sparsity, init, damp, mask_method, quantize)
+        return _compress_obs_masked(w, hessian, bits, group_size, sparsity, init, damp, mask_method, quantize,
+                                    allocation)
     score = saliency(w, group_size, saliency_method, hessian, damp)
     mask = select_mask(score, sparsity, allocation) if sparsity > 0 else torch.ones_like(score, dtype=torch.bool)
     if saliency_method == "hessian":
@@ -193,8 +194,11 @@ def compress_weight(w: torch.Tensor, bits: int, group_size: int, sparsity: float
     return compress_rtn(w, mask, bits, group_size, init, hessian)
 
 
-def _compress_obs_masked(w, hessian, bits, g, sparsity, init, damp, mask_method, quantize):
+def _compress_obs_masked(w, hessian, bits, g, sparsity, init, damp, mask_method, quantize, allocation="row"):
     n, k = w.shape
+    if allocation != "row" and not mask_method.startswith("cg"):
+        raise ValueError(f"mask '{mask_method}' keeps the same number of groups in every row: it needs "
+                         f"allocation 'row', not '{allocation}' (or use mask 'fixed' or 'cgN')")
     c = math.ceil(k / g)
     if mask_method.startswith("adaptive"):
         width = int(mask_method[len("adaptive"):] or 8) * g
@@ -208,7 +212,7 @@ def _compress_obs_masked(w, hessian, bits, g, sparsity, init, damp, mask_method,
     if mask_method.startswith("cg"):  # cgN: fixed mask, OBS sweep, then N conjugate-gradient steps of the re-fit
         iters = int(mask_method[2:] or 20)
         score = saliency(w, g, "hessian", hessian, damp)
-        mask = select_mask(score, sparsity, "row")
+        mask = select_mask(score, sparsity, allocation)
         pruned = compress_obs(w, hessian, mask, bits, g, init, damp, quantize=False).weight
         refit = refine_kept_cg(w, pruned, hessian, mask, g, iters, damp)
         return compress_obs(refit, hessian, mask, bits, g, init, damp, quantize=quantize)

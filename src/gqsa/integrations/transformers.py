@@ -36,9 +36,8 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import (FORMAT_VERSION, _validated_layers, check_companion_files, check_model_config,
-                          check_quantization_config,
-                          read_quantization_config, read_tensors)
+from ..checkpoint import (FORMAT_VERSION, check_companion_files, check_model_config, check_quantization_config,
+                          read_quantization_config, read_tensors, validated_layers)
 from ..format import TENSOR_NAMES, FormatError
 from ..nn import GQSALinear
 
@@ -154,7 +153,7 @@ class GQSAHfQuantizer(HfQuantizer):
             origin = {}
             with torch.device("cpu"):  # (transformers may have made meta the default device)
                 tensors = read_tensors(folder, verify=True, origin=origin)
-                packed = _validated_layers(folder, folder_qc, tensors, origin)
+                packed = validated_layers(folder, folder_qc, tensors, origin)
             check_model_config(config, folder / "config.json", tensors)
             check_companion_files(folder, config)
             self._validated = {f"{n}.{t}": v for n, p in packed.items() for t, v in p.tensors().items()}

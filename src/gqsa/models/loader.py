@@ -131,19 +131,21 @@ def _check_folder_config(path: Path) -> None:
     """A local model folder's config.json, before transformers builds anything from it: valid JSON without
     NaN/Infinity, no ``auto_map`` (custom code is never run), types and dimension limits of
     :func:`gqsa.checkpoint.check_model_config`. Raises :class:`gqsa.FormatError` (a ValueError)."""
-    from ..checkpoint import _refuse_remote_code, check_model_config, read_json
+    from ..checkpoint import refuse_remote_code, check_model_config, read_json
 
     config = read_json(path / "config.json")  # (symbolic links allowed: a hub cache folder is made of them)
-    _refuse_remote_code(path, "config.json", config)
+    refuse_remote_code(path, "config.json", config)
     tok_cfg = path / "tokenizer_config.json"
     if tok_cfg.is_file():
-        _refuse_remote_code(path, "tokenizer_config.json", read_json(tok_cfg))
+        refuse_remote_code(path, "tokenizer_config.json", read_json(tok_cfg))
     check_model_config(config, path / "config.json")
 
 
 def _check_finite(model: PreTrainedModel, source) -> None:
+    from ..checkpoint import all_finite
+
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if t.is_floating_point() and not all_finite(t):
             raise ValueError(f"{source}: tensor {name} holds NaN or infinite values; the weights are damaged")
 
 
