@@ -35,14 +35,15 @@ import gemv as bg  # noqa: E402  (benchmarks/gemv.py: shapes, random layers, tim
 
 from gqsa import format as fmt  # noqa: E402
 from gqsa import quant  # noqa: E402
-from gqsa.kernels import dispatch, gemm, reference  # noqa: E402
+from gqsa.kernels import block_gemm, dispatch, gemm, reference  # noqa: E402
+from gqsa.kernels.block_layout import build_block_layout  # noqa: E402
 from gqsa.kernels.layout import build_tile_layout  # noqa: E402
 
 DEV = "cuda"
 BATCHES = [1, 2, 4, 8, 16, 32, 64, 256, 2048]
 
 
-def layer_for_check(n, k, g, bits, sparsity, float_zeros=False, special=None, seed=0, device=DEV):
+def layer_for_check(n, k, g, bits, sparsity, float_zeros=False, special=None, seed=0, device=DEV, rows=None):
     gen = torch.Generator().manual_seed(seed)
     c = math.ceil(k / g)
     w = torch.randn(n, c, g, generator=gen)
@@ -59,6 +60,8 @@ def layer_for_check(n, k, g, bits, sparsity, float_zeros=False, special=None, se
         mask[::3] = False
     elif special == "uneven":  # row r keeps about r/n of its groups
         mask = torch.rand(n, c, generator=gen) < torch.linspace(0, 1, n)[:, None]
+    if rows:  # block-uniform: the mask of each block's first row for the whole block
+        mask = mask[::rows].repeat_interleave(rows, dim=0)[:n]
     p = fmt.pack(q, s, z, mask, (n, k), bits, g, float_zeros=float_zeros)
     return fmt.PackedLinear(**{a: t.to(device) for a, t in p.tensors().items()}, shape=p.shape, bits=p.bits,
                             group_size=p.group_size)
@@ -119,6 +122,141 @@ def gpu_check(quick: bool = False) -> bool:
         del y0
     print("GPU check:", "all ok" if ok else "FAILURES", flush=True)
     return ok
+
+
+BLOCK_CHECK_CASES = [  # n, k, G, bits, sparsity, float zeros, special, rows
+    (300, 1000, 16, 4, 0.5, False, None, 16), (256, 4096, 16, 4, 0.5, False, "uneven", 16),
+    (200, 520, 32, 2, 0.4, True, None, 32), (96, 777, 64, 8, 0.3, False, None, 64),
+    (130, 1024, 128, 4, 0.6, True, None, 16), (1000, 2048, 16, 4, 0.5, False, None, 64),
+    (1024, 2048, 16, 4, 0.5, False, "uneven", 128),
+]
+
+
+def block_check(configs_for_m) -> bool:
+    """GPU correctness of the block kernels for every config ``configs_for_m(m, rows)`` yields."""
+    ok = True
+    for (n, k, g, bits, sp, fz, special, rows) in BLOCK_CHECK_CASES:
+        p = layer_for_check(n, k, g, bits, sp, fz, special, rows=rows)
+        lay = build_block_layout(p)
+        for dt in (torch.float16, torch.bfloat16):
+            w_ref = reference.dequantize(p, dt).float()
+            for m in (1, 3, 16, 100, 600):
+                x = torch.randn(m, k, device=DEV).to(dt)
+                bias = torch.randn(n, device=DEV).to(dt) if m % 2 else None
+                ref = x.float() @ w_ref.t() + (bias.float() if bias is not None else 0)
+                for cfg in configs_for_m(m, lay.rows):
+                    y = torch.full((m, n), float("nan"), device=DEV, dtype=dt)
+                    try:
+                        block_gemm.launch_block(x, lay, bias, y, cfg)
+                        torch.cuda.synchronize()
+                        err = float((y.float() - ref).norm() / ref.norm().clamp_min(1e-12))
+                        good = bool(torch.isfinite(y).all()) and err < (1e-2 if dt == torch.bfloat16 else 2e-3)
+                    except Exception as e:  # noqa: BLE001
+                        err, good = repr(e)[:300], False
+                    if not good:
+                        ok = False
+                        print(f"BLOCK CHECK FAIL {n}x{k} G{g} b{bits} R{rows} {special} {dt} M={m} {cfg}: {err}",
+                              flush=True)
+        ws = gemm.workspace(torch.device(DEV))
+        if bool(ws.partial.any()) or bool(ws.counters.any()):
+            ok = False
+            print("BLOCK CHECK FAIL: split-K workspace not clean after launches", flush=True)
+    print("block GPU check:", "all ok" if ok else "FAILURES", flush=True)
+    return ok
+
+
+def block_candidates(m, rows, g=16):
+    """BlockConfig candidates of the sweep for M rows and blocks of ``rows``."""
+    C = block_gemm.BlockConfig
+    p2 = 1 << max(0, (m - 1).bit_length())
+    if m <= 4:
+        kmax = max(1, 2048 // (p2 * g * rows) * 2)
+        out = [C(block_m=p2, kg=kg, num_warps=4, num_stages=st, waves=wv, dot=False)
+               for kg in (kmax, kmax * 2) for st in (2, 3) for wv in (2.0, 4.0)]
+        return out + [C(block_m=16, kg=8 if rows <= 32 else 4, num_warps=4, num_stages=3, waves=4.0)]
+    if m <= 16:
+        return [C(block_m=16, kg=kg, num_warps=4, num_stages=st, waves=wv)
+                for kg in ((4, 8) if rows <= 32 else (2, 4)) for st in (3, 4) for wv in (2.0, 4.0)]
+    if m <= 64:
+        return [C(block_m=p2, kg=kg, num_warps=4, num_stages=3, waves=wv)
+                for kg in ((4, 8) if rows <= 32 else (2, 4)) for wv in (1.0, 2.0)]
+    if m <= 256:
+        return [C(block_m=bm, kg=kg, num_warps=nw, num_stages=3, waves=1.0)
+                for bm in (64, 128) for kg in (4, 8) for nw in (4, 8)]
+    return [C(block_m=128, kg=kg, num_warps=nw, num_stages=st, split_k=1)
+            for kg in (4, 8) for nw in (4, 8) for st in (3, 4)]
+
+
+class BlockMethod:
+    """GQSA on block-uniform random layers through the block kernels with a given config function."""
+
+    def __init__(self, n, k, sparsity, g, rows, rot, seed=0):
+        gen = torch.Generator(device=DEV).manual_seed(seed)
+        p0 = bg.random_block_packed(n, k, sparsity, g, rows, gen=gen)
+        nb = p0.nbytes()
+        packs = [p0] + [bg.clone_packed(p0) for _ in range(bg.n_copies(nb, rot) - 1)]
+        self.layouts = [build_block_layout(p, rows) for p in packs]
+        self.packed = p0
+        self.nbytes_w = nb
+        self.n = n
+        self.flops_per_row = 2 * n * k
+        self.name = f"GQSA W4 S{round(sparsity * 100)} G{g} block{rows}"
+        self.sms = gemm.num_sms(torch.device(DEV))
+
+    def fns(self, x, cfg):
+        y = torch.empty(x.shape[0], self.n, device=DEV, dtype=x.dtype)
+        return [lambda lay=lay: block_gemm.launch_block(x, lay, None, y, cfg, self.sms) for lay in self.layouts]
+
+
+def block_sweep(args, shapes, rows_list, sparsity=0.5):
+    """Time the block candidates per M; prints the best per shape and the best summed over shapes."""
+    recs = []
+    totals = {}
+    fp16 = {}
+    for n, k in shapes:
+        f16 = bg.make_fp16(n, k, args.rot_bytes)
+        for m in args.batches:
+            x = torch.randn(m, k, device=DEV, dtype=torch.float16)
+            fns = f16.fns_for_x(x)
+            fp16[(n, k, m)] = bg.t_graph(fns, min_calls=64 if m < 256 else 8, replays=7 if m < 256 else 3)
+            print(f"cuBLAS fp16 {n}x{k} M={m}: {fp16[(n, k, m)]:.2f} us", flush=True)
+        del f16
+        torch.cuda.empty_cache()
+    for rows in rows_list:
+        for n, k in shapes:
+            meth = BlockMethod(n, k, sparsity, 16, rows, args.rot_bytes)
+            for m in args.batches:
+                x = torch.randn(m, k, device=DEV, dtype=torch.float16)
+                ref = None
+                best = None
+                for cfg in block_candidates(m, rows):
+                    fns = meth.fns(x, cfg)
+                    try:
+                        y = fns[0]()
+                        torch.cuda.synchronize()
+                        if ref is None:
+                            ref = reference.linear(x.float(), meth.packed)
+                        err = bg.rel_err(y, ref)
+                        us = bg.t_graph(fns, min_calls=64 if m < 256 else 8, replays=7 if m < 256 else 3)
+                    except Exception as e:  # noqa: BLE001
+                        print(f"block sweep {n}x{k} R{rows} M={m} {cfg}: ERROR {repr(e)[:300]}", flush=True)
+                        continue
+                    recs.append({"N": n, "K": k, "M": m, "rows": rows, "cfg": cfg.__dict__, "us": us, "err": err})
+                    totals.setdefault((rows, m, cfg), []).append(us)
+                    if best is None or us < best[1]:
+                        best = (cfg, us, err)
+                if best:
+                    print(f"block sweep best {n}x{k} R{rows} M={m}: {best[1]:.2f} us x{fp16[(n, k, m)] / best[1]:.2f} "
+                          f"fp16 err {best[2]:.1e} {best[0]}", flush=True)
+            del meth
+            torch.cuda.empty_cache()
+    for rows in rows_list:
+        for m in args.batches:
+            full = [(sum(v), c) for (r, mm, c), v in totals.items() if r == rows and mm == m and len(v) == len(shapes)]
+            if full:
+                t, c = min(full, key=lambda t: t[0])
+                print(f"block sweep table R{rows} M={m}: {t:.1f} us summed  {c}", flush=True)
+    return recs
 
 
 # ----------------------------------------------------------------------------- methods
@@ -292,6 +430,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", action="store_true", help="GPU correctness of the dispatch paths")
     ap.add_argument("--sweep", action="store_true", help="GemmConfig candidates per M on three shapes")
+    ap.add_argument("--block-check", action="store_true", help="GPU correctness of the block kernels")
+    ap.add_argument("--block-sweep", action="store_true", help="BlockConfig candidates per M (block16/64)")
+    ap.add_argument("--block-rows", default="16,64")
     ap.add_argument("--matrix", action="store_true", help="the side-by-side matrix (default when nothing else)")
     ap.add_argument("--quick", action="store_true", help="fp16, tinygemm and GQSA S50 only")
     ap.add_argument("--use-sweep", action="store_true", help="the matrix runs with the table the sweep found")
@@ -311,13 +452,19 @@ def main(argv=None):
     print(meta, flush=True)
     if args.check:
         meta["check_ok"] = gpu_check(quick=args.quick)
+    if args.block_check:
+        meta["block_check_ok"] = block_check(lambda m, r: block_candidates(m, r)[:1])
+    if args.block_sweep:
+        shapes = [(4096, 4096), (11008, 4096), (28672, 8192)]
+        recs = block_sweep(args, shapes, [int(r) for r in args.block_rows.split(",")])
+        (out / "block_sweep.json").write_text(json.dumps({"meta": meta, "records": recs}, indent=1))
     if args.sweep:
         table = sweep(args, [], out / "gemm_sweep.json")
         if args.use_sweep:
             os.environ["GQSA_DISPATCH_TABLE"] = str(out / "gemm_table.json")
             meta["table"] = dispatch.table_to_json(table)
     meta["table_used"] = dispatch.table_to_json(dispatch.default_table())
-    if args.matrix or not (args.check or args.sweep):
+    if args.matrix or not (args.check or args.sweep or args.block_check or args.block_sweep):
         bw = bg.copy_bandwidth(10, 40)
         meta["copy_tbps"] = round(bw, 3)
         print(f"copy bandwidth {bw:.3f} TB/s", flush=True)
@@ -327,7 +474,7 @@ def main(argv=None):
         finally:
             (out / "gemm.json").write_text(json.dumps({"meta": meta, "records": recs}, indent=1))
             (out / "gemm.md").write_text(markdown(recs, meta))
-    return 0 if meta.get("check_ok", True) else 1
+    return 0 if meta.get("check_ok", True) and meta.get("block_check_ok", True) else 1
 
 
 if __name__ == "__main__":

@@ -68,6 +68,20 @@ def random_packed(n, k, sparsity, g, bits=4, float_zeros=False, gen=None, device
                         scales=scales, zeros=zeros, shape=(n, k), bits=bits, group_size=g)
 
 
+def random_block_packed(n, k, sparsity, g, rows, bits=4, float_zeros=False, gen=None, device=DEV) -> PackedLinear:
+    """Like :func:`random_packed`, block-uniform: every ``rows`` consecutive rows keep the same group
+    columns (the pattern of ``--allocation blockR``)."""
+    assert k % g == 0
+    c = k // g
+    keep = max(1, round((1 - sparsity) * c))
+    nb = -(-n // rows)
+    bcols = torch.rand(nb, c, device=device, generator=gen).argsort(dim=1)[:, :keep].sort(dim=1).values
+    cols = bcols.repeat_interleave(rows, dim=0)[:n]
+    p = random_packed(n, k, sparsity, g, bits, float_zeros, gen, device)
+    return PackedLinear(row_ptr=p.row_ptr, col_idx=cols.reshape(-1).to(torch.int16).contiguous(), qweight=p.qweight,
+                        scales=p.scales, zeros=p.zeros, shape=(n, k), bits=bits, group_size=g)
+
+
 def clone_packed(p: PackedLinear) -> PackedLinear:
     return PackedLinear(**{k: v.clone() for k, v in p.tensors().items()}, shape=p.shape, bits=p.bits,
                         group_size=p.group_size)

@@ -249,16 +249,16 @@ def workspace(device) -> Workspace:
 _FAST: dict = {}
 
 
-def _run(grid, args, consts: dict, num_warps: int, num_stages: int, device: torch.device):
-    """Launch; after the first launch of a specialization the compiled kernel is called directly
-    (Triton's Python launch path costs tens of µs)."""
-    kern = _kernel()
+def _run(grid, args, consts: dict, num_warps: int, num_stages: int, device: torch.device, kern=None):
+    """Launch ``kern`` (a jitted kernel; default: this module's GEMM); after the first launch of a
+    specialization the compiled kernel is called directly (Triton's Python launch path costs tens of µs)."""
+    kern = kern if kern is not None else _kernel()
     if _interpret() or device.type != "cuda":
         kern[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
         return
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     ints = [a for a in args if not isinstance(a, torch.Tensor)]
-    key = (tuple(consts.values()), tuple(t.dtype for t in tensors), num_warps, num_stages, device.index,
+    key = (id(kern), tuple(consts.values()), tuple(t.dtype for t in tensors), num_warps, num_stages, device.index,
            _spec_bits(tensors, ints))
     ck = _FAST.get(key)
     if ck is None:

@@ -1,0 +1,115 @@
+"""Launcher of the block-uniform kernels (:mod:`gqsa.kernels.block_kernels`) over a
+:class:`~gqsa.kernels.block_layout.BlockLayout`: the tensor-core GEMM (``BlockConfig.dot``) and the
+CUDA-core GEMV (``dot=False``, ``block_m`` ≤ 4) are one kernel with two inner products.
+
+The tuning knobs are a :class:`BlockConfig` argument; the table of configurations by batch size
+measured on the H200 lives in :mod:`gqsa.kernels.dispatch` (``DispatchTable.block``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .block_kernels import block_kernel
+from .block_layout import BlockLayout
+from .gemm import _run, num_sms, workspace
+from .gemv import HAS_TRITON, _interpret
+
+if HAS_TRITON:
+    import triton
+
+_KERNELS: dict = {}
+
+
+def _kernel():
+    key = _interpret()
+    k = _KERNELS.get(key)
+    if k is None:
+        k = _KERNELS[key] = triton.jit(block_kernel)
+    return k
+
+
+@dataclass(frozen=True)
+class BlockConfig:
+    """Knobs of one launch. ``dot``: tensor cores (``block_m`` ≥ 16) or CUDA-core FMAs (GEMV,
+    ``block_m`` ≤ 4); ``kg``: kept groups per step; ``split_k`` 0 = choose from the grid (``waves``
+    programs per SM)."""
+
+    block_m: int = 16
+    kg: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+    split_k: int = 0
+    waves: float = 2.0
+    dot: bool = True
+    deq16: bool = True  # fp16 activations with integer zeros: dequantize in fp16 (same value, fewer ops)
+
+    def __post_init__(self):
+        if self.block_m < 1 or self.block_m & (self.block_m - 1):
+            raise ValueError(f"block_m must be a power of two, got {self.block_m}")
+        if self.dot and self.block_m < 16:
+            raise ValueError(f"the tensor-core kernel needs block_m ≥ 16, got {self.block_m}")
+        if self.kg < 1 or self.kg & (self.kg - 1):
+            raise ValueError(f"kg must be a power of two, got {self.kg}")
+        if self.split_k < 0:
+            raise ValueError(f"split_k must be ≥ 0, got {self.split_k}")
+
+
+def steps_of(layout: BlockLayout, cfg: BlockConfig) -> int:
+    """Steps (``kg`` kept groups each) of the block with the most kept groups."""
+    return max(1, math.ceil(layout.max_slots / cfg.kg))
+
+
+def auto_split(m: int, layout: BlockLayout, cfg: BlockConfig, sms: int) -> int:
+    """Split-K factor: enough programs for ``cfg.waves`` per SM, each keeping ≥ 2 steps."""
+    steps = steps_of(layout, cfg)
+    if cfg.split_k:
+        return max(1, min(cfg.split_k, steps))
+    tiles = math.ceil(m / cfg.block_m) * layout.n_blocks
+    want = math.ceil(cfg.waves * sms / tiles)
+    return max(1, min(want, steps // 2 or 1))
+
+
+def launch_block(x2: torch.Tensor, layout: BlockLayout, bias: torch.Tensor | None, y: torch.Tensor,
+                 cfg: BlockConfig, sms: int | None = None) -> torch.Tensor:
+    """``y[M, N] = x2[M, K] @ Ŵᵀ (+ bias)``; ``x2`` fp16/bf16 with unit stride along K, ``y`` [M, N]
+    with unit stride along N in ``x2``'s dtype (written in full), ``bias`` [N] contiguous in ``x2``'s
+    dtype or None."""
+    m, k = x2.shape
+    n = layout.shape[0]
+    if x2.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"the block kernels read float16 or bfloat16 activations, got {x2.dtype}")
+    if k != layout.shape[1]:
+        raise ValueError(f"x has {k} features, the layer {layout.shape[1]}")
+    if x2.stride(1) != 1 or y.stride(1) != 1:
+        raise ValueError("x and y must have unit stride along their last dimension")
+    if tuple(y.shape) != (m, n) or y.dtype != x2.dtype:
+        raise ValueError(f"y must be [{m}, {n}] {x2.dtype}, got {list(y.shape)} {y.dtype}")
+    if bias is not None and (bias.shape != (n,) or bias.dtype != x2.dtype or not bias.is_contiguous()):
+        raise ValueError(f"bias must be a contiguous [{n}] {x2.dtype} tensor")
+    if m == 0:
+        return y
+    dev = x2.device
+    steps = steps_of(layout, cfg)
+    split = auto_split(m, layout, cfg, sms or num_sms(dev))
+    sps = math.ceil(steps / split)
+    split = math.ceil(steps / sps)  # no program without steps
+    tm = math.ceil(m / cfg.block_m)
+    if split > 1:
+        ws, cnt = workspace(dev).get(m * n, tm * layout.n_blocks)
+    else:
+        ws = cnt = y  # unused
+    deq16 = cfg.deq16 and x2.dtype == torch.float16 and not layout.float_zeros
+    consts = dict(R=layout.rows, G=layout.group_size, BITS=layout.bits, BLOCK_M=cfg.block_m, KG=cfg.kg,
+                  STEPS=sps if _interpret() else 0, SPLIT=split > 1, HAS_BIAS=bias is not None, DOT=cfg.dot,
+                  DOT_F32=_interpret() and x2.dtype == torch.bfloat16, FLOAT_Z=layout.float_zeros, DEQ16=deq16)
+    qw, sc, zr, cols = layout.qweight, layout.scales, layout.zeros, layout.cols
+    if layout.n_slots == 0:  # nothing kept: every load is masked, but the pointers must be real
+        qw, sc, zr, cols = (t.new_zeros(layout.rows) for t in (qw, sc, zr, cols))
+    args = (x2, qw, sc, zr, cols, layout.block_ptr,
+            bias if bias is not None else y, y, ws, cnt,
+            m, n, k, sps, split, x2.stride(0), y.stride(0), layout.n_blocks)
+    _run((tm, layout.n_blocks, split), args, consts, cfg.num_warps, cfg.num_stages, dev, kern=_kernel())
+    return y

@@ -1,0 +1,185 @@
+"""Load-time layout of a *block-uniform* packed layer (``--allocation blockR``) for the block kernels
+(:mod:`gqsa.kernels.block_gemm`): layout version ``BLOCK_LAYOUT_VERSION`` (1), separate from the
+irregular :class:`~gqsa.kernels.layout.TileLayout`.
+
+A packed layer is **block-uniform with R rows** when every run of ``R`` consecutive output rows
+``b·R … b·R+R−1`` (R-aligned; the last block may be partial) keeps the same group columns — same
+count, same ``col_idx`` — in every row. Blocks may keep different numbers of groups. The on-disk
+format does not change: :func:`detect_block_rows` finds, at load time, the largest ``R`` in
+``(128, 64, 32, 16)`` that holds (None: the layer takes the irregular path), and
+:func:`build_block_layout` repacks the canonical tensors once, in the order the kernels consume:
+
+* ``block_ptr`` int32 ``[n_blocks + 1]``: block ``b`` owns *slots* ``block_ptr[b] … block_ptr[b+1]−1``,
+  one slot per kept group column of the block, in ascending column order;
+* ``cols`` int32 ``[n_slots]``: the group column of each slot (shared by the R rows of the block — one
+  activation gather per kept group serves R output rows);
+* ``qweight`` ``[n_slots · G/8, R]`` *words* of 8 codes (int16 / int32 / int64 for 2 / 4 / 8 bits: code
+  ``e`` of a word at bits ``e·bits``, i.e. the canonical little-endian bit stream, 8 codes at a time):
+  word ``w`` of slot ``t`` for row ``r`` of the block is ``qweight[t·G/8 + w, r]``. A ``[k-words, R]``
+  tile of one block is one contiguous, aligned run of memory (R words per line): coalesced 16-byte
+  loads with no index math;
+* ``scales`` float16 and ``zeros`` (uint8 or float16) ``[n_slots, R]``, likewise;
+* rows of the partial last block beyond ``N`` are padding: code 0, scale 0, zero point 0 (weight 0).
+
+Every code, scale and zero point is the canonical one, bit for bit, only permuted (the tests check
+:func:`dequantize` against :func:`gqsa.kernels.reference.dequantize` for equality).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .. import quant
+from ..format import PackedLinear
+
+BLOCK_LAYOUT_VERSION = 1
+BLOCK_ROWS = (128, 64, 32, 16)  # candidate block heights, largest first
+WORD_DTYPE = {2: torch.int16, 4: torch.int32, 8: torch.int64}  # 8 codes per word
+
+
+@dataclass
+class BlockLayout:
+    """A block-uniform packed layer in the block kernels' order (see the module docstring)."""
+
+    qweight: torch.Tensor  # WORD_DTYPE[bits] [n_slots · G/8, R]
+    scales: torch.Tensor  # float16 [n_slots, R]
+    zeros: torch.Tensor  # uint8 or float16 [n_slots, R]
+    cols: torch.Tensor  # int32 [n_slots]
+    block_ptr: torch.Tensor  # int32 [n_blocks + 1]
+    shape: tuple[int, int]
+    bits: int
+    group_size: int
+    rows: int  # R
+    float_zeros: bool
+    max_slots: int  # most kept groups of any block
+    version: int = BLOCK_LAYOUT_VERSION
+
+    @property
+    def n_blocks(self) -> int:
+        return self.block_ptr.numel() - 1
+
+    @property
+    def n_slots(self) -> int:
+        return self.cols.numel()
+
+    @property
+    def device(self) -> torch.device:
+        return self.qweight.device
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.zeros, self.cols,
+                                                           self.block_ptr))
+
+
+def _uniform(row_ptr: torch.Tensor, col_idx: torch.Tensor, n: int, r: int) -> bool:
+    """Whether every R-aligned block of rows keeps identical group columns."""
+    rp = row_ptr.to(torch.int64)
+    counts = rp[1:] - rp[:-1]
+    first = (torch.arange(n, device=rp.device) // r) * r  # first row of each row's block
+    if not bool((counts == counts[first]).all()):
+        return False
+    nnz = col_idx.numel()
+    if nnz == 0:
+        return True
+    rows = torch.repeat_interleave(torch.arange(n, device=rp.device), counts, output_size=nnz)
+    pos = torch.arange(nnz, device=rp.device) - rp[rows]
+    return bool((col_idx == col_idx[rp[first[rows]] + pos]).all())
+
+
+def detect_block_rows(packed: PackedLinear, candidates=BLOCK_ROWS) -> int | None:
+    """The largest ``R`` of ``candidates`` for which ``packed`` is block-uniform, or None.
+
+    A layer uniform with R rows is uniform with every divisor of R, so the candidates are tried from
+    the smallest up and the search stops at the first that fails.
+    """
+    n = packed.shape[0]
+    best = None
+    for r in sorted(candidates):
+        if r < 16 or r & (r - 1):
+            raise ValueError(f"block heights must be powers of two ≥ 16, got {r}")
+        if not _uniform(packed.row_ptr, packed.col_idx, n, r):
+            break
+        best = r
+    return best
+
+
+def build_block_layout(packed: PackedLinear, rows: int | None = None, device=None) -> BlockLayout:
+    """Repack a block-uniform ``packed`` into :class:`BlockLayout` with ``rows`` rows per block
+    (default: :func:`detect_block_rows`). Raises ``ValueError`` when the layer is not uniform at that
+    height or the format cannot be expressed (group sizes that are not a multiple of 8)."""
+    n, k = packed.shape
+    g, bits = packed.group_size, packed.bits
+    if bits not in WORD_DTYPE:
+        raise ValueError(f"the block layout holds 2-, 4- or 8-bit codes, got {bits}")
+    if g % 8:
+        raise ValueError(f"the block layout needs a group size that is a multiple of 8, got {g}")
+    if rows is None:
+        rows = detect_block_rows(packed)
+        if rows is None:
+            raise ValueError("the layer is not block-uniform (no R in 16..128 with identical kept columns)")
+    elif rows < 16 or rows & (rows - 1) or not _uniform(packed.row_ptr, packed.col_idx, n, rows):
+        raise ValueError(f"the layer is not block-uniform with {rows} rows per block")
+    dev = torch.device(device) if device is not None else packed.row_ptr.device
+    rp = packed.row_ptr.to(dev, torch.int64)
+    col = packed.col_idx.to(dev, torch.int64)
+    nb = max(1, -(-n // rows))
+    first = torch.arange(nb, device=dev) * rows
+    counts = rp[first + 1] - rp[first]  # kept groups per block
+    bptr = torch.zeros(nb + 1, dtype=torch.int64, device=dev)
+    bptr[1:] = torch.cumsum(counts, 0)
+    t_all = int(bptr[-1])
+    blk = torch.repeat_interleave(torch.arange(nb, device=dev), counts, output_size=t_all)  # block of each slot
+    j = torch.arange(t_all, device=dev) - bptr[blk]  # slot index inside its block
+    cols = col[rp[first[blk]] + j] if t_all else torch.zeros(0, dtype=torch.int64, device=dev)
+    row = first[blk][:, None] + torch.arange(rows, device=dev)[None, :]  # [T, R]
+    valid = row < n
+    src = torch.where(valid, rp[row.clamp(max=n - 1)] + j[:, None], 0)  # canonical group index, [T, R]
+    wpg = g // 8
+    wdt = WORD_DTYPE[bits]
+    words = packed.qweight.to(dev).reshape(-1).view(wdt).reshape(-1, wpg) if packed.nnz else \
+        torch.zeros(1, wpg, dtype=wdt, device=dev)
+    qw = torch.where(valid[..., None], words[src], 0)  # [T, R, WPG]
+    qw = qw.permute(0, 2, 1).reshape(t_all * wpg, rows).contiguous()
+    sc = packed.scales.to(dev)
+    zr = packed.zeros.to(dev)
+    if not packed.nnz:
+        sc, zr = sc.new_zeros(1), zr.new_zeros(1)
+    scales = torch.where(valid, sc[src], 0).contiguous()
+    zeros = torch.where(valid, zr[src], 0).to(zr.dtype).contiguous()
+    if t_all >= 2**31 // max(1, rows * wpg):
+        raise ValueError(f"layer too large for 32-bit offsets ({t_all} kept groups per {rows} rows)")
+    return BlockLayout(qweight=qw, scales=scales, zeros=zeros, cols=cols.to(torch.int32).contiguous(),
+                       block_ptr=bptr.to(torch.int32), shape=(int(n), int(k)), bits=int(bits), group_size=int(g),
+                       rows=int(rows), float_zeros=bool(packed.float_zeros),
+                       max_slots=int(counts.max()) if nb else 0)
+
+
+def codes(layout: BlockLayout) -> torch.Tensor:
+    """uint8 codes ``[n_slots, R, G]`` of a layout (the words unpacked; tests and the torch twin)."""
+    g, r = layout.group_size, layout.rows
+    t = layout.n_slots
+    wpg = g // 8
+    w = layout.qweight.reshape(t, wpg, r).permute(0, 2, 1).contiguous()  # [T, R, WPG] words
+    return quant.unpack_codes(w.view(torch.uint8).reshape(t, r, g * layout.bits // 8), layout.bits, g)
+
+
+def dequantize(layout: BlockLayout, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Dense ``[N, K]`` weight from a :class:`BlockLayout` (pure torch): the twin of the kernels, equal
+    bit for bit to :func:`gqsa.kernels.reference.dequantize` of the canonical layer."""
+    n, k = layout.shape
+    g, r = layout.group_size, layout.rows
+    dev = layout.device
+    n_cols = -(-k // g)
+    w = quant.dequantize(codes(layout), layout.scales.float(), layout.zeros.float())  # [T, R, G]
+    bp = layout.block_ptr.to(torch.int64)
+    blk = torch.repeat_interleave(torch.arange(layout.n_blocks, device=dev), bp[1:] - bp[:-1],
+                                  output_size=layout.n_slots)
+    dense = torch.zeros(layout.n_blocks, r, n_cols, g, dtype=torch.float32, device=dev)
+    dense[blk, :, layout.cols.long()] = w
+    return dense.reshape(layout.n_blocks * r, n_cols * g)[:n, :k].to(dtype)
+
+
+def linear(x: torch.Tensor, layout: BlockLayout, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ dequantize(layout)ᵀ (+ bias)`` in the dtype of ``x`` (pure torch)."""
+    return torch.nn.functional.linear(x, dequantize(layout, x.dtype), bias)
