@@ -168,23 +168,18 @@ def block_check(configs_for_m) -> bool:
 def block_candidates(m, rows, g=16):
     """BlockConfig candidates of the sweep for M rows and blocks of ``rows``."""
     C = block_gemm.BlockConfig
-    p2 = 1 << max(0, (m - 1).bit_length())
-    if m <= 4:
-        kmax = max(1, 2048 // (p2 * g * rows) * 2)
-        out = [C(block_m=p2, kg=kg, num_warps=4, num_stages=st, waves=wv, dot=False)
-               for kg in (kmax, kmax * 2) for st in (2, 3) for wv in (2.0, 4.0)]
-        return out + [C(block_m=16, kg=8 if rows <= 32 else 4, num_warps=4, num_stages=3, waves=4.0)]
+    p2 = max(16, 1 << max(0, (m - 1).bit_length()))
     if m <= 16:
-        return [C(block_m=16, kg=kg, num_warps=4, num_stages=st, waves=wv)
-                for kg in ((4, 8) if rows <= 32 else (2, 4)) for st in (3, 4) for wv in (2.0, 4.0)]
+        return [C(block_m=16, np=npp, num_warps=nw, num_stages=st, waves=wv)
+                for npp in (1, 2, 4) for nw in ((2, 4) if rows <= 32 else (4,)) for st in (3, 4) for wv in (2.0, 4.0)]
     if m <= 64:
-        return [C(block_m=p2, kg=kg, num_warps=4, num_stages=3, waves=wv)
-                for kg in ((4, 8) if rows <= 32 else (2, 4)) for wv in (1.0, 2.0)]
+        return [C(block_m=p2, np=npp, num_warps=4, num_stages=3, waves=wv, scale_after=sa)
+                for npp in (1, 2) for wv in (1.0, 2.0) for sa in (True, False)]
     if m <= 256:
-        return [C(block_m=bm, kg=kg, num_warps=nw, num_stages=3, waves=1.0)
-                for bm in (64, 128) for kg in (4, 8) for nw in (4, 8)]
-    return [C(block_m=128, kg=kg, num_warps=nw, num_stages=st, split_k=1)
-            for kg in (4, 8) for nw in (4, 8) for st in (3, 4)]
+        return [C(block_m=bm, np=npp, num_warps=nw, num_stages=3, waves=1.0, scale_after=False)
+                for bm in (64, 128) for npp in (1, 2) for nw in (4, 8)]
+    return [C(block_m=128, np=npp, num_warps=nw, num_stages=st, split_k=1, scale_after=False)
+            for npp in (1, 2) for nw in (4, 8) for st in (3, 4)]
 
 
 class BlockMethod:

@@ -1,6 +1,6 @@
-"""Launcher of the block-uniform kernels (:mod:`gqsa.kernels.block_kernels`) over a
-:class:`~gqsa.kernels.block_layout.BlockLayout`: the tensor-core GEMM (``BlockConfig.dot``) and the
-CUDA-core GEMV (``dot=False``, ``block_m`` ≤ 4) are one kernel with two inner products.
+"""Launcher of the block-uniform tensor-core kernel (:mod:`gqsa.kernels.block_kernels`) over a
+:class:`~gqsa.kernels.block_layout.BlockLayout`, for every batch size (at M = 1 too: the tensor cores
+are idle most of the time there anyway, and one kernel reads the weights the same way at every M).
 
 The tuning knobs are a :class:`BlockConfig` argument; the table of configurations by batch size
 measured on the H200 lives in :mod:`gqsa.kernels.dispatch` (``DispatchTable.block``).
@@ -33,33 +33,31 @@ def _kernel():
 
 @dataclass(frozen=True)
 class BlockConfig:
-    """Knobs of one launch. ``dot``: tensor cores (``block_m`` ≥ 16) or CUDA-core FMAs (GEMV,
-    ``block_m`` ≤ 4); ``kg``: kept groups per step; ``split_k`` 0 = choose from the grid (``waves``
-    programs per SM)."""
+    """Knobs of one launch. ``block_m``: tokens per tile (the MMA's N, ≥ 16); ``np``: byte tiles
+    (``np · 8/bits`` kept groups) per step; ``scale_after``: scale per group after an exact integer
+    dot (small M) or dequantize every weight first (large M); ``split_k`` 0 = choose from the grid
+    (``waves`` programs per SM)."""
 
     block_m: int = 16
-    kg: int = 8
+    np: int = 2
     num_warps: int = 4
     num_stages: int = 3
     split_k: int = 0
     waves: float = 2.0
-    dot: bool = True
-    deq16: bool = True  # fp16 activations with integer zeros: dequantize in fp16 (same value, fewer ops)
+    scale_after: bool = True
 
     def __post_init__(self):
-        if self.block_m < 1 or self.block_m & (self.block_m - 1):
-            raise ValueError(f"block_m must be a power of two, got {self.block_m}")
-        if self.dot and self.block_m < 16:
-            raise ValueError(f"the tensor-core kernel needs block_m ≥ 16, got {self.block_m}")
-        if self.kg < 1 or self.kg & (self.kg - 1):
-            raise ValueError(f"kg must be a power of two, got {self.kg}")
+        if self.block_m < 16 or self.block_m & (self.block_m - 1):
+            raise ValueError(f"block_m must be a power of two ≥ 16, got {self.block_m}")
+        if self.np < 1:
+            raise ValueError(f"np must be ≥ 1, got {self.np}")
         if self.split_k < 0:
             raise ValueError(f"split_k must be ≥ 0, got {self.split_k}")
 
 
 def steps_of(layout: BlockLayout, cfg: BlockConfig) -> int:
-    """Steps (``kg`` kept groups each) of the block with the most kept groups."""
-    return max(1, math.ceil(layout.max_slots / cfg.kg))
+    """Steps (``np`` byte tiles each) of the block with the most kept groups."""
+    return max(1, math.ceil(layout.max_slots * layout.bits // 8 / cfg.np))
 
 
 def auto_split(m: int, layout: BlockLayout, cfg: BlockConfig, sms: int) -> int:
@@ -91,6 +89,8 @@ def launch_block(x2: torch.Tensor, layout: BlockLayout, bias: torch.Tensor | Non
         raise ValueError(f"bias must be a contiguous [{n}] {x2.dtype} tensor")
     if m == 0:
         return y
+    if m * max(x2.stride(0), y.stride(0), n) >= 2**31:
+        raise ValueError(f"M={m} rows are too many for the block kernels' 32-bit offsets: split the batch")
     dev = x2.device
     steps = steps_of(layout, cfg)
     split = auto_split(m, layout, cfg, sms or num_sms(dev))
@@ -101,13 +101,13 @@ def launch_block(x2: torch.Tensor, layout: BlockLayout, bias: torch.Tensor | Non
         ws, cnt = workspace(dev).get(m * n, tm * layout.n_blocks)
     else:
         ws = cnt = y  # unused
-    deq16 = cfg.deq16 and x2.dtype == torch.float16 and not layout.float_zeros
-    consts = dict(R=layout.rows, G=layout.group_size, BITS=layout.bits, BLOCK_M=cfg.block_m, KG=cfg.kg,
-                  STEPS=sps if _interpret() else 0, SPLIT=split > 1, HAS_BIAS=bias is not None, DOT=cfg.dot,
-                  DOT_F32=_interpret() and x2.dtype == torch.bfloat16, FLOAT_Z=layout.float_zeros, DEQ16=deq16)
+    consts = dict(R=layout.rows, G=layout.group_size, BITS=layout.bits, BLOCK_M=cfg.block_m, NP=cfg.np,
+                  STEPS=sps if _interpret() else 0, SPLIT=split > 1, HAS_BIAS=bias is not None,
+                  SCALE_AFTER=cfg.scale_after, DOT_F32=_interpret() and x2.dtype == torch.bfloat16,
+                  FLOAT_Z=layout.float_zeros, FP16=x2.dtype == torch.float16)
     qw, sc, zr, cols = layout.qweight, layout.scales, layout.zeros, layout.cols
     if layout.n_slots == 0:  # nothing kept: every load is masked, but the pointers must be real
-        qw, sc, zr, cols = (t.new_zeros(layout.rows) for t in (qw, sc, zr, cols))
+        qw, sc, zr, cols = (t.new_zeros(layout.rows * layout.group_size) for t in (qw, sc, zr, cols))
     args = (x2, qw, sc, zr, cols, layout.block_ptr,
             bias if bias is not None else y, y, ws, cnt,
             m, n, k, sps, split, x2.stride(0), y.stride(0), layout.n_blocks)

@@ -10,19 +10,21 @@ format does not change: :func:`detect_block_rows` finds, at load time, the large
 :func:`build_block_layout` repacks the canonical tensors once, in the order the kernels consume:
 
 * ``block_ptr`` int32 ``[n_blocks + 1]``: block ``b`` owns *slots* ``block_ptr[b] … block_ptr[b+1]−1``,
-  one slot per kept group column of the block, in ascending column order;
+  one slot per kept group column of the block, in ascending column order, padded to a multiple of
+  ``8/bits`` slots (padding slots: column −1, codes, scales and zero points 0);
 * ``cols`` int32 ``[n_slots]``: the group column of each slot (shared by the R rows of the block — one
   activation gather per kept group serves R output rows);
-* ``qweight`` ``[n_slots · G/8, R]`` *words* of 8 codes (int16 / int32 / int64 for 2 / 4 / 8 bits: code
-  ``e`` of a word at bits ``e·bits``, i.e. the canonical little-endian bit stream, 8 codes at a time):
-  word ``w`` of slot ``t`` for row ``r`` of the block is ``qweight[t·G/8 + w, r]``. A ``[k-words, R]``
-  tile of one block is one contiguous, aligned run of memory (R words per line): coalesced 16-byte
-  loads with no index math;
-* ``scales`` float16 and ``zeros`` (uint8 or float16) ``[n_slots, R]``, likewise;
-* rows of the partial last block beyond ``N`` are padding: code 0, scale 0, zero point 0 (weight 0).
+* ``qweight`` uint8 ``[n_slots · bits/8, R, G]`` *byte tiles*: byte ``[u, r, t]`` holds feature ``t`` of
+  row ``r`` for the ``8/bits`` slots ``u·8/bits + c`` (slot ``c`` at bits ``c·bits``). One slot tuple
+  of a block is one contiguous ``R·G``-byte run (``G`` bytes per row: 16-byte vectors at G = 16), and
+  the codes of one slot come out of it with one shift and one mask per byte, already in the
+  ``[R, G]`` shape of a tensor-core operand (no reshape, no gather);
+* ``scales`` float16 and ``zeros`` (uint8 or float16) ``[n_slots, R]``: one coalesced R-vector per slot;
+* rows of the partial last block beyond ``N`` are padding too (code 0, scale 0, zero point 0).
 
 Every code, scale and zero point is the canonical one, bit for bit, only permuted (the tests check
 :func:`dequantize` against :func:`gqsa.kernels.reference.dequantize` for equality).
+Memory: the packed bytes once more (the canonical tensors stay the format) plus padding slots.
 """
 from __future__ import annotations
 
@@ -35,24 +37,23 @@ from ..format import PackedLinear
 
 BLOCK_LAYOUT_VERSION = 1
 BLOCK_ROWS = (128, 64, 32, 16)  # candidate block heights, largest first
-WORD_DTYPE = {2: torch.int16, 4: torch.int32, 8: torch.int64}  # 8 codes per word
 
 
 @dataclass
 class BlockLayout:
     """A block-uniform packed layer in the block kernels' order (see the module docstring)."""
 
-    qweight: torch.Tensor  # WORD_DTYPE[bits] [n_slots · G/8, R]
+    qweight: torch.Tensor  # uint8 [n_slots · bits/8, R, G]: byte tiles
     scales: torch.Tensor  # float16 [n_slots, R]
     zeros: torch.Tensor  # uint8 or float16 [n_slots, R]
-    cols: torch.Tensor  # int32 [n_slots]
+    cols: torch.Tensor  # int32 [n_slots], −1 for padding slots
     block_ptr: torch.Tensor  # int32 [n_blocks + 1]
     shape: tuple[int, int]
     bits: int
     group_size: int
     rows: int  # R
     float_zeros: bool
-    max_slots: int  # most kept groups of any block
+    max_slots: int  # most slots (padded kept groups) of any block
     version: int = BLOCK_LAYOUT_VERSION
 
     @property
@@ -107,13 +108,13 @@ def detect_block_rows(packed: PackedLinear, candidates=BLOCK_ROWS) -> int | None
 def build_block_layout(packed: PackedLinear, rows: int | None = None, device=None) -> BlockLayout:
     """Repack a block-uniform ``packed`` into :class:`BlockLayout` with ``rows`` rows per block
     (default: :func:`detect_block_rows`). Raises ``ValueError`` when the layer is not uniform at that
-    height or the format cannot be expressed (group sizes that are not a multiple of 8)."""
+    height or the format cannot be expressed."""
     n, k = packed.shape
     g, bits = packed.group_size, packed.bits
-    if bits not in WORD_DTYPE:
+    if bits not in (2, 4, 8):
         raise ValueError(f"the block layout holds 2-, 4- or 8-bit codes, got {bits}")
-    if g % 8:
-        raise ValueError(f"the block layout needs a group size that is a multiple of 8, got {g}")
+    if g < 16 or g & (g - 1):
+        raise ValueError(f"the block kernels need a power-of-two group size ≥ 16, got {g}")
     if rows is None:
         rows = detect_block_rows(packed)
         if rows is None:
@@ -121,47 +122,49 @@ def build_block_layout(packed: PackedLinear, rows: int | None = None, device=Non
     elif rows < 16 or rows & (rows - 1) or not _uniform(packed.row_ptr, packed.col_idx, n, rows):
         raise ValueError(f"the layer is not block-uniform with {rows} rows per block")
     dev = torch.device(device) if device is not None else packed.row_ptr.device
+    cpb = 8 // bits
     rp = packed.row_ptr.to(dev, torch.int64)
     col = packed.col_idx.to(dev, torch.int64)
     nb = max(1, -(-n // rows))
     first = torch.arange(nb, device=dev) * rows
-    counts = rp[first + 1] - rp[first]  # kept groups per block
+    counts = rp[(first + 1).clamp(max=n)] - rp[first.clamp(max=n)]  # kept groups per block
+    padded = -(-counts // cpb) * cpb  # slots per block: a multiple of the codes per byte
     bptr = torch.zeros(nb + 1, dtype=torch.int64, device=dev)
-    bptr[1:] = torch.cumsum(counts, 0)
+    bptr[1:] = torch.cumsum(padded, 0)
     t_all = int(bptr[-1])
-    blk = torch.repeat_interleave(torch.arange(nb, device=dev), counts, output_size=t_all)  # block of each slot
+    if t_all * rows * g >= 2**31:
+        raise ValueError(f"layer too large for 32-bit offsets ({t_all} slots of {rows} rows)")
+    blk = torch.repeat_interleave(torch.arange(nb, device=dev), padded, output_size=t_all)  # block of each slot
     j = torch.arange(t_all, device=dev) - bptr[blk]  # slot index inside its block
-    cols = col[rp[first[blk]] + j] if t_all else torch.zeros(0, dtype=torch.int64, device=dev)
+    real = j < counts[blk]  # False: padding slot
     row = first[blk][:, None] + torch.arange(rows, device=dev)[None, :]  # [T, R]
-    valid = row < n
+    valid = real[:, None] & (row < n)
     src = torch.where(valid, rp[row.clamp(max=n - 1)] + j[:, None], 0)  # canonical group index, [T, R]
-    wpg = g // 8
-    wdt = WORD_DTYPE[bits]
-    words = packed.qweight.to(dev).reshape(-1).view(wdt).reshape(-1, wpg) if packed.nnz else \
-        torch.zeros(1, wpg, dtype=wdt, device=dev)
-    qw = torch.where(valid[..., None], words[src], 0)  # [T, R, WPG]
-    qw = qw.permute(0, 2, 1).reshape(t_all * wpg, rows).contiguous()
-    sc = packed.scales.to(dev)
-    zr = packed.zeros.to(dev)
-    if not packed.nnz:
-        sc, zr = sc.new_zeros(1), zr.new_zeros(1)
-    scales = torch.where(valid, sc[src], 0).contiguous()
-    zeros = torch.where(valid, zr[src], 0).to(zr.dtype).contiguous()
-    if t_all >= 2**31 // max(1, rows * wpg):
-        raise ValueError(f"layer too large for 32-bit offsets ({t_all} kept groups per {rows} rows)")
-    return BlockLayout(qweight=qw, scales=scales, zeros=zeros, cols=cols.to(torch.int32).contiguous(),
-                       block_ptr=bptr.to(torch.int32), shape=(int(n), int(k)), bits=int(bits), group_size=int(g),
-                       rows=int(rows), float_zeros=bool(packed.float_zeros),
-                       max_slots=int(counts.max()) if nb else 0)
+    cols = torch.where(real, col[torch.where(real, rp[first[blk]] + j, 0)] if packed.nnz else 0, -1)
+    if packed.nnz:
+        codes_c = quant.unpack_codes(packed.qweight.to(dev), bits, g)[src]  # [T, R, G]
+        sc, zr = packed.scales.to(dev)[src], packed.zeros.to(dev)[src]
+    else:
+        codes_c = torch.zeros(t_all, rows, g, dtype=torch.uint8, device=dev)
+        sc = torch.zeros(t_all, rows, dtype=torch.float16, device=dev)
+        zr = torch.zeros(t_all, rows, dtype=packed.zeros.dtype, device=dev)
+    codes_c = torch.where(valid[..., None], codes_c, 0).to(torch.int32)
+    # slot u·cpb + c of a block sits at bits c·bits of byte tile u
+    shifts = (torch.arange(cpb, device=dev, dtype=torch.int32) * bits)[None, :, None, None]
+    qb = (codes_c.reshape(t_all // cpb, cpb, rows, g) << shifts).sum(1).to(torch.uint8).contiguous()
+    return BlockLayout(qweight=qb, scales=torch.where(valid, sc, 0).contiguous(),
+                       zeros=torch.where(valid, zr, 0).to(zr.dtype).contiguous(),
+                       cols=cols.to(torch.int32).contiguous(), block_ptr=bptr.to(torch.int32), shape=(int(n), int(k)),
+                       bits=int(bits), group_size=int(g), rows=int(rows), float_zeros=bool(packed.float_zeros),
+                       max_slots=int(padded.max()) if nb else 0)
 
 
 def codes(layout: BlockLayout) -> torch.Tensor:
-    """uint8 codes ``[n_slots, R, G]`` of a layout (the words unpacked; tests and the torch twin)."""
-    g, r = layout.group_size, layout.rows
-    t = layout.n_slots
-    wpg = g // 8
-    w = layout.qweight.reshape(t, wpg, r).permute(0, 2, 1).contiguous()  # [T, R, WPG] words
-    return quant.unpack_codes(w.view(torch.uint8).reshape(t, r, g * layout.bits // 8), layout.bits, g)
+    """uint8 codes ``[n_slots, R, G]`` of a layout (the byte tiles unpacked; tests and the torch twin)."""
+    cpb = 8 // layout.bits
+    shifts = (torch.arange(cpb, device=layout.device, dtype=torch.int32) * layout.bits)[None, :, None, None]
+    q = (layout.qweight.to(torch.int32)[:, None] >> shifts) & ((1 << layout.bits) - 1)  # [U, cpb, R, G]
+    return q.reshape(-1, layout.rows, layout.group_size).to(torch.uint8)
 
 
 def dequantize(layout: BlockLayout, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -175,8 +178,9 @@ def dequantize(layout: BlockLayout, dtype: torch.dtype = torch.float32) -> torch
     bp = layout.block_ptr.to(torch.int64)
     blk = torch.repeat_interleave(torch.arange(layout.n_blocks, device=dev), bp[1:] - bp[:-1],
                                   output_size=layout.n_slots)
+    real = layout.cols >= 0
     dense = torch.zeros(layout.n_blocks, r, n_cols, g, dtype=torch.float32, device=dev)
-    dense[blk, :, layout.cols.long()] = w
+    dense[blk[real], :, layout.cols[real].long()] = w[real]
     return dense.reshape(layout.n_blocks * r, n_cols * g)[:n, :k].to(dtype)
 
 
