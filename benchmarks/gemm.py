@@ -18,6 +18,7 @@ and the TFLOP/s column is the one to read.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -170,8 +171,9 @@ def block_candidates(m, rows, g=16):
     C = block_gemm.BlockConfig
     p2 = max(16, 1 << max(0, (m - 1).bit_length()))
     if m <= 16:
-        return [C(block_m=16, np=npp, num_warps=nw, num_stages=st, waves=wv)
-                for npp in (1, 2, 4) for nw in ((2, 4) if rows <= 32 else (4,)) for st in (3, 4) for wv in (2.0, 4.0)]
+        return [C(block_m=16, np=npp, num_warps=nw, num_stages=3, waves=wv)
+                for npp in (2, 4) for nw in ((1, 2) if rows <= 32 else (2, 4) if rows <= 64 else (4, 8))
+                for wv in (2.0, 4.0)]
     if m <= 64:
         return [C(block_m=p2, np=npp, num_warps=4, num_stages=3, waves=wv, scale_after=sa)
                 for npp in (1, 2) for wv in (1.0, 2.0) for sa in (True, False)]
@@ -245,29 +247,51 @@ def block_sweep(args, shapes, rows_list, sparsity=0.5):
                           f"fp16 err {best[2]:.1e} {best[0]}", flush=True)
             del meth
             torch.cuda.empty_cache()
+    # the table: H200_TABLE's block buckets, the bucket that serves each swept M taking the sweep's best
+    base = dispatch.H200_TABLE.block
+    buckets = []
     for rows in rows_list:
+        bk = [list(b) for b in base._for(base.buckets, rows)]
         for m in args.batches:
             full = [(sum(v), c) for (r, mm, c), v in totals.items() if r == rows and mm == m and len(v) == len(shapes)]
-            if full:
+            if full and m > base.gemv_max_m:
                 t, c = min(full, key=lambda t: t[0])
                 print(f"block sweep table R{rows} M={m}: {t:.1f} us summed  {c}", flush=True)
-    return recs
+                next(b for b in bk if m <= b[0] or b is bk[-1])[1] = c
+        buckets.append((rows, tuple(tuple(b) for b in bk)))
+    for r, bk in base.buckets:
+        if r not in rows_list:
+            buckets.append((r, bk))
+    table = dispatch.BlockTable(buckets=tuple(sorted(buckets, key=lambda t: t[0])), expand_min_m=base.expand_min_m,
+                                max_rows=base.max_rows, gemv_max_m=base.gemv_max_m)
+    print("block sweep table:", dispatch.table_to_json(dispatch.DispatchTable(1, block=table))["block"], flush=True)
+    return recs, table
 
 
 # ----------------------------------------------------------------------------- methods
 
 
 class GqsaMethod:
-    def __init__(self, n, k, sparsity, g, rot, path="auto", seed=0):
+    def __init__(self, n, k, sparsity, g, rot, path="auto", seed=0, rows=0):
         gen = torch.Generator(device=DEV).manual_seed(seed)
-        p0 = bg.random_packed(n, k, sparsity, g, gen=gen)
+        p0 = bg.random_block_packed(n, k, sparsity, g, rows, gen=gen) if rows else bg.random_packed(n, k, sparsity, g,
+                                                                                                      gen=gen)
         nb = p0.nbytes()
         packs = [p0] + [bg.clone_packed(p0) for _ in range(bg.n_copies(nb, rot) - 1)]
         self.plans = [dispatch.LinearPlan(p) for p in packs]
+        if rows:
+            assert self.plans[0].block is not None, "block layer not detected"
         self.path = path
         self.nbytes_w = nb
         self.flops_per_row = 2 * n * k
-        self.name = f"GQSA W4 S{round(sparsity * 100)} G{g}" + ("" if path == "auto" else f" {path}")
+        self.name = f"GQSA W4 S{round(sparsity * 100)} G{g}" + (f" block{rows}" if rows else "") + \
+            ("" if path == "auto" else f" {path}")
+
+    def forced(self, path):
+        f = GqsaMethod.__new__(GqsaMethod)
+        f.__dict__.update(self.__dict__)
+        f.path, f.name = path, self.name + " " + path
+        return f
 
     def fns_for_x(self, x):
         if self.path == "auto":
@@ -275,8 +299,12 @@ class GqsaMethod:
         if self.path == "gemv":
             return [lambda pl=pl: pl.gemv(x) for pl in self.plans]
         m, n = x.shape[0], self.plans[0].packed.shape[0]
-        cfg = self.plans[0].table.config(max(2, m))
         y = torch.empty(m, n, device=DEV, dtype=x.dtype)
+        if self.path == "block":
+            pl0 = self.plans[0]
+            cfg = pl0.table.block.config(pl0.block.rows, m)
+            return [lambda pl=pl: block_gemm.launch_block(x, pl.block, None, y, cfg, pl.sms) for pl in self.plans]
+        cfg = self.plans[0].table.config(max(2, m))
         return [lambda pl=pl: gemm.launch_gemm(x, pl.layout, None, y, cfg, pl.sms) for pl in self.plans]
 
     def check(self, x):
@@ -304,16 +332,17 @@ def run_matrix(args, bw, records):
     for model, (n, k) in shapes:
         t0 = time.time()
         methods = [bg.make_fp16(n, k, args.rot_bytes), bg.make_tinygemm(n, k, 128, args.rot_bytes)]
+        block_rows = [int(r) for r in args.block_rows.split(",") if r]
         for sp in (0.5,) if args.quick else (0.5, 0.3):
             methods.append(GqsaMethod(n, k, sp, 16, args.rot_bytes))
-        small = [GqsaMethod.__new__(GqsaMethod) for _ in range(2)]
-        for sm, path in zip(small, ("gemv", "gemm")):
-            sm.__dict__.update(methods[2].__dict__)
-            sm.path, sm.name = path, methods[2].name + " " + path
+            for r in block_rows if sp == 0.5 else block_rows[-1:]:
+                methods.append(GqsaMethod(n, k, sp, 16, args.rot_bytes, rows=r))
+        small = [methods[2].forced("gemv"), methods[2].forced("gemm")]
+        small_block = [m.forced("block") for m in methods[3:3 + len(block_rows)]]
         base = {}
         for m in args.batches:
             x16 = torch.randn(m, k, device=DEV, dtype=torch.float16)
-            for meth in methods + (small if m <= 4 else []):
+            for meth in methods + (small if m <= 4 else []) + (small_block if m <= 2 else []):
                 if m >= 256 and meth.name.startswith("tinygemm"):
                     continue  # a decode kernel (~29 TFLOP/s at any M): seconds per graph here
                 try:
@@ -328,7 +357,7 @@ def run_matrix(args, bw, records):
                     r["x_fp16"] = base[m] / r["us"]
                 records.append(r)
                 print(fmt_row(r), flush=True)
-        del methods, small
+        del methods, small, small_block
         torch.cuda.empty_cache()
         print(f"# {model} {n}x{k}: {time.time() - t0:.0f}s", flush=True)
         if args.out:
@@ -427,7 +456,8 @@ def main(argv=None):
     ap.add_argument("--sweep", action="store_true", help="GemmConfig candidates per M on three shapes")
     ap.add_argument("--block-check", action="store_true", help="GPU correctness of the block kernels")
     ap.add_argument("--block-sweep", action="store_true", help="BlockConfig candidates per M (block16/64)")
-    ap.add_argument("--block-rows", default="16,64")
+    ap.add_argument("--block-rows", default="16,64", help="block heights of the sweep and the matrix")
+    ap.add_argument("--sweep-batches", default="", help="M of the sweeps (default: --batches)")
     ap.add_argument("--matrix", action="store_true", help="the side-by-side matrix (default when nothing else)")
     ap.add_argument("--quick", action="store_true", help="fp16, tinygemm and GQSA S50 only")
     ap.add_argument("--use-sweep", action="store_true", help="the matrix runs with the table the sweep found")
@@ -437,6 +467,9 @@ def main(argv=None):
     ap.add_argument("--rot-bytes", type=int, default=160 << 20)
     args = ap.parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",")]
+    args.matrix_batches = args.batches
+    if args.sweep_batches:
+        args.batches = [int(b) for b in args.sweep_batches.split(",")]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     import triton
@@ -451,14 +484,20 @@ def main(argv=None):
         meta["block_check_ok"] = block_check(lambda m, r: block_candidates(m, r)[:1])
     if args.block_sweep:
         shapes = [(4096, 4096), (11008, 4096), (28672, 8192)]
-        recs = block_sweep(args, shapes, [int(r) for r in args.block_rows.split(",")])
+        recs, btable = block_sweep(args, shapes, [int(r) for r in args.block_rows.split(",")])
         (out / "block_sweep.json").write_text(json.dumps({"meta": meta, "records": recs}, indent=1))
+        if args.use_sweep:
+            full = dataclasses.replace(dispatch.default_table(), block=btable)
+            (out / "gemm_table.json").write_text(json.dumps(dispatch.table_to_json(full), indent=1))
+            os.environ["GQSA_DISPATCH_TABLE"] = str(out / "gemm_table.json")
     if args.sweep:
         table = sweep(args, [], out / "gemm_sweep.json")
         if args.use_sweep:
             os.environ["GQSA_DISPATCH_TABLE"] = str(out / "gemm_table.json")
             meta["table"] = dispatch.table_to_json(table)
     meta["table_used"] = dispatch.table_to_json(dispatch.default_table())
+    if args.block_sweep and args.batches != args.matrix_batches:
+        args.batches = args.matrix_batches
     if args.matrix or not (args.check or args.sweep or args.block_check or args.block_sweep):
         bw = bg.copy_bandwidth(10, 40)
         meta["copy_tbps"] = round(bw, 3)

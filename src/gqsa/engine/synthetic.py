@@ -5,7 +5,8 @@ each GQSA linear is made directly in the packed format — a row-balanced random
 keeps ``round((1−S)·K/G)`` groups, random columns), random codes, scales and integer zero points —
 so a 7B-shape GQSA model never exists in dense form. Speed does not depend on the values.
 
-Settings (``parse_setting``): ``fp16`` / ``bf16`` (dense), ``w{b}s{S}g{G}`` (GQSA, e.g. ``w4s50g16``),
+Settings (``parse_setting``): ``fp16`` / ``bf16`` (dense), ``w{b}s{S}g{G}`` (GQSA, e.g. ``w4s50g16``;
+``w4s50g16b64``: block-uniform mask, every 64-row block keeping the same columns, as ``--allocation block64``),
 ``tinygemm`` (torch's int4 ``_weight_int4pack_mm``, group 128, bf16 activations; CUDA only).
 """
 from __future__ import annotations
@@ -34,7 +35,7 @@ ARCHS = {
                  num_key_value_heads=2, vocab_size=256, max_position_embeddings=512),
 }
 _LAYERS = re.compile(r"^(?P<arch>[a-z0-9.-]+?)-layers=(?P<n>\d+)$")
-_GQSA = re.compile(r"^w(?P<bits>\d)s(?P<s>\d{1,2})g(?P<g>\d+)$")
+_GQSA = re.compile(r"^w(?P<bits>\d)s(?P<s>\d{1,2})g(?P<g>\d+)(?:b(?P<r>\d+))?$")
 
 
 def arch_config(name: str):
@@ -65,6 +66,7 @@ class Setting:
     bits: int = 16
     sparsity: float = 0.0
     group_size: int = 0
+    block_rows: int = 0  # > 0: block-uniform mask (every R-row block keeps the same columns)
 
 
 def parse_setting(text: str) -> Setting:
@@ -80,18 +82,24 @@ def parse_setting(text: str) -> Setting:
         bits, s, g = int(m["bits"]), int(m["s"]) / 100, int(m["g"])
         if bits not in (2, 4, 8) or g not in (16, 32, 64, 128):
             raise ValueError(f"setting '{text}': GQSA bits must be 2, 4 or 8 and G one of 16, 32, 64, 128")
-        return Setting(t, "gqsa", torch.float16, bits=bits, sparsity=s, group_size=g)
+        r = int(m["r"] or 0)
+        if r and (r < 16 or r & (r - 1)):
+            raise ValueError(f"setting '{text}': the block height b<R> must be a power of two ≥ 16")
+        return Setting(t, "gqsa", torch.float16, bits=bits, sparsity=s, group_size=g, block_rows=r)
     raise ValueError(f"unknown setting '{text}': use fp16, bf16, tinygemm or w{{bits}}s{{sparsity%}}g{{G}} "
                      f"such as w4s50g16")
 
 
 def random_packed(n: int, k: int, sparsity: float, bits: int, group_size: int, device,
-                  generator: torch.Generator) -> PackedLinear:
-    """A valid random packed layer with every row keeping ``round((1−S)·C)`` of its ``C`` group columns."""
+                  generator: torch.Generator, block_rows: int = 0) -> PackedLinear:
+    """A valid random packed layer with every row keeping ``round((1−S)·C)`` of its ``C`` group columns
+    (``block_rows`` > 0: the same columns in every block of that many rows)."""
     c = math.ceil(k / group_size)
     keep = max(1, min(c, round((1 - sparsity) * c)))
     dev = torch.device(device)
-    cols = torch.rand(n, c, device=dev, generator=generator).argsort(dim=1)[:, :keep].sort(dim=1).values
+    r = block_rows or 1
+    cols = torch.rand(-(-n // r), c, device=dev, generator=generator).argsort(dim=1)[:, :keep].sort(dim=1).values
+    cols = cols.repeat_interleave(r, dim=0)[:n]
     nnz = n * keep
     row_ptr = (torch.arange(n + 1, device=dev, dtype=torch.int64) * keep).to(torch.int32)
     qweight = torch.randint(0, 256, (nnz, group_size * bits // 8), device=dev, dtype=torch.uint8, generator=generator)
@@ -164,7 +172,7 @@ def build_synthetic(arch: str, setting: Setting | str, device="cuda", seed: int 
     for parent, name, n, k in shapes:
         if setting.kind == "gqsa":
             mod = GQSALinear.from_packed(random_packed(n, k, setting.sparsity, setting.bits, setting.group_size,
-                                                       device, gen))
+                                                       device, gen, setting.block_rows))
         else:
             mod = TinyGemmLinear(k, n, device, gen)
         setattr(parent, name, mod)

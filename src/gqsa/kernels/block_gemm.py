@@ -105,10 +105,10 @@ def launch_block(x2: torch.Tensor, layout: BlockLayout, bias: torch.Tensor | Non
                   STEPS=sps if _interpret() else 0, SPLIT=split > 1, HAS_BIAS=bias is not None,
                   SCALE_AFTER=cfg.scale_after, DOT_F32=_interpret() and x2.dtype == torch.bfloat16,
                   FLOAT_Z=layout.float_zeros, FP16=x2.dtype == torch.float16)
-    qw, sc, zr, cols = layout.qweight, layout.scales, layout.zeros, layout.cols
+    qw, sz, cols = layout.qweight, layout.sz, layout.cols
     if layout.n_slots == 0:  # nothing kept: every load is masked, but the pointers must be real
-        qw, sc, zr, cols = (t.new_zeros(layout.rows * layout.group_size) for t in (qw, sc, zr, cols))
-    args = (x2, qw, sc, zr, cols, layout.block_ptr,
+        qw, sz, cols = (t.new_zeros(layout.rows * layout.group_size) for t in (qw, sz, cols))
+    args = (x2, qw, sz, cols, layout.block_ptr,
             bias if bias is not None else y, y, ws, cnt,
             m, n, k, sps, split, x2.stride(0), y.stride(0), layout.n_blocks)
     _run((tm, layout.n_blocks, split), args, consts, cfg.num_warps, cfg.num_stages, dev, kern=_kernel())

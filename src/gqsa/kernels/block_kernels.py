@@ -24,7 +24,8 @@ Only kept groups are touched: the work is proportional to the kept weights. Spli
 (an atomic counter) reads the sum, zeroes the workspace and the counter, adds the bias and writes y —
 one launch, CUDA-graph capturable (the scheme of :mod:`gqsa.kernels.gemm`).
 
-(Under ``TRITON_INTERPRET=1``: the loop gets its trip count as a constexpr (``STEPS``), and bf16 dots
+(Under ``TRITON_INTERPRET=1``: the loop gets its trip count as a constexpr (``STEPS``), sums are
+``tl.reduce`` (a jitted ``tl.sum`` made before the interpreter was switched on cannot run), and bf16 dots
 are done on float32 operands (``DOT_F32``), the interpreter's bf16 ``tl.dot`` being wrong.)
 """
 from __future__ import annotations
@@ -38,7 +39,7 @@ else:  # pragma: no cover
 
 
 def block_kernel(
-    x_ptr, qb_ptr, s_ptr, z_ptr, col_ptr, bp_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
+    x_ptr, qb_ptr, sz_ptr, col_ptr, bp_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, K, sps, split_k, stride_xm, stride_ym, n_blocks,
     R: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr, NP: tl.constexpr,
     STEPS: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, SCALE_AFTER: tl.constexpr,
@@ -68,8 +69,12 @@ def block_kernel(
             for c in tl.static_range(CPB):
                 slot = u * CPB + c
                 col = tl.load(col_ptr + slot, mask=ok, other=-1)
-                s = tl.load(s_ptr + slot * R + ar_r, mask=ok, other=0.0)  # [R]
-                z = tl.load(z_ptr + slot * R + ar_r, mask=ok, other=0)
+                szw = tl.load(sz_ptr + slot * R + ar_r, mask=ok, other=0)  # [R] int32: scale | zero << 16
+                s = (szw & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+                if FLOAT_Z:
+                    z = (szw >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+                else:
+                    z = (szw >> 16).to(tl.uint8)
                 feat = col * G + ar_t
                 xg = tl.load(x_ptr + col * G + x_off, mask=((col >= 0) & (feat < K))[:, None] & m_ok[None, :],
                              other=0.0)  # [G, BLOCK_M]
@@ -94,7 +99,8 @@ def block_kernel(
                     else:
                         part = tl.dot(d, xg)
                     if FLOAT_Z:
-                        part -= z.to(tl.float32)[:, None] * tl.sum(xg.to(tl.float32), axis=0)[None, :]
+                        xsum = tl.reduce(xg.to(tl.float32), 0, tl.standard._sum_combine)  # [BLOCK_M]
+                        part -= z.to(tl.float32)[:, None] * xsum[None, :]
                     acc += part * s.to(tl.float32)[:, None]
                 else:
                     if FP16 and not FLOAT_Z:  # the reference's value: (q − z) exact, times s rounded once

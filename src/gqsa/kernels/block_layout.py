@@ -19,7 +19,9 @@ format does not change: :func:`detect_block_rows` finds, at load time, the large
   of a block is one contiguous ``R·G``-byte run (``G`` bytes per row: 16-byte vectors at G = 16), and
   the codes of one slot come out of it with one shift and one mask per byte, already in the
   ``[R, G]`` shape of a tensor-core operand (no reshape, no gather);
-* ``scales`` float16 and ``zeros`` (uint8 or float16) ``[n_slots, R]``: one coalesced R-vector per slot;
+* ``scales`` float16 and ``zeros`` (uint8 or float16) ``[n_slots, R]``, and what the kernel reads of
+  them, ``sz`` int32 ``[n_slots, R]``: the scale's bits in the low half-word, the zero point's (the
+  integer, or the float16 bits) in the high one — one coalesced R-vector load per slot;
 * rows of the partial last block beyond ``N`` are padding too (code 0, scale 0, zero point 0).
 
 Every code, scale and zero point is the canonical one, bit for bit, only permuted (the tests check
@@ -47,6 +49,7 @@ class BlockLayout:
     scales: torch.Tensor  # float16 [n_slots, R]
     zeros: torch.Tensor  # uint8 or float16 [n_slots, R]
     cols: torch.Tensor  # int32 [n_slots], −1 for padding slots
+    sz: torch.Tensor  # int32 [n_slots, R]: scale bits | zero point bits << 16 (what the kernel loads)
     block_ptr: torch.Tensor  # int32 [n_blocks + 1]
     shape: tuple[int, int]
     bits: int
@@ -69,8 +72,8 @@ class BlockLayout:
         return self.qweight.device
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.zeros, self.cols,
-                                                           self.block_ptr))
+        """Bytes the kernel reads (the codes, ``sz``, ``cols``, ``block_ptr``)."""
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.sz, self.cols, self.block_ptr))
 
 
 def _uniform(row_ptr: torch.Tensor, col_idx: torch.Tensor, n: int, r: int) -> bool:
@@ -152,8 +155,11 @@ def build_block_layout(packed: PackedLinear, rows: int | None = None, device=Non
     # slot u·cpb + c of a block sits at bits c·bits of byte tile u
     shifts = (torch.arange(cpb, device=dev, dtype=torch.int32) * bits)[None, :, None, None]
     qb = (codes_c.reshape(t_all // cpb, cpb, rows, g) << shifts).sum(1).to(torch.uint8).contiguous()
-    return BlockLayout(qweight=qb, scales=torch.where(valid, sc, 0).contiguous(),
-                       zeros=torch.where(valid, zr, 0).to(zr.dtype).contiguous(),
+    scales = torch.where(valid, sc, 0).contiguous()
+    zeros = torch.where(valid, zr, 0).to(zr.dtype).contiguous()
+    zbits = zeros.view(torch.int16).to(torch.int32) & 0xFFFF if zeros.dtype == torch.float16 else zeros.to(torch.int32)
+    sz = (scales.view(torch.int16).to(torch.int32) & 0xFFFF) | (zbits << 16)
+    return BlockLayout(qweight=qb, scales=scales, zeros=zeros, sz=sz.contiguous(),
                        cols=cols.to(torch.int32).contiguous(), block_ptr=bptr.to(torch.int32), shape=(int(n), int(k)),
                        bits=int(bits), group_size=int(g), rows=int(rows), float_zeros=bool(packed.float_zeros),
                        max_slots=int(padded.max()) if nb else 0)

@@ -11,6 +11,13 @@
 * ``dense_min_m`` (off by default) is the explicit opt-in of a *cached* dense fp16/bf16 copy of the
   weight, used with cuBLAS from that many rows on (memory-rich prefill).
 
+**Block-uniform layers** (``--allocation blockR``: every R-row block keeps the same group columns,
+detected at load time by :func:`~gqsa.kernels.block_layout.detect_block_rows`) take their own column
+of the table, ``table.block`` (:class:`BlockTable`): the GEMV up to ``block.gemv_max_m`` rows, the
+block tensor-core kernel (:mod:`gqsa.kernels.block_gemm`, on a
+:class:`~gqsa.kernels.block_layout.BlockLayout` built instead of the TileLayout) above, and the dense
+expansion from ``block.expand_min_m`` of their height on. Other layers keep the table above.
+
 Every path is CUDA-graph capturable after one call at the same batch size (compilation, workspace).
 The crossover table :data:`H200_TABLE` was measured with ``benchmarks/gemm.py --sweep`` (see
 benchmarks/RESULTS.md); other GPUs use it too until measured.
@@ -26,8 +33,44 @@ import torch.nn.functional as F
 
 from ..format import PackedLinear
 from . import gemv
+from .block_gemm import BlockConfig, launch_block
+from .block_layout import detect_block_rows, build_block_layout
 from .gemm import GemmConfig, launch_gemm, num_sms
 from .layout import build_tile_layout
+
+
+@dataclass(frozen=True)
+class BlockTable:
+    """Configurations of the block-uniform kernels (:mod:`gqsa.kernels.block_gemm`).
+
+    ``buckets``: ``((rows, ((max_m, BlockConfig), ...)), ...)`` — per block height R (ascending), the
+    buckets in ascending ``max_m``, the last serving every larger M; a layer with a height not in the
+    table takes the largest one below it. ``expand_min_m``: ``((rows, m), ...)``, from ``m`` rows on
+    the per-call dense expansion + cuBLAS (absent: never). ``max_rows``: the layout is built with at
+    most this many rows per block (a block128 layer can run as block64). ``gemv_max_m``: up to this
+    many rows, the decode GEMV of :mod:`gqsa.kernels.gemv` (canonical layout) instead."""
+
+    buckets: tuple = field(default_factory=tuple)
+    expand_min_m: tuple = field(default_factory=tuple)
+    max_rows: int = 128
+    gemv_max_m: int = 0  # up to this many rows the canonical-layout GEMV serves block layers too
+
+    def _for(self, pairs, rows):
+        best = None
+        for r, v in pairs:
+            if r <= rows:
+                best = v
+        return best if best is not None else (pairs[0][1] if pairs else None)
+
+    def config(self, rows: int, m: int) -> BlockConfig:
+        buckets = self._for(self.buckets, rows)
+        for max_m, cfg in buckets:
+            if m <= max_m:
+                return cfg
+        return buckets[-1][1]
+
+    def expand_from(self, rows: int) -> int | None:
+        return self._for(self.expand_min_m, rows)
 
 
 @dataclass(frozen=True)
@@ -39,12 +82,38 @@ class DispatchTable:
     gemv_max_m: int
     buckets: tuple = field(default_factory=tuple)
     expand_min_m: int | None = None
+    block: BlockTable | None = None  # block-uniform layers (None: they take the irregular path)
 
     def config(self, m: int) -> GemmConfig:
         for max_m, cfg in self.buckets:
             if m <= max_m:
                 return cfg
         return self.buckets[-1][1]
+
+
+_B = BlockConfig
+# Measured on the H200 (benchmarks/gemm.py --block-sweep, 2026-12-01, benchmarks/RESULTS.md): per block
+# height and bucket, the candidate with the least total time over 4096×4096, 11008×4096 and 28672×8192
+# (W4 S50 G16). expand_min_m: block16 lost to dense expansion + cuBLAS from M = 256 on (0.13–0.17× cuBLAS
+# against 0.41–0.51×); block64/128 won at M = 256 (0.30–0.60×) and lost at M = 2048 (0.55–0.67× against
+# 0.81–0.94×): the crossover between them was not measured, 512 is a guess inside that interval.
+H200_BLOCK_TABLE = BlockTable(
+    buckets=(
+        (16, ((16, _B(block_m=16, np=4, num_warps=2, num_stages=3, waves=4.0)),
+              (64, _B(block_m=64, np=2, num_warps=4, num_stages=3, waves=2.0)),
+              (1 << 62, _B(block_m=128, np=1, num_warps=4, num_stages=3, waves=1.0, scale_after=False)))),
+        (64, ((16, _B(block_m=16, np=2, num_warps=4, num_stages=3, waves=4.0)),
+              (64, _B(block_m=64, np=2, num_warps=4, num_stages=3, waves=2.0, scale_after=False)),
+              (256, _B(block_m=128, np=2, num_warps=4, num_stages=3, waves=1.0, scale_after=False)),
+              (1 << 62, _B(block_m=128, np=2, num_warps=4, num_stages=4, split_k=1, scale_after=False)))),
+        (128, ((16, _B(block_m=16, np=1, num_warps=4, num_stages=4, waves=2.0)),
+               (64, _B(block_m=64, np=1, num_warps=4, num_stages=3, waves=2.0, scale_after=False)),
+               (256, _B(block_m=128, np=2, num_warps=8, num_stages=3, waves=1.0, scale_after=False)),
+               (1 << 62, _B(block_m=128, np=2, num_warps=8, num_stages=4, split_k=1, scale_after=False)))),
+    ),
+    expand_min_m=((16, 256), (64, 512)),
+    gemv_max_m=2,
+)
 
 
 # Measured on the H200 (benchmarks/gemm.py --sweep, 2026-11-30, benchmarks/RESULTS.md; swept on the
@@ -62,20 +131,36 @@ H200_TABLE = DispatchTable(
         (1 << 62, GemmConfig(block_m=128, block_n=128, num_warps=8, num_stages=3, split_k=1)),
     ),
     expand_min_m=256,
+    block=H200_BLOCK_TABLE,
 )
 
 
 def table_to_json(table: DispatchTable) -> dict:
-    return {"gemv_max_m": table.gemv_max_m, "expand_min_m": table.expand_min_m,
-            "buckets": [[m, dict(cfg.__dict__)] for m, cfg in table.buckets]}
+    out = {"gemv_max_m": table.gemv_max_m, "expand_min_m": table.expand_min_m,
+           "buckets": [[m, dict(cfg.__dict__)] for m, cfg in table.buckets]}
+    if table.block is not None:
+        b = table.block
+        out["block"] = {"max_rows": b.max_rows, "gemv_max_m": b.gemv_max_m,
+                        "expand_min_m": [list(p) for p in b.expand_min_m],
+                        "buckets": [[r, [[m, dict(c.__dict__)] for m, c in bk]] for r, bk in b.buckets]}
+    return out
 
 
 def table_from_json(obj: dict) -> DispatchTable:
     try:
         buckets = tuple((int(m), GemmConfig(**cfg)) for m, cfg in obj["buckets"])
         exp = obj.get("expand_min_m")
+        block = None
+        if obj.get("block") is not None:
+            b = obj["block"]
+            block = BlockTable(
+                buckets=tuple((int(r), tuple((int(m), BlockConfig(**c)) for m, c in bk)) for r, bk in b["buckets"]),
+                expand_min_m=tuple((int(r), int(m)) for r, m in b.get("expand_min_m", ())),
+                max_rows=int(b.get("max_rows", 128)), gemv_max_m=int(b.get("gemv_max_m", 0)))
+            if not block.buckets or not all(bk for _, bk in block.buckets):
+                raise ValueError("empty block buckets")
         return DispatchTable(gemv_max_m=int(obj["gemv_max_m"]), buckets=buckets,
-                             expand_min_m=None if exp is None else int(exp))
+                             expand_min_m=None if exp is None else int(exp), block=block)
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"not a dispatch table: {e}") from None
 
@@ -108,19 +193,42 @@ class LinearPlan:
         if not self.table.buckets:
             raise ValueError("a dispatch table needs at least one GEMM bucket")
         self.kernel_ok = packed.bits in gemv.KERNEL_BITS and gemv._triton_usable(self.device)
-        self.gemv = gemv_plan or gemv.prepare(packed)
-        self.layout = build_tile_layout(packed) if self.kernel_ok else None
+        self._gemv = gemv_plan
+        self.block_rows = None  # R of a block-uniform layer (then self.block, no TileLayout)
+        self.block = None
+        self.layout = None
+        if self.kernel_ok and self.table.block is not None and packed.group_size >= 16 \
+                and not packed.group_size & (packed.group_size - 1):
+            self.block_rows = detect_block_rows(packed)
+        if self.block_rows is not None:
+            self.block = build_block_layout(packed, min(self.block_rows, self.table.block.max_rows))
+        elif self.kernel_ok:
+            self.layout = build_tile_layout(packed)
+        if self.kernel_ok and self._gemv is None and (self.block is None or self.table.block.gemv_max_m > 0):
+            self._gemv = gemv.prepare(packed)
         self.sms = num_sms(self.device)
         self.dense_min_m = dense_min_m
         self._dense = None
 
+    @property
+    def gemv(self) -> gemv.GemvPlan:
+        """The canonical-layout GEMV plan (built on first use for block-uniform layers)."""
+        if self._gemv is None:
+            self._gemv = gemv.prepare(self.packed)
+        return self._gemv
+
     def path(self, m: int) -> str:
-        """Which kernel serves ``m`` rows: ``"gemv"``, ``"gemm"``, ``"expand"``, ``"dense-cache"`` or
-        ``"reference"``."""
+        """Which kernel serves ``m`` rows: ``"block"`` (block-uniform layers), ``"gemv"``, ``"gemm"``,
+        ``"expand"``, ``"dense-cache"`` or ``"reference"``."""
         if not self.kernel_ok:
             return "reference"
         if self.dense_min_m is not None and m >= self.dense_min_m:
             return "dense-cache"
+        if self.block is not None:
+            exp = self.table.block.expand_from(self.block.rows)
+            if exp is not None and m >= exp:
+                return "expand"
+            return "gemv" if m <= self.table.block.gemv_max_m else "block"
         if self.table.expand_min_m is not None and m >= self.table.expand_min_m:
             return "expand"
         return "gemv" if m <= self.table.gemv_max_m else "gemm"
@@ -151,6 +259,9 @@ class LinearPlan:
         if x2.stride(1) != 1:
             x2 = x2.contiguous()
         y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+        if path == "block":
+            launch_block(x2, self.block, bias, y, self.table.block.config(self.block.rows, m), self.sms)
+            return y.view(*lead, n)
         launch_gemm(x2, self.layout, bias, y, self.table.config(m), self.sms)
         return y.view(*lead, n)
 

@@ -1,0 +1,190 @@
+"""Block-uniform layers (``--allocation blockR``): detection and load-time layout
+(``gqsa.kernels.block_layout``), the block tensor-core kernel (``gqsa.kernels.block_gemm``) against the
+pure-torch reference, and the dispatch that picks it — on the CPU through Triton's interpreter
+(``TRITON_INTERPRET=1``, switched on per test by an autouse fixture).
+
+Shapes are small; outputs are poisoned with NaN before every launch. Tolerances are those of
+``test_gemv.py`` (``check``).
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from gqsa import format as fmt  # noqa: E402
+from gqsa import quant  # noqa: E402
+from gqsa.kernels import block_gemm, block_layout, dispatch, gemm, reference  # noqa: E402
+
+from test_gemv import check  # noqa: E402  (same folder, on sys.path under pytest)
+
+
+@pytest.fixture(autouse=True)
+def interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    yield
+
+
+def make_block_packed(n, k, g, bits=4, sparsity=0.5, float_zeros=False, rows=16, uneven=False, seed=0):
+    """A packed layer whose every ``rows``-row block keeps the same group columns; ``uneven``: blocks
+    keep different numbers of groups (one block none at all)."""
+    gen = torch.Generator().manual_seed(seed)
+    c = math.ceil(k / g)
+    w = torch.randn(n, c, g, generator=gen)
+    valid = (torch.arange(c * g).reshape(c, g) < k)[None]
+    s, z = quant.minmax_params(w, bits, valid=valid)
+    if float_zeros:
+        z = z + torch.rand(z.shape, generator=gen) * 0.8 - 0.4
+    q = quant.quantize(w, s, z, bits)
+    nb = -(-n // rows)
+    if uneven:
+        bmask = torch.rand(nb, c, generator=gen) < torch.linspace(0.1, 0.95, nb)[:, None]
+        bmask[nb // 2] = False
+    else:
+        keep = max(1, round((1 - sparsity) * c))
+        bmask = torch.zeros(nb, c, dtype=torch.bool)
+        bmask.scatter_(1, torch.rand(nb, c, generator=gen).argsort(1)[:, :keep], True)
+    mask = bmask.repeat_interleave(rows, 0)[:n]
+    p = fmt.pack(q, s, z, mask, (n, k), bits, g, float_zeros=float_zeros)
+    p.validate()
+    return p
+
+
+def launch(x, layout, cfg, bias=None):
+    y = torch.full((x.shape[0], layout.shape[0]), float("nan"), dtype=x.dtype)
+    out = block_gemm.launch_block(x, layout, bias, y, cfg)
+    assert out.data_ptr() == y.data_ptr()
+    return y
+
+
+# ----------------------------------------------------------------------------- detection and layout
+
+
+@pytest.mark.parametrize("rows,n", [(16, 40), (32, 100), (64, 130), (128, 300)])
+def test_detect_block_rows(rows, n):
+    p = make_block_packed(n, 256, 16, rows=rows)
+    assert block_layout.detect_block_rows(p) == rows
+
+
+def test_detect_irregular_is_none():
+    from test_gemv import make_packed
+
+    assert block_layout.detect_block_rows(make_packed(40, 256, 16, 4, 0.5)) is None
+    p = make_block_packed(64, 256, 16, rows=16)
+    col = p.col_idx.clone()
+    row5 = slice(int(p.row_ptr[5]), int(p.row_ptr[6]))
+    col[row5] = col[row5].flip(0).sort().values  # same set: still uniform
+    assert block_layout.detect_block_rows(fmt.PackedLinear(**{**p.tensors(), "col_idx": col}, shape=p.shape,
+                                                           bits=p.bits, group_size=p.group_size)) == 16
+    last = int(p.row_ptr[6]) - 1  # one row's last kept column moved: no longer uniform
+    free = sorted(set(range(p.n_group_cols)) - set(col[row5].tolist()))
+    col[last] = free[-1] if free[-1] > int(col[last - 1]) else col[last]
+    if int(col[last]) != int(p.col_idx[last]):
+        bad = fmt.PackedLinear(**{**p.tensors(), "col_idx": col}, shape=p.shape, bits=p.bits, group_size=p.group_size)
+        assert block_layout.detect_block_rows(bad) is None
+    with pytest.raises(ValueError, match="not block-uniform"):
+        block_layout.build_block_layout(make_packed(40, 256, 16, 4, 0.5))
+
+
+@pytest.mark.parametrize("n,k,g,bits,fz,rows,uneven", [
+    (37, 200, 16, 4, False, 16, True),  # K % G != 0, partial last block, uneven blocks, an empty block
+    (70, 300, 32, 2, True, 32, True),  # 2 bits: 4 slots per byte tile, padding slots
+    (130, 512, 64, 8, False, 64, False),
+    (20, 256, 128, 4, True, 16, False),
+])
+def test_layout_dequantize_is_reference(n, k, g, bits, fz, rows, uneven):
+    p = make_block_packed(n, k, g, bits, 0.5, fz, rows, uneven)
+    lay = block_layout.build_block_layout(p)
+    assert lay.rows == rows and lay.version == block_layout.BLOCK_LAYOUT_VERSION
+    for dt in (torch.float32, torch.float16, torch.bfloat16):
+        assert torch.equal(block_layout.dequantize(lay, dt), reference.dequantize(p, dt))
+    # a block128-uniform layer can be laid out with smaller blocks too
+    lay16 = block_layout.build_block_layout(p, 16)
+    assert torch.equal(block_layout.dequantize(lay16), reference.dequantize(p))
+
+
+# ----------------------------------------------------------------------------- kernel
+
+C = block_gemm.BlockConfig
+# n, k, G, bits, float zeros, rows, uneven, M, dtype, bias, config
+CASES = [
+    (37, 200, 16, 4, False, 16, True, 1, torch.float16, True, C(np=2)),  # M = 1, K % G != 0, partial block
+    (29, 256, 32, 4, True, 16, False, 2, torch.bfloat16, False, C(np=1, split_k=2)),  # float zeros, split-K
+    (40, 300, 64, 4, False, 32, True, 16, torch.float16, True, C(np=2, split_k=3)),  # M bucket ≤ 16
+    (70, 256, 16, 2, False, 16, True, 5, torch.float16, False, C(np=1)),  # 2 bits
+    (50, 200, 32, 2, True, 32, False, 8, torch.bfloat16, True, C(np=2)),
+    (40, 160, 16, 8, False, 16, False, 3, torch.bfloat16, True, C(np=2, split_k=2)),  # 8 bits
+    (20, 300, 128, 8, True, 16, True, 4, torch.float16, False, C(np=1)),
+    (64, 256, 16, 4, False, 64, False, 40, torch.float16, True, C(block_m=64, np=2, scale_after=False)),  # M ≤ 64
+    (33, 200, 16, 4, True, 16, True, 40, torch.bfloat16, False, C(block_m=32, np=1)),
+    (130, 256, 16, 4, False, 128, False, 70, torch.float16, False, C(block_m=64, np=1, scale_after=False)),
+    (40, 200, 16, 2, False, 16, True, 33, torch.bfloat16, True, C(block_m=64, np=2, scale_after=False, split_k=1)),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}x{c[1]}-G{c[2]}-b{c[3]}-fz{int(c[4])}-R{c[5]}-"
+                                                       f"u{int(c[6])}-M{c[7]}-{str(c[8])[6:]}")
+def test_block_kernel_matches_reference(case):
+    n, k, g, bits, fz, rows, uneven, m, dtype, has_bias, cfg = case
+    p = make_block_packed(n, k, g, bits, 0.5, fz, rows, uneven)
+    lay = block_layout.build_block_layout(p)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    bias = torch.randn(n, generator=gen).to(dtype) if has_bias else None
+    check(launch(x, lay, cfg, bias), x, p, bias)
+    ws = gemm.workspace(torch.device("cpu"))  # split-K leaves the workspace clean
+    assert not bool(ws.partial.any()) and not bool(ws.counters.any())
+
+
+def test_block_kernel_nothing_kept():
+    p = make_block_packed(32, 128, 16, rows=16, sparsity=1.0)
+    p = fmt.PackedLinear(row_ptr=torch.zeros(33, dtype=torch.int32), col_idx=p.col_idx[:0], qweight=p.qweight[:0],
+                         scales=p.scales[:0], zeros=p.zeros[:0], shape=(32, 128), bits=4, group_size=16)
+    lay = block_layout.build_block_layout(p, 16)
+    x = torch.randn(3, 128).half()
+    bias = torch.randn(32).half()
+    assert torch.equal(launch(x, lay, C(np=1), bias), bias.expand(3, 32))
+
+
+def test_block_launch_rejects_bad_input():
+    lay = block_layout.build_block_layout(make_block_packed(32, 128, 16, rows=16))
+    y = torch.empty(2, 32, dtype=torch.float16)
+    with pytest.raises(ValueError, match="float16 or bfloat16"):
+        block_gemm.launch_block(torch.randn(2, 128), lay, None, y, C())
+    with pytest.raises(ValueError, match="features"):
+        block_gemm.launch_block(torch.randn(2, 64).half(), lay, None, y, C())
+    with pytest.raises(ValueError, match="y must be"):
+        block_gemm.launch_block(torch.randn(3, 128).half(), lay, None, y, C())
+    with pytest.raises(ValueError, match="block_m"):
+        C(block_m=8)
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
+def test_dispatch_picks_block_path():
+    p = make_block_packed(64, 256, 16, rows=32)
+    plan = dispatch.LinearPlan(p)
+    assert plan.block_rows == 32 and plan.block is not None and plan.layout is None
+    tb = dispatch.H200_TABLE.block
+    for m in (1, 3, 16, 40, 300):
+        want = "expand" if m >= tb.expand_from(32) else "gemv" if m <= tb.gemv_max_m else "block"
+        assert plan.path(m) == want
+    for m in (3, 17):
+        x = torch.randn(m, 256).half()
+        check(plan(x), x, p)
+    from test_gemv import make_packed
+
+    irregular = dispatch.LinearPlan(make_packed(40, 256, 16, 4, 0.5))
+    assert irregular.block is None and irregular.path(16) == "gemm"
+
+
+def test_block_table_json_roundtrip():
+    t = dispatch.H200_TABLE
+    assert t.block is not None
+    assert dispatch.table_from_json(dispatch.table_to_json(t)) == t
+    assert t.block.config(32, 16) == t.block.config(16, 16)  # an unmeasured height takes the one below
+    assert t.block.config(128, 1 << 20) == t.block.buckets[-1][1][-1][1]
