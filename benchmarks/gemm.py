@@ -171,9 +171,9 @@ def block_candidates(m, rows, g=16):
     C = block_gemm.BlockConfig
     p2 = max(16, 1 << max(0, (m - 1).bit_length()))
     if m <= 16:
-        return [C(block_m=16, np=npp, num_warps=nw, num_stages=3, waves=wv)
-                for npp in (2, 4) for nw in ((1, 2) if rows <= 32 else (2, 4) if rows <= 64 else (4, 8))
-                for wv in (2.0, 4.0)]
+        return [C(block_m=16, np=npp, num_warps=nw, num_stages=3, waves=4.0, scale_after=sa)
+                for npp in (2, 4) for nw in ((1, 2) if rows <= 32 else (1, 2, 4) if rows <= 64 else (2, 4, 8))
+                for sa in (True, False)]
     if m <= 64:
         return [C(block_m=p2, np=npp, num_warps=4, num_stages=3, waves=wv, scale_after=sa)
                 for npp in (1, 2) for wv in (1.0, 2.0) for sa in (True, False)]
