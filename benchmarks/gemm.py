@@ -332,7 +332,7 @@ def run_matrix(args, bw, records):
     for model, (n, k) in shapes:
         t0 = time.time()
         methods = [bg.make_fp16(n, k, args.rot_bytes), bg.make_tinygemm(n, k, 128, args.rot_bytes)]
-        block_rows = [int(r) for r in args.block_rows.split(",") if r]
+        block_rows = [int(r) for r in (args.matrix_rows or args.block_rows).split(",") if r]
         for sp in (0.5,) if args.quick else (0.5, 0.3):
             methods.append(GqsaMethod(n, k, sp, 16, args.rot_bytes))
             for r in block_rows if sp == 0.5 else block_rows[-1:]:
@@ -458,6 +458,7 @@ def main(argv=None):
     ap.add_argument("--block-sweep", action="store_true", help="BlockConfig candidates per M (block16/64)")
     ap.add_argument("--block-rows", default="16,64", help="block heights of the sweep and the matrix")
     ap.add_argument("--sweep-batches", default="", help="M of the sweeps (default: --batches)")
+    ap.add_argument("--matrix-rows", default="", help="block heights of the matrix (default: --block-rows)")
     ap.add_argument("--matrix", action="store_true", help="the side-by-side matrix (default when nothing else)")
     ap.add_argument("--quick", action="store_true", help="fp16, tinygemm and GQSA S50 only")
     ap.add_argument("--use-sweep", action="store_true", help="the matrix runs with the table the sweep found")
