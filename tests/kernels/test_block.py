@@ -176,6 +176,14 @@ def test_dispatch_picks_block_path():
     for m in (3, 17):
         x = torch.randn(m, 256).half()
         check(plan(x), x, p)
+    # block16: the irregular GEMM in its range (TileLayout built on first use), the block kernel below
+    p16 = make_block_packed(48, 256, 16, rows=16)
+    plan16 = dispatch.LinearPlan(p16)
+    assert plan16.block_rows == 16 and plan16.path(8) == "block" and plan16.path(tb.tile_from(16)) == "gemm"
+    assert plan16.layout is None
+    x = torch.randn(tb.tile_from(16), 256).half()
+    check(plan16(x), x, p16)
+    assert plan16.layout is not None
     from test_gemv import make_packed
 
     irregular = dispatch.LinearPlan(make_packed(40, 256, 16, 4, 0.5))

@@ -48,19 +48,24 @@ class BlockTable:
     table takes the largest one below it. ``expand_min_m``: ``((rows, m), ...)``, from ``m`` rows on
     the per-call dense expansion + cuBLAS (absent: never). ``max_rows``: the layout is built with at
     most this many rows per block (a block128 layer can run as block64). ``gemv_max_m``: up to this
-    many rows, the decode GEMV of :mod:`gqsa.kernels.gemv` (canonical layout) instead."""
+    many rows, the decode GEMV of :mod:`gqsa.kernels.gemv` (canonical layout) instead. ``tile_min_m``:
+    ``((rows, m), ...)``, from ``m`` rows on (until the expansion) the irregular tensor-core GEMM of
+    :mod:`gqsa.kernels.gemm` instead (its TileLayout is built on the first such call)."""
 
     buckets: tuple = field(default_factory=tuple)
     expand_min_m: tuple = field(default_factory=tuple)
     max_rows: int = 128
     gemv_max_m: int = 0  # up to this many rows the canonical-layout GEMV serves block layers too
+    tile_min_m: tuple = field(default_factory=tuple)  # ((rows, m), ...): the irregular GEMM from m rows on
 
-    def _for(self, pairs, rows):
+    @staticmethod
+    def _for(pairs, rows, below_all=True):
+        """The value of the largest height ≤ rows (``below_all``: the smallest height's when none is)."""
         best = None
         for r, v in pairs:
             if r <= rows:
                 best = v
-        return best if best is not None else (pairs[0][1] if pairs else None)
+        return best if best is not None or not below_all else (pairs[0][1] if pairs else None)
 
     def config(self, rows: int, m: int) -> BlockConfig:
         buckets = self._for(self.buckets, rows)
@@ -70,7 +75,10 @@ class BlockTable:
         return buckets[-1][1]
 
     def expand_from(self, rows: int) -> int | None:
-        return self._for(self.expand_min_m, rows)
+        return self._for(self.expand_min_m, rows, below_all=False)
+
+    def tile_from(self, rows: int) -> int | None:
+        return self._for(self.tile_min_m, rows, below_all=False)
 
 
 @dataclass(frozen=True)
@@ -94,25 +102,30 @@ class DispatchTable:
 _B = BlockConfig
 # Measured on the H200 (benchmarks/gemm.py --block-sweep, 2026-12-01, benchmarks/RESULTS.md): per block
 # height and bucket, the candidate with the least total time over 4096×4096, 11008×4096 and 28672×8192
-# (W4 S50 G16). expand_min_m: block16 lost to dense expansion + cuBLAS from M = 256 on (0.13–0.17× cuBLAS
-# against 0.41–0.51×); block64/128 won at M = 256 (0.30–0.60×) and lost at M = 2048 (0.55–0.67× against
+# (W4 S50 G16); the M ≤ 16 buckets from the sweep at M = 16 (a later run than the others). Then, from
+# the matrix run with this table (same day): the block kernel beat the GEMV at M = 2 summed over those
+# shapes for block16 (123 against 133 µs) and block64 (103 against 133 µs): gemv_max_m = 1; for block16
+# the irregular GEMM beat the block kernel at M = 32 and 64 (on 3 shapes of 3): tile_min_m 17.
+# expand_min_m: block16 lost to dense expansion + cuBLAS from M = 256 on (0.13–0.17× cuBLAS against
+# 0.41–0.51×); block64/128 won at M = 256 on 2 shapes of 3 and lost at M = 2048 (0.55–0.67× against
 # 0.81–0.94×): the crossover between them was not measured, 512 is a guess inside that interval.
 H200_BLOCK_TABLE = BlockTable(
     buckets=(
-        (16, ((16, _B(block_m=16, np=4, num_warps=2, num_stages=3, waves=4.0)),
+        (16, ((16, _B(block_m=16, np=4, num_warps=1, num_stages=3, waves=4.0, scale_after=False)),
               (64, _B(block_m=64, np=2, num_warps=4, num_stages=3, waves=2.0)),
               (1 << 62, _B(block_m=128, np=1, num_warps=4, num_stages=3, waves=1.0, scale_after=False)))),
-        (64, ((16, _B(block_m=16, np=2, num_warps=4, num_stages=3, waves=4.0)),
+        (64, ((16, _B(block_m=16, np=4, num_warps=4, num_stages=3, waves=4.0, scale_after=False)),
               (64, _B(block_m=64, np=2, num_warps=4, num_stages=3, waves=2.0, scale_after=False)),
               (256, _B(block_m=128, np=2, num_warps=4, num_stages=3, waves=1.0, scale_after=False)),
               (1 << 62, _B(block_m=128, np=2, num_warps=4, num_stages=4, split_k=1, scale_after=False)))),
-        (128, ((16, _B(block_m=16, np=1, num_warps=4, num_stages=4, waves=2.0)),
+        (128, ((16, _B(block_m=16, np=4, num_warps=2, num_stages=3, waves=4.0)),
                (64, _B(block_m=64, np=1, num_warps=4, num_stages=3, waves=2.0, scale_after=False)),
                (256, _B(block_m=128, np=2, num_warps=8, num_stages=3, waves=1.0, scale_after=False)),
                (1 << 62, _B(block_m=128, np=2, num_warps=8, num_stages=4, split_k=1, scale_after=False)))),
     ),
     expand_min_m=((16, 256), (64, 512)),
-    gemv_max_m=2,
+    gemv_max_m=1,
+    tile_min_m=((16, 17), (32, 1 << 62)),  # block32 and up: never
 )
 
 
@@ -141,6 +154,7 @@ def table_to_json(table: DispatchTable) -> dict:
     if table.block is not None:
         b = table.block
         out["block"] = {"max_rows": b.max_rows, "gemv_max_m": b.gemv_max_m,
+                        "tile_min_m": [list(p) for p in b.tile_min_m],
                         "expand_min_m": [list(p) for p in b.expand_min_m],
                         "buckets": [[r, [[m, dict(c.__dict__)] for m, c in bk]] for r, bk in b.buckets]}
     return out
@@ -156,7 +170,8 @@ def table_from_json(obj: dict) -> DispatchTable:
             block = BlockTable(
                 buckets=tuple((int(r), tuple((int(m), BlockConfig(**c)) for m, c in bk)) for r, bk in b["buckets"]),
                 expand_min_m=tuple((int(r), int(m)) for r, m in b.get("expand_min_m", ())),
-                max_rows=int(b.get("max_rows", 128)), gemv_max_m=int(b.get("gemv_max_m", 0)))
+                max_rows=int(b.get("max_rows", 128)), gemv_max_m=int(b.get("gemv_max_m", 0)),
+                tile_min_m=tuple((int(r), int(m)) for r, m in b.get("tile_min_m", ())))
             if not block.buckets or not all(bk for _, bk in block.buckets):
                 raise ValueError("empty block buckets")
         return DispatchTable(gemv_max_m=int(obj["gemv_max_m"]), buckets=buckets,
@@ -228,6 +243,9 @@ class LinearPlan:
             exp = self.table.block.expand_from(self.block.rows)
             if exp is not None and m >= exp:
                 return "expand"
+            tile = self.table.block.tile_from(self.block.rows)
+            if tile is not None and m >= tile:
+                return "gemm"
             return "gemv" if m <= self.table.block.gemv_max_m else "block"
         if self.table.expand_min_m is not None and m >= self.table.expand_min_m:
             return "expand"
@@ -262,6 +280,8 @@ class LinearPlan:
         if path == "block":
             launch_block(x2, self.block, bias, y, self.table.block.config(self.block.rows, m), self.sms)
             return y.view(*lead, n)
+        if self.layout is None:  # a block layer in its irregular-GEMM range: the TileLayout on first use
+            self.layout = build_tile_layout(p)
         launch_gemm(x2, self.layout, bias, y, self.table.config(m), self.sms)
         return y.view(*lead, n)
 
