@@ -45,6 +45,7 @@ class BlockConfig:
     split_k: int = 0
     waves: float = 2.0
     scale_after: bool = True
+    asm: bool = True  # 4-bit codes, fp16, integer zeros, compiled: inline-PTX nibble dequantization
 
     def __post_init__(self):
         if self.block_m < 16 or self.block_m & (self.block_m - 1):
@@ -104,7 +105,9 @@ def launch_block(x2: torch.Tensor, layout: BlockLayout, bias: torch.Tensor | Non
     consts = dict(R=layout.rows, G=layout.group_size, BITS=layout.bits, BLOCK_M=cfg.block_m, NP=cfg.np,
                   STEPS=sps if _interpret() else 0, SPLIT=split > 1, HAS_BIAS=bias is not None,
                   SCALE_AFTER=cfg.scale_after, DOT_F32=_interpret() and x2.dtype == torch.bfloat16,
-                  FLOAT_Z=layout.float_zeros, FP16=x2.dtype == torch.float16)
+                  FLOAT_Z=layout.float_zeros, FP16=x2.dtype == torch.float16,
+                  ASM=cfg.asm and not _interpret() and layout.bits == 4 and x2.dtype == torch.float16
+                  and not layout.float_zeros)
     qw, sz, cols = layout.qweight, layout.sz, layout.cols
     if layout.n_slots == 0:  # nothing kept: every load is masked, but the pointers must be real
         qw, sz, cols = (t.new_zeros(layout.rows * layout.group_size) for t in (qw, sz, cols))

@@ -38,12 +38,33 @@ else:  # pragma: no cover
     tl = None
 
 
+# Inline PTX for 4-bit codes with fp16 activations (compiled mode only, ``ASM``): 4 bytes of a byte tile
+# (4 features; slot 0 in the low nibbles, slot 1 in the high ones) in one register → 1024 + q as fp16
+# for both slots. prmt spreads bytes 0, 1 (2, 3) into the two half-words; OR-ing a low nibble into the
+# mantissa of 1024.0 (0x6400) gives 1024 + q exactly; a high nibble gives 1024 + 16·q, and
+# fma(v, 1/16, 960) = 1024 + q exactly. 2 prmt + 4 lop3 + 2 fma per 8 codes.
+_NIB2H = """{
+.reg .b32 t0, t1, h0, h1, k16, k960;
+mov.b32 k16, 0x2C002C00;
+mov.b32 k960, 0x63806380;
+prmt.b32 t0, $4, 0, 0x4140;
+prmt.b32 t1, $4, 0, 0x4342;
+lop3.b32 $0, t0, 0x000F000F, 0x64006400, 0xea;
+lop3.b32 $1, t1, 0x000F000F, 0x64006400, 0xea;
+lop3.b32 h0, t0, 0x00F000F0, 0x64006400, 0xea;
+lop3.b32 h1, t1, 0x00F000F0, 0x64006400, 0xea;
+fma.rn.f16x2 $2, h0, k16, k960;
+fma.rn.f16x2 $3, h1, k16, k960;
+}"""
+NIB2H = tl.constexpr(_NIB2H) if HAS_TRITON else _NIB2H
+
+
 def block_kernel(
     x_ptr, qb_ptr, sz_ptr, col_ptr, bp_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, K, sps, split_k, stride_xm, stride_ym, n_blocks,
     R: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr, NP: tl.constexpr,
     STEPS: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, SCALE_AFTER: tl.constexpr,
-    DOT_F32: tl.constexpr, FLOAT_Z: tl.constexpr, FP16: tl.constexpr,
+    DOT_F32: tl.constexpr, FLOAT_Z: tl.constexpr, FP16: tl.constexpr, ASM: tl.constexpr,
 ):
     CPB: tl.constexpr = 8 // BITS  # slots per byte tile
     QM: tl.constexpr = (1 << BITS) - 1
@@ -66,24 +87,34 @@ def block_kernel(
             u = u_start + i * NP + p
             ok = u < u_hi
             b = tl.load(qb_ptr + u * (R * G) + tile_off, mask=ok, other=0)  # uint8 [R, G]
+            if ASM:  # 4 bits, fp16: 1024 + q of both slots by inline PTX
+                h0, h1 = tl.inline_asm_elementwise(NIB2H, "=r,=r,=r,=r,r", [b], dtype=(tl.float16, tl.float16),
+                                                   is_pure=True, pack=4)
             for c in tl.static_range(CPB):
                 slot = u * CPB + c
-                col = tl.load(col_ptr + slot, mask=ok, other=-1)
+                # the column as a [G, 1] tensor (one address): a tensor load the software pipeliner can
+                # issue stages ahead of the activation gather that depends on it (a scalar load it cannot)
+                col = tl.load(col_ptr + slot + ar_t[:, None] * 0, mask=ok, other=-1)
                 szw = tl.load(sz_ptr + slot * R + ar_r, mask=ok, other=0)  # [R] int32: scale | zero << 16
                 s = (szw & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
                 if FLOAT_Z:
                     z = (szw >> 16).to(tl.int16).to(tl.float16, bitcast=True)
                 else:
                     z = (szw >> 16).to(tl.uint8)
-                feat = col * G + ar_t
-                xg = tl.load(x_ptr + col * G + x_off, mask=((col >= 0) & (feat < K))[:, None] & m_ok[None, :],
+                feat = col * G + ar_t[:, None]  # [G, 1]
+                xg = tl.load(x_ptr + col * G + x_off, mask=(col >= 0) & (feat < K) & m_ok[None, :],
                              other=0.0)  # [G, BLOCK_M]
                 if CPB > 1:
                     q = (b >> (c * BITS)) & QM
                 else:
                     q = b
+                if ASM:  # q − z exactly, in fp16
+                    zc = (z.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)
+                    d = (h0 if c == 0 else h1) - zc[:, None]
                 if SCALE_AFTER:
-                    if DOT_F32:  # interpreter, bf16: its integer → bf16 casts are wrong; the same values in fp32
+                    if ASM:
+                        pass
+                    elif DOT_F32:  # interpreter, bf16: its integer → bf16 casts are wrong; the same values in fp32
                         d = q.to(tl.float32)
                         if not FLOAT_Z:
                             d -= z.to(tl.float32)[:, None]
@@ -103,7 +134,9 @@ def block_kernel(
                         part -= z.to(tl.float32)[:, None] * xsum[None, :]
                     acc += part * s.to(tl.float32)[:, None]
                 else:
-                    if FP16 and not FLOAT_Z:  # the reference's value: (q − z) exact, times s rounded once
+                    if ASM:
+                        w = d * s[:, None]
+                    elif FP16 and not FLOAT_Z:  # the reference's value: (q − z) exact, times s rounded once
                         zc = (z.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)
                         w = ((q.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - zc[:, None]) * s[:, None]
                     else:

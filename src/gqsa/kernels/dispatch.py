@@ -106,6 +106,10 @@ _B = BlockConfig
 # the matrix run with this table (same day): the block kernel beat the GEMV at M = 2 summed over those
 # shapes for block16 (123 against 133 µs) and block64 (103 against 133 µs): gemv_max_m = 1; for block16
 # the irregular GEMM beat the block kernel at M = 32 and 64 (on 3 shapes of 3): tile_min_m 17.
+# The M ≤ 16 buckets of block64/128 were then changed, without a sweep, to the configurations with the
+# fewest SASS instructions per kept weight after the inline-PTX dequantization and the pipelined
+# activation gather (benchmarks/RESULTS.md: 5.0 per weight and thread at block64 / 1 warp, 5.0 at
+# block128 / 2 warps, against 11 for the 4-warp configurations): measured in the final matrix run.
 # expand_min_m: block16 lost to dense expansion + cuBLAS from M = 256 on (0.13–0.17× cuBLAS against
 # 0.41–0.51×); block64/128 won at M = 256 on 2 shapes of 3 and lost at M = 2048 (0.55–0.67× against
 # 0.81–0.94×): the crossover between them was not measured, 512 is a guess inside that interval.
@@ -114,11 +118,11 @@ H200_BLOCK_TABLE = BlockTable(
         (16, ((16, _B(block_m=16, np=4, num_warps=1, num_stages=3, waves=4.0, scale_after=False)),
               (64, _B(block_m=64, np=2, num_warps=4, num_stages=3, waves=2.0)),
               (1 << 62, _B(block_m=128, np=1, num_warps=4, num_stages=3, waves=1.0, scale_after=False)))),
-        (64, ((16, _B(block_m=16, np=4, num_warps=4, num_stages=3, waves=4.0, scale_after=False)),
+        (64, ((16, _B(block_m=16, np=4, num_warps=1, num_stages=3, waves=4.0, scale_after=False)),
               (64, _B(block_m=64, np=2, num_warps=4, num_stages=3, waves=2.0, scale_after=False)),
               (256, _B(block_m=128, np=2, num_warps=4, num_stages=3, waves=1.0, scale_after=False)),
               (1 << 62, _B(block_m=128, np=2, num_warps=4, num_stages=4, split_k=1, scale_after=False)))),
-        (128, ((16, _B(block_m=16, np=4, num_warps=2, num_stages=3, waves=4.0)),
+        (128, ((16, _B(block_m=16, np=4, num_warps=2, num_stages=3, waves=4.0, scale_after=False)),
                (64, _B(block_m=64, np=1, num_warps=4, num_stages=3, waves=2.0, scale_after=False)),
                (256, _B(block_m=128, np=2, num_warps=8, num_stages=3, waves=1.0, scale_after=False)),
                (1 << 62, _B(block_m=128, np=2, num_warps=8, num_stages=4, split_k=1, scale_after=False)))),
