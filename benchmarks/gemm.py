@@ -483,7 +483,9 @@ def main(argv=None):
     if args.check:
         meta["check_ok"] = gpu_check(quick=args.quick)
     if args.block_check:
-        meta["block_check_ok"] = block_check(lambda m, r: block_candidates(m, r)[:1], quick=args.quick)
+        tb = dispatch.default_table().block
+        meta["block_check_ok"] = block_check(lambda m, r: block_candidates(m, r)[:1] + [tb.config(r, m)],
+                                             quick=args.quick)
     if args.block_sweep:
         shapes = [(4096, 4096), (11008, 4096), (28672, 8192)]
         recs, btable = block_sweep(args, shapes, [int(r) for r in args.block_rows.split(",")])
