@@ -171,6 +171,9 @@ def block_candidates(m, rows, g=16):
     """BlockConfig candidates of the sweep for M rows and blocks of ``rows``."""
     C = block_gemm.BlockConfig
     p2 = max(16, 1 << max(0, (m - 1).bit_length()))
+    if os.environ.get("GQSA_BLOCK_AB"):  # A/B of the kernel variants at the table's configuration
+        base = dispatch.H200_TABLE.block.config(rows, m)
+        return [dataclasses.replace(base, asm=a, col_vec=cv) for a in (True, False) for cv in (True, False)]
     if m <= 16:
         return [C(block_m=16, np=npp, num_warps=nw, num_stages=3, waves=4.0, scale_after=sa)
                 for npp in (2, 4) for nw in ((1, 2) if rows <= 32 else (1, 2, 4) if rows <= 64 else (2, 4, 8))

@@ -46,6 +46,7 @@ class BlockConfig:
     waves: float = 2.0
     scale_after: bool = True
     asm: bool = True  # 4-bit codes, fp16, integer zeros, compiled: inline-PTX nibble dequantization
+    col_vec: bool = True  # load each slot's column as a tensor (lets the pipeliner run the gather ahead)
 
     def __post_init__(self):
         if self.block_m < 16 or self.block_m & (self.block_m - 1):
@@ -107,7 +108,7 @@ def launch_block(x2: torch.Tensor, layout: BlockLayout, bias: torch.Tensor | Non
                   SCALE_AFTER=cfg.scale_after, DOT_F32=_interpret() and x2.dtype == torch.bfloat16,
                   FLOAT_Z=layout.float_zeros, FP16=x2.dtype == torch.float16,
                   ASM=cfg.asm and not _interpret() and layout.bits == 4 and x2.dtype == torch.float16
-                  and not layout.float_zeros)
+                  and not layout.float_zeros, COL_VEC=cfg.col_vec)
     qw, sz, cols = layout.qweight, layout.sz, layout.cols
     if layout.n_slots == 0:  # nothing kept: every load is masked, but the pointers must be real
         qw, sz, cols = (t.new_zeros(layout.rows * layout.group_size) for t in (qw, sz, cols))

@@ -64,7 +64,7 @@ def block_kernel(
     M, N, K, sps, split_k, stride_xm, stride_ym, n_blocks,
     R: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr, NP: tl.constexpr,
     STEPS: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, SCALE_AFTER: tl.constexpr,
-    DOT_F32: tl.constexpr, FLOAT_Z: tl.constexpr, FP16: tl.constexpr, ASM: tl.constexpr,
+    DOT_F32: tl.constexpr, FLOAT_Z: tl.constexpr, FP16: tl.constexpr, ASM: tl.constexpr, COL_VEC: tl.constexpr,
 ):
     CPB: tl.constexpr = 8 // BITS  # slots per byte tile
     QM: tl.constexpr = (1 << BITS) - 1
@@ -94,7 +94,10 @@ def block_kernel(
                 slot = u * CPB + c
                 # the column as a [G, 1] tensor (one address): a tensor load the software pipeliner can
                 # issue stages ahead of the activation gather that depends on it (a scalar load it cannot)
-                col = tl.load(col_ptr + slot + ar_t[:, None] * 0, mask=ok, other=-1)
+                if COL_VEC:
+                    col = tl.load(col_ptr + slot + ar_t[:, None] * 0, mask=ok, other=-1)
+                else:
+                    col = tl.load(col_ptr + slot, mask=ok, other=-1)
                 szw = tl.load(sz_ptr + slot * R + ar_r, mask=ok, other=0)  # [R] int32: scale | zero << 16
                 s = (szw & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
                 if FLOAT_Z:
