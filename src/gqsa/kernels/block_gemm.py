@@ -46,7 +46,7 @@ class BlockConfig:
     waves: float = 2.0
     scale_after: bool = True
     asm: bool = True  # 4-bit codes, fp16, integer zeros, compiled: inline-PTX nibble dequantization
-    col_vec: bool = True  # load each slot's column as a tensor (lets the pipeliner run the gather ahead)
+    col_vec: bool = False  # the column as a [G, 1] tensor load (pipelined gather): measured slower, off
 
     def __post_init__(self):
         if self.block_m < 16 or self.block_m & (self.block_m - 1):

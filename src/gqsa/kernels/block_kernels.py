@@ -92,8 +92,9 @@ def block_kernel(
                                                    is_pure=True, pack=4)
             for c in tl.static_range(CPB):
                 slot = u * CPB + c
-                # the column as a [G, 1] tensor (one address): a tensor load the software pipeliner can
-                # issue stages ahead of the activation gather that depends on it (a scalar load it cannot)
+                # COL_VEC: the column as a [G, 1] tensor (one address), a load the software pipeliner can
+                # issue stages ahead of the gather that depends on it (a scalar load it cannot). Fewer
+                # stalls in theory, but 5–60 % slower on the H200 (benchmarks/RESULTS.md): off by default.
                 if COL_VEC:
                     col = tl.load(col_ptr + slot + ar_t[:, None] * 0, mask=ok, other=-1)
                 else:

@@ -109,7 +109,9 @@ _B = BlockConfig
 # The M ≤ 16 buckets of block64/128 were then changed, without a sweep, to the configurations with the
 # fewest SASS instructions per kept weight after the inline-PTX dequantization and the pipelined
 # activation gather (benchmarks/RESULTS.md: 5.0 per weight and thread at block64 / 1 warp, 5.0 at
-# block128 / 2 warps, against 11 for the 4-warp configurations): measured in the final matrix run.
+# block128 / 2 warps, against 11 for the 4-warp configurations): measured in the final matrix run
+# (with the column load pipelined, BlockConfig.col_vec, then the default) and in an A/B run at M = 4 and
+# 16 on the 3 shapes, where col_vec off was faster at every point (now the default).
 # expand_min_m: block16 lost to dense expansion + cuBLAS from M = 256 on (0.13–0.17× cuBLAS against
 # 0.41–0.51×); block64/128 won at M = 256 on 2 shapes of 3 and lost at M = 2048 (0.55–0.67× against
 # 0.81–0.94×): the crossover between them was not measured, 512 is a guess inside that interval.
