@@ -102,6 +102,10 @@ def test_bad_mask_and_target_are_refused():
     GQSAConfig(mask="iter3")
     GQSAConfig(mask="adaptive16")
     GQSAConfig(mask="cg20", allocation="layer")
+    GQSAConfig(mask="cg20", allocation="block64")
+    with pytest.raises(ValueError, match="allocation must be one of"):
+        GQSAConfig(allocation="block12")
     for mask in ("iter2", "adaptive"):  # row-balanced by construction
-        with pytest.raises(ValueError, match="allocation 'row'"):
-            GQSAConfig(mask=mask, allocation="layer")
+        for allocation in ("layer", "block16"):
+            with pytest.raises(ValueError, match="allocation 'row'"):
+                GQSAConfig(mask=mask, allocation=allocation)

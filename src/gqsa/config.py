@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field, fields
 from . import quant
 
 SALIENCIES = ("magnitude", "wanda", "hessian")
-ALLOCATIONS = ("row", "layer")
+ALLOCATIONS = ("row", "layer", "block16", "block32", "block64", "block128")
 QUANT_INITS = ("minmax", "mse")
 STAGES = ("oneshot", "bqpo", "bqpo+e2e")
 BQPO_TARGETS = ("fp", "qinput")
@@ -33,7 +33,9 @@ class GQSAConfig:
         (Σ|W|·‖X_col‖₂) or ``hessian`` (group OBS error ``w_gᵀ [H⁻¹]_gg⁻¹ w_g`` from the layer's
         ``H = XᵀX``, followed by SparseGPT/GPTQ-style compensation of the kept weights).
     allocation: ``row`` keeps exactly the same number of groups in every row; ``layer`` ranks all
-        groups of the layer together.
+        groups of the layer together; ``blockR`` (R = 16, 32, 64, 128) keeps the same group columns in
+        every run of R consecutive rows (same count in every run): coarser masks that the block
+        kernels serve without per-row indices.
     quant_init: ``minmax`` or ``mse`` (clipping search minimizing the group's squared error,
         weighted by activation energy when calibration data is there).
     damp: Hessian dampening as a fraction of its mean diagonal (hessian saliency).

@@ -63,7 +63,10 @@ def saliency(w: torch.Tensor, group_size: int, method: str, hessian: torch.Tenso
 
 def select_mask(score: torch.Tensor, sparsity: float, allocation: str = "row") -> torch.Tensor:
     """Keep the highest-scoring groups: ``row`` keeps ``round((1−S)·C)`` groups in every row,
-    ``layer`` keeps ``round((1−S)·N·C)`` groups anywhere in the layer (at least one per layer)."""
+    ``layer`` keeps ``round((1−S)·N·C)`` groups anywhere in the layer (at least one per layer),
+    ``blockR`` keeps ``round((1−S)·C)`` group columns per run of ``R`` consecutive rows (rows
+    ``b·R … b·R+R−1``; the last run may be shorter), the same columns in every row of the run, ranked
+    by the summed score of its rows: the pattern the block kernels read without per-row indices."""
     n, c = score.shape
     if allocation == "row":
         keep = min(c, max(1, round((1 - sparsity) * c)))
@@ -73,7 +76,22 @@ def select_mask(score: torch.Tensor, sparsity: float, allocation: str = "row") -
         keep = min(n * c, max(1, round((1 - sparsity) * n * c)))
         idx = score.flatten().topk(keep).indices
         return torch.zeros(n * c, dtype=torch.bool, device=score.device).scatter_(0, idx, True).reshape(n, c)
-    raise ValueError(f"unknown allocation '{allocation}': use row or layer")
+    rows = block_rows(allocation)
+    if rows is not None:
+        nb = math.ceil(n / rows)
+        summed = torch.nn.functional.pad(score.float(), (0, 0, 0, nb * rows - n)).reshape(nb, rows, c).sum(1)
+        return select_mask(summed, sparsity, "row").repeat_interleave(rows, dim=0)[:n]
+    raise ValueError(f"unknown allocation '{allocation}': use row, layer or blockR (R = 16, 32, 64 or 128)")
+
+
+BLOCK_ROWS = (16, 32, 64, 128)
+
+
+def block_rows(allocation: str) -> int | None:
+    """``R`` of a ``blockR`` allocation (R in :data:`BLOCK_ROWS`), None for any other name."""
+    if allocation.startswith("block") and allocation[5:].isdigit() and int(allocation[5:]) in BLOCK_ROWS:
+        return int(allocation[5:])
+    return None
 
 
 def upper_cholesky_of_inverse(h: torch.Tensor) -> torch.Tensor:
