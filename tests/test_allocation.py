@@ -106,6 +106,6 @@ def test_bad_mask_and_target_are_refused():
     with pytest.raises(ValueError, match="allocation must be one of"):
         GQSAConfig(allocation="block12")
     for mask in ("iter2", "adaptive"):  # row-balanced by construction
-        for allocation in ("layer", "block16"):
+        for alloc in ("layer", "block16"):
             with pytest.raises(ValueError, match="allocation 'row'"):
-                GQSAConfig(mask=mask, allocation=allocation)
+                GQSAConfig(mask=mask, allocation=alloc)
