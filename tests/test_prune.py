@@ -70,6 +70,29 @@ def test_block_allocation_keeps_the_same_columns_in_every_run_of_rows(rows, n):
     assert prune.block_rows("row") is None and prune.block_rows("block12") is None
 
 
+@pytest.mark.parametrize("rows,n", [(16, 64), (16, 40), (32, 100)])
+def test_cluster_allocation_shares_one_mask_per_cluster_and_keeps_more_than_blocks(rows, n):
+    """clusterR: every row is in a cluster of exactly R rows (one shorter cluster when R ∤ N) whose rows
+    keep the same group columns, row-balanced; rows are moved between clusters only when that keeps more
+    of the score than the consecutive blocks do. Here the rows come from 4 hidden patterns, interleaved, so
+    consecutive blocks mix them and clusters can separate them."""
+    c, sparsity = 12, 0.5
+    gen = torch.Generator().manual_seed(rows + n)
+    patterns = torch.rand(4, c, generator=gen) ** 4
+    score = patterns[torch.arange(n) % 4] + 0.01 * torch.rand(n, c, generator=gen)
+    mask = prune.select_mask(score, sparsity, f"cluster{rows}")
+    assign = prune.cluster_assignment(score, sparsity, rows)
+    sizes = torch.bincount(assign).tolist()
+    assert sorted(sizes, reverse=True) == [rows] * (n // rows) + ([n % rows] if n % rows else [])
+    for b in range(len(sizes)):
+        members = mask[assign == b]
+        assert bool((members == members[0]).all())
+    assert bool((mask.sum(1) == c // 2).all())
+    block = prune.select_mask(score, sparsity, f"block{rows}")
+    assert score[mask].sum() > score[block].sum()
+    assert prune.cluster_rows(f"cluster{rows}") == rows and prune.cluster_rows(f"block{rows}") is None
+
+
 def test_block_allocation_survives_the_refit_and_the_packed_form():
     """The default one-shot (cg20 re-fit) keeps the block mask, and the packed layer's rows of a run
     have identical column indices (what the block kernels detect)."""

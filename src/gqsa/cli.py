@@ -30,7 +30,7 @@ several GPUs (data-parallel BQPO and E2E-OQP; rank 0 writes the folder):
 
 
 METHODS = ("gqsa", "rtn", "gptq", "wanda", "sparsegpt", "magnitude")
-ALLOCATIONS = ("row", "layer", "block16", "block32", "block64", "block128")  # gqsa.config.ALLOCATIONS (torch-free here)
+ALLOCATIONS = ("row", "layer", "block16", "block32", "block64", "block128", "cluster16", "cluster32", "cluster64", "cluster128")  # gqsa.config.ALLOCATIONS (torch-free here)
 THREADS_HELP = ("CPU threads of torch (default: the cores free now — CPUs minus the 1-minute load average, at "
                 "least 1 — or $GQSA_THREADS)")
 COMPRESS_THREADS_HELP = ("CPU threads of torch (default: torch's own, one per core, so that a rerun or --resume "
@@ -79,7 +79,8 @@ def _add_compress(sub):
                    help="group ranking; hessian also compensates the kept weights (default hessian)")
     g.add_argument("--allocation", default="row", choices=ALLOCATIONS,
                    help="row: same kept-group count in every row; layer: ranked per layer; blockR: the same kept "
-                        "columns in every R consecutive rows, for the block kernels (default row)")
+                        "columns in every R consecutive rows, for the block kernels; clusterR: the same in clusters "
+                        "of R rows chosen to keep the most (default row)")
     g.add_argument("--quant-init", default="mse", choices=("minmax", "mse"),
                    help="scale/zero init: min-max or clipping search (default mse)")
     g.add_argument("--damp", type=float, default=0.01, help="Hessian dampening, fraction of mean diagonal")

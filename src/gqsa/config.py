@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field, fields
 from . import quant
 
 SALIENCIES = ("magnitude", "wanda", "hessian")
-ALLOCATIONS = ("row", "layer", "block16", "block32", "block64", "block128")
+ALLOCATIONS = ("row", "layer", "block16", "block32", "block64", "block128", "cluster16", "cluster32", "cluster64", "cluster128")
 QUANT_INITS = ("minmax", "mse")
 STAGES = ("oneshot", "bqpo", "bqpo+e2e")
 BQPO_TARGETS = ("fp", "qinput")
@@ -35,7 +35,8 @@ class GQSAConfig:
     allocation: ``row`` keeps exactly the same number of groups in every row; ``layer`` ranks all
         groups of the layer together; ``blockR`` (R = 16, 32, 64, 128) keeps the same group columns in
         every run of R consecutive rows (same count in every run): coarser masks that the block
-        kernels serve without per-row indices.
+        kernels serve without per-row indices; ``clusterR`` the same with any R rows per cluster (chosen to keep
+        the most saliency, see :func:`gqsa.prune.cluster_assignment`), the kernels writing rows back in order.
     quant_init: ``minmax`` or ``mse`` (clipping search minimizing the group's squared error,
         weighted by activation energy when calibration data is there).
     damp: Hessian dampening as a fraction of its mean diagonal (hessian saliency).
