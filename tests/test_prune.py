@@ -110,6 +110,9 @@ def test_block_allocation_survives_the_refit_and_the_packed_form():
     for method in ("iter1", "adaptive"):
         with pytest.raises(ValueError, match="allocation 'row'"):
             prune.compress_weight(w, 4, g, 0.5, "hessian", "block16", hessian=h, mask_method=method)
+    rr = prune.compress_weight(w, 4, g, 0.5, "hessian", "block16", hessian=h, mask_method="rerank3")
+    assert bool((rr.mask.reshape(3, 16, -1) == rr.mask[::16, None]).all())  # re-ranked, still block-uniform
+    assert bool((rr.mask.sum(1) == k // g // 2).all())
 
 
 @pytest.mark.parametrize("saliency", ["magnitude", "wanda", "hessian"])
@@ -172,7 +175,7 @@ def test_resolve_kept_is_the_least_squares_optimum_of_each_row():
         assert bool((out[r, ~cols] == 0).all())
 
 
-@pytest.mark.parametrize("method", ["iter1", "iter3", "cg10", "adaptive", "adaptive16"])
+@pytest.mark.parametrize("method", ["iter1", "iter3", "cg10", "rerank1", "rerank3", "adaptive", "adaptive16"])
 def test_mask_methods_are_row_balanced_and_beat_the_fixed_mask(method):
     k, g, n = 128, 16, 24
     x, h = correlated_inputs(k)

@@ -85,8 +85,9 @@ def _add_compress(sub):
                    help="scale/zero init: min-max or clipping search (default mse)")
     g.add_argument("--damp", type=float, default=0.01, help="Hessian dampening, fraction of mean diagonal")
     g.add_argument("--mask", default=None, metavar="METHOD",
-                   help="group mask with hessian saliency: fixed (ranked once), iterN (N rounds of prune, least-squares "
-                        "re-fit of the kept groups, re-rank) or adaptive[B] (per B groups during the sweep) "
+                   help="group mask with hessian saliency: fixed (ranked once), cgN (fixed, then N conjugate-gradient steps of "
+                        "a least-squares re-fit of the kept groups), rerankN (N rounds of rank, prune, re-fit), iterN "
+                        "(N rounds with an exact re-fit) or adaptive[B] (per B groups during the sweep) "
                         "(default: gqsa.config's)")
     g.add_argument("--target-bits", type=float, default=None, metavar="B",
                    help="choose each linear's sparsity (row-balanced) so the compressed linears take at most B "

@@ -278,9 +278,9 @@ def compress_weight(w: torch.Tensor, bits: int, group_size: int, sparsity: float
 
 def _compress_obs_masked(w, hessian, bits, g, sparsity, init, damp, mask_method, quantize, allocation="row"):
     n, k = w.shape
-    if allocation != "row" and not mask_method.startswith("cg"):
+    if allocation != "row" and not mask_method.startswith(("cg", "rerank")):
         raise ValueError(f"mask '{mask_method}' keeps the same number of groups in every row: it needs "
-                         f"allocation 'row', not '{allocation}' (or use mask 'fixed' or 'cgN')")
+                         f"allocation 'row', not '{allocation}' (or use mask 'fixed', 'cgN' or 'rerankN')")
     c = math.ceil(k / g)
     if mask_method.startswith("adaptive"):
         width = int(mask_method[len("adaptive"):] or 8) * g
@@ -297,6 +297,15 @@ def _compress_obs_masked(w, hessian, bits, g, sparsity, init, damp, mask_method,
         mask = select_mask(score, sparsity, allocation)
         pruned = compress_obs(w, hessian, mask, bits, g, init, damp, quantize=False).weight
         refit = refine_kept_cg(w, pruned, hessian, mask, g, iters, damp)
+        return compress_obs(refit, hessian, mask, bits, g, init, damp, quantize=quantize)
+    if mask_method.startswith("rerank"):  # rerankN: N rounds of (rank on the re-fitted weights, prune, CG re-fit)
+        rounds = int(mask_method[len("rerank"):] or 2)
+        refit = w.float()
+        for step in range(1, rounds + 1):
+            score = saliency(refit, g, "hessian", hessian, damp)
+            mask = select_mask(score, sparsity * step / rounds, allocation)
+            start = refit * mask.repeat_interleave(g, dim=1)[:, :k]
+            refit = refine_kept_cg(w, start, hessian, mask, g, 20, damp)
         return compress_obs(refit, hessian, mask, bits, g, init, damp, quantize=quantize)
     raise ValueError(f"unknown mask method '{mask_method}'")
 
