@@ -96,12 +96,17 @@ def test_target_bits_compression_is_row_balanced_and_meets_the_budget():
 
 
 def test_bad_mask_and_target_are_refused():
-    for bad in ({"mask": "iter0"}, {"mask": "sometimes"}, {"target_bits": 0.0}, {"target_bits": 16.0}):
+    for bad in ({"mask": "iter0"}, {"mask": "rerank0"}, {"mask": "sometimes"}, {"target_bits": 0.0}, {"target_bits": 16.0}):
         with pytest.raises(ValueError):
             GQSAConfig(**bad)
     GQSAConfig(mask="iter3")
     GQSAConfig(mask="adaptive16")
     GQSAConfig(mask="cg20", allocation="layer")
+    GQSAConfig(mask="cg20", allocation="block64")
+    GQSAConfig(mask="rerank4", allocation="cluster16")
+    with pytest.raises(ValueError, match="allocation must be one of"):
+        GQSAConfig(allocation="block12")
     for mask in ("iter2", "adaptive"):  # row-balanced by construction
-        with pytest.raises(ValueError, match="allocation 'row'"):
-            GQSAConfig(mask=mask, allocation="layer")
+        for alloc in ("layer", "block16"):
+            with pytest.raises(ValueError, match="allocation 'row'"):
+                GQSAConfig(mask=mask, allocation=alloc)

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 from gqsa.cli import main
@@ -96,6 +97,24 @@ def test_bad_settings(opt, value, message, asset, stories260k, run_dir, capsys):
     out = run_dir / "never"
     assert main(compress_args(stories260k, asset, out, opt, value)) == 2
     assert message in _err(capsys) and not out.exists()
+
+
+def test_block_allocation_packs_the_same_columns_in_every_16_rows(stories260k, asset, run_dir):
+    out = run_dir / "s260-block16"
+    assert main(compress_args(stories260k, asset, out, "--stages", "oneshot", "--allocation", "block16")) == 0
+    tensors = load_file(str(out / "model.safetensors"))
+    layers = [k[: -len(".row_ptr")] for k in tensors if k.endswith(".row_ptr")]
+    assert layers
+    for name in layers:
+        row_ptr, col_idx = tensors[f"{name}.row_ptr"].long(), tensors[f"{name}.col_idx"]
+        rows = [col_idx[row_ptr[r]:row_ptr[r + 1]] for r in range(len(row_ptr) - 1)]
+        assert all(torch.equal(rows[r], rows[r - r % 16]) for r in range(len(rows))), name
+    assert json.loads((out / "gqsa_report.json").read_text())["config"]["allocation"] == "block16"
+
+
+def test_cli_allocation_choices_are_the_configs():
+    from gqsa import cli, config
+    assert cli.ALLOCATIONS == config.ALLOCATIONS
 
 
 def copy_folder(folder, dst):

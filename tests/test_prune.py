@@ -52,6 +52,69 @@ def test_layer_allocation_keeps_the_global_top_groups():
     assert score[mask].min() > score[~mask].max()
 
 
+@pytest.mark.parametrize("rows,n", [(16, 64), (16, 40), (32, 40), (128, 24)])
+def test_block_allocation_keeps_the_same_columns_in_every_run_of_rows(rows, n):
+    """blockR: rows b·R … b·R+R−1 keep the same group columns (the last run may be short), exactly
+    round((1−S)·C) of them, the columns of the highest summed score of the run."""
+    c, sparsity = 11, 0.5
+    score = torch.rand(n, c, generator=torch.Generator().manual_seed(n + rows))
+    mask = prune.select_mask(score, sparsity, f"block{rows}")
+    assert mask.shape == (n, c)
+    assert bool((mask.sum(1) == round((1 - sparsity) * c)).all())
+    for b0 in range(0, n, rows):
+        run = mask[b0:b0 + rows]
+        assert bool((run == run[0]).all())
+        summed = score[b0:b0 + rows].sum(0)
+        assert summed[run[0]].min() > summed[~run[0]].max()
+    assert prune.block_rows(f"block{rows}") == rows
+    assert prune.block_rows("row") is None and prune.block_rows("block12") is None
+
+
+@pytest.mark.parametrize("rows,n", [(16, 64), (16, 40), (32, 100)])
+def test_cluster_allocation_shares_one_mask_per_cluster_and_keeps_more_than_blocks(rows, n):
+    """clusterR: every row is in a cluster of exactly R rows (one shorter cluster when R ∤ N) whose rows
+    keep the same group columns, row-balanced; rows are moved between clusters only when that keeps more
+    of the score than the consecutive blocks do. Here the rows come from 4 hidden patterns, interleaved, so
+    consecutive blocks mix them and clusters can separate them."""
+    c, sparsity = 12, 0.5
+    gen = torch.Generator().manual_seed(rows + n)
+    patterns = torch.rand(4, c, generator=gen) ** 4
+    score = patterns[torch.arange(n) % 4] + 0.01 * torch.rand(n, c, generator=gen)
+    mask = prune.select_mask(score, sparsity, f"cluster{rows}")
+    assign = prune.cluster_assignment(score, sparsity, rows)
+    sizes = torch.bincount(assign).tolist()
+    assert sorted(sizes, reverse=True) == [rows] * (n // rows) + ([n % rows] if n % rows else [])
+    for b in range(len(sizes)):
+        members = mask[assign == b]
+        assert bool((members == members[0]).all())
+    assert bool((mask.sum(1) == c // 2).all())
+    block = prune.select_mask(score, sparsity, f"block{rows}")
+    assert score[mask].sum() > score[block].sum()
+    assert prune.cluster_rows(f"cluster{rows}") == rows and prune.cluster_rows(f"block{rows}") is None
+
+
+def test_block_allocation_survives_the_refit_and_the_packed_form():
+    """The default one-shot (cg20 re-fit) keeps the block mask, and the packed layer's rows of a run
+    have identical column indices (what the block kernels detect)."""
+    k, g, n = 128, 16, 48
+    _, h = correlated_inputs(k)
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(4))
+    cw = prune.compress_weight(w, 4, g, 0.5, "hessian", "block16", hessian=h, mask_method="cg20")
+    assert torch.equal(cw.mask, prune.select_mask(prune.saliency(w, g, "hessian", h), 0.5, "block16"))
+    packed = F.pack(cw.codes, cw.scale, cw.zero, cw.mask, (n, k), 4, g)
+    packed.validate()
+    cols = [packed.col_idx[packed.row_ptr[r]:packed.row_ptr[r + 1]] for r in range(n)]
+    for r in range(n):
+        assert torch.equal(cols[r], cols[r - r % 16])
+    assert torch.equal(reference.dequantize(packed), cw.weight)
+    for method in ("iter1", "adaptive"):
+        with pytest.raises(ValueError, match="allocation 'row'"):
+            prune.compress_weight(w, 4, g, 0.5, "hessian", "block16", hessian=h, mask_method=method)
+    rr = prune.compress_weight(w, 4, g, 0.5, "hessian", "block16", hessian=h, mask_method="rerank3")
+    assert bool((rr.mask.reshape(3, 16, -1) == rr.mask[::16, None]).all())  # re-ranked, still block-uniform
+    assert bool((rr.mask.sum(1) == k // g // 2).all())
+
+
 @pytest.mark.parametrize("saliency", ["magnitude", "wanda", "hessian"])
 @pytest.mark.parametrize("k", [64, 88])
 def test_compressed_weight_is_exactly_its_packed_form(saliency, k):
@@ -112,7 +175,7 @@ def test_resolve_kept_is_the_least_squares_optimum_of_each_row():
         assert bool((out[r, ~cols] == 0).all())
 
 
-@pytest.mark.parametrize("method", ["iter1", "iter3", "cg10", "adaptive", "adaptive16"])
+@pytest.mark.parametrize("method", ["iter1", "iter3", "cg10", "rerank1", "rerank3", "adaptive", "adaptive16"])
 def test_mask_methods_are_row_balanced_and_beat_the_fixed_mask(method):
     k, g, n = 128, 16, 24
     x, h = correlated_inputs(k)

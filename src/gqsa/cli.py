@@ -30,6 +30,7 @@ several GPUs (data-parallel BQPO and E2E-OQP; rank 0 writes the folder):
 
 
 METHODS = ("gqsa", "rtn", "gptq", "wanda", "sparsegpt", "magnitude")
+ALLOCATIONS = ("row", "layer", "block16", "block32", "block64", "block128", "cluster16", "cluster32", "cluster64", "cluster128")  # gqsa.config.ALLOCATIONS (torch-free here)
 THREADS_HELP = ("CPU threads of torch (default: the cores free now — CPUs minus the 1-minute load average, at "
                 "least 1 — or $GQSA_THREADS)")
 COMPRESS_THREADS_HELP = ("CPU threads of torch (default: torch's own, one per core, so that a rerun or --resume "
@@ -76,14 +77,17 @@ def _add_compress(sub):
     g.add_argument("--sparsity", type=float, default=0.5, help="fraction of groups removed (default 0.5)")
     g.add_argument("--saliency", default="hessian", choices=("magnitude", "wanda", "hessian"),
                    help="group ranking; hessian also compensates the kept weights (default hessian)")
-    g.add_argument("--allocation", default="row", choices=("row", "layer"),
-                   help="row: same kept-group count in every row; layer: ranked per layer (default row)")
+    g.add_argument("--allocation", default="row", choices=ALLOCATIONS,
+                   help="row: same kept-group count in every row; layer: ranked per layer; blockR: the same kept "
+                        "columns in every R consecutive rows, for the block kernels; clusterR: the same in clusters "
+                        "of R rows chosen to keep the most (default row)")
     g.add_argument("--quant-init", default="mse", choices=("minmax", "mse"),
                    help="scale/zero init: min-max or clipping search (default mse)")
     g.add_argument("--damp", type=float, default=0.01, help="Hessian dampening, fraction of mean diagonal")
     g.add_argument("--mask", default=None, metavar="METHOD",
-                   help="group mask with hessian saliency: fixed (ranked once), iterN (N rounds of prune, least-squares "
-                        "re-fit of the kept groups, re-rank) or adaptive[B] (per B groups during the sweep) "
+                   help="group mask with hessian saliency: fixed (ranked once), cgN (fixed, then N conjugate-gradient steps of "
+                        "a least-squares re-fit of the kept groups), rerankN (N rounds of rank, prune, re-fit), iterN "
+                        "(N rounds with an exact re-fit) or adaptive[B] (per B groups during the sweep) "
                         "(default: gqsa.config's)")
     g.add_argument("--target-bits", type=float, default=None, metavar="B",
                    help="choose each linear's sparsity (row-balanced) so the compressed linears take at most B "

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field, fields
 from . import quant
 
 SALIENCIES = ("magnitude", "wanda", "hessian")
-ALLOCATIONS = ("row", "layer")
+ALLOCATIONS = ("row", "layer", "block16", "block32", "block64", "block128", "cluster16", "cluster32", "cluster64", "cluster128")
 QUANT_INITS = ("minmax", "mse")
 STAGES = ("oneshot", "bqpo", "bqpo+e2e")
 BQPO_TARGETS = ("fp", "qinput")
@@ -33,7 +33,10 @@ class GQSAConfig:
         (Σ|W|·‖X_col‖₂) or ``hessian`` (group OBS error ``w_gᵀ [H⁻¹]_gg⁻¹ w_g`` from the layer's
         ``H = XᵀX``, followed by SparseGPT/GPTQ-style compensation of the kept weights).
     allocation: ``row`` keeps exactly the same number of groups in every row; ``layer`` ranks all
-        groups of the layer together.
+        groups of the layer together; ``blockR`` (R = 16, 32, 64, 128) keeps the same group columns in
+        every run of R consecutive rows (same count in every run): coarser masks that the block
+        kernels serve without per-row indices; ``clusterR`` the same with any R rows per cluster (chosen to keep
+        the most saliency, see :func:`gqsa.prune.cluster_assignment`), the kernels writing rows back in order.
     quant_init: ``minmax`` or ``mse`` (clipping search minimizing the group's squared error,
         weighted by activation energy when calibration data is there).
     damp: Hessian dampening as a fraction of its mean diagonal (hessian saliency).
@@ -42,7 +45,9 @@ class GQSAConfig:
         re-solving the kept weights by least squares and re-ranking), ``cgN`` (the fixed mask, then the
         kept weights re-fitted towards that least-squares optimum by N conjugate-gradient steps
         before quantization; default ``cg20``: gutenberg-llama-22m W4 S50 G16 one-shot 464 → 280 in
-        benchmarks/RESULTS.md), ``adaptive[B]`` (chosen per
+        benchmarks/RESULTS.md), ``rerankN`` (N rounds, each ranking the groups on the weights as
+        re-fitted by the previous round, removing up to that round's share of the target and re-fitting
+        by 20 CG steps; any allocation), ``adaptive[B]`` (chosen per
         block of B groups from the weights as compensated by the sweep).
     target_bits: when set, every compressed linear gets its own sparsity (row-balanced) so that the
         packed linears take at most this many bits per weight, at the least measured error
@@ -134,11 +139,12 @@ class GQSAConfig:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}; got '{value}'")
         if not (self.mask == "fixed" or (self.mask.startswith("iter") and self.mask[4:].isdigit() and int(self.mask[4:]) > 0)
                 or (self.mask.startswith("cg") and self.mask[2:].isdigit() and int(self.mask[2:]) > 0)
+                or (self.mask.startswith("rerank") and self.mask[6:].isdigit() and int(self.mask[6:]) > 0)
                 or (self.mask.startswith("adaptive") and (self.mask[8:] == "" or self.mask[8:].isdigit()))):
-            raise ValueError(f"mask must be fixed, cgN, iterN (N >= 1) or adaptive[B]; got '{self.mask}'")
+            raise ValueError(f"mask must be fixed, cgN, rerankN, iterN (N >= 1) or adaptive[B]; got '{self.mask}'")
         if self.allocation != "row" and self.mask.startswith(("iter", "adaptive")):
             raise ValueError(f"mask '{self.mask}' keeps the same number of groups in every row: use allocation "
-                             f"'row' with it (or mask 'fixed' or 'cgN')")
+                             f"'row' with it (or mask 'fixed', 'cgN' or 'rerankN')")
         if self.target_bits is not None and not 0.0 < self.target_bits < 16.0:
             raise ValueError(f"target_bits must be in (0, 16), got {self.target_bits}")
         if not 0.0 < self.damp < 1.0:

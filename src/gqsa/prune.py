@@ -63,7 +63,10 @@ def saliency(w: torch.Tensor, group_size: int, method: str, hessian: torch.Tenso
 
 def select_mask(score: torch.Tensor, sparsity: float, allocation: str = "row") -> torch.Tensor:
     """Keep the highest-scoring groups: ``row`` keeps ``round((1−S)·C)`` groups in every row,
-    ``layer`` keeps ``round((1−S)·N·C)`` groups anywhere in the layer (at least one per layer)."""
+    ``layer`` keeps ``round((1−S)·N·C)`` groups anywhere in the layer (at least one per layer),
+    ``blockR`` keeps ``round((1−S)·C)`` group columns per run of ``R`` consecutive rows (rows
+    ``b·R … b·R+R−1``; the last run may be shorter), the same columns in every row of the run, ranked
+    by the summed score of its rows: the pattern the block kernels read without per-row indices."""
     n, c = score.shape
     if allocation == "row":
         keep = min(c, max(1, round((1 - sparsity) * c)))
@@ -73,7 +76,86 @@ def select_mask(score: torch.Tensor, sparsity: float, allocation: str = "row") -
         keep = min(n * c, max(1, round((1 - sparsity) * n * c)))
         idx = score.flatten().topk(keep).indices
         return torch.zeros(n * c, dtype=torch.bool, device=score.device).scatter_(0, idx, True).reshape(n, c)
-    raise ValueError(f"unknown allocation '{allocation}': use row or layer")
+    rows = block_rows(allocation)
+    if rows is not None:
+        nb = math.ceil(n / rows)
+        summed = torch.nn.functional.pad(score.float(), (0, 0, 0, nb * rows - n)).reshape(nb, rows, c).sum(1)
+        return select_mask(summed, sparsity, "row").repeat_interleave(rows, dim=0)[:n]
+    rows = cluster_rows(allocation)
+    if rows is not None:
+        assign = cluster_assignment(score.float(), sparsity, rows)
+        summed = torch.zeros(int(assign.max()) + 1, c, device=score.device).index_add_(0, assign, score.float())
+        return select_mask(summed, sparsity, "row")[assign]
+    raise ValueError(f"unknown allocation '{allocation}': use row, layer, blockR or clusterR (R = 16, 32, 64 or 128)")
+
+
+BLOCK_ROWS = (16, 32, 64, 128)
+
+
+def block_rows(allocation: str) -> int | None:
+    """``R`` of a ``blockR`` allocation (R in :data:`BLOCK_ROWS`), None for any other name."""
+    if allocation.startswith("block") and allocation[5:].isdigit() and int(allocation[5:]) in BLOCK_ROWS:
+        return int(allocation[5:])
+    return None
+
+
+def cluster_rows(allocation: str) -> int | None:
+    """``R`` of a ``clusterR`` allocation, None for any other name."""
+    if allocation.startswith("cluster") and allocation[7:].isdigit() and int(allocation[7:]) in BLOCK_ROWS:
+        return int(allocation[7:])
+    return None
+
+
+def cluster_assignment(score: torch.Tensor, sparsity: float, rows: int, rounds: int = 8) -> torch.Tensor:
+    """Rows → clusters of exactly ``rows`` rows (the last one may be short) that share one group mask.
+
+    Two starts — runs of consecutive rows (``blockR``) and runs of the rows sorted by their own top
+    groups (lexicographically, the layer's most important column first) — each improved by alternately
+    giving every cluster the top columns of its summed score and moving every row to the cluster whose
+    mask keeps most of its score (rows with the largest margin first, clusters filled to capacity) while
+    the kept score grows; the start that ends with more kept score wins. Deterministic; never keeps less
+    score than ``blockR``."""
+    n, c = score.shape
+    nb = math.ceil(n / rows)
+    keep = min(c, max(1, round((1 - sparsity) * c)))
+    capacity = torch.full((nb,), rows, dtype=torch.long)
+    capacity[-1] = n - rows * (nb - 1)
+
+    def masks_and_kept(assign):
+        summed = torch.zeros(nb, c, device=score.device).index_add_(0, assign, score)
+        masks = torch.zeros(nb, c, device=score.device).scatter_(1, summed.topk(keep, dim=1).indices, 1.0)
+        return masks, float((summed * masks).sum())
+
+    def improve(assign):
+        masks, kept = masks_and_kept(assign)
+        for _ in range(rounds if nb > 1 else 0):
+            gain = (score @ masks.T).cpu()  # [n, nb]: the score row r keeps in cluster b
+            top2 = gain.topk(2, dim=1).values
+            order = (top2[:, 0] - top2[:, 1]).argsort(descending=True, stable=True)
+            pref = gain.argsort(dim=1, descending=True, stable=True)
+            left = capacity.clone()
+            new = torch.empty(n, dtype=torch.long)
+            for r in order.tolist():
+                for b in pref[r].tolist():
+                    if left[b] > 0:
+                        new[r] = b
+                        left[b] -= 1
+                        break
+            new = new.to(score.device)
+            new_masks, new_kept = masks_and_kept(new)
+            if new_kept <= kept:
+                break
+            assign, masks, kept = new, new_masks, new_kept
+        return assign, kept
+
+    consecutive = torch.arange(n, device=score.device) // rows
+    own = select_mask(score, sparsity, "row")
+    order = torch.arange(n, device=score.device)
+    for col in score.sum(0).argsort(stable=True).tolist():  # least important first: the last sort decides most
+        order = order[own[order, col].float().argsort(descending=True, stable=True)]
+    by_pattern = torch.empty_like(consecutive).scatter_(0, order, consecutive)
+    (a, kept_a), (b, kept_b) = improve(consecutive), improve(by_pattern)
+    return a if kept_a >= kept_b else b
 
 
 def upper_cholesky_of_inverse(h: torch.Tensor) -> torch.Tensor:
@@ -196,9 +278,9 @@ def compress_weight(w: torch.Tensor, bits: int, group_size: int, sparsity: float
 
 def _compress_obs_masked(w, hessian, bits, g, sparsity, init, damp, mask_method, quantize, allocation="row"):
     n, k = w.shape
-    if allocation != "row" and not mask_method.startswith("cg"):
+    if allocation != "row" and not mask_method.startswith(("cg", "rerank")):
         raise ValueError(f"mask '{mask_method}' keeps the same number of groups in every row: it needs "
-                         f"allocation 'row', not '{allocation}' (or use mask 'fixed' or 'cgN')")
+                         f"allocation 'row', not '{allocation}' (or use mask 'fixed', 'cgN' or 'rerankN')")
     c = math.ceil(k / g)
     if mask_method.startswith("adaptive"):
         width = int(mask_method[len("adaptive"):] or 8) * g
@@ -215,6 +297,15 @@ def _compress_obs_masked(w, hessian, bits, g, sparsity, init, damp, mask_method,
         mask = select_mask(score, sparsity, allocation)
         pruned = compress_obs(w, hessian, mask, bits, g, init, damp, quantize=False).weight
         refit = refine_kept_cg(w, pruned, hessian, mask, g, iters, damp)
+        return compress_obs(refit, hessian, mask, bits, g, init, damp, quantize=quantize)
+    if mask_method.startswith("rerank"):  # rerankN: N rounds of (rank on the re-fitted weights, prune, CG re-fit)
+        rounds = int(mask_method[len("rerank"):] or 2)
+        refit = w.float()
+        for step in range(1, rounds + 1):
+            score = saliency(refit, g, "hessian", hessian, damp)
+            mask = select_mask(score, sparsity * step / rounds, allocation)
+            start = refit * mask.repeat_interleave(g, dim=1)[:, :k]
+            refit = refine_kept_cg(w, start, hessian, mask, g, 20, damp)
         return compress_obs(refit, hessian, mask, bits, g, init, damp, quantize=quantize)
     raise ValueError(f"unknown mask method '{mask_method}'")
 
