@@ -122,6 +122,9 @@ CASES = [
     (33, 200, 16, 4, True, 16, True, 40, torch.bfloat16, False, C(block_m=32, np=1)),
     (130, 256, 16, 4, False, 128, False, 70, torch.float16, False, C(block_m=64, np=1, scale_after=False)),
     (40, 200, 16, 2, False, 16, True, 33, torch.bfloat16, True, C(block_m=64, np=2, scale_after=False, split_k=1)),
+    (40, 128, 16, 4, False, 16, False, 260, torch.float16, True, C(block_m=128, np=1, scale_after=False, split_k=1)),
+    (40, 200, 16, 4, True, 16, True, 6, torch.bfloat16, True, C(np=2, col_vec=True)),  # the pipelined column load
+    (48, 200, 16, 4, False, 16, True, 7, torch.float16, False, C(np=2, col_vec=True, split_k=2)),
 ]
 
 
@@ -196,3 +199,58 @@ def test_block_table_json_roundtrip():
     assert dispatch.table_from_json(dispatch.table_to_json(t)) == t
     assert t.block.config(32, 16) == t.block.config(16, 16)  # an unmeasured height takes the one below
     assert t.block.config(128, 1 << 20) == t.block.buckets[-1][1][-1][1]
+
+
+# ----------------------------------------------------------------------------- the pruning options
+
+
+@pytest.mark.parametrize("allocation,rows", [("block16", 16), ("block64", 64), ("cluster16", 16), ("cluster32", 32)])
+def test_allocations_take_the_block_path(allocation, rows):
+    """Masks from ``prune.select_mask`` (the lead's ``--allocation blockR`` / ``clusterR``) are detected
+    and served by the block kernel; clusterR through a row map (rows not consecutive)."""
+    from gqsa import prune
+
+    n, k, g = 100, 256, 16
+    gen = torch.Generator().manual_seed(3)
+    c = k // g
+    w = torch.randn(n, c, g, generator=gen)
+    s, z = quant.minmax_params(w, 4)
+    q = quant.quantize(w, s, z, 4)
+    score = torch.rand(n, c, generator=gen) ** 3
+    mask = prune.select_mask(score, 0.5, allocation)
+    p = fmt.pack(q, s, z, mask, (n, k), 4, g)
+    p.validate()
+    plan = dispatch.LinearPlan(p)
+    assert plan.block_rows == rows and plan.block is not None
+    if allocation.startswith("cluster") and block_layout.detect_block_rows(p) is None:
+        assert plan.block.row_map is not None
+    assert torch.equal(block_layout.dequantize(plan.block), reference.dequantize(p))
+    x = torch.randn(5, k, generator=gen).half()
+    bias = torch.randn(n, generator=gen).half()
+    check(launch(x, plan.block, C(np=2), bias), x, p, bias)
+    check(launch(x, plan.block, C(np=1, split_k=3), bias), x, p, bias)
+
+
+def test_row_clusters_detection_and_map():
+    p = make_block_packed(64, 256, 16, rows=16)
+    perm = torch.randperm(64, generator=torch.Generator().manual_seed(0))
+    dense = reference.dequantize(p)
+    # the same layer with its rows shuffled: no longer consecutive blocks, still clusters of 16
+    mask = torch.zeros(64, 16, dtype=torch.bool)
+    rows = torch.repeat_interleave(torch.arange(64), (p.row_ptr[1:] - p.row_ptr[:-1]).long())
+    mask[rows, p.col_idx.long()] = True
+    gen = torch.Generator().manual_seed(2)
+    w = torch.randn(64, 16, 16, generator=gen)
+    s, z = quant.minmax_params(w, 4)
+    shuffled = fmt.pack(quant.quantize(w, s, z, 4), s, z, mask[perm], (64, 256), 4, 16)
+    assert block_layout.detect_block_rows(shuffled) is None
+    r, row_map = block_layout.detect_row_clusters(shuffled)
+    assert r == 16 and sorted(row_map[row_map >= 0].tolist()) == list(range(64))
+    lay = block_layout.build_block_layout(shuffled, r, row_map=row_map)
+    assert torch.equal(block_layout.dequantize(lay), reference.dequantize(shuffled))
+    with pytest.raises(ValueError, match="row map"):
+        block_layout.build_block_layout(shuffled, r, row_map=torch.arange(64, dtype=torch.int32))
+    from test_gemv import make_packed
+
+    assert block_layout.detect_row_clusters(make_packed(40, 256, 16, 4, 0.5)) is None
+    del dense

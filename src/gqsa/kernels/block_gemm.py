@@ -108,11 +108,12 @@ def launch_block(x2: torch.Tensor, layout: BlockLayout, bias: torch.Tensor | Non
                   SCALE_AFTER=cfg.scale_after, DOT_F32=_interpret() and x2.dtype == torch.bfloat16,
                   FLOAT_Z=layout.float_zeros, FP16=x2.dtype == torch.float16,
                   ASM=cfg.asm and not _interpret() and layout.bits == 4 and x2.dtype == torch.float16
-                  and not layout.float_zeros, COL_VEC=cfg.col_vec)
+                  and not layout.float_zeros, COL_VEC=cfg.col_vec, ROW_MAP=layout.row_map is not None)
     qw, sz, cols = layout.qweight, layout.sz, layout.cols
     if layout.n_slots == 0:  # nothing kept: every load is masked, but the pointers must be real
         qw, sz, cols = (t.new_zeros(layout.rows * layout.group_size) for t in (qw, sz, cols))
-    args = (x2, qw, sz, cols, layout.block_ptr,
+    rmap = layout.row_map if layout.row_map is not None else layout.block_ptr  # (unused without ROW_MAP)
+    args = (x2, qw, sz, cols, layout.block_ptr, rmap,
             bias if bias is not None else y, y, ws, cnt,
             m, n, k, sps, split, x2.stride(0), y.stride(0), layout.n_blocks)
     _run((tm, layout.n_blocks, split), args, consts, cfg.num_warps, cfg.num_stages, dev, kern=_kernel())

@@ -22,7 +22,8 @@ of ``sps`` steps. A step is ``NP`` byte tiles (``NP · 8/bits`` kept groups). Pe
 Only kept groups are touched: the work is proportional to the kept weights. Split-K
 (``split_k > 1``): partial tiles go to a float32 workspace with atomics, the last program of a tile
 (an atomic counter) reads the sum, zeroes the workspace and the counter, adds the bias and writes y —
-one launch, CUDA-graph capturable (the scheme of :mod:`gqsa.kernels.gemm`).
+one launch, CUDA-graph capturable (the scheme of :mod:`gqsa.kernels.gemm`). ``ROW_MAP``: the tile's
+output rows come from the layout's ``row_map`` (blocks of non-consecutive rows, ``--allocation clusterR``).
 
 (Under ``TRITON_INTERPRET=1``: the loop gets its trip count as a constexpr (``STEPS``), sums are
 ``tl.reduce`` (a jitted ``tl.sum`` made before the interpreter was switched on cannot run), and bf16 dots
@@ -60,11 +61,12 @@ NIB2H = tl.constexpr(_NIB2H) if HAS_TRITON else _NIB2H
 
 
 def block_kernel(
-    x_ptr, qb_ptr, sz_ptr, col_ptr, bp_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
+    x_ptr, qb_ptr, sz_ptr, col_ptr, bp_ptr, rmap_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, K, sps, split_k, stride_xm, stride_ym, n_blocks,
     R: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr, NP: tl.constexpr,
     STEPS: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, SCALE_AFTER: tl.constexpr,
     DOT_F32: tl.constexpr, FLOAT_Z: tl.constexpr, FP16: tl.constexpr, ASM: tl.constexpr, COL_VEC: tl.constexpr,
+    ROW_MAP: tl.constexpr,
 ):
     CPB: tl.constexpr = 8 // BITS  # slots per byte tile
     QM: tl.constexpr = (1 << BITS) - 1
@@ -150,8 +152,12 @@ def block_kernel(
                     else:
                         acc = tl.dot(w, xg, acc)
 
-    offs_n = blk * R + ar_r
-    n_ok = offs_n < N
+    if ROW_MAP:  # blocks of non-consecutive rows (clusterR): the output row of each block row, −1 padding
+        offs_n = tl.load(rmap_ptr + blk * R + ar_r)
+        n_ok = offs_n >= 0
+    else:
+        offs_n = blk * R + ar_r
+        n_ok = offs_n < N
     omask = n_ok[:, None] & m_ok[None, :]
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)

@@ -22,7 +22,11 @@ format does not change: :func:`detect_block_rows` finds, at load time, the large
 * ``scales`` float16 and ``zeros`` (uint8 or float16) ``[n_slots, R]``, and what the kernel reads of
   them, ``sz`` int32 ``[n_slots, R]``: the scale's bits in the low half-word, the zero point's (the
   integer, or the float16 bits) in the high one — one coalesced R-vector load per slot;
-* rows of the partial last block beyond ``N`` are padding too (code 0, scale 0, zero point 0).
+* rows of the partial last block beyond ``N`` are padding too (code 0, scale 0, zero point 0);
+* ``row_map`` (``--allocation clusterR``, :func:`detect_row_clusters`): blocks of rows that are not
+  consecutive — any rows with identical kept columns, grouped and cut into blocks of R. ``row_map[b·R+r]``
+  is the output row of row ``r`` of block ``b`` (−1: padding at the end of a group's last block); the
+  kernel stores through it. None for R-aligned consecutive blocks.
 
 Every code, scale and zero point is the canonical one, bit for bit, only permuted (the tests check
 :func:`dequantize` against :func:`gqsa.kernels.reference.dequantize` for equality).
@@ -57,6 +61,7 @@ class BlockLayout:
     rows: int  # R
     float_zeros: bool
     max_slots: int  # most slots (padded kept groups) of any block
+    row_map: torch.Tensor | None = None  # int32 [n_blocks · R]: output row of each block row (−1: padding)
     version: int = BLOCK_LAYOUT_VERSION
 
     @property
@@ -108,17 +113,53 @@ def detect_block_rows(packed: PackedLinear, candidates=BLOCK_ROWS) -> int | None
     return best
 
 
-def build_block_layout(packed: PackedLinear, rows: int | None = None, device=None) -> BlockLayout:
+def detect_row_clusters(packed: PackedLinear, candidates=BLOCK_ROWS):
+    """Blocks of rows that are not consecutive (``--allocation clusterR``): rows with identical kept
+    columns grouped, each group cut into blocks of ``R`` rows (the last block of a group padded). Returns
+    ``(R, row_map)`` for the largest ``R`` of ``candidates`` whose padding stays within one block
+    (``n_blocks · R ≤ N + R``), ``row_map`` int32 ``[n_blocks · R]`` (the output row of every block row,
+    −1 for padding), or None."""
+    n = packed.shape[0]
+    dev = packed.row_ptr.device
+    rp = packed.row_ptr.to(torch.int64)
+    counts = rp[1:] - rp[:-1]
+    mask = torch.zeros(n, packed.n_group_cols, dtype=torch.bool, device=dev)
+    if packed.nnz:
+        rows = torch.repeat_interleave(torch.arange(n, device=dev), counts, output_size=packed.nnz)
+        mask[rows, packed.col_idx.long()] = True
+    _, cluster = torch.unique(mask, dim=0, return_inverse=True)
+    sizes = torch.bincount(cluster)
+    order = torch.argsort(cluster, stable=True)  # rows grouped by cluster, ascending inside
+    start = torch.cumsum(sizes, 0) - sizes
+    pos = torch.empty_like(order)
+    pos[order] = torch.arange(n, device=dev) - start[cluster[order]]  # rank of each row in its cluster
+    for r in sorted(candidates, reverse=True):
+        blocks = -(-sizes // r)
+        if int(blocks.sum()) * r > n + r:
+            continue
+        bstart = torch.cumsum(blocks, 0) - blocks
+        row_map = torch.full((int(blocks.sum()) * r,), -1, dtype=torch.int32, device=dev)
+        row_map[(bstart[cluster] + pos // r) * r + pos % r] = torch.arange(n, dtype=torch.int32, device=dev)
+        return r, row_map
+    return None
+
+
+def build_block_layout(packed: PackedLinear, rows: int | None = None, device=None,
+                       row_map: torch.Tensor | None = None) -> BlockLayout:
     """Repack a block-uniform ``packed`` into :class:`BlockLayout` with ``rows`` rows per block
-    (default: :func:`detect_block_rows`). Raises ``ValueError`` when the layer is not uniform at that
-    height or the format cannot be expressed."""
+    (default: :func:`detect_block_rows`). ``row_map`` (from :func:`detect_row_clusters`, with its
+    ``rows``): blocks of non-consecutive rows. Raises ``ValueError`` when the layer is not uniform at
+    that height (or under that map) or the format cannot be expressed."""
     n, k = packed.shape
     g, bits = packed.group_size, packed.bits
     if bits not in (2, 4, 8):
         raise ValueError(f"the block layout holds 2-, 4- or 8-bit codes, got {bits}")
     if g < 16 or g & (g - 1):
         raise ValueError(f"the block kernels need a power-of-two group size ≥ 16, got {g}")
-    if rows is None:
+    if row_map is not None:
+        if rows is None or rows < 16 or rows & (rows - 1) or row_map.numel() % rows:
+            raise ValueError("a row map needs its block height (a power of two ≥ 16 dividing its length)")
+    elif rows is None:
         rows = detect_block_rows(packed)
         if rows is None:
             raise ValueError("the layer is not block-uniform (no R in 16..128 with identical kept columns)")
@@ -128,9 +169,23 @@ def build_block_layout(packed: PackedLinear, rows: int | None = None, device=Non
     cpb = 8 // bits
     rp = packed.row_ptr.to(dev, torch.int64)
     col = packed.col_idx.to(dev, torch.int64)
-    nb = max(1, -(-n // rows))
-    first = torch.arange(nb, device=dev) * rows
+    if row_map is None:
+        nb = max(1, -(-n // rows))
+        vrow = torch.arange(nb * rows, device=dev)
+        vrow = torch.where(vrow < n, vrow, -1)
+    else:
+        vrow = row_map.to(dev, torch.int64)
+        nb = vrow.numel() // rows
+        if nb == 0 or bool((vrow.reshape(nb, rows)[:, 0] < 0).any()) or vrow.max() >= n:
+            raise ValueError("a row map's blocks must start with a real row")
+        real_rows = vrow[vrow >= 0]
+        if real_rows.numel() != n or torch.unique(real_rows).numel() != n:
+            raise ValueError("a row map must name every output row once")
+    vrow = vrow.reshape(nb, rows)
+    first = vrow[:, 0].clamp(min=0)  # first row of each block
     counts = rp[(first + 1).clamp(max=n)] - rp[first.clamp(max=n)]  # kept groups per block
+    if n == 0:
+        counts = torch.zeros_like(counts)
     padded = -(-counts // cpb) * cpb  # slots per block: a multiple of the codes per byte
     bptr = torch.zeros(nb + 1, dtype=torch.int64, device=dev)
     bptr[1:] = torch.cumsum(padded, 0)
@@ -140,9 +195,9 @@ def build_block_layout(packed: PackedLinear, rows: int | None = None, device=Non
     blk = torch.repeat_interleave(torch.arange(nb, device=dev), padded, output_size=t_all)  # block of each slot
     j = torch.arange(t_all, device=dev) - bptr[blk]  # slot index inside its block
     real = j < counts[blk]  # False: padding slot
-    row = first[blk][:, None] + torch.arange(rows, device=dev)[None, :]  # [T, R]
-    valid = real[:, None] & (row < n)
-    src = torch.where(valid, rp[row.clamp(max=n - 1)] + j[:, None], 0)  # canonical group index, [T, R]
+    row = vrow[blk]  # [T, R] output row of each (slot, block row), −1 for padding
+    valid = real[:, None] & (row >= 0)
+    src = torch.where(valid, rp[row.clamp(min=0)] + j[:, None], 0)  # canonical group index, [T, R]
     cols = torch.where(real, col[torch.where(real, rp[first[blk]] + j, 0)] if packed.nnz else 0, -1)
     if packed.nnz:
         codes_c = quant.unpack_codes(packed.qweight.to(dev), bits, g)[src]  # [T, R, G]
@@ -159,10 +214,16 @@ def build_block_layout(packed: PackedLinear, rows: int | None = None, device=Non
     zeros = torch.where(valid, zr, 0).to(zr.dtype).contiguous()
     zbits = zeros.view(torch.int16).to(torch.int32) & 0xFFFF if zeros.dtype == torch.float16 else zeros.to(torch.int32)
     sz = (scales.view(torch.int16).to(torch.int32) & 0xFFFF) | (zbits << 16)
+    if row_map is not None:  # every block row must keep exactly its block's columns
+        rows_ok = (vrow < 0) | ((rp[vrow.clamp(min=0) + 1] - rp[vrow.clamp(min=0)]) == counts[:, None])
+        if not bool(rows_ok.all()) or (packed.nnz and not bool(
+                (torch.where(valid, col[src], cols[:, None].to(torch.int64)) == cols[:, None]).all())):
+            raise ValueError("the layer's rows do not share their kept columns in the blocks of the row map")
     return BlockLayout(qweight=qb, scales=scales, zeros=zeros, sz=sz.contiguous(),
                        cols=cols.to(torch.int32).contiguous(), block_ptr=bptr.to(torch.int32), shape=(int(n), int(k)),
                        bits=int(bits), group_size=int(g), rows=int(rows), float_zeros=bool(packed.float_zeros),
-                       max_slots=int(padded.max()) if nb else 0)
+                       max_slots=int(padded.max()) if nb else 0,
+                       row_map=None if row_map is None else vrow.reshape(-1).to(torch.int32).contiguous())
 
 
 def codes(layout: BlockLayout) -> torch.Tensor:
@@ -187,7 +248,13 @@ def dequantize(layout: BlockLayout, dtype: torch.dtype = torch.float32) -> torch
     real = layout.cols >= 0
     dense = torch.zeros(layout.n_blocks, r, n_cols, g, dtype=torch.float32, device=dev)
     dense[blk[real], :, layout.cols[real].long()] = w[real]
-    return dense.reshape(layout.n_blocks * r, n_cols * g)[:n, :k].to(dtype)
+    dense = dense.reshape(layout.n_blocks * r, n_cols * g)
+    if layout.row_map is not None:  # block rows → output rows
+        out = torch.zeros(n, n_cols * g, dtype=torch.float32, device=dev)
+        keep = layout.row_map >= 0
+        out[layout.row_map[keep].long()] = dense[keep]
+        dense = out
+    return dense[:n, :k].to(dtype)
 
 
 def linear(x: torch.Tensor, layout: BlockLayout, bias: torch.Tensor | None = None) -> torch.Tensor:

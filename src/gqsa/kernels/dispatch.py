@@ -12,7 +12,8 @@
   weight, used with cuBLAS from that many rows on (memory-rich prefill).
 
 **Block-uniform layers** (``--allocation blockR``: every R-row block keeps the same group columns,
-detected at load time by :func:`~gqsa.kernels.block_layout.detect_block_rows`) take their own column
+detected at load time by :func:`~gqsa.kernels.block_layout.detect_block_rows`; ``clusterR``: any R rows
+share their columns, :func:`~gqsa.kernels.block_layout.detect_row_clusters`, through a row map) take their own column
 of the table, ``table.block`` (:class:`BlockTable`): the GEMV up to ``block.gemv_max_m`` rows, the
 block tensor-core kernel (:mod:`gqsa.kernels.block_gemm`, on a
 :class:`~gqsa.kernels.block_layout.BlockLayout` built instead of the TileLayout) above, and the dense
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 from ..format import PackedLinear
 from . import gemv
 from .block_gemm import BlockConfig, launch_block
-from .block_layout import detect_block_rows, build_block_layout
+from .block_layout import BLOCK_ROWS, build_block_layout, detect_block_rows, detect_row_clusters
 from .gemm import GemmConfig, launch_gemm, num_sms
 from .layout import build_tile_layout
 
@@ -220,10 +221,16 @@ class LinearPlan:
         self.layout = None
         if self.kernel_ok and self.table.block is not None and packed.group_size >= 16 \
                 and not packed.group_size & (packed.group_size - 1):
+            cap = self.table.block.max_rows
             self.block_rows = detect_block_rows(packed)
-        if self.block_rows is not None:
-            self.block = build_block_layout(packed, min(self.block_rows, self.table.block.max_rows))
-        elif self.kernel_ok:
+            if self.block_rows is not None:
+                self.block = build_block_layout(packed, min(self.block_rows, cap))
+            else:  # clusterR: blocks of non-consecutive rows through a row map
+                found = detect_row_clusters(packed, tuple(r for r in BLOCK_ROWS if r <= cap))
+                if found is not None:
+                    self.block_rows, row_map = found
+                    self.block = build_block_layout(packed, self.block_rows, row_map=row_map)
+        if self.block is None and self.kernel_ok:
             self.layout = build_tile_layout(packed)
         if self.kernel_ok and self._gemv is None and (self.block is None or self.table.block.gemv_max_m > 0):
             self._gemv = gemv.prepare(packed)
