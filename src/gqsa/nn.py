@@ -17,8 +17,9 @@ class GQSALinear(nn.Module):
     ``load_state_dict`` accepts any number of kept groups (the buffers take the loaded sizes, after
     validation). ``forward`` computes ``x @ Ŵᵀ + b``: on CUDA through the fused Triton kernels of
     :mod:`gqsa.kernels` (a :class:`~gqsa.kernels.dispatch.LinearPlan` built on the first CUDA call:
-    decode GEMV at batch 1, tensor-core GQSA GEMM above, by a measured crossover table), elsewhere through the
-    pure-torch reference. ``backend = "reference"`` forces the reference everywhere.
+    decode GEMV at batch 1, tensor-core GQSA GEMM above, by a measured crossover table; layers pruned
+    with ``--allocation blockR`` / ``clusterR`` are detected and take the block-uniform kernel of
+    :mod:`gqsa.kernels.block_gemm`), elsewhere through the pure-torch reference. ``backend = "reference"`` forces the reference everywhere.
 
     Off CUDA, the dense weight that the reference rebuilds is cached per layer (``N×K`` in the input's
     dtype: 4 bytes per original weight in float32, i.e. what the layer costs in a dense fp32 model, on
