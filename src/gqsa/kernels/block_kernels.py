@@ -110,16 +110,16 @@ def block_kernel(
                 feat = col * G + ar_t[:, None]  # [G, 1]
                 xg = tl.load(x_ptr + col * G + x_off, mask=(col >= 0) & (feat < K) & m_ok[None, :],
                              other=0.0)  # [G, BLOCK_M]
-                if CPB > 1:
-                    q = (b >> (c * BITS)) & QM
-                else:
-                    q = b
                 if ASM:  # q − z exactly, in fp16
                     zc = (z.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)
                     d = (h0 if c == 0 else h1) - zc[:, None]
+                elif CPB > 1:
+                    q = (b >> (c * BITS)) & QM
+                else:
+                    q = b
                 if SCALE_AFTER:
                     if ASM:
-                        pass
+                        pass  # d is q − z already
                     elif DOT_F32:  # interpreter, bf16: its integer → bf16 casts are wrong; the same values in fp32
                         d = q.to(tl.float32)
                         if not FLOAT_Z:
