@@ -206,10 +206,12 @@ def build_block_layout(packed: PackedLinear, rows: int | None = None, device=Non
         codes_c = torch.zeros(t_all, rows, g, dtype=torch.uint8, device=dev)
         sc = torch.zeros(t_all, rows, dtype=torch.float16, device=dev)
         zr = torch.zeros(t_all, rows, dtype=packed.zeros.dtype, device=dev)
-    codes_c = torch.where(valid[..., None], codes_c, 0).to(torch.int32)
-    # slot u·cpb + c of a block sits at bits c·bits of byte tile u
-    shifts = (torch.arange(cpb, device=dev, dtype=torch.int32) * bits)[None, :, None, None]
-    qb = (codes_c.reshape(t_all // cpb, cpb, rows, g) << shifts).sum(1).to(torch.uint8).contiguous()
+    codes_c = torch.where(valid[..., None], codes_c, 0).reshape(t_all // cpb, cpb, rows, g)
+    # slot u·cpb + c of a block sits at bits c·bits of byte tile u (uint8 all along: no wide temporaries)
+    qb = codes_c[:, 0].clone()
+    for c in range(1, cpb):
+        qb |= codes_c[:, c] << (c * bits)
+    qb = qb.contiguous()
     scales = torch.where(valid, sc, 0).contiguous()
     zeros = torch.where(valid, zr, 0).to(zr.dtype).contiguous()
     zbits = zeros.view(torch.int16).to(torch.int32) & 0xFFFF if zeros.dtype == torch.float16 else zeros.to(torch.int32)
