@@ -19,9 +19,9 @@ format does not change: :func:`detect_block_rows` finds, at load time, the large
   of a block is one contiguous ``R·G``-byte run (``G`` bytes per row: 16-byte vectors at G = 16), and
   the codes of one slot come out of it with one shift and one mask per byte, already in the
   ``[R, G]`` shape of a tensor-core operand (no reshape, no gather);
-* ``scales`` float16 and ``zeros`` (uint8 or float16) ``[n_slots, R]``, and what the kernel reads of
-  them, ``sz`` int32 ``[n_slots, R]``: the scale's bits in the low half-word, the zero point's (the
-  integer, or the float16 bits) in the high one — one coalesced R-vector load per slot;
+* ``sz`` int32 ``[n_slots, R]``: the scale's float16 bits in the low half-word, the zero point's (the
+  integer, or the float16 bits) in the high one — one coalesced R-vector load per slot (``scales`` and
+  ``zeros`` are views computed from it);
 * rows of the partial last block beyond ``N`` are padding too (code 0, scale 0, zero point 0);
 * ``row_map`` (``--allocation clusterR``, :func:`detect_row_clusters`): blocks of rows that are not
   consecutive — any rows with identical kept columns, grouped and cut into blocks of R. ``row_map[b·R+r]``
@@ -30,7 +30,8 @@ format does not change: :func:`detect_block_rows` finds, at load time, the large
 
 Every code, scale and zero point is the canonical one, bit for bit, only permuted (the tests check
 :func:`dequantize` against :func:`gqsa.kernels.reference.dequantize` for equality).
-Memory: the packed bytes once more (the canonical tensors stay the format) plus padding slots.
+Memory: the packed codes once more, 4 bytes of ``sz`` per kept group and row (against 3 canonical), the
+column list and padding slots (the canonical tensors stay, as the format and for the GEMV).
 """
 from __future__ import annotations
 
@@ -50,8 +51,6 @@ class BlockLayout:
     """A block-uniform packed layer in the block kernels' order (see the module docstring)."""
 
     qweight: torch.Tensor  # uint8 [n_slots · bits/8, R, G]: byte tiles
-    scales: torch.Tensor  # float16 [n_slots, R]
-    zeros: torch.Tensor  # uint8 or float16 [n_slots, R]
     cols: torch.Tensor  # int32 [n_slots], −1 for padding slots
     sz: torch.Tensor  # int32 [n_slots, R]: scale bits | zero point bits << 16 (what the kernel loads)
     block_ptr: torch.Tensor  # int32 [n_blocks + 1]
@@ -63,6 +62,17 @@ class BlockLayout:
     max_slots: int  # most slots (padded kept groups) of any block
     row_map: torch.Tensor | None = None  # int32 [n_blocks · R]: output row of each block row (−1: padding)
     version: int = BLOCK_LAYOUT_VERSION
+
+    @property
+    def scales(self) -> torch.Tensor:
+        """float16 ``[n_slots, R]`` (from ``sz``)."""
+        return (self.sz & 0xFFFF).to(torch.int16).view(torch.float16)
+
+    @property
+    def zeros(self) -> torch.Tensor:
+        """uint8 (or float16 for float zero points) ``[n_slots, R]`` (from ``sz``)."""
+        z = (self.sz >> 16) & 0xFFFF
+        return z.to(torch.int16).view(torch.float16) if self.float_zeros else z.to(torch.uint8)
 
     @property
     def n_blocks(self) -> int:
@@ -221,7 +231,7 @@ def build_block_layout(packed: PackedLinear, rows: int | None = None, device=Non
         if not bool(rows_ok.all()) or (packed.nnz and not bool(
                 (torch.where(valid, col[src], cols[:, None].to(torch.int64)) == cols[:, None]).all())):
             raise ValueError("the layer's rows do not share their kept columns in the blocks of the row map")
-    return BlockLayout(qweight=qb, scales=scales, zeros=zeros, sz=sz.contiguous(),
+    return BlockLayout(qweight=qb, sz=sz.contiguous(),
                        cols=cols.to(torch.int32).contiguous(), block_ptr=bptr.to(torch.int32), shape=(int(n), int(k)),
                        bits=int(bits), group_size=int(g), rows=int(rows), float_zeros=bool(packed.float_zeros),
                        max_slots=int(padded.max()) if nb else 0,
