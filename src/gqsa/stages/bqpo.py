@@ -5,7 +5,7 @@ For each decoder block in order:
 1. its inputs ``X_q`` are the outputs of the already compressed earlier blocks on the calibration
    windows; its target ``Y`` is the uncompressed block's output on the uncompressed model's
    activations ``X_fp`` (``bqpo_target="fp"``, default) or on ``X_q`` (``"qinput"``);
-2. one-shot GQSA of the block (saliency, mask, OBS/RTN quantization: :func:`gqsa.pipeline.oneshot_block`)
+2. one-shot GQSA of the block (saliency, mask, OBS/RTN quantization: :func:`gqsa.oneshot.oneshot_block`)
    gives the starting point: mask, integer codes, ``s``, ``z``;
 3. each linear becomes a :class:`FakeQuantLinear` whose latent weights, scales and zero points are
    trained through fake quantization (straight-through rounding, the mask held: pruned groups are
@@ -44,13 +44,16 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from .. import calib, distributed, quant
-from ..pipeline import block_linear_groups, capture_inputs, layers_prefix, oneshot_block, pack_weight
+from ..blockwise import block_linear_groups, capture_inputs, layers_prefix
 from ..config import GQSAConfig
 from ..format import PackedLinear
 from ..kernels import reference
 from ..models.adapters import get_adapter
+from ..modules import replace_submodule
+from ..oneshot import oneshot_block, pack_weight
 from ..prune import CompressedWeight
 from . import common
+from .common import verify_packed  # noqa: F401  (re-exported)
 from .workdir import BlockStore, tensor_sha256
 
 # Settings that do not change BQPO's result (a run may resume with other values of these).
@@ -124,12 +127,6 @@ class _Batches:
     def __iter__(self):
         for i in range(0, self.x.shape[0], self.bs):
             yield self.x[i:i + self.bs].to(self.device, self.dtype), self.kwargs
-
-
-def verify_packed(p: PackedLinear, weight: torch.Tensor, name: str) -> None:
-    """The packed layer must dequantize, bit for bit, to the weight the model was trained with."""
-    if not torch.equal(reference.dequantize(p).to(weight.device), weight.float()):
-        raise RuntimeError(f"{name}: the packed layer does not dequantize to the trained weight (a gqsa bug)")
 
 
 def run_bqpo(model, config: GQSAConfig, tokens: torch.Tensor, n_train: int, device, batch_size: int = 8,
@@ -261,7 +258,7 @@ def train_block(block, init: dict[str, CompressedWeight], x: torch.Tensor, y: to
         p.requires_grad_(False)
     for n, lin in linears.items():
         lin.to("cpu")  # only the trained form stays on the device
-        _swap(block, n, fqs[n])
+        replace_submodule(block, n, fqs[n])
     groups = [
         {"params": [m.u for m in fqs.values()], "lr": config.bqpo_lr_weight},
         {"params": [m.gamma for m in fqs.values()], "lr": config.bqpo_lr_scale},
@@ -325,7 +322,7 @@ def train_block(block, init: dict[str, CompressedWeight], x: torch.Tensor, y: to
             out[n] = cw
     finally:
         for n, lin in linears.items():
-            _swap(block, n, lin)
+            replace_submodule(block, n, lin)
         for p, flag in frozen:
             p.requires_grad_(flag)
     with torch.no_grad():
@@ -345,11 +342,6 @@ def _distributed_step(trained, x, y, idx: torch.Tensor, kwargs, device, dtype, a
             out = calib.block_output(trained, x[mine].to(device, dtype), kwargs)
         err = F.mse_loss(out.float(), y[mine].to(device, torch.float32), reduction="sum")
         (err * (factor / (len(idx) * out[0].numel()))).backward()
-
-
-def _swap(block, name: str, module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(block.get_submodule(parent_name) if parent_name else block, child, module)
 
 
 def _snapshot(fqs) -> dict:

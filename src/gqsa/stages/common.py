@@ -9,6 +9,8 @@ import resource
 import torch
 
 from .. import calib, quant
+from ..format import PackedLinear
+from ..kernels import reference
 
 
 def round_scale_ste(s: torch.Tensor) -> torch.Tensor:
@@ -88,3 +90,9 @@ def block_dtype(block) -> torch.dtype:
         if p.is_floating_point():
             return p.dtype
     return torch.float32
+
+
+def verify_packed(p: PackedLinear, weight: torch.Tensor, name: str) -> None:
+    """The packed layer must dequantize, bit for bit, to the weight the model was trained with."""
+    if not torch.equal(reference.dequantize(p).to(weight.device), weight.float()):
+        raise RuntimeError(f"{name}: the packed layer does not dequantize to the trained weight (a gqsa bug)")

@@ -29,12 +29,13 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from .. import distributed, quant
-from ..pipeline import replace_linears
+from ..blockwise import replace_linears
 from ..config import GQSAConfig
 from ..format import PackedLinear
 from ..models.adapters import get_adapter
+from ..modules import replace_submodule
 from . import common
-from .bqpo import verify_packed
+from .common import verify_packed
 
 
 class ScaleTrainableLinear(nn.Module):
@@ -170,13 +171,10 @@ def run_e2e(model, packed: dict[str, PackedLinear], config: GQSAConfig, train_to
     stats["e2e"] = e2e
     try:
         for name, p in packed.items():
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name)
-            old = getattr(parent, child)
+            old = model.get_submodule(name)
             bias = old.bias.detach() if getattr(old, "bias", None) is not None else None
             mods[name] = ScaleTrainableLinear(p, bias, config.e2e_train_zero)
-            setattr(parent, child, mods[name])
-            olds[name] = old
+            olds[name] = replace_submodule(model, name, mods[name])
         if config.e2e_grad_checkpointing:
             for block in blocks:
                 block.forward = _checkpointed(block.forward)
@@ -252,8 +250,7 @@ def run_e2e(model, packed: dict[str, PackedLinear], config: GQSAConfig, train_to
             for block in blocks:
                 block.__dict__.pop("forward", None)
         for name, old in olds.items():
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, old)
+            replace_submodule(model, name, old)
         for p, flag in flags:
             p.requires_grad_(flag)
         model.train(was_training)
