@@ -292,3 +292,12 @@ def _materialize_buffers(model, limit: int | None = None, where="config.json") -
     bad = [n for n, b in model.named_buffers() if b.is_floating_point() and not bool(torch.isfinite(b).all())]
     if bad:
         raise FormatError(f"{where}: the config makes buffer {bad[0]} non-finite (NaN or infinity)")
+
+
+def is_gqsa_folder(folder) -> bool:
+    """A folder whose config.json names a quantization method (a malformed one is refused by the
+    GQSA loader with a precise message; a plain model folder goes to the ordinary loader)."""
+    try:
+        return "quantization_config" in json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError, RecursionError, TypeError):  # the loaders say what is wrong with it
+        return False

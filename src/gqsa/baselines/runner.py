@@ -1,7 +1,8 @@
 """Whole-model baselines, block by block on calibration data (the sequential scheme of GPTQ and
 SparseGPT: each block is calibrated on the outputs of the already compressed earlier blocks, and
 inside a block the linears are compressed group by group in execution order, each group seeing the
-block as compressed so far), and the ``gqsa compress --method …`` entry point.
+block as compressed so far: methods of the block-wise driver :func:`gqsa.blockwise.run_blocks`);
+``gqsa compress --method …`` writes them through :func:`gqsa.workflow.compress_to_folder`.
 
 Output: RTN and GPTQ (no sparsity, ``G`` ∈ {16, 32, 64, 128}) are exactly representable in the
 packed GQSA format (every group kept), so they are written as GQSA checkpoint folders and run
@@ -13,7 +14,6 @@ unstructured: 16·(1−S) + a 1-bit bitmap).
 """
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -231,45 +231,3 @@ def save_dense(model, folder, tokenizer=None, report: dict | None = None, overwr
             tokenizer.save_pretrained(tmp)
         write_report(tmp, report)
     return Path(folder)
-
-
-def config_from_args(args) -> BaselineConfig:
-    return BaselineConfig(method=args.method, bits=args.bits, group_size=args.group_size,
-                          act_order=getattr(args, "act_order", False),
-                          quant_init="mse" if getattr(args, "clip_search", False) else "minmax",
-                          pattern=getattr(args, "pattern", "2:4"), sparsity=args.sparsity, damp=args.damp,
-                          blocksize=getattr(args, "blocksize", 128), skip=list(args.skip or []),
-                          prune_bits=getattr(args, "prune_bits", None))
-
-
-def cli_compress(args, model, tok, tokens, device) -> int:
-    """``gqsa compress --method rtn|gptq|wanda|sparsegpt|magnitude``: compress, write ``args.out``."""
-    from .. import checkpoint, report
-    from ..models.loader import stored_dtype
-
-    t0 = time.time()
-    config = config_from_args(args)
-    source_dtype = stored_dtype(model)
-    result = compress_model_baseline(model, config, tokens, device=device, batch_size=args.batch_size)
-    dense_dtype = source_dtype if args.dense_dtype == "auto" else getattr(torch, args.dense_dtype)
-    model.to(dense_dtype)
-    rep = {
-        "method": config.method, "stage": "oneshot", "setting": config.setting(), "config": config.to_dict(),
-        "format": "gqsa-packed" if config.packed else "dense-with-zeros",
-        "model": str(args.model), "tokenizer": str(args.tokenizer) if args.tokenizer else None,
-        "calibration": ({"source": str(args.calib), "nsamples": int(tokens.shape[0]), "seqlen": int(tokens.shape[1]),
-                         "seed": args.seed} if config.needs_calibration else None),
-        "device": str(device), "compute_dtype": args.dtype, "dense_dtype": str(dense_dtype),
-        "seconds": round(time.time() - t0, 1), "environment": report.environment(),
-        "layers": report.layer_rows(result.packed) if config.packed else result.layers,
-        "totals": result.totals, "evaluations": [],
-    }
-    if config.packed:
-        checkpoint.save(model, args.out, tok, rep, overwrite=args.overwrite,
-                        extra_quant_config={"sparsity": 0.0, "baseline": config.method})
-    else:
-        save_dense(model, args.out, tok, rep, overwrite=args.overwrite)
-    t = result.totals
-    print(f"wrote {args.out} ({rep['format']}): {config.setting()}, {t['compressed_layers']} layers, "
-          f"sparsity {t['sparsity']:.3f}, {t['bits_per_weight']:.3f} bits/weight, {rep['seconds']:.0f} s")
-    return 0
