@@ -6,7 +6,7 @@ import argparse
 from .common import COMPRESS_THREADS_HELP, apply_threads
 
 METHODS = ("gqsa", "rtn", "gptq", "wanda", "sparsegpt", "magnitude")
-ALLOCATIONS = ("row", "layer", "block16", "block32", "block64", "block128")  # gqsa.config.ALLOCATIONS (torch-free here)
+ALLOCATIONS = ("row", "layer", "block16", "block32", "block64", "block128", "cluster16", "cluster32", "cluster64", "cluster128")  # gqsa.config.ALLOCATIONS (torch-free here)
 _NOT_OPTIONS = ("func", "command", "threads", "model", "out", "no_grad_checkpointing")
 
 
@@ -37,7 +37,8 @@ def add_arguments(p) -> None:
                    help="group ranking; hessian also compensates the kept weights (default hessian)")
     g.add_argument("--allocation", default="row", choices=ALLOCATIONS,
                    help="row: same kept-group count in every row; layer: ranked per layer; blockR: the same kept "
-                        "columns in every R consecutive rows, for the block kernels (default row)")
+                        "columns in every R consecutive rows, for the block kernels; clusterR: the same in clusters "
+                        "of R rows chosen to keep the most (default row)")
     g.add_argument("--quant-init", default="mse", choices=("minmax", "mse"),
                    help="scale/zero init: min-max or clipping search (default mse)")
     g.add_argument("--damp", type=float, default=0.01, help="Hessian dampening, fraction of mean diagonal")
