@@ -22,7 +22,6 @@ The command line's further GQSA arguments and extra ``NAME=ARGS`` rows are parse
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import inspect
 import json
@@ -32,6 +31,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -110,7 +110,7 @@ def label(options: dict) -> str:
     """A table label from the options a row gives (keyword arguments of
     :func:`gqsa.workflow.compress_to_folder`; the others take its defaults)."""
     defaults = _compress_defaults()
-    a = argparse.Namespace(**{**defaults, **options})
+    a = SimpleNamespace(**{**defaults, **options})
     if a.method == "gqsa":
         text = (f"GQSA W{a.bits} {a.target_bits:g} bits/w G{a.group_size}" if a.target_bits
                 else f"GQSA W{a.bits} S{a.sparsity * 100:g}% G{a.group_size}")
