@@ -26,5 +26,9 @@ run stories-bqpo-e2e "$S" --calib self --nsamples 16 --seqlen 128 --stages bqpo+
 for m in rtn gptq sparsegpt wanda magnitude; do
   run "stories-$m" "$S" --calib self --nsamples 16 --seqlen 128 --method $m
 done
+run stories-gptq-actorder "$S" --calib self --nsamples 16 --seqlen 128 --method gptq --act-order --bits 3 --group-size 32
+run stories-sparsegpt-w4 "$S" --calib self --nsamples 16 --seqlen 128 --method sparsegpt --pattern 2:4 --prune-bits 4 --group-size 32
+run stories-sparsegpt-unstructured "$S" --calib self --nsamples 16 --seqlen 128 --method sparsegpt --pattern unstructured --sparsity 0.6
+run stories-oneshot-adaptive "$S" --calib self --nsamples 16 --seqlen 128 --stages oneshot --mask adaptive
 cd "$OUTDIR"
 find . -type f ! -name '*.log' ! -name gqsa_report.json | LC_ALL=C sort | xargs sha256sum

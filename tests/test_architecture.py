@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("models and storage", ("gqsa.checkpoint", "gqsa.checkpoint_checks", "gqsa.integrations", "gqsa.models",
                             "gqsa.report", "gqsa.config", "gqsa.calib", "gqsa.distributed")),
     ("runtime", ("gqsa.engine",)),
-    ("algorithms", ("gqsa.prune", "gqsa.allocation", "gqsa.blockwise", "gqsa.oneshot", "gqsa.baselines")),
+    ("algorithms", ("gqsa.obs", "gqsa.prune", "gqsa.allocation", "gqsa.blockwise", "gqsa.oneshot", "gqsa.baselines")),
     ("stages", ("gqsa.stages", "gqsa.baselines.runner")),
     ("orchestration", ("gqsa.pipeline", "gqsa.workflow")),
     ("measurement", ("gqsa.eval", "gqsa.bench", "gqsa.report_matrix", "gqsa.report_tables")),

@@ -47,6 +47,7 @@ from .checkpoint_checks import (  # noqa: F401  (public names of the folder chec
 from .folder_io import (  # noqa: F401  (re-exported)
     INCOMPLETE, REPORT, UNCHECKED, atomic_folder, checksummed_files, remove_stale_temporaries, sha256, write_json_atomic, write_report)
 from .format import TENSOR_NAMES, FormatError, PackedLinear
+from .modules import replace_submodule
 from .nn import GQSALinear
 
 
@@ -192,7 +193,6 @@ def load(folder, device="cpu", dtype: torch.dtype | None = None, verify: bool = 
         model = _third_party(f"{cfg_path}: transformers cannot build a {config_dict['model_type']} model from it",
                              AutoModelForCausalLM.from_config, config, dtype=target, trust_remote_code=False)
     for name, meta in qc["layers"].items():
-        parent_name, _, child = name.rpartition(".")
         try:
             old = model.get_submodule(name)
         except AttributeError:
@@ -204,9 +204,8 @@ def load(folder, device="cpu", dtype: torch.dtype | None = None, verify: bool = 
         if (old.out_features, old.in_features) != (n, k):
             raise FormatError(f"{cfg_path}: layer {name} is [{n}, {k}] in quantization_config but "
                               f"[{old.out_features}, {old.in_features}] in the model config")
-        setattr(model.get_submodule(parent_name), child,
-                GQSALinear(k, n, meta["bits"], meta["group_size"], bias=old.bias is not None,
-                           float_zeros=qc.get("zero_point") == "float", dtype=old.weight.dtype))
+        replace_submodule(model, name, GQSALinear(k, n, meta["bits"], meta["group_size"], bias=old.bias is not None,
+                                                  float_zeros=qc.get("zero_point") == "float", dtype=old.weight.dtype))
     expected = model.state_dict()
     dense = {}
     for name, t in tensors.items():

@@ -223,8 +223,7 @@ def validated_layers(folder, qc: dict, tensors: dict[str, torch.Tensor], origin=
             raise FormatError(f"{Path(folder) / 'config.json'}: quantization_config lists layer {name}, but the "
                               f".safetensors files lack its tensor(s) {', '.join(missing)}")
         shape, bits, group_size = tuple(meta["shape"]), meta["bits"], meta["group_size"]
-        p = PackedLinear(**{t: tensors[f"{name}.{t}"] for t in TENSOR_NAMES}, shape=shape, bits=bits,
-                         group_size=group_size)
+        p = PackedLinear.from_tensors(tensors, name, shape, bits, group_size)
         p.validate(f"{origin.get(f'{name}.row_ptr', folder)}: {name}")
         out[name] = p
     packed_modules = {n.rpartition(".")[0] for n in tensors if n.rpartition(".")[2] in TENSOR_NAMES}

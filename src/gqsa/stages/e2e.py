@@ -49,9 +49,7 @@ class ScaleTrainableLinear(nn.Module):
         for name in ("row_ptr", "col_idx", "qweight"):
             self.register_buffer(name, getattr(packed, name).clone())
         self.register_buffer("zeros_int", None if train_zero else packed.zeros.clone())
-        counts = (packed.row_ptr[1:] - packed.row_ptr[:-1]).long()
-        rows = torch.repeat_interleave(torch.arange(n, device=counts.device), counts, output_size=packed.nnz)
-        self.register_buffer("flat", rows * packed.n_group_cols + packed.col_idx.long())
+        self.register_buffer("flat", packed.group_rows() * packed.n_group_cols + packed.col_idx.long())
         self.n_group_cols = packed.n_group_cols
         self.register_buffer("s0", packed.scales.float())
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
