@@ -1,9 +1,9 @@
 """The block-wise driver: capture the first block's inputs, run a per-block method on each decoder block
 in turn (only that block on the device), propagate the compressed block's outputs to the next.
 
-One-shot GQSA (:mod:`gqsa.oneshot`), the baselines (:mod:`gqsa.baselines.runner`) and the target-bits
-allocation (:mod:`gqsa.allocation`) are methods run by :func:`run_blocks`; BQPO (:mod:`gqsa.stages.bqpo`)
-uses the same pieces (input capture, linear groups, statistics, module swap) with its own activation store.
+One-shot GQSA (:mod:`gqsa.oneshot`), the baselines (:mod:`gqsa.baselines.runner`) and BQPO
+(:mod:`gqsa.stages.bqpo`, with its own activation store and resume) are methods run by :func:`run_blocks`;
+the pieces (input capture, linear groups, their statistics, the module swap) are here too.
 """
 from __future__ import annotations
 
@@ -116,27 +116,43 @@ def group_statistics(block, linears: dict, group: list[str], batches, amp: Calla
     return {n: a.remove() for n, a in accs.items()}
 
 
-@torch.no_grad()
-def run_blocks(model, tokens: torch.Tensor | None, device, batch_size: int,
-               method: Callable[[int, nn.Module, str, list | None], None], *, desc: str, progress: bool = True,
-               on_block_done: Callable[[int], None] | None = None, propagate: bool = True) -> None:
-    """Run ``method(i, block, prefix, batches)`` on every decoder block in order, the block on ``device``.
+def propagate_batches(block, batches: list) -> list:
+    """The outputs of ``block`` for ``batches`` = ``[(hidden, kwargs), …]``: the next block's inputs."""
+    return [(calib.block_output(block, hidden, kw), kw) for hidden, kw in batches]
 
-    ``batches`` are the block's inputs ``[(hidden, kwargs), …]`` for ``tokens`` (``None`` without tokens):
-    the first block's captured inputs, then each block's outputs after ``method`` changed it
-    (``propagate``), so each block is calibrated on the already compressed earlier blocks.
+
+def run_blocks(model, tokens: torch.Tensor | None, device, batch_size: int,
+               method: Callable[[int, nn.Module, str, object], None], *, desc: str, progress: bool = True,
+               on_block_done: Callable[[int], None] | None = None, inputs=None,
+               propagate: Callable[[nn.Module, object], object] = propagate_batches,
+               start: Callable[[int], None] | None = None, finish: Callable[[int], None] | None = None) -> None:
+    """Run ``method(i, block, prefix, inputs)`` on every decoder block in order, the block on ``device``
+    (and back to where the model lives after it).
+
+    ``inputs`` are the block's inputs: by default ``[(hidden, kwargs), …]`` captured for ``tokens`` (``None``
+    without tokens), or whatever store the caller passes (BQPO: one tensor of all windows, maybe offloaded
+    to the CPU); after ``method`` changed the block, ``propagate(block, inputs)`` gives the next block's
+    inputs, so each block is calibrated on the already compressed earlier blocks. ``start(i)`` runs before
+    block ``i`` moves to the device, ``finish(i)`` after its outputs are propagated (the block still on the
+    device), ``on_block_done(i)`` at the very end of the block. Gradients are the method's affair: wrap a
+    method that needs none in ``torch.no_grad()``.
     """
     adapter = get_adapter(model)
     blocks = adapter.blocks(model)
     prefix = layers_prefix(model, adapter)
     home = next(model.parameters()).device
-    batches = capture_inputs(model, blocks, tokens, batch_size, device) if tokens is not None else None
+    if inputs is None and tokens is not None:
+        inputs = capture_inputs(model, blocks, tokens, batch_size, device)
     bar = tqdm(total=len(blocks), desc=desc, unit="block", disable=not progress)
     for i, block in enumerate(blocks):
+        if start is not None:
+            start(i)
         block.to(device)
-        method(i, block, prefix, batches)
-        if batches is not None and propagate:
-            batches = [(calib.block_output(block, hidden, kw), kw) for hidden, kw in batches]
+        method(i, block, prefix, inputs)
+        if inputs is not None:
+            inputs = propagate(block, inputs)
+        if finish is not None:
+            finish(i)
         block.to(home)
         bar.update(1)
         if on_block_done is not None:

@@ -13,7 +13,6 @@ step's device time by kernel kind and the idle time between kernels of a replaye
 from __future__ import annotations
 
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -22,26 +21,8 @@ import torch
 
 from ..engine import Engine
 from ..modules import default_device, replace_submodule
+from ..report import environment
 from .synthetic import Setting, build_synthetic, parse_setting, weight_bytes
-
-
-def environment(device) -> dict:
-    import transformers
-
-    env = {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-           "device": str(device)}
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except Exception:  # pragma: no cover
-        env["triton"] = None
-    if torch.device(device).type == "cuda":
-        p = torch.cuda.get_device_properties(device)
-        env.update(gpu=p.name, sms=p.multi_processor_count, gpu_memory_gib=round(p.total_memory / 2**30, 1))
-    else:
-        env["cpu_threads"] = torch.get_num_threads()
-    return env
 
 
 def dense_from_gqsa(model, dtype):

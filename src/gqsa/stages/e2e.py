@@ -24,11 +24,10 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
-from .. import distributed, quant
+from .. import distributed
 from ..blockwise import replace_linears
 from ..config import GQSAConfig
 from ..format import PackedLinear
@@ -36,49 +35,7 @@ from ..models.adapters import get_adapter
 from ..modules import replace_submodule
 from . import common
 from .common import verify_packed
-
-
-class ScaleTrainableLinear(nn.Module):
-    """A packed layer with trainable scales (and optionally real zero points); codes and mask frozen."""
-
-    def __init__(self, packed: PackedLinear, bias: torch.Tensor | None = None, train_zero: bool = False):
-        super().__init__()
-        n, k = packed.shape
-        self.shape, self.bits, self.group_size, self.train_zero = (n, k), packed.bits, packed.group_size, train_zero
-        self.in_features, self.out_features = k, n
-        for name in ("row_ptr", "col_idx", "qweight"):
-            self.register_buffer(name, getattr(packed, name).clone())
-        self.register_buffer("zeros_int", None if train_zero else packed.zeros.clone())
-        self.register_buffer("flat", packed.group_rows() * packed.n_group_cols + packed.col_idx.long())
-        self.n_group_cols = packed.n_group_cols
-        self.register_buffer("s0", packed.scales.float())
-        self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        self.gamma = nn.Parameter(torch.ones_like(self.s0))
-        self.zero = nn.Parameter(packed.zeros.float().clone()) if train_zero else None
-
-    def scales(self) -> torch.Tensor:
-        return common.round_scale_ste(self.s0 * self.gamma)
-
-    def zeros(self) -> torch.Tensor:
-        return common.round_half_ste(self.zero) if self.train_zero else self.zeros_int.float()
-
-    def weight(self) -> torch.Tensor:
-        """Dense ``[N, K]`` float32 weight: the formula of :func:`gqsa.kernels.reference.dequantize`."""
-        n, k = self.shape
-        codes = quant.unpack_codes(self.qweight, self.bits, self.group_size)
-        w = quant.dequantize(codes, self.scales(), self.zeros())  # [nnz, G]
-        dense = w.new_zeros(n * self.n_group_cols, self.group_size).index_copy(0, self.flat, w)
-        return dense.reshape(n, -1)[:, :k]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-
-    @torch.no_grad()
-    def export(self) -> PackedLinear:
-        scales = quant.round_scale(self.s0 * self.gamma).to(torch.float16)
-        zeros = self.zero.to(torch.float16) if self.train_zero else self.zeros_int.clone()
-        return PackedLinear(row_ptr=self.row_ptr.clone(), col_idx=self.col_idx.clone(), qweight=self.qweight.clone(),
-                            scales=scales, zeros=zeros, shape=self.shape, bits=self.bits, group_size=self.group_size)
+from .trainable import ScaleTrainableLinear
 
 
 def _checkpointed(forward):
@@ -116,7 +73,7 @@ def _eval_loss(model, tokens: torch.Tensor, bs: int, device, amp, objective=caus
     return total / tokens.shape[0]
 
 
-def _distributed_backward(trained, tokens: torch.Tensor, idx: torch.Tensor, windows: int, device, amp,
+def distributed_backward(trained, tokens: torch.Tensor, idx: torch.Tensor, windows: int, device, amp,
                           objective=causal_lm_loss) -> float:
     """This process's shares of micro-batch ``idx`` (of an optimizer step of ``windows`` windows,
     :func:`distributed.shares`): backward of each share's mean loss weighted by its windows' part of the
@@ -206,7 +163,7 @@ def run_e2e(model, packed: dict[str, PackedLinear], config: GQSAConfig, train_to
                     windows = sum(len(idx) for idx in step)
                     for idx in step:  # the step's gradient = that of the mean loss over its windows
                         if distributed.split_batches():
-                            running += _distributed_backward(trained, train_tokens, idx, windows, device, amp,
+                            running += distributed_backward(trained, train_tokens, idx, windows, device, amp,
                                                              objective)
                             seen += len(idx)
                             continue
