@@ -1,10 +1,9 @@
-"""GQSA of a whole model, block by block: the one-shot step and the pipeline of stages.
+"""The orchestrator of a GQSA compression: the plan, then the stages of ``config.stages`` in order.
 
-One-shot (GPTQ-style sequential calibration): each decoder block receives the outputs of the
-already compressed earlier blocks; inside a block, the linears are compressed group by group in
-execution order (q/k/v, then o, then gate/up, then down), each group calibrated on the inputs
-produced by the block as compressed so far. Only the current block (and its activations) lives on
-``device``.
+One-shot (:mod:`gqsa.oneshot`, run block by block by the driver :mod:`gqsa.blockwise`: each decoder
+block receives the outputs of the already compressed earlier blocks; inside a block, the linears are
+compressed group by group in execution order, each group calibrated on the inputs produced by the block
+as compressed so far; only the current block and its activations live on ``device``).
 
 ``config.stages`` then adds BQPO (:mod:`gqsa.stages.bqpo`: the one-shot result of each block is the
 starting point of its block-wise training) and E2E-OQP (:mod:`gqsa.stages.e2e`: end-to-end scale
@@ -21,13 +20,12 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed
-from .blockwise import (HessianAccumulator, block_linear_groups, capture_inputs, layers_prefix,  # noqa: F401
-                        replace_linears)
+from .blockwise import replace_linears
 from .config import GQSAConfig
 from .format import PackedLinear
 from .models.adapters import get_adapter
 from .modules import default_device
-from .oneshot import compress_oneshot, oneshot_block, pack_weight  # noqa: F401
+from .oneshot import compress_oneshot
 
 
 def compress_model(model, config: GQSAConfig, tokens: torch.Tensor, device=None, batch_size: int = 8,

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from gqsa import GQSAConfig, prune, quant
-from gqsa.pipeline import compress_model, pack_weight
+from gqsa.oneshot import pack_weight
+from gqsa.pipeline import compress_model
 from gqsa.kernels import reference
 from gqsa.stages import common
 from gqsa.stages.trainable import FakeQuantLinear
