@@ -177,7 +177,7 @@ def _compress(row: Row, model: str, tokenizer, calib: str, out: Path, common: di
         kw["tokenizer"] = str(tokenizer)
     if device is not None:
         kw["device"] = str(device)
-    compress_to_folder(model, str(out), calib=calib, overwrite=True, **{**kw, **row.options})
+    compress_to_folder(model, str(out), **{"calib": calib, "overwrite": True, **kw, **row.options})
 
 
 def _load(folder: Path, device, dtype):

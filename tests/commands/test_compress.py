@@ -30,3 +30,7 @@ def test_given_options_are_only_those_on_the_command_line():
     assert compress.given_options([]) == {}
     with pytest.raises(ValueError):
         compress.given_options(["--bits", "5"])
+
+
+def test_a_calibration_text_in_the_arguments_is_given():
+    assert compress.given_options(["--calib", "other.txt"]) == {"calib": "other.txt"}

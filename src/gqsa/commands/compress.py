@@ -142,19 +142,18 @@ _UNSET = object()
 
 
 def given_options(argv: list[str]) -> dict:
-    """The options ``gqsa compress`` arguments ``argv`` give (without model, --calib, --out), as keyword
+    """The options ``gqsa compress`` arguments ``argv`` give (the model and --out apart), as keyword
     arguments of :func:`gqsa.workflow.compress_to_folder`; ``ValueError`` when they do not parse."""
     parser = argparse.ArgumentParser(prog="gqsa compress", add_help=False)
     add_arguments(parser)
-    base = ["MODEL", "--calib", "C", "--out", "O"]
+    base = ["\0MODEL", "--calib", "\0CALIB", "--out", "\0OUT"]  # (a --calib in argv wins, as on a command line)
     try:
         full = parser.parse_args([*base, *argv])
         given = parser.parse_args([*base, *argv], namespace=argparse.Namespace(**{k: _UNSET for k in vars(full)}))
     except SystemExit:
         raise ValueError(f"not gqsa compress arguments: {' '.join(argv)}") from None
-    kw = options(argparse.Namespace(**{k: getattr(full, k) for k, v in vars(given).items()
-                                       if v is not _UNSET and k not in ("calib",)}))
-    return kw
+    return options(argparse.Namespace(**{k: getattr(full, k) for k, v in vars(given).items()
+                                         if v is not _UNSET and not (k == "calib" and v == "\0CALIB")}))
 
 
 def run(args) -> int:
