@@ -40,8 +40,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .checkpoint_checks import (  # noqa: F401  (public names of the folder checks, re-exported)
-    _DENSE_DTYPES, FORMAT_VERSION, LIMITS, MAX_JSON_BYTES, MAX_JSON_DEPTH, _check_folder, _inside,
-    _regular_file, _shard_names, _third_party, all_finite, check_companion_files, check_model_config,
+    DENSE_DTYPES, FORMAT_VERSION, LIMITS, MAX_JSON_BYTES, MAX_JSON_DEPTH, check_folder, inside_folder,
+    regular_file, shard_names, third_party, all_finite, check_companion_files, check_model_config,
     check_quantization_config, read_json, read_quantization_config, refuse_remote_code, validated_layers,
     verify_checksums)
 from .folder_io import (  # noqa: F401  (re-exported)
@@ -120,16 +120,16 @@ def save(model, folder, tokenizer=None, report: dict | None = None, overwrite: b
 def read_tensors(folder, verify: bool = True, origin: dict | None = None) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint folder; a truncated, tampered or missing file raises FormatError.
     ``origin`` (a dict) receives tensor name -> the file it came from."""
-    folder = _check_folder(folder)
+    folder = check_folder(folder)
     for entry in folder.iterdir():
-        _inside(folder, entry)
-    shards, weight_map = _shard_names(folder)
+        inside_folder(folder, entry)
+    shards, weight_map = shard_names(folder)
     if verify:
         verify_checksums(folder, shards)
     tensors: dict[str, torch.Tensor] = {}
     where = {} if origin is None else origin
     for f in shards:
-        path = _regular_file(folder, f, "shard")
+        path = regular_file(folder, f, "shard")
         try:
             loaded = load_file(path)
         except (SafetensorError, OSError, ValueError, RuntimeError, OverflowError, MemoryError) as e:
@@ -183,14 +183,14 @@ def load(folder, device="cpu", dtype: torch.dtype | None = None, verify: bool = 
     check_companion_files(folder, config_dict)
     gen_path = folder / "generation_config.json"
 
-    config = _third_party(f"{cfg_path}: transformers cannot read this config", AutoConfig.from_pretrained, folder,
+    config = third_party(f"{cfg_path}: transformers cannot read this config", AutoConfig.from_pretrained, folder,
                           trust_remote_code=False)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     stored = _dense_dtype(tensors, qc)
     target = dtype or stored
     with torch.device("meta"):
-        model = _third_party(f"{cfg_path}: transformers cannot build a {config_dict['model_type']} model from it",
+        model = third_party(f"{cfg_path}: transformers cannot build a {config_dict['model_type']} model from it",
                              AutoModelForCausalLM.from_config, config, dtype=target, trust_remote_code=False)
     for name, meta in qc["layers"].items():
         try:
@@ -220,7 +220,7 @@ def load(folder, device="cpu", dtype: torch.dtype | None = None, verify: bool = 
             raise FormatError(f"{origin[name]}: tensor {name} has shape {list(t.shape)}, but config.json makes "
                               f"it {list(want.shape)}")
         if want.is_floating_point():
-            if t.dtype not in _DENSE_DTYPES:
+            if t.dtype not in DENSE_DTYPES:
                 raise FormatError(f"{origin[name]}: tensor {name} has dtype {t.dtype}; dense tensors are "
                                   f"float32, float16 or bfloat16")
             if t.dtype != stored:  # a checkpoint stores its dense tensors in one dtype
@@ -240,15 +240,15 @@ def load(folder, device="cpu", dtype: torch.dtype | None = None, verify: bool = 
     model.config.quantization_config = qc
     model.to(device).eval()
     if gen_path.is_file():
-        model.generation_config = _third_party(f"{gen_path} is not a valid generation config",
+        model.generation_config = third_party(f"{gen_path} is not a valid generation config",
                                                GenerationConfig.from_pretrained, folder)
     tokenizer = None
     if any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
         tok_files = ", ".join(f.name for f in sorted(folder.glob("tok*")) + sorted(folder.glob("special_tokens*")))
-        tokenizer = _third_party(f"{folder}: its tokenizer files ({tok_files}) cannot be loaded",
+        tokenizer = third_party(f"{folder}: its tokenizer files ({tok_files}) cannot be loaded",
                                  AutoTokenizer.from_pretrained, folder, trust_remote_code=False)
         # settings of tokenizer_config.json are used only when text is encoded: try it once here
-        _third_party(f"{folder}: its tokenizer ({tok_files}) cannot encode text; the files are damaged",
+        third_party(f"{folder}: its tokenizer ({tok_files}) cannot encode text; the files are damaged",
                      lambda: tokenizer.decode(tokenizer("Hello, world.").input_ids))
         if len(tokenizer) > model.config.get_text_config().vocab_size:
             raise FormatError(f"{folder}: the tokenizer has {len(tokenizer)} tokens, more than the model's "
@@ -259,7 +259,7 @@ def load(folder, device="cpu", dtype: torch.dtype | None = None, verify: bool = 
 def _dense_dtype(tensors, qc) -> torch.dtype:
     packed = {f"{n}.{t}" for n in qc["layers"] for t in TENSOR_NAMES}
     for name, t in tensors.items():
-        if name not in packed and t.dtype in _DENSE_DTYPES:
+        if name not in packed and t.dtype in DENSE_DTYPES:
             return t.dtype
     return torch.float16
 

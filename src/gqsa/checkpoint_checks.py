@@ -22,7 +22,7 @@ LIMITS = {"num_hidden_layers": 1024, "vocab_size": 1 << 22, "hidden_size": 1 << 
           "max_position_embeddings": 1 << 28}
 _SHARD = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*\.safetensors$")
 _SHA = re.compile(r"^[0-9a-f]{64}$")
-_DENSE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DENSE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TOKEN_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
 
 
@@ -30,7 +30,7 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _check_folder(folder) -> Path:
+def check_folder(folder) -> Path:
     folder = Path(folder)
     if not folder.exists():
         raise FileNotFoundError(f"{folder}: no such folder")
@@ -42,7 +42,7 @@ def _check_folder(folder) -> Path:
     return folder
 
 
-def _inside(folder: Path, path: Path, what: str = "file") -> Path:
+def inside_folder(folder: Path, path: Path, what: str = "file") -> Path:
     """``path`` (an entry of ``folder``) if it stays inside the folder; FormatError otherwise."""
     if path.is_symlink():
         try:
@@ -55,8 +55,8 @@ def _inside(folder: Path, path: Path, what: str = "file") -> Path:
     return path
 
 
-def _regular_file(folder: Path, name: str, what: str = "file") -> Path:
-    path = _inside(folder, folder / name, what)
+def regular_file(folder: Path, name: str, what: str = "file") -> Path:
+    path = inside_folder(folder, folder / name, what)
     if not path.is_file():
         kind = "missing" if not path.exists() and not path.is_symlink() else "not a regular file"
         raise FormatError(f"{path} is {kind}; the checkpoint folder is incomplete or damaged")
@@ -72,7 +72,7 @@ def read_json(path, folder=None) -> dict:
     them), nesting at most :data:`MAX_JSON_DEPTH`; FormatError naming the file otherwise."""
     path = Path(path)
     if folder is not None:
-        path = _regular_file(Path(folder), path.name)
+        path = regular_file(Path(folder), path.name)
     try:
         size = path.stat().st_size
         if size > MAX_JSON_BYTES:
@@ -146,7 +146,7 @@ def check_quantization_config(qc: dict, where: str = "quantization_config") -> N
 
 def read_quantization_config(folder) -> tuple[dict, dict]:
     """(config.json as a dict, its validated ``quantization_config``) of a checkpoint folder."""
-    folder = _check_folder(folder)
+    folder = check_folder(folder)
     cfg_path = folder / "config.json"
     if not cfg_path.is_file() and not cfg_path.is_symlink():
         raise FormatError(f"{folder} is not a model folder: it has no config.json")
@@ -160,7 +160,7 @@ def read_quantization_config(folder) -> tuple[dict, dict]:
     return config, qc
 
 
-def _shard_names(folder: Path) -> tuple[list[str], dict | None]:
+def shard_names(folder: Path) -> tuple[list[str], dict | None]:
     """(shard file names, weight_map of the index or None)."""
     index_name = "model.safetensors.index.json"
     if (folder / index_name).is_file() or (folder / index_name).is_symlink():
@@ -200,7 +200,7 @@ def verify_checksums(folder, shards: list[str]) -> None:
     for name, digest in files.items():
         if "/" in name or "\\" in name or name in ("", ".", ".."):
             raise FormatError(f"{path}: 'files' names {name!r}, not a file of the folder")
-        f = _regular_file(folder, name)
+        f = regular_file(folder, name)
         if sha256(f) != digest:
             raise FormatError(f"{f}: checksum does not match {REPORT}; the file was modified or is corrupt")
 
@@ -296,7 +296,7 @@ def check_companion_files(folder: Path, config: dict) -> None:
         refuse_remote_code(folder, "tokenizer_config.json", read_json(tok_cfg, folder))
 
 
-def _third_party(what: str, fn, *args, **kwargs):
+def third_party(what: str, fn, *args, **kwargs):
     """Call transformers on untrusted files: whatever it raises becomes one FormatError line."""
     try:
         return fn(*args, **kwargs)
