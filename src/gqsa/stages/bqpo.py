@@ -46,7 +46,6 @@ from ..config import GQSAConfig
 from ..format import PackedLinear
 from ..kernels import reference
 from ..models.adapters import get_adapter
-from ..modules import replace_submodule
 from ..oneshot import oneshot_block, pack_weight
 from ..prune import CompressedWeight
 from . import common
@@ -201,27 +200,22 @@ def train_block(block, init: dict[str, CompressedWeight], x: torch.Tensor, y: to
     dtype = common.block_dtype(block)
     fqs = {n: FakeQuantLinear(init[n], lin.in_features, config.bits, lin.bias).to(device)
            for n, lin in linears.items()}
-    frozen = [(p, p.requires_grad) for p in block.parameters()]
-    for p, _ in frozen:
-        p.requires_grad_(False)
-    for n, lin in linears.items():
-        lin.to("cpu")  # only the trained form stays on the device
-        replace_submodule(block, n, fqs[n])
-    groups = [
-        {"params": [m.u for m in fqs.values()], "lr": config.bqpo_lr_weight},
-        {"params": [m.gamma for m in fqs.values()], "lr": config.bqpo_lr_scale},
-        {"params": [m.zero for m in fqs.values()], "lr": config.bqpo_lr_zero},
-    ]
-    for g in groups:
-        for p in g["params"]:
-            p.requires_grad_(g["lr"] > 0)
-    groups = [g for g in groups if g["lr"] > 0]
-    n_val = x.shape[0] - n_train
-    bs = config.bqpo_batch_size
-    steps_per_epoch = math.ceil(n_train / bs)
-    total = steps_per_epoch * config.bqpo_epochs
-    st = {"train_windows": n_train, "val_windows": n_val}
-    try:
+    # only the trained form stays on the device
+    with common.training_swap(block, fqs, before_swap=lambda n, lin: lin.to("cpu")):
+        groups = [
+            {"params": [m.u for m in fqs.values()], "lr": config.bqpo_lr_weight},
+            {"params": [m.gamma for m in fqs.values()], "lr": config.bqpo_lr_scale},
+            {"params": [m.zero for m in fqs.values()], "lr": config.bqpo_lr_zero},
+        ]
+        for g in groups:
+            for p in g["params"]:
+                p.requires_grad_(g["lr"] > 0)
+        groups = [g for g in groups if g["lr"] > 0]
+        n_val = x.shape[0] - n_train
+        bs = config.bqpo_batch_size
+        steps_per_epoch = math.ceil(n_train / bs)
+        total = steps_per_epoch * config.bqpo_epochs
+        st = {"train_windows": n_train, "val_windows": n_val}
         st["train_loss_before"] = _mse(block, x, y, range(n_train), bs, kwargs, device, dtype, amp)
         st["val_loss_before"] = _mse(block, x, y, range(n_train, x.shape[0]), bs, kwargs, device, dtype, amp) \
             if n_val else None
@@ -268,11 +262,6 @@ def train_block(block, init: dict[str, CompressedWeight], x: torch.Tensor, y: to
                 if not torch.equal(cw.weight, m.weight()):
                     raise RuntimeError(f"{n}: exported codes do not reproduce the trained weight (a gqsa bug)")
             out[n] = cw
-    finally:
-        for n, lin in linears.items():
-            replace_submodule(block, n, lin)
-        for p, flag in frozen:
-            p.requires_grad_(flag)
     with torch.no_grad():
         for n, lin in linears.items():
             lin.to(device)

@@ -32,7 +32,6 @@ from ..blockwise import replace_linears
 from ..config import GQSAConfig
 from ..format import PackedLinear
 from ..models.adapters import get_adapter
-from ..modules import replace_submodule
 from . import common
 from .common import verify_packed
 from .trainable import ScaleTrainableLinear
@@ -117,97 +116,90 @@ def run_e2e(model, packed: dict[str, PackedLinear], config: GQSAConfig, train_to
     was_training = model.training
     t0 = time.perf_counter()
     common.reset_peak(device)
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
-    olds, mods = {}, {}
+    mods = {}
     blocks = get_adapter(model).blocks(model)
     e2e = {"epochs": [], "train_windows": int(train_tokens.shape[0]), "val_windows": int(val_tokens.shape[0])}
     stats["e2e"] = e2e
+    for name, p in packed.items():
+        old = model.get_submodule(name)
+        bias = old.bias.detach() if getattr(old, "bias", None) is not None else None
+        mods[name] = ScaleTrainableLinear(p, bias, config.e2e_train_zero)
     try:
-        for name, p in packed.items():
-            old = model.get_submodule(name)
-            bias = old.bias.detach() if getattr(old, "bias", None) is not None else None
-            mods[name] = ScaleTrainableLinear(p, bias, config.e2e_train_zero)
-            olds[name] = replace_submodule(model, name, mods[name])
-        if config.e2e_grad_checkpointing:
-            for block in blocks:
-                block.forward = _checkpointed(block.forward)
-        model.to(device)
-        model.eval()  # no dropout: the loss is the deterministic calibration loss
-        params = [m.gamma for m in mods.values()] + ([m.zero for m in mods.values()] if config.e2e_train_zero else [])
-        for q in params:
-            q.requires_grad_(config.e2e_lr > 0)
-        bs, accum = config.e2e_batch_size, config.e2e_grad_accum
-        n_val = val_tokens.shape[0]
-        before = _eval_loss(model, val_tokens, bs, device, amp, objective) if n_val else None
-        e2e["val_loss_before"] = before
-        best, best_epoch, best_state = before, 0, [q.detach().to("cpu", copy=True) for q in params]
-        micro = math.ceil(train_tokens.shape[0] / bs)
-        steps_per_epoch = math.ceil(micro / accum)
-        total = steps_per_epoch * config.e2e_epochs
-        if before is not None:
-            log(f"E2E-OQP: held-out {what} {before:.4f}{_ppl(before, config)} before training")
-        if total and config.e2e_lr > 0:
-            opt = torch.optim.AdamW(params, lr=config.e2e_lr, weight_decay=0.0)
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, common.cosine(total))
-            gen = torch.Generator().manual_seed(config.seed * 1_000_003 + 999_983)
-            bar = tqdm(total=total, desc="GQSA E2E-OQP", unit="step", disable=not progress)
-            trained = distributed.wrap(model, device)  # DDP under torchrun, else the model itself
-            for epoch in range(1, config.e2e_epochs + 1):
-                te = time.perf_counter()
-                perm = torch.randperm(train_tokens.shape[0], generator=gen).split(bs)
-                running, seen = 0.0, 0
-                for k in range(0, len(perm), accum):
-                    step = perm[k:k + accum]
-                    windows = sum(len(idx) for idx in step)
-                    for idx in step:  # the step's gradient = that of the mean loss over its windows
-                        if distributed.split_batches():
-                            running += distributed_backward(trained, train_tokens, idx, windows, device, amp,
-                                                             objective)
+        with common.training_swap(model, mods):
+            if config.e2e_grad_checkpointing:
+                for block in blocks:
+                    block.forward = _checkpointed(block.forward)
+            model.to(device)
+            model.eval()  # no dropout: the loss is the deterministic calibration loss
+            params = [m.gamma for m in mods.values()] + ([m.zero for m in mods.values()] if config.e2e_train_zero else [])
+            for q in params:
+                q.requires_grad_(config.e2e_lr > 0)
+            bs, accum = config.e2e_batch_size, config.e2e_grad_accum
+            n_val = val_tokens.shape[0]
+            before = _eval_loss(model, val_tokens, bs, device, amp, objective) if n_val else None
+            e2e["val_loss_before"] = before
+            best, best_epoch, best_state = before, 0, [q.detach().to("cpu", copy=True) for q in params]
+            micro = math.ceil(train_tokens.shape[0] / bs)
+            steps_per_epoch = math.ceil(micro / accum)
+            total = steps_per_epoch * config.e2e_epochs
+            if before is not None:
+                log(f"E2E-OQP: held-out {what} {before:.4f}{_ppl(before, config)} before training")
+            if total and config.e2e_lr > 0:
+                opt = torch.optim.AdamW(params, lr=config.e2e_lr, weight_decay=0.0)
+                sched = torch.optim.lr_scheduler.LambdaLR(opt, common.cosine(total))
+                gen = torch.Generator().manual_seed(config.seed * 1_000_003 + 999_983)
+                bar = tqdm(total=total, desc="GQSA E2E-OQP", unit="step", disable=not progress)
+                trained = distributed.wrap(model, device)  # DDP under torchrun, else the model itself
+                for epoch in range(1, config.e2e_epochs + 1):
+                    te = time.perf_counter()
+                    perm = torch.randperm(train_tokens.shape[0], generator=gen).split(bs)
+                    running, seen = 0.0, 0
+                    for k in range(0, len(perm), accum):
+                        step = perm[k:k + accum]
+                        windows = sum(len(idx) for idx in step)
+                        for idx in step:  # the step's gradient = that of the mean loss over its windows
+                            if distributed.split_batches():
+                                running += distributed_backward(trained, train_tokens, idx, windows, device, amp,
+                                                                 objective)
+                                seen += len(idx)
+                                continue
+                            with amp():
+                                loss = objective(model, train_tokens[idx].to(device))
+                            (loss * (len(idx) / windows)).backward()
+                            running += loss.item() * len(idx)
                             seen += len(idx)
-                            continue
-                        with amp():
-                            loss = objective(model, train_tokens[idx].to(device))
-                        (loss * (len(idx) / windows)).backward()
-                        running += loss.item() * len(idx)
-                        seen += len(idx)
-                    opt.step()
-                    sched.step()
-                    opt.zero_grad(set_to_none=True)
-                    bar.update(1)
-                row = {"epoch": epoch, "train_loss": running / seen, "seconds": round(time.perf_counter() - te, 2)}
-                if n_val:
-                    row["val_loss"] = _eval_loss(model, val_tokens, bs, device, amp, objective)
-                    if row["val_loss"] < best:
-                        best, best_epoch = row["val_loss"], epoch
-                        best_state = [q.detach().to("cpu", copy=True) for q in params]
-                else:
-                    best_epoch, best_state = epoch, None
-                e2e["epochs"].append(row)
-                held = f", held-out {row['val_loss']:.4f}{_ppl(row['val_loss'], config)}" if n_val else ""
-                log(f"E2E-OQP epoch {epoch}/{config.e2e_epochs}: train loss {row['train_loss']:.4f}{held}, "
-                    f"{row['seconds']:.1f} s")
-            bar.close()
-            if best_state is not None:
+                        opt.step()
+                        sched.step()
+                        opt.zero_grad(set_to_none=True)
+                        bar.update(1)
+                    row = {"epoch": epoch, "train_loss": running / seen, "seconds": round(time.perf_counter() - te, 2)}
+                    if n_val:
+                        row["val_loss"] = _eval_loss(model, val_tokens, bs, device, amp, objective)
+                        if row["val_loss"] < best:
+                            best, best_epoch = row["val_loss"], epoch
+                            best_state = [q.detach().to("cpu", copy=True) for q in params]
+                    else:
+                        best_epoch, best_state = epoch, None
+                    e2e["epochs"].append(row)
+                    held = f", held-out {row['val_loss']:.4f}{_ppl(row['val_loss'], config)}" if n_val else ""
+                    log(f"E2E-OQP epoch {epoch}/{config.e2e_epochs}: train loss {row['train_loss']:.4f}{held}, "
+                        f"{row['seconds']:.1f} s")
+                bar.close()
+                if best_state is not None:
+                    with torch.no_grad():
+                        for q, saved in zip(params, best_state):
+                            q.copy_(saved)
+            e2e.update(best_epoch=best_epoch, val_loss_after=best)
+            out = {}
+            distributed.check_same("E2E-OQP", {str(k): q for k, q in enumerate(params)})
+            for name, m in mods.items():
+                out[name] = m.export().to("cpu")
                 with torch.no_grad():
-                    for q, saved in zip(params, best_state):
-                        q.copy_(saved)
-        e2e.update(best_epoch=best_epoch, val_loss_after=best)
-        out = {}
-        distributed.check_same("E2E-OQP", {str(k): q for k, q in enumerate(params)})
-        for name, m in mods.items():
-            out[name] = m.export().to("cpu")
-            with torch.no_grad():
-                verify_packed(out[name], m.weight(), name)
+                    verify_packed(out[name], m.weight(), name)
     finally:
         if config.e2e_grad_checkpointing:
             for block in blocks:
                 block.__dict__.pop("forward", None)
-        for name, old in olds.items():
-            replace_submodule(model, name, old)
-        for p, flag in flags:
-            p.requires_grad_(flag)
         model.train(was_training)
         model.to(home)
         if config.e2e_loss == "kd":
