@@ -3,7 +3,9 @@
 # sha256 of every file a run writes except gqsa_report.json (it holds times and paths). Run it before and
 # after a change that must not change results, and diff the two outputs:
 #   bash benchmarks/bitwise_oneshot.sh /tmp/before > before.txt; ... ; bash benchmarks/bitwise_oneshot.sh /tmp/after > after.txt
-# One torch thread (--threads 1), CPU, fixed seed.
+# One torch thread (--threads 1), CPU, fixed seed. benchmarks/results/bitwise_oneshot.sha256 is the output on main
+# c9eaf5f (torch 2.13.0 CPU, x86-64; identical on fd1f8c2), which the issue-15 refactor reproduces:
+#   bash benchmarks/bitwise_oneshot.sh /tmp/bw | diff benchmarks/results/bitwise_oneshot.sha256 -
 set -euo pipefail
 OUTDIR=${1:-/tmp/gqsa-bitwise}
 ASSETS=${GQSA_ASSETS:-$(cd "$(dirname "$0")/../.." && pwd)/shared/assets}

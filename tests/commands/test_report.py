@@ -8,18 +8,9 @@ from gqsa import report_matrix as rm
 from gqsa.commands import compress, report
 
 
-def test_default_matrix():
+def test_default_rows_as_command_line_arguments():
     rows = {r.name: r for r in rm.default_rows()}
-    assert rows["fp16"].is_reference
-    for g in (16, 32):
-        for s in (30, 50, 70):
-            assert f"gqsa-w4s{s}g{g}" in rows
-    for name in ("sparsegpt-2of4", "wanda-2of4", "gptq-w2g128", "gptq-w3g128", "rtn-w4g128", "sparsegpt-4of8",
-                 "sparsegpt-2of4-w4g128", "sparsegpt-4of8-w4g128", "gqsa-w3s0g128"):
-        assert name in rows
-    assert rows["sparsegpt-2of4-w4g128"].family == "pruning+quantization"
     assert report.auto_label(rows["sparsegpt-2of4-w4g128"].args) == rows["sparsegpt-2of4-w4g128"].label
-    assert rows["gqsa-w4s50g16"].args == ["--method", "gqsa", "--bits", "4", "--group-size", "16", "--sparsity", "0.5"]
     # every row's arguments parse as a `gqsa compress` command line
     parser = cli.build_parser()
     for r in rows.values():
