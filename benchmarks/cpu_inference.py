@@ -37,7 +37,7 @@ def main(argv=None) -> int:
 
     from gqsa import checkpoint, runtime
     from gqsa.engine import Engine, SamplingParams
-    from gqsa.engine.bench import _dense_from_gqsa
+    from gqsa.bench.runner import dense_from_gqsa
     from gqsa.eval.ppl import perplexity
 
     threads = runtime.set_threads(args.threads)
@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     for folder in args.folder:
         gq, tok = checkpoint.load(folder, device="cpu", dtype=torch.float32)
         dense, _ = checkpoint.load(folder, device="cpu", dtype=torch.float32)
-        _dense_from_gqsa(dense, torch.float32)
+        dense_from_gqsa(dense, torch.float32)
         models = {"dense": dense, "gqsa": gq}
         engines = {k: Engine(m) for k, m in models.items()}
         ids = [tok(args.prompt).input_ids]

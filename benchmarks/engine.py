@@ -9,7 +9,7 @@
    for the same weights dequantized to dense fp16; the engine's decode step runs the fused GEMV kernel
    (``_gemv_kernel`` launches counted in a profile, no dense expansion); ``AutoModelForCausalLM
    .from_pretrained`` of the folder on the GPU generates the same tokens as ``gqsa.load``.
-3. ``gqsa.engine.bench.run`` on the synthetic LLaMA-2-7B shape: fp16, GQSA W4 S50 G16, W4 S30 G16,
+3. ``gqsa.bench.runner.run`` on the synthetic LLaMA-2-7B shape: fp16, GQSA W4 S50 G16, W4 S30 G16,
    tinygemm int4 g128, batch 1, 4, 16, with a kernel-time profile of a decode step at batch 1; then
    ablations at batch 1 (no compiled pointwise ops / no projection fusion / no CUDA graphs).
 
@@ -29,7 +29,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import gqsa  # noqa: E402
-from gqsa.engine import Engine, bench  # noqa: E402
+from gqsa.bench import runner as bench  # noqa: E402
+from gqsa.engine import Engine  # noqa: E402
 
 PROMPTS = ["It was a dark and stormy night; the rain fell in torrents", "The old man looked at the sea and said",
            "Chapter I.\n\nIn the year 1850,"]
@@ -66,7 +67,7 @@ def checks(assets: Path, log) -> dict:
     for label in ("gqsa", "dense"):
         model, tok = gqsa.load(folder, device="cuda", dtype=torch.float16)
         if label == "dense":
-            bench._dense_from_gqsa(model, torch.float16)
+            bench.dense_from_gqsa(model, torch.float16)
         ids = [tok(p).input_ids for p in PROMPTS]
         n = 32
         hf = [model.generate(torch.tensor([p], device="cuda"), max_new_tokens=n, do_sample=False,
@@ -78,7 +79,7 @@ def checks(assets: Path, log) -> dict:
         for vname, kw in variants.items():
             m2, _ = gqsa.load(folder, device="cuda", dtype=torch.float16)  # fusion re-points modules: fresh copy
             if label == "dense":
-                bench._dense_from_gqsa(m2, torch.float16)
+                bench.dense_from_gqsa(m2, torch.float16)
             eng = Engine(m2, compile_ops=kw.get("compile_ops", "auto"), fuse_projections=kw.get("fuse_projections", "auto"),
                          cuda_graphs=kw.get("cuda_graphs", "auto"))
             toks = eng.generate(ids, n).tokens  # batch of 3 (left padding)

@@ -18,7 +18,8 @@ import time
 
 import torch
 
-from gqsa import calib, pipeline, prune
+from gqsa import blockwise, calib, prune
+from gqsa import oneshot as gqsa_oneshot
 from gqsa.config import GQSAConfig
 from gqsa.eval.ppl import perplexity
 from gqsa.models import load_model
@@ -29,11 +30,8 @@ ASSETS = os.environ.get("ASSETS", os.path.join(os.path.dirname(__file__), "..", 
 
 @torch.no_grad()
 def oneshot(model, config, tokens, mask_method: str, quantize: bool, batch_size: int = 8) -> None:
-    """GQSA's one-shot loop (pipeline._compress_oneshot) without packing: weights replaced in place."""
+    """GQSA's one-shot loop (gqsa.oneshot.compress_oneshot) without packing: weights replaced in place."""
     adapter = get_adapter(model)
-    blocks = adapter.blocks(model)
-    prefix = pipeline.layers_prefix(model, adapter)
-    batches = pipeline.capture_inputs(model, blocks, tokens, batch_size, "cpu")
     orig = prune.compress_weight
 
     def patched(*args, **kw):
@@ -41,11 +39,12 @@ def oneshot(model, config, tokens, mask_method: str, quantize: bool, batch_size:
         return orig(*args, **kw)
 
     prune.compress_weight = patched
+    def method(i, block, prefix, batches):
+        groups = blockwise.block_linear_groups(adapter, block, prefix, i, config)
+        gqsa_oneshot.oneshot_block(block, adapter, groups, batches, config)
+
     try:
-        for i, block in enumerate(blocks):
-            groups = pipeline.block_linear_groups(adapter, block, prefix, i, config)
-            pipeline.oneshot_block(block, adapter, groups, batches, config)
-            batches = [(calib.block_output(block, h, kw), kw) for h, kw in batches]
+        blockwise.run_blocks(model, tokens, "cpu", batch_size, method, desc="one-shot probe", progress=False)
     finally:
         prune.compress_weight = orig
 

@@ -71,14 +71,14 @@ def _grad_worker(rank, world, store, out):
             ref = _Block()
             F.mse_loss(ref(x[idx])[0], y[idx]).backward()
             block = _Block()
-            bqpo._distributed_step(distributed.wrap(block, torch.device("cpu")), x, y, idx, {}, "cpu", torch.float32,
+            bqpo.distributed_step(distributed.wrap(block, torch.device("cpu")), x, y, idx, {}, "cpu", torch.float32,
                                    _null)
             rows.append(max((a.grad - b.grad).abs().max().item() / b.grad.abs().max().item()
                             for a, b in zip(block.parameters(), ref.parameters())))
             # E2E-OQP: a micro-batch idx of an optimizer step of 6 windows
             ref_lm, lm = _tiny_lm(), _tiny_lm()
             (e2e.causal_lm_loss(ref_lm, ids[idx]) * (len(idx) / 6)).backward()
-            total = e2e._distributed_backward(distributed.wrap(lm, torch.device("cpu")), ids, idx, 6, "cpu", _null)
+            total = e2e.distributed_backward(distributed.wrap(lm, torch.device("cpu")), ids, idx, 6, "cpu", _null)
             rows.append(max((a.grad - b.grad).abs().max().item() / b.grad.abs().max().item()
                             for a, b in zip(lm.parameters(), ref_lm.parameters())))
             rows.append(abs(total - e2e.causal_lm_loss(ref_lm, ids[idx]).item() * len(idx)))

@@ -22,38 +22,21 @@ def test_default_matrix():
                  "sparsegpt-2of4-w4g128", "sparsegpt-4of8-w4g128", "gqsa-w3s0g128"):
         assert name in rows
     assert rows["sparsegpt-2of4-w4g128"].family == "pruning+quantization"
-    assert rm.auto_label(rows["sparsegpt-2of4-w4g128"].args) == rows["sparsegpt-2of4-w4g128"].label
+    assert rm.label(rows["sparsegpt-2of4-w4g128"].options) == rows["sparsegpt-2of4-w4g128"].label
     assert rows["gqsa-w4s50g16"].args == ["--method", "gqsa", "--bits", "4", "--group-size", "16", "--sparsity", "0.5"]
-    # every row's arguments parse as a `gqsa compress` command line
-    parser = cli.build_parser()
+    assert rows["gqsa-w4s50g16"].options == {"method": "gqsa", "bits": 4, "group_size": 16, "sparsity": 0.5}
     for r in rows.values():
-        if not r.is_reference:
-            parser.parse_args(["compress", "m", "--calib", "c", "--out", "o", *rm.row_args(r)])
+        assert rm.label(r.options) == r.label or r.is_reference
 
 
-def test_gqsa_rows_get_the_stage_and_extra_arguments():
+def test_with_stage():
     row = rm.default_rows()[1]
-    args = rm.row_args(row, "oneshot", ["--quant-init", "minmax"])
-    if "--stages" in rm._compress_options():
-        assert args[-4:] == ["--stages", "oneshot", "--quant-init", "minmax"]
-    else:
-        assert args[-2:] == ["--quant-init", "minmax"]
+    assert rm.with_stage(row, "bqpo").args[-2:] == ["--stages", "bqpo"]
+    assert rm.with_stage(row, "bqpo").options["stages"] == "bqpo"
+    staged = rm.with_stage(row, "bqpo")
+    assert rm.with_stage(staged, "oneshot") == staged  # a row's own --stages wins
     base = next(r for r in rm.default_rows() if r.name == "gptq-w2g128")
-    assert rm.row_args(base, "bqpo", ["--x"]) == base.args  # baselines are never touched
-
-
-def test_parse_row():
-    r = rm.parse_row("w4-bqpo=--method gqsa --sparsity 0.5 --stages bqpo")
-    assert (r.name, r.family, r.args[-1]) == ("w4-bqpo", "gqsa", "bqpo")
-    assert rm.parse_row("m=--method magnitude --pattern 4:8").family == "pruning"
-    assert rm.parse_row("q=--method sparsegpt --prune-bits 4 --group-size 128").family == "pruning+quantization"
-    assert rm.parse_row("t=--target-bits 3.3 --mask iter2").label == "GQSA W4 3.3 bits/w G16 mask iter2"
-    assert r.label == "GQSA W4 S50% G16 [bqpo]"
-    assert rm.parse_row("u=--method sparsegpt --pattern unstructured --sparsity 0.6").label == "SparseGPT unstructured 60%"
-    assert rm.parse_row("x=--method gptq --bits 3 --group-size 128 --act-order").label == "GPTQ W3 g128 act-order"
-    for bad in ("noequals", "=--method gqsa", "a b=--bits 4"):
-        with pytest.raises(ValueError):
-            rm.parse_row(bad)
+    assert rm.with_stage(base, "bqpo") == base  # baselines are never touched
 
 
 def _fake_row(name, label, family, bits, ppl, kl=0.1):

@@ -118,7 +118,7 @@ def measure_costs(model, config, tokens: torch.Tensor, device, batch_size: int =
     pass through the uncompressed model (each block on the uncompressed outputs of the previous)."""
     from . import calib
     from .models.adapters import get_adapter
-    from .pipeline import HessianAccumulator, block_linear_groups, capture_inputs, layers_prefix
+    from .blockwise import HessianAccumulator, block_linear_groups, capture_inputs, layers_prefix
 
     adapter = get_adapter(model)
     blocks = adapter.blocks(model)

@@ -79,6 +79,18 @@ class PackedLinear:
         """Storage bits per original weight: ``8·bytes / (N·K)`` (DESIGN.md's formula, measured)."""
         return 8 * self.nbytes() / (self.shape[0] * self.shape[1])
 
+    @classmethod
+    def from_tensors(cls, tensors: dict, name: str, shape, bits: int, group_size: int) -> "PackedLinear":
+        """Layer ``name`` of a flat ``{"<name>.<tensor>": tensor}`` dict (a safetensors file's), unchecked."""
+        return cls(**{t: tensors[f"{name}.{t}"] for t in TENSOR_NAMES}, shape=tuple(shape), bits=bits,
+                   group_size=group_size)
+
+    def group_rows(self) -> torch.Tensor:
+        """The row of each kept group, ``[nnz]`` int64 (``row_ptr`` expanded)."""
+        counts = (self.row_ptr[1:] - self.row_ptr[:-1]).long()
+        return torch.repeat_interleave(torch.arange(self.shape[0], device=counts.device), counts,
+                                       output_size=self.nnz)
+
     def to(self, device) -> "PackedLinear":
         return PackedLinear(**{k: v.to(device) for k, v in self.tensors().items()},
                             shape=self.shape, bits=self.bits, group_size=self.group_size)

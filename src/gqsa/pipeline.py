@@ -1,10 +1,9 @@
-"""GQSA of a whole model, block by block: the one-shot step and the pipeline of stages.
+"""The orchestrator of a GQSA compression: the plan, then the stages of ``config.stages`` in order.
 
-One-shot (GPTQ-style sequential calibration): each decoder block receives the outputs of the
-already compressed earlier blocks; inside a block, the linears are compressed group by group in
-execution order (q/k/v, then o, then gate/up, then down), each group calibrated on the inputs
-produced by the block as compressed so far. Only the current block (and its activations) lives on
-``device``.
+One-shot (:mod:`gqsa.oneshot`, run block by block by the driver :mod:`gqsa.blockwise`: each decoder
+block receives the outputs of the already compressed earlier blocks; inside a block, the linears are
+compressed group by group in execution order, each group calibrated on the inputs produced by the block
+as compressed so far; only the current block and its activations live on ``device``).
 
 ``config.stages`` then adds BQPO (:mod:`gqsa.stages.bqpo`: the one-shot result of each block is the
 starting point of its block-wise training) and E2E-OQP (:mod:`gqsa.stages.e2e`: end-to-end scale
@@ -13,135 +12,20 @@ training on the packed model).
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 import time
 from typing import Callable
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
-from . import calib, distributed, prune
+from . import distributed
+from .blockwise import replace_linears
 from .config import GQSAConfig
-from .format import PackedLinear, pack
+from .format import PackedLinear
 from .models.adapters import get_adapter
-from .nn import GQSALinear
-
-
-class HessianAccumulator:
-    """Accumulates ``XᵀX / n`` (float32) of a linear's inputs through a forward hook."""
-
-    def __init__(self, linear: nn.Linear):
-        k = linear.in_features
-        self.h = torch.zeros(k, k, dtype=torch.float32, device=linear.weight.device)
-        self.n = 0
-        self.handle = linear.register_forward_hook(self._hook)
-
-    def _hook(self, module, args, output):
-        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-        m = x.shape[0]
-        self.h.mul_(self.n / (self.n + m)).addmm_(x.T, x, alpha=1.0 / (self.n + m))
-        self.n += m
-
-    def remove(self) -> torch.Tensor:
-        self.handle.remove()
-        return self.h
-
-
-def _move_except(module: nn.Module, keep: nn.Module, device) -> None:
-    """Move everything of ``module`` but the submodule ``keep`` to ``device``."""
-    for child in module.children():
-        if child is keep:
-            continue
-        if any(m is keep for m in child.modules()):
-            _move_except(child, keep, device)
-        else:
-            child.to(device)
-    for name, p in list(module._parameters.items()):
-        if p is not None:
-            module._parameters[name] = nn.Parameter(p.data.to(device), requires_grad=p.requires_grad)
-    for name, b in list(module._buffers.items()):
-        if b is not None:
-            module._buffers[name] = b.to(device)
-
-
-@torch.no_grad()
-def capture_inputs(model, blocks, tokens: torch.Tensor, batch_size: int, device) -> list:
-    """``[(hidden, kwargs), …]`` inputs of the first decoder block for ``tokens`` (batches of
-    ``batch_size`` windows), computed on ``device`` with everything but the blocks moved there and back."""
-    home = next(model.parameters()).device
-    _move_except(model, blocks, device)
-    try:
-        return calib.capture_block_inputs(model, blocks, tokens, batch_size, device)
-    finally:
-        _move_except(model, blocks, home)
-
-
-def layers_prefix(model, adapter) -> str:
-    """Module-name prefix of the decoder blocks in ``model`` (``model.layers`` or ``layers``)."""
-    return adapter.layers_path if _has_path(model, adapter.layers_path) else adapter.layers_path.split(".", 1)[1]
-
-
-def block_linear_groups(adapter, block, prefix: str, index: int, config: GQSAConfig) -> list[list[str]]:
-    """The compressible linears of block ``index`` in execution order, grouped by shared input,
-    without the ``config.skip`` ones."""
-    linears = adapter.linears(block)
-    out = []
-    for group in adapter.linear_groups if not adapter.generic else [[n] for n in linears]:
-        group = [n for n in group if n in linears and not _skipped(f"{prefix}.{index}.{n}", config.skip)]
-        if group:
-            out.append(group)
-    return out
-
-
-@torch.no_grad()
-def oneshot_block(block, adapter, groups: list[list[str]], batches, config: GQSAConfig,
-                  amp: Callable = None) -> dict[str, prune.CompressedWeight]:
-    """One-shot GQSA of one block in place: each group of linears is calibrated (``XᵀX`` from
-    ``batches`` = ``[(hidden, kwargs), …]`` through the block as compressed so far), pruned and
-    quantized; its weights are replaced by the dequantized result. Returns ``{name: CompressedWeight}``.
-    """
-    linears = adapter.linears(block)
-    needs_stats = config.saliency != "magnitude"
-    out = {}
-    for group in groups:
-        stats = {}
-        if needs_stats:
-            accs = {n: HessianAccumulator(linears[n]) for n in group}
-            for hidden, kw in batches:
-                with amp() if amp else _null():
-                    calib.block_output(block, hidden, kw)
-            stats = {n: a.remove() for n, a in accs.items()}
-        # the linears of a group are independent (their statistics are taken): under torchrun each
-        # rank compresses some of them and sends the results to the others
-        for k, n in enumerate(group):
-            lin = linears[n]
-            cw = None
-            if distributed.owner(k) == distributed.rank():
-                sparsity = getattr(lin, "gqsa_sparsity", config.sparsity)  # set by --target-bits (allocation)
-                cw = prune.compress_weight(lin.weight.float(), config.bits, config.group_size, sparsity,
-                                           config.saliency, config.allocation, config.quant_init, stats.get(n),
-                                           config.damp, mask_method=config.mask)
-            if distributed.active():
-                fields = None if cw is None else {f.name: getattr(cw, f.name) for f in dataclasses.fields(cw)}
-                cw = prune.CompressedWeight(**distributed.broadcast_tensors(fields, distributed.owner(k),
-                                                                            lin.weight.device))
-            lin.weight.copy_(cw.weight.to(lin.weight.dtype))  # later groups see the compressed layer
-            out[n] = cw
-    return out
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
-def pack_weight(cw: prune.CompressedWeight, shape, config: GQSAConfig) -> PackedLinear:
-    return pack(cw.codes, cw.scale, cw.zero, cw.mask, tuple(shape), config.bits, config.group_size).to("cpu")
+from .modules import default_device
+from .oneshot import compress_oneshot
 
 
 def compress_model(model, config: GQSAConfig, tokens: torch.Tensor, device=None, batch_size: int = 8,
@@ -164,7 +48,7 @@ def compress_model(model, config: GQSAConfig, tokens: torch.Tensor, device=None,
     Inside a ``torch.distributed`` process group of several ranks (``torchrun``), the trained stages
     are data-parallel and rank 0 alone writes ``workdir`` (:mod:`gqsa.distributed`).
     """
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(device)
     if config.target_bits is not None:  # per-layer sparsity under the budget, from the uncompressed model
         from .allocation import apply_target_bits
 
@@ -174,7 +58,7 @@ def compress_model(model, config: GQSAConfig, tokens: torch.Tensor, device=None,
     # the plan and the estimate go with the progress bar (``log`` keeps its one line per block / epoch)
     eta = _Plan(model, config, tokens, device, tqdm.write if progress else (lambda line: None), on_block_done)
     if not config.trained:
-        return _compress_oneshot(model, config, tokens, device, batch_size, progress, on_block_done=eta.block_done)
+        return compress_oneshot(model, config, tokens, device, batch_size, progress, on_block_done=eta.block_done)
     from .stages import bqpo, e2e
 
     stats = {} if stats is None else stats
@@ -237,55 +121,3 @@ def split_calibration(tokens: torch.Tensor, val_fraction: float) -> tuple[torch.
         raise ValueError(f"{n} calibration window(s) cannot be split into training and held-out windows "
                          f"(val_fraction={val_fraction}): use more --nsamples or val_fraction=0")
     return tokens[: n - n_val], tokens[n - n_val:]
-
-
-@torch.no_grad()
-def _compress_oneshot(model, config: GQSAConfig, tokens: torch.Tensor, device, batch_size: int,
-                      progress: bool, on_block_done: Callable[[int], None] | None = None) -> dict[str, PackedLinear]:
-    adapter = get_adapter(model)
-    blocks = adapter.blocks(model)
-    prefix = layers_prefix(model, adapter)
-    home = next(model.parameters()).device
-    batches = capture_inputs(model, blocks, tokens, batch_size, device)
-    packed: dict[str, PackedLinear] = {}
-    bar = tqdm(total=len(blocks), desc="GQSA one-shot", unit="block", disable=not progress)
-    for i, block in enumerate(blocks):
-        block.to(device)
-        groups = block_linear_groups(adapter, block, prefix, i, config)
-        cws = oneshot_block(block, adapter, groups, batches, config)
-        linears = adapter.linears(block)
-        for n, cw in cws.items():
-            packed[f"{prefix}.{i}.{n}"] = pack_weight(cw, linears[n].weight.shape, config)
-        batches = [(calib.block_output(block, hidden, kw), kw) for hidden, kw in batches]
-        block.to(home)
-        bar.update(1)
-        if on_block_done is not None:
-            on_block_done(i)
-    bar.close()
-    replace_linears(model, packed)
-    return packed
-
-
-def _has_path(model, path: str) -> bool:
-    try:
-        model.get_submodule(path)
-        return True
-    except AttributeError:
-        return False
-
-
-def _skipped(name: str, skip: list[str]) -> bool:
-    return any(name.endswith(s) for s in skip)
-
-
-def replace_linears(model: nn.Module, packed: dict[str, PackedLinear]) -> None:
-    """Swap ``nn.Linear`` (or earlier :class:`GQSALinear`) modules for :class:`GQSALinear` ones holding
-    ``packed[name]``."""
-    for name, p in packed.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        old = getattr(parent, child)
-        bias = old.bias.detach() if getattr(old, "bias", None) is not None else None
-        dev = old.weight.device if hasattr(old, "weight") else next(iter(old.buffers()), torch.empty(0)).device
-        new = GQSALinear.from_packed(p, bias).to(dev)
-        setattr(parent, child, new)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import quant
+from . import obs, quant
 
 
 @dataclass
@@ -217,34 +217,28 @@ def compress_obs(w: torch.Tensor, hessian: torch.Tensor, mask: torch.Tensor, bit
     colmask = mask.repeat_interleave(g, dim=1).float()
     codes, out = torch.zeros(n, kp, device=w.device), torch.zeros(n, kp, device=w.device)
     scale, zero = torch.zeros(n, c, device=w.device), torch.zeros(n, c, device=w.device)
-    bs = max(g, blocksize // g * g)
-    for i1 in range(0, kp, bs):
-        i2 = min(i1 + bs, kp)
-        w1 = W[:, i1:i2].clone()
-        err1 = torch.zeros_like(w1)
-        h1 = hinv[i1:i2, i1:i2]
+
+    def block(i1, i2, w1, h1):
         if adaptive_sparsity is not None:
             mask[:, i1 // g:i2 // g] = _adaptive_block_mask(w1, h1, g, adaptive_sparsity)
             colmask[:, i1:i2] = mask[:, i1 // g:i2 // g].repeat_interleave(g, dim=1).float()
-        for i in range(i2 - i1):
-            col = i1 + i
-            if col % g == 0 and quantize:  # (a prune-only sweep needs no quantizer)
-                gi = col // g
-                s, z = quant.init_params(w1[:, i:i + g], bits, init, valid=valid[gi],
-                                         importance=importance[col:col + g])
-                scale[:, gi], zero[:, gi] = s, z
-            if quantize:
-                s, z = scale[:, col // g], zero[:, col // g]
-                q = quant.quantize(w1[:, i:i + 1], s, z, bits)[:, 0]
-                deq = quant.dequantize(q[:, None], s, z)[:, 0] * colmask[:, col]
-                codes[:, col] = q
-            else:
-                deq = w1[:, i] * colmask[:, col]
-            out[:, col] = deq
-            e = (w1[:, i] - deq) / h1[i, i]
-            w1[:, i:] -= e[:, None] * h1[i, i:][None, :]
-            err1[:, i] = e
-        W[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+
+    def column(col, i, w1):
+        if col % g == 0 and quantize:  # (a prune-only sweep needs no quantizer)
+            gi = col // g
+            s, z = quant.init_params(w1[:, i:i + g], bits, init, valid=valid[gi], importance=importance[col:col + g])
+            scale[:, gi], zero[:, gi] = s, z
+        if quantize:
+            s, z = scale[:, col // g], zero[:, col // g]
+            q = quant.quantize(w1[:, i:i + 1], s, z, bits)[:, 0]
+            deq = quant.dequantize(q[:, None], s, z)[:, 0] * colmask[:, col]
+            codes[:, col] = q
+        else:
+            deq = w1[:, i] * colmask[:, col]
+        out[:, col] = deq
+        return deq
+
+    obs.sweep(W, hinv, max(g, blocksize // g * g), column, block)
     return CompressedWeight(codes.reshape(n, c, g), scale, zero, mask, out[:, :k].clone())
 
 

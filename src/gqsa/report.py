@@ -11,7 +11,9 @@ import torch
 from .format import PackedLinear, design_bits_per_weight
 
 
-def environment() -> dict:
+def environment(device=None) -> dict:
+    """Versions and machine a result was produced on; with ``device`` (measurements) also that device's
+    details: the GPU's name, SMs and memory, or the CPU threads, and the Triton version."""
     import transformers
 
     env = {"python": platform.python_version(), "torch": torch.__version__,
@@ -25,6 +27,19 @@ def environment() -> dict:
         env["gqsa"] = version("gqsa")
     except Exception:  # not installed as a distribution (e.g. run from a source tree)
         pass
+    if device is not None:
+        env["device"] = str(device)
+        try:
+            import triton
+
+            env["triton"] = triton.__version__
+        except Exception:  # pragma: no cover
+            env["triton"] = None
+        if torch.device(device).type == "cuda":
+            p = torch.cuda.get_device_properties(device)
+            env.update(gpu=p.name, sms=p.multi_processor_count, gpu_memory_gib=round(p.total_memory / 2**30, 1))
+        else:
+            env["cpu_threads"] = torch.get_num_threads()
     return env
 
 

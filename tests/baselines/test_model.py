@@ -86,7 +86,7 @@ def test_cli_writes_folders_that_load_and_evaluate(stories260k, calib_text, tmp_
     rep = json.loads((out / "gqsa_report.json").read_text())
     assert rep["method"] == method and rep["format"] == ("gqsa-packed" if packed else "dense-with-zeros")
     assert rep["files"] and rep["totals"]["model_bytes"] > 0
-    assert cli._is_gqsa_folder(out) == packed
+    assert checkpoint.is_gqsa_folder(out) == packed
     assert cli.main(argv) == 2  # exists, no --overwrite
     if packed:
         model, _ = checkpoint.load(out)

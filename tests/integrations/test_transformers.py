@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import gqsa
 from gqsa import FormatError, checkpoint
-from gqsa.engine.bench import _dense_from_gqsa
+from gqsa.bench.runner import dense_from_gqsa
 from gqsa.nn import GQSALinear
 
 
@@ -51,7 +51,7 @@ def test_generate_reproduces_the_reference_path(folder):
         if isinstance(m, GQSALinear):
             m.backend = "reference"
     assert torch.equal(got, ref.generate(ids, max_new_tokens=12, do_sample=False))
-    dense = _dense_from_gqsa(gqsa.load(folder)[0], torch.float32)
+    dense = dense_from_gqsa(gqsa.load(folder)[0], torch.float32)
     assert not any(isinstance(m, GQSALinear) for m in dense.modules())
     assert torch.equal(got, dense.generate(ids, max_new_tokens=12, do_sample=False))
     assert got.shape[1] == ids.shape[1] + 12

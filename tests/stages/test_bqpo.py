@@ -3,10 +3,11 @@ import pytest
 import torch
 
 from gqsa import GQSAConfig, prune, quant
-from gqsa.pipeline import compress_model, pack_weight
+from gqsa.oneshot import pack_weight
+from gqsa.pipeline import compress_model
 from gqsa.kernels import reference
 from gqsa.stages import common
-from gqsa.stages.bqpo import FakeQuantLinear
+from gqsa.stages.trainable import FakeQuantLinear
 
 
 def oneshot_weight(n=24, k=40, sparsity=0.5, bits=4):

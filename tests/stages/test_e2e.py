@@ -3,9 +3,10 @@ import pytest
 import torch
 
 from gqsa import GQSAConfig, GQSALinear, prune
-from gqsa.pipeline import compress_model, pack_weight
+from gqsa.oneshot import pack_weight
+from gqsa.pipeline import compress_model
 from gqsa.kernels import reference
-from gqsa.stages.e2e import ScaleTrainableLinear
+from gqsa.stages.trainable import ScaleTrainableLinear
 
 
 def packed_layer(k=40):

@@ -69,7 +69,7 @@ def test_work_folder_is_not_reused_without_resume_nor_with_other_settings(llama_
 
 def test_block_files_hold_packed_layers_and_stats(tmp_path):
     from gqsa import prune
-    from gqsa.pipeline import pack_weight
+    from gqsa.oneshot import pack_weight
 
     g = torch.Generator().manual_seed(0)
     cw = prune.compress_weight(torch.randn(24, 40, generator=g), 4, 16, 0.5, "magnitude")

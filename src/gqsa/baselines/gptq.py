@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import prune, quant
+from .. import obs, prune, quant
 
 
 def gptq_layer(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int, act_order: bool = False,
@@ -46,22 +46,16 @@ def gptq_layer(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: in
     hinv = prune.upper_cholesky_of_inverse(H)
     group_of = (perm // g).tolist()
     codes, out = torch.zeros_like(W), torch.zeros_like(W)
-    bs = max(1, blocksize)
-    for i1 in range(0, kp, bs):
-        i2 = min(i1 + bs, kp)
-        w1 = W[:, i1:i2].clone()
-        err1 = torch.zeros_like(w1)
-        h1 = hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            gi = group_of[i1 + i]
-            s, z = scale[:, gi], zero[:, gi]
-            q = quant.quantize(w1[:, i:i + 1], s, z, bits)[:, 0]
-            deq = quant.dequantize(q[:, None], s, z)[:, 0]
-            codes[:, i1 + i], out[:, i1 + i] = q, deq
-            e = (w1[:, i] - deq) / h1[i, i]
-            w1[:, i:] -= e[:, None] * h1[i, i:][None, :]
-            err1[:, i] = e
-        W[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+
+    def column(col, i, w1):
+        gi = group_of[col]
+        s, z = scale[:, gi], zero[:, gi]
+        q = quant.quantize(w1[:, i:i + 1], s, z, bits)[:, 0]
+        deq = quant.dequantize(q[:, None], s, z)[:, 0]
+        codes[:, col], out[:, col] = q, deq
+        return deq
+
+    obs.sweep(W, hinv, max(1, blocksize), column)
     inv = torch.argsort(perm)
     codes, out = codes[:, inv], out[:, inv]
     return prune.CompressedWeight(codes.reshape(n, c, g), scale, zero, ones, out[:, :k].clone())

@@ -1,7 +1,8 @@
 """Whole-model baselines, block by block on calibration data (the sequential scheme of GPTQ and
 SparseGPT: each block is calibrated on the outputs of the already compressed earlier blocks, and
 inside a block the linears are compressed group by group in execution order, each group seeing the
-block as compressed so far), and the ``gqsa compress --method …`` entry point.
+block as compressed so far: methods of the block-wise driver :func:`gqsa.blockwise.run_blocks`);
+``gqsa compress --method …`` writes them through :func:`gqsa.workflow.compress_to_folder`.
 
 Output: RTN and GPTQ (no sparsity, ``G`` ∈ {16, 32, 64, 128}) are exactly representable in the
 packed GQSA format (every group kept), so they are written as GQSA checkpoint folders and run
@@ -13,17 +14,16 @@ unstructured: 16·(1−S) + a 1-bit bitmap).
 """
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
-from .. import calib, quant
-from ..pipeline import HessianAccumulator, _skipped, capture_inputs, layers_prefix, replace_linears
+from .. import quant
+from ..blockwise import block_linear_groups, group_statistics, replace_linears, run_blocks
 from ..format import PackedLinear, pack
 from ..models.adapters import get_adapter
+from ..modules import default_device
 from . import masks
 from .gptq import gptq_layer
 from .magnitude import magnitude_layer
@@ -159,55 +159,22 @@ def compress_model_baseline(model, config: BaselineConfig, tokens: torch.Tensor 
     the linears keep their ``nn.Linear`` form with pruned weights set to zero and kept weights
     rounded to fp16.
     """
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(device)
     adapter = get_adapter(model)
-    blocks = adapter.blocks(model)
-    prefix = layers_prefix(model, adapter)
-    home = next(model.parameters()).device
-    batches = None
-    if config.needs_calibration:
-        if tokens is None:
-            raise ValueError(f"{config.method} needs calibration tokens")
-        batches = capture_inputs(model, blocks, tokens, batch_size, device)
+    if config.needs_calibration and tokens is None:
+        raise ValueError(f"{config.method} needs calibration tokens")
     packed: dict[str, PackedLinear] = {}
     layers: list[dict] = []
-    bar = tqdm(total=len(blocks), desc=config.setting(), unit="block", disable=not progress)
-    for i, block in enumerate(blocks):
-        block.to(device)
+
+    def method(i, block, prefix, batches):
         linears = adapter.linears(block)
-        for group in adapter.linear_groups if not adapter.generic else [[n] for n in linears]:
-            group = [n for n in group if n in linears and not _skipped(f"{prefix}.{i}.{n}", config.skip)]
-            if not group:
-                continue
-            stats = {}
-            if batches is not None:
-                accs = {n: HessianAccumulator(linears[n]) for n in group}
-                for hidden, kw in batches:
-                    calib.block_output(block, hidden, kw)
-                stats = {n: a.remove() for n, a in accs.items()}
+        for group in block_linear_groups(adapter, block, prefix, i, config):
+            stats = group_statistics(block, linears, group, batches) if batches is not None else {}
             for n in group:
-                lin, name = linears[n], f"{prefix}.{i}.{n}"
-                rows, k = lin.weight.shape
-                out = compress_layer(lin.weight.float(), config, stats.get(n))
-                if config.packed:
-                    lin.weight.copy_(out.weight.to(lin.weight.dtype))
-                    packed[name] = pack(out.codes, out.scale, out.zero, out.mask, (rows, k), config.bits,
-                                        config.group_size).to("cpu")
-                    kept = rows * k
-                    bpw = packed[name].bits_per_weight()
-                else:
-                    weight, keep = out
-                    lin.weight.copy_(weight.half().to(lin.weight.dtype))  # fp16 values, exact zeros
-                    kept = int(keep.sum())
-                    bpw = sparse_bits_per_weight(kept, rows, k, masks.parse_pattern(config.pattern),
-                                                 config.prune_bits, config.group_size)
-                layers.append({"name": name, "shape": [rows, k], "kept": kept,
-                               "sparsity": round(1 - kept / (rows * k), 4), "bits_per_weight": round(bpw, 4)})
-        if batches is not None:
-            batches = [(calib.block_output(block, hidden, kw), kw) for hidden, kw in batches]
-        block.to(home)
-        bar.update(1)
-    bar.close()
+                layers.append(_compress_linear(linears[n], f"{prefix}.{i}.{n}", config, stats.get(n), packed))
+
+    run_blocks(model, tokens if config.needs_calibration else None, device, batch_size, method,
+               desc=config.setting(), progress=progress)
     if config.packed:
         replace_linears(model, packed)
     weights = sum(r["shape"][0] * r["shape"][1] for r in layers)
@@ -233,6 +200,26 @@ def compress_model_baseline(model, config: BaselineConfig, tokens: torch.Tensor 
     return BaselineResult(packed if config.packed else None, layers, totals)
 
 
+def _compress_linear(lin, name: str, config: BaselineConfig, hessian, packed: dict) -> dict:
+    """Compress one linear in place (packed methods: into ``packed[name]`` too); its row of the report."""
+    rows, k = lin.weight.shape
+    out = compress_layer(lin.weight.float(), config, hessian)
+    if config.packed:
+        lin.weight.copy_(out.weight.to(lin.weight.dtype))
+        packed[name] = pack(out.codes, out.scale, out.zero, out.mask, (rows, k), config.bits,
+                            config.group_size).to("cpu")
+        kept = rows * k
+        bpw = packed[name].bits_per_weight()
+    else:
+        weight, keep = out
+        lin.weight.copy_(weight.half().to(lin.weight.dtype))  # fp16 values, exact zeros
+        kept = int(keep.sum())
+        bpw = sparse_bits_per_weight(kept, rows, k, masks.parse_pattern(config.pattern),
+                                     config.prune_bits, config.group_size)
+    return {"name": name, "shape": [rows, k], "kept": kept,
+            "sparsity": round(1 - kept / (rows * k), 4), "bits_per_weight": round(bpw, 4)}
+
+
 def save_dense(model, folder, tokenizer=None, report: dict | None = None, overwrite: bool = False) -> Path:
     """Write an ordinary model folder (``save_pretrained``, safetensors) atomically: a temporary
     sibling folder renamed into place when complete; ``gqsa_report.json`` records checksums."""
@@ -244,45 +231,3 @@ def save_dense(model, folder, tokenizer=None, report: dict | None = None, overwr
             tokenizer.save_pretrained(tmp)
         write_report(tmp, report)
     return Path(folder)
-
-
-def config_from_args(args) -> BaselineConfig:
-    return BaselineConfig(method=args.method, bits=args.bits, group_size=args.group_size,
-                          act_order=getattr(args, "act_order", False),
-                          quant_init="mse" if getattr(args, "clip_search", False) else "minmax",
-                          pattern=getattr(args, "pattern", "2:4"), sparsity=args.sparsity, damp=args.damp,
-                          blocksize=getattr(args, "blocksize", 128), skip=list(args.skip or []),
-                          prune_bits=getattr(args, "prune_bits", None))
-
-
-def cli_compress(args, model, tok, tokens, device) -> int:
-    """``gqsa compress --method rtn|gptq|wanda|sparsegpt|magnitude``: compress, write ``args.out``."""
-    from .. import checkpoint, report
-    from ..models.loader import stored_dtype
-
-    t0 = time.time()
-    config = config_from_args(args)
-    source_dtype = stored_dtype(model)
-    result = compress_model_baseline(model, config, tokens, device=device, batch_size=args.batch_size)
-    dense_dtype = source_dtype if args.dense_dtype == "auto" else getattr(torch, args.dense_dtype)
-    model.to(dense_dtype)
-    rep = {
-        "method": config.method, "stage": "oneshot", "setting": config.setting(), "config": config.to_dict(),
-        "format": "gqsa-packed" if config.packed else "dense-with-zeros",
-        "model": str(args.model), "tokenizer": str(args.tokenizer) if args.tokenizer else None,
-        "calibration": ({"source": str(args.calib), "nsamples": int(tokens.shape[0]), "seqlen": int(tokens.shape[1]),
-                         "seed": args.seed} if config.needs_calibration else None),
-        "device": str(device), "compute_dtype": args.dtype, "dense_dtype": str(dense_dtype),
-        "seconds": round(time.time() - t0, 1), "environment": report.environment(),
-        "layers": report.layer_rows(result.packed) if config.packed else result.layers,
-        "totals": result.totals, "evaluations": [],
-    }
-    if config.packed:
-        checkpoint.save(model, args.out, tok, rep, overwrite=args.overwrite,
-                        extra_quant_config={"sparsity": 0.0, "baseline": config.method})
-    else:
-        save_dense(model, args.out, tok, rep, overwrite=args.overwrite)
-    t = result.totals
-    print(f"wrote {args.out} ({rep['format']}): {config.setting()}, {t['compressed_layers']} layers, "
-          f"sparsity {t['sparsity']:.3f}, {t['bits_per_weight']:.3f} bits/weight, {rep['seconds']:.0f} s")
-    return 0

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import prune, quant
+from .. import obs, prune, quant
 
 
 def sparsegpt_layer(w: torch.Tensor, hessian: torch.Tensor, sparsity: float = 0.5,
@@ -46,15 +46,12 @@ def sparsegpt_layer(w: torch.Tensor, hessian: torch.Tensor, sparsity: float = 0.
         if pattern is not None and group_size % pattern[1]:
             raise ValueError(f"quantization groups of {group_size} do not hold whole {pattern[0]}:{pattern[1]} blocks")
         bs = max(group_size, bs // group_size * group_size)  # groups never straddle two lazy blocks
-        scale = zero = None
     keep = torch.ones(n_rows, k, dtype=torch.bool, device=w.device)
-    for i1 in range(0, k, bs):
-        i2 = min(i1 + bs, k)
-        w1 = W[:, i1:i2].clone()
-        q1 = torch.zeros_like(w1)
-        err1 = torch.zeros_like(w1)
-        h1 = hinv[i1:i2, i1:i2]
-        d = h1.diagonal()
+    state = {}
+
+    def block(i1, i2, w1, h1):
+        state["q1"] = torch.zeros_like(w1)
+        state["d"] = d = h1.diagonal()
         if mask is not None:
             prune1 = ~mask[:, i1:i2]
         elif pattern is None:
@@ -65,26 +62,31 @@ def sparsegpt_layer(w: torch.Tensor, hessian: torch.Tensor, sparsity: float = 0.
                 prune1.view(-1)[score.flatten().topk(drop, largest=False).indices] = True
         else:
             prune1 = torch.zeros_like(w1, dtype=torch.bool)
-        for i in range(i2 - i1):
-            if mask is None and pattern is not None and i % m == 0:
-                j = min(i + m, i2 - i1)
-                score = w1[:, i:j].square() / d[None, i:j].square()
-                n_drop = max(0, (j - i) - n_keep)
-                if n_drop:
-                    prune1[:, i:j].scatter_(1, score.topk(n_drop, dim=1, largest=False).indices, True)
-            col = w1[:, i]
-            if bits is not None:
-                if (i1 + i) % group_size == 0:
-                    scale, zero = quant.init_params(w1[:, i:i + group_size], bits, init)
-                kept = quant.dequantize(quant.quantize(col[:, None], scale, zero, bits), scale, zero)[:, 0]
-            else:
-                kept = col
-            q = torch.where(prune1[:, i], torch.zeros_like(col), kept)
-            q1[:, i] = q
-            e = (col - q) / h1[i, i]
-            w1[:, i:] -= e[:, None] * h1[i, i:][None, :]
-            err1[:, i] = e
-        W[:, i1:i2] = q1
-        keep[:, i1:i2] = ~prune1
-        W[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+        state["prune1"] = prune1
+
+    def column(c, i, w1):
+        prune1, d = state["prune1"], state["d"]
+        if mask is None and pattern is not None and i % m == 0:
+            j = min(i + m, w1.shape[1])
+            score = w1[:, i:j].square() / d[None, i:j].square()
+            n_drop = max(0, (j - i) - n_keep)
+            if n_drop:
+                prune1[:, i:j].scatter_(1, score.topk(n_drop, dim=1, largest=False).indices, True)
+        col = w1[:, i]
+        if bits is not None:
+            if c % group_size == 0:
+                state["scale"], state["zero"] = quant.init_params(w1[:, i:i + group_size], bits, init)
+            scale, zero = state["scale"], state["zero"]
+            kept = quant.dequantize(quant.quantize(col[:, None], scale, zero, bits), scale, zero)[:, 0]
+        else:
+            kept = col
+        q = torch.where(prune1[:, i], torch.zeros_like(col), kept)
+        state["q1"][:, i] = q
+        return q
+
+    def done(i1, i2, w1):
+        W[:, i1:i2] = state["q1"]
+        keep[:, i1:i2] = ~state["prune1"]
+
+    obs.sweep(W, hinv, bs, column, block, done)
     return W, keep

@@ -3,8 +3,8 @@ steps, greedy and top-k / top-p / temperature sampling, batches of prompts.
 
 Modules: :mod:`~gqsa.engine.cache` (static KV cache), :mod:`~gqsa.engine.llama` (one forward step),
 :mod:`~gqsa.engine.ops` (fusable pointwise pieces), :mod:`~gqsa.engine.sampling`,
-:mod:`~gqsa.engine.engine` (prefill + decode loop), :mod:`~gqsa.engine.synthetic` (random models of
-named architectures for benchmarks), :mod:`~gqsa.engine.bench` (``gqsa bench``).
+:mod:`~gqsa.engine.engine` (prefill + decode loop). Benchmarks and synthetic models live in
+:mod:`gqsa.bench`.
 
 ::
 

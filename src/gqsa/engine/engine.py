@@ -112,6 +112,21 @@ class Engine:
         """Free the cache and graphs of the current session."""
         self._sessions.clear()
 
+    def cache_nbytes(self) -> int:
+        """Bytes of the live session's KV cache (0 without a session)."""
+        s = next(iter(self._sessions.values()), None)
+        return s.cache.nbytes() if s is not None else 0
+
+    def rewound_decode_step(self, kv_len: int, steps: int, graph: bool = True) -> Callable[[], None]:
+        """For profilers, after a generation: rewind the live session so that ``steps`` more greedy decode
+        steps fit before ``kv_len`` and return a function running one such step (a replay of its captured
+        CUDA graph when ``graph``, else the eager step)."""
+        s = next(iter(self._sessions.values()))
+        g = self._graph(s, kv_len, True) if graph else None
+        s.slot.fill_(max(0, kv_len - steps - 1))  # room for `steps` more slots and tokens
+        s.step.zero_()
+        return g.replay if g is not None else (lambda: self._decode_body(s, kv_len, True))
+
     def _advance(self, s: _Session, nxt: torch.Tensor) -> None:
         """Record ``nxt`` ``[B]`` as the token of step ``s.step`` and feed it to the next step."""
         nxt = torch.where(s.done, s.pad, nxt)

@@ -40,6 +40,7 @@ from ..checkpoint import (FORMAT_VERSION, check_companion_files, check_model_con
                           read_quantization_config, read_tensors, validated_layers)
 from ..format import TENSOR_NAMES, FormatError
 from ..nn import GQSALinear
+from ..modules import replace_submodule
 
 try:  # transformers is a dependency, but keep `import gqsa` working if it is broken
     from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
@@ -160,7 +161,6 @@ class GQSAHfQuantizer(HfQuantizer):
             self._tensor_names = set(tensors)
         shapes = _header_shapes(_checkpoint_files(model, checkpoint_files))
         for name, meta in qc.layers.items():
-            parent_name, _, child = name.rpartition(".")
             try:
                 old = model.get_submodule(name)
             except AttributeError:
@@ -181,7 +181,7 @@ class GQSAHfQuantizer(HfQuantizer):
                 for t in TENSOR_NAMES:  # buffers of the checkpoint's sizes (meta: nothing is allocated)
                     buf = getattr(new, t)
                     setattr(new, t, torch.empty(shapes[f"{name}.{t}"], dtype=buf.dtype, device="meta"))
-            setattr(model.get_submodule(parent_name), child, new)
+            replace_submodule(model, name, new)
         if self._validated is not None:  # transformers only warns about these, and initializes at random
             expected = set(model.state_dict())
             try:

@@ -276,3 +276,16 @@ def stored_dtype(model) -> torch.dtype:
         if found:
             return max(found, key=lambda x: x[0])[1]
     return torch.float32
+
+
+def load_any(name_or_path, tokenizer=None, *, dtype, device, verify: bool = True):
+    """``(model, tokenizer)`` of a GQSA checkpoint folder (validated, ``verify``: its checksums) or of any
+    model :func:`load_model` reads (``tokenizer`` is for those)."""
+    from .. import checkpoint
+
+    if checkpoint.is_gqsa_folder(name_or_path):
+        model, tok = checkpoint.load(name_or_path, device=device, dtype=dtype, verify=verify)
+        if tok is None:
+            raise ValueError(f"{Path(name_or_path)} has no tokenizer files")
+        return model, tok
+    return load_model(name_or_path, tokenizer, dtype=dtype, device=device)

@@ -5,10 +5,13 @@
 * :mod:`gqsa.stages.e2e` — E2E-OQP, end-to-end training of the scales (and optionally the zero
   points) with the integer codes and the mask frozen.
 
-Both are driven by :func:`gqsa.pipeline.compress_model` through ``GQSAConfig.stages``.
+Their training-time linears live in :mod:`gqsa.stages.trainable`, what both share in
+:mod:`gqsa.stages.common`, the per-block work folder in :mod:`gqsa.stages.workdir`. Both are driven by
+:func:`gqsa.pipeline.compress_model` through ``GQSAConfig.stages``.
 """
-from .bqpo import FakeQuantLinear, run_bqpo, train_block
-from .e2e import ScaleTrainableLinear, run_e2e
+from .bqpo import run_bqpo, train_block
+from .e2e import run_e2e
+from .trainable import FakeQuantLinear, ScaleTrainableLinear
 from .workdir import BlockStore
 
 __all__ = ["BlockStore", "FakeQuantLinear", "ScaleTrainableLinear", "run_bqpo", "run_e2e", "train_block"]

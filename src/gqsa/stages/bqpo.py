@@ -5,7 +5,7 @@ For each decoder block in order:
 1. its inputs ``X_q`` are the outputs of the already compressed earlier blocks on the calibration
    windows; its target ``Y`` is the uncompressed block's output on the uncompressed model's
    activations ``X_fp`` (``bqpo_target="fp"``, default) or on ``X_q`` (``"qinput"``);
-2. one-shot GQSA of the block (saliency, mask, OBS/RTN quantization: :func:`gqsa.pipeline.oneshot_block`)
+2. one-shot GQSA of the block (saliency, mask, OBS/RTN quantization: :func:`gqsa.oneshot.oneshot_block`)
    gives the starting point: mask, integer codes, ``s``, ``z``;
 3. each linear becomes a :class:`FakeQuantLinear` whose latent weights, scales and zero points are
    trained through fake quantization (straight-through rounding, the mask held: pruned groups are
@@ -39,80 +39,23 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-from torch.utils.checkpoint import checkpoint
-from tqdm.auto import tqdm
 
-from .. import calib, distributed, quant
-from ..pipeline import block_linear_groups, capture_inputs, layers_prefix, oneshot_block, pack_weight
+from .. import calib, distributed
+from ..blockwise import block_linear_groups, capture_inputs, layers_prefix, run_blocks
 from ..config import GQSAConfig
 from ..format import PackedLinear
 from ..kernels import reference
 from ..models.adapters import get_adapter
+from ..oneshot import oneshot_block, pack_weight
 from ..prune import CompressedWeight
 from . import common
+from .common import verify_packed
+from .trainable import FakeQuantLinear
 from .workdir import BlockStore, tensor_sha256
 
 # Settings that do not change BQPO's result (a run may resume with other values of these).
 _NOT_BQPO = ("e2e_epochs", "e2e_batch_size", "e2e_grad_accum", "e2e_lr", "e2e_train_zero", "e2e_loss",
              "e2e_grad_checkpointing", "stages", "offload_activations")
-
-
-class FakeQuantLinear(nn.Module):
-    """Train-time form of one compressed linear, started from a one-shot result ``cw``.
-
-    Trainable: ``u`` ``[N, C, G]`` — the latent weight in units of its group's initial scale ``s0``
-    (latent weight = ``u · s0``; initially the integer ``q − z``, so training starts exactly at the
-    one-shot weight); ``gamma`` ``[N, C]`` — the scale as a multiple of ``s0``; ``zero`` ``[N, C]`` —
-    a real latent zero point. The forward weight is ``fake_quant(u·s0, s, z)`` with
-    ``s = round_scale(s0·gamma)`` (float16, as stored) and ``z = clamp(round(zero), 0, 2^b−1)``,
-    both with straight-through gradients, and pruned groups set to exactly 0; :meth:`export` returns
-    the same weight as integer codes, bit for bit.
-    """
-
-    def __init__(self, cw: CompressedWeight, in_features: int, bits: int, bias: torch.Tensor | None = None):
-        super().__init__()
-        n, c, g = cw.codes.shape
-        self.in_features, self.out_features, self.bits, self.group_size = in_features, n, bits, g
-        self.register_buffer("s0", cw.scale.float().clone())
-        self.register_buffer("mask", cw.mask.bool()[..., None].clone())
-        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
-        self.u = nn.Parameter(cw.codes.float() - cw.zero.float()[..., None])
-        self.gamma = nn.Parameter(torch.ones(n, c, device=cw.scale.device))
-        self.zero = nn.Parameter(cw.zero.float().clone())
-
-    def scale_value(self) -> torch.Tensor:
-        return common.round_scale_ste(self.s0 * self.gamma)
-
-    def zero_value(self) -> torch.Tensor:
-        return torch.clamp(quant.round_ste(self.zero), 0, quant.qmax(self.bits))
-
-    def _weight(self) -> torch.Tensor:
-        s, z = self.scale_value(), self.zero_value()
-        w = quant.fake_quant(self.u * self.s0[..., None], s, z, self.bits)
-        w = torch.where(self.mask, w, torch.zeros((), device=w.device))
-        return w.reshape(self.out_features, -1)[:, : self.in_features]
-
-    def weight(self) -> torch.Tensor:
-        """The fake-quantized, masked weight ``[N, K]`` (float32)."""
-        if torch.is_grad_enabled() and self.u.requires_grad:
-            # recomputed in the backward pass: only the matmul's copy of the weight is kept
-            return checkpoint(self._weight, use_reentrant=False)
-        return self._weight()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight()
-        return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-
-    @torch.no_grad()
-    def export(self) -> CompressedWeight:
-        """Round to integer codes: the weight :meth:`weight` computes, as codes, scales, zeros."""
-        s = quant.round_scale(self.s0 * self.gamma)
-        z = torch.clamp(torch.round(self.zero), 0, quant.qmax(self.bits))
-        codes = quant.quantize(self.u * self.s0[..., None], s, z, self.bits)
-        w = torch.where(self.mask, quant.dequantize(codes, s, z), torch.zeros((), device=s.device))
-        return CompressedWeight(codes, s, z, self.mask[..., 0].clone(),
-                                w.reshape(self.out_features, -1)[:, : self.in_features].clone())
 
 
 class _Batches:
@@ -124,12 +67,6 @@ class _Batches:
     def __iter__(self):
         for i in range(0, self.x.shape[0], self.bs):
             yield self.x[i:i + self.bs].to(self.device, self.dtype), self.kwargs
-
-
-def verify_packed(p: PackedLinear, weight: torch.Tensor, name: str) -> None:
-    """The packed layer must dequantize, bit for bit, to the weight the model was trained with."""
-    if not torch.equal(reference.dequantize(p).to(weight.device), weight.float()):
-        raise RuntimeError(f"{name}: the packed layer does not dequantize to the trained weight (a gqsa bug)")
 
 
 def run_bqpo(model, config: GQSAConfig, tokens: torch.Tensor, n_train: int, device, batch_size: int = 8,
@@ -147,7 +84,6 @@ def run_bqpo(model, config: GQSAConfig, tokens: torch.Tensor, n_train: int, devi
     adapter = get_adapter(model)
     blocks = adapter.blocks(model)
     prefix = layers_prefix(model, adapter)
-    home = next(model.parameters()).device
     amp = common.autocast(common.amp_dtype(config.amp, device), device)
     act_device = torch.device("cpu") if config.offload_activations else device
     act_dtype = getattr(torch, config.activation_dtype)
@@ -178,11 +114,14 @@ def run_bqpo(model, config: GQSAConfig, tokens: torch.Tensor, n_train: int, devi
     x_fp = x_q.clone() if config.bqpo_target == "fp" else None
     if done:
         log(f"BQPO: resuming from {store.folder}: blocks 0-{done - 1} are finished, replaying them")
-    bar = tqdm(total=len(blocks), desc="GQSA BQPO", unit="block", disable=not progress)
-    for i, block in enumerate(blocks):
-        t0 = time.perf_counter()
+    current = {}
+
+    def start(i):
+        current.update(t0=time.perf_counter(), p_i=None, s_i=None)
         common.reset_peak(device)
-        block.to(device)
+
+    def method(i, block, prefix, x_q):
+        t0 = current["t0"]
         if i < done:
             # replay a finished block: the same forward passes as when it was made
             if x_fp is not None:
@@ -215,15 +154,20 @@ def run_bqpo(model, config: GQSAConfig, tokens: torch.Tensor, n_train: int, devi
                                                        for t, v in p.tensors().items()})
             block_stats.append(s_i)
             log(_log_line(i, len(blocks), s_i))
-        common.block_forward_all(block, x_q, kwargs, batch_size, device, amp, out=x_q)
+        current.update(p_i=p_i, s_i=s_i)
+
+    def propagate(block, x_q):
+        return common.block_forward_all(block, x_q, kwargs, batch_size, device, amp, out=x_q)
+
+    def finish(i):
+        p_i, s_i = current["p_i"], current["s_i"]
         if i >= done and store is not None:
             distributed.on_main(lambda: store.save(i, p_i, s_i))
         packed.update(p_i)
-        block.to(home)
-        bar.update(1)
-        if i >= done and on_block_done is not None:
-            on_block_done(i)
-    bar.close()
+
+    run_blocks(model, None, device, batch_size, method, desc="GQSA BQPO", progress=progress, inputs=x_q,
+               propagate=propagate, start=start, finish=finish,
+               on_block_done=None if on_block_done is None else (lambda i: on_block_done(i) if i >= done else None))
     return packed
 
 
@@ -256,27 +200,22 @@ def train_block(block, init: dict[str, CompressedWeight], x: torch.Tensor, y: to
     dtype = common.block_dtype(block)
     fqs = {n: FakeQuantLinear(init[n], lin.in_features, config.bits, lin.bias).to(device)
            for n, lin in linears.items()}
-    frozen = [(p, p.requires_grad) for p in block.parameters()]
-    for p, _ in frozen:
-        p.requires_grad_(False)
-    for n, lin in linears.items():
-        lin.to("cpu")  # only the trained form stays on the device
-        _swap(block, n, fqs[n])
-    groups = [
-        {"params": [m.u for m in fqs.values()], "lr": config.bqpo_lr_weight},
-        {"params": [m.gamma for m in fqs.values()], "lr": config.bqpo_lr_scale},
-        {"params": [m.zero for m in fqs.values()], "lr": config.bqpo_lr_zero},
-    ]
-    for g in groups:
-        for p in g["params"]:
-            p.requires_grad_(g["lr"] > 0)
-    groups = [g for g in groups if g["lr"] > 0]
-    n_val = x.shape[0] - n_train
-    bs = config.bqpo_batch_size
-    steps_per_epoch = math.ceil(n_train / bs)
-    total = steps_per_epoch * config.bqpo_epochs
-    st = {"train_windows": n_train, "val_windows": n_val}
-    try:
+    # only the trained form stays on the device
+    with common.training_swap(block, fqs, before_swap=lambda n, lin: lin.to("cpu")):
+        groups = [
+            {"params": [m.u for m in fqs.values()], "lr": config.bqpo_lr_weight},
+            {"params": [m.gamma for m in fqs.values()], "lr": config.bqpo_lr_scale},
+            {"params": [m.zero for m in fqs.values()], "lr": config.bqpo_lr_zero},
+        ]
+        for g in groups:
+            for p in g["params"]:
+                p.requires_grad_(g["lr"] > 0)
+        groups = [g for g in groups if g["lr"] > 0]
+        n_val = x.shape[0] - n_train
+        bs = config.bqpo_batch_size
+        steps_per_epoch = math.ceil(n_train / bs)
+        total = steps_per_epoch * config.bqpo_epochs
+        st = {"train_windows": n_train, "val_windows": n_val}
         st["train_loss_before"] = _mse(block, x, y, range(n_train), bs, kwargs, device, dtype, amp)
         st["val_loss_before"] = _mse(block, x, y, range(n_train, x.shape[0]), bs, kwargs, device, dtype, amp) \
             if n_val else None
@@ -289,7 +228,7 @@ def train_block(block, init: dict[str, CompressedWeight], x: torch.Tensor, y: to
             for epoch in range(1, config.bqpo_epochs + 1):
                 for idx in torch.randperm(n_train, generator=gen).split(bs):
                     if distributed.split_batches():
-                        _distributed_step(trained, x, y, idx, kwargs, device, dtype, amp)
+                        distributed_step(trained, x, y, idx, kwargs, device, dtype, amp)
                     else:
                         xb = x[idx].to(device, dtype)
                         yb = y[idx].to(device, torch.float32)
@@ -323,11 +262,6 @@ def train_block(block, init: dict[str, CompressedWeight], x: torch.Tensor, y: to
                 if not torch.equal(cw.weight, m.weight()):
                     raise RuntimeError(f"{n}: exported codes do not reproduce the trained weight (a gqsa bug)")
             out[n] = cw
-    finally:
-        for n, lin in linears.items():
-            _swap(block, n, lin)
-        for p, flag in frozen:
-            p.requires_grad_(flag)
     with torch.no_grad():
         for n, lin in linears.items():
             lin.to(device)
@@ -335,7 +269,7 @@ def train_block(block, init: dict[str, CompressedWeight], x: torch.Tensor, y: to
     return out, st
 
 
-def _distributed_step(trained, x, y, idx: torch.Tensor, kwargs, device, dtype, amp) -> None:
+def distributed_step(trained, x, y, idx: torch.Tensor, kwargs, device, dtype, amp) -> None:
     """Backward pass of this process's shares of the global batch ``idx`` (:func:`distributed.shares`):
     each share's summed squared error divided by the batch's element count and multiplied by the share's
     factor, so that the gradients, summed over the shares and averaged by DDP over the ranks, are the
@@ -345,11 +279,6 @@ def _distributed_step(trained, x, y, idx: torch.Tensor, kwargs, device, dtype, a
             out = calib.block_output(trained, x[mine].to(device, dtype), kwargs)
         err = F.mse_loss(out.float(), y[mine].to(device, torch.float32), reduction="sum")
         (err * (factor / (len(idx) * out[0].numel()))).backward()
-
-
-def _swap(block, name: str, module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(block.get_submodule(parent_name) if parent_name else block, child, module)
 
 
 def _snapshot(fqs) -> dict:

@@ -9,6 +9,9 @@ import resource
 import torch
 
 from .. import calib, quant
+from ..format import PackedLinear
+from ..kernels import reference
+from ..modules import replace_submodule
 
 
 def round_scale_ste(s: torch.Tensor) -> torch.Tensor:
@@ -88,3 +91,31 @@ def block_dtype(block) -> torch.dtype:
         if p.is_floating_point():
             return p.dtype
     return torch.float32
+
+
+def verify_packed(p: PackedLinear, weight: torch.Tensor, name: str) -> None:
+    """The packed layer must dequantize, bit for bit, to the weight the model was trained with."""
+    if not torch.equal(reference.dequantize(p).to(weight.device), weight.float()):
+        raise RuntimeError(f"{name}: the packed layer does not dequantize to the trained weight (a gqsa bug)")
+
+
+@contextlib.contextmanager
+def training_swap(root, modules: dict, before_swap=None):
+    """Freeze every parameter of ``root`` and put the training-time ``modules`` at their dotted names (after
+    ``before_swap(name, old)`` for each); on exit, whatever happened, the old modules go back and every
+    parameter gets its ``requires_grad`` again. Yields ``{name: old module}``."""
+    frozen = [(p, p.requires_grad) for p in root.parameters()]
+    for p, _ in frozen:
+        p.requires_grad_(False)
+    olds = {}
+    try:
+        for name, module in modules.items():
+            if before_swap is not None:
+                before_swap(name, root.get_submodule(name))
+            olds[name] = replace_submodule(root, name, module)
+        yield olds
+    finally:
+        for name, old in olds.items():
+            replace_submodule(root, name, old)
+        for p, flag in frozen:
+            p.requires_grad_(flag)

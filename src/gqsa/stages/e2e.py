@@ -24,62 +24,17 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
-from .. import distributed, quant
-from ..pipeline import replace_linears
+from .. import distributed
+from ..blockwise import replace_linears
 from ..config import GQSAConfig
 from ..format import PackedLinear
 from ..models.adapters import get_adapter
 from . import common
-from .bqpo import verify_packed
-
-
-class ScaleTrainableLinear(nn.Module):
-    """A packed layer with trainable scales (and optionally real zero points); codes and mask frozen."""
-
-    def __init__(self, packed: PackedLinear, bias: torch.Tensor | None = None, train_zero: bool = False):
-        super().__init__()
-        n, k = packed.shape
-        self.shape, self.bits, self.group_size, self.train_zero = (n, k), packed.bits, packed.group_size, train_zero
-        self.in_features, self.out_features = k, n
-        for name in ("row_ptr", "col_idx", "qweight"):
-            self.register_buffer(name, getattr(packed, name).clone())
-        self.register_buffer("zeros_int", None if train_zero else packed.zeros.clone())
-        counts = (packed.row_ptr[1:] - packed.row_ptr[:-1]).long()
-        rows = torch.repeat_interleave(torch.arange(n, device=counts.device), counts, output_size=packed.nnz)
-        self.register_buffer("flat", rows * packed.n_group_cols + packed.col_idx.long())
-        self.n_group_cols = packed.n_group_cols
-        self.register_buffer("s0", packed.scales.float())
-        self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        self.gamma = nn.Parameter(torch.ones_like(self.s0))
-        self.zero = nn.Parameter(packed.zeros.float().clone()) if train_zero else None
-
-    def scales(self) -> torch.Tensor:
-        return common.round_scale_ste(self.s0 * self.gamma)
-
-    def zeros(self) -> torch.Tensor:
-        return common.round_half_ste(self.zero) if self.train_zero else self.zeros_int.float()
-
-    def weight(self) -> torch.Tensor:
-        """Dense ``[N, K]`` float32 weight: the formula of :func:`gqsa.kernels.reference.dequantize`."""
-        n, k = self.shape
-        codes = quant.unpack_codes(self.qweight, self.bits, self.group_size)
-        w = quant.dequantize(codes, self.scales(), self.zeros())  # [nnz, G]
-        dense = w.new_zeros(n * self.n_group_cols, self.group_size).index_copy(0, self.flat, w)
-        return dense.reshape(n, -1)[:, :k]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-
-    @torch.no_grad()
-    def export(self) -> PackedLinear:
-        scales = quant.round_scale(self.s0 * self.gamma).to(torch.float16)
-        zeros = self.zero.to(torch.float16) if self.train_zero else self.zeros_int.clone()
-        return PackedLinear(row_ptr=self.row_ptr.clone(), col_idx=self.col_idx.clone(), qweight=self.qweight.clone(),
-                            scales=scales, zeros=zeros, shape=self.shape, bits=self.bits, group_size=self.group_size)
+from .common import verify_packed
+from .trainable import ScaleTrainableLinear
 
 
 def _checkpointed(forward):
@@ -117,7 +72,7 @@ def _eval_loss(model, tokens: torch.Tensor, bs: int, device, amp, objective=caus
     return total / tokens.shape[0]
 
 
-def _distributed_backward(trained, tokens: torch.Tensor, idx: torch.Tensor, windows: int, device, amp,
+def distributed_backward(trained, tokens: torch.Tensor, idx: torch.Tensor, windows: int, device, amp,
                           objective=causal_lm_loss) -> float:
     """This process's shares of micro-batch ``idx`` (of an optimizer step of ``windows`` windows,
     :func:`distributed.shares`): backward of each share's mean loss weighted by its windows' part of the
@@ -161,101 +116,90 @@ def run_e2e(model, packed: dict[str, PackedLinear], config: GQSAConfig, train_to
     was_training = model.training
     t0 = time.perf_counter()
     common.reset_peak(device)
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
-    olds, mods = {}, {}
+    mods = {}
     blocks = get_adapter(model).blocks(model)
     e2e = {"epochs": [], "train_windows": int(train_tokens.shape[0]), "val_windows": int(val_tokens.shape[0])}
     stats["e2e"] = e2e
+    for name, p in packed.items():
+        old = model.get_submodule(name)
+        bias = old.bias.detach() if getattr(old, "bias", None) is not None else None
+        mods[name] = ScaleTrainableLinear(p, bias, config.e2e_train_zero)
     try:
-        for name, p in packed.items():
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name)
-            old = getattr(parent, child)
-            bias = old.bias.detach() if getattr(old, "bias", None) is not None else None
-            mods[name] = ScaleTrainableLinear(p, bias, config.e2e_train_zero)
-            setattr(parent, child, mods[name])
-            olds[name] = old
-        if config.e2e_grad_checkpointing:
-            for block in blocks:
-                block.forward = _checkpointed(block.forward)
-        model.to(device)
-        model.eval()  # no dropout: the loss is the deterministic calibration loss
-        params = [m.gamma for m in mods.values()] + ([m.zero for m in mods.values()] if config.e2e_train_zero else [])
-        for q in params:
-            q.requires_grad_(config.e2e_lr > 0)
-        bs, accum = config.e2e_batch_size, config.e2e_grad_accum
-        n_val = val_tokens.shape[0]
-        before = _eval_loss(model, val_tokens, bs, device, amp, objective) if n_val else None
-        e2e["val_loss_before"] = before
-        best, best_epoch, best_state = before, 0, [q.detach().to("cpu", copy=True) for q in params]
-        micro = math.ceil(train_tokens.shape[0] / bs)
-        steps_per_epoch = math.ceil(micro / accum)
-        total = steps_per_epoch * config.e2e_epochs
-        if before is not None:
-            log(f"E2E-OQP: held-out {what} {before:.4f}{_ppl(before, config)} before training")
-        if total and config.e2e_lr > 0:
-            opt = torch.optim.AdamW(params, lr=config.e2e_lr, weight_decay=0.0)
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, common.cosine(total))
-            gen = torch.Generator().manual_seed(config.seed * 1_000_003 + 999_983)
-            bar = tqdm(total=total, desc="GQSA E2E-OQP", unit="step", disable=not progress)
-            trained = distributed.wrap(model, device)  # DDP under torchrun, else the model itself
-            for epoch in range(1, config.e2e_epochs + 1):
-                te = time.perf_counter()
-                perm = torch.randperm(train_tokens.shape[0], generator=gen).split(bs)
-                running, seen = 0.0, 0
-                for k in range(0, len(perm), accum):
-                    step = perm[k:k + accum]
-                    windows = sum(len(idx) for idx in step)
-                    for idx in step:  # the step's gradient = that of the mean loss over its windows
-                        if distributed.split_batches():
-                            running += _distributed_backward(trained, train_tokens, idx, windows, device, amp,
-                                                             objective)
+        with common.training_swap(model, mods):
+            if config.e2e_grad_checkpointing:
+                for block in blocks:
+                    block.forward = _checkpointed(block.forward)
+            model.to(device)
+            model.eval()  # no dropout: the loss is the deterministic calibration loss
+            params = [m.gamma for m in mods.values()] + ([m.zero for m in mods.values()] if config.e2e_train_zero else [])
+            for q in params:
+                q.requires_grad_(config.e2e_lr > 0)
+            bs, accum = config.e2e_batch_size, config.e2e_grad_accum
+            n_val = val_tokens.shape[0]
+            before = _eval_loss(model, val_tokens, bs, device, amp, objective) if n_val else None
+            e2e["val_loss_before"] = before
+            best, best_epoch, best_state = before, 0, [q.detach().to("cpu", copy=True) for q in params]
+            micro = math.ceil(train_tokens.shape[0] / bs)
+            steps_per_epoch = math.ceil(micro / accum)
+            total = steps_per_epoch * config.e2e_epochs
+            if before is not None:
+                log(f"E2E-OQP: held-out {what} {before:.4f}{_ppl(before, config)} before training")
+            if total and config.e2e_lr > 0:
+                opt = torch.optim.AdamW(params, lr=config.e2e_lr, weight_decay=0.0)
+                sched = torch.optim.lr_scheduler.LambdaLR(opt, common.cosine(total))
+                gen = torch.Generator().manual_seed(config.seed * 1_000_003 + 999_983)
+                bar = tqdm(total=total, desc="GQSA E2E-OQP", unit="step", disable=not progress)
+                trained = distributed.wrap(model, device)  # DDP under torchrun, else the model itself
+                for epoch in range(1, config.e2e_epochs + 1):
+                    te = time.perf_counter()
+                    perm = torch.randperm(train_tokens.shape[0], generator=gen).split(bs)
+                    running, seen = 0.0, 0
+                    for k in range(0, len(perm), accum):
+                        step = perm[k:k + accum]
+                        windows = sum(len(idx) for idx in step)
+                        for idx in step:  # the step's gradient = that of the mean loss over its windows
+                            if distributed.split_batches():
+                                running += distributed_backward(trained, train_tokens, idx, windows, device, amp,
+                                                                 objective)
+                                seen += len(idx)
+                                continue
+                            with amp():
+                                loss = objective(model, train_tokens[idx].to(device))
+                            (loss * (len(idx) / windows)).backward()
+                            running += loss.item() * len(idx)
                             seen += len(idx)
-                            continue
-                        with amp():
-                            loss = objective(model, train_tokens[idx].to(device))
-                        (loss * (len(idx) / windows)).backward()
-                        running += loss.item() * len(idx)
-                        seen += len(idx)
-                    opt.step()
-                    sched.step()
-                    opt.zero_grad(set_to_none=True)
-                    bar.update(1)
-                row = {"epoch": epoch, "train_loss": running / seen, "seconds": round(time.perf_counter() - te, 2)}
-                if n_val:
-                    row["val_loss"] = _eval_loss(model, val_tokens, bs, device, amp, objective)
-                    if row["val_loss"] < best:
-                        best, best_epoch = row["val_loss"], epoch
-                        best_state = [q.detach().to("cpu", copy=True) for q in params]
-                else:
-                    best_epoch, best_state = epoch, None
-                e2e["epochs"].append(row)
-                held = f", held-out {row['val_loss']:.4f}{_ppl(row['val_loss'], config)}" if n_val else ""
-                log(f"E2E-OQP epoch {epoch}/{config.e2e_epochs}: train loss {row['train_loss']:.4f}{held}, "
-                    f"{row['seconds']:.1f} s")
-            bar.close()
-            if best_state is not None:
+                        opt.step()
+                        sched.step()
+                        opt.zero_grad(set_to_none=True)
+                        bar.update(1)
+                    row = {"epoch": epoch, "train_loss": running / seen, "seconds": round(time.perf_counter() - te, 2)}
+                    if n_val:
+                        row["val_loss"] = _eval_loss(model, val_tokens, bs, device, amp, objective)
+                        if row["val_loss"] < best:
+                            best, best_epoch = row["val_loss"], epoch
+                            best_state = [q.detach().to("cpu", copy=True) for q in params]
+                    else:
+                        best_epoch, best_state = epoch, None
+                    e2e["epochs"].append(row)
+                    held = f", held-out {row['val_loss']:.4f}{_ppl(row['val_loss'], config)}" if n_val else ""
+                    log(f"E2E-OQP epoch {epoch}/{config.e2e_epochs}: train loss {row['train_loss']:.4f}{held}, "
+                        f"{row['seconds']:.1f} s")
+                bar.close()
+                if best_state is not None:
+                    with torch.no_grad():
+                        for q, saved in zip(params, best_state):
+                            q.copy_(saved)
+            e2e.update(best_epoch=best_epoch, val_loss_after=best)
+            out = {}
+            distributed.check_same("E2E-OQP", {str(k): q for k, q in enumerate(params)})
+            for name, m in mods.items():
+                out[name] = m.export().to("cpu")
                 with torch.no_grad():
-                    for q, saved in zip(params, best_state):
-                        q.copy_(saved)
-        e2e.update(best_epoch=best_epoch, val_loss_after=best)
-        out = {}
-        distributed.check_same("E2E-OQP", {str(k): q for k, q in enumerate(params)})
-        for name, m in mods.items():
-            out[name] = m.export().to("cpu")
-            with torch.no_grad():
-                verify_packed(out[name], m.weight(), name)
+                    verify_packed(out[name], m.weight(), name)
     finally:
         if config.e2e_grad_checkpointing:
             for block in blocks:
                 block.__dict__.pop("forward", None)
-        for name, old in olds.items():
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, old)
-        for p, flag in flags:
-            p.requires_grad_(flag)
         model.train(was_training)
         model.to(home)
         if config.e2e_loss == "kd":

@@ -102,8 +102,7 @@ class BlockStore:
         layers = json.loads(meta["layers"])
         packed = {}
         for name, m in layers.items():
-            p = PackedLinear(**{t: tensors[f"{name}.{t}"] for t in TENSOR_NAMES}, shape=tuple(m["shape"]),
-                             bits=m["bits"], group_size=m["group_size"])
+            p = PackedLinear.from_tensors(tensors, name, m["shape"], m["bits"], m["group_size"])
             p.validate(f"{path.name}: {name}")
             packed[name] = p
         return packed, json.loads(meta["stats"])

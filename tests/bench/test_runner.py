@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from gqsa.engine import bench
+from gqsa.bench import runner as bench
 
 
 def test_bench_runs_the_settings_side_by_side_on_cpu(tmp_path):
@@ -39,5 +39,5 @@ def test_dense_from_gqsa_matches_logits(s260k_folder):
     ids = torch.tensor([tok("Once upon a time").input_ids])
     with torch.no_grad():
         a = model(ids).logits
-        b = bench._dense_from_gqsa(model, torch.float32)(ids).logits
+        b = bench.dense_from_gqsa(model, torch.float32)(ids).logits
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from gqsa.engine import Engine
-from gqsa.engine.synthetic import arch_config, build_synthetic, parse_setting, random_packed, weight_bytes
+from gqsa.bench.synthetic import arch_config, build_synthetic, parse_setting, random_packed, weight_bytes
 from gqsa.format import design_bits_per_weight
 from gqsa.nn import GQSALinear
 

@@ -1,7 +1,7 @@
 """End-to-end decode benchmark (``gqsa bench``): the same :class:`~gqsa.engine.Engine` on dense and
 GQSA versions of one model, batch by batch.
 
-For each setting the model is built (a synthetic architecture, :mod:`gqsa.engine.synthetic`) or
+For each setting the model is built (a synthetic architecture, :mod:`gqsa.bench.synthetic`) or
 loaded (a checkpoint folder: ``gqsa`` = the folder as is, ``fp16`` = the same weights dequantized to
 dense), then for each batch size: random prompts of ``prompt_len`` tokens, one untimed generation
 (warm-up: kernel compilation, CUDA-graph capture), then ``repeats`` timed generations of
@@ -13,37 +13,19 @@ step's device time by kernel kind and the idle time between kernels of a replaye
 from __future__ import annotations
 
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from .engine import Engine
+from ..engine import Engine
+from ..modules import default_device, replace_submodule
+from ..report import environment
 from .synthetic import Setting, build_synthetic, parse_setting, weight_bytes
 
 
-def environment(device) -> dict:
-    import transformers
-
-    env = {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-           "device": str(device)}
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except Exception:  # pragma: no cover
-        env["triton"] = None
-    if torch.device(device).type == "cuda":
-        p = torch.cuda.get_device_properties(device)
-        env.update(gpu=p.name, sms=p.multi_processor_count, gpu_memory_gib=round(p.total_memory / 2**30, 1))
-    else:
-        env["cpu_threads"] = torch.get_num_threads()
-    return env
-
-
-def _dense_from_gqsa(model, dtype):
+def dense_from_gqsa(model, dtype):
     """Replace every GQSALinear by an nn.Linear holding its dequantized weight (the same model, dense)."""
     from torch import nn
 
@@ -51,12 +33,11 @@ def _dense_from_gqsa(model, dtype):
 
     for name, m in list(model.named_modules()):
         if isinstance(m, GQSALinear):
-            parent, _, child = name.rpartition(".")
             lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta", dtype=dtype)
             lin.weight = nn.Parameter(m.dequantize(dtype), requires_grad=False)
             if m.bias is not None:
                 lin.bias = nn.Parameter(m.bias.detach().to(dtype), requires_grad=False)
-            setattr(model.get_submodule(parent), child, lin)
+            replace_submodule(model, name, lin)
     return model
 
 
@@ -66,7 +47,7 @@ def load_folder(folder, setting: str, device):
     dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
     model, _ = load(folder, device=device, dtype=dtype)
     if setting in ("fp16", "dense"):
-        _dense_from_gqsa(model, dtype)
+        dense_from_gqsa(model, dtype)
     elif setting != "gqsa":
         raise ValueError(f"a checkpoint folder is benchmarked as 'gqsa' (as stored) or 'fp16' (dequantized to "
                          f"dense), not '{setting}'")
@@ -105,23 +86,17 @@ def profile_decode(engine: Engine, prompts, new_tokens: int, steps: int = 8) -> 
     from torch.profiler import ProfilerActivity, profile
 
     out = engine.generate(prompts, new_tokens)  # the session is warm, graphs captured
-    s = next(iter(engine._sessions.values()))
     kv_len = out.timings["cache_len"]
     res = {}
     with torch.inference_mode():
         for mode in ("eager", "graph"):
             if mode == "graph" and not engine.cuda_graphs:
                 continue
-            g = engine._graph(s, kv_len, True) if mode == "graph" else None
-            s.slot.fill_(max(0, kv_len - steps - 1))  # room for `steps` more slots and tokens
-            s.step.zero_()
+            step = engine.rewound_decode_step(kv_len, steps, graph=mode == "graph")
             torch.cuda.synchronize()
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 for _ in range(steps):
-                    if g is not None:
-                        g.replay()
-                    else:
-                        engine._decode_body(s, kv_len, True)
+                    step()
                 torch.cuda.synchronize()
             ev = _device_events(prof)
             by = {}
@@ -145,7 +120,7 @@ def profile_decode(engine: Engine, prompts, new_tokens: int, steps: int = 8) -> 
                          "span_us_per_step": round(span / steps, 1),
                          "idle_us_per_step": round((span - busy) / steps, 1)}
         # lm_head alone (cuBLAS GEMV of the dense output layer), CUDA events over 50 calls
-        x = torch.randn(s.bsz, 1, engine.model.config.hidden_size, device=engine.device, dtype=engine.dtype)
+        x = torch.randn(len(prompts), 1, engine.model.config.hidden_size, device=engine.device, dtype=engine.dtype)
         head = engine.model.lm_head
         for _ in range(3):
             head(x)
@@ -165,7 +140,7 @@ def run(settings: list[str], batches: list[int], synthetic: str | None = None, f
     """Benchmark every setting × batch; returns ``{"environment", "config", "rows", "profiles"}``."""
     if (synthetic is None) == (folder is None):
         raise ValueError("benchmark either a checkpoint folder or --synthetic ARCH, not both/neither")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(device)
     cuda = device.type == "cuda"
     if prompt_len < 1 or new_tokens < 2 or repeats < 1 or not batches or min(batches) < 1:
         raise ValueError("need prompt_len >= 1, new_tokens >= 2, repeats >= 1 and batch sizes >= 1")
@@ -209,7 +184,7 @@ def run(settings: list[str], batches: list[int], synthetic: str | None = None, f
                        r.prefill_s for r in runs), 2), "decode_tokens_per_s_runs": [round(t, 2) for t in tps],
                    "peak_memory_gb": round(torch.cuda.max_memory_allocated(device) / 1e9, 3) if cuda else None,
                    "model_gb": round(size / 1e9, 4), "weights_read_per_step_gb": round(step_bytes / 1e9, 4),
-                   "kv_cache_gb": round(next(iter(engine._sessions.values())).cache.nbytes() / 1e9, 4),
+                   "kv_cache_gb": round(engine.cache_nbytes() / 1e9, 4),
                    "prompt_len": prompt_len, "new_tokens": new_tokens,
                    "decode_steps": med.decode_steps, "cuda_graphs": med.cuda_graphs,
                    "compute_dtype": str(engine.dtype).removeprefix("torch."),

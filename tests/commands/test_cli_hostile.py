@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from gqsa import checkpoint
 from gqsa.cli import main
 
-SRC = str(Path(__file__).parents[1] / "src")
+SRC = str(Path(__file__).parents[2] / "src")
 
 
 def _edit_json(folder, name, fn):

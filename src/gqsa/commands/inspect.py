@@ -1,0 +1,43 @@
+"""``gqsa inspect``: per-layer and whole-model storage of a checkpoint folder, as a table or JSON."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def add_parser(sub):
+    p = sub.add_parser("inspect", help="per-layer and whole-model storage of a GQSA checkpoint",
+                       description="Validate a checkpoint folder and print, per compressed layer, its shape, "
+                                   "sparsity, bits, bytes and bits/weight; then the whole model's size on disk "
+                                   "vs fp16 and its bits per weight.")
+    p.add_argument("folder", help="GQSA checkpoint folder")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--no-verify", action="store_true", help="skip the checksum check")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from .. import checkpoint, report
+
+    packed = checkpoint.packed_layers(args.folder, verify=not args.no_verify)
+    tensors = checkpoint.read_tensors(args.folder, verify=False)
+    packed_names = {f"{n}.{t}" for n in packed for t in ("row_ptr", "col_idx", "qweight", "scales", "zeros", "bias")}
+    dense = sum(t.numel() for n, t in tensors.items() if n not in packed_names)
+    rows = report.layer_rows(packed)
+    tot = report.totals(packed, dense, Path(args.folder))
+    if args.json:
+        print(json.dumps({"layers": rows, "totals": tot}, indent=2))
+        return 0
+    w = max(len(r["name"]) for r in rows)
+    print(f"{'layer':<{w}}  {'shape':>12}  {'bits':>4}  {'G':>3}  {'sparsity':>8}  {'bytes':>10}  "
+          f"{'bits/w':>7}  {'design':>7}")
+    for r in rows:
+        shape = "x".join(map(str, r["shape"]))
+        print(f"{r['name']:<{w}}  {shape:>12}  {r['bits']:>4}  {r['group_size']:>3}  {r['sparsity']:>8.3f}  "
+              f"{r['bytes']:>10}  {r['bits_per_weight']:>7.3f}  {r['design_bits_per_weight']:>7.3f}")
+    print(f"\ncompressed layers: {tot['compressed_layers']}, weights {tot['compressed_weights']:,}, "
+          f"sparsity {tot['sparsity']:.3f}, {tot['bits_per_weight']:.3f} bits/weight "
+          f"({tot['packed_bytes']:,} bytes vs {tot['fp16_bytes_of_compressed_layers']:,} in fp16)")
+    print(f"whole model on disk: {tot['safetensors_bytes']:,} bytes = {tot['size_vs_fp16']:.3f} x fp16 "
+          f"({tot['model_fp16_bytes']:,} bytes; dense tensors: {dense:,} values)")
+    return 0
