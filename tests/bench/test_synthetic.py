@@ -4,6 +4,7 @@ import torch
 from gqsa.engine import Engine
 from gqsa.bench.synthetic import arch_config, build_synthetic, parse_setting, random_packed, weight_bytes
 from gqsa.format import design_bits_per_weight
+from gqsa.kernels import block_layout
 from gqsa.nn import GQSALinear
 
 
@@ -48,3 +49,14 @@ def test_synthetic_gqsa_model_runs_in_the_engine_and_in_transformers():
     hf = [model.generate(torch.tensor([p]), max_new_tokens=6, do_sample=False, eos_token_id=None,
                          pad_token_id=0)[0, len(p):].tolist() for p in ids]
     assert out == hf
+
+
+def test_synthetic_block_setting():
+    """``gqsa bench --synthetic`` settings ``w{b}s{S}g{G}b{R}``: block-uniform random layers."""
+    st = parse_setting("w4s50g16b64")
+    assert st.kind == "gqsa" and st.block_rows == 64 and parse_setting("w4s50g16").block_rows == 0
+    with pytest.raises(ValueError, match="power of two"):
+        parse_setting("w4s50g16b24")
+    p = random_packed(200, 256, 0.5, 4, 16, "cpu", torch.Generator().manual_seed(0), block_rows=64)
+    p.validate()
+    assert block_layout.detect_block_rows(p) == 64

@@ -254,16 +254,3 @@ def test_row_clusters_detection_and_map():
 
     assert block_layout.detect_row_clusters(make_packed(40, 256, 16, 4, 0.5)) is None
     del dense
-
-
-def test_synthetic_block_setting():
-    """``gqsa bench --synthetic`` settings ``w{b}s{S}g{G}b{R}``: block-uniform random layers."""
-    from gqsa.engine import synthetic
-
-    st = synthetic.parse_setting("w4s50g16b64")
-    assert st.kind == "gqsa" and st.block_rows == 64 and synthetic.parse_setting("w4s50g16").block_rows == 0
-    with pytest.raises(ValueError, match="power of two"):
-        synthetic.parse_setting("w4s50g16b24")
-    p = synthetic.random_packed(200, 256, 0.5, 4, 16, "cpu", torch.Generator().manual_seed(0), block_rows=64)
-    p.validate()
-    assert block_layout.detect_block_rows(p) == 64
