@@ -44,6 +44,18 @@ DEV = "cuda"
 BATCHES = [1, 2, 4, 8, 16, 32, 64, 256, 2048]
 
 
+def _check_launch(launch, shape, dt, ref):
+    """Run ``launch(y)`` into a NaN-poisoned ``y``; (ok, relative error or the exception) against ``ref``."""
+    y = torch.full(shape, float("nan"), device=DEV, dtype=dt)
+    try:
+        launch(y)
+        torch.cuda.synchronize()
+        err = float((y.float() - ref).norm() / ref.norm().clamp_min(1e-12))
+        return bool(torch.isfinite(y).all()) and err < (1e-2 if dt == torch.bfloat16 else 2e-3), err
+    except Exception as e:  # noqa: BLE001
+        return False, repr(e)[:300]
+
+
 def layer_for_check(n, k, g, bits, sparsity, float_zeros=False, special=None, seed=0, device=DEV, rows=None):
     gen = torch.Generator().manual_seed(seed)
     c = math.ceil(k / g)
@@ -88,14 +100,7 @@ def gpu_check(quick: bool = False) -> bool:
                 cfgs = {"table": table.config(m), "split3": gemm.GemmConfig(16, 32, split_k=3),
                         "f32deq": gemm.GemmConfig(32, 64, deq16=False)}
                 for cname, cfg in cfgs.items():
-                    y = torch.full((m, n), float("nan"), device=DEV, dtype=dt)
-                    try:
-                        gemm.launch_gemm(x, lay, bias, y, cfg)
-                        torch.cuda.synchronize()
-                        err = float((y.float() - ref).norm() / ref.norm().clamp_min(1e-12))
-                        good = bool(torch.isfinite(y).all()) and err < (1e-2 if dt == torch.bfloat16 else 2e-3)
-                    except Exception as e:  # noqa: BLE001
-                        err, good = repr(e)[:300], False
+                    good, err = _check_launch(lambda y: gemm.launch_gemm(x, lay, bias, y, cfg), (m, n), dt, ref)
                     if not good:
                         ok = False
                         print(f"CHECK FAIL {n}x{k} G{g} b{bits} {special} {dt} M={m} {cname}: {err}", flush=True)
@@ -147,14 +152,7 @@ def block_check(configs_for_m, quick=False) -> bool:
                 bias = torch.randn(n, device=DEV).to(dt) if m % 2 else None
                 ref = x.float() @ w_ref.t() + (bias.float() if bias is not None else 0)
                 for cfg in configs_for_m(m, lay.rows):
-                    y = torch.full((m, n), float("nan"), device=DEV, dtype=dt)
-                    try:
-                        block_gemm.launch_block(x, lay, bias, y, cfg)
-                        torch.cuda.synchronize()
-                        err = float((y.float() - ref).norm() / ref.norm().clamp_min(1e-12))
-                        good = bool(torch.isfinite(y).all()) and err < (1e-2 if dt == torch.bfloat16 else 2e-3)
-                    except Exception as e:  # noqa: BLE001
-                        err, good = repr(e)[:300], False
+                    good, err = _check_launch(lambda y: block_gemm.launch_block(x, lay, bias, y, cfg), (m, n), dt, ref)
                     if not good:
                         ok = False
                         print(f"BLOCK CHECK FAIL {n}x{k} G{g} b{bits} R{rows} {special} {dt} M={m} {cfg}: {err}",

@@ -21,7 +21,7 @@ def test_hessian_saliency_is_the_exact_group_obs_error():
     _, h = correlated_inputs(k)
     w = torch.randn(3, k)
     score = prune.saliency(w, g, "hessian", h, damp)
-    hd = prune._prepare_hessian(h, g, damp).double()
+    hd = prune.prepare_hessian(h, g, damp).double()
     for row in range(3):
         for grp in range(k // g):
             cols = torch.arange(grp * g, grp * g + g)
@@ -213,8 +213,8 @@ def test_conjugate_gradient_refit_reaches_the_least_squares_optimum():
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(2))
     mask = prune.select_mask(prune.saliency(w, g, "hessian", h), 0.5, "row")
     swept = prune.compress_obs(w, h, mask, 4, g, quantize=False).weight
-    exact, _ = prune.resolve_kept(w, prune._prepare_hessian(h, g, 0.01), mask, g)
-    hd = prune._prepare_hessian(h, g, 0.01)
+    exact, _ = prune.resolve_kept(w, prune.prepare_hessian(h, g, 0.01), mask, g)
+    hd = prune.prepare_hessian(h, g, 0.01)
 
     def f(v):
         return float(torch.einsum("nk,kl,nl->", w - v, hd, w - v))

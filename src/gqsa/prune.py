@@ -54,7 +54,7 @@ def saliency(w: torch.Tensor, group_size: int, method: str, hessian: torch.Tenso
         norms, _ = group_view(hessian.diagonal().clamp(min=0).sqrt()[None, :], group_size)
         return (wg.abs() * norms).sum(-1)
     if method == "hessian":
-        hinv = torch.cholesky_inverse(torch.linalg.cholesky(_prepare_hessian(hessian, group_size, damp)))
+        hinv = torch.cholesky_inverse(torch.linalg.cholesky(prepare_hessian(hessian, group_size, damp)))
         c = wg.shape[1]
         blocks = hinv.reshape(c, group_size, c, group_size).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
         return torch.einsum("ncg,cgh,nch->nc", wg, torch.linalg.inv(blocks), wg)
@@ -164,7 +164,7 @@ def upper_cholesky_of_inverse(h: torch.Tensor) -> torch.Tensor:
     return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
 
 
-def _prepare_hessian(h: torch.Tensor, group_size: int, damp: float) -> torch.Tensor:
+def prepare_hessian(h: torch.Tensor, group_size: int, damp: float) -> torch.Tensor:
     """Pad ``H`` ``[K, K]`` to ``[C·G, C·G]`` and make it positive definite (dead inputs, padding and
     dampening get a unit/damped diagonal)."""
     k = h.shape[0]
@@ -209,7 +209,7 @@ def compress_obs(w: torch.Tensor, hessian: torch.Tensor, mask: torch.Tensor, bit
     c = wg.shape[1]
     kp = c * g
     W = wg.reshape(n, kp).clone()
-    H = _prepare_hessian(hessian, g, damp)
+    H = prepare_hessian(hessian, g, damp)
     dead = hessian.diagonal()[:k] <= 0
     W[:, :k][:, dead] = 0
     importance = H.diagonal().clone()
@@ -311,7 +311,7 @@ def refine_kept_cg(w: torch.Tensor, start: torch.Tensor, hessian: torch.Tensor, 
     ``(x − w)ᵀ H (x − w)`` with the removed groups held at zero: one ``[N, K] × [K, K]`` product per
     step instead of a factorization per row. The objective never increases."""
     n, k = w.shape
-    H = _prepare_hessian(hessian, g, damp)
+    H = prepare_hessian(hessian, g, damp)
     kp = H.shape[0]
     pad = kp - k
     W = torch.nn.functional.pad(w.float(), (0, pad))
@@ -388,7 +388,7 @@ def iterative_group_prune(w: torch.Tensor, hessian: torch.Tensor, g: int, sparsi
     wg, _ = group_view(w.float(), g)
     c = wg.shape[1]
     W = wg.reshape(n, -1).clone()
-    H = _prepare_hessian(hessian, g, damp)
+    H = prepare_hessian(hessian, g, damp)
     dead = hessian.diagonal()[:k] <= 0
     W[:, :k][:, dead] = 0
     target = min(c, max(1, round((1 - sparsity) * c)))

@@ -35,7 +35,7 @@ def gptq_layer(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: in
     wg, valid = prune.group_view(w.float(), g)
     kp = c * g
     W = wg.reshape(n, kp).clone()
-    H = prune._prepare_hessian(hessian, g, damp)
+    H = prune.prepare_hessian(hessian, g, damp)
     dead = hessian.diagonal()[:k] <= 0
     W[:, :k][:, dead] = 0
     importance = H.diagonal().clone()

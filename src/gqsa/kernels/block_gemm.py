@@ -15,20 +15,11 @@ import torch
 from .block_kernels import block_kernel
 from .block_layout import BlockLayout
 from .gemm import _run, num_sms, workspace
-from .gemv import HAS_TRITON, _interpret
-
-if HAS_TRITON:
-    import triton
-
-_KERNELS: dict = {}
+from .gemv import _interpret, jitted
 
 
 def _kernel():
-    key = _interpret()
-    k = _KERNELS.get(key)
-    if k is None:
-        k = _KERNELS[key] = triton.jit(block_kernel)
-    return k
+    return jitted(block_kernel)
 
 
 @dataclass(frozen=True)

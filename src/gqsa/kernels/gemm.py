@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .gemv import HAS_TRITON, _interpret, _spec_bits
+from .gemv import HAS_TRITON, _interpret, _spec_bits, jitted
 from .layout import ROW_BLOCK, TileLayout
 
 if HAS_TRITON:
@@ -165,15 +165,8 @@ def _gemm_kernel(
         tl.store(yp, (acc + bias[None, :]).to(y_ptr.dtype.element_ty), mask=omask)
 
 
-_KERNELS: dict = {}
-
-
 def _kernel():
-    key = _interpret()
-    k = _KERNELS.get(key)
-    if k is None:
-        k = _KERNELS[key] = triton.jit(_gemm_kernel)
-    return k
+    return jitted(_gemm_kernel)
 
 
 @dataclass(frozen=True)

@@ -365,16 +365,21 @@ def _expand_kernel(
 
 _KERNEL_SRC = {"gemv": _gemv_kernel, "expand": _expand_kernel}
 _NO_SPECIALIZE = {"gemv": ["one"], "expand": []}
-_KERNELS: dict = {}
+_JITTED: dict = {}
+
+
+def jitted(fn, do_not_specialize: tuple = ()):
+    """``fn`` (a plain-python kernel) jitted for the current mode (interpreter or compiled), made on
+    first use and kept per (kernel, mode): every launcher of the package gets its kernels here."""
+    key = (fn, _interpret())
+    k = _JITTED.get(key)
+    if k is None:
+        k = _JITTED[key] = triton.jit(fn, do_not_specialize=list(do_not_specialize))
+    return k
 
 
 def _kernel(name: str):
-    """The jitted kernel for the current mode (interpreter or compiled), made on first use."""
-    key = (name, _interpret())
-    k = _KERNELS.get(key)
-    if k is None:
-        k = _KERNELS[key] = triton.jit(_KERNEL_SRC[name], do_not_specialize=_NO_SPECIALIZE[name])
-    return k
+    return jitted(_KERNEL_SRC[name], tuple(_NO_SPECIALIZE[name]))
 
 
 # ============================================================================ task table
