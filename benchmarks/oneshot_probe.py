@@ -39,6 +39,7 @@ def oneshot(model, config, tokens, mask_method: str, quantize: bool, batch_size:
         return orig(*args, **kw)
 
     prune.compress_weight = patched
+
     def method(i, block, prefix, batches):
         groups = blockwise.block_linear_groups(adapter, block, prefix, i, config)
         gqsa_oneshot.oneshot_block(block, adapter, groups, batches, config)
