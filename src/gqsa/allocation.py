@@ -115,28 +115,27 @@ def sparsity_of(keep: int, k: int, group_size: int) -> float:
 def measure_costs(model, config, tokens: torch.Tensor, device, batch_size: int = 8
                   ) -> dict[str, tuple[int, int, torch.Tensor]]:
     """``{module name: (rows, k, removal_costs)}`` of every compressed linear, from one calibration
-    pass through the uncompressed model (each block on the uncompressed outputs of the previous)."""
-    from . import calib
+    pass of the block-wise driver through the uncompressed model (each block on the uncompressed outputs
+    of the previous; the statistics are gathered while the driver propagates them)."""
+    from .blockwise import HessianAccumulator, block_linear_groups, run_blocks
     from .models.adapters import get_adapter
-    from .blockwise import HessianAccumulator, block_linear_groups, capture_inputs, layers_prefix
 
     adapter = get_adapter(model)
-    blocks = adapter.blocks(model)
-    prefix = layers_prefix(model, adapter)
-    home = next(model.parameters()).device
-    batches = capture_inputs(model, blocks, tokens, batch_size, device)
-    out = {}
-    for i, block in enumerate(blocks):
-        block.to(device)
+    out, block_state = {}, {}
+
+    def hook_linears(i, block, prefix, inputs):  # the driver's propagation fills the accumulators
         linears = adapter.linears(block)
         names = [n for group in block_linear_groups(adapter, block, prefix, i, config) for n in group]
-        accs = {n: HessianAccumulator(linears[n]) for n in names}
-        batches = [(calib.block_output(block, h, kw), kw) for h, kw in batches]
-        for n in names:
-            h = accs[n].remove()
-            w = linears[n].weight.float()
-            out[f"{prefix}.{i}.{n}"] = (w.shape[0], w.shape[1], removal_costs(w, h, config.group_size, config.damp).cpu())
-        block.to(home)
+        block_state.update(prefix=prefix, linears=linears, accs={n: HessianAccumulator(linears[n]) for n in names})
+
+    def costs(i):
+        for n, acc in block_state["accs"].items():
+            h = acc.remove()
+            w = block_state["linears"][n].weight.float()
+            out[f"{block_state['prefix']}.{i}.{n}"] = (w.shape[0], w.shape[1],
+                                                       removal_costs(w, h, config.group_size, config.damp).cpu())
+
+    run_blocks(model, tokens, device, batch_size, hook_linears, desc="layer costs", progress=False, finish=costs)
     return out
 
 
