@@ -219,10 +219,10 @@ def train_block(block, init: dict[str, CompressedWeight], x: torch.Tensor, y: to
         st["train_loss_before"] = _mse(block, x, y, range(n_train), bs, kwargs, device, dtype, amp)
         st["val_loss_before"] = _mse(block, x, y, range(n_train, x.shape[0]), bs, kwargs, device, dtype, amp) \
             if n_val else None
-        best, best_epoch, best_state, bad, epoch = st["val_loss_before"], 0, _snapshot(fqs), 0, 0
+        best, best_epoch, epoch = st["val_loss_before"], 0, 0
         if groups and total:
-            opt = torch.optim.AdamW(groups, weight_decay=0.0)
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, common.cosine(total))
+            trainer = common.Trainer(groups, total, best, lambda: _snapshot(fqs), lambda st_: _restore(fqs, st_),
+                                     patience=config.bqpo_patience)
             gen = torch.Generator().manual_seed(seed)
             trained = distributed.wrap(block, device)  # DDP under torchrun, else the block itself
             for epoch in range(1, config.bqpo_epochs + 1):
@@ -236,21 +236,12 @@ def train_block(block, init: dict[str, CompressedWeight], x: torch.Tensor, y: to
                             out = calib.block_output(block, xb, kwargs)
                         loss = F.mse_loss(out.float(), yb)
                         loss.backward()
-                    opt.step()
-                    sched.step()
-                    opt.zero_grad(set_to_none=True)
-                if n_val:
-                    v = _mse(block, x, y, range(n_train, x.shape[0]), bs, kwargs, device, dtype, amp)
-                    if v < best:
-                        best, best_epoch, best_state, bad = v, epoch, _snapshot(fqs), 0
-                    else:
-                        bad += 1
-                        if bad >= config.bqpo_patience:
-                            break
-            if n_val:
-                _restore(fqs, best_state)
-            else:
-                best_epoch = epoch
+                    trainer.step()
+                v = _mse(block, x, y, range(n_train, x.shape[0]), bs, kwargs, device, dtype, amp) if n_val else None
+                if trainer.epoch_done(epoch, v):
+                    break
+            trainer.finish()
+            best, best_epoch = trainer.best, trainer.best_epoch
         st.update(epochs_run=epoch, best_epoch=best_epoch, steps=epoch * steps_per_epoch,
                   early_stopped=bool(groups and n_val and 0 < epoch < config.bqpo_epochs),
                   val_loss_after=best if n_val else None)

@@ -70,6 +70,42 @@ def cosine(total_steps: int):
     return lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
 
 
+class Trainer:
+    """The optimizer loop both trained stages share: AdamW without weight decay over ``groups``
+    (``[{"params": …, "lr": …}, …]``) with the cosine schedule over ``total`` steps; :meth:`step` is one
+    optimizer step. The best held-out epoch is tracked with :meth:`epoch_done`: ``snapshot()`` copies the
+    trainable state (``restore(state)`` puts it back, at :meth:`finish`), and after ``patience`` epochs
+    without improvement (None: never) ``epoch_done`` says stop."""
+
+    def __init__(self, groups: list[dict], total: int, val_before, snapshot, restore, patience: int | None = None):
+        self.opt = torch.optim.AdamW(groups, weight_decay=0.0)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, cosine(total))
+        self.best, self.best_epoch, self.bad = val_before, 0, 0
+        self.snapshot, self.restore, self.patience = snapshot, restore, patience
+        self.state = snapshot()
+
+    def step(self) -> None:
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def epoch_done(self, epoch: int, val_loss: float | None) -> bool:
+        """Record ``epoch``'s held-out loss (None: no held-out windows, the last epoch is kept); True = stop."""
+        if val_loss is None:
+            self.best_epoch, self.state = epoch, None
+            return False
+        if val_loss < self.best:
+            self.best, self.best_epoch, self.state, self.bad = val_loss, epoch, self.snapshot(), 0
+            return False
+        self.bad += 1
+        return self.patience is not None and self.bad >= self.patience
+
+    def finish(self) -> None:
+        """Put the best epoch's state back (nothing to do without held-out windows)."""
+        if self.state is not None:
+            self.restore(self.state)
+
+
 @torch.no_grad()
 def block_forward_all(block, x: torch.Tensor, kwargs: dict, batch_size: int, device, amp,
                       out: torch.Tensor | None = None) -> torch.Tensor:

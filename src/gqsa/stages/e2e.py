@@ -138,15 +138,15 @@ def run_e2e(model, packed: dict[str, PackedLinear], config: GQSAConfig, train_to
             n_val = val_tokens.shape[0]
             before = _eval_loss(model, val_tokens, bs, device, amp, objective) if n_val else None
             e2e["val_loss_before"] = before
-            best, best_epoch, best_state = before, 0, [q.detach().to("cpu", copy=True) for q in params]
+            best, best_epoch = before, 0
             micro = math.ceil(train_tokens.shape[0] / bs)
             steps_per_epoch = math.ceil(micro / accum)
             total = steps_per_epoch * config.e2e_epochs
             if before is not None:
                 log(f"E2E-OQP: held-out {what} {before:.4f}{_ppl(before, config)} before training")
             if total and config.e2e_lr > 0:
-                opt = torch.optim.AdamW(params, lr=config.e2e_lr, weight_decay=0.0)
-                sched = torch.optim.lr_scheduler.LambdaLR(opt, common.cosine(total))
+                trainer = common.Trainer([{"params": params, "lr": config.e2e_lr}], total, before,
+                                         lambda: [q.detach().to("cpu", copy=True) for q in params], _restore(params))
                 gen = torch.Generator().manual_seed(config.seed * 1_000_003 + 999_983)
                 bar = tqdm(total=total, desc="GQSA E2E-OQP", unit="step", disable=not progress)
                 trained = distributed.wrap(model, device)  # DDP under torchrun, else the model itself
@@ -168,27 +168,19 @@ def run_e2e(model, packed: dict[str, PackedLinear], config: GQSAConfig, train_to
                             (loss * (len(idx) / windows)).backward()
                             running += loss.item() * len(idx)
                             seen += len(idx)
-                        opt.step()
-                        sched.step()
-                        opt.zero_grad(set_to_none=True)
+                        trainer.step()
                         bar.update(1)
                     row = {"epoch": epoch, "train_loss": running / seen, "seconds": round(time.perf_counter() - te, 2)}
                     if n_val:
                         row["val_loss"] = _eval_loss(model, val_tokens, bs, device, amp, objective)
-                        if row["val_loss"] < best:
-                            best, best_epoch = row["val_loss"], epoch
-                            best_state = [q.detach().to("cpu", copy=True) for q in params]
-                    else:
-                        best_epoch, best_state = epoch, None
+                    trainer.epoch_done(epoch, row.get("val_loss"))
                     e2e["epochs"].append(row)
                     held = f", held-out {row['val_loss']:.4f}{_ppl(row['val_loss'], config)}" if n_val else ""
                     log(f"E2E-OQP epoch {epoch}/{config.e2e_epochs}: train loss {row['train_loss']:.4f}{held}, "
                         f"{row['seconds']:.1f} s")
                 bar.close()
-                if best_state is not None:
-                    with torch.no_grad():
-                        for q, saved in zip(params, best_state):
-                            q.copy_(saved)
+                trainer.finish()
+                best, best_epoch = trainer.best, trainer.best_epoch
             e2e.update(best_epoch=best_epoch, val_loss_after=best)
             out = {}
             distributed.check_same("E2E-OQP", {str(k): q for k, q in enumerate(params)})
@@ -211,6 +203,14 @@ def run_e2e(model, packed: dict[str, PackedLinear], config: GQSAConfig, train_to
         log(f"E2E-OQP: held-out {what} {before:.4f} → {best:.4f} (best epoch {best_epoch}/{config.e2e_epochs}), "
             f"{e2e['seconds']:.1f} s, {kind} {common.fmt_bytes(mem)}")
     return out
+
+
+def _restore(params):
+    @torch.no_grad()
+    def restore(state):
+        for q, saved in zip(params, state):
+            q.copy_(saved)
+    return restore
 
 
 def _ppl(loss: float, config: GQSAConfig) -> str:
