@@ -105,6 +105,15 @@ def test_config_and_launch_errors():
         gemm.launch_gemm(torch.randn(2, 64), lay, None, torch.empty(2, 16), gemm.GemmConfig())
     with pytest.raises(ValueError, match="features"):
         gemm.launch_gemm(torch.randn(2, 32).half(), lay, None, torch.empty(2, 16).half(), gemm.GemmConfig())
+    x = torch.randn(2, 64).half()
+    with pytest.raises(ValueError, match="y must be"):
+        gemm.launch_gemm(x, lay, None, torch.empty(3, 16).half(), gemm.GemmConfig())
+    with pytest.raises(ValueError, match="y must be"):
+        gemm.launch_gemm(x, lay, None, torch.empty(2, 16).bfloat16(), gemm.GemmConfig())
+    with pytest.raises(ValueError, match="bias"):
+        gemm.launch_gemm(x, lay, torch.randn(15).half(), torch.empty(2, 16).half(), gemm.GemmConfig())
+    with pytest.raises(ValueError, match="unit stride"):
+        gemm.launch_gemm(x, lay, None, torch.empty(16, 2).half().t(), gemm.GemmConfig())
 
 
 def test_auto_split_fills_the_grid():

@@ -14,7 +14,7 @@ import torch
 
 from .block_kernels import block_kernel
 from .block_layout import BlockLayout
-from .gemm import _run, num_sms, workspace
+from .gemm import _run, check_io, num_sms, workspace
 from .gemv import _interpret, jitted
 
 
@@ -70,16 +70,7 @@ def launch_block(x2: torch.Tensor, layout: BlockLayout, bias: torch.Tensor | Non
     dtype or None."""
     m, k = x2.shape
     n = layout.shape[0]
-    if x2.dtype not in (torch.float16, torch.bfloat16):
-        raise ValueError(f"the block kernels read float16 or bfloat16 activations, got {x2.dtype}")
-    if k != layout.shape[1]:
-        raise ValueError(f"x has {k} features, the layer {layout.shape[1]}")
-    if x2.stride(1) != 1 or y.stride(1) != 1:
-        raise ValueError("x and y must have unit stride along their last dimension")
-    if tuple(y.shape) != (m, n) or y.dtype != x2.dtype:
-        raise ValueError(f"y must be [{m}, {n}] {x2.dtype}, got {list(y.shape)} {y.dtype}")
-    if bias is not None and (bias.shape != (n,) or bias.dtype != x2.dtype or not bias.is_contiguous()):
-        raise ValueError(f"bias must be a contiguous [{n}] {x2.dtype} tensor")
+    check_io(x2, layout.shape, y, bias, "the block kernels")
     if m == 0:
         return y
     if m * max(x2.stride(0), y.stride(0), n) >= 2**31:

@@ -275,18 +275,31 @@ def code_words(layout: TileLayout) -> torch.Tensor:
     return q.reshape(-1).view(_WORD_DTYPE[layout.bits])
 
 
+def check_io(x2: torch.Tensor, shape: tuple[int, int], y: torch.Tensor, bias: torch.Tensor | None, who: str) -> None:
+    """One clear ``ValueError`` for arguments a launcher of a layer of ``shape`` ``(N, K)`` cannot take:
+    ``x2`` [M, K] fp16/bf16, ``y`` [M, N] in its dtype, both with unit stride along the last dimension,
+    ``bias`` None or a contiguous [N] tensor in its dtype."""
+    m, k = x2.shape
+    n = shape[0]
+    if x2.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"{who} reads float16 or bfloat16 activations, got {x2.dtype}")
+    if k != shape[1]:
+        raise ValueError(f"x has {k} features, the layer {shape[1]}")
+    if x2.stride(1) != 1 or y.stride(1) != 1:
+        raise ValueError("x and y must have unit stride along their last dimension")
+    if tuple(y.shape) != (m, n) or y.dtype != x2.dtype:
+        raise ValueError(f"y must be [{m}, {n}] {x2.dtype}, got {list(y.shape)} {y.dtype}")
+    if bias is not None and (bias.shape != (n,) or bias.dtype != x2.dtype or not bias.is_contiguous()):
+        raise ValueError(f"bias must be a contiguous [{n}] {x2.dtype} tensor")
+
+
 def launch_gemm(x2: torch.Tensor, layout: TileLayout, bias: torch.Tensor | None, y: torch.Tensor,
                 cfg: GemmConfig, sms: int | None = None) -> torch.Tensor:
     """``y[M, N] = x2[M, K] @ Ŵᵀ (+ bias)``; ``x2`` fp16/bf16 with unit stride along K, ``y`` [M, N]
     contiguous in ``x2``'s dtype (written in full), ``bias`` [N] contiguous in ``x2``'s dtype or None."""
     m, k = x2.shape
     n = layout.shape[0]
-    if x2.dtype not in (torch.float16, torch.bfloat16):
-        raise ValueError(f"the tensor-core kernel reads float16 or bfloat16 activations, got {x2.dtype}")
-    if k != layout.shape[1]:
-        raise ValueError(f"x has {k} features, the layer {layout.shape[1]}")
-    if x2.stride(1) != 1:
-        raise ValueError("x must have unit stride along its last dimension")
+    check_io(x2, layout.shape, y, bias, "the tensor-core kernel")
     if m == 0:
         return y
     dev = x2.device
