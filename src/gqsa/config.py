@@ -74,6 +74,11 @@ class GQSAConfig:
     bqpo_lr_zero: learning rate of each group's zero point, in code units (it is rounded through the
         straight-through estimator, so it stays an integer in the forward pass).
     bqpo_patience: stop a block after this many epochs without a better held-out loss.
+    bqpo_gradual: 0 (default) keeps the one-shot mask frozen through BQPO; ``E`` > 0 starts BQPO from the
+        one-shot result at sparsity 0 and removes groups gradually: at the end of each of the first ``E``
+        epochs the mask is chosen again (``allocation``) at ``sparsity · e / E`` from the trained weights'
+        diagonal OBS saliency ``Σ w² · diag(XᵀX)``, then it is frozen; best-epoch selection and early
+        stopping start at epoch ``E`` (needs ``bqpo_epochs`` > ``E``, no ``target_bits``).
     bqpo_target: ``fp`` — the uncompressed block on the uncompressed model's activations (default);
         ``qinput`` — the uncompressed block on the compressed model's activations.
     activation_dtype: storage dtype of the calibration activations kept between blocks.
@@ -113,6 +118,7 @@ class GQSAConfig:
     bqpo_lr_scale: float = 0.03
     bqpo_lr_zero: float = 0.1
     bqpo_patience: int = 4
+    bqpo_gradual: int = 0
     bqpo_target: str = "fp"
     activation_dtype: str = "float32"
     offload_activations: bool = False
@@ -167,6 +173,12 @@ class GQSAConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
                 raise ValueError(f"{name} must be in [0, 1) (0 freezes those parameters), got {value}")
+
+        if not isinstance(self.bqpo_gradual, int) or self.bqpo_gradual < 0:
+            raise ValueError(f"bqpo_gradual must be a non-negative integer (0 = the one-shot mask), got {self.bqpo_gradual}")
+        if self.bqpo_gradual and (self.bqpo_gradual >= self.bqpo_epochs or self.target_bits is not None):
+            raise ValueError(f"bqpo_gradual={self.bqpo_gradual} needs more BQPO epochs than that (bqpo_epochs="
+                             f"{self.bqpo_epochs}) and no target_bits")
 
     @property
     def trained(self) -> bool:

@@ -107,3 +107,35 @@ def test_bqpo_lowers_every_block_loss_and_holds_the_mask(llama_factory, calib_to
     # the model runs exactly the packed weights
     for name, p in got.items():
         assert torch.equal(model.get_submodule(name).dequantize(), reference.dequantize(p))
+
+
+@pytest.mark.parametrize("allocation", ["row", "cluster16"])
+def test_gradual_bqpo_reaches_the_target_mask_and_moves_it(llama_factory, calib_tokens, allocation):
+    """``bqpo_gradual``: BQPO starts dense and prunes over the first epochs; the final mask keeps exactly the
+    target number of groups in every row (shared by clusters under ``clusterR``), differs from the frozen
+    one-shot mask, and the model runs exactly the packed weights."""
+    cfg = dict(bits=4, sparsity=0.5, allocation=allocation)
+    one = compress_model(llama_factory(), GQSAConfig(stages="oneshot", **cfg), calib_tokens, "cpu", 4, False)
+    stats, model = {}, llama_factory()
+    got = compress_model(model, GQSAConfig(stages="bqpo", bqpo_epochs=4, bqpo_gradual=2, **cfg), calib_tokens,
+                         "cpu", 4, False, stats=stats)
+    moved = 0
+    for name, p in got.items():
+        counts = (p.row_ptr[1:] - p.row_ptr[:-1]).unique().tolist()
+        assert counts == [round(0.5 * p.n_group_cols)], name
+        moved += not torch.equal(p.col_idx, one[name].col_idx)
+        assert torch.equal(model.get_submodule(name).dequantize(), reference.dequantize(p))
+        if allocation == "cluster16":
+            rows = [tuple(p.col_idx[p.row_ptr[r]:p.row_ptr[r + 1]].tolist()) for r in range(p.shape[0])]
+            assert all(rows.count(pattern) % 16 == 0 or rows.count(pattern) == p.shape[0] % 16 for pattern in set(rows))
+    assert moved > 0
+    assert all(s["best_epoch"] >= 2 for s in stats["bqpo"])  # selection starts where the mask is final
+
+
+def test_gradual_bqpo_settings_are_checked():
+    with pytest.raises(ValueError, match="bqpo_gradual"):
+        GQSAConfig(bqpo_epochs=3, bqpo_gradual=3)
+    with pytest.raises(ValueError, match="bqpo_gradual"):
+        GQSAConfig(bqpo_gradual=-1)
+    with pytest.raises(ValueError, match="bqpo_gradual"):
+        GQSAConfig(bqpo_gradual=2, target_bits=3.3)

@@ -74,6 +74,9 @@ def add_arguments(p) -> None:
     t.add_argument("--bqpo-lr-zero", type=float, help="BQPO lr of the zero points, in codes (default 0.1)")
     t.add_argument("--bqpo-patience", type=int, help="BQPO: stop a block after this many epochs without a "
                                                      "better held-out loss (default 4; fast: 2)")
+    t.add_argument("--bqpo-gradual", type=int, metavar="E",
+                   help="BQPO: start dense and reach --sparsity over the first E epochs, re-choosing the mask from "
+                        "the trained weights after each (default 0: the one-shot mask, frozen)")
     t.add_argument("--bqpo-target", choices=("fp", "qinput"),
                    help="fp: uncompressed block on uncompressed inputs (default); qinput: uncompressed block "
                         "on the compressed model's inputs")

@@ -32,6 +32,7 @@ number of blocks; the rest of the model waits in CPU memory (measured: benchmark
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -40,7 +41,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .. import calib, distributed
+from .. import calib, distributed, prune, quant
 from ..blockwise import block_linear_groups, capture_inputs, layers_prefix, run_blocks
 from ..config import GQSAConfig
 from ..format import PackedLinear
@@ -134,8 +135,9 @@ def run_bqpo(model, config: GQSAConfig, tokens: torch.Tensor, n_train: int, devi
             y = common.block_forward_all(block, source, kwargs, batch_size, device, amp,
                                          out=x_fp if x_fp is not None else None)
             groups = block_linear_groups(adapter, block, prefix, i, config)
+            start_config = dataclasses.replace(config, sparsity=0.0) if config.bqpo_gradual else config
             init = oneshot_block(block, adapter, groups, _Batches(x_q, kwargs, batch_size, device,
-                                                                  common.block_dtype(block)), config, amp)
+                                                                  common.block_dtype(block)), start_config, amp)
             t_init = time.perf_counter() - t0
             cws, s_i = train_block(block, init, x_q, y, n_train, kwargs, config, device, amp,
                                    seed=config.seed * 1_000_003 + i)
@@ -220,6 +222,8 @@ def train_block(block, init: dict[str, CompressedWeight], x: torch.Tensor, y: to
         st["val_loss_before"] = _mse(block, x, y, range(n_train, x.shape[0]), bs, kwargs, device, dtype, amp) \
             if n_val else None
         best, best_epoch, epoch = st["val_loss_before"], 0, 0
+        ramp = config.bqpo_gradual if groups and total else 0
+        energy = _input_energy(block, fqs, x, n_train, bs, kwargs, device, dtype, amp) if ramp else None
         if groups and total:
             trainer = common.Trainer(groups, total, best, lambda: _snapshot(fqs), lambda st_: _restore(fqs, st_),
                                      patience=config.bqpo_patience)
@@ -237,7 +241,14 @@ def train_block(block, init: dict[str, CompressedWeight], x: torch.Tensor, y: to
                         loss = F.mse_loss(out.float(), yb)
                         loss.backward()
                     trainer.step()
+                if epoch <= ramp:  # gradual pruning: a sparser mask from the trained weights, frozen after the ramp
+                    _remask(fqs, energy, config.sparsity if epoch == ramp else config.sparsity * epoch / ramp,
+                            config.allocation)
+                    if epoch < ramp:
+                        continue
                 v = _mse(block, x, y, range(n_train, x.shape[0]), bs, kwargs, device, dtype, amp) if n_val else None
+                if epoch == ramp and v is not None:  # the target mask is reached: select among epochs from here on
+                    trainer.best = float("inf")
                 if trainer.epoch_done(epoch, v):
                     break
             trainer.finish()
@@ -258,6 +269,41 @@ def train_block(block, init: dict[str, CompressedWeight], x: torch.Tensor, y: to
             lin.to(device)
             lin.weight.copy_(out[n].weight.to(lin.weight.dtype))
     return out, st
+
+
+@torch.no_grad()
+def _input_energy(block, fqs, x, n_train: int, bs: int, kwargs, device, dtype, amp) -> dict[str, torch.Tensor]:
+    """``diag(XᵀX)`` of every trained linear's inputs on the training windows, ``[C, G]`` (zero-padded)."""
+    sums, hooks = {}, []
+    for n, m in fqs.items():
+        def hook(mod, args, out, n=n):
+            a = args[0].detach().float().reshape(-1, args[0].shape[-1])
+            sums[n] = sums.get(n, 0) + a.square().sum(0)
+        hooks.append(m.register_forward_hook(hook))
+    try:
+        for i in range(0, n_train, bs):
+            with amp():
+                calib.block_output(block, x[i:i + bs].to(device, dtype), kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    out = {}
+    for n, m in fqs.items():
+        c, g = m.mask.shape[1], m.group_size
+        out[n] = torch.nn.functional.pad(sums[n], (0, c * g - sums[n].numel())).reshape(c, g)
+    return out
+
+
+@torch.no_grad()
+def _remask(fqs, energy: dict, sparsity: float, allocation: str) -> None:
+    """Choose every trained linear's mask again at ``sparsity``: the groups of the largest diagonal OBS
+    saliency ``Σ w² · diag(XᵀX)`` of the fake-quantized weights (pruned groups included, as trained or
+    as they were when pruned)."""
+    for n, m in fqs.items():
+        w = quant.fake_quant(m.u * m.s0[..., None], m.scale_value(), m.zero_value(), m.bits)  # [N, C, G]
+        score = (w.square() * energy[n]).sum(-1)
+        mask = prune.select_mask(score, sparsity, allocation) if sparsity > 0 else torch.ones_like(score, dtype=torch.bool)
+        m.mask.copy_(mask[..., None])
 
 
 def distributed_step(trained, x, y, idx: torch.Tensor, kwargs, device, dtype, amp) -> None:
