@@ -78,7 +78,8 @@ class GQSAConfig:
         one-shot result at sparsity 0 and removes groups gradually: at the end of each of the first ``E``
         epochs the mask is chosen again (``allocation``) at ``sparsity · e / E`` from the trained weights'
         diagonal OBS saliency ``Σ w² · diag(XᵀX)``, then it is frozen; best-epoch selection and early
-        stopping start at epoch ``E`` (needs ``bqpo_epochs`` > ``E``, no ``target_bits``).
+        stopping start at epoch ``E`` (needs ``bqpo_epochs`` > ``E``, no ``target_bits``). Measured worse than
+        the frozen one-shot mask on gutenberg-llama-22m (benchmarks/RESULTS.md).
     bqpo_target: ``fp`` — the uncompressed block on the uncompressed model's activations (default);
         ``qinput`` — the uncompressed block on the compressed model's activations.
     activation_dtype: storage dtype of the calibration activations kept between blocks.
