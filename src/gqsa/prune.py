@@ -66,7 +66,8 @@ def select_mask(score: torch.Tensor, sparsity: float, allocation: str = "row") -
     ``layer`` keeps ``round((1−S)·N·C)`` groups anywhere in the layer (at least one per layer),
     ``blockR`` keeps ``round((1−S)·C)`` group columns per run of ``R`` consecutive rows (rows
     ``b·R … b·R+R−1``; the last run may be shorter), the same columns in every row of the run, ranked
-    by the summed score of its rows: the pattern the block kernels read without per-row indices."""
+    by the summed score of its rows: the pattern the block kernels read without per-row indices;
+    ``clusterR`` the same for clusters of any ``R`` rows (:func:`cluster_assignment`)."""
     n, c = score.shape
     if allocation == "row":
         keep = min(c, max(1, round((1 - sparsity) * c)))
@@ -131,17 +132,17 @@ def cluster_assignment(score: torch.Tensor, sparsity: float, rows: int, rounds: 
         for _ in range(rounds if nb > 1 else 0):
             gain = (score @ masks.T).cpu()  # [n, nb]: the score row r keeps in cluster b
             top2 = gain.topk(2, dim=1).values
-            order = (top2[:, 0] - top2[:, 1]).argsort(descending=True, stable=True)
-            pref = gain.argsort(dim=1, descending=True, stable=True)
-            left = capacity.clone()
-            new = torch.empty(n, dtype=torch.long)
-            for r in order.tolist():
-                for b in pref[r].tolist():
-                    if left[b] > 0:
-                        new[r] = b
-                        left[b] -= 1
-                        break
-            new = new.to(score.device)
+            order = (top2[:, 0] - top2[:, 1]).argsort(descending=True, stable=True).tolist()
+            left = capacity.tolist()
+            full = torch.zeros(nb, dtype=torch.bool)
+            new = [0] * n
+            for r in order:  # most decided rows first, each to its best cluster with room (lowest index on ties)
+                b = int(gain[r].masked_fill(full, -math.inf).argmax())
+                new[r] = b
+                left[b] -= 1
+                if left[b] == 0:
+                    full[b] = True
+            new = torch.tensor(new, device=score.device)
             new_masks, new_kept = masks_and_kept(new)
             if new_kept <= kept:
                 break
@@ -297,7 +298,7 @@ def _compress_obs_masked(w, hessian, bits, g, sparsity, init, damp, mask_method,
         refit = w.float()
         for step in range(1, rounds + 1):
             score = saliency(refit, g, "hessian", hessian, damp)
-            mask = select_mask(score, sparsity * step / rounds, allocation)
+            mask = select_mask(score, sparsity if step == rounds else sparsity * step / rounds, allocation)
             start = refit * mask.repeat_interleave(g, dim=1)[:, :k]
             refit = refine_kept_cg(w, start, hessian, mask, g, 20, damp)
         return compress_obs(refit, hessian, mask, bits, g, init, damp, quantize=quantize)
