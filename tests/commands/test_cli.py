@@ -56,8 +56,13 @@ def test_inspect_bits_per_weight_matches_the_design_formula(folder, capsys):
         if k % 16 == 0:  # exact formula, plus the one extra row_ptr entry per layer
             assert row["bits_per_weight"] == pytest.approx(row["design_bits_per_weight"] + 32 / (n * k), abs=1e-3)
     assert info["totals"]["size_vs_fp16"] < 0.6
+    # row allocation: per-row masks; a tiny layer (4 groups per row) may still fall into row clusters by chance
+    layouts = [row["kernel_layout"] for row in info["layers"]]
+    assert set(layouts) <= {"irregular"} | {f"cluster{r}" for r in (16, 32, 64, 128)} and "irregular" in layouts
+    assert sum(info["totals"]["kernel_layouts"].values()) == len(layouts)
     assert main(["inspect", str(folder)]) == 0
-    assert "bits/weight" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "bits/weight" in out and f"{layouts.count('irregular')} irregular" in out
 
 
 def _err(capsys):
@@ -99,7 +104,7 @@ def test_bad_settings(opt, value, message, asset, stories260k, run_dir, capsys):
     assert message in _err(capsys) and not out.exists()
 
 
-def test_block_allocation_packs_the_same_columns_in_every_16_rows(stories260k, asset, run_dir):
+def test_block_allocation_packs_the_same_columns_in_every_16_rows(stories260k, asset, run_dir, capsys):
     out = run_dir / "s260-block16"
     assert main(compress_args(stories260k, asset, out, "--stages", "oneshot", "--allocation", "block16")) == 0
     tensors = load_file(str(out / "model.safetensors"))
@@ -110,6 +115,10 @@ def test_block_allocation_packs_the_same_columns_in_every_16_rows(stories260k, a
         rows = [col_idx[row_ptr[r]:row_ptr[r + 1]] for r in range(len(row_ptr) - 1)]
         assert all(torch.equal(rows[r], rows[r - r % 16]) for r in range(len(rows))), name
     assert json.loads((out / "gqsa_report.json").read_text())["config"]["allocation"] == "block16"
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert all(row["kernel_layout"] in ("block16", "block32", "block64", "block128") for row in info["layers"])
 
 
 def test_cli_allocation_choices_are_the_configs():

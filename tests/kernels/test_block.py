@@ -253,4 +253,9 @@ def test_row_clusters_detection_and_map():
     from test_gemv import make_packed
 
     assert block_layout.detect_row_clusters(make_packed(40, 256, 16, 4, 0.5)) is None
+    # what gqsa inspect prints: which kernels each layer can use
+    assert block_layout.kernel_layout(shuffled) == "cluster16"
+    assert block_layout.kernel_layout(p).startswith("block")  # 16-row blocks (or taller by chance)
+    assert block_layout.kernel_layout(make_block_packed(130, 256, 16, rows=64)) == "block64"
+    assert block_layout.kernel_layout(make_packed(40, 256, 16, 4, 0.5)) == "irregular"
     del dense

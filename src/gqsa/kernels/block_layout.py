@@ -123,6 +123,17 @@ def detect_block_rows(packed: PackedLinear, candidates=BLOCK_ROWS) -> int | None
     return best
 
 
+def kernel_layout(packed: PackedLinear) -> str:
+    """Which kernels a packed layer can use, as ``gqsa inspect`` prints it: ``blockR`` (block-uniform with
+    R rows: the block kernel), ``clusterR`` (R-row clusters through a row map: the block kernel) or
+    ``irregular`` (the decode GEMV and the tile GEMM)."""
+    r = detect_block_rows(packed)
+    if r is not None:
+        return f"block{r}"
+    found = detect_row_clusters(packed)
+    return f"cluster{found[0]}" if found is not None else "irregular"
+
+
 def detect_row_clusters(packed: PackedLinear, candidates=BLOCK_ROWS):
     """Blocks of rows that are not consecutive (``--allocation clusterR``): rows with identical kept
     columns grouped, each group cut into blocks of ``R`` rows (the last block of a group padded). Returns
