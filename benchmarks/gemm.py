@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -37,6 +38,7 @@ import gemv as bg  # noqa: E402  (benchmarks/gemv.py: shapes, random layers, tim
 from gqsa import format as fmt  # noqa: E402
 from gqsa import quant  # noqa: E402
 from gqsa.kernels import block_gemm, dispatch, gemm, reference  # noqa: E402
+from gqsa.kernels import gemv as gemv_k  # noqa: E402
 from gqsa.kernels.block_layout import build_block_layout  # noqa: E402
 from gqsa.kernels.layout import build_tile_layout  # noqa: E402
 
@@ -172,6 +174,28 @@ def block_candidates(m, rows, g=16):
     if os.environ.get("GQSA_BLOCK_AB"):  # A/B of the kernel variants at the table's configuration
         base = dispatch.H200_TABLE.block.config(rows, m)
         return [dataclasses.replace(base, asm=a, col_vec=cv) for a in (True, False) for cv in (True, False)]
+    if os.environ.get("GQSA_BLOCK_NARROW"):  # the candidates of the narrow kernel only (before `wide`)
+        return narrow_candidates(m, rows, p2)
+    W = functools.partial(C, scale_after=False, wide=True)
+    nw = 4 if rows <= 64 else 8  # one warpgroup per 64 rows (more warps replicate the dequantization)
+    if m <= 16:  # one warp per 64 rows; more programs in flight (waves: split-K) to hide the gather's latency
+        wide = [W(block_m=16, np=npp, num_warps=nw // 4, num_stages=st, waves=wv)
+                for npp in (2, 4) for st in (3, 4) for wv in (4.0, 8.0, 16.0)]
+    elif m <= 64:
+        wide = [W(block_m=p2, np=npp, num_warps=nw, num_stages=st, waves=wv)
+                for npp in (2, 4) for wv in (2.0, 4.0, 8.0) for st in (3, 4)]
+    elif m <= 256:
+        wide = [W(block_m=bm, np=npp, num_warps=nw, num_stages=st, waves=1.0)
+                for bm in (64, 128) for npp in (2, 4) for st in (3, 4)]
+    else:
+        wide = [W(block_m=bm, np=npp, num_warps=nw, num_stages=st, split_k=1)
+                for bm in (128, 256) for npp in (2, 4) for st in (3, 4)]
+    # the table's configuration of today beside the wide candidates (same run: an A/B)
+    return wide + [dispatch.H200_TABLE.block.config(rows, m)]
+
+
+def narrow_candidates(m, rows, p2):
+    C = block_gemm.BlockConfig
     if m <= 16:
         return [C(block_m=16, np=npp, num_warps=nw, num_stages=3, waves=4.0, scale_after=sa)
                 for npp in (2, 4) for nw in ((1, 2) if rows <= 32 else (1, 2, 4) if rows <= 64 else (2, 4, 8))
@@ -195,6 +219,7 @@ class BlockMethod:
         nb = p0.nbytes()
         packs = [p0] + [bg.clone_packed(p0) for _ in range(bg.n_copies(nb, rot) - 1)]
         self.layouts = [build_block_layout(p, rows) for p in packs]
+        self.packs = packs
         self.packed = p0
         self.nbytes_w = nb
         self.n = n
@@ -205,6 +230,10 @@ class BlockMethod:
     def fns(self, x, cfg):
         y = torch.empty(x.shape[0], self.n, device=DEV, dtype=x.dtype)
         return [lambda lay=lay: block_gemm.launch_block(x, lay, None, y, cfg, self.sms) for lay in self.layouts]
+
+    def expand_fns(self, x):
+        """The per-call dense expansion + cuBLAS (``variant="dense"``): the other side of the crossover."""
+        return [lambda p=p: gemv_k.gqsa_linear(x, p, None, variant="dense") for p in self.packs]
 
 
 def block_sweep(args, shapes, rows_list, sparsity=0.5):
@@ -244,6 +273,11 @@ def block_sweep(args, shapes, rows_list, sparsity=0.5):
                     totals.setdefault((rows, m, cfg), []).append(us)
                     if best is None or us < best[1]:
                         best = (cfg, us, err)
+                if m >= 256:
+                    us = bg.t_graph(meth.expand_fns(x), min_calls=8, replays=3)
+                    recs.append({"N": n, "K": k, "M": m, "rows": rows, "cfg": "expand", "us": us})
+                    print(f"block sweep {n}x{k} R{rows} M={m}: dense expansion + cuBLAS {us:.2f} us "
+                          f"x{fp16[(n, k, m)] / us:.2f} fp16", flush=True)
                 if best:
                     print(f"block sweep best {n}x{k} R{rows} M={m}: {best[1]:.2f} us x{fp16[(n, k, m)] / best[1]:.2f} "
                           f"fp16 err {best[2]:.1e} {best[0]}", flush=True)

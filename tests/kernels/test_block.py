@@ -125,6 +125,14 @@ CASES = [
     (40, 128, 16, 4, False, 16, False, 260, torch.float16, True, C(block_m=128, np=1, scale_after=False, split_k=1)),
     (40, 200, 16, 4, True, 16, True, 6, torch.bfloat16, True, C(np=2, col_vec=True)),  # the pipelined column load
     (48, 200, 16, 4, False, 16, True, 7, torch.float16, False, C(np=2, col_vec=True, split_k=2)),
+    # wide: one dot of K = np·G per step (partial steps at the ends of uneven blocks, K % G != 0)
+    (37, 200, 16, 4, False, 16, True, 20, torch.float16, True, C(block_m=32, np=4, scale_after=False, wide=True)),
+    (29, 256, 32, 4, True, 16, False, 3, torch.bfloat16, False, C(np=2, scale_after=False, wide=True, split_k=2)),
+    (70, 256, 16, 2, False, 16, True, 17, torch.bfloat16, True, C(block_m=32, np=2, scale_after=False, wide=True)),
+    (40, 160, 16, 8, False, 16, False, 5, torch.float16, True, C(np=4, scale_after=False, wide=True, split_k=2)),
+    (20, 300, 128, 8, True, 16, True, 4, torch.float16, False, C(np=1, scale_after=False, wide=True)),
+    (130, 256, 16, 4, False, 128, True, 70, torch.float16, False, C(block_m=64, np=2, scale_after=False, wide=True,
+                                                                     split_k=1)),
 ]
 
 
@@ -163,6 +171,10 @@ def test_block_launch_rejects_bad_input():
         block_gemm.launch_block(torch.randn(3, 128).half(), lay, None, y, C())
     with pytest.raises(ValueError, match="block_m"):
         C(block_m=8)
+    with pytest.raises(ValueError, match="wide"):
+        C(wide=True)  # scale_after is on by default: a wide step scales every weight first
+    with pytest.raises(ValueError, match="wide"):
+        C(np=3, scale_after=False, wide=True)
 
 
 # ----------------------------------------------------------------------------- dispatch
@@ -229,6 +241,7 @@ def test_allocations_take_the_block_path(allocation, rows):
     bias = torch.randn(n, generator=gen).half()
     check(launch(x, plan.block, C(np=2), bias), x, p, bias)
     check(launch(x, plan.block, C(np=1, split_k=3), bias), x, p, bias)
+    check(launch(x, plan.block, C(np=2, scale_after=False, wide=True, split_k=2), bias), x, p, bias)
 
 
 def test_row_clusters_detection_and_map():

@@ -27,7 +27,9 @@ class BlockConfig:
     """Knobs of one launch. ``block_m``: tokens per tile (the MMA's N, ≥ 16); ``np``: byte tiles
     (``np · 8/bits`` kept groups) per step; ``scale_after``: scale per group after an exact integer
     dot (small M) or dequantize every weight first (large M); ``split_k`` 0 = choose from the grid
-    (``waves`` programs per SM)."""
+    (``waves`` programs per SM); ``wide``: each step is one dot of K = ``np · G`` per code position
+    (the step's kept groups side by side, every weight scaled before the dot) instead of one dot of
+    K = G per kept group — fewer, larger tensor-core steps (large M)."""
 
     block_m: int = 16
     np: int = 2
@@ -38,12 +40,15 @@ class BlockConfig:
     scale_after: bool = True
     asm: bool = True  # 4-bit codes, fp16, integer zeros, compiled: inline-PTX nibble dequantization
     col_vec: bool = False  # the column as a [G, 1] tensor load (pipelined gather): measured slower, off
+    wide: bool = False  # one dot of K = np·G per step (per-weight scales) instead of one of K = G per kept group
 
     def __post_init__(self):
         if self.block_m < 16 or self.block_m & (self.block_m - 1):
             raise ValueError(f"block_m must be a power of two ≥ 16, got {self.block_m}")
         if self.np < 1:
             raise ValueError(f"np must be ≥ 1, got {self.np}")
+        if self.wide and (self.scale_after or self.np & (self.np - 1)):
+            raise ValueError("wide needs scale_after=False and np a power of two")
         if self.split_k < 0:
             raise ValueError(f"split_k must be ≥ 0, got {self.split_k}")
 
@@ -90,7 +95,8 @@ def launch_block(x2: torch.Tensor, layout: BlockLayout, bias: torch.Tensor | Non
                   SCALE_AFTER=cfg.scale_after, DOT_F32=_interpret() and x2.dtype == torch.bfloat16,
                   FLOAT_Z=layout.float_zeros, FP16=x2.dtype == torch.float16,
                   ASM=cfg.asm and not _interpret() and layout.bits == 4 and x2.dtype == torch.float16
-                  and not layout.float_zeros, COL_VEC=cfg.col_vec, ROW_MAP=layout.row_map is not None)
+                  and not layout.float_zeros, COL_VEC=cfg.col_vec, ROW_MAP=layout.row_map is not None,
+                  WIDE=cfg.wide)
     qw, sz, cols = layout.qweight, layout.sz, layout.cols
     if layout.n_slots == 0:  # nothing kept: every load is masked, but the pointers must be real
         qw, sz, cols = (t.new_zeros(layout.rows * layout.group_size) for t in (qw, sz, cols))

@@ -66,7 +66,7 @@ def block_kernel(
     R: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr, NP: tl.constexpr,
     STEPS: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, SCALE_AFTER: tl.constexpr,
     DOT_F32: tl.constexpr, FLOAT_Z: tl.constexpr, FP16: tl.constexpr, ASM: tl.constexpr, COL_VEC: tl.constexpr,
-    ROW_MAP: tl.constexpr,
+    ROW_MAP: tl.constexpr, WIDE: tl.constexpr,
 ):
     CPB: tl.constexpr = 8 // BITS  # slots per byte tile
     QM: tl.constexpr = (1 << BITS) - 1
@@ -84,73 +84,118 @@ def block_kernel(
     x_off = ar_t[:, None] + offs_m[None, :] * stride_xm  # [G, BLOCK_M]: x_gᵀ
     acc = tl.full([R, BLOCK_M], 0.0, tl.float32)
     u_start = u_lo + pid_k * sps * NP
-    for i in range(0, STEPS if STEPS > 0 else sps):
-        for p in tl.static_range(NP):
-            u = u_start + i * NP + p
-            ok = u < u_hi
-            b = tl.load(qb_ptr + u * (R * G) + tile_off, mask=ok, other=0)  # uint8 [R, G]
-            if ASM:  # 4 bits, fp16: 1024 + q of both slots by inline PTX
+    if WIDE:  # one dot of K = NP·G per step and code position (see the module docstring)
+        ar_p = tl.arange(0, NP)
+        w_off = ar_r[:, None, None] * G + ar_p[None, :, None] * (R * G) + ar_t[None, None, :]  # [R, NP, G]
+        ar_j = tl.arange(0, NP * G)  # k of the step's dot: kept group j // G, feature j % G
+        xm_off = offs_m[None, :] * stride_xm
+        for i in range(0, STEPS if STEPS > 0 else sps):
+            u0 = u_start + i * NP
+            u_p = u0 + ar_p  # [NP] byte tiles of this step
+            ok_p = u_p < u_hi
+            b = tl.load(qb_ptr + u0 * (R * G) + w_off, mask=ok_p[None, :, None], other=0)  # uint8 [R, NP, G]
+            if ASM:
                 h0, h1 = tl.inline_asm_elementwise(NIB2H, "=r,=r,=r,=r,r", [b], dtype=(tl.float16, tl.float16),
                                                    is_pure=True, pack=4)
             for c in tl.static_range(CPB):
-                slot = u * CPB + c
-                # COL_VEC: the column as a [G, 1] tensor (one address), a load the software pipeliner can
-                # issue stages ahead of the gather that depends on it (a scalar load it cannot). Fewer
-                # stalls in theory, but 5–60 % slower on the H200 (benchmarks/RESULTS.md): off by default.
-                if COL_VEC:
-                    col = tl.load(col_ptr + slot + ar_t[:, None] * 0, mask=ok, other=-1)
-                else:
-                    col = tl.load(col_ptr + slot, mask=ok, other=-1)
-                szw = tl.load(sz_ptr + slot * R + ar_r, mask=ok, other=0)  # [R] int32: scale | zero << 16
-                s = (szw & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+                slot_p = u_p * CPB + c  # [NP]
+                szw = tl.load(sz_ptr + slot_p[None, :] * R + ar_r[:, None], mask=ok_p[None, :], other=0)  # [R, NP]
+                s = (szw & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)[:, :, None]
                 if FLOAT_Z:
-                    z = (szw >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+                    z = (szw >> 16).to(tl.int16).to(tl.float16, bitcast=True)[:, :, None]
                 else:
-                    z = (szw >> 16).to(tl.uint8)
-                feat = col * G + ar_t[:, None]  # [G, 1]
-                xg = tl.load(x_ptr + col * G + x_off, mask=(col >= 0) & (feat < K) & m_ok[None, :],
-                             other=0.0)  # [G, BLOCK_M]
-                if ASM:  # q − z exactly, in fp16
+                    z = (szw >> 16).to(tl.uint8)[:, :, None]
+                # the activations as one [NP·G, BLOCK_M] tile (the dot's B operand, copied straight into
+                # shared memory): the column of each k, loaded G times (runs of G equal values, as the
+                # hint says), so the gather is G contiguous features per run — 16-byte copies
+                u_j = u0 + ar_j // G
+                col_j = tl.max_constancy(tl.load(col_ptr + u_j * CPB + c, mask=u_j < u_hi, other=-1), G)
+                feat = tl.max_contiguous(tl.multiple_of(col_j * G + ar_j % G, G), G)  # [NP·G]
+                xk = tl.load(x_ptr + feat[:, None] + xm_off, mask=((col_j >= 0) & (feat < K))[:, None] & m_ok[None, :],
+                             other=0.0)
+                if ASM:
                     zc = (z.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)
-                    d = (h0 if c == 0 else h1) - zc[:, None]
-                elif CPB > 1:
-                    q = (b >> (c * BITS)) & QM
+                    w3 = ((h0 if c == 0 else h1) - zc) * s
                 else:
-                    q = b
-                if SCALE_AFTER:
-                    if ASM:
-                        pass  # d is q − z already
-                    elif DOT_F32:  # interpreter, bf16: its integer → bf16 casts are wrong; the same values in fp32
-                        d = q.to(tl.float32)
-                        if not FLOAT_Z:
-                            d -= z.to(tl.float32)[:, None]
-                    elif FLOAT_Z:
-                        d = q.to(act)  # exact
-                    elif FP16:  # (1024 + q) − (1024 + z): q − z exactly
+                    q = (b >> (c * BITS)) & QM if CPB > 1 else b
+                    if FP16 and not FLOAT_Z:  # the reference's value: (q − z) exact, times s rounded once
                         zc = (z.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)
-                        d = (q.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - zc[:, None]
+                        w3 = ((q.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - zc) * s
                     else:
-                        d = (q.to(tl.int16) - z.to(tl.int16)[:, None]).to(act)  # |q − z| ≤ 255: exact in bf16
-                    if DOT_F32:
-                        part = tl.dot(d, xg.to(tl.float32))
+                        w3 = ((q.to(tl.float32) - z.to(tl.float32)) * s.to(tl.float32)).to(act)
+                w = tl.reshape(w3, (R, NP * G))
+                if DOT_F32:
+                    acc = tl.dot(w.to(tl.float32), xk.to(tl.float32), acc)
+                else:
+                    acc = tl.dot(w, xk, acc)
+    else:  # one dot of K = G per kept group
+        for i in range(0, STEPS if STEPS > 0 else sps):
+            for p in tl.static_range(NP):
+                u = u_start + i * NP + p
+                ok = u < u_hi
+                b = tl.load(qb_ptr + u * (R * G) + tile_off, mask=ok, other=0)  # uint8 [R, G]
+                if ASM:  # 4 bits, fp16: 1024 + q of both slots by inline PTX
+                    h0, h1 = tl.inline_asm_elementwise(NIB2H, "=r,=r,=r,=r,r", [b], dtype=(tl.float16, tl.float16),
+                                                       is_pure=True, pack=4)
+                for c in tl.static_range(CPB):
+                    slot = u * CPB + c
+                    # COL_VEC: the column as a [G, 1] tensor (one address), a load the software pipeliner can
+                    # issue stages ahead of the gather that depends on it (a scalar load it cannot). Fewer
+                    # stalls in theory, but 5–60 % slower on the H200 (benchmarks/RESULTS.md): off by default.
+                    if COL_VEC:
+                        col = tl.load(col_ptr + slot + ar_t[:, None] * 0, mask=ok, other=-1)
                     else:
-                        part = tl.dot(d, xg)
+                        col = tl.load(col_ptr + slot, mask=ok, other=-1)
+                    szw = tl.load(sz_ptr + slot * R + ar_r, mask=ok, other=0)  # [R] int32: scale | zero << 16
+                    s = (szw & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
                     if FLOAT_Z:
-                        xsum = tl.reduce(xg.to(tl.float32), 0, tl.standard._sum_combine)  # [BLOCK_M]
-                        part -= z.to(tl.float32)[:, None] * xsum[None, :]
-                    acc += part * s.to(tl.float32)[:, None]
-                else:
-                    if ASM:
-                        w = d * s[:, None]
-                    elif FP16 and not FLOAT_Z:  # the reference's value: (q − z) exact, times s rounded once
+                        z = (szw >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+                    else:
+                        z = (szw >> 16).to(tl.uint8)
+                    feat = col * G + ar_t[:, None]  # [G, 1]
+                    xg = tl.load(x_ptr + col * G + x_off, mask=(col >= 0) & (feat < K) & m_ok[None, :],
+                                 other=0.0)  # [G, BLOCK_M]
+                    if ASM:  # q − z exactly, in fp16
                         zc = (z.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)
-                        w = ((q.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - zc[:, None]) * s[:, None]
+                        d = (h0 if c == 0 else h1) - zc[:, None]
+                    elif CPB > 1:
+                        q = (b >> (c * BITS)) & QM
                     else:
-                        w = ((q.to(tl.float32) - z.to(tl.float32)[:, None]) * s.to(tl.float32)[:, None]).to(act)
-                    if DOT_F32:
-                        acc = tl.dot(w.to(tl.float32), xg.to(tl.float32), acc)
+                        q = b
+                    if SCALE_AFTER:
+                        if ASM:
+                            pass  # d is q − z already
+                        elif DOT_F32:  # interpreter, bf16: its integer → bf16 casts are wrong; the same values in fp32
+                            d = q.to(tl.float32)
+                            if not FLOAT_Z:
+                                d -= z.to(tl.float32)[:, None]
+                        elif FLOAT_Z:
+                            d = q.to(act)  # exact
+                        elif FP16:  # (1024 + q) − (1024 + z): q − z exactly
+                            zc = (z.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)
+                            d = (q.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - zc[:, None]
+                        else:
+                            d = (q.to(tl.int16) - z.to(tl.int16)[:, None]).to(act)  # |q − z| ≤ 255: exact in bf16
+                        if DOT_F32:
+                            part = tl.dot(d, xg.to(tl.float32))
+                        else:
+                            part = tl.dot(d, xg)
+                        if FLOAT_Z:
+                            xsum = tl.reduce(xg.to(tl.float32), 0, tl.standard._sum_combine)  # [BLOCK_M]
+                            part -= z.to(tl.float32)[:, None] * xsum[None, :]
+                        acc += part * s.to(tl.float32)[:, None]
                     else:
-                        acc = tl.dot(w, xg, acc)
+                        if ASM:
+                            w = d * s[:, None]
+                        elif FP16 and not FLOAT_Z:  # the reference's value: (q − z) exact, times s rounded once
+                            zc = (z.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)
+                            w = ((q.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - zc[:, None]) * s[:, None]
+                        else:
+                            w = ((q.to(tl.float32) - z.to(tl.float32)[:, None]) * s.to(tl.float32)[:, None]).to(act)
+                        if DOT_F32:
+                            acc = tl.dot(w.to(tl.float32), xg.to(tl.float32), acc)
+                        else:
+                            acc = tl.dot(w, xg, acc)
 
     if ROW_MAP:  # blocks of non-consecutive rows (clusterR): the output row of each block row, −1 padding
         offs_n = tl.load(rmap_ptr + blk * R + ar_r)

@@ -25,6 +25,7 @@ benchmarks/RESULTS.md); other GPUs use it too until measured.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass, field
@@ -101,36 +102,35 @@ class DispatchTable:
 
 
 _B = BlockConfig
-# Measured on the H200 (benchmarks/gemm.py --block-sweep, 2026-12-01, benchmarks/RESULTS.md): per block
-# height and bucket, the candidate with the least total time over 4096×4096, 11008×4096 and 28672×8192
-# (W4 S50 G16); the M ≤ 16 buckets from the sweep at M = 16 (a later run than the others). Then, from
-# the matrix run with this table (same day): the block kernel beat the GEMV at M = 2 summed over those
-# shapes for block16 (123 against 133 µs) and block64 (103 against 133 µs): gemv_max_m = 1; for block16
-# the irregular GEMM beat the block kernel at M = 32 and 64 (on 3 shapes of 3): tile_min_m 17.
-# The M ≤ 16 buckets of block64/128 were then changed, without a sweep, to the configurations with the
-# fewest SASS instructions per kept weight after the inline-PTX dequantization and the pipelined
-# activation gather (benchmarks/RESULTS.md: 5.0 per weight and thread at block64 / 1 warp, 5.0 at
-# block128 / 2 warps, against 11 for the 4-warp configurations): measured in the final matrix run
-# (with the column load pipelined, BlockConfig.col_vec, then the default) and in an A/B run at M = 4 and
-# 16 on the 3 shapes, where col_vec off was faster at every point (now the default).
-# expand_min_m: block16 lost to dense expansion + cuBLAS from M = 256 on (0.13–0.17× cuBLAS against
-# 0.41–0.51×); block64/128 won at M = 256 on 2 shapes of 3 and lost at M = 2048 (0.55–0.67× against
-# 0.81–0.94×): the crossover between them was not measured, 512 is a guess inside that interval.
+_W = functools.partial(BlockConfig, scale_after=False, wide=True)
+# Measured on the H200 (benchmarks/gemm.py --block-sweep, benchmarks/RESULTS.md). Block16: the sweep of
+# 2026-12-01 (first block-kernel session): per bucket the candidate with the least total time over
+# 4096×4096, 11008×4096 and 28672×8192 (W4 S50 G16); gemv_max_m = 1 (the block kernel beat the GEMV at
+# M = 2 summed over those shapes), the irregular GEMM from M = 17 (it beat block16 at M = 32 and 64).
+# Block64/128: the sweeps of the second session (2026-12-01, with the `wide` kernel: one dot of
+# K = np·G per step), per bucket the candidate with the smallest geometric mean over the three shapes
+# of (its time / the shape's best time) — a sum of times would let the 70B layer alone decide; at
+# M ≤ 16 for block64 that choice (4 warps) is 1.31× slower than the 1-warp configuration on 28672×8192
+# and 1.3× faster on 4096×4096. The narrow kernel (one dot per kept group) stays where it won: block64
+# at M = 65–256 and above.
+# expand_min_m: the dense expansion + cuBLAS won at M = 1024 on 3 shapes of 3 for block64 and on 2 of 3
+# for block128 (0.73–0.74× cuBLAS against 0.59–0.75×); the block kernels won at M = 256 and in the
+# 512-token prefill (33–35 ms against 77 ms end to end): from 1024 rows on.
 H200_BLOCK_TABLE = BlockTable(
     buckets=(
         (16, ((16, _B(block_m=16, np=4, num_warps=1, num_stages=3, waves=4.0, scale_after=False)),
               (64, _B(block_m=64, np=2, num_warps=4, num_stages=3, waves=2.0)),
               (1 << 62, _B(block_m=128, np=1, num_warps=4, num_stages=3, waves=1.0, scale_after=False)))),
-        (64, ((16, _B(block_m=16, np=4, num_warps=1, num_stages=3, waves=4.0, scale_after=False)),
-              (64, _B(block_m=64, np=2, num_warps=4, num_stages=3, waves=2.0, scale_after=False)),
+        (64, ((16, _W(block_m=16, np=2, num_warps=4, num_stages=3, waves=4.0)),
+              (64, _W(block_m=64, np=4, num_warps=4, num_stages=3, waves=2.0)),
               (256, _B(block_m=128, np=2, num_warps=4, num_stages=3, waves=1.0, scale_after=False)),
               (1 << 62, _B(block_m=128, np=2, num_warps=4, num_stages=4, split_k=1, scale_after=False)))),
-        (128, ((16, _B(block_m=16, np=4, num_warps=2, num_stages=3, waves=4.0, scale_after=False)),
-               (64, _B(block_m=64, np=1, num_warps=4, num_stages=3, waves=2.0, scale_after=False)),
-               (256, _B(block_m=128, np=2, num_warps=8, num_stages=3, waves=1.0, scale_after=False)),
-               (1 << 62, _B(block_m=128, np=2, num_warps=8, num_stages=4, split_k=1, scale_after=False)))),
+        (128, ((16, _W(block_m=16, np=4, num_warps=2, num_stages=3, waves=4.0)),
+               (64, _W(block_m=64, np=4, num_warps=8, num_stages=4, waves=1.0)),
+               (256, _W(block_m=64, np=4, num_warps=8, num_stages=4, waves=1.0)),
+               (1 << 62, _W(block_m=128, np=4, num_warps=8, num_stages=3, split_k=1)))),
     ),
-    expand_min_m=((16, 256), (64, 512)),
+    expand_min_m=((16, 256), (64, 1024)),
     gemv_max_m=1,
     tile_min_m=((16, 17), (32, 1 << 62)),  # block32 and up: never
 )
