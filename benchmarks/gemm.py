@@ -39,7 +39,7 @@ from gqsa import format as fmt  # noqa: E402
 from gqsa import quant  # noqa: E402
 from gqsa.kernels import block_gemm, dispatch, gemm, reference  # noqa: E402
 from gqsa.kernels import gemv as gemv_k  # noqa: E402
-from gqsa.kernels.block_layout import build_block_layout  # noqa: E402
+from gqsa.kernels.block_layout import build_block_layout, detect_row_clusters  # noqa: E402
 from gqsa.kernels.layout import build_tile_layout  # noqa: E402
 
 DEV = "cuda"
@@ -77,6 +77,8 @@ def layer_for_check(n, k, g, bits, sparsity, float_zeros=False, special=None, se
         mask = torch.rand(n, c, generator=gen) < torch.linspace(0, 1, n)[:, None]
     if rows:  # block-uniform: the mask of each block's first row for the whole block
         mask = mask[::rows].repeat_interleave(rows, dim=0)[:n]
+        if special == "cluster":  # the same blocks, rows shuffled: clusters of R non-consecutive rows
+            mask = mask[torch.randperm(n, generator=gen)]
     p = fmt.pack(q, s, z, mask, (n, k), bits, g, float_zeros=float_zeros)
     return fmt.PackedLinear(**{a: t.to(device) for a, t in p.tensors().items()}, shape=p.shape, bits=p.bits,
                             group_size=p.group_size)
@@ -136,17 +138,21 @@ BLOCK_CHECK_CASES = [  # n, k, G, bits, sparsity, float zeros, special, rows
     (300, 1000, 16, 4, 0.5, False, None, 16), (256, 4096, 16, 4, 0.5, False, "uneven", 16),
     (200, 520, 32, 2, 0.4, True, None, 32), (96, 777, 64, 8, 0.3, False, None, 64),
     (130, 1024, 128, 4, 0.6, True, None, 16), (1000, 2048, 16, 4, 0.5, False, None, 64),
-    (1024, 2048, 16, 4, 0.5, False, "uneven", 128),
+    (1024, 2048, 16, 4, 0.5, False, "uneven", 128), (512, 1024, 16, 4, 0.5, False, "cluster", 64),
 ]
 
 
 def block_check(configs_for_m, quick=False) -> bool:
     """GPU correctness of the block kernels for every config ``configs_for_m(m, rows)`` yields."""
     ok = True
-    cases = [BLOCK_CHECK_CASES[i] for i in (0, 2, 3)] if quick else BLOCK_CHECK_CASES
+    cases = [BLOCK_CHECK_CASES[i] for i in (0, 2, 3, 7)] if quick else BLOCK_CHECK_CASES
     for (n, k, g, bits, sp, fz, special, rows) in cases:
         p = layer_for_check(n, k, g, bits, sp, fz, special, rows=rows)
-        lay = build_block_layout(p)
+        if special == "cluster":  # through the row map (--allocation clusterR)
+            r, row_map = detect_row_clusters(p)
+            lay = build_block_layout(p, r, row_map=row_map)
+        else:
+            lay = build_block_layout(p)
         for dt in (torch.float16, torch.bfloat16):
             w_ref = reference.dequantize(p, dt).float()
             for m in (1, 16, 100) if quick else (1, 3, 16, 100, 600):
