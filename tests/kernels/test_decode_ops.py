@@ -56,6 +56,13 @@ def test_rope_kv_write(dtype, h, hkv, t):
     other = torch.ones(L, dtype=torch.bool)
     other[slots] = False
     assert bool(kc[:, :, other].isnan().all()) and bool(vc[:, :, other].isnan().all())  # nothing else written
+    # the same from cos/sin tables [P, D] read at positions [B, T]
+    positions = torch.randint(0, 20, (bsz, t), generator=gen)
+    ctab, stab = torch.randn(20, d, generator=gen).to(dtype), torch.randn(20, d, generator=gen).to(dtype)
+    kc2, kr2, vc2, vr2 = kc.clone(), kr.clone(), vc.clone(), vr.clone()
+    qo = dk.rope_kv_write(q, k, v, ctab, stab, kc2, vc2, slots, positions=positions)
+    qr = dk.rope_kv_write_reference(q, k, v, ctab[positions], stab[positions], kr2, vr2, slots)
+    assert rel(qo, qr) < tol(dtype) and rel(kc2[:, :, slots], kr2[:, :, slots]) < tol(dtype)
 
 
 def test_rope_reference_is_transformers_rope():

@@ -21,12 +21,14 @@ dropped from the output. Without a ``stream`` callback the host synchronizes onl
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
 
+from ..kernels import decode_ops as dk
 from .cache import StaticKVCache
 from .llama import LlamaDecoder
 from .sampling import SamplingParams, sample
@@ -79,12 +81,14 @@ class _Session:
 class Engine:
     """Runs a LLaMA-family causal LM (dense or GQSA) with a static KV cache.
 
-    ``cuda_graphs``, ``fuse_projections``, ``compile_ops``: ``"auto"`` = on for a CUDA model, off on
-    CPU (where the engine must reproduce transformers' greedy tokens exactly).
+    ``cuda_graphs``, ``fuse_projections``, ``compile_ops``, ``decode_kernels``: ``"auto"`` = on for a CUDA
+    model, off on CPU (where the engine must reproduce transformers' greedy tokens exactly).
+    ``decode_kernels`` (:mod:`gqsa.kernels.decode_ops`: RoPE + KV write, decode attention, add+RMSNorm,
+    SiLU·up) also needs Triton; ``GQSA_NO_DECODE_KERNELS=1`` turns ``"auto"`` off.
     """
 
     def __init__(self, model, cuda_graphs="auto", fuse_projections="auto", compile_ops=False,
-                 sync_every: int = 32):
+                 sync_every: int = 32, decode_kernels="auto"):
         self.model = model
         self.device = next(model.parameters()).device
         on_cuda = self.device.type == "cuda"
@@ -93,7 +97,11 @@ class Engine:
             raise ValueError("cuda_graphs=True needs a model on a CUDA device")
         fuse = on_cuda if fuse_projections == "auto" else bool(fuse_projections)
         compile_ops = on_cuda if compile_ops == "auto" else bool(compile_ops)
-        self.decoder = LlamaDecoder(model, fuse_projections=fuse, compile_ops=compile_ops)
+        if decode_kernels == "auto":
+            decode_kernels = on_cuda and dk.HAS_TRITON and os.environ.get("GQSA_NO_DECODE_KERNELS", "0").strip() \
+                in ("", "0")
+        self.decoder = LlamaDecoder(model, fuse_projections=fuse, compile_ops=compile_ops,
+                                    decode_kernels=bool(decode_kernels))
         self.dtype = model.get_input_embeddings().weight.dtype
         self.vocab_size = model.config.vocab_size
         self.sync_every = max(1, int(sync_every))

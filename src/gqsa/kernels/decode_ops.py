@@ -79,21 +79,27 @@ def _pow2(n: int) -> int:
 # jitted lazily by _jit() for the current mode)
 
 
-def _rope_kv_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qo_ptr, kc_ptr, vc_ptr, slot_ptr,
+def _rope_kv_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, qo_ptr, kc_ptr, vc_ptr, slot_ptr,
                     T, H,
-                    sq_b, sq_t, sk_b, sk_t, sv_b, sv_t, sc_b, sc_t, ss_b, ss_t,
+                    sq_b, sq_t, sk_b, sk_t, sv_b, sv_t, sc_b, sc_t, ss_b, ss_t, sp_b, sp_t,
                     so_b, so_h, so_t, skc_b, skc_h, skc_l, svc_b, svc_h, svc_l,
-                    HALF: tl.constexpr, BLOCK: tl.constexpr):
+                    HALF: tl.constexpr, BLOCK: tl.constexpr, TABLE: tl.constexpr):
     """Program (b·T + t, head): heads < H rotate q into qo; the others (kv head = head − H) rotate k
-    and copy v into the cache at slot ``slots[t]``."""
+    and copy v into the cache at slot ``slots[t]``. cos/sin: per token ``[B, T, D]``, or (TABLE) rows
+    ``positions[b, t]`` of ``[P, D]`` tables (strides ``sc_t``/``ss_t`` then step over table rows)."""
     pid = tl.program_id(0)
     head = tl.program_id(1)
     b = pid // T
     t = pid % T
     offs = tl.arange(0, BLOCK)
     m = offs < HALF
-    cb = cos_ptr + b.to(tl.int64) * sc_b + t * sc_t
-    sb = sin_ptr + b.to(tl.int64) * ss_b + t * ss_t
+    if TABLE:
+        r = tl.load(pos_ptr + b.to(tl.int64) * sp_b + t * sp_t).to(tl.int64)
+        cb = cos_ptr + r * sc_t
+        sb = sin_ptr + r * ss_t
+    else:
+        cb = cos_ptr + b.to(tl.int64) * sc_b + t * sc_t
+        sb = sin_ptr + b.to(tl.int64) * ss_b + t * ss_t
     c1 = tl.load(cb + offs, mask=m, other=0.0).to(tl.float32)
     c2 = tl.load(cb + HALF + offs, mask=m, other=0.0).to(tl.float32)
     s1 = tl.load(sb + offs, mask=m, other=0.0).to(tl.float32)
@@ -285,27 +291,37 @@ def _ok(*tensors) -> bool:
     return all(available(x.device) and x.dtype in _DTYPES for x in tensors)
 
 
-def rope_kv_write(q, k, v, cos, sin, k_cache, v_cache, slots):
+def rope_kv_write(q, k, v, cos, sin, k_cache, v_cache, slots, positions=None):
     """Rotate q, k (``[B, T, H·D]`` / ``[B, T, Hkv·D]``, last dim contiguous, e.g. column slices of the
-    fused qkv output) by ``cos``/``sin`` ``[B, T, D]`` (transformers' rotate-half convention); write
-    rotated k and v at ``slots`` ``[T]`` of ``k_cache``/``v_cache`` ``[B, Hkv, L, D]``. Returns q rotated,
-    ``[B, H, T, D]`` contiguous. One kernel launch."""
+    fused qkv output) by ``cos``/``sin`` (transformers' rotate-half convention); write rotated k and v
+    at ``slots`` ``[T]`` of ``k_cache``/``v_cache`` ``[B, Hkv, L, D]``. ``cos``/``sin``: ``[B, T, D]`` per
+    token, or with ``positions`` ``[B, T]`` tables ``[P, D]`` read at those rows (no per-step cos/sin
+    kernels). Returns q rotated, ``[B, H, T, D]`` contiguous. One kernel launch."""
     bsz, t = q.shape[:2]
     d = cos.shape[-1]
     h, hkv = q.shape[-1] // d, k.shape[-1] // d
     if not (_ok(q, k, v, cos, sin, k_cache) and d % 2 == 0 and all(x.stride(-1) == 1 for x in (q, k, v, cos, sin))
             and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1):
+        if positions is not None:
+            cos, sin = cos[positions], sin[positions]
         return rope_kv_write_reference(q, k, v, cos, sin, k_cache, v_cache, slots)
     qo = torch.empty(bsz, h, t, d, dtype=q.dtype, device=q.device)
-    cos = cos.expand(bsz, t, d) if cos.shape[0] != bsz else cos
-    sin = sin.expand(bsz, t, d) if sin.shape[0] != bsz else sin
+    table = positions is not None
+    if table:
+        pos = positions
+        cs = (0, cos.stride(0), 0, sin.stride(0))
+    else:
+        cos = cos.expand(bsz, t, d) if cos.shape[0] != bsz else cos
+        sin = sin.expand(bsz, t, d) if sin.shape[0] != bsz else sin
+        pos = slots  # unused
+        cs = (cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1))
     _jit(_rope_kv_kernel)[(bsz * t, h + hkv)](
-        q, k, v, cos, sin, qo, k_cache, v_cache, slots, t, h,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1),
+        q, k, v, cos, sin, pos, qo, k_cache, v_cache, slots, t, h,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), *cs,
+        pos.stride(0) if table else 0, pos.stride(1) if table else 0,
         qo.stride(0), qo.stride(1), qo.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        HALF=d // 2, BLOCK=_pow2(d // 2), num_warps=1)
+        HALF=d // 2, BLOCK=_pow2(d // 2), TABLE=table, num_warps=1)
     return qo
 
 
