@@ -63,12 +63,17 @@ _SUM = tl.standard._sum_combine if HAS_TRITON else None
 _MAX = tl.standard._elementwise_max if HAS_TRITON else None
 
 
-def _jit(fn):
+def _jit(fn, do_not_specialize: tuple = ()):
     key = (fn, _interpret())
     k = _JITTED.get(key)
     if k is None:
-        k = _JITTED[key] = triton.jit(fn)
+        k = _JITTED[key] = triton.jit(fn, do_not_specialize=list(do_not_specialize))
     return k
+
+
+# run-time values that change between CUDA-graph buckets (cache length, splits) are not specialized on:
+# one compilation per model shape, made in the eager warm-up, never inside a graph capture
+_ATTN_NO_SPEC = ("kv_len", "chunk", "nsplit")
 
 
 def _pow2(n: int) -> int:
@@ -127,14 +132,14 @@ def _rope_kv_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, qo_ptr, kc_p
 
 
 def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, slot_ptr, o_ptr, po_ptr, pm_ptr, pl_ptr,
-                        HKV, kv_len, chunk, scale_log2,
+                        HKV, kv_len, chunk, nsplit, scale_log2,
                         sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sval_b, so_b, so_h,
                         G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
-                        BLOCK_N: tl.constexpr, SPLIT: tl.constexpr):
+                        BLOCK_N: tl.constexpr):
     """Program (b·HKV + kv head, split): online softmax of the G query heads of that kv head over the
-    slots ``[split·chunk, (split+1)·chunk) ∩ [0, min(kv_len, slots[0] + 1))`` marked valid. SPLIT:
-    writes its normalized partial output, max and sum (base-2 logits) for the merge kernel; else the
-    final output."""
+    slots ``[split·chunk, (split+1)·chunk) ∩ [0, min(kv_len, slots[0] + 1))`` marked valid. With
+    ``nsplit > 1`` writes its normalized partial output, max and sum (base-2 logits) for the merge
+    kernel; else the final output."""
     pid = tl.program_id(0)
     sp = tl.program_id(1)
     b = pid // HKV
@@ -174,9 +179,8 @@ def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, slot_ptr, o_ptr, po_ptr,
         n0 += BLOCK_N
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     om = gm[:, None] & dm[None, :]
-    if SPLIT:
-        nsp = tl.num_programs(1)
-        row = (b * HKV * G + heads).to(tl.int64) * nsp + sp  # partials [B·H, S(, D)]
+    if nsplit > 1:
+        row = (b * HKV * G + heads).to(tl.int64) * nsplit + sp  # partials [B·H, S(, D)]
         tl.store(po_ptr + row[:, None] * D + d[None, :], out, mask=om)
         tl.store(pm_ptr + row, m_i, mask=gm)
         tl.store(pl_ptr + row, l_i, mask=gm)
@@ -356,7 +360,7 @@ def decode_attention(q, k_cache, v_cache, valid, slots, kv_len: int, scale: floa
     gp = _pow2(g)
     bd = _pow2(d)
     # [GP, BLOCK_N, BD] products per step: about 8K elements (64 float32 registers a thread at 4 warps)
-    block_n = max(8, min(_pow2(chunk), ATTN_BLOCK_N * 2 * 128 // (gp * max(bd, 16))))
+    block_n = max(8, ATTN_BLOCK_N * 2 * 128 // (gp * max(bd, 16)))  # (not from kv_len: one compilation)
     o = out if out is not None else torch.empty(bsz, 1, h * d, dtype=q.dtype, device=q.device)
     o3 = o.view(bsz, h, d)
     val = valid.view(torch.uint8) if valid.dtype == torch.bool else valid
@@ -366,14 +370,14 @@ def decode_attention(q, k_cache, v_cache, valid, slots, kv_len: int, scale: floa
         pl = torch.empty(bsz * h, splits, dtype=torch.float32, device=q.device)
     else:
         po = pm = pl = o3
-    _jit(_decode_attn_kernel)[(bsz * hkv, splits)](
-        q, k_cache, v_cache, val, slots, o3, po, pm, pl, hkv, kv_len, chunk, scale * math.log2(math.e),
+    _jit(_decode_attn_kernel, _ATTN_NO_SPEC)[(bsz * hkv, splits)](
+        q, k_cache, v_cache, val, slots, o3, po, pm, pl, hkv, kv_len, chunk, splits, scale * math.log2(math.e),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), val.stride(0), o3.stride(0), o3.stride(1),
-        G=g, GP=gp, D=d, BD=bd, BLOCK_N=block_n, SPLIT=splits > 1, num_warps=4)
+        G=g, GP=gp, D=d, BD=bd, BLOCK_N=block_n, num_warps=4)
     if splits > 1:
-        _jit(_attn_merge_kernel)[(bsz * h,)](po, pm, pl, o3, h, splits, o3.stride(0), o3.stride(1),
-                                             D=d, BD=bd, BS=max(2, _pow2(splits)), num_warps=4)
+        _jit(_attn_merge_kernel, ("S",))[(bsz * h,)](po, pm, pl, o3, h, splits, o3.stride(0), o3.stride(1),
+                                             D=d, BD=bd, BS=max(16, _pow2(splits)), num_warps=4)
     return o
 
 
