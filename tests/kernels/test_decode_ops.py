@@ -170,3 +170,26 @@ def test_cpu_without_interpreter_runs_the_twins(monkeypatch):
     assert not dk.available("cpu")
     gu = torch.randn(2, 8)
     assert torch.equal(dk.silu_mul(gu), dk.silu_mul_reference(gu))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_greedy_advance(dtype):
+    gen = torch.Generator().manual_seed(5)
+    bsz, v, max_new = 3, 5000, 6  # V over one block (4096), not a multiple of it
+    logits = torch.randn(bsz, v, generator=gen).to(dtype)
+    logits[1, 17] = logits[1, 4000] = 50  # a tie: the first index wins
+    logits[2, :] = float("-inf")  # all -inf: token 0
+    logits[2, 1234] = 3
+    state = []
+    for fn in (dk.greedy_advance, dk.greedy_advance_reference):
+        done = torch.tensor([False, False, True])
+        eos = torch.tensor([4000, 17, -1, -1, -1, -1, -1, -1])
+        out = torch.full((bsz, max_new), -7)
+        tok, pos = torch.zeros(bsz, 1, dtype=torch.long), torch.tensor([[3], [5], [9]])
+        counters = torch.tensor([11, 2])
+        fn(logits, done, torch.tensor(99), eos, out, tok, pos, counters)
+        state.append((done, out, tok, pos, counters))
+    for a, b in zip(*state):
+        assert torch.equal(a, b)
+    assert state[0][1][:, 2].tolist()[1:] == [17, 99] and bool(state[0][0][1])
+    assert state[0][4].tolist() == [12, 3]

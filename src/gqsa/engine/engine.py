@@ -65,8 +65,9 @@ class _Session:
         z = dict(dtype=torch.long, device=device)
         self.tok = torch.zeros(bsz, 1, **z)  # token fed to the next step
         self.pos = torch.zeros(bsz, 1, **z)  # its position (per row)
-        self.slot = torch.zeros(1, **z)  # its cache slot (shared)
-        self.step = torch.zeros(1, **z)  # index into out
+        self.counters = torch.zeros(2, **z)  # [slot, step], advanced together
+        self.slot = self.counters[0:1]  # cache slot of the next token (shared by the rows)
+        self.step = self.counters[1:2]  # index into out
         self.out = torch.zeros(bsz, max_new, **z)
         self.done = torch.zeros(bsz, dtype=torch.bool, device=device)
         self.eos = torch.full((MAX_EOS,), -1, **z)  # end-of-sequence ids, -1 = unused slot
@@ -148,6 +149,9 @@ class Engine:
     def _decode_body(self, s: _Session, kv_len: int, greedy: bool) -> None:
         s.cache.valid.index_fill_(1, s.slot, True)
         logits = self.decoder.forward(s.cache, s.tok, s.pos, s.slot, kv_len)
+        if greedy and self.decoder.decode_kernels:  # argmax and bookkeeping in one kernel (+ one add)
+            dk.greedy_advance(logits, s.done, s.pad, s.eos, s.out, s.tok, s.pos, s.counters)
+            return
         if s.logits is None or s.logits.shape != logits.shape or s.logits.dtype != logits.dtype:
             s.logits = torch.empty_like(logits)
         s.logits.copy_(logits)

@@ -12,6 +12,8 @@
   math: float32 statistics, normalized value cast to the activation dtype, then times the weight), one
   program per row.
 * :func:`silu_mul` — ``silu(g) · u`` for ``[g | u]``.
+* :func:`greedy_advance` — the greedy tail of a step: argmax of the logits, the end-of-sequence check
+  and the engine's token / position / output bookkeeping in one kernel (plus one add of the counters).
 
 Every kernel has a pure-torch twin (``*_reference``) with the same contract: it runs where Triton
 cannot (CPU without ``TRITON_INTERPRET=1``) and is what the tests compare against. The engine takes
@@ -61,6 +63,7 @@ _JITTED: dict = {}
 # before the interpreter was switched on cannot run in it (see gqsa.kernels.block_kernels)
 _SUM = tl.standard._sum_combine if HAS_TRITON else None
 _MAX = tl.standard._elementwise_max if HAS_TRITON else None
+_MIN = tl.standard._elementwise_min if HAS_TRITON else None
 
 
 def _jit(fn, do_not_specialize: tuple = ()):
@@ -240,6 +243,37 @@ def _silu_mul_kernel(gu_ptr, o_ptr, N, sg, so, BLOCK: tl.constexpr):
     tl.store(o_ptr + r * so + c, o.to(o_ptr.dtype.element_ty), mask=m)
 
 
+def _greedy_advance_kernel(lg_ptr, V, sl, done_ptr, pad_ptr, eos_ptr, out_ptr, so, tok_ptr, pos_ptr, step_ptr,
+                           NEOS: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Program b: ``nxt = argmax(logits[b])`` (first index of the maximum), or ``pad`` if row b is done;
+    ``out[b, step] = nxt``, ``done[b] |= nxt ∈ eos``, ``tok[b] = nxt``, ``pos[b] += 1``."""
+    b = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_V)
+    best_v = tl.full([BLOCK_V], float("-inf"), tl.float32)
+    best_i = tl.full([BLOCK_V], 2147483647, tl.int32)
+    c = 0
+    while c < V:
+        i = c + offs
+        x = tl.load(lg_ptr + b * sl + i, mask=i < V, other=float("-inf")).to(tl.float32)
+        x = tl.where(x != x, float("inf"), x)  # NaN counts as the maximum, as in torch.argmax
+        upd = x > best_v  # strictly: each lane keeps its first maximum
+        best_v = tl.where(upd, x, best_v)
+        best_i = tl.where(upd, i, best_i)
+        c += BLOCK_V
+    m = tl.reduce(best_v, 0, _MAX)
+    idx = tl.reduce(tl.where(best_v == m, best_i, 2147483647), 0, _MIN).to(tl.int64)
+    idx = tl.where(idx == 2147483647, 0, idx)  # every logit -inf: token 0, as torch.argmax
+    done = tl.load(done_ptr + b) != 0
+    nxt = tl.where(done, tl.load(pad_ptr), idx)
+    step = tl.load(step_ptr)
+    tl.store(out_ptr + b * so + step, nxt)
+    e = tl.arange(0, NEOS)
+    hit = tl.reduce((tl.load(eos_ptr + e) == nxt).to(tl.int32), 0, _MAX)
+    tl.store(done_ptr + b, (done | (hit != 0)).to(done_ptr.dtype.element_ty))
+    tl.store(tok_ptr + b, nxt)
+    tl.store(pos_ptr + b, tl.load(pos_ptr + b) + 1)
+
+
 # ============================================================================ twins (pure torch)
 
 
@@ -286,6 +320,18 @@ def add_rms_norm_reference(x, delta, weight, eps: float):
 def silu_mul_reference(gate_up):
     g, u = gate_up.float().chunk(2, dim=-1)
     return (F.silu(g) * u).to(gate_up.dtype)
+
+
+def greedy_advance_reference(logits, done, pad, eos, out, tok, pos, counters):
+    """Twin of :func:`greedy_advance` (the engine's eager bookkeeping)."""
+    nxt = torch.where(done, pad, logits.argmax(-1))
+    step = counters[1:2]
+    out.index_copy_(1, step, nxt[:, None])
+    done |= (nxt[:, None] == eos[None, :]).any(-1)
+    tok.copy_(nxt[:, None])
+    pos.add_(1)
+    counters.add_(1)
+    return nxt
 
 
 # ============================================================================ entry points
@@ -420,3 +466,20 @@ def silu_mul(gate_up):
         _jit(_silu_mul_kernel)[(gu.shape[0], triton.cdiv(n, blk))](gu, o2, n, gu.stride(0), o2.stride(0),
                                                                   BLOCK=blk, num_warps=4)
     return o
+
+
+def greedy_advance(logits, done, pad, eos, out, tok, pos, counters):
+    """The greedy tail of a decode step: next token ``argmax(logits)`` ``[B, V]`` (``pad`` for rows already
+    ``done``), recorded at ``out[:, step]``, end-of-sequence check against ``eos`` (``-1`` = unused),
+    fed back as ``tok`` ``[B, 1]`` at ``pos + 1``; ``counters`` = ``[slot, step]`` (int64) both advance by
+    one. Two launches (the kernel, one add) instead of about ten."""
+    bsz, v = logits.shape
+    if not (_ok(logits) and logits.stride(-1) == 1 and out.stride(-1) == 1 and tok.is_contiguous()
+            and pos.is_contiguous() and done.is_contiguous() and eos.is_contiguous()
+            and eos.shape[0] == _pow2(eos.shape[0])):
+        return greedy_advance_reference(logits, done, pad, eos, out, tok, pos, counters)
+    dn = done.view(torch.uint8) if done.dtype == torch.bool else done
+    _jit(_greedy_advance_kernel)[(bsz,)](logits, v, logits.stride(0), dn, pad, eos, out, out.stride(0), tok, pos,
+                                         counters[1:], NEOS=eos.shape[0], BLOCK_V=min(4096, _pow2(v)),
+                                         num_warps=8)
+    counters.add_(1)
