@@ -41,7 +41,7 @@ except Exception:  # pragma: no cover - depends on the environment
     tl = None
     HAS_TRITON = False
 
-ATTN_BLOCK_N = 32  # cache slots per inner step of the attention kernel at G = 2, D = 128 (scaled by 2·128 / (G·D))
+ATTN_BLOCK_N = 64  # cache slots per inner step of the attention kernel
 ATTN_MIN_CHUNK = 256  # slots per split at least: below 2 × this the attention is one kernel, no merge
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -138,11 +138,14 @@ def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, slot_ptr, o_ptr, po_ptr,
                         HKV, kv_len, chunk, nsplit, scale_log2,
                         sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sval_b, so_b, so_h,
                         G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
-                        BLOCK_N: tl.constexpr):
-    """Program (b·HKV + kv head, split): online softmax of the G query heads of that kv head over the
-    slots ``[split·chunk, (split+1)·chunk) ∩ [0, min(kv_len, slots[0] + 1))`` marked valid. With
-    ``nsplit > 1`` writes its normalized partial output, max and sum (base-2 logits) for the merge
-    kernel; else the final output."""
+                        BLOCK_N: tl.constexpr, F32DOT: tl.constexpr, ISPAN: tl.constexpr):
+    """Program (b·HKV + kv head, split): online softmax of the G query heads of that kv head (padded
+    to GP ≥ 16 rows of one ``tl.dot``) over the slots ``[split·chunk, (split+1)·chunk) ∩ [0, min(kv_len,
+    slots[0] + 1))`` marked valid. With ``nsplit > 1`` writes its normalized partial output, max and
+    sum (base-2 logits) for the merge kernel; else the final output. F32DOT: dots on float32 operands
+    (float32 models, and the interpreter, whose half-precision dot is not exact). ISPAN > 0 (the
+    interpreter, which cannot loop over run-time bounds): the loop runs over ``ISPAN ≥ chunk`` slots,
+    masked; compiled, it runs over ``stop − start`` (a run-time bound the pipeliner can prefetch in)."""
     pid = tl.program_id(0)
     sp = tl.program_id(1)
     b = pid // HKV
@@ -156,30 +159,37 @@ def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, slot_ptr, o_ptr, po_ptr,
     dm = d < D
     heads = kvh * G + g
     qp = q_ptr + b.to(tl.int64) * sq_b + heads[:, None] * sq_h + d[None, :]
-    q = tl.load(qp, mask=gm[:, None] & dm[None, :], other=0.0).to(tl.float32) * scale_log2
+    q = tl.load(qp, mask=gm[:, None] & dm[None, :], other=0.0)
+    if F32DOT:
+        q = q.to(tl.float32)
     kb = k_ptr + b.to(tl.int64) * sk_b + kvh.to(tl.int64) * sk_h
     vb = v_ptr + b.to(tl.int64) * sv_b + kvh.to(tl.int64) * sv_h
     m_i = tl.full([GP], float("-inf"), tl.float32)
     l_i = tl.full([GP], 0.0, tl.float32)
     acc = tl.full([GP, BD], 0.0, tl.float32)
-    n0 = start
-    while n0 < stop:  # (a while, not range(): the interpreter cannot loop over run-time bounds)
-        n = n0 + tl.arange(0, BLOCK_N)
+    for n0 in range(0, ISPAN if ISPAN > 0 else stop - start, BLOCK_N):
+        n = start + n0 + tl.arange(0, BLOCK_N)
         nm = n < stop
         ok = nm & (tl.load(valid_ptr + b.to(tl.int64) * sval_b + n, mask=nm, other=0) != 0)
         lm = nm[:, None] & dm[None, :]
-        kt = tl.load(kb + n[:, None].to(tl.int64) * sk_l + d[None, :], mask=lm, other=0.0).to(tl.float32)
-        s = tl.reduce(q[:, None, :] * kt[None, :, :], 2, _SUM)  # [GP, BLOCK_N], base-2 logits
-        s = tl.where(ok[None, :], s, float("-inf"))
+        kt = tl.load(kb + n[:, None].to(tl.int64) * sk_l + d[None, :], mask=lm, other=0.0)
+        vt = tl.load(vb + n[:, None].to(tl.int64) * sv_l + d[None, :], mask=lm, other=0.0)
+        if F32DOT:
+            s = tl.dot(q, tl.trans(kt.to(tl.float32)), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(kt))
+        s = tl.where(ok[None, :], s * scale_log2, float("-inf"))  # [GP, BLOCK_N], base-2 logits
         m_new = tl.maximum(m_i, tl.reduce(s, 1, _MAX))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_use)
         p = tl.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.reduce(p, 1, _SUM)
-        vt = tl.load(vb + n[:, None].to(tl.int64) * sv_l + d[None, :], mask=lm, other=0.0).to(tl.float32)
-        acc = acc * alpha[:, None] + tl.reduce(p[:, :, None] * vt[None, :, :], 1, _SUM)
+        if F32DOT:
+            pv = tl.dot(p, vt.to(tl.float32), input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(vt.dtype), vt)
+        acc = acc * alpha[:, None] + pv
         m_i = m_new
-        n0 += BLOCK_N
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     om = gm[:, None] & dm[None, :]
     if nsplit > 1:
@@ -403,10 +413,9 @@ def decode_attention(q, k_cache, v_cache, valid, slots, kv_len: int, scale: floa
         splits = attention_splits(bsz, hkv, kv_len) if q.is_cuda else 1
     splits = max(1, min(int(splits), kv_len))
     chunk = math.ceil(kv_len / splits)
-    gp = _pow2(g)
-    bd = _pow2(d)
-    # [GP, BLOCK_N, BD] products per step: about 8K elements (64 float32 registers a thread at 4 warps)
-    block_n = max(8, ATTN_BLOCK_N * 2 * 128 // (gp * max(bd, 16)))  # (not from kv_len: one compilation)
+    gp = max(16, _pow2(g))  # query heads of a group = rows of one tl.dot (at least 16)
+    bd = max(16, _pow2(d))
+    block_n = ATTN_BLOCK_N  # (not from kv_len: one compilation)
     o = out if out is not None else torch.empty(bsz, 1, h * d, dtype=q.dtype, device=q.device)
     o3 = o.view(bsz, h, d)
     val = valid.view(torch.uint8) if valid.dtype == torch.bool else valid
@@ -420,7 +429,8 @@ def decode_attention(q, k_cache, v_cache, valid, slots, kv_len: int, scale: floa
         q, k_cache, v_cache, val, slots, o3, po, pm, pl, hkv, kv_len, chunk, splits, scale * math.log2(math.e),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), val.stride(0), o3.stride(0), o3.stride(1),
-        G=g, GP=gp, D=d, BD=bd, BLOCK_N=block_n, num_warps=4)
+        G=g, GP=gp, D=d, BD=bd, BLOCK_N=block_n, F32DOT=q.dtype == torch.float32 or _interpret(),
+        ISPAN=triton.cdiv(chunk, block_n) * block_n if _interpret() else 0, num_warps=8)  # (4: spills)
     if splits > 1:
         _jit(_attn_merge_kernel, ("S",))[(bsz * h,)](po, pm, pl, o3, h, splits, o3.stride(0), o3.stride(1),
                                              D=d, BD=bd, BS=max(16, _pow2(splits)), num_warps=4)
