@@ -261,7 +261,7 @@ def main():
         except Exception:  # noqa: BLE001 - keep going, report
             RESULT[name] = {"error": traceback.format_exc()}
         RESULT[name + "_s"] = round(time.time() - t0, 1)
-        print(f"== {name} ({RESULT[name + '_s']} s)", json.dumps(RESULT[name])[:6000], flush=True)
+        print(f"== {name} ({RESULT[name + '_s']} s)", json.dumps(RESULT[name])[:1200], flush=True)
         save()
     summary = []
     if "bench" not in skip:
