@@ -42,7 +42,7 @@ def test_auto_is_off_on_cpu(tiny_llama):
 def test_engine_with_decode_kernels_equals_transformers(request, compressed, fuse, monkeypatch):
     model = request.getfixturevalue("tiny_gqsa" if compressed else "tiny_llama")
     calls = {}
-    for name in ("rope_kv_write", "decode_attention", "add_rms_norm", "silu_mul"):  # count the kernel entries
+    for name in ("rope_kv_write", "rope_decode_attention", "add_rms_norm", "silu_mul"):  # count the kernel entries
         fn = getattr(dk, name)
 
         def wrapped(*a, _fn=fn, _n=name, **k):
@@ -59,20 +59,23 @@ def test_engine_with_decode_kernels_equals_transformers(request, compressed, fus
     assert eng.generate([ids[1]], n).tokens == [ref[1]]  # batch 1
     layers = len(model.model.layers)
     steps = 2 * n  # prefill + n - 1 decode steps, two generations
-    assert calls["rope_kv_write"] == layers * steps
-    assert calls["decode_attention"] == layers * (steps - 2)  # decode steps only; SDPA for the prefill
+    assert calls["rope_kv_write"] == layers * 2  # prefills (then SDPA)
+    assert calls["rope_decode_attention"] == layers * (steps - 2)  # decode steps: RoPE + write + attention
     assert calls["add_rms_norm"] == 2 * layers * steps + steps  # 2 per layer + the first norm (delta=None)
     assert calls.get("silu_mul", 0) == (layers * steps if fuse else 0)
 
 
-def test_decoder_logits_match_plain_engine(tiny_llama):
-    """One prefill + decode steps: logits of the kernel path within float32 rounding of the plain path."""
+@pytest.mark.parametrize("fused", [True, False])
+def test_decoder_logits_match_plain_engine(tiny_llama, fused):
+    """One prefill + decode steps: logits of the kernel path within float32 rounding of the plain path
+    (decode: RoPE + write + attention fused, or rope_kv_write then decode_attention)."""
     from gqsa.engine import LlamaDecoder, StaticKVCache
 
     torch.manual_seed(1)
     outs = []
     for kern in (False, True):
         dec = LlamaDecoder(tiny_llama, fuse_projections=True, compile_ops=False, decode_kernels=kern)
+        dec.fused_rope_attention = kern and fused
         cache = StaticKVCache(dec.n_layers, 2, dec.n_kv, 64, dec.head_dim, torch.float32, "cpu")
         toks = torch.tensor([[0, 5, 9, 3, 8], [7, 2, 4, 1, 6]])
         cache.valid[:, :5] = True

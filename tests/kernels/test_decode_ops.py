@@ -130,8 +130,42 @@ def test_decode_attention_reference_is_sdpa():
 
 def test_attention_splits_heuristic():
     assert dk.attention_splits(1, 32, 128, sms=132) == 1  # short cache: one kernel, no merge
-    assert dk.attention_splits(1, 32, 4096, sms=132) == 9  # 2 × 132 programs over 32 kv heads
-    assert dk.attention_splits(16, 32, 4096, sms=132) == 1  # the batch fills the GPU
+    assert dk.attention_splits(1, 32, 1024, sms=132) == 8  # chunks of 128 slots
+    assert dk.attention_splits(1, 32, 4096, sms=132) == 17  # 4 × 132 programs over 32 kv heads
+    assert dk.attention_splits(4, 32, 4096, sms=132) == 3  # 2 × 132 over 128
+    assert dk.attention_splits(64, 32, 4096, sms=132) == 1  # the batch fills the GPU
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("h,hkv,d,kv_len,slot,splits", [
+    (4, 2, 16, 13, 11, 1),  # GQA, one program per kv head
+    (3, 3, 24, 40, 37, 3),  # no GQA, D not a power of 2, split (the last split holds the slot)
+    (8, 1, 16, 50, 20, 4),  # multi-query; the slot in the second of four splits, later splits empty
+])
+def test_rope_decode_attention(dtype, h, hkv, d, kv_len, slot, splits):
+    """RoPE + cache write + attention in one launch = rope_kv_write then decode_attention (twins)."""
+    gen = torch.Generator().manual_seed(h + kv_len)
+    bsz, L, P = 2, 64, 30
+    qkv = torch.randn(bsz, 1, (h + 2 * hkv) * d, generator=gen).to(dtype)
+    q, k, v = qkv.split((h * d, hkv * d, hkv * d), dim=-1)
+    ctab, stab = torch.randn(P, d, generator=gen).to(dtype), torch.randn(P, d, generator=gen).to(dtype)
+    positions = torch.tensor([[7], [29]])
+    kc = torch.randn(bsz, hkv, L, d, generator=gen).to(dtype)
+    kc[:, :, slot:] = float("nan")  # the current slot is written first; later slots are never read
+    vc = kc.clone()
+    valid = torch.rand(bsz, L, generator=gen) > 0.3
+    valid[:, slot] = True
+    slots = torch.tensor([slot])
+    kr, vr = kc.clone(), vc.clone()
+    out = torch.full((bsz, 1, h * d), float("nan"), dtype=dtype)
+    o = dk.rope_decode_attention(q, k, v, ctab, stab, positions, kc, vc, valid, slots, kv_len, d ** -0.5,
+                                 splits=splits, out=out)
+    assert o.data_ptr() == out.data_ptr()
+    qr = dk.rope_kv_write_reference(q, k, v, ctab[positions], stab[positions], kr, vr, slots)
+    ref = dk.decode_attention_reference(qr, kr.nan_to_num(), vr.nan_to_num(), valid, slots, kv_len, d ** -0.5)
+    assert rel(o, ref) < tol(dtype)
+    assert rel(kc[:, :, slot], kr[:, :, slot]) < tol(dtype) and torch.equal(vc[:, :, slot], vr[:, :, slot])
+    assert bool(kc[:, :, slot + 1:].isnan().all())  # nothing else written
 
 
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float32])

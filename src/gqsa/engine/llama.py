@@ -16,13 +16,16 @@ Options (both off on CPU by default, where the engine must equal transformers' g
 * ``compile_ops``: RMSNorm (+ residual add), RoPE and SiLU·up run as ``torch.compile``d functions
   (:mod:`gqsa.engine.ops`), one kernel each instead of several.
 * ``decode_kernels`` (issue 12): the Triton kernels of :mod:`gqsa.kernels.decode_ops` instead (they
-  take precedence over ``compile_ops``): RoPE and the KV-cache write in one launch per layer (cos/sin
-  read from tables built once per decoder, rows picked by position: no per-step rotary kernels),
-  a decode attention (``T = 1``) over the filled cache slots only (no mask tensor; SDPA stays for the
-  prefill), residual add + RMSNorm and SiLU·up one launch each. Off by default and on CPU; the engine
-  turns it on for CUDA models.
+  take precedence over ``compile_ops``). Decode step (``T = 1``): RoPE, the KV-cache write and a
+  grouped-query attention over the filled cache slots only in **one** launch per layer (cos/sin read
+  from tables built once per decoder, rows picked by position: no per-step rotary kernels, no mask
+  tensor; split-KV with a merge kernel for long caches); prefill: RoPE + cache write in one launch,
+  then SDPA. Residual add + RMSNorm and SiLU·up one launch each. Off by default and on CPU; the
+  engine turns it on for CUDA models.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +37,9 @@ from ..nn import GQSALinear
 from . import ops
 
 ROPE_TABLE_TYPES = ("default", "linear", "llama3")  # rotary types whose cos/sin depend on the position alone
+# decode_kernels at T = 1: RoPE + cache write + attention in one kernel (False: rope_kv_write, then the
+# attention kernel; for A/B measurements), read when a decoder is made
+FUSED_ROPE_ATTENTION = os.environ.get("GQSA_DECODE_UNFUSED_ROPE_ATTENTION", "0").strip() in ("", "0")
 
 SUPPORTED_MODEL_TYPES = ("llama",)
 
@@ -127,6 +133,7 @@ class LlamaDecoder:
         self.silu = getattr(cfg, "hidden_act", "silu") == "silu"
         self.compile_ops = compile_ops
         self.decode_kernels = decode_kernels
+        self.fused_rope_attention = decode_kernels and FUSED_ROPE_ATTENTION
         self._rope_tables: dict = {}
         self.fused = fuse_projections and all(b.qkv is not None and b.gate_up is not None for b in self.blocks)
         self.sizes_qkv = (self.n_heads * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim)
@@ -227,22 +234,25 @@ class LlamaDecoder:
         x = self._norm(self.blocks[0].norm1, h) if self.blocks else h
         for i, b in enumerate(self.blocks):
             q, k, v = self._qkv(b, x)
-            if dkern:  # RoPE + cache write, one launch; q comes back [B, H, T, D]
+            if dkern and t == 1 and table is not None and self.fused_rope_attention:  # one launch
+                a = dk.rope_decode_attention(q, k, v, *table, positions, cache.k[i], cache.v[i], cache.valid, slots,
+                                             kv_len, b.scaling)
+            elif dkern:  # RoPE + cache write, one launch; q comes back [B, H, T, D]
                 if table is not None:
                     q = dk.rope_kv_write(q, k, v, *table, cache.k[i], cache.v[i], slots, positions=positions)
                 else:
                     q = dk.rope_kv_write(q, k, v, cos, sin, cache.k[i], cache.v[i], slots)
+                if t == 1:
+                    a = dk.decode_attention(q, cache.k[i], cache.v[i], cache.valid, slots, kv_len, b.scaling)
+                else:
+                    a = self._attention(q, *cache.view(i, kv_len), mask, b.scaling)
             else:
                 q = q.view(bsz, t, self.n_heads, self.head_dim).transpose(1, 2)
                 k = k.view(bsz, t, self.n_kv, self.head_dim).transpose(1, 2)
                 v = v.view(bsz, t, self.n_kv, self.head_dim).transpose(1, 2)
                 q, k = self._rope(q, k, cos, sin)
                 cache.write(i, slots, k, v)
-            if dkern and t == 1:
-                a = dk.decode_attention(q, cache.k[i], cache.v[i], cache.valid, slots, kv_len, b.scaling)
-            else:
-                kc, vc = cache.view(i, kv_len)
-                a = self._attention(q, kc, vc, mask, b.scaling)
+                a = self._attention(q, *cache.view(i, kv_len), mask, b.scaling)
             o = b.o(a)
             if fused_pointwise:
                 h, x = self._add_norm(h, o, b.norm2.weight, b.norm2.variance_epsilon)

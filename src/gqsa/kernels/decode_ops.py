@@ -42,7 +42,9 @@ except Exception:  # pragma: no cover - depends on the environment
     HAS_TRITON = False
 
 ATTN_BLOCK_N = 64  # cache slots per inner step of the attention kernel
-ATTN_MIN_CHUNK = 256  # slots per split at least: below 2 × this the attention is one kernel, no merge
+ATTN_WARPS = 8  # (4 spills at BLOCK_N = 64, D = 128: ptxas, sm_90)
+ATTN_MIN_CHUNK = 128  # slots per split at least
+ATTN_SPLIT_FROM = 512  # below this many slots the attention is one kernel (no split, no merge)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -135,22 +137,31 @@ def _rope_kv_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, qo_ptr, kc_p
 
 
 def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, slot_ptr, o_ptr, po_ptr, pm_ptr, pl_ptr,
+                        kn_ptr, vn_ptr, cos_ptr, sin_ptr, pos_ptr,
                         HKV, kv_len, chunk, nsplit, scale_log2,
                         sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sval_b, so_b, so_h,
+                        skn_b, svn_b, sc_r, ss_r, spos_b,
                         G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
-                        BLOCK_N: tl.constexpr, F32DOT: tl.constexpr, ISPAN: tl.constexpr):
+                        BLOCK_N: tl.constexpr, F32DOT: tl.constexpr, ISPAN: tl.constexpr, ROPE: tl.constexpr):
     """Program (b·HKV + kv head, split): online softmax of the G query heads of that kv head (padded
     to GP ≥ 16 rows of one ``tl.dot``) over the slots ``[split·chunk, (split+1)·chunk) ∩ [0, min(kv_len,
     slots[0] + 1))`` marked valid. With ``nsplit > 1`` writes its normalized partial output, max and
     sum (base-2 logits) for the merge kernel; else the final output. F32DOT: dots on float32 operands
     (float32 models, and the interpreter, whose half-precision dot is not exact). ISPAN > 0 (the
     interpreter, which cannot loop over run-time bounds): the loop runs over ``ISPAN ≥ chunk`` slots,
-    masked; compiled, it runs over ``stop − start`` (a run-time bound the pipeliner can prefetch in)."""
+    masked; compiled, it runs over ``stop − start`` (a run-time bound the pipeliner can prefetch in).
+
+    ROPE (decode, fused): q is the projection's un-rotated output (head stride ``sq_h`` = D) and is
+    rotated here by row ``positions[b]`` of the cos/sin tables; the program whose split holds the
+    current slot also rotates the new key (``kn``), writes it and the new value (``vn``) into the cache
+    slot, then synchronizes its threads before reading the cache (RoPE + cache write + attention: one
+    launch)."""
     pid = tl.program_id(0)
     sp = tl.program_id(1)
     b = pid // HKV
     kvh = pid % HKV
-    end = tl.minimum(tl.load(slot_ptr).to(tl.int32) + 1, kv_len)
+    slot = tl.load(slot_ptr).to(tl.int32)
+    end = tl.minimum(slot + 1, kv_len)
     start = sp * chunk
     stop = tl.minimum(start + chunk, end)
     g = tl.arange(0, GP)
@@ -159,7 +170,28 @@ def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, slot_ptr, o_ptr, po_ptr,
     dm = d < D
     heads = kvh * G + g
     qp = q_ptr + b.to(tl.int64) * sq_b + heads[:, None] * sq_h + d[None, :]
-    q = tl.load(qp, mask=gm[:, None] & dm[None, :], other=0.0)
+    if ROPE:  # x·cos + rotate_half(x)·sin in float32, rounded once (as rope_kv_write)
+        dp = tl.where(d < D // 2, d + D // 2, d - D // 2)  # partner element of rotate_half
+        sgn = tl.where(d < D // 2, -1.0, 1.0)
+        r = tl.load(pos_ptr + b.to(tl.int64) * spos_b).to(tl.int64)
+        cs = tl.load(cos_ptr + r * sc_r + d, mask=dm, other=0.0).to(tl.float32)
+        sn = tl.load(sin_ptr + r * ss_r + d, mask=dm, other=0.0).to(tl.float32) * sgn
+        qm = gm[:, None] & dm[None, :]
+        q0 = tl.load(qp, mask=qm, other=0.0)
+        q1 = tl.load(q_ptr + b.to(tl.int64) * sq_b + heads[:, None] * sq_h + dp[None, :], mask=qm, other=0.0)
+        q = (q0.to(tl.float32) * cs[None, :] + q1.to(tl.float32) * sn[None, :]).to(q0.dtype)
+        if sp == slot // chunk:
+            kn = kn_ptr + b.to(tl.int64) * skn_b + kvh * D
+            k0 = tl.load(kn + d, mask=dm, other=0.0).to(tl.float32)
+            k1 = tl.load(kn + dp, mask=dm, other=0.0).to(tl.float32)
+            dst = b.to(tl.int64) * sk_b + kvh.to(tl.int64) * sk_h + slot.to(tl.int64) * sk_l + d
+            tl.store(k_ptr + dst, (k0 * cs + k1 * sn).to(k_ptr.dtype.element_ty), mask=dm)
+            vdst = b.to(tl.int64) * sv_b + kvh.to(tl.int64) * sv_h + slot.to(tl.int64) * sv_l + d
+            tl.store(v_ptr + vdst, tl.load(vn_ptr + b.to(tl.int64) * svn_b + kvh * D + d, mask=dm, other=0.0),
+                     mask=dm)
+            tl.debug_barrier()  # the slot's key/value visible to every thread of this program
+    else:
+        q = tl.load(qp, mask=gm[:, None] & dm[None, :], other=0.0)
     if F32DOT:
         q = q.to(tl.float32)
     kb = k_ptr + b.to(tl.int64) * sk_b + kvh.to(tl.int64) * sk_h
@@ -385,16 +417,20 @@ def rope_kv_write(q, k, v, cos, sin, k_cache, v_cache, slots, positions=None):
     return qo
 
 
-def attention_splits(batch: int, kv_heads: int, kv_len: int, min_chunk: int = ATTN_MIN_CHUNK,
-                     sms: int | None = None) -> int:
-    """Splits of the slots for :func:`decode_attention`: 1 (no merge kernel) while the cache is short,
-    else enough programs to cover the GPU twice with chunks of at least ``min_chunk`` slots."""
+def attention_splits(batch: int, kv_heads: int, kv_len: int, sms: int | None = None) -> int:
+    """Splits of the slots for the decode attention: 1 (no merge kernel) below ``ATTN_SPLIT_FROM`` slots,
+    else chunks of at least ``ATTN_MIN_CHUNK`` slots and about 4 programs per SM (2 once the batch and
+    kv heads alone give half an SM's worth). Set from the H200 micro-timings (benchmarks/RESULTS.md,
+    issue 12): at 128 slots one kernel beats any split (the merge launch costs more than it saves);
+    at 1024–4096 slots and B·Hkv ≤ 32, 8–16 splits are 2–5× faster than one."""
+    if kv_len < ATTN_SPLIT_FROM:
+        return 1
     if sms is None:
         sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count \
             if torch.cuda.is_available() else 8
-    by_len = kv_len // max(1, min_chunk)
-    by_grid = max(1, math.ceil(2 * sms / max(1, batch * kv_heads)))
-    return max(1, min(by_len, by_grid))
+    rows = max(1, batch * kv_heads)
+    by_grid = math.ceil((2 if 2 * rows >= sms else 4) * sms / rows)
+    return max(1, min(kv_len // ATTN_MIN_CHUNK, by_grid))
 
 
 def decode_attention(q, k_cache, v_cache, valid, slots, kv_len: int, scale: float, splits: int | None = None,
@@ -408,6 +444,31 @@ def decode_attention(q, k_cache, v_cache, valid, slots, kv_len: int, scale: floa
     if t != 1 or h % hkv or not _ok(q, k_cache, v_cache) or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1 \
             or q.stride(-1) != 1 or valid.stride(-1) != 1:
         return decode_attention_reference(q, k_cache, v_cache, valid, slots, kv_len, scale)
+    return _attention_launch(q.view(bsz, h, d), (q.stride(0), q.stride(1)), None, k_cache, v_cache, valid, slots,
+                             kv_len, scale, splits, out)
+
+
+def rope_decode_attention(q, k, v, cos, sin, positions, k_cache, v_cache, valid, slots, kv_len: int, scale: float,
+                          splits: int | None = None, out=None):
+    """One decode step's RoPE, KV-cache write and attention in one launch (plus the merge kernel when
+    split): q, k, v ``[B, 1, H·D]`` / ``[B, 1, Hkv·D]`` un-rotated (column slices of the qkv output),
+    cos/sin tables ``[P, D]`` read at ``positions`` ``[B, 1]``; k rotated and v are written at
+    ``slots[0]`` of the caches, then the attention of the rotated q as :func:`decode_attention`.
+    Returns ``[B, 1, H·D]``."""
+    bsz, t = q.shape[:2]
+    d = cos.shape[-1]
+    h, hkv = q.shape[-1] // d, k.shape[-1] // d
+    if t != 1 or h % hkv or d % 2 or not _ok(q, k, v, cos, sin, k_cache, v_cache) \
+            or any(x.stride(-1) != 1 for x in (q, k, v, cos, sin, k_cache, v_cache, valid)):
+        qo = rope_kv_write(q, k, v, cos, sin, k_cache, v_cache, slots, positions=positions)
+        return decode_attention(qo, k_cache, v_cache, valid, slots, kv_len, scale, splits=splits, out=out)
+    rope = (k, v, cos, sin, positions)
+    return _attention_launch(q, (q.stride(0), d), rope, k_cache, v_cache, valid, slots, kv_len, scale, splits, out)
+
+
+def _attention_launch(q, q_strides, rope, k_cache, v_cache, valid, slots, kv_len, scale, splits, out):
+    bsz, hkv, _, d = k_cache.shape
+    h = q.shape[-1] // d if rope is not None else q.shape[1]
     g = h // hkv
     if splits is None:
         splits = attention_splits(bsz, hkv, kv_len) if q.is_cuda else 1
@@ -425,15 +486,24 @@ def decode_attention(q, k_cache, v_cache, valid, slots, kv_len: int, scale: floa
         pl = torch.empty(bsz * h, splits, dtype=torch.float32, device=q.device)
     else:
         po = pm = pl = o3
+    if rope is not None:
+        kn, vn, cos, sin, pos = rope
+        rargs = (kn, vn, cos, sin, pos)
+        rstrides = (kn.stride(0), vn.stride(0), cos.stride(0), sin.stride(0), pos.stride(0))
+    else:
+        rargs = (q, q, q, q, slots)
+        rstrides = (0, 0, 0, 0, 0)
+    interp = _interpret()
     _jit(_decode_attn_kernel, _ATTN_NO_SPEC)[(bsz * hkv, splits)](
-        q, k_cache, v_cache, val, slots, o3, po, pm, pl, hkv, kv_len, chunk, splits, scale * math.log2(math.e),
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        q, k_cache, v_cache, val, slots, o3, po, pm, pl, *rargs, hkv, kv_len, chunk, splits,
+        scale * math.log2(math.e), *q_strides, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), val.stride(0), o3.stride(0), o3.stride(1),
-        G=g, GP=gp, D=d, BD=bd, BLOCK_N=block_n, F32DOT=q.dtype == torch.float32 or _interpret(),
-        ISPAN=triton.cdiv(chunk, block_n) * block_n if _interpret() else 0, num_warps=8)  # (4: spills)
+        *rstrides, G=g, GP=gp, D=d, BD=bd, BLOCK_N=block_n, F32DOT=q.dtype == torch.float32 or interp,
+        ISPAN=triton.cdiv(chunk, block_n) * block_n if interp else 0, ROPE=rope is not None,
+        num_warps=ATTN_WARPS)
     if splits > 1:
         _jit(_attn_merge_kernel, ("S",))[(bsz * h,)](po, pm, pl, o3, h, splits, o3.stride(0), o3.stride(1),
-                                             D=d, BD=bd, BS=max(16, _pow2(splits)), num_warps=4)
+                                                     D=d, BD=bd, BS=max(16, _pow2(splits)), num_warps=4)
     return o
 
 
