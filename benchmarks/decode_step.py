@@ -8,7 +8,8 @@
 3. The engine on a small random GQA model, fp16, CUDA graphs: greedy tokens with the decode kernels vs
    without, and a long prompt (split-KV attention captured in graphs).
 4. ``gqsa bench --synthetic llama-2-7b --settings fp16,w4s50g16 --batch 1,4 --new-tokens 64 --repeats 2
-   --profile`` with the decode kernels off (``--no-decode-kernels``) and on, in this process.
+   --profile`` with the decode kernels off (``--no-decode-kernels``), on with RoPE + write and attention
+   as two kernels (``GQSA_DECODE_UNFUSED_ROPE_ATTENTION=1``), and on (one kernel), in this process.
 
 ``PYTHONPATH=src python benchmarks/decode_step.py --out DIR`` writes ``DIR/decode_step.json`` (and the
 two bench results) and prints a summary last.
@@ -77,6 +78,29 @@ def check_kernels():
                 ref = dk.decode_attention_reference(q, kc, vc, valid, slots, kv_len, d ** -0.5)
                 out.append({"kernel": "decode_attention", "dtype": str(dtype)[6:], "h": h, "hkv": hkv, "b": bsz,
                             "kv_len": kv_len, "splits": splits, "err": rel(o, ref)})
+            for bsz, kv_len, slot in ((1, 128, 100), (4, 200, 199), (1, 1000, 999), (1, 4096, 4000)):
+                L, P = kv_len, 4096
+                qkv = rn(bsz, 1, (h + 2 * hkv) * d, dtype=dtype)
+                q, k, v = qkv.split((h * d, hkv * d, hkv * d), -1)
+                ctab, stab = rn(P, d, dtype=dtype), rn(P, d, dtype=dtype)
+                pos = torch.randint(0, P, (bsz, 1), device=dev)
+                kc, vc = rn(bsz, hkv, L, d, dtype=dtype), rn(bsz, hkv, L, d, dtype=dtype)
+                kc[:, :, slot:] = float("nan")
+                vc[:, :, slot:] = float("nan")
+                kr, vr = kc.clone(), vc.clone()
+                valid = torch.rand(bsz, L, generator=g, device=dev) > 0.2
+                valid[:, slot] = True
+                slots = torch.tensor([slot], device=dev)
+                o = torch.full((bsz, 1, h * d), float("nan"), dtype=dtype, device=dev)
+                dk.rope_decode_attention(q, k, v, ctab, stab, pos, kc, vc, valid, slots, kv_len, d ** -0.5, out=o)
+                qr = dk.rope_kv_write_reference(q, k, v, ctab[pos], stab[pos], kr, vr, slots)
+                ref = dk.decode_attention_reference(qr, kr.nan_to_num(), vr.nan_to_num(), valid, slots, kv_len,
+                                                    d ** -0.5)
+                out.append({"kernel": "rope_decode_attention", "dtype": str(dtype)[6:], "h": h, "hkv": hkv,
+                            "b": bsz, "kv_len": kv_len, "splits": dk.attention_splits(bsz, hkv, kv_len),
+                            "err": rel(o, ref), "err_k": rel(kc[:, :, slot], kr[:, :, slot]),
+                            "v_equal": bool(torch.equal(vc[:, :, slot], vr[:, :, slot])),
+                            "later_untouched": bool(kc[:, :, slot + 1:].isnan().all())})
         x, dx, w = rn(4, 4096, dtype=dtype), rn(4, 4096, dtype=dtype), rn(4096, dtype=dtype)
         s, y = dk.add_rms_norm(x, dx, w, 1e-5)
         sr, yr = dk.add_rms_norm_reference(x, dx, w, 1e-5)
@@ -131,7 +155,7 @@ def micro_timings():
     dev, dtype, d = "cuda", torch.float16, 128
     rows = []
     for bsz, h, hkv in ((1, 32, 32), (4, 32, 32), (1, 32, 8)):
-        for kv_len in (128, 1024, 4096):
+        for kv_len in (128, 1024, 4096):  # attention alone (q already rotated) vs SDPA
             q = torch.randn(bsz, h, 1, d, device=dev, dtype=dtype)
             kc = torch.randn(bsz, hkv, kv_len, d, device=dev, dtype=dtype)
             vc = torch.randn_like(kc)
@@ -148,11 +172,54 @@ def micro_timings():
                 return o.reshape(bsz, h, 1, d).transpose(1, 2).reshape(bsz, 1, h * d)
 
             row = {"b": bsz, "h": h, "hkv": hkv, "kv_len": kv_len, "sdpa_us": graph_time_us(sdpa),
-                   "splits_auto": dk.attention_splits(bsz, hkv, kv_len)}
-            for sp in (1, 2, 4, 8):
-                row[f"kernel_s{sp}_us"] = graph_time_us(
-                    lambda sp=sp: dk.decode_attention(q, kc, vc, valid, slots, kv_len, 0.08, splits=sp))
+                   "splits_auto": dk.attention_splits(bsz, hkv, kv_len),
+                   "kernel_auto_us": graph_time_us(lambda: dk.decode_attention(q, kc, vc, valid, slots, kv_len, 0.08))}
+            if kv_len >= 1024:
+                row["kernel_s1_us"] = graph_time_us(lambda: dk.decode_attention(q, kc, vc, valid, slots, kv_len, 0.08,
+                                                                                splits=1))
             rows.append(row)
+    # one layer's RoPE + cache write + attention at 128 slots: compiled RoPE + 2 index_copy_ + SDPA (before),
+    # rope_kv_write + decode_attention, rope_decode_attention (one launch)
+    fused = []
+    for bsz, h, hkv in ((1, 32, 32), (4, 32, 32), (1, 32, 8)):
+        L, kv_len = 256, 128
+        qkv = torch.randn(bsz, 1, (h + 2 * hkv) * d, device=dev, dtype=dtype)
+        q, k, v = qkv.split((h * d, hkv * d, hkv * d), -1)
+        kc = torch.randn(bsz, hkv, L, d, device=dev, dtype=dtype)
+        vc = torch.randn_like(kc)
+        ctab, stab = torch.randn(L, d, device=dev, dtype=dtype), torch.randn(L, d, device=dev, dtype=dtype)
+        pos = torch.full((bsz, 1), 100, device=dev)
+        slots = torch.tensor([100], device=dev)
+        valid = torch.ones(bsz, L, dtype=torch.bool, device=dev)
+        cos, sin = ctab[pos], stab[pos]
+        mask = torch.zeros(bsz, 1, 1, kv_len, dtype=dtype, device=dev)
+        rope = ops.compiled("rope")
+        gq = h // hkv
+
+        def before():
+            qq = q.view(bsz, 1, h, d).transpose(1, 2)
+            kk = k.view(bsz, 1, hkv, d).transpose(1, 2)
+            vv = v.view(bsz, 1, hkv, d).transpose(1, 2)
+            qq, kk = rope(qq, kk, cos, sin)
+            kc.index_copy_(2, slots, kk)
+            vc.index_copy_(2, slots, vv)
+            kv, vv2 = kc[:, :, :kv_len], vc[:, :, :kv_len]
+            if gq > 1:
+                o = F.scaled_dot_product_attention(qq.reshape(bsz, hkv, gq, d), kv, vv2, attn_mask=mask, scale=0.08)
+            else:
+                o = F.scaled_dot_product_attention(qq, kv, vv2, attn_mask=mask, scale=0.08)
+            return o.reshape(bsz, h, 1, d).transpose(1, 2).reshape(bsz, 1, h * d)
+
+        def two():
+            qo = dk.rope_kv_write(q, k, v, ctab, stab, kc, vc, slots, positions=pos)
+            return dk.decode_attention(qo, kc, vc, valid, slots, kv_len, 0.08)
+
+        fused.append({"b": bsz, "h": h, "hkv": hkv, "kv_len": kv_len,
+                      "before_rope_2xindex_copy_sdpa_us": graph_time_us(before),
+                      "rope_kv_write_then_attention_us": graph_time_us(two),
+                      "rope_decode_attention_us": graph_time_us(
+                          lambda: dk.rope_decode_attention(q, k, v, ctab, stab, pos, kc, vc, valid, slots, kv_len,
+                                                           0.08))})
     # RoPE + cache write (B=1, 7B heads) vs compiled rope + two index_copy_
     bsz, h, hkv, L = 1, 32, 32, 256
     qkv = torch.randn(bsz, 1, (h + 2 * hkv) * d, device=dev, dtype=dtype)
@@ -186,7 +253,7 @@ def micro_timings():
                       "add_rms_norm_kernel_us": graph_time_us(lambda: dk.add_rms_norm(x, dx, w, 1e-5)),
                       "silu_mul_compiled_us": graph_time_us(lambda: sm(gu)),
                       "silu_mul_kernel_us": graph_time_us(lambda: dk.silu_mul(gu))})
-    return {"attention": rows, "pointwise": rope_rows}
+    return {"attention": rows, "rope_write_attention": fused, "pointwise": rope_rows}
 
 
 def engine_checks():
@@ -221,17 +288,57 @@ def engine_checks():
         res[name]["long_700_prompt_tokens_equal_hf"] = sum(a == b for a, b in zip(t, ref_long))
         res[name]["long_700_prompt_first_diff"] = next((i for i, (a, b) in enumerate(zip(t, ref_long)) if a != b), None)
     res["long_splits"] = dk.attention_splits(1, 2, 768)
+    # float32 on the GPU (the kernels' dots in IEEE float32): greedy tokens vs transformers
+    m32 = LlamaForCausalLM(cfg).eval().to(DEV, torch.float32)
+    m32.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    ref32 = [m32.generate(torch.tensor([p], device=DEV), max_new_tokens=24, do_sample=False, eos_token_id=None,
+                          pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+    for name, kw in (("fp32_off", {"decode_kernels": False}), ("fp32_on", {})):
+        eng = Engine(m32, **kw)
+        batch = eng.generate(prompts, 24).tokens
+        res[name] = {"batch_tokens_equal_hf": sum(a == b for x, y in zip(batch, ref32) for a, b in zip(x, y)),
+                     "tokens": sum(len(r) for r in ref32), "decode_kernels": eng.decoder.decode_kernels}
+        eng.release()
+    # fp16, teacher-forced on transformers' greedy tokens: logits of one decode step per position, kernels
+    # on vs off vs transformers' own forward
+    from gqsa.engine import LlamaDecoder, StaticKVCache
+
+    p = prompts[1]
+    seq = torch.tensor([p + ref[1]], device=DEV)
+    with torch.inference_mode():
+        hf_logits = model(seq).logits[0].float()  # [T, V]
+        diag = {}
+        for kern in (False, True):
+            dec = LlamaDecoder(model, fuse_projections=False, compile_ops=False, decode_kernels=kern)
+            cache = StaticKVCache(dec.n_layers, 1, dec.n_kv, 64, dec.head_dim, next(model.parameters()).dtype, DEV)
+            n0 = len(p)
+            cache.valid[:, :n0] = True
+            outs = [dec.forward(cache, seq[:, :n0], torch.arange(n0, device=DEV)[None], torch.arange(n0, device=DEV),
+                                n0).float()]
+            for i in range(n0, seq.shape[1] - 1):
+                cache.valid[:, i] = True
+                outs.append(dec.forward(cache, seq[:, i:i + 1], torch.tensor([[i]], device=DEV),
+                                        torch.tensor([i], device=DEV), 64).float())
+            lg = torch.cat(outs)  # logits predicting positions n0 .. T-1
+            ref_lg = hf_logits[n0 - 1:seq.shape[1] - 1]
+            top2 = ref_lg.topk(2, -1).values
+            diag["on" if kern else "off"] = {
+                "max_abs_diff_vs_hf": round(float((lg - ref_lg).abs().max()), 5),
+                "logit_std": round(float(ref_lg.std()), 4),
+                "argmax_equal": int((lg.argmax(-1) == ref_lg.argmax(-1)).sum()), "steps": int(lg.shape[0]),
+                "min_top2_margin_hf": round(float((top2[:, 0] - top2[:, 1]).min()), 5)}
+        res["fp16_teacher_forced"] = diag
     return res
 
 
 def summarize(tag, r):
     lines = []
     for row in r["rows"]:
-        lines.append(f"{tag:4s} {row['setting']:10s} B={row['batch']}: {row['decode_tokens_per_s']:8.1f} tok/s "
+        lines.append(f"{tag:8s} {row['setting']:10s} B={row['batch']}: {row['decode_tokens_per_s']:8.1f} tok/s "
                      f"{row['ms_per_step']:.3f} ms/step runs {row['decode_tokens_per_s_runs']}")
     for k, p in r.get("profiles", {}).items():
         gph = p.get("graph", {})
-        lines.append(f"{tag:4s} {k}: graph kernels/step {gph.get('kernels_per_step')}, span {gph.get('span_us_per_step')} "
+        lines.append(f"{tag:8s} {k}: graph kernels/step {gph.get('kernels_per_step')}, span {gph.get('span_us_per_step')} "
                      f"us, idle {gph.get('idle_us_per_step')} us, kinds {gph.get('kernel_us_per_step')}")
     return lines
 
@@ -267,12 +374,16 @@ def main():
     if "bench" not in skip:
         from gqsa.bench import runner
 
-        for tag, dkern in (("off", False), ("on", "auto")):
+        from gqsa.engine import llama as llama_mod
+
+        for tag, dkern in (("off", False), ("unfused", "auto"), ("on", "auto")):
+            llama_mod.FUSED_ROPE_ATTENTION = tag != "unfused"
             t0 = time.time()
             try:
                 r = runner.run(["fp16", "w4s50g16"], [1, 4], synthetic="llama-2-7b", new_tokens=64, repeats=2,
                                profile=True, decode_kernels=dkern, log=lambda m: print(m, flush=True))
-                r["command"] = ("gqsa bench --synthetic llama-2-7b --settings fp16,w4s50g16 --batch 1,4 --new-tokens 64 "
+                r["command"] = (("GQSA_DECODE_UNFUSED_ROPE_ATTENTION=1 " if tag == "unfused" else "")
+                                + "gqsa bench --synthetic llama-2-7b --settings fp16,w4s50g16 --batch 1,4 --new-tokens 64 "
                                 "--repeats 2 --profile" + (" --no-decode-kernels" if dkern is False else ""))
                 runner.write_json(r, out / f"bench_{tag}.json")
                 summary += summarize(tag, r)
@@ -296,6 +407,8 @@ def main():
     if isinstance(m, dict) and "attention" in m:
         for r in m["attention"]:
             print("attn", r)
+        for r in m["rope_write_attention"]:
+            print("rope+write+attn", r)
         print("pointwise", m["pointwise"])
     else:
         print("micro", json.dumps(m)[:1500])
