@@ -107,7 +107,8 @@ def check_kernels():
         out.append({"kernel": "add_rms_norm", "dtype": str(dtype)[6:], "s_equal": bool(torch.equal(s, sr)),
                     "err": rel(y, yr), "y_equal": bool(torch.equal(y, yr))})
         gu = rn(4, 2 * 11008, dtype=dtype)
-        out.append({"kernel": "silu_mul", "dtype": str(dtype)[6:], "err": rel(dk.silu_mul(gu), dk.silu_mul_reference(gu))})
+        out.append({"kernel": "silu_mul", "dtype": str(dtype)[6:],
+                    "err": rel(dk.silu_mul(gu), dk.silu_mul_reference(gu))})
         lg = rn(4, 32000, dtype=dtype)
         st = []
         for fn in (dk.greedy_advance, dk.greedy_advance_reference):
@@ -338,7 +339,8 @@ def summarize(tag, r):
                      f"{row['ms_per_step']:.3f} ms/step runs {row['decode_tokens_per_s_runs']}")
     for k, p in r.get("profiles", {}).items():
         gph = p.get("graph", {})
-        lines.append(f"{tag:8s} {k}: graph kernels/step {gph.get('kernels_per_step')}, span {gph.get('span_us_per_step')} "
+        lines.append(f"{tag:8s} {k}: graph kernels/step {gph.get('kernels_per_step')}, "
+                     f"span {gph.get('span_us_per_step')} "
                      f"us, idle {gph.get('idle_us_per_step')} us, kinds {gph.get('kernel_us_per_step')}")
     return lines
 
@@ -373,7 +375,6 @@ def main():
     summary = []
     if "bench" not in skip:
         from gqsa.bench import runner
-
         from gqsa.engine import llama as llama_mod
 
         for tag, dkern in (("off", False), ("unfused", "auto"), ("on", "auto")):
@@ -383,8 +384,8 @@ def main():
                 r = runner.run(["fp16", "w4s50g16"], [1, 4], synthetic="llama-2-7b", new_tokens=64, repeats=2,
                                profile=True, decode_kernels=dkern, log=lambda m: print(m, flush=True))
                 r["command"] = (("GQSA_DECODE_UNFUSED_ROPE_ATTENTION=1 " if tag == "unfused" else "")
-                                + "gqsa bench --synthetic llama-2-7b --settings fp16,w4s50g16 --batch 1,4 --new-tokens 64 "
-                                "--repeats 2 --profile" + (" --no-decode-kernels" if dkern is False else ""))
+                                + "gqsa bench --synthetic llama-2-7b --settings fp16,w4s50g16 --batch 1,4 "
+                                "--new-tokens 64 --repeats 2 --profile" + (" --no-decode-kernels" if dkern is False else ""))
                 runner.write_json(r, out / f"bench_{tag}.json")
                 summary += summarize(tag, r)
             except Exception:  # noqa: BLE001

@@ -13,7 +13,6 @@ from gqsa.engine import Engine  # noqa: E402
 from gqsa.kernels import decode_ops as dk  # noqa: E402
 
 
-
 def hf_greedy(model, ids, n):
     """transformers' greedy continuation of each prompt on its own (no padding), EOS not stopping."""
     return [model.generate(torch.tensor([p]), max_new_tokens=n, do_sample=False, eos_token_id=None,

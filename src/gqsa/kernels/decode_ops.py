@@ -36,7 +36,7 @@ try:  # triton is optional: without it every entry point runs its twin
     import triton.language as tl
 
     HAS_TRITON = True
-except Exception:  # pragma: no cover - depends on the environment
+except Exception:  # noqa: BLE001  # pragma: no cover - depends on the environment
     triton = None
     tl = None
     HAS_TRITON = False
@@ -297,7 +297,7 @@ def _greedy_advance_kernel(lg_ptr, V, sl, done_ptr, pad_ptr, eos_ptr, out_ptr, s
     while c < V:
         i = c + offs
         x = tl.load(lg_ptr + b * sl + i, mask=i < V, other=float("-inf")).to(tl.float32)
-        x = tl.where(x != x, float("inf"), x)  # NaN counts as the maximum, as in torch.argmax
+        x = tl.where(x != x, float("inf"), x)  # noqa: PLR0124 - NaN counts as the maximum, as in torch.argmax
         upd = x > best_v  # strictly: each lane keeps its first maximum
         best_v = tl.where(upd, x, best_v)
         best_i = tl.where(upd, i, best_i)
@@ -455,7 +455,7 @@ def rope_decode_attention(q, k, v, cos, sin, positions, k_cache, v_cache, valid,
     cos/sin tables ``[P, D]`` read at ``positions`` ``[B, 1]``; k rotated and v are written at
     ``slots[0]`` of the caches, then the attention of the rotated q as :func:`decode_attention`.
     Returns ``[B, 1, H·D]``."""
-    bsz, t = q.shape[:2]
+    t = q.shape[1]
     d = cos.shape[-1]
     h, hkv = q.shape[-1] // d, k.shape[-1] // d
     if t != 1 or h % hkv or d % 2 or not _ok(q, k, v, cos, sin, k_cache, v_cache) \
