@@ -385,7 +385,8 @@ def main():
                                profile=True, decode_kernels=dkern, log=lambda m: print(m, flush=True))
                 r["command"] = (("GQSA_DECODE_UNFUSED_ROPE_ATTENTION=1 " if tag == "unfused" else "")
                                 + "gqsa bench --synthetic llama-2-7b --settings fp16,w4s50g16 --batch 1,4 "
-                                "--new-tokens 64 --repeats 2 --profile" + (" --no-decode-kernels" if dkern is False else ""))
+                                "--new-tokens 64 --repeats 2 --profile"
+                                + (" --no-decode-kernels" if dkern is False else ""))
                 runner.write_json(r, out / f"bench_{tag}.json")
                 summary += summarize(tag, r)
             except Exception:  # noqa: BLE001
