@@ -88,8 +88,11 @@ def test_bench_synthetic_table_and_json(tmp_path, capsys):
     assert [(x["setting"], x["batch"]) for x in r["rows"]] == [("fp16", 1), ("fp16", 2), ("w4s50g16", 1),
                                                               ("w4s50g16", 2)]
     assert r["environment"]["torch"] == torch.__version__
+    assert r["config"]["decode_kernels"] == "auto" and not any(x["decode_kernels"] for x in r["rows"])  # CPU: off
     assert main(argv[:-2] + ["--json"]) == 0  # --json alone: JSON on stdout
     assert len(json.loads(capsys.readouterr().out)["rows"]) == 4
+    assert main(argv[:-2] + ["--no-decode-kernels", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["config"]["decode_kernels"] is False
 
 
 def test_bench_folder(folder, capsys):

@@ -64,6 +64,19 @@ def _kind(name: str) -> str:
         return "gqsa_expand"
     if "int4" in n or "tinygemm" in n:
         return "tinygemm"
+    # the decode-step pieces (gqsa.kernels.decode_ops, or torch's / torch.compile's kernels for them)
+    if "_decode_attn_kernel" in n or "_attn_merge_kernel" in n:
+        return "attention"
+    if "_rope_kv_kernel" in n:
+        return "rope_kv_write"
+    if "index_copy" in n or "indexcopy" in n:
+        return "kv_write"
+    if "_add_rms_norm_kernel" in n or (n.startswith("triton_") and "rsqrt" in n):
+        return "norm"
+    if "_silu_mul_kernel" in n or (n.startswith("triton_") and "silu" in n):
+        return "silu_mul"
+    if n.startswith("triton_") and ("cat" in n or "neg" in n):
+        return "rope"
     if any(s in n for s in ("attention", "fmha", "flash", "sdpa", "softmax")):
         return "attention"
     if any(s in n for s in ("gemm", "gemv", "cutlass", "xmma", "nvjet", "cublas")):
@@ -110,7 +123,7 @@ def profile_decode(engine: Engine, prompts, new_tokens: int, steps: int = 8) -> 
                 c = names.setdefault(name[:90], [0, 0.0])
                 c[0] += 1
                 c[1] += b - a
-            top = sorted(names.items(), key=lambda kv: -kv[1][1])[:15]
+            top = sorted(names.items(), key=lambda kv: -kv[1][1])[:30]
             res.setdefault("top_kernels_" + mode, [
                 {"name": k, "calls_per_step": round(c / steps, 2), "us_per_step": round(t / steps, 1)}
                 for k, (c, t) in top])
@@ -136,7 +149,7 @@ def profile_decode(engine: Engine, prompts, new_tokens: int, steps: int = 8) -> 
 
 def run(settings: list[str], batches: list[int], synthetic: str | None = None, folder=None, device=None,
         prompt_len: int = 32, new_tokens: int = 128, repeats: int = 3, seed: int = 0, profile: bool = False,
-        compile_ops="auto", fuse="auto", cuda_graphs="auto", log=print) -> dict:
+        compile_ops="auto", fuse="auto", cuda_graphs="auto", decode_kernels="auto", log=print) -> dict:
     """Benchmark every setting × batch; returns ``{"environment", "config", "rows", "profiles"}``."""
     if (synthetic is None) == (folder is None):
         raise ValueError("benchmark either a checkpoint folder or --synthetic ARCH, not both/neither")
@@ -159,7 +172,8 @@ def run(settings: list[str], batches: list[int], synthetic: str | None = None, f
             if not cuda and isinstance(setting, Setting) and setting.kind != "tinygemm":
                 model = model.float()  # CPU: float32 compute (fp16 matmuls are slow or missing there)
         size = weight_bytes(model)
-        engine = Engine(model, compile_ops=compile_ops, fuse_projections=fuse, cuda_graphs=cuda_graphs)
+        engine = Engine(model, compile_ops=compile_ops, fuse_projections=fuse, cuda_graphs=cuda_graphs,
+                        decode_kernels=decode_kernels)
         emb = model.get_input_embeddings().weight
         tied = emb.data_ptr() == model.get_output_embeddings().weight.data_ptr()
         step_bytes = size - (0 if tied else emb.numel() * emb.element_size())  # weights read per decode step
@@ -188,6 +202,7 @@ def run(settings: list[str], batches: list[int], synthetic: str | None = None, f
                    "prompt_len": prompt_len, "new_tokens": new_tokens,
                    "decode_steps": med.decode_steps, "cuda_graphs": med.cuda_graphs,
                    "compute_dtype": str(engine.dtype).removeprefix("torch."),
+                   "decode_kernels": engine.decoder.decode_kernels,
                    "warmup_s": round(warm_s, 2), "build_s": round(build_s, 2)}
             rows.append(row)
             log(f"[{label}] batch {bsz}: {row['decode_tokens_per_s']:.1f} tokens/s, {row['ms_per_step']:.3f} ms/step, "
@@ -204,7 +219,8 @@ def run(settings: list[str], batches: list[int], synthetic: str | None = None, f
     return {"environment": environment(device),
             "config": {"synthetic": synthetic, "folder": str(folder) if folder else None, "settings": settings,
                        "batches": batches, "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats,
-                       "seed": seed, "compile_ops": compile_ops, "fuse_projections": fuse, "cuda_graphs": cuda_graphs},
+                       "seed": seed, "compile_ops": compile_ops, "fuse_projections": fuse, "cuda_graphs": cuda_graphs,
+                       "decode_kernels": decode_kernels},
             "rows": rows, "profiles": profiles}
 
 

@@ -38,6 +38,9 @@ def add_parser(sub):
                    help="CUDA: kernel-time breakdown of a decode step at the first batch size")
     p.add_argument("--no-compile", action="store_true", help="CUDA: eager pointwise ops (norm, RoPE, SiLU)")
     p.add_argument("--no-fuse", action="store_true", help="separate q/k/v and gate/up projections")
+    p.add_argument("--no-decode-kernels", action="store_true",
+                   help="CUDA: no decode-step Triton kernels (RoPE+KV write, decode attention, add+RMSNorm, SiLU·up): "
+                        "index_copy, SDPA and the compiled/eager pointwise ops instead")
     p.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
                    help="also write the results as JSON to PATH (or to stdout instead of the table: --json alone)")
     add_threads(p)
@@ -93,7 +96,8 @@ def run(args) -> int:
     result = bench.run(settings, batches, synthetic=args.synthetic, folder=args.folder, device=args.device,
                        prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats, seed=args.seed,
                        profile=args.profile, compile_ops=False if args.no_compile else "auto",
-                       fuse=False if args.no_fuse else "auto", log=log)
+                       fuse=False if args.no_fuse else "auto",
+                       decode_kernels=False if args.no_decode_kernels else "auto", log=log)
     result["command"] = "gqsa " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else None
     if args.json == "-":
         print(json.dumps(result, indent=2))

@@ -21,12 +21,14 @@ dropped from the output. Without a ``stream`` callback the host synchronizes onl
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
 
+from ..kernels import decode_ops as dk
 from .cache import StaticKVCache
 from .llama import LlamaDecoder
 from .sampling import SamplingParams, sample
@@ -63,8 +65,9 @@ class _Session:
         z = dict(dtype=torch.long, device=device)
         self.tok = torch.zeros(bsz, 1, **z)  # token fed to the next step
         self.pos = torch.zeros(bsz, 1, **z)  # its position (per row)
-        self.slot = torch.zeros(1, **z)  # its cache slot (shared)
-        self.step = torch.zeros(1, **z)  # index into out
+        self.counters = torch.zeros(2, **z)  # [slot, step], advanced together
+        self.slot = self.counters[0:1]  # cache slot of the next token (shared by the rows)
+        self.step = self.counters[1:2]  # index into out
         self.out = torch.zeros(bsz, max_new, **z)
         self.done = torch.zeros(bsz, dtype=torch.bool, device=device)
         self.eos = torch.full((MAX_EOS,), -1, **z)  # end-of-sequence ids, -1 = unused slot
@@ -79,12 +82,14 @@ class _Session:
 class Engine:
     """Runs a LLaMA-family causal LM (dense or GQSA) with a static KV cache.
 
-    ``cuda_graphs``, ``fuse_projections``, ``compile_ops``: ``"auto"`` = on for a CUDA model, off on
-    CPU (where the engine must reproduce transformers' greedy tokens exactly).
+    ``cuda_graphs``, ``fuse_projections``, ``compile_ops``, ``decode_kernels``: ``"auto"`` = on for a CUDA
+    model, off on CPU (where the engine must reproduce transformers' greedy tokens exactly).
+    ``decode_kernels`` (:mod:`gqsa.kernels.decode_ops`: RoPE + KV write, decode attention, add+RMSNorm,
+    SiLU·up) also needs Triton; ``GQSA_NO_DECODE_KERNELS=1`` turns ``"auto"`` off.
     """
 
     def __init__(self, model, cuda_graphs="auto", fuse_projections="auto", compile_ops=False,
-                 sync_every: int = 32):
+                 sync_every: int = 32, decode_kernels="auto"):
         self.model = model
         self.device = next(model.parameters()).device
         on_cuda = self.device.type == "cuda"
@@ -93,7 +98,11 @@ class Engine:
             raise ValueError("cuda_graphs=True needs a model on a CUDA device")
         fuse = on_cuda if fuse_projections == "auto" else bool(fuse_projections)
         compile_ops = on_cuda if compile_ops == "auto" else bool(compile_ops)
-        self.decoder = LlamaDecoder(model, fuse_projections=fuse, compile_ops=compile_ops)
+        if decode_kernels == "auto":
+            decode_kernels = on_cuda and dk.HAS_TRITON and os.environ.get("GQSA_NO_DECODE_KERNELS", "0").strip() \
+                in ("", "0")
+        self.decoder = LlamaDecoder(model, fuse_projections=fuse, compile_ops=compile_ops,
+                                    decode_kernels=bool(decode_kernels))
         self.dtype = model.get_input_embeddings().weight.dtype
         self.vocab_size = model.config.vocab_size
         self.sync_every = max(1, int(sync_every))
@@ -140,6 +149,9 @@ class Engine:
     def _decode_body(self, s: _Session, kv_len: int, greedy: bool) -> None:
         s.cache.valid.index_fill_(1, s.slot, True)
         logits = self.decoder.forward(s.cache, s.tok, s.pos, s.slot, kv_len)
+        if greedy and self.decoder.decode_kernels:  # argmax and bookkeeping in one kernel (+ one add)
+            dk.greedy_advance(logits, s.done, s.pad, s.eos, s.out, s.tok, s.pos, s.counters)
+            return
         if s.logits is None or s.logits.shape != logits.shape or s.logits.dtype != logits.dtype:
             s.logits = torch.empty_like(logits)
         s.logits.copy_(logits)

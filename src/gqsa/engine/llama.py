@@ -15,16 +15,31 @@ Options (both off on CPU by default, where the engine must equal transformers' g
   model still runs through transformers.
 * ``compile_ops``: RMSNorm (+ residual add), RoPE and SiLU·up run as ``torch.compile``d functions
   (:mod:`gqsa.engine.ops`), one kernel each instead of several.
+* ``decode_kernels`` (issue 12): the Triton kernels of :mod:`gqsa.kernels.decode_ops` instead (they
+  take precedence over ``compile_ops``). Decode step (``T = 1``): RoPE, the KV-cache write and a
+  grouped-query attention over the filled cache slots only in **one** launch per layer (cos/sin read
+  from tables built once per decoder, rows picked by position: no per-step rotary kernels, no mask
+  tensor; split-KV with a merge kernel for long caches); prefill: RoPE + cache write in one launch,
+  then SDPA. Residual add + RMSNorm and SiLU·up one launch each. Off by default and on CPU; the
+  engine turns it on for CUDA models.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..format import TENSOR_NAMES, PackedLinear
+from ..kernels import decode_ops as dk
 from ..nn import GQSALinear
 from . import ops
+
+ROPE_TABLE_TYPES = ("default", "linear", "llama3")  # rotary types whose cos/sin depend on the position alone
+# decode_kernels at T = 1: RoPE + cache write + attention in one kernel (False: rope_kv_write, then the
+# attention kernel; for A/B measurements), read when a decoder is made
+FUSED_ROPE_ATTENTION = os.environ.get("GQSA_DECODE_UNFUSED_ROPE_ATTENTION", "0").strip() in ("", "0")
 
 SUPPORTED_MODEL_TYPES = ("llama",)
 
@@ -106,7 +121,8 @@ class _Block:
 class LlamaDecoder:
     """``forward(cache, tokens, positions, slots, kv_len)`` -> logits of each row's last position."""
 
-    def __init__(self, model, fuse_projections: bool = False, compile_ops: bool = False):
+    def __init__(self, model, fuse_projections: bool = False, compile_ops: bool = False,
+                 decode_kernels: bool = False):
         check_supported(model)
         cfg = model.config
         self.model, self.inner = model, model.model
@@ -116,6 +132,9 @@ class LlamaDecoder:
         self.blocks = [_Block(layer, fuse_projections) for layer in self.inner.layers]
         self.silu = getattr(cfg, "hidden_act", "silu") == "silu"
         self.compile_ops = compile_ops
+        self.decode_kernels = decode_kernels
+        self.fused_rope_attention = decode_kernels and FUSED_ROPE_ATTENTION
+        self._rope_tables: dict = {}
         self.fused = fuse_projections and all(b.qkv is not None and b.gate_up is not None for b in self.blocks)
         self.sizes_qkv = (self.n_heads * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim)
 
@@ -125,6 +144,8 @@ class LlamaDecoder:
 
     # ---------------------------------------------------------------- pieces (eager = transformers' modules)
     def _norm(self, norm, x):
+        if self.decode_kernels:
+            return dk.rms_norm(x, norm.weight, norm.variance_epsilon)
         if self.compile_ops:
             return ops.compiled("rms_norm")(x, norm.weight, norm.variance_epsilon)
         return norm(x)
@@ -140,6 +161,8 @@ class LlamaDecoder:
         if b.gate_up is None:
             return b.mlp(x)
         gu = b.gate_up(x)
+        if self.decode_kernels and self.silu:
+            return b.down(dk.silu_mul(gu))
         if self.compile_ops and self.silu:
             return b.down(ops.compiled("silu_mul")(gu))
         g, u = gu.split(b.gate.out_features, dim=-1)
@@ -164,6 +187,28 @@ class LlamaDecoder:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
         return out.transpose(1, 2).reshape(bsz, t, h * d)
 
+    def _add_norm(self, h, delta, weight, eps):
+        if self.decode_kernels:
+            return dk.add_rms_norm(h, delta, weight, eps)
+        return ops.compiled("add_rms_norm")(h, delta, weight, eps)
+
+    def rope_table(self, h: torch.Tensor, length: int):
+        """cos/sin ``[P ≥ length, D]`` in ``h``'s dtype from the model's own rotary module (the same values
+        as its per-step output: one product per element), made once (outside graph capture) and kept.
+        None for rotary types whose values depend on more than the position."""
+        rot = self.inner.rotary_emb
+        if getattr(rot, "rope_type", "default") not in ROPE_TABLE_TYPES:
+            return None
+        key = (h.device, h.dtype)
+        tab = self._rope_tables.get(key)
+        if tab is None or tab[0].shape[0] < length:
+            if h.is_cuda and torch.cuda.is_current_stream_capturing():
+                return None
+            n = max(length, 2 * tab[0].shape[0] if tab is not None else 0)
+            cos, sin = rot(h, torch.arange(n, device=h.device)[None])
+            tab = self._rope_tables[key] = (cos[0].contiguous(), sin[0].contiguous())
+        return tab
+
     # ---------------------------------------------------------------- the step
     def forward(self, cache, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                 kv_len: int) -> torch.Tensor:
@@ -171,33 +216,52 @@ class LlamaDecoder:
         ``kv_len`` slots where ``cache.valid``. Returns logits ``[B, V]`` of position ``T − 1``."""
         bsz, t = tokens.shape
         h = self.inner.embed_tokens(tokens)
-        cos, sin = self.inner.rotary_emb(h, positions)
-        valid = cache.valid[:, None, None, :kv_len]
-        if t == 1:
-            mask = valid
-        else:  # causal over slots; a padded query attends to itself only (never read by a real token)
-            idx = torch.arange(kv_len, device=tokens.device)
-            mask = (valid & (idx[None, :] <= slots[:, None])) | (idx[None, :] == slots[:, None])
-        if tokens.is_cuda:  # one additive mask per step, shared by all layers (not one conversion per layer)
-            mask = torch.zeros(mask.shape, dtype=h.dtype, device=h.device).masked_fill_(~mask, float("-inf"))
+        dkern = self.decode_kernels
+        table = self.rope_table(h, cache.max_len) if dkern else None
+        if table is None:
+            cos, sin = self.inner.rotary_emb(h, positions)
+        mask = None
+        if not (dkern and t == 1):  # the decode attention kernel reads cache.valid itself
+            valid = cache.valid[:, None, None, :kv_len]
+            if t == 1:
+                mask = valid
+            else:  # causal over slots; a padded query attends to itself only (never read by a real token)
+                idx = torch.arange(kv_len, device=tokens.device)
+                mask = (valid & (idx[None, :] <= slots[:, None])) | (idx[None, :] == slots[:, None])
+            if tokens.is_cuda:  # one additive mask per step, shared by all layers (not one conversion per layer)
+                mask = torch.zeros(mask.shape, dtype=h.dtype, device=h.device).masked_fill_(~mask, float("-inf"))
+        fused_pointwise = self.compile_ops or dkern
         x = self._norm(self.blocks[0].norm1, h) if self.blocks else h
         for i, b in enumerate(self.blocks):
             q, k, v = self._qkv(b, x)
-            q = q.view(bsz, t, self.n_heads, self.head_dim).transpose(1, 2)
-            k = k.view(bsz, t, self.n_kv, self.head_dim).transpose(1, 2)
-            v = v.view(bsz, t, self.n_kv, self.head_dim).transpose(1, 2)
-            q, k = self._rope(q, k, cos, sin)
-            cache.write(i, slots, k, v)
-            kc, vc = cache.view(i, kv_len)
-            o = b.o(self._attention(q, kc, vc, mask, b.scaling))
-            if self.compile_ops:
-                h, x = ops.compiled("add_rms_norm")(h, o, b.norm2.weight, b.norm2.variance_epsilon)
-                h, x = ops.compiled("add_rms_norm")(h, self._mlp(b, x), *self._next_norm(i))
+            if dkern and t == 1 and table is not None and self.fused_rope_attention:  # one launch
+                a = dk.rope_decode_attention(q, k, v, *table, positions, cache.k[i], cache.v[i], cache.valid, slots,
+                                             kv_len, b.scaling)
+            elif dkern:  # RoPE + cache write, one launch; q comes back [B, H, T, D]
+                if table is not None:
+                    q = dk.rope_kv_write(q, k, v, *table, cache.k[i], cache.v[i], slots, positions=positions)
+                else:
+                    q = dk.rope_kv_write(q, k, v, cos, sin, cache.k[i], cache.v[i], slots)
+                if t == 1:
+                    a = dk.decode_attention(q, cache.k[i], cache.v[i], cache.valid, slots, kv_len, b.scaling)
+                else:
+                    a = self._attention(q, *cache.view(i, kv_len), mask, b.scaling)
+            else:
+                q = q.view(bsz, t, self.n_heads, self.head_dim).transpose(1, 2)
+                k = k.view(bsz, t, self.n_kv, self.head_dim).transpose(1, 2)
+                v = v.view(bsz, t, self.n_kv, self.head_dim).transpose(1, 2)
+                q, k = self._rope(q, k, cos, sin)
+                cache.write(i, slots, k, v)
+                a = self._attention(q, *cache.view(i, kv_len), mask, b.scaling)
+            o = b.o(a)
+            if fused_pointwise:
+                h, x = self._add_norm(h, o, b.norm2.weight, b.norm2.variance_epsilon)
+                h, x = self._add_norm(h, self._mlp(b, x), *self._next_norm(i))
             else:
                 h = h + o
                 h = h + self._mlp(b, b.norm2(h))
                 x = self.blocks[i + 1].norm1(h) if i + 1 < len(self.blocks) else None
-        x = x[:, -1:] if self.compile_ops else self.inner.norm(h[:, -1:])  # (compiled: final norm done above)
+        x = x[:, -1:] if fused_pointwise else self.inner.norm(h[:, -1:])  # (fused: final norm done above)
         return self.model.lm_head(x)[:, 0]
 
     def _next_norm(self, i: int):
