@@ -1,0 +1,327 @@
+"""Load-time layout of a packed layer for the batch-1 decode GEMV, and its kernel (``v2``; issue 12).
+
+The on-disk format (``row_ptr / col_idx / qweight / scales / zeros``, :mod:`gqsa.format`) is unchanged;
+:func:`build_layout` derives, once per layer (``GemvPlan`` / :func:`gqsa.kernels.gemv.prepare` call it),
+a **metadata stream of one 32-bit word per kept group**::
+
+    meta = (col · 2G  |  z)  |  (scale fp16 bits) << 16
+
+— the low half is the group's byte offset in the fp16/bf16 activation row (``col · G`` elements of 2
+bytes; its low ``log2(2G)`` bits are zero, so the integer zero point ``z < 2^BITS ≤ 2G`` sits there), the
+high half the fp16 scale. 4 bytes per group instead of 5 (2 col + 2 scale + 1 zero), and one load
+instead of three. The codes are read where they are (``qweight`` viewed as int32) unless the number of
+kept groups is not a multiple of the groups a thread takes (``GPT``): then a zero-padded copy (so that
+every thread's 16-byte loads stay inside the buffers). Layers the word cannot describe — float zero
+points, ``K`` padded to whole groups above 32768, ``2^BITS > 2G`` (8-bit codes with G < 128) — get no
+layout (:func:`layout_supported`) and run the ``v1`` kernel.
+
+Kernel (:func:`_gemv2_kernel`): one program per output row, ``num_warps`` warps; each thread takes
+``GPT`` consecutive kept groups per step (G16 4-bit: 4 groups = 32 bytes of codes, 16 bytes of
+metadata, 128 bytes of activations — eleven 16-byte loads issued before any use). Steps start at
+``row_ptr[r]`` rounded down to a multiple of ``GPT`` so that every load is aligned; groups outside the
+row are computed and selected away (never multiplied by zero). In compiled mode the loads are inline
+PTX ``ld.global.nc.v4`` (weights: ``L1::no_allocate`` + an ``L2::evict_first`` policy; activations:
+cached in L1, they are re-read by every row) and the 4-bit integer-zero math is the inline PTX of
+:mod:`gqsa.kernels.gemv` (``_PTX_DEQ4`` / ``_PTX_DOT_*``); under ``TRITON_INTERPRET=1`` (and for 2- and
+8-bit codes) the same steps run as plain Triton loads and bit arithmetic.
+"""
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from ..format import PackedLinear
+
+try:
+    import triton.language as tl
+except Exception:  # pragma: no cover - triton is optional
+    tl = None
+
+LAYOUT_VERSION = 1  # bump when the meaning of GemvLayout's tensors changes
+MAX_X_BYTES = 1 << 16  # the byte offset of a group column must fit in 16 bits
+V2_NUM_WARPS = 1
+
+
+def default_gpt(group_size: int, bits: int) -> int:
+    """Kept groups per thread and step: 32 bytes of codes per thread (at least one group)."""
+    return max(1, min(8, 256 // (group_size * bits)))
+
+
+def layout_supported(packed: PackedLinear) -> bool:
+    g, b = packed.group_size, packed.bits
+    kp = packed.n_group_cols * g
+    return (b in (2, 4, 8) and not packed.float_zeros and kp * 2 <= MAX_X_BYTES and (1 << b) <= 2 * g
+            and g * b % 32 == 0 and packed.zeros.dtype == torch.uint8)
+
+
+@dataclass
+class GemvLayout:
+    """What the v2 kernel reads besides ``row_ptr`` and the activations (see the module docstring)."""
+
+    meta: torch.Tensor  # int32 [nnz rounded up to GPT]
+    codes: torch.Tensor  # int32 [(nnz rounded up to GPT) · G·BITS/32]
+    gpt: int
+    version: int
+    shape: tuple
+    nnz: int
+
+
+def build_layout(packed: PackedLinear, gpt: int | None = None) -> GemvLayout | None:
+    """The load-time layout of ``packed`` (``None`` where :func:`layout_supported` says no)."""
+    if not layout_supported(packed):
+        return None
+    g, b, nnz = packed.group_size, packed.bits, packed.nnz
+    gpt = gpt or default_gpt(g, b)
+    pad = -(-max(nnz, 1) // gpt) * gpt
+    dev = packed.row_ptr.device
+    off = packed.col_idx.to(torch.int32) * (2 * g) | packed.zeros.to(torch.int32)
+    sbits = packed.scales.contiguous().view(torch.int16).to(torch.int32) & 0xFFFF
+    meta = torch.zeros(pad, dtype=torch.int32, device=dev)
+    meta[:nnz] = off | (sbits << 16)
+    wpg = g * b // 32
+    q = packed.qweight
+    if pad == nnz and q.data_ptr() % 16 == 0:
+        codes = q.reshape(-1).view(torch.int32)
+    else:
+        codes = torch.zeros(pad * wpg, dtype=torch.int32, device=dev)
+        if nnz:
+            codes[: nnz * wpg] = q.reshape(-1).view(torch.int32)
+    return GemvLayout(meta=meta, codes=codes, gpt=gpt, version=LAYOUT_VERSION, shape=tuple(packed.shape), nnz=nnz)
+
+
+_LAYOUT_CACHE: dict = {}
+
+
+def cached_layout(packed: PackedLinear) -> GemvLayout | None:
+    """:func:`build_layout`, memoized on the identity (and in-place version) of ``qweight``."""
+    q = packed.qweight
+    hit = _LAYOUT_CACHE.get(id(q))
+    if hit is not None and hit[0]() is q and hit[1] == (q._version, packed.scales._version, packed.zeros._version,
+                                                         packed.col_idx._version):
+        lay = hit[2]
+        if lay is None or (lay.nnz == packed.nnz and lay.shape == tuple(packed.shape)):
+            return lay
+    lay = build_layout(packed)
+    _LAYOUT_CACHE[id(q)] = (weakref.ref(q), (q._version, packed.scales._version, packed.zeros._version,
+                                             packed.col_idx._version), lay)
+    if len(_LAYOUT_CACHE) > 4096:
+        for k in [k for k, v in _LAYOUT_CACHE.items() if v[0]() is None]:
+            del _LAYOUT_CACHE[k]
+    return lay
+
+
+# ============================================================================ kernel
+
+# 16-byte loads. Weights: read once, keep them out of L1 and mark them first to leave L2.
+_PTX_LDW4 = """{
+.reg .b64 pol;
+createpolicy.fractional.L2::evict_first.b64 pol, 1.0;
+ld.global.nc.L1::no_allocate.L2::cache_hint.v4.u32 {$0, $1, $2, $3}, [$4], pol;
+}"""
+_PTX_LDW2 = """{
+.reg .b64 pol;
+createpolicy.fractional.L2::evict_first.b64 pol, 1.0;
+ld.global.nc.L1::no_allocate.L2::cache_hint.v2.u32 {$0, $1}, [$2], pol;
+}"""
+_PTX_LDW1 = """{
+.reg .b64 pol;
+createpolicy.fractional.L2::evict_first.b64 pol, 1.0;
+ld.global.nc.L1::no_allocate.L2::cache_hint.u32 $0, [$1], pol;
+}"""
+# activations: re-read by every row, keep them in L1
+_PTX_LDX4 = "ld.global.nc.v4.u32 {$0, $1, $2, $3}, [$4];"
+# metadata word -> (c0 = 2^23 + z, c1 = 2^19 + z, scale) for the 4-bit path (exact: c1 = c0 − (2^23 − 2^19))
+_PTX_META4 = """{
+.reg .b16 l, h;
+lop3.b32 $0, $3, 0xF, 0x4B000000, 0xEA;
+sub.f32 $1, $0, 0f4AF00000;
+mov.b32 {l, h}, $3;
+cvt.f32.f16 $2, h;
+}"""
+# 8 codes of a 32-bit word -> q − z in float32, exactly, with no integer-to-float conversion: the even
+# code of byte k (bits 8k … 8k+3, shifted to bits 0-3) OR-ed into the mantissa of 2^23 is 2^23 + q; the
+# odd code (bits 4-7) OR-ed into the mantissa of 2^19 (ulp 2^-4) is 2^19 + q; one FADD of c0 = 2^23 + z
+# or c1 = 2^19 + z leaves q − z. ($8: the word, $9: c0, $10: c1)
+_PTX_DEQ4B = """{
+.reg .b32 m0, m1, t, u;
+mov.b32 m0, 0x4B000000;
+mov.b32 m1, 0x49000000;
+lop3.b32 t, $8, 0xF, m0, 0xEA;   sub.f32 $0, t, $9;
+lop3.b32 t, $8, 0xF0, m1, 0xEA;  sub.f32 $1, t, $10;
+shr.u32 u, $8, 8;
+lop3.b32 t, u, 0xF, m0, 0xEA;    sub.f32 $2, t, $9;
+lop3.b32 t, u, 0xF0, m1, 0xEA;   sub.f32 $3, t, $10;
+shr.u32 u, $8, 16;
+lop3.b32 t, u, 0xF, m0, 0xEA;    sub.f32 $4, t, $9;
+lop3.b32 t, u, 0xF0, m1, 0xEA;   sub.f32 $5, t, $10;
+shr.u32 u, $8, 24;
+lop3.b32 t, u, 0xF, m0, 0xEA;    sub.f32 $6, t, $9;
+lop3.b32 t, u, 0xF0, m1, 0xEA;   sub.f32 $7, t, $10;
+}"""
+# $0 = $13 + Σ x·d over 8 codes; $1..$4: activation pairs (low half = even element), $5..$12: q − z
+_PTX_DOTA_F16 = """{
+.reg .b16 l, h;
+.reg .f32 a, v;
+mov.b32 {l, h}, $1;
+cvt.f32.f16 v, l;  fma.rn.f32 a, v, $5, $13;
+cvt.f32.f16 v, h;  fma.rn.f32 a, v, $6, a;
+mov.b32 {l, h}, $2;
+cvt.f32.f16 v, l;  fma.rn.f32 a, v, $7, a;
+cvt.f32.f16 v, h;  fma.rn.f32 a, v, $8, a;
+mov.b32 {l, h}, $3;
+cvt.f32.f16 v, l;  fma.rn.f32 a, v, $9, a;
+cvt.f32.f16 v, h;  fma.rn.f32 a, v, $10, a;
+mov.b32 {l, h}, $4;
+cvt.f32.f16 v, l;  fma.rn.f32 a, v, $11, a;
+cvt.f32.f16 v, h;  fma.rn.f32 $0, v, $12, a;
+}"""
+_PTX_DOTA_BF16 = """{
+.reg .b32 v;
+.reg .f32 a;
+shl.b32 v, $1, 16;          fma.rn.f32 a, v, $5, $13;
+and.b32 v, $1, 0xFFFF0000;  fma.rn.f32 a, v, $6, a;
+shl.b32 v, $2, 16;          fma.rn.f32 a, v, $7, a;
+and.b32 v, $2, 0xFFFF0000;  fma.rn.f32 a, v, $8, a;
+shl.b32 v, $3, 16;          fma.rn.f32 a, v, $9, a;
+and.b32 v, $3, 0xFFFF0000;  fma.rn.f32 a, v, $10, a;
+shl.b32 v, $4, 16;          fma.rn.f32 a, v, $11, a;
+and.b32 v, $4, 0xFFFF0000;  fma.rn.f32 $0, v, $12, a;
+}"""
+
+if tl is not None:  # what the kernel reads as globals must be constexpr
+    LDW4, LDW2, LDW1, LDX4, META4, DEQ4B = (tl.constexpr(v) for v in (_PTX_LDW4, _PTX_LDW2, _PTX_LDW1, _PTX_LDX4,
+                                                                     _PTX_META4, _PTX_DEQ4B))
+
+
+def _gemv2_kernel(
+    x_ptr, x8_ptr, cw_ptr, meta_ptr, rp_ptr, bias_ptr, y_ptr, one,
+    G: tl.constexpr, BITS: tl.constexpr, GPT: tl.constexpr, X_BF16: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ASM: tl.constexpr, DOT: tl.constexpr, NUM_THREADS: tl.constexpr,
+):
+    """y[r] = Σ over the kept groups of row r of s·Σ x·(q − z) (+ bias[r]); one program per row.
+
+    ``x_ptr``: the activation row as int32 words (2 halves each), zero-padded to whole groups (``x8_ptr``:
+    the same bytes, addressed by the inline-PTX loads);
+    ``cw_ptr``: codes as int32 words (``G·BITS/32`` per group); ``meta_ptr``: one word per group
+    (module docstring). Thread ``t`` of a step takes groups ``c + t·GPT … c + t·GPT + GPT − 1``.
+    """
+    WPG: tl.constexpr = G * BITS // 32  # code words per group
+    XPG: tl.constexpr = G // 2  # activation words per group
+    CPW: tl.constexpr = 32 // BITS  # codes per code word
+    CHUNK: tl.constexpr = NUM_THREADS * GPT
+    QM: tl.constexpr = (1 << BITS) - 1
+    OFFM: tl.constexpr = 0xFFFF ^ (2 * G - 1)  # the byte-offset bits of a metadata word
+    r = tl.program_id(0)
+    rs = tl.load(rp_ptr + r)
+    re = tl.load(rp_ptr + r + 1)
+    t = tl.arange(0, NUM_THREADS) * one
+    acc = tl.zeros([NUM_THREADS], tl.float32)
+    nrow = (re - rs).to(tl.uint32)
+    c = rs - rs % GPT
+    last = (re - 1) - (re - 1) % GPT  # the last aligned thread start inside the row
+    while c < re:  # (a while, not range(): the interpreter cannot loop over run-time bounds)
+        g0 = c + t * GPT
+        dg = g0 - rs  # group index within the row (negative before it)
+        gl = tl.minimum(g0, last)  # threads past the row re-read its last aligned groups (never used)
+        # every thread's GPT metadata words and GPT·WPG code words, 16 bytes a load where they reach
+        metas = ()
+        mp = meta_ptr + gl
+        if ASM:
+            for i in tl.static_range(0, GPT, 4):
+                if GPT - i >= 4:
+                    m0, m1, m2, m3 = tl.inline_asm_elementwise(LDW4, "=r,=r,=r,=r,l", [mp + i],
+                                                               dtype=(tl.int32,) * 4, is_pure=True, pack=1)
+                    metas = metas + (m0, m1, m2, m3)
+                elif GPT - i == 2:
+                    m0, m1 = tl.inline_asm_elementwise(LDW2, "=r,=r,l", [mp + i], dtype=(tl.int32,) * 2,
+                                                       is_pure=True, pack=1)
+                    metas = metas + (m0, m1)
+                else:
+                    metas = metas + (tl.inline_asm_elementwise(LDW1, "=r,l", [mp + i], dtype=tl.int32,
+                                                               is_pure=True, pack=1),)
+        else:
+            for i in tl.static_range(GPT):
+                metas = metas + (tl.load(mp + i),)
+        codes = ()
+        cp = cw_ptr + gl * WPG
+        if ASM:
+            for i in tl.static_range(0, GPT * WPG, 4):
+                if GPT * WPG - i >= 4:
+                    w0, w1, w2, w3 = tl.inline_asm_elementwise(LDW4, "=r,=r,=r,=r,l", [cp + i],
+                                                               dtype=(tl.int32,) * 4, is_pure=True, pack=1)
+                    codes = codes + (w0, w1, w2, w3)
+                elif GPT * WPG - i == 2:
+                    w0, w1 = tl.inline_asm_elementwise(LDW2, "=r,=r,l", [cp + i], dtype=(tl.int32,) * 2,
+                                                       is_pure=True, pack=1)
+                    codes = codes + (w0, w1)
+                else:
+                    codes = codes + (tl.inline_asm_elementwise(LDW1, "=r,l", [cp + i], dtype=tl.int32,
+                                                               is_pure=True, pack=1),)
+        else:
+            for i in tl.static_range(GPT * WPG):
+                codes = codes + (tl.load(cp + i),)
+        for j in tl.static_range(GPT):
+            m = metas[j]
+            if ASM and BITS == 4:
+                c0, c1, sc = tl.inline_asm_elementwise(META4, "=f,=f,=f,r", [m], dtype=(tl.float32,) * 3,
+                                                       is_pure=True, pack=1)
+            else:
+                zq = (m & QM).to(tl.float32)
+                sc = (m >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            xw = ()
+            for i in tl.static_range(0, XPG, 4):
+                if ASM:
+                    x0, x1, x2, x3 = tl.inline_asm_elementwise(LDX4, "=r,=r,=r,=r,l", [x8_ptr + (m & OFFM) + 4 * i],
+                                                               dtype=(tl.int32,) * 4, is_pure=True, pack=1)
+                else:
+                    xp = x_ptr + ((m & OFFM) >> 2)  # the group's first activation word
+                    x0 = tl.load(xp + i)
+                    x1 = tl.load(xp + i + 1)
+                    x2 = tl.load(xp + i + 2)
+                    x3 = tl.load(xp + i + 3)
+                xw = xw + (x0, x1, x2, x3)
+            rg = tl.zeros([NUM_THREADS], tl.float32)
+            for w in tl.static_range(WPG):
+                cw = codes[j * WPG + w]
+                if ASM and BITS == 4:
+                    d0, d1, d2, d3, d4, d5, d6, d7 = tl.inline_asm_elementwise(
+                        DEQ4B, "=f,=f,=f,=f,=f,=f,=f,=f,r,f,f", [cw, c0, c1], dtype=(tl.float32,) * 8,
+                        is_pure=True, pack=1)
+                    rg = tl.inline_asm_elementwise(
+                        DOT, "=f,r,r,r,r,f,f,f,f,f,f,f,f,f",
+                        [xw[4 * w], xw[4 * w + 1], xw[4 * w + 2], xw[4 * w + 3], d0, d1, d2, d3, d4, d5, d6, d7, rg],
+                        dtype=tl.float32, is_pure=True, pack=1)
+                else:
+                    for e in tl.static_range(CPW):
+                        q = ((cw >> (e * BITS)) & QM).to(tl.float32)
+                        xword = xw[(w * CPW + e) // 2]
+                        xh = (xword >> (16 * ((w * CPW + e) % 2))).to(tl.int16)
+                        if X_BF16:
+                            xf = xh.to(tl.bfloat16, bitcast=True).to(tl.float32)
+                        else:
+                            xf = xh.to(tl.float16, bitcast=True).to(tl.float32)
+                        rg += xf * (q - zq)
+            # groups of the neighbouring rows (and repeated ones past the row's end) get scale 0: their
+            # dot is finite (real codes, real activations) unless an activation is inf/NaN
+            acc += rg * tl.where((dg + j).to(tl.uint32) < nrow, sc, 0.0)
+        c += CHUNK
+    v = tl.sum(acc, 0)
+    if HAS_BIAS:
+        v += tl.load(bias_ptr + r).to(tl.float32)
+    tl.store(y_ptr + r, v.to(y_ptr.dtype.element_ty))
+
+
+def kernel_constexprs(G=16, BITS=4, GPT=4, X_BF16=False, HAS_BIAS=False, ASM=True, NUM_THREADS=32, **_):
+    return dict(G=G, BITS=BITS, GPT=GPT, X_BF16=X_BF16, HAS_BIAS=HAS_BIAS, ASM=ASM,
+                DOT=_PTX_DOTA_BF16 if X_BF16 else _PTX_DOTA_F16,
+                NUM_THREADS=NUM_THREADS)
+
+
+def sass_signature(consts):
+    """(argument names, types, indices marked divisible by 16) for an offline compile (gemv_sass.py)."""
+    args = ["x_ptr", "x8_ptr", "cw_ptr", "meta_ptr", "rp_ptr", "bias_ptr", "y_ptr", "one"]
+    types = ["*i32", "*i8", "*i32", "*i32", "*i32", "*fp16", "*fp16", "i32"]
+    return args, types, {0, 1, 2, 3, 4, 5, 6}
