@@ -225,3 +225,82 @@ def test_auto_variant_and_dispatch():
         x = torch.randn(b, 256).half()
         check(plan(x), x, skewed)
         check(run(x, balanced, "auto"), x, balanced)
+
+
+# ---------------------------------------------------------------- v2: load-time layout (issue 12)
+
+from gqsa.kernels import gemv_layout  # noqa: E402
+
+V2_CASES = [
+    # n, k, G, bits, sparsity, special, dtype, bias
+    (37, 200, 16, 4, 0.5, None, torch.float16, False),  # K % G != 0, uneven rows
+    (29, 256, 32, 4, 0.3, None, torch.bfloat16, True),
+    (20, 300, 64, 4, 0.6, "empty_rows", torch.float16, True),
+    (9, 500, 128, 4, 0.2, None, torch.bfloat16, False),  # K % G != 0
+    (23, 160, 16, 4, 0.0, "one_row", torch.float16, True),  # one row spans several steps
+    (17, 96, 16, 4, 0.5, "empty", torch.float16, True),
+    (31, 256, 16, 2, 0.5, None, torch.float16, False),
+    (19, 200, 32, 2, 0.4, None, torch.bfloat16, True),
+    (13, 300, 128, 8, 0.5, None, torch.float16, True),
+]
+
+
+@pytest.mark.parametrize("case", V2_CASES, ids=lambda c: f"{c[0]}x{c[1]}-G{c[2]}-b{c[3]}-S{c[4]}-{c[5]}-"
+                                                          f"{str(c[6])[6:]}-bias{int(c[7])}")
+def test_v2_matches_reference(case):
+    n, k, g, bits, sp, special, dtype, has_bias = case
+    p = make_packed(n, k, g, bits, sp, False, special)
+    lay = gemv_layout.build_layout(p)
+    assert lay is not None and lay.version == gemv_layout.LAYOUT_VERSION
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(1, k, generator=gen).to(dtype)
+    bias = torch.randn(n, generator=gen).to(dtype) if has_bias else None
+    y = torch.full((1, n), float("nan"), dtype=dtype)
+    gemv_layout.launch(x, p, lay, bias, y)
+    check(y, x, p, bias)
+    if case not in V2_CASES[:2]:
+        return
+    # the same through gqsa_linear and a prepared plan
+    check(gemv.gqsa_linear(x, p, bias, variant="data", kernel="v2"), x, p, bias)
+    plan = gemv.prepare(p, variant="data", kernel="v2")
+    assert plan.layout is not None
+    check(plan(x, bias), x, p, bias)
+
+
+def test_v2_layout_words_and_padding():
+    p = make_packed(21, 200, 16, 4, 0.5, seed=3)
+    lay = gemv_layout.build_layout(p)
+    nnz = p.nnz
+    assert lay.gpt == gemv_layout.default_gpt(16, 4) == 4
+    assert lay.meta.numel() == -(-nnz // lay.gpt) * lay.gpt and lay.meta.numel() % lay.gpt == 0
+    m = lay.meta[:nnz]
+    assert torch.equal((m & 0xFFFF) >> 5, p.col_idx.int())  # byte offset col · 2G (G = 16)
+    assert torch.equal(m & 0xF, p.zeros.int())
+    assert torch.equal(((m >> 16) & 0xFFFF).to(torch.int16).view(torch.float16), p.scales)
+    assert not bool(lay.meta[nnz:].any())
+    wpg = 16 * 4 // 32
+    assert torch.equal(lay.codes[: nnz * wpg], p.qweight.reshape(-1).view(torch.int32))
+    assert lay.codes.numel() == lay.meta.numel() * wpg
+
+
+def test_v2_unsupported_layers_fall_back_to_v1():
+    fz = make_packed(13, 160, 16, 4, 0.5, float_zeros=True)
+    b8 = make_packed(25, 160, 16, 8, 0.5)  # 8-bit zero point does not fit below col·2G at G = 16
+    for p in (fz, b8):
+        assert gemv_layout.build_layout(p) is None
+        plan = gemv.prepare(p, variant="data", kernel="v2")
+        assert plan.layout is None
+        x = torch.randn(1, 160).half()
+        check(plan(x), x, p)
+        check(gemv.gqsa_linear(x, p, variant="data", kernel="v2"), x, p)
+    big = make_packed(2, 40000, 128, 4, 0.9)  # K above 32768: the byte offset needs more than 16 bits
+    assert not gemv_layout.layout_supported(big)
+
+
+def test_v2_batch_above_one_runs_v1():
+    p = make_packed(19, 256, 16, 4, 0.5)
+    plan = gemv.prepare(p, variant="data", kernel="v2")
+    x = torch.randn(3, 256).half()
+    check(plan(x), x, p)
+    with pytest.raises(ValueError, match="kernel"):
+        gemv.gqsa_linear(x, p, kernel="v3")

@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from ..format import PackedLinear
-from . import reference
+from . import gemv_layout, reference
 
 try:  # triton is optional: without it every path falls back to the reference
     import triton
@@ -70,6 +70,10 @@ IMBALANCE = 2.0  # variant="auto": task-centric when the longest row holds > IMB
 KERNEL_BITS = (2, 4, 8)
 VARIANTS = ("auto", "task", "data", "dense", "reference")
 _WS_STRIDE = MAX_DECODE_BATCH  # fp32 workspace entries per split-row slot
+# batch-1 data-centric kernel: "v1" (_gemv_kernel over the packed tensors) or "v2" (gemv_layout: the
+# load-time metadata layout, issue 12); v2 runs where gemv_layout.layout_supported(packed), v1 elsewhere
+KERNELS = ("v1", "v2")
+DEFAULT_KERNEL = os.environ.get("GQSA_GEMV_KERNEL", "v1")
 
 
 def _interpret() -> bool:
@@ -773,6 +777,7 @@ def gqsa_linear(
     tasks: TaskTable | None = None,
     variant: str = "auto",
     out: torch.Tensor | None = None,
+    kernel: str | None = None,
 ) -> torch.Tensor:
     """``x @ Ŵᵀ (+ bias)`` for a packed GQSA layer; ``x`` is ``[..., K]``, the result ``[..., N]`` in
     ``x``'s dtype.
@@ -782,11 +787,15 @@ def gqsa_linear(
     dense expansion + cuBLAS above), ``"task"``, ``"data"``, ``"dense"`` or ``"reference"``.
     ``"task"``/``"data"`` with more than 16 rows fall through to ``"dense"``. ``tasks``: the layer's :class:`TaskTable` from
     :func:`build_task_table` (built and memoized here when omitted; pass it to skip the lookup).
-    Without a usable Triton (CPU without ``TRITON_INTERPRET=1``, triton missing, 3-bit layers) the
-    reference runs. Bad inputs raise ``ValueError`` naming the problem.
+    ``kernel``: ``"v1"`` / ``"v2"`` for the data-centric variant at batch 1 (default ``DEFAULT_KERNEL``;
+    v2 = :mod:`gqsa.kernels.gemv_layout`, used where its layout supports the layer, built and memoized
+    here when needed). Without a usable Triton (CPU without ``TRITON_INTERPRET=1``, triton missing,
+    3-bit layers) the reference runs. Bad inputs raise ``ValueError`` naming the problem.
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant '{variant}': use one of {VARIANTS}")
+    if kernel is not None and kernel not in KERNELS:
+        raise ValueError(f"unknown kernel '{kernel}': use one of {KERNELS}")
     _check_packed(packed)
     _check_x(x, packed, bias)
     n, k = packed.shape
@@ -832,7 +841,11 @@ def gqsa_linear(
             raise ValueError(f"task table is on {tasks.device} but x is on {dev}")
         _launch_gemv(x2, packed, bias, y, tasks)
     else:
-        _launch_gemv(x2, packed, bias, y, None)
+        lay = gemv_layout.cached_layout(packed) if bsz == 1 and (kernel or DEFAULT_KERNEL) == "v2" else None
+        if lay is not None:
+            gemv_layout.launch(x2, packed, lay, bias, y)
+        else:
+            _launch_gemv(x2, packed, bias, y, None)
     return y.view(*lead, n)
 
 
@@ -847,9 +860,13 @@ class GemvPlan:
     capturable once warmed up (first call compiles).
     """
 
-    def __init__(self, packed: PackedLinear, variant: str = "auto", tasks: TaskTable | None = None, **table_kw):
+    def __init__(self, packed: PackedLinear, variant: str = "auto", tasks: TaskTable | None = None,
+                 kernel: str | None = None, **table_kw):
         if variant not in ("auto", "task", "data"):
             raise ValueError(f"a plan runs variant 'auto', 'task' or 'data', got '{variant}'")
+        kernel = kernel or DEFAULT_KERNEL
+        if kernel not in KERNELS:
+            raise ValueError(f"unknown kernel '{kernel}': use one of {KERNELS}")
         _check_packed(packed)
         self.max_kernel_batch = AUTO_KERNEL_MAX_BATCH if variant == "auto" else MAX_DECODE_BATCH
         if variant == "auto":
@@ -865,6 +882,11 @@ class GemvPlan:
         self.qw = None
         if packed.bits in KERNEL_BITS:
             self.qw = _qweight_units(packed, self.tasks.unit_codes if self.tasks is not None else None)
+        # batch 1, data-centric: the v2 kernel's load-time layout (None: v1)
+        self.kernel = kernel
+        self.layout = None
+        if kernel == "v2" and variant == "data" and self.kernel_ok:
+            self.layout = gemv_layout.build_layout(packed)
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None, out: torch.Tensor | None = None):
         p = self.packed
@@ -881,10 +903,15 @@ class GemvPlan:
         if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
             bias = bias.to(x.dtype).contiguous()
         y = torch.empty(bsz, n, dtype=x.dtype, device=x.device)
-        _launch_gemv(x2, p, bias, y, self.tasks, qw=self.qw)
+        if bsz == 1 and self.layout is not None:
+            gemv_layout.launch(x2, p, self.layout, bias, y)
+        else:
+            _launch_gemv(x2, p, bias, y, self.tasks, qw=self.qw)
         return y.view(*x.shape[:-1], n)
 
 
-def prepare(packed: PackedLinear, variant: str = "auto", tasks: TaskTable | None = None, **table_kw) -> GemvPlan:
-    """:class:`GemvPlan` for ``packed`` (``table_kw`` go to :func:`build_task_table`)."""
-    return GemvPlan(packed, variant, tasks, **table_kw)
+def prepare(packed: PackedLinear, variant: str = "auto", tasks: TaskTable | None = None, kernel: str | None = None,
+            **table_kw) -> GemvPlan:
+    """:class:`GemvPlan` for ``packed`` (``table_kw`` go to :func:`build_task_table`; ``kernel``: ``"v1"`` or
+    ``"v2"`` for batch 1 on the data-centric variant, default ``DEFAULT_KERNEL``)."""
+    return GemvPlan(packed, variant, tasks, kernel, **table_kw)

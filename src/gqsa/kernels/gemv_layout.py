@@ -218,7 +218,7 @@ def _gemv2_kernel(
     rs = tl.load(rp_ptr + r)
     re = tl.load(rp_ptr + r + 1)
     t = tl.arange(0, NUM_THREADS) * one
-    acc = tl.zeros([NUM_THREADS], tl.float32)
+    acc = tl.full([NUM_THREADS], 0.0, tl.float32)
     nrow = (re - rs).to(tl.uint32)
     c = rs - rs % GPT
     last = (re - 1) - (re - 1) % GPT  # the last aligned thread start inside the row
@@ -283,7 +283,7 @@ def _gemv2_kernel(
                     x2 = tl.load(xp + i + 2)
                     x3 = tl.load(xp + i + 3)
                 xw = xw + (x0, x1, x2, x3)
-            rg = tl.zeros([NUM_THREADS], tl.float32)
+            rg = tl.full([NUM_THREADS], 0.0, tl.float32)
             for w in tl.static_range(WPG):
                 cw = codes[j * WPG + w]
                 if ASM and BITS == 4:
@@ -308,7 +308,7 @@ def _gemv2_kernel(
             # dot is finite (real codes, real activations) unless an activation is inf/NaN
             acc += rg * tl.where((dg + j).to(tl.uint32) < nrow, sc, 0.0)
         c += CHUNK
-    v = tl.sum(acc, 0)
+    v = tl.reduce(acc, 0, tl.standard._sum_combine)
     if HAS_BIAS:
         v += tl.load(bias_ptr + r).to(tl.float32)
     tl.store(y_ptr + r, v.to(y_ptr.dtype.element_ty))
@@ -325,3 +325,48 @@ def sass_signature(consts):
     args = ["x_ptr", "x8_ptr", "cw_ptr", "meta_ptr", "rp_ptr", "bias_ptr", "y_ptr", "one"]
     types = ["*i32", "*i8", "*i32", "*i32", "*i32", "*fp16", "*fp16", "i32"]
     return args, types, {0, 1, 2, 3, 4, 5, 6}
+
+
+# ============================================================================ launcher
+
+_FAST: dict = {}
+
+
+def launch(x2: torch.Tensor, packed: PackedLinear, layout: GemvLayout, bias: torch.Tensor | None, y: torch.Tensor,
+           num_warps: int | None = None) -> None:
+    """``y[0] = x2[0] @ Ŵᵀ (+ bias)`` through the v2 kernel (one row of x; ``layout`` from
+    :func:`build_layout` of ``packed``)."""
+    from . import gemv
+
+    k = x2.shape[1]
+    kp = packed.n_group_cols * packed.group_size
+    if kp != k or x2.stride(-1) != 1 or x2.data_ptr() % 16:
+        xp = torch.zeros(1, kp, dtype=x2.dtype, device=x2.device)
+        xp[:, :k] = x2[:1]
+        x2 = xp
+    xi = x2.view(torch.int32)
+    xb = x2.view(torch.int8)
+    nw = num_warps or V2_NUM_WARPS
+    interp = gemv._interpret() or y.device.type != "cuda"
+    consts = kernel_constexprs(G=packed.group_size, BITS=packed.bits, GPT=layout.gpt, X_BF16=x2.dtype == torch.bfloat16,
+                               HAS_BIAS=bias is not None, ASM=not interp and gemv._ASM_ENABLED, NUM_THREADS=32 * nw)
+    n = packed.shape[0]
+    tensors = (xi, xb, layout.codes, layout.meta, packed.row_ptr, bias if bias is not None else y, y)
+    kern = gemv.jitted(_gemv2_kernel, ("one",))
+    if interp:
+        kern[(n,)](*tensors, 1, **consts, num_warps=nw)
+        return
+    import triton
+    import triton.knobs
+    import triton.runtime.driver
+
+    key = (tuple(consts.values()), nw, y.device.index, tuple(t.data_ptr() % 16 == 0 for t in tensors))
+    ck = _FAST.get(key)
+    if ck is None:
+        _FAST[key] = kern[(n,)](*tensors, 1, **consts, num_warps=nw)
+        return
+    rt = triton.knobs.runtime
+    stream = triton.runtime.driver.active.get_current_stream(y.device.index)
+    args = (*tensors, 1, *consts.values())
+    ck.run(n, 1, 1, stream, ck.function, ck.packed_metadata, ck.launch_metadata((n,), stream, *args),
+           rt.launch_enter_hook, rt.launch_exit_hook, *args)
