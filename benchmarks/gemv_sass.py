@@ -9,7 +9,7 @@ loop instructions / groups one thread covers per iteration. Pointers and the int
 multiples of 16 in practice are marked divisible by 16, as Triton's launcher specializes them.
 
     python benchmarks/gemv_sass.py v1            # today's data-centric kernel, W4 G16 fp16
-    python benchmarks/gemv_sass.py v2 '{"GPT": 4}'
+    python benchmarks/gemv_sass.py v2 '{"UC": 8, "UPT": 4}'
     python benchmarks/gemv_sass.py v2 --dump     # print the loop body
 """
 import collections
@@ -46,13 +46,13 @@ def build_v1(G=16, bits=4, nw=1, upt=2, uc=16, bf16=False, row_mode=True):
     return k, bg / (32 * nw)
 
 
-def build_v2(G=16, bits=4, nw=1, GPT=None, bf16=False, asm=True, stages=1, **kw):
+def build_v2(G=16, bits=4, nw=1, UC=None, UPT=None, bf16=False, asm=True, stages=1, **kw):
     from gqsa.kernels import gemv_layout as gl
-    gpt = GPT or gl.default_gpt(G, bits)
-    consts = gl.kernel_constexprs(G=G, BITS=bits, GPT=gpt, X_BF16=bf16, HAS_BIAS=False, ASM=asm, **kw)
+    consts = gl.kernel_constexprs(G=G, BITS=bits, UC=UC, UPT=UPT, X_BF16=bf16, HAS_BIAS=False, ASM=asm,
+                                  NUM_THREADS=32 * nw, **kw)
     args, types, div16 = gl.sass_signature(consts)
     k = _compile(gl._gemv2_kernel, args, types, div16, consts, nw, stages)
-    return k, gpt * consts.get("ROWS", 1) / consts.get("ROWS", 1)
+    return k, consts["UPT"] * consts["UC"] / G  # kept groups per thread and step
 
 
 def loop_stats(sass: str, groups_per_thread: float):

@@ -9,21 +9,25 @@ a **metadata stream of one 32-bit word per kept group**::
 — the low half is the group's byte offset in the fp16/bf16 activation row (``col · G`` elements of 2
 bytes; its low ``log2(2G)`` bits are zero, so the integer zero point ``z < 2^BITS ≤ 2G`` sits there), the
 high half the fp16 scale. 4 bytes per group instead of 5 (2 col + 2 scale + 1 zero), and one load
-instead of three. The codes are read where they are (``qweight`` viewed as int32) unless the number of
-kept groups is not a multiple of the groups a thread takes (``GPT``): then a zero-padded copy (so that
-every thread's 16-byte loads stay inside the buffers). Layers the word cannot describe — float zero
+instead of three. The codes are read where they are (``qweight`` viewed as int32; a copy only if its storage is not
+16-byte aligned). Layers the word cannot describe — float zero
 points, ``K`` padded to whole groups above 32768, ``2^BITS > 2G`` (8-bit codes with G < 128) — get no
 layout (:func:`layout_supported`) and run the ``v1`` kernel.
 
-Kernel (:func:`_gemv2_kernel`): one program per output row, ``num_warps`` warps; each thread takes
-``GPT`` consecutive kept groups per step (G16 4-bit: 4 groups = 32 bytes of codes, 16 bytes of
-metadata, 128 bytes of activations — eleven 16-byte loads issued before any use). Steps start at
-``row_ptr[r]`` rounded down to a multiple of ``GPT`` so that every load is aligned; groups outside the
-row are computed and selected away (never multiplied by zero). In compiled mode the loads are inline
-PTX ``ld.global.nc.v4`` (weights: ``L1::no_allocate`` + an ``L2::evict_first`` policy; activations:
-cached in L1, they are re-read by every row) and the 4-bit integer-zero math is the inline PTX of
-:mod:`gqsa.kernels.gemv` (``_PTX_DEQ4`` / ``_PTX_DOT_*``); under ``TRITON_INTERPRET=1`` (and for 2- and
-8-bit codes) the same steps run as plain Triton loads and bit arithmetic.
+Kernel (:func:`_gemv2_kernel`): one program per output row, ``num_warps`` warps. A thread *unit* is
+``UC`` codes of one kept group (``TPG = G / UC`` threads per group) and their ``UC`` activations; thread
+``t`` takes, per step, the units ``t % TPG`` of the groups ``c + t // TPG + (threads / TPG) · j`` for
+``j < UPT``: in one load instruction the warp touches *consecutive* kept groups of the row, whose
+columns are sorted, so the activation gather (``UC · 2`` bytes per unit, 16-byte loads) hits few L1
+lines — a thread taking consecutive groups instead (16-byte loads of its codes and metadata) touches
+one line per thread and instruction, 2× the L1 wavefronts (measured offline, see NOTES-gemv.md).
+Per unit: one 32-bit metadata load, one ``UC·BITS/8``-byte code load, ``UC/8`` 16-byte activation loads,
+all issued for ``UPT`` units before any use. Steps past the row's end re-read its last group and
+select it away (scale 0). In compiled mode the loads are inline PTX ``ld.global.nc`` (weights:
+``L1::no_allocate`` + an ``L2::evict_first`` policy; activations: cached in L1, every row re-reads
+them) and the 4-bit integer-zero math is inline PTX (:data:`_PTX_DEQ4B`: no 16× factor on the odd
+codes, the accumulator threaded through the dot); under ``TRITON_INTERPRET=1`` (and for 2- and 8-bit
+codes) the same steps run as plain Triton loads and bit arithmetic.
 """
 from __future__ import annotations
 
@@ -42,12 +46,16 @@ except Exception:  # pragma: no cover - triton is optional
 
 LAYOUT_VERSION = 1  # bump when the meaning of GemvLayout's tensors changes
 MAX_X_BYTES = 1 << 16  # the byte offset of a group column must fit in 16 bits
-V2_NUM_WARPS = 1
+V2_NUM_WARPS = 1  # launch defaults (None: default_unit)
+V2_UNIT_CODES: dict = {}  # bits -> codes per thread unit
+V2_UNITS_PER_THREAD = None
 
 
-def default_gpt(group_size: int, bits: int) -> int:
-    """Kept groups per thread and step: 32 bytes of codes per thread (at least one group)."""
-    return max(1, min(8, 256 // (group_size * bits)))
+def default_unit(group_size: int, bits: int) -> tuple[int, int]:
+    """(UC codes per thread unit, UPT units per thread and step): 16 codes (8 for 8-bit: 16 bytes of
+    codes and activations), 4 units in flight per thread."""
+    uc = 16 if bits <= 4 else 8
+    return min(uc, group_size), 4
 
 
 def layout_supported(packed: PackedLinear) -> bool:
@@ -61,35 +69,32 @@ def layout_supported(packed: PackedLinear) -> bool:
 class GemvLayout:
     """What the v2 kernel reads besides ``row_ptr`` and the activations (see the module docstring)."""
 
-    meta: torch.Tensor  # int32 [nnz rounded up to GPT]
-    codes: torch.Tensor  # int32 [(nnz rounded up to GPT) · G·BITS/32]
-    gpt: int
+    meta: torch.Tensor  # int32 [max(nnz, 1)]
+    codes: torch.Tensor  # int32 [max(nnz, 1) · G·BITS/32], 16-byte aligned
     version: int
     shape: tuple
     nnz: int
 
 
-def build_layout(packed: PackedLinear, gpt: int | None = None) -> GemvLayout | None:
+def build_layout(packed: PackedLinear) -> GemvLayout | None:
     """The load-time layout of ``packed`` (``None`` where :func:`layout_supported` says no)."""
     if not layout_supported(packed):
         return None
     g, b, nnz = packed.group_size, packed.bits, packed.nnz
-    gpt = gpt or default_gpt(g, b)
-    pad = -(-max(nnz, 1) // gpt) * gpt
     dev = packed.row_ptr.device
-    off = packed.col_idx.to(torch.int32) * (2 * g) | packed.zeros.to(torch.int32)
-    sbits = packed.scales.contiguous().view(torch.int16).to(torch.int32) & 0xFFFF
-    meta = torch.zeros(pad, dtype=torch.int32, device=dev)
-    meta[:nnz] = off | (sbits << 16)
-    wpg = g * b // 32
+    meta = torch.zeros(max(nnz, 1), dtype=torch.int32, device=dev)
+    if nnz:
+        off = packed.col_idx.to(torch.int32) * (2 * g) | packed.zeros.to(torch.int32)
+        sbits = packed.scales.contiguous().view(torch.int16).to(torch.int32) & 0xFFFF
+        meta[:] = off | (sbits << 16)
     q = packed.qweight
-    if pad == nnz and q.data_ptr() % 16 == 0:
+    if nnz and q.data_ptr() % 16 == 0:
         codes = q.reshape(-1).view(torch.int32)
     else:
-        codes = torch.zeros(pad * wpg, dtype=torch.int32, device=dev)
+        codes = torch.zeros(max(nnz, 1) * g * b // 32, dtype=torch.int32, device=dev)
         if nnz:
-            codes[: nnz * wpg] = q.reshape(-1).view(torch.int32)
-    return GemvLayout(meta=meta, codes=codes, gpt=gpt, version=LAYOUT_VERSION, shape=tuple(packed.shape), nnz=nnz)
+            codes.copy_(q.reshape(-1).view(torch.int32))
+    return GemvLayout(meta=meta, codes=codes, version=LAYOUT_VERSION, shape=tuple(packed.shape), nnz=nnz)
 
 
 _LAYOUT_CACHE: dict = {}
@@ -198,72 +203,59 @@ if tl is not None:  # what the kernel reads as globals must be constexpr
 
 def _gemv2_kernel(
     x_ptr, x8_ptr, cw_ptr, meta_ptr, rp_ptr, bias_ptr, y_ptr, one,
-    G: tl.constexpr, BITS: tl.constexpr, GPT: tl.constexpr, X_BF16: tl.constexpr, HAS_BIAS: tl.constexpr,
-    ASM: tl.constexpr, DOT: tl.constexpr, NUM_THREADS: tl.constexpr,
+    G: tl.constexpr, BITS: tl.constexpr, UC: tl.constexpr, UPT: tl.constexpr, X_BF16: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ASM: tl.constexpr, DOT: tl.constexpr, NUM_THREADS: tl.constexpr,
 ):
     """y[r] = Σ over the kept groups of row r of s·Σ x·(q − z) (+ bias[r]); one program per row.
 
     ``x_ptr``: the activation row as int32 words (2 halves each), zero-padded to whole groups (``x8_ptr``:
-    the same bytes, addressed by the inline-PTX loads);
-    ``cw_ptr``: codes as int32 words (``G·BITS/32`` per group); ``meta_ptr``: one word per group
-    (module docstring). Thread ``t`` of a step takes groups ``c + t·GPT … c + t·GPT + GPT − 1``.
+    the same bytes, addressed by the inline-PTX loads); ``cw_ptr``: codes as int32 words (``G·BITS/32`` per
+    group); ``meta_ptr``: one word per group (module docstring).
     """
-    WPG: tl.constexpr = G * BITS // 32  # code words per group
-    XPG: tl.constexpr = G // 2  # activation words per group
+    TPG: tl.constexpr = G // UC  # threads per group
+    SLOT: tl.constexpr = NUM_THREADS // TPG  # groups per unit slot
+    WPU: tl.constexpr = UC * BITS // 32  # code words per unit
+    XPU: tl.constexpr = UC // 2  # activation words per unit
     CPW: tl.constexpr = 32 // BITS  # codes per code word
-    CHUNK: tl.constexpr = NUM_THREADS * GPT
     QM: tl.constexpr = (1 << BITS) - 1
     OFFM: tl.constexpr = 0xFFFF ^ (2 * G - 1)  # the byte-offset bits of a metadata word
     r = tl.program_id(0)
     rs = tl.load(rp_ptr + r)
     re = tl.load(rp_ptr + r + 1)
     t = tl.arange(0, NUM_THREADS) * one
+    h = t % TPG  # which unit of its group
+    gt = rs + t // TPG  # the thread's group in slot 0 of the first step
+    xb = x8_ptr + h * (2 * UC)  # the unit's activations start 2·UC·h bytes into the group's
+    xi = x_ptr + h * XPU
     acc = tl.full([NUM_THREADS], 0.0, tl.float32)
-    nrow = (re - rs).to(tl.uint32)
-    c = rs - rs % GPT
-    last = (re - 1) - (re - 1) % GPT  # the last aligned thread start inside the row
+    c = rs
     while c < re:  # (a while, not range(): the interpreter cannot loop over run-time bounds)
-        g0 = c + t * GPT
-        dg = g0 - rs  # group index within the row (negative before it)
-        gl = tl.minimum(g0, last)  # threads past the row re-read its last aligned groups (never used)
-        # every thread's GPT metadata words and GPT·WPG code words, 16 bytes a load where they reach
+        # metadata and codes of the UPT units, all loads before any use
         metas = ()
-        mp = meta_ptr + gl
-        if ASM:
-            for i in tl.static_range(0, GPT, 4):
-                if GPT - i >= 4:
-                    m0, m1, m2, m3 = tl.inline_asm_elementwise(LDW4, "=r,=r,=r,=r,l", [mp + i],
-                                                               dtype=(tl.int32,) * 4, is_pure=True, pack=1)
-                    metas = metas + (m0, m1, m2, m3)
-                elif GPT - i == 2:
-                    m0, m1 = tl.inline_asm_elementwise(LDW2, "=r,=r,l", [mp + i], dtype=(tl.int32,) * 2,
-                                                       is_pure=True, pack=1)
-                    metas = metas + (m0, m1)
-                else:
-                    metas = metas + (tl.inline_asm_elementwise(LDW1, "=r,l", [mp + i], dtype=tl.int32,
-                                                               is_pure=True, pack=1),)
-        else:
-            for i in tl.static_range(GPT):
-                metas = metas + (tl.load(mp + i),)
         codes = ()
-        cp = cw_ptr + gl * WPG
-        if ASM:
-            for i in tl.static_range(0, GPT * WPG, 4):
-                if GPT * WPG - i >= 4:
-                    w0, w1, w2, w3 = tl.inline_asm_elementwise(LDW4, "=r,=r,=r,=r,l", [cp + i],
-                                                               dtype=(tl.int32,) * 4, is_pure=True, pack=1)
+        for j in tl.static_range(UPT):
+            g = tl.minimum(gt + j * SLOT, re - 1)  # past the row: its last group again (scale 0 below)
+            mp = meta_ptr + g
+            cp = cw_ptr + g * (G * BITS // 32) + h * WPU
+            if ASM:
+                metas = metas + (tl.inline_asm_elementwise(LDW1, "=r,l", [mp], dtype=tl.int32, is_pure=True,
+                                                           pack=1),)
+                if WPU == 4:
+                    w0, w1, w2, w3 = tl.inline_asm_elementwise(LDW4, "=r,=r,=r,=r,l", [cp], dtype=(tl.int32,) * 4,
+                                                               is_pure=True, pack=1)
                     codes = codes + (w0, w1, w2, w3)
-                elif GPT * WPG - i == 2:
-                    w0, w1 = tl.inline_asm_elementwise(LDW2, "=r,=r,l", [cp + i], dtype=(tl.int32,) * 2,
-                                                       is_pure=True, pack=1)
+                elif WPU == 2:
+                    w0, w1 = tl.inline_asm_elementwise(LDW2, "=r,=r,l", [cp], dtype=(tl.int32,) * 2, is_pure=True,
+                                                       pack=1)
                     codes = codes + (w0, w1)
                 else:
-                    codes = codes + (tl.inline_asm_elementwise(LDW1, "=r,l", [cp + i], dtype=tl.int32,
-                                                               is_pure=True, pack=1),)
-        else:
-            for i in tl.static_range(GPT * WPG):
-                codes = codes + (tl.load(cp + i),)
-        for j in tl.static_range(GPT):
+                    codes = codes + (tl.inline_asm_elementwise(LDW1, "=r,l", [cp], dtype=tl.int32, is_pure=True,
+                                                               pack=1),)
+            else:
+                metas = metas + (tl.load(mp),)
+                for i in tl.static_range(WPU):
+                    codes = codes + (tl.load(cp + i),)
+        for j in tl.static_range(UPT):
             m = metas[j]
             if ASM and BITS == 4:
                 c0, c1, sc = tl.inline_asm_elementwise(META4, "=f,=f,=f,r", [m], dtype=(tl.float32,) * 3,
@@ -272,20 +264,20 @@ def _gemv2_kernel(
                 zq = (m & QM).to(tl.float32)
                 sc = (m >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
             xw = ()
-            for i in tl.static_range(0, XPG, 4):
+            for i in tl.static_range(0, XPU, 4):
                 if ASM:
-                    x0, x1, x2, x3 = tl.inline_asm_elementwise(LDX4, "=r,=r,=r,=r,l", [x8_ptr + (m & OFFM) + 4 * i],
+                    x0, x1, x2, x3 = tl.inline_asm_elementwise(LDX4, "=r,=r,=r,=r,l", [xb + (m & OFFM) + 4 * i],
                                                                dtype=(tl.int32,) * 4, is_pure=True, pack=1)
                 else:
-                    xp = x_ptr + ((m & OFFM) >> 2)  # the group's first activation word
+                    xp = xi + ((m & OFFM) >> 2)  # the unit's first activation word
                     x0 = tl.load(xp + i)
                     x1 = tl.load(xp + i + 1)
                     x2 = tl.load(xp + i + 2)
                     x3 = tl.load(xp + i + 3)
                 xw = xw + (x0, x1, x2, x3)
             rg = tl.full([NUM_THREADS], 0.0, tl.float32)
-            for w in tl.static_range(WPG):
-                cw = codes[j * WPG + w]
+            for w in tl.static_range(WPU):
+                cw = codes[j * WPU + w]
                 if ASM and BITS == 4:
                     d0, d1, d2, d3, d4, d5, d6, d7 = tl.inline_asm_elementwise(
                         DEQ4B, "=f,=f,=f,=f,=f,=f,=f,=f,r,f,f", [cw, c0, c1], dtype=(tl.float32,) * 8,
@@ -304,18 +296,20 @@ def _gemv2_kernel(
                         else:
                             xf = xh.to(tl.float16, bitcast=True).to(tl.float32)
                         rg += xf * (q - zq)
-            # groups of the neighbouring rows (and repeated ones past the row's end) get scale 0: their
-            # dot is finite (real codes, real activations) unless an activation is inf/NaN
-            acc += rg * tl.where((dg + j).to(tl.uint32) < nrow, sc, 0.0)
-        c += CHUNK
+            # units past the row's end (its last group re-read) get scale 0: their dot is finite unless
+            # an activation is inf/NaN
+            acc += rg * tl.where(gt + j * SLOT < re, sc, 0.0)
+        gt += SLOT * UPT
+        c += SLOT * UPT
     v = tl.reduce(acc, 0, tl.standard._sum_combine)
     if HAS_BIAS:
         v += tl.load(bias_ptr + r).to(tl.float32)
     tl.store(y_ptr + r, v.to(y_ptr.dtype.element_ty))
 
 
-def kernel_constexprs(G=16, BITS=4, GPT=4, X_BF16=False, HAS_BIAS=False, ASM=True, NUM_THREADS=32, **_):
-    return dict(G=G, BITS=BITS, GPT=GPT, X_BF16=X_BF16, HAS_BIAS=HAS_BIAS, ASM=ASM,
+def kernel_constexprs(G=16, BITS=4, UC=None, UPT=None, X_BF16=False, HAS_BIAS=False, ASM=True, NUM_THREADS=32, **_):
+    duc, dupt = default_unit(G, BITS)
+    return dict(G=G, BITS=BITS, UC=UC or duc, UPT=UPT or dupt, X_BF16=X_BF16, HAS_BIAS=HAS_BIAS, ASM=ASM,
                 DOT=_PTX_DOTA_BF16 if X_BF16 else _PTX_DOTA_F16,
                 NUM_THREADS=NUM_THREADS)
 
@@ -333,7 +327,7 @@ _FAST: dict = {}
 
 
 def launch(x2: torch.Tensor, packed: PackedLinear, layout: GemvLayout, bias: torch.Tensor | None, y: torch.Tensor,
-           num_warps: int | None = None) -> None:
+           num_warps: int | None = None, unit_codes: int | None = None, units_per_thread: int | None = None) -> None:
     """``y[0] = x2[0] @ Ŵᵀ (+ bias)`` through the v2 kernel (one row of x; ``layout`` from
     :func:`build_layout` of ``packed``)."""
     from . import gemv
@@ -348,7 +342,8 @@ def launch(x2: torch.Tensor, packed: PackedLinear, layout: GemvLayout, bias: tor
     xb = x2.view(torch.int8)
     nw = num_warps or V2_NUM_WARPS
     interp = gemv._interpret() or y.device.type != "cuda"
-    consts = kernel_constexprs(G=packed.group_size, BITS=packed.bits, GPT=layout.gpt, X_BF16=x2.dtype == torch.bfloat16,
+    consts = kernel_constexprs(G=packed.group_size, BITS=packed.bits, UC=unit_codes or V2_UNIT_CODES.get(packed.bits),
+                               UPT=units_per_thread or V2_UNITS_PER_THREAD, X_BF16=x2.dtype == torch.bfloat16,
                                HAS_BIAS=bias is not None, ASM=not interp and gemv._ASM_ENABLED, NUM_THREADS=32 * nw)
     n = packed.shape[0]
     tensors = (xi, xb, layout.codes, layout.meta, packed.row_ptr, bias if bias is not None else y, y)
