@@ -242,7 +242,21 @@ V2_CASES = [
     (31, 256, 16, 2, 0.5, None, torch.float16, False),
     (19, 200, 32, 2, 0.4, None, torch.bfloat16, True),
     (13, 300, 128, 8, 0.5, None, torch.float16, True),
+    (6, 4800, 16, 4, 0.0, "one_row", torch.float16, True),  # a row of 300 groups: 3 steps, the last moved back
 ]
+
+
+def test_v2_long_rows_and_unit_sizes():
+    """Rows over several steps (the last step moved back over groups already counted), 8-code units
+    (2 threads per group) and 8 units per thread."""
+    p = make_packed(7, 4000, 16, 4, 0.3, seed=7)  # rows of ~175 groups
+    x = torch.randn(1, 4000, generator=torch.Generator().manual_seed(8)).half()
+    bias = torch.randn(7).half()
+    lay = gemv_layout.build_layout(p)
+    for uc, upt in ((16, 4), (8, 4), (16, 1)):
+        y = torch.full((1, 7), float("nan"), dtype=torch.float16)
+        gemv_layout.launch(x, p, lay, bias, y, unit_codes=uc, units_per_thread=upt)
+        check(y, x, p, bias)
 
 
 @pytest.mark.parametrize("case", V2_CASES, ids=lambda c: f"{c[0]}x{c[1]}-G{c[2]}-b{c[3]}-S{c[4]}-{c[5]}-"
@@ -271,12 +285,13 @@ def test_v2_layout_words_and_padding():
     p = make_packed(21, 200, 16, 4, 0.5, seed=3)
     lay = gemv_layout.build_layout(p)
     nnz = p.nnz
-    assert lay.meta.numel() == nnz
-    m = lay.meta
+    assert lay.meta.numel() == max(nnz, gemv_layout.MIN_GROUPS)
+    m = lay.meta[:nnz]
     assert torch.equal((m & 0xFFFF) >> 5, p.col_idx.int())  # byte offset col · 2G (G = 16)
     assert torch.equal(m & 0xF, p.zeros.int())
     assert torch.equal(((m >> 16) & 0xFFFF).to(torch.int16).view(torch.float16), p.scales)
-    assert torch.equal(lay.codes, p.qweight.reshape(-1).view(torch.int32))
+    assert torch.equal(lay.codes[: nnz * 2], p.qweight.reshape(-1).view(torch.int32))
+    assert not bool(lay.meta[nnz:].any()) and not bool(lay.codes[nnz * 2:].any())
 
 
 def test_v2_unsupported_layers_fall_back_to_v1():

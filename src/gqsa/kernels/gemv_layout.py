@@ -46,6 +46,8 @@ except Exception:  # pragma: no cover - triton is optional
 
 LAYOUT_VERSION = 1  # bump when the meaning of GemvLayout's tensors changes
 MAX_X_BYTES = 1 << 16  # the byte offset of a group column must fit in 16 bits
+MIN_GROUPS = 4096  # the buffers hold at least this many groups: the largest step (groups per step
+# = threads / (G / UC) · UPT) must not exceed it (checked at launch)
 V2_NUM_WARPS = 1  # launch defaults (None: default_unit)
 V2_UNIT_CODES: dict = {}  # bits -> codes per thread unit
 V2_UNITS_PER_THREAD = None
@@ -69,8 +71,8 @@ def layout_supported(packed: PackedLinear) -> bool:
 class GemvLayout:
     """What the v2 kernel reads besides ``row_ptr`` and the activations (see the module docstring)."""
 
-    meta: torch.Tensor  # int32 [max(nnz, 1)]
-    codes: torch.Tensor  # int32 [max(nnz, 1) · G·BITS/32], 16-byte aligned
+    meta: torch.Tensor  # int32 [max(nnz, MIN_GROUPS)]
+    codes: torch.Tensor  # int32 [max(nnz, MIN_GROUPS) · G·BITS/32], 16-byte aligned
     version: int
     shape: tuple
     nnz: int
@@ -82,18 +84,19 @@ def build_layout(packed: PackedLinear) -> GemvLayout | None:
         return None
     g, b, nnz = packed.group_size, packed.bits, packed.nnz
     dev = packed.row_ptr.device
-    meta = torch.zeros(max(nnz, 1), dtype=torch.int32, device=dev)
+    rows = max(nnz, MIN_GROUPS)  # a step reads STEP ≤ MIN_GROUPS groups from index ≥ 0
+    meta = torch.zeros(rows, dtype=torch.int32, device=dev)
     if nnz:
         off = packed.col_idx.to(torch.int32) * (2 * g) | packed.zeros.to(torch.int32)
         sbits = packed.scales.contiguous().view(torch.int16).to(torch.int32) & 0xFFFF
-        meta[:] = off | (sbits << 16)
+        meta[:nnz] = off | (sbits << 16)
     q = packed.qweight
-    if nnz and q.data_ptr() % 16 == 0:
+    if nnz >= MIN_GROUPS and q.data_ptr() % 16 == 0:
         codes = q.reshape(-1).view(torch.int32)
-    else:
-        codes = torch.zeros(max(nnz, 1) * g * b // 32, dtype=torch.int32, device=dev)
+    else:  # a small layer (padded copy) or unaligned storage
+        codes = torch.zeros(rows * g * b // 32, dtype=torch.int32, device=dev)
         if nnz:
-            codes.copy_(q.reshape(-1).view(torch.int32))
+            codes[: nnz * g * b // 32] = q.reshape(-1).view(torch.int32)
     return GemvLayout(meta=meta, codes=codes, version=LAYOUT_VERSION, shape=tuple(packed.shape), nnz=nnz)
 
 
@@ -222,21 +225,29 @@ def _gemv2_kernel(
     r = tl.program_id(0)
     rs = tl.load(rp_ptr + r)
     re = tl.load(rp_ptr + r + 1)
+    STEP: tl.constexpr = SLOT * UPT  # groups per step
     t = tl.arange(0, NUM_THREADS) * one
     h = t % TPG  # which unit of its group
-    gt = rs + t // TPG  # the thread's group in slot 0 of the first step
+    u = t // TPG  # the thread's group within a slot
     xb = x8_ptr + h * (2 * UC)  # the unit's activations start 2·UC·h bytes into the group's
     xi = x_ptr + h * XPU
     acc = tl.full([NUM_THREADS], 0.0, tl.float32)
     c = rs
     while c < re:  # (a while, not range(): the interpreter cannot loop over run-time bounds)
+        # the step reads groups b … b + STEP − 1 with b ≤ c: a last, partial step is moved back to end at
+        # the row's end (b = re − STEP; for a short row or layer b = 0, the buffers hold ≥ STEP groups), so
+        # every address is a step base plus a constant; the groups below c (counted by the previous step
+        # or of the rows before) and from re on get scale 0 below
+        b = tl.maximum(tl.minimum(c, re - STEP), 0)
+        gt = b + u  # the thread's group in slot 0
+        mp0 = meta_ptr + gt
+        cp0 = cw_ptr + gt * (G * BITS // 32) + h * WPU
         # metadata and codes of the UPT units, all loads before any use
         metas = ()
         codes = ()
         for j in tl.static_range(UPT):
-            g = tl.minimum(gt + j * SLOT, re - 1)  # past the row: its last group again (scale 0 below)
-            mp = meta_ptr + g
-            cp = cw_ptr + g * (G * BITS // 32) + h * WPU
+            mp = mp0 + j * SLOT
+            cp = cp0 + j * SLOT * (G * BITS // 32)
             if ASM:
                 metas = metas + (tl.inline_asm_elementwise(LDW1, "=r,l", [mp], dtype=tl.int32, is_pure=True,
                                                            pack=1),)
@@ -296,11 +307,10 @@ def _gemv2_kernel(
                         else:
                             xf = xh.to(tl.float16, bitcast=True).to(tl.float32)
                         rg += xf * (q - zq)
-            # units past the row's end (its last group re-read) get scale 0: their dot is finite unless
+            # groups outside [c, re) get scale 0: their dot is finite (real codes and activations) unless
             # an activation is inf/NaN
-            acc += rg * tl.where(gt + j * SLOT < re, sc, 0.0)
-        gt += SLOT * UPT
-        c += SLOT * UPT
+            acc += rg * tl.where((gt + j * SLOT - c).to(tl.uint32) < (re - c).to(tl.uint32), sc, 0.0)
+        c = b + STEP
     v = tl.reduce(acc, 0, tl.standard._sum_combine)
     if HAS_BIAS:
         v += tl.load(bias_ptr + r).to(tl.float32)
@@ -346,6 +356,9 @@ def launch(x2: torch.Tensor, packed: PackedLinear, layout: GemvLayout, bias: tor
                                UPT=units_per_thread or V2_UNITS_PER_THREAD, X_BF16=x2.dtype == torch.bfloat16,
                                HAS_BIAS=bias is not None, ASM=not interp and gemv._ASM_ENABLED, NUM_THREADS=32 * nw)
     n = packed.shape[0]
+    step = consts["NUM_THREADS"] // (packed.group_size // consts["UC"]) * consts["UPT"]
+    if step > min(layout.meta.numel(), MIN_GROUPS):
+        raise ValueError(f"a step of {step} groups exceeds the layout's minimum of {MIN_GROUPS}")
     tensors = (xi, xb, layout.codes, layout.meta, packed.row_ptr, bias if bias is not None else y, y)
     kern = gemv.jitted(_gemv2_kernel, ("one",))
     if interp:
