@@ -233,84 +233,92 @@ def _gemv2_kernel(
     xi = x_ptr + h * XPU
     acc = tl.full([NUM_THREADS], 0.0, tl.float32)
     c = rs
-    while c < re:  # (a while, not range(): the interpreter cannot loop over run-time bounds)
-        # the step reads groups b … b + STEP − 1 with b ≤ c: a last, partial step is moved back to end at
-        # the row's end (b = re − STEP; for a short row or layer b = 0, the buffers hold ≥ STEP groups), so
-        # every address is a step base plus a constant; the groups below c (counted by the previous step
-        # or of the rows before) and from re on get scale 0 below
-        b = tl.maximum(tl.minimum(c, re - STEP), 0)
-        gt = b + u  # the thread's group in slot 0
-        mp0 = meta_ptr + gt
-        cp0 = cw_ptr + gt * (G * BITS // 32) + h * WPU
-        # metadata and codes of the UPT units, all loads before any use
-        metas = ()
-        codes = ()
-        for j in tl.static_range(UPT):
-            mp = mp0 + j * SLOT
-            cp = cp0 + j * SLOT * (G * BITS // 32)
-            if ASM:
-                metas = metas + (tl.inline_asm_elementwise(LDW1, "=r,l", [mp], dtype=tl.int32, is_pure=True,
-                                                           pack=1),)
-                if WPU == 4:
-                    w0, w1, w2, w3 = tl.inline_asm_elementwise(LDW4, "=r,=r,=r,=r,l", [cp], dtype=(tl.int32,) * 4,
-                                                               is_pure=True, pack=1)
-                    codes = codes + (w0, w1, w2, w3)
-                elif WPU == 2:
-                    w0, w1 = tl.inline_asm_elementwise(LDW2, "=r,=r,l", [cp], dtype=(tl.int32,) * 2, is_pure=True,
-                                                       pack=1)
-                    codes = codes + (w0, w1)
-                else:
-                    codes = codes + (tl.inline_asm_elementwise(LDW1, "=r,l", [cp], dtype=tl.int32, is_pure=True,
-                                                               pack=1),)
+    # two copies of the step loop (unrolled at compile time): LAST = 0 runs the whole steps inside the
+    # row, no masks; LAST = 1 the partial last step, if any, moved back to end at the row's end
+    # (b = re − STEP; for a short row or layer b = 0: the buffers hold ≥ STEP groups), so that every
+    # address is a step base plus a constant; there, the groups below c (counted by the whole steps or
+    # of the rows before) and from re on get scale 0
+    for LAST in tl.static_range(2):
+        while (c + STEP <= re) if LAST == 0 else (c < re):  # (while: the interpreter needs run-time bounds)
+            if LAST == 0:
+                b = c
             else:
-                metas = metas + (tl.load(mp),)
-                for i in tl.static_range(WPU):
-                    codes = codes + (tl.load(cp + i),)
-        for j in tl.static_range(UPT):
-            m = metas[j]
-            if ASM and BITS == 4:
-                c0, c1, sc = tl.inline_asm_elementwise(META4, "=f,=f,=f,r", [m], dtype=(tl.float32,) * 3,
-                                                       is_pure=True, pack=1)
-            else:
-                zq = (m & QM).to(tl.float32)
-                sc = (m >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-            xw = ()
-            for i in tl.static_range(0, XPU, 4):
+                b = tl.maximum(re - STEP, 0)
+            gt = b + u  # the thread's group in slot 0
+            mp0 = meta_ptr + gt
+            cp0 = cw_ptr + gt * (G * BITS // 32) + h * WPU
+            # metadata and codes of the UPT units, all loads before any use
+            metas = ()
+            codes = ()
+            for j in tl.static_range(UPT):
+                mp = mp0 + j * SLOT
+                cp = cp0 + j * SLOT * (G * BITS // 32)
                 if ASM:
-                    x0, x1, x2, x3 = tl.inline_asm_elementwise(LDX4, "=r,=r,=r,=r,l", [xb + (m & OFFM) + 4 * i],
-                                                               dtype=(tl.int32,) * 4, is_pure=True, pack=1)
+                    metas = metas + (tl.inline_asm_elementwise(LDW1, "=r,l", [mp], dtype=tl.int32, is_pure=True,
+                                                               pack=1),)
+                    if WPU == 4:
+                        w0, w1, w2, w3 = tl.inline_asm_elementwise(LDW4, "=r,=r,=r,=r,l", [cp], dtype=(tl.int32,) * 4,
+                                                                   is_pure=True, pack=1)
+                        codes = codes + (w0, w1, w2, w3)
+                    elif WPU == 2:
+                        w0, w1 = tl.inline_asm_elementwise(LDW2, "=r,=r,l", [cp], dtype=(tl.int32,) * 2, is_pure=True,
+                                                           pack=1)
+                        codes = codes + (w0, w1)
+                    else:
+                        codes = codes + (tl.inline_asm_elementwise(LDW1, "=r,l", [cp], dtype=tl.int32, is_pure=True,
+                                                                   pack=1),)
                 else:
-                    xp = xi + ((m & OFFM) >> 2)  # the unit's first activation word
-                    x0 = tl.load(xp + i)
-                    x1 = tl.load(xp + i + 1)
-                    x2 = tl.load(xp + i + 2)
-                    x3 = tl.load(xp + i + 3)
-                xw = xw + (x0, x1, x2, x3)
-            rg = tl.full([NUM_THREADS], 0.0, tl.float32)
-            for w in tl.static_range(WPU):
-                cw = codes[j * WPU + w]
+                    metas = metas + (tl.load(mp),)
+                    for i in tl.static_range(WPU):
+                        codes = codes + (tl.load(cp + i),)
+            for j in tl.static_range(UPT):
+                m = metas[j]
                 if ASM and BITS == 4:
-                    d0, d1, d2, d3, d4, d5, d6, d7 = tl.inline_asm_elementwise(
-                        DEQ4B, "=f,=f,=f,=f,=f,=f,=f,=f,r,f,f", [cw, c0, c1], dtype=(tl.float32,) * 8,
-                        is_pure=True, pack=1)
-                    rg = tl.inline_asm_elementwise(
-                        DOT, "=f,r,r,r,r,f,f,f,f,f,f,f,f,f",
-                        [xw[4 * w], xw[4 * w + 1], xw[4 * w + 2], xw[4 * w + 3], d0, d1, d2, d3, d4, d5, d6, d7, rg],
-                        dtype=tl.float32, is_pure=True, pack=1)
+                    c0, c1, sc = tl.inline_asm_elementwise(META4, "=f,=f,=f,r", [m], dtype=(tl.float32,) * 3,
+                                                           is_pure=True, pack=1)
                 else:
-                    for e in tl.static_range(CPW):
-                        q = ((cw >> (e * BITS)) & QM).to(tl.float32)
-                        xword = xw[(w * CPW + e) // 2]
-                        xh = (xword >> (16 * ((w * CPW + e) % 2))).to(tl.int16)
-                        if X_BF16:
-                            xf = xh.to(tl.bfloat16, bitcast=True).to(tl.float32)
-                        else:
-                            xf = xh.to(tl.float16, bitcast=True).to(tl.float32)
-                        rg += xf * (q - zq)
-            # groups outside [c, re) get scale 0: their dot is finite (real codes and activations) unless
-            # an activation is inf/NaN
-            acc += rg * tl.where((gt + j * SLOT - c).to(tl.uint32) < (re - c).to(tl.uint32), sc, 0.0)
-        c = b + STEP
+                    zq = (m & QM).to(tl.float32)
+                    sc = (m >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                xw = ()
+                for i in tl.static_range(0, XPU, 4):
+                    if ASM:
+                        x0, x1, x2, x3 = tl.inline_asm_elementwise(LDX4, "=r,=r,=r,=r,l", [xb + (m & OFFM) + 4 * i],
+                                                                   dtype=(tl.int32,) * 4, is_pure=True, pack=1)
+                    else:
+                        xp = xi + ((m & OFFM) >> 2)  # the unit's first activation word
+                        x0 = tl.load(xp + i)
+                        x1 = tl.load(xp + i + 1)
+                        x2 = tl.load(xp + i + 2)
+                        x3 = tl.load(xp + i + 3)
+                    xw = xw + (x0, x1, x2, x3)
+                rg = tl.full([NUM_THREADS], 0.0, tl.float32)
+                for w in tl.static_range(WPU):
+                    cw = codes[j * WPU + w]
+                    if ASM and BITS == 4:
+                        d0, d1, d2, d3, d4, d5, d6, d7 = tl.inline_asm_elementwise(
+                            DEQ4B, "=f,=f,=f,=f,=f,=f,=f,=f,r,f,f", [cw, c0, c1], dtype=(tl.float32,) * 8,
+                            is_pure=True, pack=1)
+                        rg = tl.inline_asm_elementwise(
+                            DOT, "=f,r,r,r,r,f,f,f,f,f,f,f,f,f",
+                            [xw[4 * w], xw[4 * w + 1], xw[4 * w + 2], xw[4 * w + 3],
+                             d0, d1, d2, d3, d4, d5, d6, d7, rg],
+                            dtype=tl.float32, is_pure=True, pack=1)
+                    else:
+                        for e in tl.static_range(CPW):
+                            q = ((cw >> (e * BITS)) & QM).to(tl.float32)
+                            xword = xw[(w * CPW + e) // 2]
+                            xh = (xword >> (16 * ((w * CPW + e) % 2))).to(tl.int16)
+                            if X_BF16:
+                                xf = xh.to(tl.bfloat16, bitcast=True).to(tl.float32)
+                            else:
+                                xf = xh.to(tl.float16, bitcast=True).to(tl.float32)
+                            rg += xf * (q - zq)
+                if LAST == 0:
+                    acc += rg * sc
+                else:  # groups outside [c, re) get scale 0: their dot is finite (real codes and activations)
+                    # unless an activation is inf/NaN
+                    acc += rg * tl.where((gt + j * SLOT - c).to(tl.uint32) < (re - c).to(tl.uint32), sc, 0.0)
+            c = b + STEP
     v = tl.reduce(acc, 0, tl.standard._sum_combine)
     if HAS_BIAS:
         v += tl.load(bias_ptr + r).to(tl.float32)
