@@ -315,3 +315,18 @@ def test_v2_batch_above_one_runs_v1():
     check(plan(x), x, p)
     with pytest.raises(ValueError, match="kernel"):
         gemv.gqsa_linear(x, p, kernel="v3")
+
+
+def test_kernel_auto_picks_v2_for_long_rows_only():
+    long_rows = make_packed(3, 16 * 700, 16, 4, 0.3, seed=9)  # ~490 kept groups per row
+    short_rows = make_packed(9, 16 * 300, 16, 4, 0.3, seed=9)  # ~210
+    g32 = make_packed(3, 32 * 700, 32, 4, 0.3, seed=9)
+    assert gemv.resolve_kernel(long_rows, "auto") == "v2"
+    assert gemv.resolve_kernel(short_rows, "auto") == "v1"
+    assert gemv.resolve_kernel(g32, "auto") == "v1"  # measured at G16 only
+    assert gemv.resolve_kernel(short_rows, "v2") == "v2"
+    plan = gemv.prepare(long_rows, variant="data", kernel="auto")
+    assert plan.kernel == "v2" and plan.layout is not None
+    assert gemv.prepare(short_rows, variant="data", kernel="auto").layout is None
+    x = torch.randn(1, 16 * 700, generator=torch.Generator().manual_seed(4)).half()
+    check(plan(x), x, long_rows)

@@ -70,10 +70,25 @@ IMBALANCE = 2.0  # variant="auto": task-centric when the longest row holds > IMB
 KERNEL_BITS = (2, 4, 8)
 VARIANTS = ("auto", "task", "data", "dense", "reference")
 _WS_STRIDE = MAX_DECODE_BATCH  # fp32 workspace entries per split-row slot
-# batch-1 data-centric kernel: "v1" (_gemv_kernel over the packed tensors) or "v2" (gemv_layout: the
-# load-time metadata layout, issue 12); v2 runs where gemv_layout.layout_supported(packed), v1 elsewhere
-KERNELS = ("v1", "v2")
-DEFAULT_KERNEL = os.environ.get("GQSA_GEMV_KERNEL", "v1")
+# batch-1 data-centric kernel: "v1" (_gemv_kernel over the packed tensors), "v2" (gemv_layout: the
+# load-time metadata layout, issue 12; runs where gemv_layout.layout_supported(packed), v1 elsewhere) or
+# "auto": v2 only where it measured faster than v1 on the H200 (benchmarks/RESULTS.md, 2026-12-01: W4 G16
+# layers whose rows hold ≥ V2_MIN_ROW_GROUPS kept groups on average, 8-16 % faster: 4096×11008,
+# 4096×14336, 8192×28672; rows of 128-256 groups measured 5-19 % slower with v2, so they keep v1)
+KERNELS = ("auto", "v1", "v2")
+DEFAULT_KERNEL = os.environ.get("GQSA_GEMV_KERNEL", "auto")
+V2_MIN_ROW_GROUPS = 320
+
+
+def resolve_kernel(packed: PackedLinear, kernel: str | None = None) -> str:
+    """``"v1"`` or ``"v2"`` for the batch-1 data-centric path of ``packed`` (``kernel`` None: ``DEFAULT_KERNEL``)."""
+    kernel = kernel or DEFAULT_KERNEL
+    if kernel == "auto":
+        n = max(1, packed.shape[0])
+        long_rows = packed.nnz >= V2_MIN_ROW_GROUPS * n
+        ok = packed.bits == 4 and packed.group_size == 16 and gemv_layout.layout_supported(packed)
+        return "v2" if long_rows and ok else "v1"
+    return kernel
 
 
 def _interpret() -> bool:
@@ -787,9 +802,9 @@ def gqsa_linear(
     dense expansion + cuBLAS above), ``"task"``, ``"data"``, ``"dense"`` or ``"reference"``.
     ``"task"``/``"data"`` with more than 16 rows fall through to ``"dense"``. ``tasks``: the layer's :class:`TaskTable` from
     :func:`build_task_table` (built and memoized here when omitted; pass it to skip the lookup).
-    ``kernel``: ``"v1"`` / ``"v2"`` for the data-centric variant at batch 1 (default ``DEFAULT_KERNEL``;
-    v2 = :mod:`gqsa.kernels.gemv_layout`, used where its layout supports the layer, built and memoized
-    here when needed). Without a usable Triton (CPU without ``TRITON_INTERPRET=1``, triton missing,
+    ``kernel``: ``"auto"`` / ``"v1"`` / ``"v2"`` for the data-centric variant at batch 1 (default
+    ``DEFAULT_KERNEL``, :func:`resolve_kernel`; v2 = :mod:`gqsa.kernels.gemv_layout`, used where its layout
+    supports the layer, built and memoized here when needed). Without a usable Triton (CPU without ``TRITON_INTERPRET=1``, triton missing,
     3-bit layers) the reference runs. Bad inputs raise ``ValueError`` naming the problem.
     """
     if variant not in VARIANTS:
@@ -841,7 +856,7 @@ def gqsa_linear(
             raise ValueError(f"task table is on {tasks.device} but x is on {dev}")
         _launch_gemv(x2, packed, bias, y, tasks)
     else:
-        lay = gemv_layout.cached_layout(packed) if bsz == 1 and (kernel or DEFAULT_KERNEL) == "v2" else None
+        lay = gemv_layout.cached_layout(packed) if bsz == 1 and resolve_kernel(packed, kernel) == "v2" else None
         if lay is not None:
             gemv_layout.launch(x2, packed, lay, bias, y)
         else:
@@ -856,16 +871,17 @@ class GemvPlan:
     and the code-word view at construction; a call checks only ``x`` / ``bias`` (dtype, last
     dimension, device) and launches, with the batch-size dispatch of :func:`gqsa_linear` (decode
     kernel for ≤ ``max_kernel_batch`` rows — ``AUTO_KERNEL_MAX_BATCH`` for ``"auto"``, 16 otherwise —
-    dense expansion + cuBLAS above). Rebuild it when the layer's tensors change or move. CUDA-graph
-    capturable once warmed up (first call compiles).
+    dense expansion + cuBLAS above). At batch 1 on the data-centric variant it runs the kernel that
+    :func:`resolve_kernel` picks (v2 holds a load-time layout, ``self.layout``: 4 more bytes per kept
+    group). Rebuild it when the layer's tensors change or move. CUDA-graph capturable once warmed up
+    (first call compiles).
     """
 
     def __init__(self, packed: PackedLinear, variant: str = "auto", tasks: TaskTable | None = None,
                  kernel: str | None = None, **table_kw):
         if variant not in ("auto", "task", "data"):
             raise ValueError(f"a plan runs variant 'auto', 'task' or 'data', got '{variant}'")
-        kernel = kernel or DEFAULT_KERNEL
-        if kernel not in KERNELS:
+        if (kernel or DEFAULT_KERNEL) not in KERNELS:
             raise ValueError(f"unknown kernel '{kernel}': use one of {KERNELS}")
         _check_packed(packed)
         self.max_kernel_batch = AUTO_KERNEL_MAX_BATCH if variant == "auto" else MAX_DECODE_BATCH
@@ -883,7 +899,7 @@ class GemvPlan:
         if packed.bits in KERNEL_BITS:
             self.qw = _qweight_units(packed, self.tasks.unit_codes if self.tasks is not None else None)
         # batch 1, data-centric: the v2 kernel's load-time layout (None: v1)
-        self.kernel = kernel
+        self.kernel = kernel = resolve_kernel(packed, kernel)
         self.layout = None
         if kernel == "v2" and variant == "data" and self.kernel_ok:
             self.layout = gemv_layout.build_layout(packed)
@@ -912,6 +928,6 @@ class GemvPlan:
 
 def prepare(packed: PackedLinear, variant: str = "auto", tasks: TaskTable | None = None, kernel: str | None = None,
             **table_kw) -> GemvPlan:
-    """:class:`GemvPlan` for ``packed`` (``table_kw`` go to :func:`build_task_table`; ``kernel``: ``"v1"`` or
-    ``"v2"`` for batch 1 on the data-centric variant, default ``DEFAULT_KERNEL``)."""
+    """:class:`GemvPlan` for ``packed`` (``table_kw`` go to :func:`build_task_table`; ``kernel``: ``"auto"``,
+    ``"v1"`` or ``"v2"`` for batch 1 on the data-centric variant, default ``DEFAULT_KERNEL``)."""
     return GemvPlan(packed, variant, tasks, kernel, **table_kw)
