@@ -37,7 +37,8 @@ def build_v1(G=16, bits=4, nw=1, upt=2, uc=16, bf16=False, row_mode=True):
     args = ["x_ptr", "qw_ptr", "col_ptr", "s_ptr", "z_ptr", "rp_ptr", "tab_ptr", "need_ptr", "ws_ptr", "cnt_ptr",
             "bias_ptr", "y_ptr", "N", "nnz", "task_size", "stride_xb", "stride_yb", "B", "one"]
     qt = {(4, 16): "*i64", (4, 8): "*i32", (2, 16): "*i32", (2, 8): "*i16", (8, 8): "*i64"}[(bits, uc)]
-    types = ["*i64", qt, "*i16", "*fp16", "*u8", "*i32", "*i32", "*i32", "*fp32", "*i32", "*fp16", "*fp16"] + ["i32"] * 7
+    types = (["*i64", qt, "*i16", "*fp16", "*u8", "*i32", "*i32", "*i32", "*fp32", "*i32", "*fp16", "*fp16"]
+             + ["i32"] * 7)
     bg = gemv.default_block_g(G, nw, upt, uc)
     consts = dict(G=G, BITS=bits, BLOCK_G=bg, BLOCK_B=1, ROW_MODE=row_mode, X_BF16=bf16, FLOAT_Z=False,
                   USE_ASM=bits == 4, HAS_BIAS=False, WS_STRIDE=16, DEQ=gemv._PTX_DEQ4,

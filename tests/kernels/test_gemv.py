@@ -17,7 +17,7 @@ pytest.importorskip("triton")
 
 from gqsa import format as fmt  # noqa: E402
 from gqsa import quant  # noqa: E402
-from gqsa.kernels import gemv, reference  # noqa: E402
+from gqsa.kernels import gemv, gemv_layout, reference  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -228,9 +228,6 @@ def test_auto_variant_and_dispatch():
 
 
 # ---------------------------------------------------------------- v2: load-time layout (issue 12)
-
-from gqsa.kernels import gemv_layout  # noqa: E402
-
 V2_CASES = [
     # n, k, G, bits, sparsity, special, dtype, bias
     (37, 200, 16, 4, 0.5, None, torch.float16, False),  # K % G != 0, uneven rows
@@ -330,3 +327,16 @@ def test_kernel_auto_picks_v2_for_long_rows_only():
     assert gemv.prepare(short_rows, variant="data", kernel="auto").layout is None
     x = torch.randn(1, 16 * 700, generator=torch.Generator().manual_seed(4)).half()
     check(plan(x), x, long_rows)
+
+
+def test_v2_cached_layout_holds_no_weight_view():
+    p = make_packed(40, 16 * 300, 16, 4, 0.3, seed=11)  # nnz ≥ MIN_GROUPS: codes are a view of qweight
+    assert p.nnz >= gemv_layout.MIN_GROUPS
+    a = gemv_layout.cached_layout(p)
+    assert a.codes.data_ptr() == p.qweight.data_ptr()
+    memo = gemv_layout._LAYOUT_CACHE[id(p.qweight)][2]
+    assert memo.codes is None and memo.meta is a.meta
+    b = gemv_layout.cached_layout(p)
+    assert b.meta is a.meta and b.codes.data_ptr() == p.qweight.data_ptr()
+    p.scales.mul_(2)  # an in-place change rebuilds it
+    assert gemv_layout.cached_layout(p).meta is not a.meta

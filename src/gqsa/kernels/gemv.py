@@ -15,6 +15,10 @@ Paths (entry points :func:`gqsa_linear` and, for repeated calls, :func:`prepare`
   row (an atomic counter) writes it, adds the bias and resets the workspace for the next launch — one
   launch, no memset, safe to capture in a CUDA graph.
 * ``variant="data"`` — the plain data-centric kernel, one program per output row (same kernel body).
+  At batch 1 the ``kernel`` argument picks its implementation: ``"v1"`` (this kernel body) or ``"v2"``
+  (:mod:`gqsa.kernels.gemv_layout`: a load-time metadata layout, one 32-bit word per kept group, and a
+  kernel with a third fewer instructions per group); ``"auto"`` (``DEFAULT_KERNEL``) = v2 where it
+  measured faster on the H200 (:func:`resolve_kernel`), v1 elsewhere.
 * ``variant="dense"`` (prefill) — a Triton kernel expands the layer to a dense ``[N, K]`` weight in the
   activation dtype (bit-identical to ``reference.dequantize``), then cuBLAS through ``F.linear``.
 * ``variant="auto"`` (default) — decode kernel for ≤ ``AUTO_KERNEL_MAX_BATCH`` (4) rows of x, dense

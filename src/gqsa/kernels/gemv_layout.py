@@ -9,10 +9,10 @@ a **metadata stream of one 32-bit word per kept group**::
 — the low half is the group's byte offset in the fp16/bf16 activation row (``col · G`` elements of 2
 bytes; its low ``log2(2G)`` bits are zero, so the integer zero point ``z < 2^BITS ≤ 2G`` sits there), the
 high half the fp16 scale. 4 bytes per group instead of 5 (2 col + 2 scale + 1 zero), and one load
-instead of three. The codes are read where they are (``qweight`` viewed as int32; a copy only if its storage is not
-16-byte aligned). Layers the word cannot describe — float zero
-points, ``K`` padded to whole groups above 32768, ``2^BITS > 2G`` (8-bit codes with G < 128) — get no
-layout (:func:`layout_supported`) and run the ``v1`` kernel.
+instead of three. The codes are read where they are (``qweight`` viewed as int32; a zero-padded copy
+only for layers of fewer than ``MIN_GROUPS`` kept groups or storage that is not 16-byte aligned). Layers
+the word cannot describe — float zero points, ``K`` padded to whole groups above 32768, ``2^BITS > 2G``
+(8-bit codes with G < 128) — get no layout (:func:`layout_supported`) and run the ``v1`` kernel.
 
 Kernel (:func:`_gemv2_kernel`): one program per output row, ``num_warps`` warps. A thread *unit* is
 ``UC`` codes of one kept group (``TPG = G / UC`` threads per group) and their ``UC`` activations; thread
@@ -20,10 +20,11 @@ Kernel (:func:`_gemv2_kernel`): one program per output row, ``num_warps`` warps.
 ``j < UPT``: in one load instruction the warp touches *consecutive* kept groups of the row, whose
 columns are sorted, so the activation gather (``UC · 2`` bytes per unit, 16-byte loads) hits few L1
 lines — a thread taking consecutive groups instead (16-byte loads of its codes and metadata) touches
-one line per thread and instruction, 2× the L1 wavefronts (measured offline, see NOTES-gemv.md).
+one line per thread and instruction, 2× the L1 wavefronts (counted offline, see NOTES-gemv.md).
 Per unit: one 32-bit metadata load, one ``UC·BITS/8``-byte code load, ``UC/8`` 16-byte activation loads,
-all issued for ``UPT`` units before any use. Steps past the row's end re-read its last group and
-select it away (scale 0). In compiled mode the loads are inline PTX ``ld.global.nc`` (weights:
+all issued for ``UPT`` units before any use. A row runs its whole steps of ``STEP`` groups without
+masks, then, if the row's length is not a multiple of ``STEP``, one last step moved back to end at the
+row's end (groups counted already or of the neighbouring rows get scale 0). In compiled mode the loads are inline PTX ``ld.global.nc`` (weights:
 ``L1::no_allocate`` + an ``L2::evict_first`` policy; activations: cached in L1, every row re-reads
 them) and the 4-bit integer-zero math is inline PTX (:data:`_PTX_DEQ4B`: no 16× factor on the odd
 codes, the accumulator threaded through the dot); under ``TRITON_INTERPRET=1`` (and for 2- and 8-bit
@@ -31,7 +32,6 @@ codes) the same steps run as plain Triton loads and bit arithmetic.
 """
 from __future__ import annotations
 
-import math
 import weakref
 from dataclasses import dataclass
 
@@ -72,7 +72,7 @@ class GemvLayout:
     """What the v2 kernel reads besides ``row_ptr`` and the activations (see the module docstring)."""
 
     meta: torch.Tensor  # int32 [max(nnz, MIN_GROUPS)]
-    codes: torch.Tensor  # int32 [max(nnz, MIN_GROUPS) · G·BITS/32], 16-byte aligned
+    codes: torch.Tensor | None  # int32 [max(nnz, MIN_GROUPS) · G·BITS/32], 16-byte aligned
     version: int
     shape: tuple
     nnz: int
@@ -104,18 +104,26 @@ _LAYOUT_CACHE: dict = {}
 
 
 def cached_layout(packed: PackedLinear) -> GemvLayout | None:
-    """:func:`build_layout`, memoized on the identity (and in-place version) of ``qweight``."""
+    """:func:`build_layout`, memoized on the identity (and in-place versions) of the layer's tensors.
+    The memo holds the metadata stream but no view of ``qweight`` (it would keep the weights alive)."""
     q = packed.qweight
+    versions = (q._version, packed.scales._version, packed.zeros._version, packed.col_idx._version)
     hit = _LAYOUT_CACHE.get(id(q))
-    if hit is not None and hit[0]() is q and hit[1] == (q._version, packed.scales._version, packed.zeros._version,
-                                                         packed.col_idx._version):
+    if hit is not None and hit[0]() is q and hit[1] == versions:
         lay = hit[2]
-        if lay is None or (lay.nnz == packed.nnz and lay.shape == tuple(packed.shape)):
+        if lay is None:
+            return None
+        if lay.nnz == packed.nnz and lay.shape == tuple(packed.shape):
+            if lay.codes is None:
+                return GemvLayout(meta=lay.meta, codes=q.reshape(-1).view(torch.int32), version=lay.version,
+                                  shape=lay.shape, nnz=lay.nnz)
             return lay
     lay = build_layout(packed)
-    _LAYOUT_CACHE[id(q)] = (weakref.ref(q), (q._version, packed.scales._version, packed.zeros._version,
-                                             packed.col_idx._version), lay)
-    if len(_LAYOUT_CACHE) > 4096:
+    memo = lay
+    if lay is not None and lay.codes.data_ptr() == q.data_ptr():  # a view: rebuilt on every hit
+        memo = GemvLayout(meta=lay.meta, codes=None, version=lay.version, shape=lay.shape, nnz=lay.nnz)
+    _LAYOUT_CACHE[id(q)] = (weakref.ref(q), versions, memo)
+    if len(_LAYOUT_CACHE) > 1024:
         for k in [k for k, v in _LAYOUT_CACHE.items() if v[0]() is None]:
             del _LAYOUT_CACHE[k]
     return lay
