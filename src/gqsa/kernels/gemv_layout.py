@@ -24,7 +24,8 @@ one line per thread and instruction, 2× the L1 wavefronts (counted offline, see
 Per unit: one 32-bit metadata load, one ``UC·BITS/8``-byte code load, ``UC/8`` 16-byte activation loads,
 all issued for ``UPT`` units before any use. A row runs its whole steps of ``STEP`` groups without
 masks, then, if the row's length is not a multiple of ``STEP``, one last step moved back to end at the
-row's end (groups counted already or of the neighbouring rows get scale 0). In compiled mode the loads are inline PTX ``ld.global.nc`` (weights:
+row's end (groups counted already or of the neighbouring rows get scale 0). In compiled mode the
+loads are inline PTX ``ld.global.nc`` (weights:
 ``L1::no_allocate`` + an ``L2::evict_first`` policy; activations: cached in L1, every row re-reads
 them) and the 4-bit integer-zero math is inline PTX (:data:`_PTX_DEQ4B`: no 16× factor on the odd
 codes, the accumulator threaded through the dot); under ``TRITON_INTERPRET=1`` (and for 2- and 8-bit
