@@ -18,6 +18,8 @@ device-to-device copy bandwidth measured in the same run (bytes read + written).
     python benchmarks/gemv.py --quick --out DIR    # 2 shapes, batch 1, headline methods
     python benchmarks/gemv.py --check              # GPU correctness matrix of every kernel variant
     python benchmarks/gemv.py --sweep --out DIR    # tuning knobs on the quick shapes
+    python benchmarks/gemv.py --v2 --out DIR       # issue 12: GPU check of the v2 kernel, then v1 vs v2
+                                                   # (and v2 settings) at batch 1, every shape, graph timing
 """
 from __future__ import annotations
 
@@ -551,6 +553,135 @@ def sweep(args, bw, out_records):
             torch.cuda.empty_cache()
 
 
+# ----------------------------------------------------------------------------- v1 vs v2 (issue 12)
+
+
+def gpu_check_v2() -> bool:
+    """The v2 kernel (gemv_layout) against the reference on the GPU: bits 2/4/8, G 16…128, fp16/bf16,
+    odd shapes, empty rows, one long row, an empty layer, several unit settings, CUDA-graph replay."""
+    from gqsa import format as fmt
+    from gqsa import quant
+    from gqsa.kernels import gemv_layout as gl
+
+    torch.manual_seed(0)
+    fails, n_run = [], 0
+
+    def packed_case(n, k, g, bits, sp, special=None):
+        c = math.ceil(k / g)
+        w = torch.randn(n, c, g)
+        s, z = quant.minmax_params(w, bits)
+        q = quant.quantize(w, s, z, bits)
+        mask = torch.rand(n, c) > sp
+        if special == "empty_rows":
+            mask[::3] = False
+        elif special == "one_row":
+            mask[:] = False
+            mask[n // 2] = True
+        elif special == "empty":
+            mask[:] = False
+        return fmt.pack(q, s, z, mask, (n, k), bits, g).to(DEV)
+
+    cases = []
+    for bits, g in itertools.product((2, 4, 8), (16, 32, 64, 128)):
+        cases.append(dict(n=97, k=1000 if g <= 64 else 1100, g=g, bits=bits, sp=0.5))
+    for special in ("empty_rows", "one_row", "empty"):
+        cases.append(dict(n=61, k=4096 + 40, g=16, bits=4, sp=0.4, special=special))
+    cases += [dict(n=3000, k=4096, g=16, bits=4, sp=0.5), dict(n=700, k=28672, g=16, bits=4, sp=0.5),
+              dict(n=300, k=11008, g=16, bits=4, sp=0.3), dict(n=200, k=8192, g=128, bits=4, sp=0.5)]
+    for cs in cases:
+        p = packed_case(cs["n"], cs["k"], cs["g"], cs["bits"], cs["sp"], cs.get("special"))
+        lay = gl.build_layout(p)
+        if lay is None:
+            continue
+        bias = torch.randn(cs["n"], device=DEV, dtype=torch.float16)
+        # (dtype, unit codes, units per thread, warps, inline PTX): few compiled specializations
+        runs = [(torch.float16, None, None, None, True), (torch.bfloat16, None, None, None, True)]
+        if cs["bits"] == 4 and cs["g"] == 16 and cs["n"] == 97:
+            runs += [(torch.float16, None, None, None, False), (torch.float16, 8, 4, 1, True),
+                     (torch.float16, 16, 8, 1, True), (torch.float16, 16, 2, 2, True),
+                     (torch.float16, 16, 4, 4, True)]
+        elif cs["bits"] == 4 and cs["g"] == 16:
+            runs += [(torch.float16, 8, 4, 1, True), (torch.float16, 16, 8, 1, True)]
+        for dt, uc, upt, nw, asm in runs:
+            gemv._ASM_ENABLED = asm
+            x = torch.randn(1, cs["k"], device=DEV, dtype=dt)
+            y = torch.full((1, cs["n"]), float("nan"), device=DEV, dtype=dt)
+            gl.launch(x, p, lay, bias.to(dt), y, num_warps=nw, unit_codes=uc, units_per_thread=upt)
+            e = rel_err(y, reference.linear(x.float(), p, bias.float()))
+            n_run += 1
+            tol = 1e-2 if dt == torch.bfloat16 else 2e-3
+            if not (e < tol):
+                fails.append((cs, str(dt), uc, upt, nw, asm, e))
+    gemv._ASM_ENABLED = True
+    # through a plan, captured in a CUDA graph
+    p = packed_case(300, 2048, 16, 4, 0.5)
+    plan = gemv.prepare(p, variant="data", kernel="v2")
+    assert plan.layout is not None
+    x = torch.randn(1, 2048, device=DEV, dtype=torch.float16)
+    plan(x)
+    gr = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(gr):
+        yg = plan(x)
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        gr.replay()
+        n_run += 1
+        e = rel_err(yg, reference.linear(x.float(), p))
+        if not e < 2e-3:
+            fails.append(("graph", e))
+    print(f"GPU check v2: {n_run} runs, {len(fails)} failures", flush=True)
+    for f in fails[:30]:
+        print("  FAIL", f)
+    return not fails
+
+
+V2_CONFIGS = {  # name -> (kernel, v2 settings: unit codes, units per thread, warps)
+    "v1": ("v1", None),
+    "v2": ("v2", (16, 4, 1)),
+    "v2 uc8": ("v2", (8, 4, 1)),
+    "v2 upt8": ("v2", (16, 8, 1)),
+    "v2 upt2": ("v2", (16, 2, 1)),
+    "v2 nw2": ("v2", (16, 4, 2)),
+    "v2 nw4": ("v2", (16, 4, 4)),
+}
+
+
+def compare_v2(args, bw, out_records, configs, shapes):
+    """Batch 1, W4 S50 G16: v1 (today's data-centric kernel) against v2 settings, side by side, on
+    rotated weights; graph µs (the decode engine's setting) and do_bench µs."""
+    from gqsa.kernels import gemv_layout as gl
+
+    gen = torch.Generator(device=DEV)
+    gen.manual_seed(0)
+    for model, n, k in shapes:
+        p0 = random_packed(n, k, 0.5, 16, gen=gen)
+        packs = [p0] + [clone_packed(p0) for _ in range(n_copies(p0.nbytes(), args.rot_bytes) - 1)]
+        x = torch.randn(1, k, device=DEV, dtype=torch.float16)
+        nbytes = p0.nbytes() + x.nbytes + n * 2
+        roof = nbytes / (bw * 1e12) * 1e6
+        ref = reference.linear(x, p0).float()
+        for name in configs:
+            kern, st = V2_CONFIGS[name]
+            plans = [gemv.prepare(p, variant="data", kernel=kern) for p in packs]
+            if st is not None:
+                gl.V2_UNIT_CODES = {4: st[0]}
+                gl.V2_UNITS_PER_THREAD, gl.V2_NUM_WARPS = st[1], st[2]
+            fns = [lambda pl=pl: pl(x) for pl in plans]
+            e = rel_err(fns[0](), ref)
+            us = t_do_bench(fns, args.warmup, args.rep)
+            gus = t_graph(fns)
+            r = dict(model=model, N=n, K=k, B=1, S=0.5, G=16, method=name, us=us, graph_us=gus, bytes=nbytes,
+                     roof_us=roof, roof_pct=100 * roof / us, graph_roof_pct=100 * roof / gus, rel_err=e,
+                     ok=bool(e < 1e-2), tbps_graph=nbytes / (gus * 1e-6) / 1e12)
+            out_records.append(r)
+            print(f"{model:11s} {n:6d}x{k:<6d} {name:8s} graph {gus:7.2f}us {r['graph_roof_pct']:5.1f}%  "
+                  f"do_bench {us:7.2f}us {r['roof_pct']:5.1f}%  roof {roof:6.2f}us  err {e:.1e}", flush=True)
+            del plans, fns
+        gl.V2_UNIT_CODES, gl.V2_UNITS_PER_THREAD, gl.V2_NUM_WARPS = {}, None, 1
+        del packs, p0
+        torch.cuda.empty_cache()
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -568,6 +699,12 @@ def main(argv=None):
     ap.add_argument("--tune-from", default=None,
                     help="gemv_sweep.json of --sweep: use its best task/data settings as the defaults")
     ap.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ",".join(MODELS))
+    ap.add_argument("--v2", action="store_true", help="issue 12: v2 GPU check, then v1 vs v2 at batch 1")
+    ap.add_argument("--v2-configs", default="v1,v2", help="comma-separated names of V2_CONFIGS for every shape")
+    ap.add_argument("--v2-sweep-configs", default=",".join(V2_CONFIGS),
+                    help="V2_CONFIGS timed on the --v2-sweep-shapes")
+    ap.add_argument("--v2-sweep-shapes", default="4096x4096,28672x8192,1024x4096",
+                    help="NxK shapes for --v2-sweep-configs")
     args = ap.parse_args(argv)
 
     import triton
@@ -593,6 +730,18 @@ def main(argv=None):
     if args.tune_from:
         meta["tuned"] = apply_tuning(args.tune_from)
         print(f"tuned defaults: {meta['tuned']}", flush=True)
+    if args.v2:
+        ok = gpu_check_v2()
+        print(f"[v2 check done at {time.time() - t0:.1f}s]", flush=True)
+        shapes = [(m, n, k) for m in args.models.split(",") for n, k in MODELS[m]]
+        sweep_shapes = {tuple(int(v) for v in s.split("x")) for s in args.v2_sweep_shapes.split(",") if s}
+        for m, n, k in shapes:
+            cfg = args.v2_sweep_configs if (n, k) in sweep_shapes else args.v2_configs
+            compare_v2(args, bw, records, cfg.split(","), [(m, n, k)])
+            (out / "gemv_v2.json").write_text(json.dumps(dict(meta=meta, check_ok=ok, records=records), indent=1))
+        print(f"[{len(records)} measurements in {time.time() - t0:.1f}s; "
+              f"{sum(not r['ok'] for r in records)} correctness failures]")
+        return 0 if ok else 1
     if args.sweep:
         sweep(args, bw, records)
         (out / "gemv_sweep.json").write_text(json.dumps(dict(meta=meta, records=records), indent=1))

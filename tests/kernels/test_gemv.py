@@ -17,7 +17,7 @@ pytest.importorskip("triton")
 
 from gqsa import format as fmt  # noqa: E402
 from gqsa import quant  # noqa: E402
-from gqsa.kernels import gemv, reference  # noqa: E402
+from gqsa.kernels import gemv, gemv_layout, reference  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -225,3 +225,118 @@ def test_auto_variant_and_dispatch():
         x = torch.randn(b, 256).half()
         check(plan(x), x, skewed)
         check(run(x, balanced, "auto"), x, balanced)
+
+
+# ---------------------------------------------------------------- v2: load-time layout (issue 12)
+V2_CASES = [
+    # n, k, G, bits, sparsity, special, dtype, bias
+    (37, 200, 16, 4, 0.5, None, torch.float16, False),  # K % G != 0, uneven rows
+    (29, 256, 32, 4, 0.3, None, torch.bfloat16, True),
+    (20, 300, 64, 4, 0.6, "empty_rows", torch.float16, True),
+    (9, 500, 128, 4, 0.2, None, torch.bfloat16, False),  # K % G != 0
+    (23, 160, 16, 4, 0.0, "one_row", torch.float16, True),  # one row spans several steps
+    (17, 96, 16, 4, 0.5, "empty", torch.float16, True),
+    (31, 256, 16, 2, 0.5, None, torch.float16, False),
+    (19, 200, 32, 2, 0.4, None, torch.bfloat16, True),
+    (13, 300, 128, 8, 0.5, None, torch.float16, True),
+    (6, 4800, 16, 4, 0.0, "one_row", torch.float16, True),  # a row of 300 groups: 3 steps, the last moved back
+]
+
+
+def test_v2_long_rows_and_unit_sizes():
+    """Rows over several steps (the last step moved back over groups already counted), 8-code units
+    (2 threads per group) and 8 units per thread."""
+    p = make_packed(7, 4000, 16, 4, 0.3, seed=7)  # rows of ~175 groups
+    x = torch.randn(1, 4000, generator=torch.Generator().manual_seed(8)).half()
+    bias = torch.randn(7).half()
+    lay = gemv_layout.build_layout(p)
+    for uc, upt in ((16, 4), (8, 4), (16, 1)):
+        y = torch.full((1, 7), float("nan"), dtype=torch.float16)
+        gemv_layout.launch(x, p, lay, bias, y, unit_codes=uc, units_per_thread=upt)
+        check(y, x, p, bias)
+
+
+@pytest.mark.parametrize("case", V2_CASES, ids=lambda c: f"{c[0]}x{c[1]}-G{c[2]}-b{c[3]}-S{c[4]}-{c[5]}-"
+                                                          f"{str(c[6])[6:]}-bias{int(c[7])}")
+def test_v2_matches_reference(case):
+    n, k, g, bits, sp, special, dtype, has_bias = case
+    p = make_packed(n, k, g, bits, sp, False, special)
+    lay = gemv_layout.build_layout(p)
+    assert lay is not None and lay.version == gemv_layout.LAYOUT_VERSION
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(1, k, generator=gen).to(dtype)
+    bias = torch.randn(n, generator=gen).to(dtype) if has_bias else None
+    y = torch.full((1, n), float("nan"), dtype=dtype)
+    gemv_layout.launch(x, p, lay, bias, y)
+    check(y, x, p, bias)
+    if case not in V2_CASES[:2]:
+        return
+    # the same through gqsa_linear and a prepared plan
+    check(gemv.gqsa_linear(x, p, bias, variant="data", kernel="v2"), x, p, bias)
+    plan = gemv.prepare(p, variant="data", kernel="v2")
+    assert plan.layout is not None
+    check(plan(x, bias), x, p, bias)
+
+
+def test_v2_layout_words_and_padding():
+    p = make_packed(21, 200, 16, 4, 0.5, seed=3)
+    lay = gemv_layout.build_layout(p)
+    nnz = p.nnz
+    assert lay.meta.numel() == max(nnz, gemv_layout.MIN_GROUPS)
+    m = lay.meta[:nnz]
+    assert torch.equal((m & 0xFFFF) >> 5, p.col_idx.int())  # byte offset col · 2G (G = 16)
+    assert torch.equal(m & 0xF, p.zeros.int())
+    assert torch.equal(((m >> 16) & 0xFFFF).to(torch.int16).view(torch.float16), p.scales)
+    assert torch.equal(lay.codes[: nnz * 2], p.qweight.reshape(-1).view(torch.int32))
+    assert not bool(lay.meta[nnz:].any()) and not bool(lay.codes[nnz * 2:].any())
+
+
+def test_v2_unsupported_layers_fall_back_to_v1():
+    fz = make_packed(13, 160, 16, 4, 0.5, float_zeros=True)
+    b8 = make_packed(25, 160, 16, 8, 0.5)  # 8-bit zero point does not fit below col·2G at G = 16
+    for p in (fz, b8):
+        assert gemv_layout.build_layout(p) is None
+        plan = gemv.prepare(p, variant="data", kernel="v2")
+        assert plan.layout is None
+        x = torch.randn(1, 160).half()
+        check(plan(x), x, p)
+        check(gemv.gqsa_linear(x, p, variant="data", kernel="v2"), x, p)
+    big = make_packed(2, 40000, 128, 4, 0.9)  # K above 32768: the byte offset needs more than 16 bits
+    assert not gemv_layout.layout_supported(big)
+
+
+def test_v2_batch_above_one_runs_v1():
+    p = make_packed(19, 256, 16, 4, 0.5)
+    plan = gemv.prepare(p, variant="data", kernel="v2")
+    x = torch.randn(3, 256).half()
+    check(plan(x), x, p)
+    with pytest.raises(ValueError, match="kernel"):
+        gemv.gqsa_linear(x, p, kernel="v3")
+
+
+def test_kernel_auto_picks_v2_for_long_rows_only():
+    long_rows = make_packed(3, 16 * 700, 16, 4, 0.3, seed=9)  # ~490 kept groups per row
+    short_rows = make_packed(9, 16 * 300, 16, 4, 0.3, seed=9)  # ~210
+    g32 = make_packed(3, 32 * 700, 32, 4, 0.3, seed=9)
+    assert gemv.resolve_kernel(long_rows, "auto") == "v2"
+    assert gemv.resolve_kernel(short_rows, "auto") == "v1"
+    assert gemv.resolve_kernel(g32, "auto") == "v1"  # measured at G16 only
+    assert gemv.resolve_kernel(short_rows, "v2") == "v2"
+    plan = gemv.prepare(long_rows, variant="data", kernel="auto")
+    assert plan.kernel == "v2" and plan.layout is not None
+    assert gemv.prepare(short_rows, variant="data", kernel="auto").layout is None
+    x = torch.randn(1, 16 * 700, generator=torch.Generator().manual_seed(4)).half()
+    check(plan(x), x, long_rows)
+
+
+def test_v2_cached_layout_holds_no_weight_view():
+    p = make_packed(40, 16 * 300, 16, 4, 0.3, seed=11)  # nnz ≥ MIN_GROUPS: codes are a view of qweight
+    assert p.nnz >= gemv_layout.MIN_GROUPS
+    a = gemv_layout.cached_layout(p)
+    assert a.codes.data_ptr() == p.qweight.data_ptr()
+    memo = gemv_layout._LAYOUT_CACHE[id(p.qweight)][2]
+    assert memo.codes is None and memo.meta is a.meta
+    b = gemv_layout.cached_layout(p)
+    assert b.meta is a.meta and b.codes.data_ptr() == p.qweight.data_ptr()
+    p.scales.mul_(2)  # an in-place change rebuilds it
+    assert gemv_layout.cached_layout(p).meta is not a.meta

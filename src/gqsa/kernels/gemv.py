@@ -15,6 +15,10 @@ Paths (entry points :func:`gqsa_linear` and, for repeated calls, :func:`prepare`
   row (an atomic counter) writes it, adds the bias and resets the workspace for the next launch — one
   launch, no memset, safe to capture in a CUDA graph.
 * ``variant="data"`` — the plain data-centric kernel, one program per output row (same kernel body).
+  At batch 1 the ``kernel`` argument picks its implementation: ``"v1"`` (this kernel body) or ``"v2"``
+  (:mod:`gqsa.kernels.gemv_layout`: a load-time metadata layout, one 32-bit word per kept group, and a
+  kernel with a third fewer instructions per group); ``"auto"`` (``DEFAULT_KERNEL``) = v2 where it
+  measured faster on the H200 (:func:`resolve_kernel`), v1 elsewhere.
 * ``variant="dense"`` (prefill) — a Triton kernel expands the layer to a dense ``[N, K]`` weight in the
   activation dtype (bit-identical to ``reference.dequantize``), then cuBLAS through ``F.linear``.
 * ``variant="auto"`` (default) — decode kernel for ≤ ``AUTO_KERNEL_MAX_BATCH`` (4) rows of x, dense
@@ -50,7 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from ..format import PackedLinear
-from . import reference
+from . import gemv_layout, reference
 
 try:  # triton is optional: without it every path falls back to the reference
     import triton
@@ -70,6 +74,25 @@ IMBALANCE = 2.0  # variant="auto": task-centric when the longest row holds > IMB
 KERNEL_BITS = (2, 4, 8)
 VARIANTS = ("auto", "task", "data", "dense", "reference")
 _WS_STRIDE = MAX_DECODE_BATCH  # fp32 workspace entries per split-row slot
+# batch-1 data-centric kernel: "v1" (_gemv_kernel over the packed tensors), "v2" (gemv_layout: the
+# load-time metadata layout, issue 12; runs where gemv_layout.layout_supported(packed), v1 elsewhere) or
+# "auto": v2 only where it measured faster than v1 on the H200 (benchmarks/RESULTS.md, 2026-12-01: W4 G16
+# layers whose rows hold ≥ V2_MIN_ROW_GROUPS kept groups on average, 8-16 % faster: 4096×11008,
+# 4096×14336, 8192×28672; rows of 128-256 groups measured 5-19 % slower with v2, so they keep v1)
+KERNELS = ("auto", "v1", "v2")
+DEFAULT_KERNEL = os.environ.get("GQSA_GEMV_KERNEL", "auto")
+V2_MIN_ROW_GROUPS = 320
+
+
+def resolve_kernel(packed: PackedLinear, kernel: str | None = None) -> str:
+    """``"v1"`` or ``"v2"`` for the batch-1 data-centric path of ``packed`` (``kernel`` None: ``DEFAULT_KERNEL``)."""
+    kernel = kernel or DEFAULT_KERNEL
+    if kernel == "auto":
+        n = max(1, packed.shape[0])
+        long_rows = packed.nnz >= V2_MIN_ROW_GROUPS * n
+        ok = packed.bits == 4 and packed.group_size == 16 and gemv_layout.layout_supported(packed)
+        return "v2" if long_rows and ok else "v1"
+    return kernel
 
 
 def _interpret() -> bool:
@@ -773,6 +796,7 @@ def gqsa_linear(
     tasks: TaskTable | None = None,
     variant: str = "auto",
     out: torch.Tensor | None = None,
+    kernel: str | None = None,
 ) -> torch.Tensor:
     """``x @ Ŵᵀ (+ bias)`` for a packed GQSA layer; ``x`` is ``[..., K]``, the result ``[..., N]`` in
     ``x``'s dtype.
@@ -782,11 +806,15 @@ def gqsa_linear(
     dense expansion + cuBLAS above), ``"task"``, ``"data"``, ``"dense"`` or ``"reference"``.
     ``"task"``/``"data"`` with more than 16 rows fall through to ``"dense"``. ``tasks``: the layer's :class:`TaskTable` from
     :func:`build_task_table` (built and memoized here when omitted; pass it to skip the lookup).
-    Without a usable Triton (CPU without ``TRITON_INTERPRET=1``, triton missing, 3-bit layers) the
-    reference runs. Bad inputs raise ``ValueError`` naming the problem.
+    ``kernel``: ``"auto"`` / ``"v1"`` / ``"v2"`` for the data-centric variant at batch 1 (default
+    ``DEFAULT_KERNEL``, :func:`resolve_kernel`; v2 = :mod:`gqsa.kernels.gemv_layout`, used where its layout
+    supports the layer, built and memoized here when needed). Without a usable Triton (CPU without ``TRITON_INTERPRET=1``, triton missing,
+    3-bit layers) the reference runs. Bad inputs raise ``ValueError`` naming the problem.
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant '{variant}': use one of {VARIANTS}")
+    if kernel is not None and kernel not in KERNELS:
+        raise ValueError(f"unknown kernel '{kernel}': use one of {KERNELS}")
     _check_packed(packed)
     _check_x(x, packed, bias)
     n, k = packed.shape
@@ -832,7 +860,11 @@ def gqsa_linear(
             raise ValueError(f"task table is on {tasks.device} but x is on {dev}")
         _launch_gemv(x2, packed, bias, y, tasks)
     else:
-        _launch_gemv(x2, packed, bias, y, None)
+        lay = gemv_layout.cached_layout(packed) if bsz == 1 and resolve_kernel(packed, kernel) == "v2" else None
+        if lay is not None:
+            gemv_layout.launch(x2, packed, lay, bias, y)
+        else:
+            _launch_gemv(x2, packed, bias, y, None)
     return y.view(*lead, n)
 
 
@@ -843,13 +875,18 @@ class GemvPlan:
     and the code-word view at construction; a call checks only ``x`` / ``bias`` (dtype, last
     dimension, device) and launches, with the batch-size dispatch of :func:`gqsa_linear` (decode
     kernel for ≤ ``max_kernel_batch`` rows — ``AUTO_KERNEL_MAX_BATCH`` for ``"auto"``, 16 otherwise —
-    dense expansion + cuBLAS above). Rebuild it when the layer's tensors change or move. CUDA-graph
-    capturable once warmed up (first call compiles).
+    dense expansion + cuBLAS above). At batch 1 on the data-centric variant it runs the kernel that
+    :func:`resolve_kernel` picks (v2 holds a load-time layout, ``self.layout``: 4 more bytes per kept
+    group). Rebuild it when the layer's tensors change or move. CUDA-graph capturable once warmed up
+    (first call compiles).
     """
 
-    def __init__(self, packed: PackedLinear, variant: str = "auto", tasks: TaskTable | None = None, **table_kw):
+    def __init__(self, packed: PackedLinear, variant: str = "auto", tasks: TaskTable | None = None,
+                 kernel: str | None = None, **table_kw):
         if variant not in ("auto", "task", "data"):
             raise ValueError(f"a plan runs variant 'auto', 'task' or 'data', got '{variant}'")
+        if (kernel or DEFAULT_KERNEL) not in KERNELS:
+            raise ValueError(f"unknown kernel '{kernel}': use one of {KERNELS}")
         _check_packed(packed)
         self.max_kernel_batch = AUTO_KERNEL_MAX_BATCH if variant == "auto" else MAX_DECODE_BATCH
         if variant == "auto":
@@ -865,6 +902,11 @@ class GemvPlan:
         self.qw = None
         if packed.bits in KERNEL_BITS:
             self.qw = _qweight_units(packed, self.tasks.unit_codes if self.tasks is not None else None)
+        # batch 1, data-centric: the v2 kernel's load-time layout (None: v1)
+        self.kernel = kernel = resolve_kernel(packed, kernel)
+        self.layout = None
+        if kernel == "v2" and variant == "data" and self.kernel_ok:
+            self.layout = gemv_layout.build_layout(packed)
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None, out: torch.Tensor | None = None):
         p = self.packed
@@ -881,10 +923,15 @@ class GemvPlan:
         if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
             bias = bias.to(x.dtype).contiguous()
         y = torch.empty(bsz, n, dtype=x.dtype, device=x.device)
-        _launch_gemv(x2, p, bias, y, self.tasks, qw=self.qw)
+        if bsz == 1 and self.layout is not None:
+            gemv_layout.launch(x2, p, self.layout, bias, y)
+        else:
+            _launch_gemv(x2, p, bias, y, self.tasks, qw=self.qw)
         return y.view(*x.shape[:-1], n)
 
 
-def prepare(packed: PackedLinear, variant: str = "auto", tasks: TaskTable | None = None, **table_kw) -> GemvPlan:
-    """:class:`GemvPlan` for ``packed`` (``table_kw`` go to :func:`build_task_table`)."""
-    return GemvPlan(packed, variant, tasks, **table_kw)
+def prepare(packed: PackedLinear, variant: str = "auto", tasks: TaskTable | None = None, kernel: str | None = None,
+            **table_kw) -> GemvPlan:
+    """:class:`GemvPlan` for ``packed`` (``table_kw`` go to :func:`build_task_table`; ``kernel``: ``"auto"``,
+    ``"v1"`` or ``"v2"`` for batch 1 on the data-centric variant, default ``DEFAULT_KERNEL``)."""
+    return GemvPlan(packed, variant, tasks, kernel, **table_kw)
