@@ -36,9 +36,11 @@ def add_arguments(p) -> None:
     g.add_argument("--saliency", default="hessian", choices=("magnitude", "wanda", "hessian"),
                    help="group ranking; hessian also compensates the kept weights (default hessian)")
     g.add_argument("--allocation", default="row", choices=ALLOCATIONS,
-                   help="row: same kept-group count in every row; layer: ranked per layer; blockR: the same kept "
-                        "columns in every R consecutive rows, for the block kernels; clusterR: the same in clusters "
-                        "of R rows chosen to keep the most (default row)")
+                   help="row: same kept-group count in every row (best accuracy); layer: "
+                        "ranked per layer; blockR: the same kept columns in every R consecutive rows, and clusterR: "
+                        "the same in clusters of R rows chosen to keep the most — both feed the block kernels, "
+                        "faster than row from batch 2 on (a GPU), at an accuracy cost that grows with R (benchmarks/RESULTS.md)"
+                        " (default row)")
     g.add_argument("--quant-init", default="mse", choices=("minmax", "mse"),
                    help="scale/zero init: min-max or clipping search (default mse)")
     g.add_argument("--damp", type=float, default=0.01, help="Hessian dampening, fraction of mean diagonal")
