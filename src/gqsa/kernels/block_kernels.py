@@ -165,7 +165,7 @@ def block_kernel(
                     if SCALE_AFTER:
                         if ASM:
                             pass  # d is q − z already
-                        elif DOT_F32:  # interpreter, bf16: its integer → bf16 casts are wrong; the same values in fp32
+                        elif DOT_F32:  # interpreter, bf16: its integer → bf16 casts are wrong; same values in fp32
                             d = q.to(tl.float32)
                             if not FLOAT_Z:
                                 d -= z.to(tl.float32)[:, None]
