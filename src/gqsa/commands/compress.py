@@ -77,6 +77,11 @@ def add_arguments(p) -> None:
     t.add_argument("--bqpo-gradual", type=int, metavar="E",
                    help="BQPO: start dense and reach --sparsity over the first E epochs, re-choosing the mask from "
                         "the trained weights after each (default 0: the one-shot mask, frozen)")
+    t.add_argument("--bqpo-learn-mask", type=int, metavar="E",
+                   help="BQPO: learn the group mask during the first E epochs (scores per row and group, hard "
+                        "top-k at the target sparsity, straight-through gradient), frozen after (default 0: the "
+                        "one-shot mask, frozen)")
+    t.add_argument("--bqpo-lr-mask", type=float, help="BQPO lr of those mask scores (default 0.05)")
     t.add_argument("--bqpo-target", choices=("fp", "qinput"),
                    help="fp: uncompressed block on uncompressed inputs (default); qinput: uncompressed block "
                         "on the compressed model's inputs")
