@@ -45,7 +45,8 @@ class GQSAConfig:
         re-solving the kept weights by least squares and re-ranking), ``cgN`` (the fixed mask, then the
         kept weights re-fitted towards that least-squares optimum by N conjugate-gradient steps
         before quantization; default ``cg20``: gutenberg-llama-22m W4 S50 G16 one-shot 464 → 280 in
-        benchmarks/RESULTS.md), ``rerankN`` (N rounds, each ranking the groups on the weights as
+        benchmarks/RESULTS.md), ``qcgN`` (``cgN`` with the groups ranked by what keeping them saves once
+        quantized: :func:`gqsa.prune.quant_aware_saliency`), ``rerankN`` (N rounds, each ranking the groups on the weights as
         re-fitted by the previous round, removing up to that round's share of the target and re-fitting
         by 20 CG steps; any allocation), ``adaptive[B]`` (chosen per
         block of B groups from the weights as compensated by the sweep).
@@ -157,9 +158,10 @@ class GQSAConfig:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}; got '{value}'")
         if not (self.mask == "fixed" or (self.mask.startswith("iter") and self.mask[4:].isdigit() and int(self.mask[4:]) > 0)
                 or (self.mask.startswith("cg") and self.mask[2:].isdigit() and int(self.mask[2:]) > 0)
+                or (self.mask.startswith("qcg") and self.mask[3:].isdigit() and int(self.mask[3:]) > 0)
                 or (self.mask.startswith("rerank") and self.mask[6:].isdigit() and int(self.mask[6:]) > 0)
                 or (self.mask.startswith("adaptive") and (self.mask[8:] == "" or self.mask[8:].isdigit()))):
-            raise ValueError(f"mask must be fixed, cgN, rerankN, iterN (N >= 1) or adaptive[B]; got '{self.mask}'")
+            raise ValueError(f"mask must be fixed, cgN, qcgN, rerankN, iterN (N >= 1) or adaptive[B]; got '{self.mask}'")
         if self.allocation != "row" and self.mask.startswith(("iter", "adaptive")):
             raise ValueError(f"mask '{self.mask}' keeps the same number of groups in every row: use allocation "
                              f"'row' with it (or mask 'fixed', 'cgN' or 'rerankN')")

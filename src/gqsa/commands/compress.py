@@ -44,7 +44,7 @@ def add_arguments(p) -> None:
     g.add_argument("--damp", type=float, default=0.01, help="Hessian dampening, fraction of mean diagonal")
     g.add_argument("--mask", default=None, metavar="METHOD",
                    help="group mask with hessian saliency: fixed (ranked once), cgN (fixed, then N conjugate-gradient steps of "
-                        "a least-squares re-fit of the kept groups), rerankN (N rounds of rank, prune, re-fit), iterN "
+                        "a least-squares re-fit of the kept groups), qcgN (cgN, groups ranked by what keeping them saves once quantized), rerankN (N rounds of rank, prune, re-fit), iterN "
                         "(N rounds with an exact re-fit) or adaptive[B] (per B groups during the sweep) "
                         "(default: gqsa.config's)")
     g.add_argument("--target-bits", type=float, default=None, metavar="B",
