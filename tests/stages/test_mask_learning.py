@@ -97,3 +97,13 @@ def test_learn_mask_settings_are_checked():
         GQSAConfig(bqpo_epochs=6, bqpo_learn_mask=2, bqpo_gradual=2)
     with pytest.raises(ValueError, match="bqpo_lr_mask"):
         GQSAConfig(bqpo_lr_mask=-0.1)
+
+
+def test_cli_options_reach_the_config():
+    from gqsa.commands.compress import given_options
+    from gqsa.workflow import gqsa_config
+
+    kw = given_options(["--preset", "fast", "--bqpo-learn-mask", "2", "--bqpo-lr-mask", "0.1", "--mask", "qcg10"])
+    cfg = gqsa_config(**{k: v for k, v in kw.items() if k in ("preset", "mask", "bqpo_learn_mask", "bqpo_lr_mask")})
+    assert (cfg.bqpo_learn_mask, cfg.bqpo_lr_mask, cfg.mask, cfg.bqpo_epochs) == (2, 0.1, "qcg10", 5)
+    assert gqsa_config().bqpo_learn_mask == 0
