@@ -23,7 +23,7 @@ def test_initial_scores_select_the_oneshot_mask_and_training_starts_at_the_onesh
     m = FakeQuantLinear(cw, 40, 4)
     mask_learning.start(m, w, energy)
     assert torch.equal(prune.select_mask(m.score.detach(), m.sparsity, "row"), cw.mask)
-    assert not mask_learning.update(m, "row")
+    assert mask_learning.update(m, "row") == 0
     with torch.no_grad():
         assert torch.equal(m.weight(), cw.weight)
     # removed groups restart from the uncompressed weights (within half a quantization step)
@@ -83,7 +83,7 @@ def test_learned_mask_is_row_balanced_at_the_target_moves_and_is_deterministic(l
         for t, v in p.tensors().items():
             assert torch.equal(v, getattr(runs[1][name], t)), f"{name}.{t}"
     assert moved > 0
-    assert all(s["mask_changes"] > 0 and s["best_epoch"] >= 2 for s in stats["bqpo"])
+    assert all(s["mask_swaps"] > 0 and 0 < s["mask_moved"] < 0.5 and s["best_epoch"] >= 2 for s in stats["bqpo"])
     for name, p in runs[1].items():
         assert torch.equal(model.get_submodule(name).dequantize(), reference.dequantize(p))
 

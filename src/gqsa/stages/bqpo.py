@@ -232,7 +232,8 @@ def train_block(block, init: dict[str, CompressedWeight], x: torch.Tensor, y: to
             for n, m in fqs.items():
                 mask_learning.start(m, dense[n], energy[n])
             groups.append({"params": [m.score for m in fqs.values()], "lr": config.bqpo_lr_mask})
-            st["mask_changes"] = 0
+            st["mask_swaps"] = 0  # groups brought in by a step (as many went out)
+            oneshot_masks = {n: m.mask.clone() for n, m in fqs.items()}
         if groups and total:
             trainer = common.Trainer(groups, total, best, lambda: _snapshot(fqs), lambda st_: _restore(fqs, st_),
                                      patience=config.bqpo_patience)
@@ -251,10 +252,12 @@ def train_block(block, init: dict[str, CompressedWeight], x: torch.Tensor, y: to
                         loss.backward()
                     trainer.step()
                     if epoch <= learn:  # the straight-through top-k: the mask follows the scores
-                        st["mask_changes"] += sum(mask_learning.update(m, config.allocation) for m in fqs.values())
+                        st["mask_swaps"] += sum(mask_learning.update(m, config.allocation) for m in fqs.values())
                 if epoch == learn:  # the mask is final: frozen from here on
                     for m in fqs.values():
                         mask_learning.freeze(m)
+                    kept = sum(int(m.mask.sum()) for m in fqs.values())
+                    st["mask_moved"] = sum(int((m.mask & ~oneshot_masks[n]).sum()) for n, m in fqs.items()) / kept
                 if epoch < learn:
                     continue
                 if epoch <= ramp:  # gradual pruning: a sparser mask from the trained weights, frozen after the ramp

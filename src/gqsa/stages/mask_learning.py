@@ -47,12 +47,12 @@ def start(m, dense: torch.Tensor, energy: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def update(m, allocation: str) -> bool:
-    """Choose ``m``'s mask again from its scores; True when it changed."""
+def update(m, allocation: str) -> int:
+    """Choose ``m``'s mask again from its scores; returns how many groups it kept that it did not keep before."""
     new = prune.select_mask(m.score.detach(), m.sparsity, allocation)[..., None]
-    changed = not torch.equal(new, m.mask)
+    added = int((new & ~m.mask).sum())
     m.mask.copy_(new)
-    return changed
+    return added
 
 
 def freeze(m) -> None:
