@@ -229,6 +229,8 @@ def train_block(block, init: dict[str, CompressedWeight], x: torch.Tensor, y: to
         learn = config.bqpo_learn_mask if groups and total else 0
         energy = _input_energy(block, fqs, x, n_train, bs, kwargs, device, dtype, amp) if ramp or learn else None
         if learn:
+            if distributed.active():  # DDP cannot drop the scores from its reduction when they freeze
+                raise ValueError("bqpo_learn_mask runs in one process (not under torchrun)")
             for n, m in fqs.items():
                 mask_learning.start(m, dense[n], energy[n])
             groups.append({"params": [m.score for m in fqs.values()], "lr": config.bqpo_lr_mask})
