@@ -46,7 +46,7 @@ class GQSAConfig:
         kept weights re-fitted towards that least-squares optimum by N conjugate-gradient steps
         before quantization; default ``cg20``: gutenberg-llama-22m W4 S50 G16 one-shot 464 → 280 in
         benchmarks/RESULTS.md), ``qcgN`` (``cgN`` with the groups ranked by what keeping them saves once
-        quantized: :func:`gqsa.prune.quant_aware_saliency`), ``rerankN`` (N rounds, each ranking the groups on the weights as
+        quantized: :func:`gqsa.prune.quant_aware_saliency`; measured no better than ``cgN``), ``rerankN`` (N rounds, each ranking the groups on the weights as
         re-fitted by the previous round, removing up to that round's share of the target and re-fitting
         by 20 CG steps; any allocation), ``adaptive[B]`` (chosen per
         block of B groups from the weights as compensated by the sweep).
@@ -87,7 +87,8 @@ class GQSAConfig:
         after every step, and gets the straight-through gradient of its group's mask entry; the removed groups
         restart from the uncompressed weights; the mask is frozen after epoch ``E`` and best-epoch selection
         starts there (:mod:`gqsa.stages.mask_learning`; needs ``bqpo_epochs`` > ``E``, not with
-        ``bqpo_gradual``).
+        ``bqpo_gradual``). Measured worse than the frozen one-shot mask on gutenberg-llama-22m, the more so the
+        more the mask moves (benchmarks/RESULTS.md).
     bqpo_lr_mask: AdamW learning rate of those scores (initial scores are ±0.5 around the cut, so about
         ``0.5 / lr`` steps of consistent gradient move a group across it).
     bqpo_target: ``fp`` — the uncompressed block on the uncompressed model's activations (default);
