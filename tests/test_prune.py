@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from gqsa import format as F
-from gqsa import prune
+from gqsa import prune, quant
 from gqsa.kernels import reference
 
 
@@ -222,3 +222,23 @@ def test_conjugate_gradient_refit_reaches_the_least_squares_optimum():
     refit = prune.refine_kept_cg(w, swept, h, mask, g, iters=30)
     assert bool((refit.reshape(n, -1, g)[~mask] == 0).all())
     assert f(exact) <= f(refit) <= f(exact) * 1.001 < f(swept)
+
+
+def test_quant_aware_saliency_is_the_hessian_saliency_less_that_of_the_quantization_error():
+    g = torch.Generator().manual_seed(0)
+    # heavy-tailed weights: a group with one large weight quantizes its other weights coarsely
+    w = torch.randn(32, 60, generator=g) * torch.randn(32, 60, generator=g).abs() ** 3
+    x = torch.randn(200, 60, generator=g)
+    h = x.T @ x / 200
+    plain = prune.saliency(w, 16, "hessian", h)
+    qa = prune.quant_aware_saliency(w, h, 16, 2)
+    assert (qa < plain).all()  # a quantized group saves less than an exact one
+    wg, valid = prune.group_view(w, 16)
+    imp, _ = prune.group_view(h.diagonal()[None, :], 16)
+    s, z = quant.init_params(wg, 2, "mse", valid=valid, importance=imp)
+    err = (wg - quant.dequantize(quant.quantize(wg, s, z, 2), s, z)).reshape(32, -1)[:, :60]
+    assert torch.allclose(plain - qa, prune.saliency(err, 16, "hessian", h), rtol=1e-4, atol=1e-6)
+    # the ranking changes in some rows; qcgN keeps the target count in every row, by that ranking
+    assert not torch.equal(prune.select_mask(qa, 0.5), prune.select_mask(plain, 0.5))
+    cw = prune.compress_weight(w, 2, 16, 0.5, "hessian", hessian=h, mask_method="qcg5")
+    assert (cw.mask.sum(1) == 2).all() and torch.equal(cw.mask, prune.select_mask(qa, 0.5))

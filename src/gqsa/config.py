@@ -45,7 +45,8 @@ class GQSAConfig:
         re-solving the kept weights by least squares and re-ranking), ``cgN`` (the fixed mask, then the
         kept weights re-fitted towards that least-squares optimum by N conjugate-gradient steps
         before quantization; default ``cg20``: gutenberg-llama-22m W4 S50 G16 one-shot 464 → 280 in
-        benchmarks/RESULTS.md), ``rerankN`` (N rounds, each ranking the groups on the weights as
+        benchmarks/RESULTS.md), ``qcgN`` (``cgN`` with the groups ranked by what keeping them saves once
+        quantized: :func:`gqsa.prune.quant_aware_saliency`; measured no better than ``cgN``), ``rerankN`` (N rounds, each ranking the groups on the weights as
         re-fitted by the previous round, removing up to that round's share of the target and re-fitting
         by 20 CG steps; any allocation), ``adaptive[B]`` (chosen per
         block of B groups from the weights as compensated by the sweep).
@@ -80,6 +81,16 @@ class GQSAConfig:
         diagonal OBS saliency ``Σ w² · diag(XᵀX)``, then it is frozen; best-epoch selection and early
         stopping start at epoch ``E`` (needs ``bqpo_epochs`` > ``E``, no ``target_bits``). Measured worse than
         the frozen one-shot mask on gutenberg-llama-22m (benchmarks/RESULTS.md).
+    bqpo_learn_mask: 0 (default) keeps the one-shot mask frozen; ``E`` > 0 learns it during the first ``E``
+        epochs of BQPO: a score per (row, group), started from the one-shot mask and saliency, picks the
+        kept groups by a hard top-k at the linear's sparsity (``allocation``; row-balanced under ``row``)
+        after every step, and gets the straight-through gradient of its group's mask entry; the removed groups
+        restart from the uncompressed weights; the mask is frozen after epoch ``E`` and best-epoch selection
+        starts there (:mod:`gqsa.stages.mask_learning`; needs ``bqpo_epochs`` > ``E``, not with
+        ``bqpo_gradual``). Measured worse than the frozen one-shot mask on gutenberg-llama-22m, the more so the
+        more the mask moves (benchmarks/RESULTS.md).
+    bqpo_lr_mask: AdamW learning rate of those scores (initial scores are ±0.5 around the cut, so about
+        ``0.5 / lr`` steps of consistent gradient move a group across it).
     bqpo_target: ``fp`` — the uncompressed block on the uncompressed model's activations (default);
         ``qinput`` — the uncompressed block on the compressed model's activations.
     activation_dtype: storage dtype of the calibration activations kept between blocks.
@@ -120,6 +131,8 @@ class GQSAConfig:
     bqpo_lr_zero: float = 0.1
     bqpo_patience: int = 4
     bqpo_gradual: int = 0
+    bqpo_learn_mask: int = 0
+    bqpo_lr_mask: float = 0.05
     bqpo_target: str = "fp"
     activation_dtype: str = "float32"
     offload_activations: bool = False
@@ -146,9 +159,10 @@ class GQSAConfig:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}; got '{value}'")
         if not (self.mask == "fixed" or (self.mask.startswith("iter") and self.mask[4:].isdigit() and int(self.mask[4:]) > 0)
                 or (self.mask.startswith("cg") and self.mask[2:].isdigit() and int(self.mask[2:]) > 0)
+                or (self.mask.startswith("qcg") and self.mask[3:].isdigit() and int(self.mask[3:]) > 0)
                 or (self.mask.startswith("rerank") and self.mask[6:].isdigit() and int(self.mask[6:]) > 0)
                 or (self.mask.startswith("adaptive") and (self.mask[8:] == "" or self.mask[8:].isdigit()))):
-            raise ValueError(f"mask must be fixed, cgN, rerankN, iterN (N >= 1) or adaptive[B]; got '{self.mask}'")
+            raise ValueError(f"mask must be fixed, cgN, qcgN, rerankN, iterN (N >= 1) or adaptive[B]; got '{self.mask}'")
         if self.allocation != "row" and self.mask.startswith(("iter", "adaptive")):
             raise ValueError(f"mask '{self.mask}' keeps the same number of groups in every row: use allocation "
                              f"'row' with it (or mask 'fixed', 'cgN' or 'rerankN')")
@@ -170,7 +184,7 @@ class GQSAConfig:
         for name in ("bqpo_batch_size", "bqpo_patience", "e2e_batch_size", "e2e_grad_accum"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
-        for name in ("bqpo_lr_weight", "bqpo_lr_scale", "bqpo_lr_zero", "e2e_lr"):
+        for name in ("bqpo_lr_weight", "bqpo_lr_scale", "bqpo_lr_zero", "bqpo_lr_mask", "e2e_lr"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
                 raise ValueError(f"{name} must be in [0, 1) (0 freezes those parameters), got {value}")
@@ -180,6 +194,12 @@ class GQSAConfig:
         if self.bqpo_gradual and (self.bqpo_gradual >= self.bqpo_epochs or self.target_bits is not None):
             raise ValueError(f"bqpo_gradual={self.bqpo_gradual} needs more BQPO epochs than that (bqpo_epochs="
                              f"{self.bqpo_epochs}) and no target_bits")
+        if not isinstance(self.bqpo_learn_mask, int) or self.bqpo_learn_mask < 0:
+            raise ValueError(f"bqpo_learn_mask must be a non-negative integer (0 = the one-shot mask), got "
+                             f"{self.bqpo_learn_mask}")
+        if self.bqpo_learn_mask and (self.bqpo_learn_mask >= self.bqpo_epochs or self.bqpo_gradual):
+            raise ValueError(f"bqpo_learn_mask={self.bqpo_learn_mask} needs more BQPO epochs than that (bqpo_epochs="
+                             f"{self.bqpo_epochs}) and no bqpo_gradual")
 
     @property
     def trained(self) -> bool:

@@ -61,6 +61,20 @@ def saliency(w: torch.Tensor, group_size: int, method: str, hessian: torch.Tenso
     raise ValueError(f"unknown saliency '{method}': use magnitude, wanda or hessian")
 
 
+def quant_aware_saliency(w: torch.Tensor, hessian: torch.Tensor, group_size: int, bits: int, init: str = "mse",
+                         damp: float = 0.01) -> torch.Tensor:
+    """The ``hessian`` saliency of every group less that of its own quantization error: what keeping the group
+    saves, ``w_gᵀ([H⁻¹]_gg)⁻¹w_g − e_gᵀ([H⁻¹]_gg)⁻¹e_g`` with ``e_g = w_g − Q(w_g)`` (round to nearest with the
+    group's ``init`` range, the error weighted by ``diag(XᵀX)`` as in :func:`compress_rtn`). ``[N, C]``."""
+    n, k = w.shape
+    wg, valid = group_view(w.float(), group_size)
+    importance, _ = group_view(hessian.diagonal().float().clamp(min=0)[None, :], group_size)
+    scale, zero = quant.init_params(wg, bits, init, valid=valid, importance=importance)
+    err = (wg - quant.dequantize(quant.quantize(wg, scale, zero, bits), scale, zero)) * valid
+    both = saliency(torch.cat([w.float(), err.reshape(n, -1)[:, :k]]), group_size, "hessian", hessian, damp)
+    return both[:n] - both[n:]
+
+
 def select_mask(score: torch.Tensor, sparsity: float, allocation: str = "row") -> torch.Tensor:
     """Keep the highest-scoring groups: ``row`` keeps ``round((1−S)·C)`` groups in every row,
     ``layer`` keeps ``round((1−S)·N·C)`` groups anywhere in the layer (at least one per layer),
@@ -273,7 +287,7 @@ def compress_weight(w: torch.Tensor, bits: int, group_size: int, sparsity: float
 
 def _compress_obs_masked(w, hessian, bits, g, sparsity, init, damp, mask_method, quantize, allocation="row"):
     n, k = w.shape
-    if allocation != "row" and not mask_method.startswith(("cg", "rerank")):
+    if allocation != "row" and not mask_method.startswith(("cg", "qcg", "rerank")):
         raise ValueError(f"mask '{mask_method}' keeps the same number of groups in every row: it needs "
                          f"allocation 'row', not '{allocation}' (or use mask 'fixed', 'cgN' or 'rerankN')")
     c = math.ceil(k / g)
@@ -286,9 +300,10 @@ def _compress_obs_masked(w, hessian, bits, g, sparsity, init, damp, mask_method,
         steps = int(mask_method[len("iter"):] or 1)
         wq, mask = iterative_group_prune(w, hessian, g, sparsity, steps, damp)
         return compress_obs(wq, hessian, mask, bits, g, init, damp, quantize=quantize)
-    if mask_method.startswith("cg"):  # cgN: fixed mask, OBS sweep, then N conjugate-gradient steps of the re-fit
-        iters = int(mask_method[2:] or 20)
-        score = saliency(w, g, "hessian", hessian, damp)
+    if mask_method.startswith(("cg", "qcg")):  # cgN: fixed mask, OBS sweep, then N CG steps of the re-fit
+        iters = int(mask_method.lstrip("q")[2:] or 20)
+        score = saliency(w, g, "hessian", hessian, damp) if mask_method.startswith("cg") else \
+            quant_aware_saliency(w, hessian, g, bits, init, damp)
         mask = select_mask(score, sparsity, allocation)
         pruned = compress_obs(w, hessian, mask, bits, g, init, damp, quantize=False).weight
         refit = refine_kept_cg(w, pruned, hessian, mask, g, iters, damp)

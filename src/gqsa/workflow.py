@@ -10,7 +10,8 @@ from pathlib import Path
 
 # the stage options that take the --preset's value unless given (None = not given)
 STAGE_OPTIONS = ("val_fraction", "bqpo_epochs", "bqpo_batch_size", "bqpo_lr_weight", "bqpo_lr_scale",
-                 "bqpo_lr_zero", "bqpo_patience", "bqpo_gradual", "bqpo_target", "e2e_epochs", "e2e_batch_size",
+                 "bqpo_lr_zero", "bqpo_patience", "bqpo_gradual", "bqpo_learn_mask", "bqpo_lr_mask", "bqpo_target",
+                 "e2e_epochs", "e2e_batch_size",
                  "e2e_grad_accum", "e2e_lr", "e2e_loss", "amp", "activation_dtype")
 
 

@@ -46,7 +46,7 @@ def add_arguments(p) -> None:
     g.add_argument("--damp", type=float, default=0.01, help="Hessian dampening, fraction of mean diagonal")
     g.add_argument("--mask", default=None, metavar="METHOD",
                    help="group mask with hessian saliency: fixed (ranked once), cgN (fixed, then N conjugate-gradient steps of "
-                        "a least-squares re-fit of the kept groups), rerankN (N rounds of rank, prune, re-fit), iterN "
+                        "a least-squares re-fit of the kept groups), qcgN (cgN, groups ranked by what keeping them saves once quantized), rerankN (N rounds of rank, prune, re-fit), iterN "
                         "(N rounds with an exact re-fit) or adaptive[B] (per B groups during the sweep) "
                         "(default: gqsa.config's)")
     g.add_argument("--target-bits", type=float, default=None, metavar="B",
@@ -79,6 +79,11 @@ def add_arguments(p) -> None:
     t.add_argument("--bqpo-gradual", type=int, metavar="E",
                    help="BQPO: start dense and reach --sparsity over the first E epochs, re-choosing the mask from "
                         "the trained weights after each (default 0: the one-shot mask, frozen)")
+    t.add_argument("--bqpo-learn-mask", type=int, metavar="E",
+                   help="BQPO: learn the group mask during the first E epochs (scores per row and group, hard "
+                        "top-k at the target sparsity, straight-through gradient), frozen after (default 0: the "
+                        "one-shot mask, frozen)")
+    t.add_argument("--bqpo-lr-mask", type=float, help="BQPO lr of those mask scores (default 0.05)")
     t.add_argument("--bqpo-target", choices=("fp", "qinput"),
                    help="fp: uncompressed block on uncompressed inputs (default); qinput: uncompressed block "
                         "on the compressed model's inputs")

@@ -49,7 +49,7 @@ from ..kernels import reference
 from ..models.adapters import get_adapter
 from ..oneshot import oneshot_block, pack_weight
 from ..prune import CompressedWeight
-from . import common
+from . import common, mask_learning
 from .common import verify_packed
 from .trainable import FakeQuantLinear
 from .workdir import BlockStore, tensor_sha256
@@ -136,13 +136,15 @@ def run_bqpo(model, config: GQSAConfig, tokens: torch.Tensor, n_train: int, devi
                                          out=x_fp if x_fp is not None else None)
             groups = block_linear_groups(adapter, block, prefix, i, config)
             start_config = dataclasses.replace(config, sparsity=0.0) if config.bqpo_gradual else config
+            linears = adapter.linears(block)
+            dense = {n: linears[n].weight.detach().float().clone() for g in groups for n in g} \
+                if config.bqpo_learn_mask else None
             init = oneshot_block(block, adapter, groups, _Batches(x_q, kwargs, batch_size, device,
                                                                   common.block_dtype(block)), start_config, amp)
             t_init = time.perf_counter() - t0
             cws, s_i = train_block(block, init, x_q, y, n_train, kwargs, config, device, amp,
-                                   seed=config.seed * 1_000_003 + i)
-            del y
-            linears = adapter.linears(block)
+                                   seed=config.seed * 1_000_003 + i, dense=dense)
+            del y, dense
             p_i = {}
             for n, cw in cws.items():
                 name = f"{prefix}.{i}.{n}"
@@ -187,9 +189,10 @@ def _set_block_weights(block, adapter, prefix: str, i: int, packed: dict[str, Pa
 
 
 def train_block(block, init: dict[str, CompressedWeight], x: torch.Tensor, y: torch.Tensor, n_train: int,
-                kwargs: dict, config: GQSAConfig, device, amp, seed: int = 0):
+                kwargs: dict, config: GQSAConfig, device, amp, seed: int = 0, dense: dict | None = None):
     """Train the block's compressed linears (one-shot results ``init``, applied in place) to map
     ``x[:n_train]`` to ``y[:n_train]``; early stopping and the kept epoch use ``x[n_train:]``.
+    ``dense``: the linears' uncompressed weights, needed by ``config.bqpo_learn_mask``.
 
     Returns (``{name: CompressedWeight}`` of the kept epoch — applied to the block's linears —,
     statistics).
@@ -223,7 +226,16 @@ def train_block(block, init: dict[str, CompressedWeight], x: torch.Tensor, y: to
             if n_val else None
         best, best_epoch, epoch = st["val_loss_before"], 0, 0
         ramp = config.bqpo_gradual if groups and total else 0
-        energy = _input_energy(block, fqs, x, n_train, bs, kwargs, device, dtype, amp) if ramp else None
+        learn = config.bqpo_learn_mask if groups and total else 0
+        energy = _input_energy(block, fqs, x, n_train, bs, kwargs, device, dtype, amp) if ramp or learn else None
+        if learn:
+            if distributed.active():  # DDP cannot drop the scores from its reduction when they freeze
+                raise ValueError("bqpo_learn_mask runs in one process (not under torchrun)")
+            for n, m in fqs.items():
+                mask_learning.start(m, dense[n], energy[n])
+            groups.append({"params": [m.score for m in fqs.values()], "lr": config.bqpo_lr_mask})
+            st["mask_swaps"] = 0  # groups brought in by a step (as many went out)
+            oneshot_masks = {n: m.mask.clone() for n, m in fqs.items()}
         if groups and total:
             trainer = common.Trainer(groups, total, best, lambda: _snapshot(fqs), lambda st_: _restore(fqs, st_),
                                      patience=config.bqpo_patience)
@@ -241,13 +253,22 @@ def train_block(block, init: dict[str, CompressedWeight], x: torch.Tensor, y: to
                         loss = F.mse_loss(out.float(), yb)
                         loss.backward()
                     trainer.step()
+                    if epoch <= learn:  # the straight-through top-k: the mask follows the scores
+                        st["mask_swaps"] += sum(mask_learning.update(m, config.allocation) for m in fqs.values())
+                if epoch == learn:  # the mask is final: frozen from here on
+                    for m in fqs.values():
+                        mask_learning.freeze(m)
+                    kept = sum(int(m.mask.sum()) for m in fqs.values())
+                    st["mask_moved"] = sum(int((m.mask & ~oneshot_masks[n]).sum()) for n, m in fqs.items()) / kept
+                if epoch < learn:
+                    continue
                 if epoch <= ramp:  # gradual pruning: a sparser mask from the trained weights, frozen after the ramp
                     _remask(fqs, energy, config.sparsity if epoch == ramp else config.sparsity * epoch / ramp,
                             config.allocation)
                     if epoch < ramp:
                         continue
                 v = _mse(block, x, y, range(n_train, x.shape[0]), bs, kwargs, device, dtype, amp) if n_val else None
-                if epoch == ramp and v is not None:  # the target mask is reached: select among epochs from here on
+                if epoch in (ramp, learn) and v is not None:  # the mask is final: select among epochs from here on
                     trainer.best = float("inf")
                 if trainer.epoch_done(epoch, v):
                     break
@@ -321,13 +342,13 @@ def distributed_step(trained, x, y, idx: torch.Tensor, kwargs, device, dtype, am
 def _snapshot(fqs) -> dict:
     """The trainable tensors of the best epoch so far (kept on their device: a copy to CPU per epoch
     would cost more time than the 4 B per weight it saves)."""
-    return {n: [t.detach().clone() for t in (m.u, m.gamma, m.zero)] for n, m in fqs.items()}
+    return {n: [t.detach().clone() for t in (m.u, m.gamma, m.zero, m.mask)] for n, m in fqs.items()}
 
 
 @torch.no_grad()
 def _restore(fqs, state) -> None:
     for n, m in fqs.items():
-        for t, saved in zip((m.u, m.gamma, m.zero), state[n]):
+        for t, saved in zip((m.u, m.gamma, m.zero, m.mask), state[n]):
             t.copy_(saved)
 
 

@@ -36,6 +36,7 @@ class FakeQuantLinear(nn.Module):
         self.u = nn.Parameter(cw.codes.float() - cw.zero.float()[..., None])
         self.gamma = nn.Parameter(torch.ones(n, c, device=cw.scale.device))
         self.zero = nn.Parameter(cw.zero.float().clone())
+        self.score = None  # learnable group scores [N, C] (:mod:`gqsa.stages.mask_learning`), else None
 
     def scale_value(self) -> torch.Tensor:
         return common.round_scale_ste(self.s0 * self.gamma)
@@ -46,8 +47,12 @@ class FakeQuantLinear(nn.Module):
     def _weight(self) -> torch.Tensor:
         s, z = self.scale_value(), self.zero_value()
         w = quant.fake_quant(self.u * self.s0[..., None], s, z, self.bits)
-        w = torch.where(self.mask, w, torch.zeros((), device=w.device))
-        return w.reshape(self.out_features, -1)[:, : self.in_features]
+        out = torch.where(self.mask, w, torch.zeros((), device=w.device))
+        if self.score is not None and self.score.requires_grad:
+            # straight-through top-k: the forward value is the hard mask's (the added term is exactly 0);
+            # a group's score gets the gradient of its mask entry, Σ dL/dW · W over the group
+            out = out + w.detach() * (self.score - self.score.detach())[..., None]
+        return out.reshape(self.out_features, -1)[:, : self.in_features]
 
     def weight(self) -> torch.Tensor:
         """The fake-quantized, masked weight ``[N, K]`` (float32)."""
