@@ -396,31 +396,34 @@ def markdown(records, meta) -> str:
 # ----------------------------------------------------------------------------- GPU correctness
 
 
-def gpu_check() -> bool:
-    """Every kernel variant against the reference on random layers (GPU), asm and plain paths."""
+def packed_case(n, k, g, bits, sp, fz=False, special=None):
+    """A random packed layer for the GPU checks (``special``: empty_rows, one_row, empty)."""
     from gqsa import format as fmt
     from gqsa import quant
+
+    c = math.ceil(k / g)
+    w = torch.randn(n, c, g)
+    s, z = quant.minmax_params(w, bits)
+    if fz:
+        z = z + torch.rand_like(z) * 0.8 - 0.4
+    q = quant.quantize(w, s, z, bits)
+    mask = torch.rand(n, c) > sp
+    if special == "empty_rows":
+        mask[::3] = False
+    elif special == "one_row":
+        mask[:] = False
+        mask[n // 2] = True
+    elif special == "empty":
+        mask[:] = False
+    return fmt.pack(q, s, z, mask, (n, k), bits, g, float_zeros=fz).to(DEV)
+
+
+def gpu_check() -> bool:
+    """Every kernel variant against the reference on random layers (GPU), asm and plain paths."""
 
     torch.manual_seed(0)
     fails, n_run = [], 0
     unit_codes_default = gemv.UNIT_CODES
-
-    def packed_case(n, k, g, bits, sp, fz, special=None):
-        c = math.ceil(k / g)
-        w = torch.randn(n, c, g)
-        s, z = quant.minmax_params(w, bits)
-        if fz:
-            z = z + torch.rand_like(z) * 0.8 - 0.4
-        q = quant.quantize(w, s, z, bits)
-        mask = torch.rand(n, c) > sp
-        if special == "empty_rows":
-            mask[::3] = False
-        elif special == "one_row":
-            mask[:] = False
-            mask[n // 2] = True
-        elif special == "empty":
-            mask[:] = False
-        return fmt.pack(q, s, z, mask, (n, k), bits, g, float_zeros=fz).to(DEV)
 
     # (layer case, activation dtype, batch, variant, asm); compiled variants are kept few on purpose
     runs = []
@@ -559,27 +562,10 @@ def sweep(args, bw, out_records):
 def gpu_check_v2() -> bool:
     """The v2 kernel (gemv_layout) against the reference on the GPU: bits 2/4/8, G 16…128, fp16/bf16,
     odd shapes, empty rows, one long row, an empty layer, several unit settings, CUDA-graph replay."""
-    from gqsa import format as fmt
-    from gqsa import quant
     from gqsa.kernels import gemv_layout as gl
 
     torch.manual_seed(0)
     fails, n_run = [], 0
-
-    def packed_case(n, k, g, bits, sp, special=None):
-        c = math.ceil(k / g)
-        w = torch.randn(n, c, g)
-        s, z = quant.minmax_params(w, bits)
-        q = quant.quantize(w, s, z, bits)
-        mask = torch.rand(n, c) > sp
-        if special == "empty_rows":
-            mask[::3] = False
-        elif special == "one_row":
-            mask[:] = False
-            mask[n // 2] = True
-        elif special == "empty":
-            mask[:] = False
-        return fmt.pack(q, s, z, mask, (n, k), bits, g).to(DEV)
 
     cases = []
     for bits, g in itertools.product((2, 4, 8), (16, 32, 64, 128)):
@@ -589,7 +575,7 @@ def gpu_check_v2() -> bool:
     cases += [dict(n=3000, k=4096, g=16, bits=4, sp=0.5), dict(n=700, k=28672, g=16, bits=4, sp=0.5),
               dict(n=300, k=11008, g=16, bits=4, sp=0.3), dict(n=200, k=8192, g=128, bits=4, sp=0.5)]
     for cs in cases:
-        p = packed_case(cs["n"], cs["k"], cs["g"], cs["bits"], cs["sp"], cs.get("special"))
+        p = packed_case(cs["n"], cs["k"], cs["g"], cs["bits"], cs["sp"], special=cs.get("special"))
         lay = gl.build_layout(p)
         if lay is None:
             continue

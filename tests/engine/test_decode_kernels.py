@@ -7,8 +7,6 @@ import torch
 
 pytest.importorskip("triton")
 
-import gqsa  # noqa: E402
-from gqsa import GQSAConfig  # noqa: E402
 from gqsa.engine import Engine  # noqa: E402
 from gqsa.kernels import decode_ops as dk  # noqa: E402
 
@@ -23,14 +21,6 @@ def hf_greedy(model, ids, n):
 def interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     yield
-
-
-@pytest.fixture
-def tiny_gqsa(tiny_llama):
-    torch.manual_seed(0)
-    gqsa.compress(tiny_llama, GQSAConfig(stages="oneshot"), torch.randint(0, 96, (4, 32)), device="cpu",
-                  progress=False)
-    return tiny_llama
 
 
 def test_auto_is_off_on_cpu(tiny_llama):

@@ -3,8 +3,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-import gqsa
-from gqsa import GQSAConfig
 from gqsa.engine import Engine, SamplingParams, StaticKVCache
 from gqsa.models import load_model
 from gqsa.nn import GQSALinear
@@ -58,14 +56,6 @@ def test_engine_matches_transformers_left_padded_batch(s260k_folder):
     enc = tok(PROMPTS, return_tensors="pt", padding=True)
     hf = model.generate(**enc, max_new_tokens=N, do_sample=False, eos_token_id=None)[:, enc.input_ids.shape[1]:]
     assert Engine(model).generate([tok(p).input_ids for p in PROMPTS], N).tokens == hf.tolist()
-
-
-@pytest.fixture
-def tiny_gqsa(tiny_llama):
-    torch.manual_seed(0)
-    gqsa.compress(tiny_llama, GQSAConfig(stages="oneshot"), torch.randint(0, 96, (4, 32)), device="cpu",
-                  progress=False)
-    return tiny_llama
 
 
 @pytest.mark.parametrize("compressed", [False, True])
