@@ -115,7 +115,7 @@ _W = functools.partial(BlockConfig, scale_after=False, wide=True)
 # at M = 65–256 and above.
 # expand_min_m: the dense expansion + cuBLAS won at M = 1024 on 3 shapes of 3 for block64 and on 2 of 3
 # for block128 (0.73–0.74× cuBLAS against 0.59–0.75×); the block kernels won at M = 256 and in the
-# 512-token prefill (33–35 ms against 77 ms end to end): from 1024 rows on.
+# 512-token prefill (27–44 ms in four single runs against 77 ms end to end): from 1024 rows on.
 H200_BLOCK_TABLE = BlockTable(
     buckets=(
         (16, ((16, _B(block_m=16, np=4, num_warps=1, num_stages=3, waves=4.0, scale_after=False)),
