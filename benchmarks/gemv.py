@@ -592,7 +592,7 @@ def gpu_check_v2() -> bool:
             gemv._ASM_ENABLED = asm
             x = torch.randn(1, cs["k"], device=DEV, dtype=dt)
             y = torch.full((1, cs["n"]), float("nan"), device=DEV, dtype=dt)
-            gl.launch(x, p, lay, bias.to(dt), y, num_warps=nw, unit_codes=uc, units_per_thread=upt)
+            gl.launch(x, p, lay, bias.to(dt), y, num_warps=nw, unit_codes=uc, units_per_thread=upt, asm=asm)
             e = rel_err(y, reference.linear(x.float(), p, bias.float()))
             n_run += 1
             tol = 1e-2 if dt == torch.bfloat16 else 2e-3

@@ -55,6 +55,7 @@ import torch.nn.functional as F
 
 from ..format import PackedLinear
 from . import gemv_layout, reference
+from .jit import _interpret, jitted  # noqa: F401  (re-exported: the launchers import them from here)
 
 try:  # triton is optional: without it every path falls back to the reference
     import triton
@@ -93,10 +94,6 @@ def resolve_kernel(packed: PackedLinear, kernel: str | None = None) -> str:
         ok = packed.bits == 4 and packed.group_size == 16 and gemv_layout.layout_supported(packed)
         return "v2" if long_rows and ok else "v1"
     return kernel
-
-
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 # ============================================================================ kernels (plain python;
@@ -388,19 +385,6 @@ def _expand_kernel(
 
 _KERNEL_SRC = {"gemv": _gemv_kernel, "expand": _expand_kernel}
 _NO_SPECIALIZE = {"gemv": ["one"], "expand": []}
-_JITTED: dict = {}
-
-
-def jitted(fn, do_not_specialize: tuple = ()):
-    """``fn`` (a plain-python kernel) jitted for the current mode (interpreter or compiled), made on
-    first use and kept per (kernel, mode): every launcher of the package gets its kernels here."""
-    key = (fn, _interpret())
-    k = _JITTED.get(key)
-    if k is None:
-        k = _JITTED[key] = triton.jit(fn, do_not_specialize=list(do_not_specialize))
-    return k
-
-
 def _kernel(name: str):
     return jitted(_KERNEL_SRC[name], tuple(_NO_SPECIALIZE[name]))
 
@@ -862,7 +846,7 @@ def gqsa_linear(
     else:
         lay = gemv_layout.cached_layout(packed) if bsz == 1 and resolve_kernel(packed, kernel) == "v2" else None
         if lay is not None:
-            gemv_layout.launch(x2, packed, lay, bias, y)
+            gemv_layout.launch(x2, packed, lay, bias, y, asm=_ASM_ENABLED)
         else:
             _launch_gemv(x2, packed, bias, y, None)
     return y.view(*lead, n)
@@ -924,7 +908,7 @@ class GemvPlan:
             bias = bias.to(x.dtype).contiguous()
         y = torch.empty(bsz, n, dtype=x.dtype, device=x.device)
         if bsz == 1 and self.layout is not None:
-            gemv_layout.launch(x2, p, self.layout, bias, y)
+            gemv_layout.launch(x2, p, self.layout, bias, y, asm=_ASM_ENABLED)
         else:
             _launch_gemv(x2, p, bias, y, self.tasks, qw=self.qw)
         return y.view(*x.shape[:-1], n)

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from ..format import PackedLinear
+from .jit import _interpret, jitted
 
 try:
     import triton.language as tl
@@ -354,11 +355,11 @@ _FAST: dict = {}
 
 
 def launch(x2: torch.Tensor, packed: PackedLinear, layout: GemvLayout, bias: torch.Tensor | None, y: torch.Tensor,
-           num_warps: int | None = None, unit_codes: int | None = None, units_per_thread: int | None = None) -> None:
+           num_warps: int | None = None, unit_codes: int | None = None, units_per_thread: int | None = None,
+           asm: bool = True) -> None:
     """``y[0] = x2[0] @ Ŵᵀ (+ bias)`` through the v2 kernel (one row of x; ``layout`` from
-    :func:`build_layout` of ``packed``)."""
-    from . import gemv
-
+    :func:`build_layout` of ``packed``); ``asm``: the inline-PTX dequantization where it applies
+    (compiled, 4 bits)."""
     k = x2.shape[1]
     kp = packed.n_group_cols * packed.group_size
     if kp != k or x2.stride(-1) != 1 or x2.data_ptr() % 16:
@@ -368,16 +369,16 @@ def launch(x2: torch.Tensor, packed: PackedLinear, layout: GemvLayout, bias: tor
     xi = x2.view(torch.int32)
     xb = x2.view(torch.int8)
     nw = num_warps or V2_NUM_WARPS
-    interp = gemv._interpret() or y.device.type != "cuda"
+    interp = _interpret() or y.device.type != "cuda"
     consts = kernel_constexprs(G=packed.group_size, BITS=packed.bits, UC=unit_codes or V2_UNIT_CODES.get(packed.bits),
                                UPT=units_per_thread or V2_UNITS_PER_THREAD, X_BF16=x2.dtype == torch.bfloat16,
-                               HAS_BIAS=bias is not None, ASM=not interp and gemv._ASM_ENABLED, NUM_THREADS=32 * nw)
+                               HAS_BIAS=bias is not None, ASM=not interp and asm, NUM_THREADS=32 * nw)
     n = packed.shape[0]
     step = consts["NUM_THREADS"] // (packed.group_size // consts["UC"]) * consts["UPT"]
     if step > min(layout.meta.numel(), MIN_GROUPS):
         raise ValueError(f"a step of {step} groups exceeds the layout's minimum of {MIN_GROUPS}")
     tensors = (xi, xb, layout.codes, layout.meta, packed.row_ptr, bias if bias is not None else y, y)
-    kern = gemv.jitted(_gemv2_kernel, ("one",))
+    kern = jitted(_gemv2_kernel, ("one",))
     if interp:
         kern[(n,)](*tensors, 1, **consts, num_warps=nw)
         return
