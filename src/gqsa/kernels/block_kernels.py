@@ -19,6 +19,15 @@ of ``sps`` steps. A step is ``NP`` byte tiles (``NP · 8/bits`` kept groups). Pe
   dtype exactly as :func:`gqsa.kernels.reference.dequantize` does (fp16 with integer zeros:
   ``(1024 + q) − (1024 + z)`` exact, times s rounded once; otherwise in float32).
 
+``WIDE`` (``BlockConfig.wide``): a step is one dot of K = ``NP · G`` per code position instead of one of
+K = G per kept group — the step's ``NP`` byte tiles are loaded as ``[R, NP, G]``, dequantized with every
+weight scaled first (the reference's rounding, as above), and reshaped into the ``[R, NP·G]`` A operand;
+the activations of the step's kept groups come as one ``[NP·G, BLOCK_M]`` tile whose column index is
+loaded per k (runs of G equal values, declared with ``tl.max_constancy``/``tl.max_contiguous`` so that
+the gather is G contiguous features per run and the asynchronous copy lands in the dot's shared-memory
+operand without a detour through registers). Fewer, larger tensor-core steps; measured faster for block128
+at every M and block64 up to M = 64 (benchmarks/RESULTS.md).
+
 Only kept groups are touched: the work is proportional to the kept weights. Split-K
 (``split_k > 1``): partial tiles go to a float32 workspace with atomics, the last program of a tile
 (an atomic counter) reads the sum, zeroes the workspace and the counter, adds the bias and writes y —
