@@ -180,13 +180,11 @@ def block_candidates(m, rows, g=16):
     if os.environ.get("GQSA_BLOCK_AB"):  # A/B of the kernel variants at the table's configuration
         base = dispatch.H200_TABLE.block.config(rows, m)
         return [dataclasses.replace(base, asm=a, col_vec=cv) for a in (True, False) for cv in (True, False)]
-    if os.environ.get("GQSA_BLOCK_NARROW"):  # the candidates of the narrow kernel only (before `wide`)
-        return narrow_candidates(m, rows, p2)
     W = functools.partial(C, scale_after=False, wide=True)
     nw = 4 if rows <= 64 else 8  # one warpgroup per 64 rows (more warps replicate the dequantization)
-    if m <= 16:  # one warp per 64 rows; more programs in flight (waves: split-K) to hide the gather's latency
-        wide = [W(block_m=16, np=npp, num_warps=nw // 4, num_stages=st, waves=wv)
-                for npp in (2, 4) for st in (3, 4) for wv in (4.0, 8.0, 16.0)]
+    if m <= 16:  # 1 or 4 warps per 64 rows (mma.sync or wgmma); more waves (split-K) to hide the gather's latency
+        wide = [W(block_m=16, np=npp, num_warps=w, num_stages=st, waves=wv)
+                for npp in (2, 4) for w in (nw // 4, nw) for st in (3, 4) for wv in (4.0, 8.0, 16.0)]
     elif m <= 64:
         wide = [W(block_m=p2, np=npp, num_warps=nw, num_stages=st, waves=wv)
                 for npp in (2, 4) for wv in (2.0, 4.0, 8.0) for st in (3, 4)]
@@ -198,22 +196,6 @@ def block_candidates(m, rows, g=16):
                 for bm in (128, 256) for npp in (2, 4) for st in (3, 4)]
     # the table's configuration of today beside the wide candidates (same run: an A/B)
     return wide + [dispatch.H200_TABLE.block.config(rows, m)]
-
-
-def narrow_candidates(m, rows, p2):
-    C = block_gemm.BlockConfig
-    if m <= 16:
-        return [C(block_m=16, np=npp, num_warps=nw, num_stages=3, waves=4.0, scale_after=sa)
-                for npp in (2, 4) for nw in ((1, 2) if rows <= 32 else (1, 2, 4) if rows <= 64 else (2, 4, 8))
-                for sa in (True, False)]
-    if m <= 64:
-        return [C(block_m=p2, np=npp, num_warps=4, num_stages=3, waves=wv, scale_after=sa)
-                for npp in (1, 2) for wv in (1.0, 2.0) for sa in (True, False)]
-    if m <= 256:
-        return [C(block_m=bm, np=npp, num_warps=nw, num_stages=3, waves=1.0, scale_after=False)
-                for bm in (64, 128) for npp in (1, 2) for nw in (4, 8)]
-    return [C(block_m=128, np=npp, num_warps=nw, num_stages=st, split_k=1, scale_after=False)
-            for npp in (1, 2) for nw in (4, 8) for st in (3, 4)]
 
 
 class BlockMethod:

@@ -15,7 +15,7 @@ import torch
 from .block_kernels import block_kernel
 from .block_layout import BlockLayout
 from .gemm import _run, check_io, num_sms, workspace
-from .gemv import _interpret, jitted
+from .jit import _interpret, jitted
 
 
 def _kernel():

@@ -21,15 +21,16 @@ these kernels only when asked (``decode_kernels``, on by default for CUDA models
 engine keeps transformers' modules so that its greedy tokens equal transformers' exactly.
 
 The interpreter/compiled choice is made when a kernel is launched (``TRITON_INTERPRET`` read then),
-as in :mod:`gqsa.kernels.gemv`.
+through :mod:`gqsa.kernels.jit`, as for every kernel of the package.
 """
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
+
+from .jit import _interpret, jitted
 
 try:  # triton is optional: without it every entry point runs its twin
     import triton
@@ -48,10 +49,6 @@ ATTN_SPLIT_FROM = 512  # below this many slots the attention is one kernel (no s
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
-
-
 def available(device) -> bool:
     """Whether the Triton kernels run for tensors on ``device`` (CUDA, or CPU under the interpreter)."""
     if not HAS_TRITON:
@@ -60,20 +57,11 @@ def available(device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and _interpret())
 
 
-_JITTED: dict = {}
 # reductions go through tl.reduce with the standard combine functions: a jitted tl.sum / tl.max made
 # before the interpreter was switched on cannot run in it (see gqsa.kernels.block_kernels)
 _SUM = tl.standard._sum_combine if HAS_TRITON else None
 _MAX = tl.standard._elementwise_max if HAS_TRITON else None
 _MIN = tl.standard._elementwise_min if HAS_TRITON else None
-
-
-def _jit(fn, do_not_specialize: tuple = ()):
-    key = (fn, _interpret())
-    k = _JITTED.get(key)
-    if k is None:
-        k = _JITTED[key] = triton.jit(fn, do_not_specialize=list(do_not_specialize))
-    return k
 
 
 # run-time values that change between CUDA-graph buckets (cache length, splits) are not specialized on:
@@ -86,7 +74,7 @@ def _pow2(n: int) -> int:
 
 
 # ============================================================================ kernels (plain python,
-# jitted lazily by _jit() for the current mode)
+# jitted lazily by jit.jitted() for the current mode)
 
 
 def _rope_kv_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, qo_ptr, kc_ptr, vc_ptr, slot_ptr,
@@ -407,7 +395,7 @@ def rope_kv_write(q, k, v, cos, sin, k_cache, v_cache, slots, positions=None):
         sin = sin.expand(bsz, t, d) if sin.shape[0] != bsz else sin
         pos = slots  # unused
         cs = (cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1))
-    _jit(_rope_kv_kernel)[(bsz * t, h + hkv)](
+    jitted(_rope_kv_kernel)[(bsz * t, h + hkv)](
         q, k, v, cos, sin, pos, qo, k_cache, v_cache, slots, t, h,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), *cs,
         pos.stride(0) if table else 0, pos.stride(1) if table else 0,
@@ -494,7 +482,7 @@ def _attention_launch(q, q_strides, rope, k_cache, v_cache, valid, slots, kv_len
         rargs = (q, q, q, q, slots)
         rstrides = (0, 0, 0, 0, 0)
     interp = _interpret()
-    _jit(_decode_attn_kernel, _ATTN_NO_SPEC)[(bsz * hkv, splits)](
+    jitted(_decode_attn_kernel, _ATTN_NO_SPEC)[(bsz * hkv, splits)](
         q, k_cache, v_cache, val, slots, o3, po, pm, pl, *rargs, hkv, kv_len, chunk, splits,
         scale * math.log2(math.e), *q_strides, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), val.stride(0), o3.stride(0), o3.stride(1),
@@ -502,7 +490,7 @@ def _attention_launch(q, q_strides, rope, k_cache, v_cache, valid, slots, kv_len
         ISPAN=triton.cdiv(chunk, block_n) * block_n if interp else 0, ROPE=rope is not None,
         num_warps=ATTN_WARPS)
     if splits > 1:
-        _jit(_attn_merge_kernel, ("S",))[(bsz * h,)](po, pm, pl, o3, h, splits, o3.stride(0), o3.stride(1),
+        jitted(_attn_merge_kernel, ("S",))[(bsz * h,)](po, pm, pl, o3, h, splits, o3.stride(0), o3.stride(1),
                                                      D=d, BD=bd, BS=max(16, _pow2(splits)), num_warps=4)
     return o
 
@@ -520,7 +508,7 @@ def add_rms_norm(x, delta, weight, eps: float):
     y = torch.empty_like(x)
     s2, y2 = s.view(-1, n), y.view(-1, n)
     if x2.shape[0]:
-        _jit(_add_rms_norm_kernel)[(x2.shape[0],)](
+        jitted(_add_rms_norm_kernel)[(x2.shape[0],)](
             x2, d2, weight, s2, y2, n, x2.stride(0), d2.stride(0), s2.stride(0), y2.stride(0), float(eps),
             HAS_ADD=delta is not None, BLOCK=_pow2(n), num_warps=4 if n <= 4096 else 8)
     return s, y
@@ -543,7 +531,7 @@ def silu_mul(gate_up):
     o2 = o.view(-1, n)
     blk = min(SILU_BLOCK, _pow2(n))
     if gu.shape[0]:
-        _jit(_silu_mul_kernel)[(gu.shape[0], triton.cdiv(n, blk))](gu, o2, n, gu.stride(0), o2.stride(0),
+        jitted(_silu_mul_kernel)[(gu.shape[0], triton.cdiv(n, blk))](gu, o2, n, gu.stride(0), o2.stride(0),
                                                                   BLOCK=blk, num_warps=4)
     return o
 
@@ -559,7 +547,7 @@ def greedy_advance(logits, done, pad, eos, out, tok, pos, counters):
             and eos.shape[0] == _pow2(eos.shape[0])):
         return greedy_advance_reference(logits, done, pad, eos, out, tok, pos, counters)
     dn = done.view(torch.uint8) if done.dtype == torch.bool else done
-    _jit(_greedy_advance_kernel)[(bsz,)](logits, v, logits.stride(0), dn, pad, eos, out, out.stride(0), tok, pos,
+    jitted(_greedy_advance_kernel)[(bsz,)](logits, v, logits.stride(0), dn, pad, eos, out, out.stride(0), tok, pos,
                                          counters[1:], NEOS=eos.shape[0], BLOCK_V=min(4096, _pow2(v)),
                                          num_warps=8)
     counters.add_(1)

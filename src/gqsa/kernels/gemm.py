@@ -32,7 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .gemv import HAS_TRITON, _interpret, _spec_bits, jitted
+from .gemv import HAS_TRITON, _spec_bits
+from .jit import _interpret, jitted
 from .layout import ROW_BLOCK, TileLayout
 
 if HAS_TRITON:

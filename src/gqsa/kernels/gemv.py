@@ -55,7 +55,7 @@ import torch.nn.functional as F
 
 from ..format import PackedLinear
 from . import gemv_layout, reference
-from .jit import _interpret, jitted  # noqa: F401  (re-exported: the launchers import them from here)
+from .jit import _interpret, jitted
 
 try:  # triton is optional: without it every path falls back to the reference
     import triton
