@@ -173,29 +173,45 @@ def block_check(configs_for_m, quick=False) -> bool:
     return ok
 
 
-def block_candidates(m, rows, g=16):
-    """BlockConfig candidates of the sweep for M rows and blocks of ``rows``."""
+def block_candidates(m, rows, kinds=("wide", "pre", "table")):
+    """BlockConfig candidates of the sweep for M rows and blocks of ``rows``: ``kinds`` among ``wide``
+    (dequantization in the loop), ``pre`` (a dequantization pass first, M ≥ 64) and ``table`` (the
+    committed configuration, an A/B in the same run)."""
     C = block_gemm.BlockConfig
     p2 = max(16, 1 << max(0, (m - 1).bit_length()))
     if os.environ.get("GQSA_BLOCK_AB"):  # A/B of the kernel variants at the table's configuration
         base = dispatch.H200_TABLE.block.config(rows, m)
         return [dataclasses.replace(base, asm=a, col_vec=cv) for a in (True, False) for cv in (True, False)]
     W = functools.partial(C, scale_after=False, wide=True)
+    P = functools.partial(C, scale_after=False, pre=True)
     nw = 4 if rows <= 64 else 8  # one warpgroup per 64 rows (more warps replicate the dequantization)
-    if m <= 16:  # 1 or 4 warps per 64 rows (mma.sync or wgmma); more waves (split-K) to hide the gather's latency
-        wide = [W(block_m=16, np=npp, num_warps=w, num_stages=st, waves=wv)
-                for npp in (2, 4) for w in (nw // 4, nw) for st in (3, 4) for wv in (4.0, 8.0, 16.0)]
-    elif m <= 64:
-        wide = [W(block_m=p2, np=npp, num_warps=nw, num_stages=st, waves=wv)
-                for npp in (2, 4) for wv in (2.0, 4.0, 8.0) for st in (3, 4)]
-    elif m <= 256:
-        wide = [W(block_m=bm, np=npp, num_warps=nw, num_stages=st, waves=1.0)
-                for bm in (64, 128) for npp in (2, 4) for st in (3, 4)]
-    else:
-        wide = [W(block_m=bm, np=npp, num_warps=nw, num_stages=st, split_k=1)
-                for bm in (128, 256) for npp in (2, 4) for st in (3, 4)]
-    # the table's configuration of today beside the wide candidates (same run: an A/B)
-    return wide + [dispatch.H200_TABLE.block.config(rows, m)]
+    out = []
+    if "wide" in kinds:
+        if m <= 16:  # 1 or 4 warps per 64 rows (mma.sync or wgmma); more waves (split-K) to hide the gather's latency
+            out += [W(block_m=16, np=npp, num_warps=w, num_stages=st, waves=wv)
+                    for npp in (2, 4) for w in (nw // 4, nw) for st in (3, 4) for wv in (4.0, 8.0, 16.0)]
+        elif m <= 64:
+            out += [W(block_m=p2, np=npp, num_warps=nw, num_stages=st, waves=wv)
+                    for npp in (2, 4) for wv in (2.0, 4.0, 8.0) for st in (3, 4)]
+        elif m <= 256:
+            out += [W(block_m=bm, np=npp, num_warps=nw, num_stages=st, waves=1.0)
+                    for bm in (64, 128) for npp in (2, 4) for st in (3, 4)]
+        else:
+            out += [W(block_m=bm, np=npp, num_warps=nw, num_stages=st, split_k=1)
+                    for bm in (128, 256) for npp in (2, 4) for st in (3, 4)]
+    if "pre" in kinds and m >= 64:  # K = np·G per step: 64 or 128 (G = 16)
+        if m <= 64:
+            out += [P(block_m=64, np=npp, num_warps=nw, num_stages=st, waves=wv)
+                    for npp in (4, 8) for st in (3, 4) for wv in (1.0, 2.0)]
+        elif m <= 256:
+            out += [P(block_m=bm, np=npp, num_warps=nw, num_stages=st, waves=1.0)
+                    for bm in (64, 128) for npp in (4, 8) for st in (3, 4)]
+        else:
+            out += [P(block_m=bm, np=npp, num_warps=nw, num_stages=st, split_k=1)
+                    for bm in (128, 256) for npp in (4, 8) for st in (3, 4)]
+    if "table" in kinds or not out:  # the table's configuration of today (same run: an A/B)
+        out.append(dispatch.H200_TABLE.block.config(rows, m))
+    return out
 
 
 class BlockMethod:
@@ -245,7 +261,7 @@ def block_sweep(args, shapes, rows_list, sparsity=0.5):
                 x = torch.randn(m, k, device=DEV, dtype=torch.float16)
                 ref = None
                 best = None
-                for cfg in block_candidates(m, rows):
+                for cfg in block_candidates(m, rows, args.block_kinds):
                     fns = meth.fns(x, cfg)
                     try:
                         y = fns[0]()
@@ -481,6 +497,8 @@ def main(argv=None):
     ap.add_argument("--block-check", action="store_true", help="GPU correctness of the block kernels")
     ap.add_argument("--block-sweep", action="store_true", help="BlockConfig candidates per M (block16/64)")
     ap.add_argument("--block-rows", default="16,64", help="block heights of the sweep and the matrix")
+    ap.add_argument("--block-kinds", default="wide,pre,table",
+                    help="kernel kinds of the block sweep's candidates: wide, pre, table (comma-separated)")
     ap.add_argument("--sweep-batches", default="", help="M of the sweeps (default: --batches)")
     ap.add_argument("--matrix-rows", default="", help="block heights of the matrix (default: --block-rows)")
     ap.add_argument("--matrix", action="store_true", help="the side-by-side matrix (default when nothing else)")
@@ -492,6 +510,7 @@ def main(argv=None):
     ap.add_argument("--rot-bytes", type=int, default=160 << 20)
     args = ap.parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",")]
+    args.block_kinds = tuple(args.block_kinds.split(","))
     args.matrix_batches = args.batches
     if args.sweep_batches:
         args.batches = [int(b) for b in args.sweep_batches.split(",")]
@@ -507,7 +526,8 @@ def main(argv=None):
         meta["check_ok"] = gpu_check(quick=args.quick)
     if args.block_check:
         tb = dispatch.default_table().block
-        meta["block_check_ok"] = block_check(lambda m, r: block_candidates(m, r)[:1] + [tb.config(r, m)],
+        pre = block_gemm.BlockConfig(block_m=64, np=4, scale_after=False, pre=True)
+        meta["block_check_ok"] = block_check(lambda m, r: block_candidates(m, r)[:1] + [tb.config(r, m), pre],
                                              quick=args.quick)
     if args.block_sweep:
         shapes = [(4096, 4096), (11008, 4096), (28672, 8192)]

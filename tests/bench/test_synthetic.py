@@ -60,3 +60,14 @@ def test_synthetic_block_setting():
     p = random_packed(200, 256, 0.5, 4, 16, "cpu", torch.Generator().manual_seed(0), block_rows=64)
     p.validate()
     assert block_layout.detect_block_rows(p) == 64
+
+
+def test_synthetic_cluster_setting():
+    """``w{b}s{S}g{G}c{R}``: clusters of R non-consecutive rows share their columns (``--allocation clusterR``)."""
+    st = parse_setting("w4s50g16c64")
+    assert st.block_rows == 64 and st.clustered and not parse_setting("w4s50g16b64").clustered
+    p = random_packed(256, 256, 0.5, 4, 16, "cpu", torch.Generator().manual_seed(0), block_rows=64, clustered=True)
+    p.validate()
+    assert block_layout.detect_block_rows(p) is None
+    r, row_map = block_layout.detect_row_clusters(p)
+    assert r == 64 and sorted(row_map[row_map >= 0].tolist()) == list(range(256))

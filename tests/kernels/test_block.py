@@ -133,6 +133,14 @@ CASES = [
     (20, 300, 128, 8, True, 16, True, 4, torch.float16, False, C(np=1, scale_after=False, wide=True)),
     (130, 256, 16, 4, False, 128, True, 70, torch.float16, False, C(block_m=64, np=2, scale_after=False, wide=True,
                                                                      split_k=1)),
+    # pre: the kept weights dequantized by a first pass, then a GEMM of K = np·G per step
+    (37, 200, 16, 4, False, 16, True, 20, torch.float16, True, C(block_m=32, np=4, scale_after=False, pre=True)),
+    (29, 256, 32, 4, True, 16, False, 3, torch.bfloat16, False, C(np=2, scale_after=False, pre=True, split_k=2)),
+    (70, 256, 16, 2, False, 16, True, 17, torch.bfloat16, True, C(block_m=32, np=2, scale_after=False, pre=True)),
+    (40, 160, 16, 8, False, 16, False, 5, torch.float16, True, C(np=4, scale_after=False, pre=True, split_k=3)),
+    (20, 300, 128, 8, True, 16, True, 4, torch.float16, False, C(np=1, scale_after=False, pre=True)),
+    (130, 256, 16, 4, False, 128, True, 70, torch.float16, False, C(block_m=64, np=8, scale_after=False, pre=True,
+                                                                     split_k=1)),
 ]
 
 
@@ -158,6 +166,7 @@ def test_block_kernel_nothing_kept():
     x = torch.randn(3, 128).half()
     bias = torch.randn(32).half()
     assert torch.equal(launch(x, lay, C(np=1), bias), bias.expand(3, 32))
+    assert torch.equal(launch(x, lay, C(np=2, scale_after=False, pre=True), bias), bias.expand(3, 32))
 
 
 def test_block_launch_rejects_bad_input():
@@ -175,6 +184,10 @@ def test_block_launch_rejects_bad_input():
         C(wide=True)  # scale_after is on by default: a wide step scales every weight first
     with pytest.raises(ValueError, match="wide"):
         C(np=3, scale_after=False, wide=True)
+    with pytest.raises(ValueError, match="pre"):
+        C(pre=True)
+    with pytest.raises(ValueError, match="pre"):
+        C(np=2, scale_after=False, wide=True, pre=True)
 
 
 # ----------------------------------------------------------------------------- dispatch
@@ -242,6 +255,7 @@ def test_allocations_take_the_block_path(allocation, rows):
     check(launch(x, plan.block, C(np=2), bias), x, p, bias)
     check(launch(x, plan.block, C(np=1, split_k=3), bias), x, p, bias)
     check(launch(x, plan.block, C(np=2, scale_after=False, wide=True, split_k=2), bias), x, p, bias)
+    check(launch(x, plan.block, C(np=4, scale_after=False, pre=True, split_k=2), bias), x, p, bias)
 
 
 def test_row_clusters_detection_and_map():

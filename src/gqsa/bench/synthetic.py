@@ -35,7 +35,7 @@ ARCHS = {
                  num_key_value_heads=2, vocab_size=256, max_position_embeddings=512),
 }
 _LAYERS = re.compile(r"^(?P<arch>[a-z0-9.-]+?)-layers=(?P<n>\d+)$")
-_GQSA = re.compile(r"^w(?P<bits>\d)s(?P<s>\d{1,2})g(?P<g>\d+)(?:b(?P<r>\d+))?$")
+_GQSA = re.compile(r"^w(?P<bits>\d)s(?P<s>\d{1,2})g(?P<g>\d+)(?:(?P<kind>[bc])(?P<r>\d+))?$")
 
 
 def arch_config(name: str):
@@ -67,6 +67,7 @@ class Setting:
     sparsity: float = 0.0
     group_size: int = 0
     block_rows: int = 0  # > 0: block-uniform mask (every R-row block keeps the same columns)
+    clustered: bool = False  # with block_rows: the blocks' rows shuffled (clusters of R rows, --allocation clusterR)
 
 
 def parse_setting(text: str) -> Setting:
@@ -84,22 +85,26 @@ def parse_setting(text: str) -> Setting:
             raise ValueError(f"setting '{text}': GQSA bits must be 2, 4 or 8 and G one of 16, 32, 64, 128")
         r = int(m["r"] or 0)
         if r and (r < 16 or r & (r - 1)):
-            raise ValueError(f"setting '{text}': the block height b<R> must be a power of two ≥ 16")
-        return Setting(t, "gqsa", torch.float16, bits=bits, sparsity=s, group_size=g, block_rows=r)
+            raise ValueError(f"setting '{text}': the block height b<R> (cluster size c<R>) must be a power of two ≥ 16")
+        return Setting(t, "gqsa", torch.float16, bits=bits, sparsity=s, group_size=g, block_rows=r,
+                       clustered=m["kind"] == "c")
     raise ValueError(f"unknown setting '{text}': use fp16, bf16, tinygemm or w{{bits}}s{{sparsity%}}g{{G}} "
-                     f"such as w4s50g16")
+                     f"such as w4s50g16 (b<R>: blocks of R rows, c<R>: clusters of R rows)")
 
 
 def random_packed(n: int, k: int, sparsity: float, bits: int, group_size: int, device,
-                  generator: torch.Generator, block_rows: int = 0) -> PackedLinear:
+                  generator: torch.Generator, block_rows: int = 0, clustered: bool = False) -> PackedLinear:
     """A valid random packed layer with every row keeping ``round((1−S)·C)`` of its ``C`` group columns
-    (``block_rows`` > 0: the same columns in every block of that many rows)."""
+    (``block_rows`` > 0: the same columns in every block of that many rows; ``clustered``: those blocks'
+    rows shuffled, so that the R rows sharing their columns are not consecutive)."""
     c = math.ceil(k / group_size)
     keep = max(1, min(c, round((1 - sparsity) * c)))
     dev = torch.device(device)
     r = block_rows or 1
     cols = torch.rand(-(-n // r), c, device=dev, generator=generator).argsort(dim=1)[:, :keep].sort(dim=1).values
     cols = cols.repeat_interleave(r, dim=0)[:n]
+    if clustered:
+        cols = cols[torch.randperm(n, device=dev, generator=generator)]
     nnz = n * keep
     row_ptr = (torch.arange(n + 1, device=dev, dtype=torch.int64) * keep).to(torch.int32)
     qweight = torch.randint(0, 256, (nnz, group_size * bits // 8), device=dev, dtype=torch.uint8, generator=generator)
@@ -172,7 +177,7 @@ def build_synthetic(arch: str, setting: Setting | str, device="cuda", seed: int 
     for parent, name, n, k in shapes:
         if setting.kind == "gqsa":
             mod = GQSALinear.from_packed(random_packed(n, k, setting.sparsity, setting.bits, setting.group_size,
-                                                       device, gen, setting.block_rows))
+                                                       device, gen, setting.block_rows, setting.clustered))
         else:
             mod = TinyGemmLinear(k, n, device, gen)
         setattr(parent, name, mod)

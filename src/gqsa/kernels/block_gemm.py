@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .block_kernels import block_kernel
+from .block_kernels import block_dequant_kernel, block_kernel
 from .block_layout import BlockLayout
 from .gemm import _run, check_io, num_sms, workspace
 from .jit import _interpret, jitted
@@ -22,6 +22,10 @@ def _kernel():
     return jitted(block_kernel)
 
 
+def _dequant_kernel():
+    return jitted(block_dequant_kernel)
+
+
 @dataclass(frozen=True)
 class BlockConfig:
     """Knobs of one launch. ``block_m``: tokens per tile (the MMA's N, ≥ 16); ``np``: byte tiles
@@ -29,7 +33,11 @@ class BlockConfig:
     dot (small M) or dequantize every weight first (large M); ``split_k`` 0 = choose from the grid
     (``waves`` programs per SM); ``wide``: each step is one dot of K = ``np · G`` per code position
     (the step's kept groups side by side, every weight scaled before the dot) instead of one dot of
-    K = G per kept group — fewer, larger tensor-core steps (large M)."""
+    K = G per kept group — fewer, larger tensor-core steps (large M); ``pre``: a first pass dequantizes
+    the layer's kept weights into a scratch tensor in the activation dtype (about half a dense copy at
+    S50, written and read once per call), then the loop is a plain block-sparse GEMM, one dot of
+    K = ``np · G`` per step of ``np`` slots (no dequantization in the loop: large M, where the weights
+    are read by few programs and the tensor cores are the limit)."""
 
     block_m: int = 16
     np: int = 2
@@ -41,6 +49,7 @@ class BlockConfig:
     asm: bool = True  # 4-bit codes, fp16, integer zeros, compiled: inline-PTX nibble dequantization
     col_vec: bool = False  # the column as a [G, 1] tensor load (pipelined gather): measured slower, off
     wide: bool = False  # one dot of K = np·G per step (per-weight scales) instead of one of K = G per kept group
+    pre: bool = False  # dequantize the kept weights first (a scratch tensor), then a GEMM without dequantization
 
     def __post_init__(self):
         if self.block_m < 16 or self.block_m & (self.block_m - 1):
@@ -49,13 +58,38 @@ class BlockConfig:
             raise ValueError(f"np must be ≥ 1, got {self.np}")
         if self.wide and (self.scale_after or self.np & (self.np - 1)):
             raise ValueError("wide needs scale_after=False and np a power of two")
+        if self.pre and (self.scale_after or self.wide or self.np & (self.np - 1)):
+            raise ValueError("pre needs scale_after=False, wide=False and np a power of two")
         if self.split_k < 0:
             raise ValueError(f"split_k must be ≥ 0, got {self.split_k}")
 
 
 def steps_of(layout: BlockLayout, cfg: BlockConfig) -> int:
-    """Steps (``np`` byte tiles each) of the block with the most kept groups."""
+    """Steps (``np`` byte tiles each; ``pre``: ``np`` slots) of the block with the most kept groups."""
+    if cfg.pre:
+        return max(1, math.ceil(layout.max_slots / cfg.np))
     return max(1, math.ceil(layout.max_slots * layout.bits // 8 / cfg.np))
+
+
+PRE_TILES = 4  # byte tiles per program of the ``pre`` dequantization pass
+
+
+def dequantize_kept(layout: BlockLayout, dtype: torch.dtype) -> torch.Tensor:
+    """The ``pre`` pass: ``wd[b·R + r, j·G + t]``, the weight of row ``r``, feature ``t`` of block ``b``'s
+    ``j``-th slot in ``dtype`` (the reference's rounding); columns past a block's slots are not written.
+    Rows are padded to a multiple of 64 elements."""
+    r, g = layout.rows, layout.group_size
+    stride = -(-max(1, layout.max_slots) * g // 64) * 64
+    wd = torch.empty(layout.n_blocks * r, stride, dtype=dtype, device=layout.qweight.device)
+    tiles = layout.max_slots * layout.bits // 8
+    if tiles == 0 or layout.n_slots == 0:
+        return wd
+    tpp = min(PRE_TILES, tiles)
+    consts = dict(R=r, G=g, BITS=layout.bits, FLOAT_Z=layout.float_zeros, FP16=dtype == torch.float16,
+                  STEPS=tpp if _interpret() else 0)
+    args = (layout.qweight, layout.sz, layout.block_ptr, wd, stride, tpp)
+    _run((layout.n_blocks, math.ceil(tiles / tpp)), args, consts, 4, 1, wd.device, kern=_dequant_kernel())
+    return wd
 
 
 def auto_split(m: int, layout: BlockLayout, cfg: BlockConfig, sms: int) -> int:
@@ -96,13 +130,14 @@ def launch_block(x2: torch.Tensor, layout: BlockLayout, bias: torch.Tensor | Non
                   FLOAT_Z=layout.float_zeros, FP16=x2.dtype == torch.float16,
                   ASM=cfg.asm and not _interpret() and layout.bits == 4 and x2.dtype == torch.float16
                   and not layout.float_zeros, COL_VEC=cfg.col_vec, ROW_MAP=layout.row_map is not None,
-                  WIDE=cfg.wide)
+                  WIDE=cfg.wide, PRE=cfg.pre)
     qw, sz, cols = layout.qweight, layout.sz, layout.cols
     if layout.n_slots == 0:  # nothing kept: every load is masked, but the pointers must be real
         qw, sz, cols = (t.new_zeros(layout.rows * layout.group_size) for t in (qw, sz, cols))
     rmap = layout.row_map if layout.row_map is not None else layout.block_ptr  # (unused without ROW_MAP)
+    wd = dequantize_kept(layout, x2.dtype) if cfg.pre and layout.n_slots else y  # (unused without PRE)
     args = (x2, qw, sz, cols, layout.block_ptr, rmap,
-            bias if bias is not None else y, y, ws, cnt,
-            m, n, k, sps, split, x2.stride(0), y.stride(0), layout.n_blocks)
+            bias if bias is not None else y, y, ws, cnt, wd,
+            m, n, k, sps, split, x2.stride(0), y.stride(0), layout.n_blocks, wd.stride(0))
     _run((tm, layout.n_blocks, split), args, consts, cfg.num_warps, cfg.num_stages, dev, kern=_kernel())
     return y

@@ -70,12 +70,12 @@ NIB2H = tl.constexpr(_NIB2H) if HAS_TRITON else _NIB2H
 
 
 def block_kernel(
-    x_ptr, qb_ptr, sz_ptr, col_ptr, bp_ptr, rmap_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
-    M, N, K, sps, split_k, stride_xm, stride_ym, n_blocks,
+    x_ptr, qb_ptr, sz_ptr, col_ptr, bp_ptr, rmap_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, wd_ptr,
+    M, N, K, sps, split_k, stride_xm, stride_ym, n_blocks, stride_wd,
     R: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr, NP: tl.constexpr,
     STEPS: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, SCALE_AFTER: tl.constexpr,
     DOT_F32: tl.constexpr, FLOAT_Z: tl.constexpr, FP16: tl.constexpr, ASM: tl.constexpr, COL_VEC: tl.constexpr,
-    ROW_MAP: tl.constexpr, WIDE: tl.constexpr,
+    ROW_MAP: tl.constexpr, WIDE: tl.constexpr, PRE: tl.constexpr,
 ):
     CPB: tl.constexpr = 8 // BITS  # slots per byte tile
     QM: tl.constexpr = (1 << BITS) - 1
@@ -93,7 +93,26 @@ def block_kernel(
     x_off = ar_t[:, None] + offs_m[None, :] * stride_xm  # [G, BLOCK_M]: x_gᵀ
     acc = tl.full([R, BLOCK_M], 0.0, tl.float32)
     u_start = u_lo + pid_k * sps * NP
-    if WIDE:  # one dot of K = NP·G per step and code position (see the module docstring)
+    if PRE:  # the kept weights were dequantized by block_dequant_kernel: a step is NP slots, one dot of K = NP·G
+        s_lo = tl.load(bp_ptr + blk)
+        s_hi = tl.load(bp_ptr + blk + 1)
+        ar_j = tl.arange(0, NP * G)
+        a_row = wd_ptr + (blk * R + ar_r)[:, None].to(tl.int64) * stride_wd  # [R, 1]
+        xm_off = offs_m[None, :] * stride_xm
+        for i in range(0, STEPS if STEPS > 0 else sps):
+            j0 = (pid_k * sps + i) * NP  # the step's first slot of the block
+            s_j = s_lo + j0 + ar_j // G  # [NP·G]: the slot of each k
+            ok_j = s_j < s_hi
+            a = tl.load(a_row + (j0 * G + ar_j)[None, :], mask=ok_j[None, :], other=0.0)  # [R, NP·G]
+            col_j = tl.max_constancy(tl.load(col_ptr + s_j, mask=ok_j, other=-1), G)
+            feat = tl.max_contiguous(tl.multiple_of(col_j * G + ar_j % G, G), G)
+            xk = tl.load(x_ptr + feat[:, None] + xm_off, mask=((col_j >= 0) & (feat < K))[:, None] & m_ok[None, :],
+                         other=0.0)
+            if DOT_F32:
+                acc = tl.dot(a.to(tl.float32), xk.to(tl.float32), acc)
+            else:
+                acc = tl.dot(a, xk, acc)
+    elif WIDE:  # one dot of K = NP·G per step and code position (see the module docstring)
         ar_p = tl.arange(0, NP)
         w_off = ar_r[:, None, None] * G + ar_p[None, :, None] * (R * G) + ar_t[None, None, :]  # [R, NP, G]
         ar_j = tl.arange(0, NP * G)  # k of the step's dot: kept group j // G, feature j % G
@@ -232,3 +251,41 @@ def block_kernel(
             tl.store(yp, (tot + bias[:, None]).to(y_ptr.dtype.element_ty), mask=omask)
     else:
         tl.store(yp, (acc + bias[:, None]).to(y_ptr.dtype.element_ty), mask=omask)
+
+
+def block_dequant_kernel(
+    qb_ptr, sz_ptr, bp_ptr, wd_ptr, stride_wd, TPP,
+    R: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, FLOAT_Z: tl.constexpr, FP16: tl.constexpr,
+    STEPS: tl.constexpr,
+):
+    """The ``pre`` path's first pass: the kept weights of block ``program_id(0)`` in the activation
+    dtype, ``wd[b·R + r, j·G + t]`` = weight ``(r, t)`` of the block's ``j``-th slot (the reference's
+    rounding, as the wide step does it); program ``program_id(1)`` takes ``TPP`` byte tiles."""
+    CPB: tl.constexpr = 8 // BITS
+    QM: tl.constexpr = (1 << BITS) - 1
+    act = wd_ptr.dtype.element_ty
+    blk = tl.program_id(0)
+    u_lo = tl.load(bp_ptr + blk) // CPB
+    u_hi = tl.load(bp_ptr + blk + 1) // CPB
+    ar_r = tl.arange(0, R)
+    ar_t = tl.arange(0, G)
+    row = wd_ptr + (blk * R + ar_r)[:, None].to(tl.int64) * stride_wd
+    for i in range(0, STEPS if STEPS > 0 else TPP):
+        ul = tl.program_id(1) * TPP + i  # byte tile of the block
+        u = u_lo + ul
+        ok = u < u_hi
+        b = tl.load(qb_ptr + u * (R * G) + ar_r[:, None] * G + ar_t[None, :], mask=ok, other=0)  # uint8 [R, G]
+        for c in tl.static_range(CPB):
+            szw = tl.load(sz_ptr + (u * CPB + c) * R + ar_r, mask=ok, other=0)
+            s = (szw & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)[:, None]
+            q = (b >> (c * BITS)) & QM if CPB > 1 else b
+            if FLOAT_Z:
+                z = (szw >> 16).to(tl.int16).to(tl.float16, bitcast=True)[:, None]
+                w = ((q.to(tl.float32) - z.to(tl.float32)) * s.to(tl.float32)).to(act)
+            elif FP16:  # (q − z) exact, times s rounded once
+                zc = ((szw >> 16).to(tl.uint8).to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)[:, None]
+                w = ((q.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - zc) * s
+            else:
+                z = (szw >> 16).to(tl.uint8)[:, None]
+                w = ((q.to(tl.float32) - z.to(tl.float32)) * s.to(tl.float32)).to(act)
+            tl.store(row + ((ul * CPB + c) * G + ar_t)[None, :], w, mask=ok)
