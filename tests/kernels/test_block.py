@@ -218,6 +218,14 @@ def test_dispatch_picks_block_path():
     assert irregular.block is None and irregular.path(16) == "gemm"
 
 
+def test_configs_tuned_at_g16_keep_their_step_size_at_larger_groups():
+    wide = C(block_m=16, np=4, scale_after=False, wide=True)
+    assert block_gemm.for_group(wide, 16) is wide
+    assert block_gemm.for_group(wide, 32).np == 2 and block_gemm.for_group(wide, 64).np == 1
+    assert block_gemm.for_group(C(np=2, scale_after=False, pre=True), 128).np == 1
+    assert block_gemm.for_group(wide, 64).wide  # the rest of the configuration stays
+
+
 def test_block_table_json_roundtrip():
     t = dispatch.H200_TABLE
     assert t.block is not None

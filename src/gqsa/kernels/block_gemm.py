@@ -7,6 +7,7 @@ measured on the H200 lives in :mod:`gqsa.kernels.dispatch` (``DispatchTable.bloc
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -62,6 +63,15 @@ class BlockConfig:
             raise ValueError("pre needs scale_after=False, wide=False and np a power of two")
         if self.split_k < 0:
             raise ValueError(f"split_k must be ≥ 0, got {self.split_k}")
+
+
+def for_group(cfg: BlockConfig, group_size: int) -> BlockConfig:
+    """``cfg`` (tuned at G = 16, as the tables are) for a layer of ``group_size``: ``np`` scaled by
+    16 / G, so that a step moves the same bytes and its dot the same K (the G = 16 configurations at
+    G = 64 ask for more shared memory than the H200 has)."""
+    if group_size <= 16:
+        return cfg
+    return dataclasses.replace(cfg, np=max(1, cfg.np * 16 // group_size))
 
 
 def steps_of(layout: BlockLayout, cfg: BlockConfig) -> int:

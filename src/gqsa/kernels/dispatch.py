@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from ..format import PackedLinear
 from . import gemv
-from .block_gemm import BlockConfig, launch_block
+from .block_gemm import BlockConfig, for_group, launch_block
 from .block_layout import BLOCK_ROWS, build_block_layout, detect_block_rows, detect_row_clusters
 from .gemm import GemmConfig, launch_gemm, num_sms
 from .layout import build_tile_layout
@@ -291,7 +291,8 @@ class LinearPlan:
             x2 = x2.contiguous()
         y = torch.empty(m, n, dtype=x.dtype, device=x.device)
         if path == "block":
-            launch_block(x2, self.block, bias, y, self.table.block.config(self.block.rows, m), self.sms)
+            cfg = for_group(self.table.block.config(self.block.rows, m), p.group_size)
+            launch_block(x2, self.block, bias, y, cfg, self.sms)
             return y.view(*lead, n)
         if self.layout is None:  # a block layer in its irregular-GEMM range: the TileLayout on first use
             self.layout = build_tile_layout(p)

@@ -247,6 +247,7 @@ def _run(grid, args, consts: dict, num_warps: int, num_stages: int, device: torc
     """Launch ``kern`` (a jitted kernel; default: this module's GEMM); after the first launch of a
     specialization the compiled kernel is called directly (Triton's Python launch path costs tens of µs)."""
     kern = kern if kern is not None else _kernel()
+    grid = (*grid, *(1,) * (3 - len(grid)))
     if _interpret() or device.type != "cuda":
         kern[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
         return
