@@ -218,6 +218,16 @@ def test_dispatch_picks_block_path():
     assert irregular.block is None and irregular.path(16) == "gemm"
 
 
+def test_dispatch_block128_large_m_runs_the_pre_kernels_not_the_expansion():
+    p = make_block_packed(130, 256, 16, rows=128, uneven=True)
+    plan = dispatch.LinearPlan(p)
+    tb = dispatch.H200_TABLE.block
+    assert plan.block_rows == 128 and plan.path(300) == "block" and plan.path(1 << 20) == "block"
+    assert tb.config(128, 300).pre and tb.config(64, 300).pre
+    x = torch.randn(300, 256).half()
+    check(plan(x), x, p)
+
+
 def test_configs_tuned_at_g16_keep_their_step_size_at_larger_groups():
     wide = C(block_m=16, np=4, scale_after=False, wide=True)
     assert block_gemm.for_group(wide, 16) is wide

@@ -8,7 +8,8 @@ dense), then for each batch size: random prompts of ``prompt_len`` tokens, one u
 ``new_tokens`` tokens with no end-of-sequence stop. Reported per (setting, batch): decode tokens/s
 (batch × steps / decode time, median run), latency per step, prefill time, peak device memory,
 model size. ``profile=True`` adds, per setting at batch 1, a torch.profiler breakdown of one decode
-step's device time by kernel kind and the idle time between kernels of a replayed graph.
+step's device time by kernel kind and the idle time between kernels of a replayed graph, and of one
+prefill's kernel time against its wall time.
 """
 from __future__ import annotations
 
@@ -56,6 +57,10 @@ def load_folder(folder, setting: str, device):
 
 def _kind(name: str) -> str:
     n = name.lower()
+    if "block_dequant_kernel" in n:
+        return "gqsa_block_pre"
+    if "block_kernel" in n:
+        return "gqsa_block"
     if "_gemv_kernel" in n:
         return "gqsa_gemv"
     if "_gemm_kernel" in n:
@@ -91,6 +96,28 @@ def _device_events(prof):
             tr = e.time_range
             out.append((e.name, tr.start, tr.end))
     return out
+
+
+def profile_prefill(engine: Engine, prompts) -> dict:
+    """Kernel-time breakdown of one prefill (a generation of 2 tokens: the prefill and one decode
+    step), against its wall time: where ``kernel_sum_ms`` is well below ``wall_ms`` the prefill waits
+    on the CPU (kernel launches), not on the GPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine.generate(prompts, 2)  # warm
+    torch.cuda.synchronize()
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        out = engine.generate(prompts, 2)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    ev = _device_events(prof)
+    by: dict = {}
+    for name, a, b in ev:
+        by[_kind(name)] = by.get(_kind(name), 0.0) + (b - a)
+    return {"wall_ms": round(1e3 * wall, 2), "prefill_ms": round(1e3 * out.prefill_s, 2),
+            "kernels": len(ev), "kernel_sum_ms": round(sum(b - a for _, a, b in ev) / 1e3, 2),
+            "kernel_ms": {k: round(v / 1e3, 2) for k, v in sorted(by.items(), key=lambda kv: -kv[1])}}
 
 
 def profile_decode(engine: Engine, prompts, new_tokens: int, steps: int = 8) -> dict:
@@ -210,6 +237,8 @@ def run(settings: list[str], batches: list[int], synthetic: str | None = None, f
             if profile and cuda and bsz == batches[0]:
                 profiles[f"{label}/b{bsz}"] = p = profile_decode(engine, prompts, new_tokens)
                 log(f"[{label}] profile b{bsz}: {json.dumps(p)}")
+                profiles[f"{label}/b{bsz}/prefill"] = p = profile_prefill(engine, prompts)
+                log(f"[{label}] prefill profile b{bsz}: {json.dumps(p)}")
         engine.release()
         del engine, model
     base = {r["batch"]: r["decode_tokens_per_s"] for r in rows if r["setting"] in ("fp16", "dense", "bf16")}

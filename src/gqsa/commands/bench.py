@@ -35,7 +35,7 @@ def add_parser(sub):
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompts (default 0)")
     p.add_argument("--device", default=None, help="default: cuda if present, else cpu")
     p.add_argument("--profile", action="store_true",
-                   help="CUDA: kernel-time breakdown of a decode step at the first batch size")
+                   help="CUDA: kernel-time breakdown of a decode step and of the prefill at the first batch size")
     p.add_argument("--no-compile", action="store_true", help="CUDA: eager pointwise ops (norm, RoPE, SiLU)")
     p.add_argument("--no-fuse", action="store_true", help="separate q/k/v and gate/up projections")
     p.add_argument("--no-decode-kernels", action="store_true",

@@ -131,7 +131,8 @@ def launch_block(x2: torch.Tensor, layout: BlockLayout, bias: torch.Tensor | Non
     split = math.ceil(steps / sps)  # no program without steps
     tm = math.ceil(m / cfg.block_m)
     if split > 1:
-        ws, cnt = workspace(dev).get(m * n, tm * layout.n_blocks)
+        rows_ws = layout.n_blocks * layout.rows if layout.row_map is not None else n  # (kernel: ROW_MAP)
+        ws, cnt = workspace(dev).get(m * rows_ws, tm * layout.n_blocks)
     else:
         ws = cnt = y  # unused
     consts = dict(R=layout.rows, G=layout.group_size, BITS=layout.bits, BLOCK_M=cfg.block_m, NP=cfg.np,

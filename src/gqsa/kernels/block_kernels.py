@@ -32,7 +32,11 @@ Only kept groups are touched: the work is proportional to the kept weights. Spli
 (``split_k > 1``): partial tiles go to a float32 workspace with atomics, the last program of a tile
 (an atomic counter) reads the sum, zeroes the workspace and the counter, adds the bias and writes y —
 one launch, CUDA-graph capturable (the scheme of :mod:`gqsa.kernels.gemm`). ``ROW_MAP``: the tile's
-output rows come from the layout's ``row_map`` (blocks of non-consecutive rows, ``--allocation clusterR``).
+output rows come from the layout's ``row_map`` (blocks of non-consecutive rows, ``--allocation clusterR``;
+split-K partial sums stay in block-row order, so that their atomics are coalesced, and go through the map
+only at the final store). ``PRE``: the kept weights were dequantized by :func:`block_dequant_kernel` into a
+scratch ``[n_blocks·R, slots·G]`` in the activation dtype; a step is ``NP`` slots, one dot of K = ``NP·G``,
+both operands copied asynchronously into shared memory and nothing computed in between (large M).
 
 (Under ``TRITON_INTERPRET=1``: the loop gets its trip count as a constexpr (``STEPS``), sums are
 ``tl.reduce`` (a jitted ``tl.sum`` made before the interpreter was switched on cannot run), and bf16 dots
@@ -238,7 +242,10 @@ def block_kernel(
         bias = tl.full([R], 0.0, tl.float32)
     yp = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None]
     if SPLIT:
-        wsp = ws_ptr + offs_m[None, :] * N + offs_n[:, None]
+        if ROW_MAP:  # partial sums in block-row order (coalesced atomics), the row map only at the final store
+            wsp = ws_ptr + offs_m[None, :] * (n_blocks * R) + (blk * R + ar_r)[:, None]
+        else:
+            wsp = ws_ptr + offs_m[None, :] * N + offs_n[:, None]
         tl.atomic_add(wsp, acc, mask=omask)
         tl.debug_barrier()
         tile = pid_m * n_blocks + blk

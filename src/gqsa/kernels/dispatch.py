@@ -103,6 +103,7 @@ class DispatchTable:
 
 _B = BlockConfig
 _W = functools.partial(BlockConfig, scale_after=False, wide=True)
+_P = functools.partial(BlockConfig, scale_after=False, pre=True)
 # Measured on the H200 (benchmarks/gemm.py --block-sweep, benchmarks/RESULTS.md). Block16: the sweep of
 # 2026-12-01 (first block-kernel session): per bucket the candidate with the least total time over
 # 4096×4096, 11008×4096 and 28672×8192 (W4 S50 G16); gemv_max_m = 1 (the block kernel beat the GEMV at
@@ -113,9 +114,11 @@ _W = functools.partial(BlockConfig, scale_after=False, wide=True)
 # M ≤ 16 for block64 that choice (4 warps) is 1.31× slower than the 1-warp configuration on 28672×8192
 # and 1.3× faster on 4096×4096. The narrow kernel (one dot per kept group) stays where it won: block64
 # at M = 65–256 and above.
-# expand_min_m: the dense expansion + cuBLAS won at M = 1024 on 3 shapes of 3 for block64 and on 2 of 3
-# for block128 (0.73–0.74× cuBLAS against 0.59–0.75×); the block kernels won at M = 256 and in the
-# 512-token prefill (27–44 ms in four single runs against 77 ms end to end): from 1024 rows on.
+# Third session (2026-12-01): the ``pre`` kernels (a dequantization pass, then a block-sparse GEMM without
+# dequantization in the loop) from M = 257 (block128: from M = 65) and for block64 above M = 256; at M = 2048
+# block128 pre ran at 1.06–1.10× cuBLAS on the three shapes (wide 0.68–0.85×, the expansion 0.83–0.90×),
+# block64 pre at 0.85–0.90× (the expansion 0.72–0.89×); at M = 256 block128 pre beat wide on all three.
+# So no dense expansion for block64/128 (benchmarks/RESULTS.md, "pre").
 H200_BLOCK_TABLE = BlockTable(
     buckets=(
         (16, ((16, _B(block_m=16, np=4, num_warps=1, num_stages=3, waves=4.0, scale_after=False)),
@@ -124,13 +127,13 @@ H200_BLOCK_TABLE = BlockTable(
         (64, ((16, _W(block_m=16, np=2, num_warps=4, num_stages=3, waves=4.0)),
               (64, _W(block_m=64, np=4, num_warps=4, num_stages=3, waves=2.0)),
               (256, _B(block_m=128, np=2, num_warps=4, num_stages=3, waves=1.0, scale_after=False)),
-              (1 << 62, _B(block_m=128, np=2, num_warps=4, num_stages=4, split_k=1, scale_after=False)))),
+              (1 << 62, _P(block_m=256, np=4, num_warps=4, num_stages=3, split_k=1)))),
         (128, ((16, _W(block_m=16, np=4, num_warps=2, num_stages=3, waves=4.0)),
                (64, _W(block_m=64, np=4, num_warps=8, num_stages=4, waves=1.0)),
-               (256, _W(block_m=64, np=4, num_warps=8, num_stages=4, waves=1.0)),
-               (1 << 62, _W(block_m=128, np=4, num_warps=8, num_stages=3, split_k=1)))),
+               (256, _P(block_m=128, np=4, num_warps=8, num_stages=4, waves=1.0)),
+               (1 << 62, _P(block_m=128, np=4, num_warps=8, num_stages=3, split_k=1)))),
     ),
-    expand_min_m=((16, 256), (64, 1024)),
+    expand_min_m=((16, 256), (64, 1 << 62)),  # block64 and up: never (the pre kernels beat the expansion)
     gemv_max_m=1,
     tile_min_m=((16, 17), (32, 1 << 62)),  # block32 and up: never
 )
