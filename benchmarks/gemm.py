@@ -40,6 +40,7 @@ from gqsa import quant  # noqa: E402
 from gqsa.kernels import block_gemm, dispatch, gemm, reference  # noqa: E402
 from gqsa.kernels import gemv as gemv_k  # noqa: E402
 from gqsa.kernels.block_layout import build_block_layout, detect_row_clusters  # noqa: E402
+from gqsa.bench.synthetic import random_packed  # noqa: E402
 from gqsa.kernels.layout import build_tile_layout  # noqa: E402
 
 DEV = "cuda"
@@ -217,12 +218,19 @@ def block_candidates(m, rows, kinds=("wide", "pre", "table")):
 class BlockMethod:
     """GQSA on block-uniform random layers through the block kernels with a given config function."""
 
-    def __init__(self, n, k, sparsity, g, rows, rot, seed=0):
+    def __init__(self, n, k, sparsity, g, rows, rot, seed=0, cluster=False):
         gen = torch.Generator(device=DEV).manual_seed(seed)
-        p0 = bg.random_block_packed(n, k, sparsity, g, rows, gen=gen)
+        if cluster:  # the blocks' rows shuffled: clusters of R rows through the row map (--allocation clusterR)
+            p0 = random_packed(n, k, sparsity, 4, g, DEV, gen, block_rows=rows, clustered=True)
+        else:
+            p0 = bg.random_block_packed(n, k, sparsity, g, rows, gen=gen)
         nb = p0.nbytes()
         packs = [p0] + [bg.clone_packed(p0) for _ in range(bg.n_copies(nb, rot) - 1)]
-        self.layouts = [build_block_layout(p, rows) for p in packs]
+        if cluster:
+            self.layouts = [build_block_layout(p, r, row_map=rm) for p in packs for r, rm in [detect_row_clusters(p)]]
+            assert self.layouts[0].rows == rows and self.layouts[0].row_map is not None
+        else:
+            self.layouts = [build_block_layout(p, rows) for p in packs]
         self.packs = packs
         self.packed = p0
         self.nbytes_w = nb
@@ -256,7 +264,7 @@ def block_sweep(args, shapes, rows_list, sparsity=0.5):
         torch.cuda.empty_cache()
     for rows in rows_list:
         for n, k in shapes:
-            meth = BlockMethod(n, k, sparsity, 16, rows, args.rot_bytes)
+            meth = BlockMethod(n, k, sparsity, 16, rows, args.rot_bytes, cluster=args.block_cluster)
             for m in args.batches:
                 x = torch.randn(m, k, device=DEV, dtype=torch.float16)
                 ref = None
@@ -497,6 +505,8 @@ def main(argv=None):
     ap.add_argument("--block-check", action="store_true", help="GPU correctness of the block kernels")
     ap.add_argument("--block-sweep", action="store_true", help="BlockConfig candidates per M (block16/64)")
     ap.add_argument("--block-rows", default="16,64", help="block heights of the sweep and the matrix")
+    ap.add_argument("--block-cluster", action="store_true",
+                    help="block sweep on clusters of R shuffled rows (the row map of --allocation clusterR)")
     ap.add_argument("--block-kinds", default="wide,pre,table",
                     help="kernel kinds of the block sweep's candidates: wide, pre, table (comma-separated)")
     ap.add_argument("--sweep-batches", default="", help="M of the sweeps (default: --batches)")
