@@ -22,16 +22,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from gqsa.kernels.block_kernels import block_kernel  # noqa: E402
 
 ARGS = ["x_ptr", "qb_ptr", "sz_ptr", "col_ptr", "bp_ptr", "rmap_ptr", "bias_ptr", "y_ptr", "ws_ptr", "cnt_ptr",
-        "M", "N", "K", "sps", "split_k", "stride_xm", "stride_ym", "n_blocks"]
-TYPES = ["*fp16", "*u8", "*i32", "*i32", "*i32", "*i32", "*fp16", "*fp16", "*fp32", "*i32"] + ["i32"] * 8
-DIV16 = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 15, 16, 17}
+        "wd_ptr", "M", "N", "K", "sps", "split_k", "stride_xm", "stride_ym", "n_blocks", "stride_wd"]
+TYPES = ["*fp16", "*u8", "*i32", "*i32", "*i32", "*i32", "*fp16", "*fp16", "*fp32", "*i32", "*fp16"] + ["i32"] * 9
+DIV16 = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 16, 17, 18, 19}
 
 
 def build(R=64, BM=16, NP=4, nw=1, sa=False, bits=4, G=16, fz=False, stages=3, asm=True, col_vec=False,
-          row_map=False, wide=False):
+          row_map=False, wide=False, pre=False):
     consts = dict(R=R, G=G, BITS=bits, BLOCK_M=BM, NP=NP, STEPS=0, SPLIT=True, HAS_BIAS=False, SCALE_AFTER=sa,
                   DOT_F32=False, FLOAT_Z=fz, FP16=True, ASM=asm and bits == 4 and not fz, COL_VEC=col_vec,
-                  ROW_MAP=row_map, WIDE=wide)
+                  ROW_MAP=row_map, WIDE=wide, PRE=pre)
     sig = dict(zip(ARGS, TYPES)) | {k: "constexpr" for k in consts}
     attrs = {(i,): [["tt.divisibility", 16]] for i in DIV16}
     src = ASTSource(fn=triton.jit(block_kernel), signature=sig, constexprs=consts, attrs=attrs)

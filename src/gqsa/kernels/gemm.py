@@ -152,13 +152,15 @@ def _gemm_kernel(
     yp = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
     if SPLIT:
         wsp = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
-        tl.atomic_add(wsp, acc, mask=omask)
+        # relaxed atomics (no fence each): the barrier and the counter's acq_rel atomic order the sums
+        # before the last program's read-back (as in gqsa.kernels.block_kernels)
+        tl.atomic_add(wsp, acc, mask=omask, sem="relaxed")
         tl.debug_barrier()
         tile = pid_m * n_tiles_n + pid_n
         old = tl.atomic_add(cnt_ptr + tile, 1)
         if old == split_k - 1:  # the last contributor writes the tile and leaves zeros behind
             zero = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
-            tot = tl.where(omask, tl.atomic_add(wsp, zero, mask=omask), 0.0)  # read the sum from L2 ...
+            tot = tl.where(omask, tl.atomic_add(wsp, zero, mask=omask, sem="relaxed"), 0.0)  # the sum, from L2 ...
             tl.store(wsp, zero, mask=omask)  # ... and leave zeros for the next launch
             tl.store(cnt_ptr + tile, 0)
             tl.store(yp, (tot + bias[None, :]).to(y_ptr.dtype.element_ty), mask=omask)
