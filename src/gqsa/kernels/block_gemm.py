@@ -8,6 +8,7 @@ measured on the H200 lives in :mod:`gqsa.kernels.dispatch` (``DispatchTable.bloc
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 
@@ -65,6 +66,7 @@ class BlockConfig:
             raise ValueError(f"split_k must be ≥ 0, got {self.split_k}")
 
 
+@functools.lru_cache(maxsize=None)
 def for_group(cfg: BlockConfig, group_size: int) -> BlockConfig:
     """``cfg`` (tuned at G = 16, as the tables are) for a layer of ``group_size``: ``np`` scaled by
     16 / G, so that a step moves the same bytes and its dot the same K (the G = 16 configurations at
