@@ -251,9 +251,44 @@ def test_v2_long_rows_and_unit_sizes():
     bias = torch.randn(7).half()
     lay = gemv_layout.build_layout(p)
     for uc, upt in ((16, 4), (8, 4), (16, 1)):
-        y = torch.full((1, 7), float("nan"), dtype=torch.float16)
-        gemv_layout.launch(x, p, lay, bias, y, unit_codes=uc, units_per_thread=upt)
-        check(y, x, p, bias)
+        for pipe in (False, True):
+            y = torch.full((1, 7), float("nan"), dtype=torch.float16)
+            gemv_layout.launch(x, p, lay, bias, y, unit_codes=uc, units_per_thread=upt, pipeline=pipe)
+            check(y, x, p, bias)
+
+
+PIPE_SETTINGS = [
+    # units per thread, unit codes, register double-buffering, L2 prefetch (compiled only), rows per program
+    (4, None, True, 0, 1), (4, None, False, 2, 3), (2, None, True, 2, None), (1, None, True, 4, 2),
+    (2, 8, True, 0, 5), (4, 8, False, 0, 1000),
+]
+
+
+@pytest.mark.parametrize("setting", PIPE_SETTINGS, ids=lambda s: "-".join(map(str, s)))
+def test_v2_pipelined_rows_per_program(setting):
+    """The pipelined kernel: one flat loop over the steps of several rows (uneven, empty, a row of several
+    steps, a partial last step moved back; the last program short), rows per program 1 … all."""
+    upt, uc, reg, pf, rpp = setting
+    p = make_packed(41, 16 * 70 + 5, 16, 4, 0.4, special="empty_rows", seed=12)  # K % G != 0, rows ≤ 70 groups
+    q = make_packed(9, 16 * 300, 16, 4, 0.2, seed=13)  # rows of ~240 groups: several steps each
+    for pk, dt in ((p, torch.float16), (q, torch.bfloat16)):
+        n, k = pk.shape
+        lay = gemv_layout.build_layout(pk)
+        gen = torch.Generator().manual_seed(14)
+        x = torch.randn(1, k, generator=gen).to(dt)
+        bias = torch.randn(n, generator=gen).to(dt)
+        y = torch.full((1, n), float("nan"), dtype=dt)
+        gemv_layout.launch(x, pk, lay, bias, y, unit_codes=uc, units_per_thread=upt, pipeline=True,
+                           reg_pipeline=reg, prefetch=pf, rows_per_prog=rpp)
+        check(y, x, pk, bias)
+
+
+def test_v2_plan_holds_launch_options():
+    p = make_packed(19, 16 * 40, 16, 4, 0.5, seed=15)
+    plan = gemv.prepare(p, variant="data", kernel="v2", v2_opts=dict(units_per_thread=1, rows_per_prog=4))
+    assert plan.v2_opts == dict(units_per_thread=1, rows_per_prog=4)
+    x = torch.randn(1, 16 * 40, generator=torch.Generator().manual_seed(16)).half()
+    check(plan(x), x, p)
 
 
 @pytest.mark.parametrize("case", V2_CASES, ids=lambda c: f"{c[0]}x{c[1]}-G{c[2]}-b{c[3]}-S{c[4]}-{c[5]}-"

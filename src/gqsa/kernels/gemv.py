@@ -866,7 +866,7 @@ class GemvPlan:
     """
 
     def __init__(self, packed: PackedLinear, variant: str = "auto", tasks: TaskTable | None = None,
-                 kernel: str | None = None, **table_kw):
+                 kernel: str | None = None, v2_opts: dict | None = None, **table_kw):
         if variant not in ("auto", "task", "data"):
             raise ValueError(f"a plan runs variant 'auto', 'task' or 'data', got '{variant}'")
         if (kernel or DEFAULT_KERNEL) not in KERNELS:
@@ -888,6 +888,7 @@ class GemvPlan:
             self.qw = _qweight_units(packed, self.tasks.unit_codes if self.tasks is not None else None)
         # batch 1, data-centric: the v2 kernel's load-time layout (None: v1)
         self.kernel = kernel = resolve_kernel(packed, kernel)
+        self.v2_opts = dict(v2_opts or {})  # launch arguments of gemv_layout.launch (tuning knobs)
         self.layout = None
         if kernel == "v2" and variant == "data" and self.kernel_ok:
             self.layout = gemv_layout.build_layout(packed)
@@ -908,14 +909,15 @@ class GemvPlan:
             bias = bias.to(x.dtype).contiguous()
         y = torch.empty(bsz, n, dtype=x.dtype, device=x.device)
         if bsz == 1 and self.layout is not None:
-            gemv_layout.launch(x2, p, self.layout, bias, y, asm=_ASM_ENABLED)
+            gemv_layout.launch(x2, p, self.layout, bias, y, **({"asm": _ASM_ENABLED} | self.v2_opts))
         else:
             _launch_gemv(x2, p, bias, y, self.tasks, qw=self.qw)
         return y.view(*x.shape[:-1], n)
 
 
 def prepare(packed: PackedLinear, variant: str = "auto", tasks: TaskTable | None = None, kernel: str | None = None,
-            **table_kw) -> GemvPlan:
+            v2_opts: dict | None = None, **table_kw) -> GemvPlan:
     """:class:`GemvPlan` for ``packed`` (``table_kw`` go to :func:`build_task_table`; ``kernel``: ``"auto"``,
-    ``"v1"`` or ``"v2"`` for batch 1 on the data-centric variant, default ``DEFAULT_KERNEL``)."""
-    return GemvPlan(packed, variant, tasks, kernel, **table_kw)
+    ``"v1"`` or ``"v2"`` for batch 1 on the data-centric variant, default ``DEFAULT_KERNEL``; ``v2_opts``:
+    keyword arguments of :func:`gemv_layout.launch` for the v2 kernel, e.g. ``units_per_thread``)."""
+    return GemvPlan(packed, variant, tasks, kernel, v2_opts, **table_kw)
