@@ -665,6 +665,10 @@ V2_CONFIGS = {  # name -> (kernel, gemv_layout.launch arguments); "fp16" / "tg12
     "p u1 r pf4": ("v2", P2 | dict(units_per_thread=1, reg_pipeline=True, prefetch=4)),
     # h = the packed-fp16 dot (half_dot)
     "p u4 r pf2 h": ("v2", P2 | dict(units_per_thread=4, reg_pipeline=True, prefetch=2, half_dot=True)),
+    "p u4 r pf2 h m96": ("v2", P2 | dict(units_per_thread=4, reg_pipeline=True, prefetch=2, half_dot=True,
+                                        maxnreg=96)),
+    "p u4 r pf2 h m80": ("v2", P2 | dict(units_per_thread=4, reg_pipeline=True, prefetch=2, half_dot=True,
+                                        maxnreg=80)),
     "p u4 pf2 h": ("v2", P2 | dict(units_per_thread=4, reg_pipeline=False, prefetch=2, half_dot=True)),
     "p u2 r pf2 h": ("v2", P2 | dict(units_per_thread=2, reg_pipeline=True, prefetch=2, half_dot=True)),
     "p u8 r pf2 h": ("v2", P2 | dict(units_per_thread=8, reg_pipeline=True, prefetch=2, half_dot=True)),
