@@ -600,13 +600,17 @@ def gpu_check_v2() -> bool:
                 runs.append((torch.float16, None, upt, None, True,
                              dict(reg_pipeline=reg, prefetch=2, rows_per_prog=rpp, half_dot=True)))
             runs.append((torch.bfloat16, None, 4, None, True, dict(half_dot=True)))  # bf16: fp32 path
-            runs.append(("big", None, 4, None, True, dict(half_dot=True)))  # |x| up to ~4000: no fp16 overflow
+            runs.append(("big", None, 4, None, True, dict(half_dot=True)))  # |x| = 4000: no fp16 overflow
         for dt, uc, upt, nw, asm, popts in runs:
             gemv._ASM_ENABLED = asm
-            scale = 1.0
-            if dt == "big":
-                dt, scale = torch.float16, 1000.0
-            x = (torch.randn(1, cs["k"], device=DEV) * scale).to(dt)
+            big = dt == "big"
+            if big:
+                dt = torch.float16
+            x = torch.randn(1, cs["k"], device=DEV)
+            if big:  # 8 activations of ±4000 (the packed-fp16 dot's lane sums reach ~7.5 × 4000 · 15/16)
+                idx = torch.randperm(cs["k"], device=DEV)[:8]
+                x[0, idx] = 4000.0 * torch.sign(torch.randn(8, device=DEV))
+            x = x.to(dt)
             y = torch.full((1, cs["n"]), float("nan"), device=DEV, dtype=dt)
             gl.launch(x, p, lay, bias.to(dt), y, num_warps=nw, unit_codes=uc, units_per_thread=upt, asm=asm,
                       **popts)
@@ -639,6 +643,7 @@ def gpu_check_v2() -> bool:
 
 
 P2 = dict(pipeline=True)  # the pipelined kernel (gemv_layout._gemv2p_kernel)
+M24 = dict(programs_per_sm=24)  # several rows per program (rows spread over 24 programs per SM)
 V2_CONFIGS = {  # name -> (kernel, gemv_layout.launch arguments); "fp16" / "tg128": cuBLAS fp16, tinygemm int4 g128
     "fp16": ("fp16", None),
     "tg128": ("tg128", None),
@@ -646,39 +651,41 @@ V2_CONFIGS = {  # name -> (kernel, gemv_layout.launch arguments); "fp16" / "tg12
     "v2": ("v2", dict(pipeline=False, unit_codes=16, units_per_thread=4, num_warps=1)),  # one program per row
     "v2 uc8": ("v2", dict(pipeline=False, unit_codes=8, units_per_thread=4)),
     "v2 upt2": ("v2", dict(pipeline=False, units_per_thread=2)),
+    "auto": ("auto", None),  # what gemv.prepare picks by default (kernel and launch defaults)
     # pipelined: u = units per thread, r = register double-buffering, pf = L2 prefetch distance (steps),
-    # pps = programs per SM (rows spread evenly), rpp = rows per program, m = ptxas register limit
-    "p u4 r": ("v2", P2 | dict(units_per_thread=4, reg_pipeline=True, prefetch=0)),
-    "p u4 r m128": ("v2", P2 | dict(units_per_thread=4, reg_pipeline=True, prefetch=0, maxnreg=128)),
-    "p u4 pf2": ("v2", P2 | dict(units_per_thread=4, reg_pipeline=False, prefetch=2)),
-    "p u4 r pf2": ("v2", P2 | dict(units_per_thread=4, reg_pipeline=True, prefetch=2)),
-    "p u4 r pf2 m128": ("v2", P2 | dict(units_per_thread=4, reg_pipeline=True, prefetch=2, maxnreg=128)),
-    "p u2 r": ("v2", P2 | dict(units_per_thread=2, reg_pipeline=True, prefetch=0)),
-    "p u2 pf2": ("v2", P2 | dict(units_per_thread=2, reg_pipeline=False, prefetch=2)),
-    "p u2 r pf2": ("v2", P2 | dict(units_per_thread=2, reg_pipeline=True, prefetch=2)),
-    "p u2 r pf4": ("v2", P2 | dict(units_per_thread=2, reg_pipeline=True, prefetch=4)),
+    # pps = programs per SM (rows spread evenly; no suffix: 24), rpp1 = one row per program,
+    # m = ptxas register limit, h = the packed-fp16 dot (half_dot)
+    "p u4 r": ("v2", P2 | M24 | dict(units_per_thread=4, reg_pipeline=True, prefetch=0)),
+    "p u4 r m128": ("v2", P2 | M24 | dict(units_per_thread=4, reg_pipeline=True, prefetch=0, maxnreg=128)),
+    "p u4 pf2": ("v2", P2 | M24 | dict(units_per_thread=4, reg_pipeline=False, prefetch=2)),
+    "p u4 r pf2": ("v2", P2 | M24 | dict(units_per_thread=4, reg_pipeline=True, prefetch=2)),
+    "p u4 r pf2 m128": ("v2", P2 | M24 | dict(units_per_thread=4, reg_pipeline=True, prefetch=2, maxnreg=128)),
+    "p u2 r": ("v2", P2 | M24 | dict(units_per_thread=2, reg_pipeline=True, prefetch=0)),
+    "p u2 pf2": ("v2", P2 | M24 | dict(units_per_thread=2, reg_pipeline=False, prefetch=2)),
+    "p u2 r pf2": ("v2", P2 | M24 | dict(units_per_thread=2, reg_pipeline=True, prefetch=2)),
+    "p u2 r pf4": ("v2", P2 | M24 | dict(units_per_thread=2, reg_pipeline=True, prefetch=4)),
     "p u2 r pf2 pps16": ("v2", P2 | dict(units_per_thread=2, reg_pipeline=True, prefetch=2, programs_per_sm=16)),
     "p u2 r pf2 pps32": ("v2", P2 | dict(units_per_thread=2, reg_pipeline=True, prefetch=2, programs_per_sm=32)),
     "p u2 r pf2 pps64": ("v2", P2 | dict(units_per_thread=2, reg_pipeline=True, prefetch=2, programs_per_sm=64)),
     "p u2 r pf2 rpp1": ("v2", P2 | dict(units_per_thread=2, reg_pipeline=True, prefetch=2, rows_per_prog=1)),
-    "p uc8 r pf2": ("v2", P2 | dict(unit_codes=8, units_per_thread=2, reg_pipeline=True, prefetch=2)),
-    "p u1 r pf4": ("v2", P2 | dict(units_per_thread=1, reg_pipeline=True, prefetch=4)),
-    # h = the packed-fp16 dot (half_dot)
-    "p u4 r pf2 h": ("v2", P2 | dict(units_per_thread=4, reg_pipeline=True, prefetch=2, half_dot=True)),
-    "p u4 r pf2 h m96": ("v2", P2 | dict(units_per_thread=4, reg_pipeline=True, prefetch=2, half_dot=True,
-                                        maxnreg=96)),
-    "p u4 r pf2 h m80": ("v2", P2 | dict(units_per_thread=4, reg_pipeline=True, prefetch=2, half_dot=True,
-                                        maxnreg=80)),
-    "p u4 pf2 h": ("v2", P2 | dict(units_per_thread=4, reg_pipeline=False, prefetch=2, half_dot=True)),
-    "p u2 r pf2 h": ("v2", P2 | dict(units_per_thread=2, reg_pipeline=True, prefetch=2, half_dot=True)),
-    "p u8 r pf2 h": ("v2", P2 | dict(units_per_thread=8, reg_pipeline=True, prefetch=2, half_dot=True)),
+    "p uc8 r pf2": ("v2", P2 | M24 | dict(unit_codes=8, units_per_thread=2, reg_pipeline=True, prefetch=2)),
+    "p u1 r pf4": ("v2", P2 | M24 | dict(units_per_thread=1, reg_pipeline=True, prefetch=4)),
+    "p u4 r pf2 h": ("v2", P2 | M24 | dict(units_per_thread=4, reg_pipeline=True, prefetch=2, half_dot=True)),
+    "p u4 r pf2 h m96": ("v2", P2 | M24 | dict(units_per_thread=4, reg_pipeline=True, prefetch=2, half_dot=True,
+                                              maxnreg=96)),
+    "p u4 r pf2 h m80": ("v2", P2 | M24 | dict(units_per_thread=4, reg_pipeline=True, prefetch=2, half_dot=True,
+                                              maxnreg=80)),
+    "p u4 pf2 h": ("v2", P2 | M24 | dict(units_per_thread=4, reg_pipeline=False, prefetch=2, half_dot=True)),
+    "p u2 r pf2 h": ("v2", P2 | M24 | dict(units_per_thread=2, reg_pipeline=True, prefetch=2, half_dot=True)),
+    "p u8 r pf2 h": ("v2", P2 | M24 | dict(units_per_thread=8, reg_pipeline=True, prefetch=2, half_dot=True)),
     "p u4 r pf2 h pps16": ("v2", P2 | dict(units_per_thread=4, reg_pipeline=True, prefetch=2, half_dot=True,
                                           programs_per_sm=16)),
     "p u4 r pf2 h pps32": ("v2", P2 | dict(units_per_thread=4, reg_pipeline=True, prefetch=2, half_dot=True,
                                           programs_per_sm=32)),
     "p u4 r pf2 h rpp1": ("v2", P2 | dict(units_per_thread=4, reg_pipeline=True, prefetch=2, half_dot=True,
                                          rows_per_prog=1)),
-    "p default": ("v2", P2),  # gemv_layout's defaults
+    "p u2 r pf2 h rpp1": ("v2", P2 | dict(units_per_thread=2, reg_pipeline=True, prefetch=2, half_dot=True,
+                                         rows_per_prog=1)),
 }
 GOAL_SHAPES = "8192x28672,28672x8192,8192x8192,4096x4096,11008x4096,4096x14336,14336x4096"
 
@@ -746,7 +753,7 @@ def main(argv=None):
                     help="gemv_sweep.json of --sweep: use its best task/data settings as the defaults")
     ap.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ",".join(MODELS))
     ap.add_argument("--v2", action="store_true", help="issue 12: v2 GPU check, then v1 vs v2 at batch 1")
-    ap.add_argument("--v2-configs", default="fp16,tg128,v1,v2,p default",
+    ap.add_argument("--v2-configs", default="fp16,tg128,v1,v2,auto",
                     help="comma-separated names of V2_CONFIGS for every shape")
     ap.add_argument("--v2-sweep-configs", default=",".join(V2_CONFIGS),
                     help="V2_CONFIGS timed on the --v2-sweep-shapes")

@@ -349,19 +349,42 @@ def test_v2_batch_above_one_runs_v1():
         gemv.gqsa_linear(x, p, kernel="v3")
 
 
-def test_kernel_auto_picks_v2_for_long_rows_only():
+def test_kernel_auto_picks_v2_for_w4_g16():
     long_rows = make_packed(3, 16 * 700, 16, 4, 0.3, seed=9)  # ~490 kept groups per row
     short_rows = make_packed(9, 16 * 300, 16, 4, 0.3, seed=9)  # ~210
     g32 = make_packed(3, 32 * 700, 32, 4, 0.3, seed=9)
+    b2 = make_packed(9, 16 * 300, 16, 2, 0.3, seed=9)
     assert gemv.resolve_kernel(long_rows, "auto") == "v2"
-    assert gemv.resolve_kernel(short_rows, "auto") == "v1"
+    assert gemv.resolve_kernel(short_rows, "auto") == "v2"
     assert gemv.resolve_kernel(g32, "auto") == "v1"  # measured at G16 only
-    assert gemv.resolve_kernel(short_rows, "v2") == "v2"
-    plan = gemv.prepare(long_rows, variant="data", kernel="auto")
-    assert plan.kernel == "v2" and plan.layout is not None
-    assert gemv.prepare(short_rows, variant="data", kernel="auto").layout is None
-    x = torch.randn(1, 16 * 700, generator=torch.Generator().manual_seed(4)).half()
-    check(plan(x), x, long_rows)
+    assert gemv.resolve_kernel(b2, "auto") == "v1"  # and 4 bits only
+    assert gemv.resolve_kernel(g32, "v2") == "v2"
+    for p in (long_rows, short_rows):
+        plan = gemv.prepare(p, variant="data", kernel="auto")
+        assert plan.kernel == "v2" and plan.layout is not None and plan.v2_opts == {}
+        x = torch.randn(1, p.shape[1], generator=torch.Generator().manual_seed(4)).half()
+        check(plan(x), x, p)
+
+
+def test_v2_launch_defaults_pick_the_kernel_by_row_length(monkeypatch):
+    """Long rows: the one-program-per-row kernel; short rows: the pipelined kernel, one row per program."""
+    seen = []
+    real = gemv_layout.jitted
+
+    def spy(fn, dns=()):
+        seen.append(fn.__name__)
+        return real(fn, dns)
+
+    monkeypatch.setattr(gemv_layout, "jitted", spy)
+    long_rows = make_packed(3, 16 * 700, 16, 4, 0.3, seed=9)
+    short_rows = make_packed(9, 16 * 300, 16, 4, 0.3, seed=9)
+    for p, want in ((long_rows, "_gemv2_kernel"), (short_rows, "_gemv2p_kernel")):
+        assert (p.nnz >= gemv_layout.LONG_ROW_GROUPS * p.shape[0]) == (want == "_gemv2_kernel")
+        x = torch.randn(1, p.shape[1], generator=torch.Generator().manual_seed(4)).half()
+        y = torch.full((1, p.shape[0]), float("nan"), dtype=torch.float16)
+        gemv_layout.launch(x, p, gemv_layout.build_layout(p), None, y)
+        check(y, x, p)
+        assert seen[-1] == want
 
 
 def test_v2_cached_layout_holds_no_weight_view():
@@ -375,3 +398,37 @@ def test_v2_cached_layout_holds_no_weight_view():
     assert b.meta is a.meta and b.codes.data_ptr() == p.qweight.data_ptr()
     p.scales.mul_(2)  # an in-place change rebuilds it
     assert gemv_layout.cached_layout(p).meta is not a.meta
+
+
+def test_v2_pipelined_compiled_stores_follow_the_loop(monkeypatch):
+    """Compiled (sm_90, offline: no GPU) the pipelined kernel must address its outputs from the loop's row
+    counter. Regression: a `pr = r` "previous row" variable was not loop-carried by Triton's compiler (its
+    loop-entry value was the same object as r's), so every multi-row program stored all its sums at its
+    first row — right under the interpreter, wrong on the GPU."""
+    import re
+
+    triton = pytest.importorskip("triton")
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except Exception:  # pragma: no cover - triton without the compiler API
+        pytest.skip("no offline compiler")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # this test compiles (the module's fixture interprets)
+    for reg, pf, half in ((True, 2, False), (False, 0, True)):
+        consts = gemv_layout.kernel_constexprs(G=16, BITS=4, UPT=4, ASM=True, NUM_THREADS=32, REG=reg, PF=pf,
+                                               HALF=half, HAS_BIAS=True)
+        args, types, div16 = gemv_layout.sass_signature(consts, pipe=True)
+        sig = dict(zip(args, types)) | {k: "constexpr" for k in consts}
+        src = ASTSource(fn=triton.jit(gemv_layout._gemv2p_kernel), signature=sig, constexprs=consts,
+                        attrs={(i,): [["tt.divisibility", 16]] for i in div16})
+        try:
+            ttir = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=1)).asm["ttir"]
+        except Exception as e:  # pragma: no cover - no CUDA backend / ptxas here
+            pytest.skip(f"offline sm_90 compile unavailable: {e}")
+        lines = ttir.split("\n")
+        w = next(i for i, line in enumerate(lines) if "scf.while" in line)
+        before = {m.group(1) for line in lines[:w] for m in [re.match(r"\s*(%[\w.]+)(?::\d+)? = ", line)] if m}
+        for ptr in ("%y_ptr", "%bias_ptr"):
+            offs = [m.group(1) for line in lines for m in [re.search(ptr + r", (%[\w.#]+)", line)] if m]
+            assert len(offs) == 2, (ptr, offs)  # one inside the loop, one after it
+            assert not set(offs) & before, f"{ptr} addressed by a value fixed before the loop: {offs}"

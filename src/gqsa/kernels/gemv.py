@@ -77,22 +77,21 @@ VARIANTS = ("auto", "task", "data", "dense", "reference")
 _WS_STRIDE = MAX_DECODE_BATCH  # fp32 workspace entries per split-row slot
 # batch-1 data-centric kernel: "v1" (_gemv_kernel over the packed tensors), "v2" (gemv_layout: the
 # load-time metadata layout, issue 12; runs where gemv_layout.layout_supported(packed), v1 elsewhere) or
-# "auto": v2 only where it measured faster than v1 on the H200 (benchmarks/RESULTS.md, 2026-12-01: W4 G16
-# layers whose rows hold ≥ V2_MIN_ROW_GROUPS kept groups on average, 8-16 % faster: 4096×11008,
-# 4096×14336, 8192×28672; rows of 128-256 groups measured 5-19 % slower with v2, so they keep v1)
+# "auto": v2 on every W4 G16 layer the layout supports. v2's launch defaults (gemv_layout.launch) pick its
+# kernel by row length: ≥ gemv_layout.LONG_ROW_GROUPS kept groups per row on average, one program per row
+# (measured 8-13 % faster than v1: 4096×14336, 8192×28672, 4096×11008); shorter rows, the pipelined kernel
+# (one row per program, 2 units per thread; measured 3-9 % faster than v1: 4096², 14336×4096, 28672×8192).
+# benchmarks/RESULTS.md, 2026-12-01 ("GEMV v2, pipelined").
 KERNELS = ("auto", "v1", "v2")
 DEFAULT_KERNEL = os.environ.get("GQSA_GEMV_KERNEL", "auto")
-V2_MIN_ROW_GROUPS = 320
 
 
 def resolve_kernel(packed: PackedLinear, kernel: str | None = None) -> str:
     """``"v1"`` or ``"v2"`` for the batch-1 data-centric path of ``packed`` (``kernel`` None: ``DEFAULT_KERNEL``)."""
     kernel = kernel or DEFAULT_KERNEL
     if kernel == "auto":
-        n = max(1, packed.shape[0])
-        long_rows = packed.nnz >= V2_MIN_ROW_GROUPS * n
         ok = packed.bits == 4 and packed.group_size == 16 and gemv_layout.layout_supported(packed)
-        return "v2" if long_rows and ok else "v1"
+        return "v2" if ok else "v1"
     return kernel
 
 

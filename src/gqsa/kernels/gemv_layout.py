@@ -53,10 +53,16 @@ MIN_GROUPS = 4096  # the buffers hold at least this many groups: the largest ste
 V2_NUM_WARPS = 1  # launch defaults (None: default_unit)
 V2_UNIT_CODES: dict = {}  # bits -> codes per thread unit
 V2_UNITS_PER_THREAD = None
-V2_PIPELINE = True  # the software-pipelined kernel (_gemv2p_kernel) by default
-V2P_PROGRAMS_PER_SM = 24  # its default grid: rows spread over this many one-warp programs per SM
-V2P_REG = True  # its register double-buffering of the next step's loads
-V2P_PREFETCH = 2  # its L2 prefetch distance in steps (0: none)
+# launch defaults chosen from the H200 measurements of 2026-12-01 (benchmarks/RESULTS.md, "GEMV v2,
+# pipelined"): rows of ≥ LONG_ROW_GROUPS kept groups on average run the one-program-per-row kernel
+# (_gemv2_kernel, 4 units per thread); shorter rows the pipelined kernel with one row per program,
+# 2 units per thread, register double-buffering and an L2 prefetch 2 steps ahead.
+LONG_ROW_GROUPS = 320
+V2P_UNITS_PER_THREAD = 2
+V2P_ROWS_PER_PROG = 1  # rows per program of the pipelined kernel (None: spread over V2P_PROGRAMS_PER_SM)
+V2P_PROGRAMS_PER_SM = 24
+V2P_REG = True  # register double-buffering of the next step's loads
+V2P_PREFETCH = 2  # L2 prefetch distance in steps (0: none)
 
 
 def default_unit(group_size: int, bits: int) -> tuple[int, int]:
@@ -461,7 +467,9 @@ def _gemv2p_kernel(
                 metas = metas + (tl.load(mp),)
                 for i in tl.static_range(WPU):
                     codes = codes + (tl.load(cp + i),)
-    pr = r
+    # (the row a finished sum belongs to is r − 1 wherever one goes out: a step that ends its row moves r on
+    # by one. A separate loop-carried "previous row" set by `pr = r` is not carried by Triton's compiler when
+    # its value at loop entry is the same object as r's: the loop body's dry run sees it unchanged.)
     pend = r < 0  # False: no row ended before the first step
     while r < r1:
         # the next step: the rest of this row, or the first step of the next row
@@ -516,8 +524,8 @@ def _gemv2p_kernel(
             if HD:
                 v = v * 16.0
             if HAS_BIAS:
-                v += tl.load(bias_ptr + pr).to(tl.float32)
-            tl.store(y_ptr + pr, v.to(y_ptr.dtype.element_ty))
+                v += tl.load(bias_ptr + (r - 1)).to(tl.float32)
+            tl.store(y_ptr + (r - 1), v.to(y_ptr.dtype.element_ty))
             acc = tl.full([NUM_THREADS], 0.0, tl.float32)
         # the current step's math (groups outside [c, re) get scale 0)
         lo = c - b - u  # the thread's group g = b + u + j·SLOT counts iff 0 ≤ g − c < re − c
@@ -573,17 +581,17 @@ def _gemv2p_kernel(
                             xf = xh.to(tl.float16, bitcast=True).to(tl.float32)
                         rg += xf * (q - zq)
             acc += rg * tl.where((j * SLOT - lo).to(tl.uint32) < cnt, sc, 0.0)
-        pr, pend = r, ends
+        pend = ends
         if REG:
             metas, codes = lmetas, lcodes
         r, c, re, nre, b = nr, nc, nre_, nnre, nb
-    # the program's last step ended its last row
+    # the program's last step ended its last row, r − 1 = r1 − 1
     v = tl.reduce(acc, 0, tl.standard._sum_combine)
     if HD:
         v = v * 16.0
     if HAS_BIAS:
-        v += tl.load(bias_ptr + pr).to(tl.float32)
-    tl.store(y_ptr + pr, v.to(y_ptr.dtype.element_ty))
+        v += tl.load(bias_ptr + (r - 1)).to(tl.float32)
+    tl.store(y_ptr + (r - 1), v.to(y_ptr.dtype.element_ty))
 
 
 def kernel_constexprs(G=16, BITS=4, UC=None, UPT=None, X_BF16=False, HAS_BIAS=False, ASM=True, NUM_THREADS=32,
@@ -641,7 +649,8 @@ def launch(x2: torch.Tensor, packed: PackedLinear, layout: GemvLayout, bias: tor
            maxnreg: int | None = None, half_dot: bool = False) -> None:
     """``y[0] = x2[0] @ Ŵᵀ (+ bias)`` through the v2 kernel (one row of x; ``layout`` from
     :func:`build_layout` of ``packed``); ``asm``: the inline-PTX dequantization where it applies
-    (compiled, 4 bits). ``pipeline`` (default ``V2_PIPELINE``): the software-pipelined kernel
+    (compiled, 4 bits). ``pipeline`` (default: rows shorter than ``LONG_ROW_GROUPS`` kept groups on
+    average; the other arguments default to the ``V2P_*`` settings there): the software-pipelined kernel
     (:func:`_gemv2p_kernel`) over ``rows_per_prog`` rows per program, or rows spread evenly over
     ``programs_per_sm`` programs per SM (:func:`rows_per_program`), with register double-buffering of the
     next step's loads (``reg_pipeline``, default ``V2P_REG``) and/or an L2 prefetch ``prefetch`` steps ahead
@@ -658,7 +667,12 @@ def launch(x2: torch.Tensor, packed: PackedLinear, layout: GemvLayout, bias: tor
     xi = x2.view(torch.int32)
     xb = x2.view(torch.int8)
     nw = num_warps or V2_NUM_WARPS
-    pipe = V2_PIPELINE if pipeline is None else pipeline
+    n = packed.shape[0]
+    pipe = (packed.nnz < LONG_ROW_GROUPS * max(1, n)) if pipeline is None else pipeline
+    if pipe and units_per_thread is None:
+        units_per_thread = V2P_UNITS_PER_THREAD
+    if pipe and rows_per_prog is None and programs_per_sm is None:
+        rows_per_prog = V2P_ROWS_PER_PROG
     interp = _interpret() or y.device.type != "cuda"
     consts = kernel_constexprs(G=packed.group_size, BITS=packed.bits, UC=unit_codes or V2_UNIT_CODES.get(packed.bits),
                                UPT=units_per_thread or V2_UNITS_PER_THREAD, X_BF16=x2.dtype == torch.bfloat16,
@@ -666,7 +680,6 @@ def launch(x2: torch.Tensor, packed: PackedLinear, layout: GemvLayout, bias: tor
                                REG=(V2P_REG if reg_pipeline is None else reg_pipeline) if pipe else None,
                                PF=(V2P_PREFETCH if prefetch is None else prefetch) if pipe else None,
                                HALF=half_dot and pipe)
-    n = packed.shape[0]
     if n == 0:
         return
     step = consts["NUM_THREADS"] // (packed.group_size // consts["UC"]) * consts["UPT"]
