@@ -30,6 +30,11 @@ loads are inline PTX ``ld.global.nc`` (weights:
 them) and the 4-bit integer-zero math is inline PTX (:data:`_PTX_DEQ4B`: no 16× factor on the odd
 codes, the accumulator threaded through the dot); under ``TRITON_INTERPRET=1`` (and for 2- and 8-bit
 codes) the same steps run as plain Triton loads and bit arithmetic.
+
+Pipelined kernel (:func:`_gemv2p_kernel`, issue 12, second session): the same step in one flat loop over the
+steps of several consecutive rows per program, with the next step's loads issued before the current step's
+math and an L2 prefetch a few steps ahead; opt-in packed-fp16 dot. :func:`launch` picks the kernel by row length
+(``LONG_ROW_GROUPS``) and holds every setting as a launch argument (``GemvPlan(v2_opts=...)`` carries them).
 """
 from __future__ import annotations
 
