@@ -580,24 +580,45 @@ def gpu_check_v2() -> bool:
         if lay is None:
             continue
         bias = torch.randn(cs["n"], device=DEV, dtype=torch.float16)
-        # (dtype, unit codes, units per thread, warps, inline PTX): few compiled specializations
-        runs = [(torch.float16, None, None, None, True), (torch.bfloat16, None, None, None, True)]
+        # (dtype, unit codes, units per thread, warps, inline PTX, pipelined-kernel settings): few compiled
+        # specializations; pipelined runs: register double-buffering, L2 prefetch, rows per program
+        P = dict(pipeline=False)
+        runs = [(torch.float16, None, None, None, True, P), (torch.bfloat16, None, None, None, True, P),
+                (torch.float16, None, None, None, True, {}), (torch.bfloat16, None, None, None, True, {})]
         if cs["bits"] == 4 and cs["g"] == 16 and cs["n"] == 97:
-            runs += [(torch.float16, None, None, None, False), (torch.float16, 8, 4, 1, True),
-                     (torch.float16, 16, 8, 1, True), (torch.float16, 16, 2, 2, True),
-                     (torch.float16, 16, 4, 4, True)]
-        elif cs["bits"] == 4 and cs["g"] == 16:
-            runs += [(torch.float16, 8, 4, 1, True), (torch.float16, 16, 8, 1, True)]
-        for dt, uc, upt, nw, asm in runs:
+            runs += [(torch.float16, None, None, None, False, P), (torch.float16, 8, 4, 1, True, P),
+                     (torch.float16, 16, 8, 1, True, P), (torch.float16, 16, 2, 2, True, P),
+                     (torch.float16, 16, 4, 4, True, P), (torch.float16, None, None, None, False, {})]
+        if cs["bits"] == 4 and cs["g"] == 16:
+            for upt, reg, pf, rpp, mx in ((4, True, 0, 1, None), (4, False, 2, 3, None), (4, True, 2, 5, 128),
+                                          (2, True, 0, None, None), (2, False, 2, 2, None), (2, True, 2, None, None),
+                                          (2, True, 4, 1, None), (1, True, 4, 7, None)):
+                runs.append((torch.float16, None, upt, None, True,
+                             dict(reg_pipeline=reg, prefetch=pf, rows_per_prog=rpp, maxnreg=mx)))
+            runs.append((torch.bfloat16, 8, 2, None, True, dict(reg_pipeline=True, prefetch=2)))
+            for upt, reg, rpp in ((4, True, None), (2, False, 1), (8, True, 3)):  # the packed-fp16 dot
+                runs.append((torch.float16, None, upt, None, True,
+                             dict(reg_pipeline=reg, prefetch=2, rows_per_prog=rpp, half_dot=True)))
+            runs.append((torch.bfloat16, None, 4, None, True, dict(half_dot=True)))  # bf16: fp32 path
+            runs.append(("big", None, 4, None, True, dict(half_dot=True)))  # |x| = 4000: no fp16 overflow
+        for dt, uc, upt, nw, asm, popts in runs:
             gemv._ASM_ENABLED = asm
-            x = torch.randn(1, cs["k"], device=DEV, dtype=dt)
+            big = dt == "big"
+            if big:
+                dt = torch.float16
+            x = torch.randn(1, cs["k"], device=DEV)
+            if big:  # 8 activations of ±4000 (the packed-fp16 dot's lane sums reach ~7.5 × 4000 · 15/16)
+                idx = torch.randperm(cs["k"], device=DEV)[:8]
+                x[0, idx] = 4000.0 * torch.sign(torch.randn(8, device=DEV))
+            x = x.to(dt)
             y = torch.full((1, cs["n"]), float("nan"), device=DEV, dtype=dt)
-            gl.launch(x, p, lay, bias.to(dt), y, num_warps=nw, unit_codes=uc, units_per_thread=upt, asm=asm)
+            gl.launch(x, p, lay, bias.to(dt), y, num_warps=nw, unit_codes=uc, units_per_thread=upt, asm=asm,
+                      **popts)
             e = rel_err(y, reference.linear(x.float(), p, bias.float()))
             n_run += 1
             tol = 1e-2 if dt == torch.bfloat16 else 2e-3
             if not (e < tol):
-                fails.append((cs, str(dt), uc, upt, nw, asm, e))
+                fails.append((cs, str(dt), uc, upt, nw, asm, popts, e))
     gemv._ASM_ENABLED = True
     # through a plan, captured in a CUDA graph
     p = packed_case(300, 2048, 16, 4, 0.5)
@@ -621,22 +642,58 @@ def gpu_check_v2() -> bool:
     return not fails
 
 
-V2_CONFIGS = {  # name -> (kernel, v2 settings: unit codes, units per thread, warps)
+P2 = dict(pipeline=True)  # the pipelined kernel (gemv_layout._gemv2p_kernel)
+M24 = dict(programs_per_sm=24)  # several rows per program (rows spread over 24 programs per SM)
+V2_CONFIGS = {  # name -> (kernel, gemv_layout.launch arguments); "fp16" / "tg128": cuBLAS fp16, tinygemm int4 g128
+    "fp16": ("fp16", None),
+    "tg128": ("tg128", None),
     "v1": ("v1", None),
-    "v2": ("v2", (16, 4, 1)),
-    "v2 uc8": ("v2", (8, 4, 1)),
-    "v2 upt8": ("v2", (16, 8, 1)),
-    "v2 upt2": ("v2", (16, 2, 1)),
-    "v2 nw2": ("v2", (16, 4, 2)),
-    "v2 nw4": ("v2", (16, 4, 4)),
+    "v2": ("v2", dict(pipeline=False, unit_codes=16, units_per_thread=4, num_warps=1)),  # one program per row
+    "v2 uc8": ("v2", dict(pipeline=False, unit_codes=8, units_per_thread=4)),
+    "v2 upt2": ("v2", dict(pipeline=False, units_per_thread=2)),
+    "auto": ("auto", None),  # what gemv.prepare picks by default (kernel and launch defaults)
+    # pipelined: u = units per thread, r = register double-buffering, pf = L2 prefetch distance (steps),
+    # pps = programs per SM (rows spread evenly; no suffix: 24), rpp1 = one row per program,
+    # m = ptxas register limit, h = the packed-fp16 dot (half_dot)
+    "p u4 r": ("v2", P2 | M24 | dict(units_per_thread=4, reg_pipeline=True, prefetch=0)),
+    "p u4 r m128": ("v2", P2 | M24 | dict(units_per_thread=4, reg_pipeline=True, prefetch=0, maxnreg=128)),
+    "p u4 pf2": ("v2", P2 | M24 | dict(units_per_thread=4, reg_pipeline=False, prefetch=2)),
+    "p u4 r pf2": ("v2", P2 | M24 | dict(units_per_thread=4, reg_pipeline=True, prefetch=2)),
+    "p u4 r pf2 m128": ("v2", P2 | M24 | dict(units_per_thread=4, reg_pipeline=True, prefetch=2, maxnreg=128)),
+    "p u2 r": ("v2", P2 | M24 | dict(units_per_thread=2, reg_pipeline=True, prefetch=0)),
+    "p u2 pf2": ("v2", P2 | M24 | dict(units_per_thread=2, reg_pipeline=False, prefetch=2)),
+    "p u2 r pf2": ("v2", P2 | M24 | dict(units_per_thread=2, reg_pipeline=True, prefetch=2)),
+    "p u2 r pf4": ("v2", P2 | M24 | dict(units_per_thread=2, reg_pipeline=True, prefetch=4)),
+    "p u2 r pf2 pps16": ("v2", P2 | dict(units_per_thread=2, reg_pipeline=True, prefetch=2, programs_per_sm=16)),
+    "p u2 r pf2 pps32": ("v2", P2 | dict(units_per_thread=2, reg_pipeline=True, prefetch=2, programs_per_sm=32)),
+    "p u2 r pf2 pps64": ("v2", P2 | dict(units_per_thread=2, reg_pipeline=True, prefetch=2, programs_per_sm=64)),
+    "p u2 r pf2 rpp1": ("v2", P2 | dict(units_per_thread=2, reg_pipeline=True, prefetch=2, rows_per_prog=1)),
+    "p uc8 r pf2": ("v2", P2 | M24 | dict(unit_codes=8, units_per_thread=2, reg_pipeline=True, prefetch=2)),
+    "p u1 r pf4": ("v2", P2 | M24 | dict(units_per_thread=1, reg_pipeline=True, prefetch=4)),
+    "p u4 r pf2 h": ("v2", P2 | M24 | dict(units_per_thread=4, reg_pipeline=True, prefetch=2, half_dot=True)),
+    "p u4 r pf2 h m96": ("v2", P2 | M24 | dict(units_per_thread=4, reg_pipeline=True, prefetch=2, half_dot=True,
+                                              maxnreg=96)),
+    "p u4 r pf2 h m80": ("v2", P2 | M24 | dict(units_per_thread=4, reg_pipeline=True, prefetch=2, half_dot=True,
+                                              maxnreg=80)),
+    "p u4 pf2 h": ("v2", P2 | M24 | dict(units_per_thread=4, reg_pipeline=False, prefetch=2, half_dot=True)),
+    "p u2 r pf2 h": ("v2", P2 | M24 | dict(units_per_thread=2, reg_pipeline=True, prefetch=2, half_dot=True)),
+    "p u8 r pf2 h": ("v2", P2 | M24 | dict(units_per_thread=8, reg_pipeline=True, prefetch=2, half_dot=True)),
+    "p u4 r pf2 h pps16": ("v2", P2 | dict(units_per_thread=4, reg_pipeline=True, prefetch=2, half_dot=True,
+                                          programs_per_sm=16)),
+    "p u4 r pf2 h pps32": ("v2", P2 | dict(units_per_thread=4, reg_pipeline=True, prefetch=2, half_dot=True,
+                                          programs_per_sm=32)),
+    "p u4 r pf2 h rpp1": ("v2", P2 | dict(units_per_thread=4, reg_pipeline=True, prefetch=2, half_dot=True,
+                                         rows_per_prog=1)),
+    "p u2 r pf2 h rpp1": ("v2", P2 | dict(units_per_thread=2, reg_pipeline=True, prefetch=2, half_dot=True,
+                                         rows_per_prog=1)),
 }
+GOAL_SHAPES = "8192x28672,28672x8192,8192x8192,4096x4096,11008x4096,4096x14336,14336x4096"
 
 
 def compare_v2(args, bw, out_records, configs, shapes):
-    """Batch 1, W4 S50 G16: v1 (today's data-centric kernel) against v2 settings, side by side, on
-    rotated weights; graph µs (the decode engine's setting) and do_bench µs."""
-    from gqsa.kernels import gemv_layout as gl
-
+    """Batch 1, W4 S50 G16: v1 against v2 settings (and cuBLAS fp16 / tinygemm int4 g128), side by side, on
+    rotated weights; graph µs (the decode engine's setting) and, with --v2-do-bench, do_bench µs. The v2
+    settings are launch arguments held by each plan (``gemv.prepare(..., v2_opts=...)``)."""
     gen = torch.Generator(device=DEV)
     gen.manual_seed(0)
     for model, n, k in shapes:
@@ -646,24 +703,34 @@ def compare_v2(args, bw, out_records, configs, shapes):
         nbytes = p0.nbytes() + x.nbytes + n * 2
         roof = nbytes / (bw * 1e12) * 1e6
         ref = reference.linear(x, p0).float()
+        base = {}
         for name in configs:
-            kern, st = V2_CONFIGS[name]
-            plans = [gemv.prepare(p, variant="data", kernel=kern) for p in packs]
-            if st is not None:
-                gl.V2_UNIT_CODES = {4: st[0]}
-                gl.V2_UNITS_PER_THREAD, gl.V2_NUM_WARPS = st[1], st[2]
-            fns = [lambda pl=pl: pl(x) for pl in plans]
-            e = rel_err(fns[0](), ref)
-            us = t_do_bench(fns, args.warmup, args.rep)
+            kern, opts = V2_CONFIGS[name]
+            e = None
+            if kern in ("fp16", "tg128"):
+                m = make_fp16(n, k, args.rot_bytes) if kern == "fp16" else make_tinygemm(n, k, 128, args.rot_bytes)
+                fns = m.fns_for_x(x)
+            else:
+                plans = [gemv.prepare(p, variant="data", kernel=kern, v2_opts=opts) for p in packs]
+                fns = [lambda pl=pl: pl(x) for pl in plans]
+                e = rel_err(fns[0](), ref)
+            fns[0]()
+            torch.cuda.synchronize()
+            us = t_do_bench(fns, args.warmup, args.rep) if args.v2_do_bench else float("nan")
             gus = t_graph(fns)
+            base[name] = gus
             r = dict(model=model, N=n, K=k, B=1, S=0.5, G=16, method=name, us=us, graph_us=gus, bytes=nbytes,
                      roof_us=roof, roof_pct=100 * roof / us, graph_roof_pct=100 * roof / gus, rel_err=e,
-                     ok=bool(e < 1e-2), tbps_graph=nbytes / (gus * 1e-6) / 1e12)
+                     ok=True if e is None else bool(e < 1e-2), tbps_graph=nbytes / (gus * 1e-6) / 1e12)
             out_records.append(r)
-            print(f"{model:11s} {n:6d}x{k:<6d} {name:8s} graph {gus:7.2f}us {r['graph_roof_pct']:5.1f}%  "
-                  f"do_bench {us:7.2f}us {r['roof_pct']:5.1f}%  roof {roof:6.2f}us  err {e:.1e}", flush=True)
-            del plans, fns
-        gl.V2_UNIT_CODES, gl.V2_UNITS_PER_THREAD, gl.V2_NUM_WARPS = {}, None, 1
+            rel = "".join(f"  {gus / base[b]:.3f}x {b}" for b in ("v1", "fp16", "tg128") if b in base and b != name)
+            print(f"{model:11s} {n:6d}x{k:<6d} {name:18s} graph {gus:7.2f}us {r['graph_roof_pct']:5.1f}%  "
+                  f"do_bench {us:7.2f}us  roof {roof:6.2f}us  err {e if e is not None else float('nan'):.1e}{rel}",
+                  flush=True)
+            del fns
+            if kern not in ("fp16", "tg128"):
+                del plans
+            torch.cuda.empty_cache()
         del packs, p0
         torch.cuda.empty_cache()
 
@@ -686,11 +753,15 @@ def main(argv=None):
                     help="gemv_sweep.json of --sweep: use its best task/data settings as the defaults")
     ap.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ",".join(MODELS))
     ap.add_argument("--v2", action="store_true", help="issue 12: v2 GPU check, then v1 vs v2 at batch 1")
-    ap.add_argument("--v2-configs", default="v1,v2", help="comma-separated names of V2_CONFIGS for every shape")
+    ap.add_argument("--v2-configs", default="fp16,tg128,v1,v2,auto",
+                    help="comma-separated names of V2_CONFIGS for every shape")
     ap.add_argument("--v2-sweep-configs", default=",".join(V2_CONFIGS),
                     help="V2_CONFIGS timed on the --v2-sweep-shapes")
-    ap.add_argument("--v2-sweep-shapes", default="4096x4096,28672x8192,1024x4096",
+    ap.add_argument("--v2-sweep-shapes", default="4096x4096,28672x8192",
                     help="NxK shapes for --v2-sweep-configs")
+    ap.add_argument("--v2-shapes", default=GOAL_SHAPES, help="NxK shapes of --v2 (default: issue 12's seven)")
+    ap.add_argument("--v2-do-bench", action="store_true", help="--v2: also time by do_bench")
+    ap.add_argument("--v2-no-check", dest="v2_check", action="store_false", help="--v2: skip the GPU check")
     args = ap.parse_args(argv)
 
     import triton
@@ -717,9 +788,11 @@ def main(argv=None):
         meta["tuned"] = apply_tuning(args.tune_from)
         print(f"tuned defaults: {meta['tuned']}", flush=True)
     if args.v2:
-        ok = gpu_check_v2()
+        ok = gpu_check_v2() if args.v2_check else True
         print(f"[v2 check done at {time.time() - t0:.1f}s]", flush=True)
-        shapes = [(m, n, k) for m in args.models.split(",") for n, k in MODELS[m]]
+        want = [tuple(int(v) for v in s_.split("x")) for s_ in args.v2_shapes.split(",") if s_]
+        names = {(n, k): m for m in MODELS for n, k in MODELS[m]}
+        shapes = [(names.get(nk, "-"), *nk) for nk in want]
         sweep_shapes = {tuple(int(v) for v in s.split("x")) for s in args.v2_sweep_shapes.split(",") if s}
         for m, n, k in shapes:
             cfg = args.v2_sweep_configs if (n, k) in sweep_shapes else args.v2_configs

@@ -11,6 +11,7 @@ multiples of 16 in practice are marked divisible by 16, as Triton's launcher spe
     python benchmarks/gemv_sass.py v1            # today's data-centric kernel, W4 G16 fp16
     python benchmarks/gemv_sass.py v2 '{"UC": 8, "UPT": 4}'
     python benchmarks/gemv_sass.py v2 --dump     # print the loop body
+    python benchmarks/gemv_sass.py v2p           # the software-pipelined v2 kernel (_gemv2p_kernel)
 """
 import collections
 import json
@@ -47,12 +48,12 @@ def build_v1(G=16, bits=4, nw=1, upt=2, uc=16, bf16=False, row_mode=True):
     return k, bg / (32 * nw)
 
 
-def build_v2(G=16, bits=4, nw=1, UC=None, UPT=None, bf16=False, asm=True, stages=1, **kw):
+def build_v2(G=16, bits=4, nw=1, UC=None, UPT=None, bf16=False, asm=True, stages=1, pipe=False, **kw):
     from gqsa.kernels import gemv_layout as gl
     consts = gl.kernel_constexprs(G=G, BITS=bits, UC=UC, UPT=UPT, X_BF16=bf16, HAS_BIAS=False, ASM=asm,
                                   NUM_THREADS=32 * nw, **kw)
-    args, types, div16 = gl.sass_signature(consts)
-    k = _compile(gl._gemv2_kernel, args, types, div16, consts, nw, stages)
+    args, types, div16 = gl.sass_signature(consts, pipe)
+    k = _compile(gl._gemv2p_kernel if pipe else gl._gemv2_kernel, args, types, div16, consts, nw, stages)
     return k, consts["UPT"] * consts["UC"] / G  # kept groups per thread and step
 
 
@@ -102,6 +103,8 @@ def regs(k) -> str:
 def main():
     which = sys.argv[1] if len(sys.argv) > 1 else "v1"
     kw = json.loads(sys.argv[2]) if len(sys.argv) > 2 and sys.argv[2].startswith("{") else {}
+    if which == "v2p":
+        kw["pipe"] = True
     k, gpt = (build_v1 if which == "v1" else build_v2)(**kw)
     n, per, ops, body = loop_stats(k.asm["sass"], gpt)
     print(f"{which} {kw}: {n} loop instructions, {per:.1f} per kept group and thread "

@@ -251,9 +251,44 @@ def test_v2_long_rows_and_unit_sizes():
     bias = torch.randn(7).half()
     lay = gemv_layout.build_layout(p)
     for uc, upt in ((16, 4), (8, 4), (16, 1)):
-        y = torch.full((1, 7), float("nan"), dtype=torch.float16)
-        gemv_layout.launch(x, p, lay, bias, y, unit_codes=uc, units_per_thread=upt)
-        check(y, x, p, bias)
+        for pipe in (False, True):
+            y = torch.full((1, 7), float("nan"), dtype=torch.float16)
+            gemv_layout.launch(x, p, lay, bias, y, unit_codes=uc, units_per_thread=upt, pipeline=pipe)
+            check(y, x, p, bias)
+
+
+PIPE_SETTINGS = [
+    # units per thread, unit codes, register double-buffering, L2 prefetch (compiled only), rows per program
+    (4, None, True, 0, 1), (4, None, False, 2, 3), (2, None, True, 2, None), (1, None, True, 4, 2),
+    (2, 8, True, 0, 5), (4, 8, False, 0, 1000),
+]
+
+
+@pytest.mark.parametrize("setting", PIPE_SETTINGS, ids=lambda s: "-".join(map(str, s)))
+def test_v2_pipelined_rows_per_program(setting):
+    """The pipelined kernel: one flat loop over the steps of several rows (uneven, empty, a row of several
+    steps, a partial last step moved back; the last program short), rows per program 1 … all."""
+    upt, uc, reg, pf, rpp = setting
+    p = make_packed(41, 16 * 70 + 5, 16, 4, 0.4, special="empty_rows", seed=12)  # K % G != 0, rows ≤ 70 groups
+    q = make_packed(9, 16 * 300, 16, 4, 0.2, seed=13)  # rows of ~240 groups: several steps each
+    for pk, dt in ((p, torch.float16), (q, torch.bfloat16)):
+        n, k = pk.shape
+        lay = gemv_layout.build_layout(pk)
+        gen = torch.Generator().manual_seed(14)
+        x = torch.randn(1, k, generator=gen).to(dt)
+        bias = torch.randn(n, generator=gen).to(dt)
+        y = torch.full((1, n), float("nan"), dtype=dt)
+        gemv_layout.launch(x, pk, lay, bias, y, unit_codes=uc, units_per_thread=upt, pipeline=True,
+                           reg_pipeline=reg, prefetch=pf, rows_per_prog=rpp)
+        check(y, x, pk, bias)
+
+
+def test_v2_plan_holds_launch_options():
+    p = make_packed(19, 16 * 40, 16, 4, 0.5, seed=15)
+    plan = gemv.prepare(p, variant="data", kernel="v2", v2_opts=dict(units_per_thread=1, rows_per_prog=4))
+    assert plan.v2_opts == dict(units_per_thread=1, rows_per_prog=4)
+    x = torch.randn(1, 16 * 40, generator=torch.Generator().manual_seed(16)).half()
+    check(plan(x), x, p)
 
 
 @pytest.mark.parametrize("case", V2_CASES, ids=lambda c: f"{c[0]}x{c[1]}-G{c[2]}-b{c[3]}-S{c[4]}-{c[5]}-"
@@ -314,19 +349,42 @@ def test_v2_batch_above_one_runs_v1():
         gemv.gqsa_linear(x, p, kernel="v3")
 
 
-def test_kernel_auto_picks_v2_for_long_rows_only():
+def test_kernel_auto_picks_v2_for_w4_g16():
     long_rows = make_packed(3, 16 * 700, 16, 4, 0.3, seed=9)  # ~490 kept groups per row
     short_rows = make_packed(9, 16 * 300, 16, 4, 0.3, seed=9)  # ~210
     g32 = make_packed(3, 32 * 700, 32, 4, 0.3, seed=9)
+    b2 = make_packed(9, 16 * 300, 16, 2, 0.3, seed=9)
     assert gemv.resolve_kernel(long_rows, "auto") == "v2"
-    assert gemv.resolve_kernel(short_rows, "auto") == "v1"
+    assert gemv.resolve_kernel(short_rows, "auto") == "v2"
     assert gemv.resolve_kernel(g32, "auto") == "v1"  # measured at G16 only
-    assert gemv.resolve_kernel(short_rows, "v2") == "v2"
-    plan = gemv.prepare(long_rows, variant="data", kernel="auto")
-    assert plan.kernel == "v2" and plan.layout is not None
-    assert gemv.prepare(short_rows, variant="data", kernel="auto").layout is None
-    x = torch.randn(1, 16 * 700, generator=torch.Generator().manual_seed(4)).half()
-    check(plan(x), x, long_rows)
+    assert gemv.resolve_kernel(b2, "auto") == "v1"  # and 4 bits only
+    assert gemv.resolve_kernel(g32, "v2") == "v2"
+    for p in (long_rows, short_rows):
+        plan = gemv.prepare(p, variant="data", kernel="auto")
+        assert plan.kernel == "v2" and plan.layout is not None and plan.v2_opts == {}
+        x = torch.randn(1, p.shape[1], generator=torch.Generator().manual_seed(4)).half()
+        check(plan(x), x, p)
+
+
+def test_v2_launch_defaults_pick_the_kernel_by_row_length(monkeypatch):
+    """Long rows: the one-program-per-row kernel; short rows: the pipelined kernel, one row per program."""
+    seen = []
+    real = gemv_layout.jitted
+
+    def spy(fn, dns=()):
+        seen.append(fn.__name__)
+        return real(fn, dns)
+
+    monkeypatch.setattr(gemv_layout, "jitted", spy)
+    long_rows = make_packed(3, 16 * 700, 16, 4, 0.3, seed=9)
+    short_rows = make_packed(9, 16 * 300, 16, 4, 0.3, seed=9)
+    for p, want in ((long_rows, "_gemv2_kernel"), (short_rows, "_gemv2p_kernel")):
+        assert (p.nnz >= gemv_layout.LONG_ROW_GROUPS * p.shape[0]) == (want == "_gemv2_kernel")
+        x = torch.randn(1, p.shape[1], generator=torch.Generator().manual_seed(4)).half()
+        y = torch.full((1, p.shape[0]), float("nan"), dtype=torch.float16)
+        gemv_layout.launch(x, p, gemv_layout.build_layout(p), None, y)
+        check(y, x, p)
+        assert seen[-1] == want
 
 
 def test_v2_cached_layout_holds_no_weight_view():
@@ -340,3 +398,37 @@ def test_v2_cached_layout_holds_no_weight_view():
     assert b.meta is a.meta and b.codes.data_ptr() == p.qweight.data_ptr()
     p.scales.mul_(2)  # an in-place change rebuilds it
     assert gemv_layout.cached_layout(p).meta is not a.meta
+
+
+def test_v2_pipelined_compiled_stores_follow_the_loop(monkeypatch):
+    """Compiled (sm_90, offline: no GPU) the pipelined kernel must address its outputs from the loop's row
+    counter. Regression: a `pr = r` "previous row" variable was not loop-carried by Triton's compiler (its
+    loop-entry value was the same object as r's), so every multi-row program stored all its sums at its
+    first row — right under the interpreter, wrong on the GPU."""
+    import re
+
+    triton = pytest.importorskip("triton")
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except Exception:  # pragma: no cover - triton without the compiler API
+        pytest.skip("no offline compiler")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # this test compiles (the module's fixture interprets)
+    for reg, pf, half in ((True, 2, False), (False, 0, True)):
+        consts = gemv_layout.kernel_constexprs(G=16, BITS=4, UPT=4, ASM=True, NUM_THREADS=32, REG=reg, PF=pf,
+                                               HALF=half, HAS_BIAS=True)
+        args, types, div16 = gemv_layout.sass_signature(consts, pipe=True)
+        sig = dict(zip(args, types)) | {k: "constexpr" for k in consts}
+        src = ASTSource(fn=triton.jit(gemv_layout._gemv2p_kernel), signature=sig, constexprs=consts,
+                        attrs={(i,): [["tt.divisibility", 16]] for i in div16})
+        try:
+            ttir = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=1)).asm["ttir"]
+        except Exception as e:  # pragma: no cover - no CUDA backend / ptxas here
+            pytest.skip(f"offline sm_90 compile unavailable: {e}")
+        lines = ttir.split("\n")
+        w = next(i for i, line in enumerate(lines) if "scf.while" in line)
+        before = {m.group(1) for line in lines[:w] for m in [re.match(r"\s*(%[\w.]+)(?::\d+)? = ", line)] if m}
+        for ptr in ("%y_ptr", "%bias_ptr"):
+            offs = [m.group(1) for line in lines for m in [re.search(ptr + r", (%[\w.#]+)", line)] if m]
+            assert len(offs) == 2, (ptr, offs)  # one inside the loop, one after it
+            assert not set(offs) & before, f"{ptr} addressed by a value fixed before the loop: {offs}"

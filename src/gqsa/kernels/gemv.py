@@ -77,22 +77,21 @@ VARIANTS = ("auto", "task", "data", "dense", "reference")
 _WS_STRIDE = MAX_DECODE_BATCH  # fp32 workspace entries per split-row slot
 # batch-1 data-centric kernel: "v1" (_gemv_kernel over the packed tensors), "v2" (gemv_layout: the
 # load-time metadata layout, issue 12; runs where gemv_layout.layout_supported(packed), v1 elsewhere) or
-# "auto": v2 only where it measured faster than v1 on the H200 (benchmarks/RESULTS.md, 2026-12-01: W4 G16
-# layers whose rows hold ≥ V2_MIN_ROW_GROUPS kept groups on average, 8-16 % faster: 4096×11008,
-# 4096×14336, 8192×28672; rows of 128-256 groups measured 5-19 % slower with v2, so they keep v1)
+# "auto": v2 on every W4 G16 layer the layout supports. v2's launch defaults (gemv_layout.launch) pick its
+# kernel by row length: ≥ gemv_layout.LONG_ROW_GROUPS kept groups per row on average, one program per row
+# (measured 8-13 % faster than v1: 4096×14336, 8192×28672, 4096×11008); shorter rows, the pipelined kernel
+# (one row per program, 2 units per thread; measured 3-9 % faster than v1: 4096², 14336×4096, 28672×8192).
+# benchmarks/RESULTS.md, 2026-12-01 ("GEMV v2, pipelined").
 KERNELS = ("auto", "v1", "v2")
 DEFAULT_KERNEL = os.environ.get("GQSA_GEMV_KERNEL", "auto")
-V2_MIN_ROW_GROUPS = 320
 
 
 def resolve_kernel(packed: PackedLinear, kernel: str | None = None) -> str:
     """``"v1"`` or ``"v2"`` for the batch-1 data-centric path of ``packed`` (``kernel`` None: ``DEFAULT_KERNEL``)."""
     kernel = kernel or DEFAULT_KERNEL
     if kernel == "auto":
-        n = max(1, packed.shape[0])
-        long_rows = packed.nnz >= V2_MIN_ROW_GROUPS * n
         ok = packed.bits == 4 and packed.group_size == 16 and gemv_layout.layout_supported(packed)
-        return "v2" if long_rows and ok else "v1"
+        return "v2" if ok else "v1"
     return kernel
 
 
@@ -866,7 +865,7 @@ class GemvPlan:
     """
 
     def __init__(self, packed: PackedLinear, variant: str = "auto", tasks: TaskTable | None = None,
-                 kernel: str | None = None, **table_kw):
+                 kernel: str | None = None, v2_opts: dict | None = None, **table_kw):
         if variant not in ("auto", "task", "data"):
             raise ValueError(f"a plan runs variant 'auto', 'task' or 'data', got '{variant}'")
         if (kernel or DEFAULT_KERNEL) not in KERNELS:
@@ -888,6 +887,7 @@ class GemvPlan:
             self.qw = _qweight_units(packed, self.tasks.unit_codes if self.tasks is not None else None)
         # batch 1, data-centric: the v2 kernel's load-time layout (None: v1)
         self.kernel = kernel = resolve_kernel(packed, kernel)
+        self.v2_opts = dict(v2_opts or {})  # launch arguments of gemv_layout.launch (tuning knobs)
         self.layout = None
         if kernel == "v2" and variant == "data" and self.kernel_ok:
             self.layout = gemv_layout.build_layout(packed)
@@ -908,14 +908,15 @@ class GemvPlan:
             bias = bias.to(x.dtype).contiguous()
         y = torch.empty(bsz, n, dtype=x.dtype, device=x.device)
         if bsz == 1 and self.layout is not None:
-            gemv_layout.launch(x2, p, self.layout, bias, y, asm=_ASM_ENABLED)
+            gemv_layout.launch(x2, p, self.layout, bias, y, **({"asm": _ASM_ENABLED} | self.v2_opts))
         else:
             _launch_gemv(x2, p, bias, y, self.tasks, qw=self.qw)
         return y.view(*x.shape[:-1], n)
 
 
 def prepare(packed: PackedLinear, variant: str = "auto", tasks: TaskTable | None = None, kernel: str | None = None,
-            **table_kw) -> GemvPlan:
+            v2_opts: dict | None = None, **table_kw) -> GemvPlan:
     """:class:`GemvPlan` for ``packed`` (``table_kw`` go to :func:`build_task_table`; ``kernel``: ``"auto"``,
-    ``"v1"`` or ``"v2"`` for batch 1 on the data-centric variant, default ``DEFAULT_KERNEL``)."""
-    return GemvPlan(packed, variant, tasks, kernel, **table_kw)
+    ``"v1"`` or ``"v2"`` for batch 1 on the data-centric variant, default ``DEFAULT_KERNEL``; ``v2_opts``:
+    keyword arguments of :func:`gemv_layout.launch` for the v2 kernel, e.g. ``units_per_thread``)."""
+    return GemvPlan(packed, variant, tasks, kernel, v2_opts, **table_kw)

@@ -30,6 +30,11 @@ loads are inline PTX ``ld.global.nc`` (weights:
 them) and the 4-bit integer-zero math is inline PTX (:data:`_PTX_DEQ4B`: no 16× factor on the odd
 codes, the accumulator threaded through the dot); under ``TRITON_INTERPRET=1`` (and for 2- and 8-bit
 codes) the same steps run as plain Triton loads and bit arithmetic.
+
+Pipelined kernel (:func:`_gemv2p_kernel`, issue 12, second session): the same step in one flat loop over the
+steps of several consecutive rows per program, with the next step's loads issued before the current step's
+math and an L2 prefetch a few steps ahead; opt-in packed-fp16 dot. :func:`launch` picks the kernel by row length
+(``LONG_ROW_GROUPS``) and holds every setting as a launch argument (``GemvPlan(v2_opts=...)`` carries them).
 """
 from __future__ import annotations
 
@@ -53,6 +58,16 @@ MIN_GROUPS = 4096  # the buffers hold at least this many groups: the largest ste
 V2_NUM_WARPS = 1  # launch defaults (None: default_unit)
 V2_UNIT_CODES: dict = {}  # bits -> codes per thread unit
 V2_UNITS_PER_THREAD = None
+# launch defaults chosen from the H200 measurements of 2026-12-01 (benchmarks/RESULTS.md, "GEMV v2,
+# pipelined"): rows of ≥ LONG_ROW_GROUPS kept groups on average run the one-program-per-row kernel
+# (_gemv2_kernel, 4 units per thread); shorter rows the pipelined kernel with one row per program,
+# 2 units per thread, register double-buffering and an L2 prefetch 2 steps ahead.
+LONG_ROW_GROUPS = 320
+V2P_UNITS_PER_THREAD = 2
+V2P_ROWS_PER_PROG = 1  # rows per program of the pipelined kernel (None: spread over V2P_PROGRAMS_PER_SM)
+V2P_PROGRAMS_PER_SM = 24
+V2P_REG = True  # register double-buffering of the next step's loads
+V2P_PREFETCH = 2  # L2 prefetch distance in steps (0: none)
 
 
 def default_unit(group_size: int, bits: int) -> tuple[int, int]:
@@ -151,6 +166,13 @@ ld.global.nc.L1::no_allocate.L2::cache_hint.u32 $0, [$1], pol;
 }"""
 # activations: re-read by every row, keep them in L1
 _PTX_LDX4 = "ld.global.nc.v4.u32 {$0, $1, $2, $3}, [$4];"
+# L2 prefetch of one 128-byte line where $2 != 0 ($0: a dummy result)
+_PTX_PREFL2 = """{
+.reg .pred p;
+setp.ne.s32 p, $2, 0;
+@p prefetch.global.L2 [$1];
+mov.b32 $0, 0;
+}"""
 # metadata word -> (c0 = 2^23 + z, c1 = 2^19 + z, scale) for the 4-bit path (exact: c1 = c0 − (2^23 − 2^19))
 _PTX_META4 = """{
 .reg .b16 l, h;
@@ -209,9 +231,52 @@ shl.b32 v, $4, 16;          fma.rn.f32 a, v, $11, a;
 and.b32 v, $4, 0xFFFF0000;  fma.rn.f32 $0, v, $12, a;
 }"""
 
+# half-precision dot (opt-in, fp16 activations, 4 bits; issue 12): metadata word -> ($0) the half2 pair
+# −(64 + z/16, 4 + z/16) and ($1) the fp32 scale
+_PTX_META4H = """{
+.reg .b32 z;
+.reg .b16 l, h;
+and.b32 z, $2, 0xF;
+mad.lo.u32 $0, z, 0x100001, 0xC400D400;
+mov.b32 {l, h}, $2;
+cvt.f32.f16 $1, h;
+}"""
+# one unit of 16 codes ($1, $2) against 16 fp16 activations ($3..$10): $0 = Σ x·(q − z) / 16 in fp32. Byte k of
+# a code word, replicated (prmt), masked into the mantissas of 1024.0 (low half: the even code) and 1024.0
+# (high half, the odd code at bits 4-7: 1024 + 16q) gives the half2 (1024 + q0, 1024 + 16·q1); one fma with
+# (1/16, 1/256) and $11 = −(64 + z/16, 4 + z/16) leaves ((q0 − z)/16, (q1 − z)/16) exactly, which meets the
+# activation word (x_2k, x_2k+1) as it is; the 8 products per half lane add up in an fp16 fma chain
+# (|sum| ≤ 7.5·max|x|: no overflow below |x| = 8700), then both lanes go to fp32.
+_PTX_HDOT16 = """{
+.reg .b32 p, d, a, mul;
+.reg .b16 l, h;
+.reg .f32 fl, fh;
+mov.b32 mul, 0x1C002C00;
+prmt.b32 p, $1, 0, 0x0000; lop3.b32 d, p, 0x00F0000F, 0x64006400, 0xEA; fma.rn.f16x2 d, d, mul, $11;
+mul.rn.f16x2 a, d, $3;
+prmt.b32 p, $1, 0, 0x1111; lop3.b32 d, p, 0x00F0000F, 0x64006400, 0xEA; fma.rn.f16x2 d, d, mul, $11;
+fma.rn.f16x2 a, d, $4, a;
+prmt.b32 p, $1, 0, 0x2222; lop3.b32 d, p, 0x00F0000F, 0x64006400, 0xEA; fma.rn.f16x2 d, d, mul, $11;
+fma.rn.f16x2 a, d, $5, a;
+prmt.b32 p, $1, 0, 0x3333; lop3.b32 d, p, 0x00F0000F, 0x64006400, 0xEA; fma.rn.f16x2 d, d, mul, $11;
+fma.rn.f16x2 a, d, $6, a;
+prmt.b32 p, $2, 0, 0x0000; lop3.b32 d, p, 0x00F0000F, 0x64006400, 0xEA; fma.rn.f16x2 d, d, mul, $11;
+fma.rn.f16x2 a, d, $7, a;
+prmt.b32 p, $2, 0, 0x1111; lop3.b32 d, p, 0x00F0000F, 0x64006400, 0xEA; fma.rn.f16x2 d, d, mul, $11;
+fma.rn.f16x2 a, d, $8, a;
+prmt.b32 p, $2, 0, 0x2222; lop3.b32 d, p, 0x00F0000F, 0x64006400, 0xEA; fma.rn.f16x2 d, d, mul, $11;
+fma.rn.f16x2 a, d, $9, a;
+prmt.b32 p, $2, 0, 0x3333; lop3.b32 d, p, 0x00F0000F, 0x64006400, 0xEA; fma.rn.f16x2 d, d, mul, $11;
+fma.rn.f16x2 a, d, $10, a;
+mov.b32 {l, h}, a;
+cvt.f32.f16 fl, l;
+cvt.f32.f16 fh, h;
+add.f32 $0, fl, fh;
+}"""
+
 if tl is not None:  # what the kernel reads as globals must be constexpr
-    LDW4, LDW2, LDW1, LDX4, META4, DEQ4B = (tl.constexpr(v) for v in (_PTX_LDW4, _PTX_LDW2, _PTX_LDW1, _PTX_LDX4,
-                                                                     _PTX_META4, _PTX_DEQ4B))
+    LDW4, LDW2, LDW1, LDX4, META4, DEQ4B, PREFL2, META4H, HDOT16 = (tl.constexpr(v) for v in (
+        _PTX_LDW4, _PTX_LDW2, _PTX_LDW1, _PTX_LDX4, _PTX_META4, _PTX_DEQ4B, _PTX_PREFL2, _PTX_META4H, _PTX_HDOT16))
 
 
 def _gemv2_kernel(
@@ -335,17 +400,223 @@ def _gemv2_kernel(
     tl.store(y_ptr + r, v.to(y_ptr.dtype.element_ty))
 
 
-def kernel_constexprs(G=16, BITS=4, UC=None, UPT=None, X_BF16=False, HAS_BIAS=False, ASM=True, NUM_THREADS=32, **_):
+def _gemv2p_kernel(
+    x_ptr, x8_ptr, cw_ptr, meta_ptr, rp_ptr, bias_ptr, y_ptr, N, RPP, MAXG, one,
+    G: tl.constexpr, BITS: tl.constexpr, UC: tl.constexpr, UPT: tl.constexpr, X_BF16: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ASM: tl.constexpr, DOT: tl.constexpr, NUM_THREADS: tl.constexpr,
+    REG: tl.constexpr, PF: tl.constexpr, HALF: tl.constexpr,
+):
+    """The v2 step over the steps of ``RPP`` consecutive rows (rows ``p·RPP`` …) in one flat loop,
+    pipelined: every row is ≥ 1 step (a row's partial last step moved back to end at the row's end as
+    in :func:`_gemv2_kernel`, an empty row one step of scale 0; every step masked: groups outside
+    [c, row end) get scale 0); the row ends of the next row are loaded one iteration ahead; the sum of
+    a row goes out at the top of the iteration after its last step.
+
+    ``REG = 1``: register double-buffering: an iteration issues the metadata and code loads of the
+    *next* step (possibly of the next row) before the math of the current one. ``PF > 0`` (compiled
+    only): the iteration also prefetches into L2 (``prefetch.global.L2``, one 128-byte line per lane)
+    the metadata and codes of the groups ``PF`` steps ahead in the program's flat group stream (rows
+    are consecutive, so their groups are), clamped to the buffers (``MAXG`` groups): DRAM latency
+    is taken off the loads with no registers held. ``HALF`` (compiled, 4 bits, 16-code units, fp16
+    activations; opt-in): the dot of a unit in packed fp16 (:data:`_PTX_HDOT16`: 2.3 instructions per code
+    instead of 4.4; the 8 products of a half lane summed in fp16, then fp32).
+    """
+    TPG: tl.constexpr = G // UC
+    SLOT: tl.constexpr = NUM_THREADS // TPG
+    WPU: tl.constexpr = UC * BITS // 32
+    XPU: tl.constexpr = UC // 2
+    CPW: tl.constexpr = 32 // BITS
+    QM: tl.constexpr = (1 << BITS) - 1
+    OFFM: tl.constexpr = 0xFFFF ^ (2 * G - 1)
+    STEP: tl.constexpr = SLOT * UPT
+    CWG: tl.constexpr = G * BITS // 32  # code words per group
+    ML: tl.constexpr = (STEP * 4 + 127) // 128  # 128-byte lines of one step's metadata
+    CL: tl.constexpr = (STEP * CWG * 4 + 127) // 128  # ... and codes
+    HD: tl.constexpr = HALF and ASM and BITS == 4 and UC == 16 and not X_BF16
+    r = tl.program_id(0) * RPP
+    r1 = tl.minimum(r + RPP, N)
+    t = tl.arange(0, NUM_THREADS) * one
+    h = t % TPG
+    u = t // TPG
+    xb = x8_ptr + h * (2 * UC)
+    xi = x_ptr + h * XPU
+    mpu = meta_ptr + u
+    cpu = cw_ptr + u * CWG + h * WPU
+    acc = tl.full([NUM_THREADS], 0.0, tl.float32)
+    # c = the current step's first group to count, re = its row's end, nre = the next row's end
+    c = tl.load(rp_ptr + r)
+    re = tl.load(rp_ptr + r + 1)
+    nre = tl.load(rp_ptr + tl.minimum(r + 2, N))
+    b = tl.where(c + STEP <= re, c, tl.maximum(re - STEP, 0))
+    if REG:  # the first step's loads
+        metas = ()
+        codes = ()
+        for j in tl.static_range(UPT):
+            mp = (mpu + b) + j * SLOT
+            cp = (cpu + b * CWG) + j * SLOT * CWG
+            if ASM:
+                metas = metas + (tl.inline_asm_elementwise(LDW1, "=r,l", [mp], dtype=tl.int32, is_pure=True,
+                                                           pack=1),)
+                if WPU == 4:
+                    w0, w1, w2, w3 = tl.inline_asm_elementwise(LDW4, "=r,=r,=r,=r,l", [cp], dtype=(tl.int32,) * 4,
+                                                               is_pure=True, pack=1)
+                    codes = codes + (w0, w1, w2, w3)
+                elif WPU == 2:
+                    w0, w1 = tl.inline_asm_elementwise(LDW2, "=r,=r,l", [cp], dtype=(tl.int32,) * 2, is_pure=True,
+                                                       pack=1)
+                    codes = codes + (w0, w1)
+                else:
+                    codes = codes + (tl.inline_asm_elementwise(LDW1, "=r,l", [cp], dtype=tl.int32, is_pure=True,
+                                                               pack=1),)
+            else:
+                metas = metas + (tl.load(mp),)
+                for i in tl.static_range(WPU):
+                    codes = codes + (tl.load(cp + i),)
+    # (the row a finished sum belongs to is r − 1 wherever one goes out: a step that ends its row moves r on
+    # by one. A separate loop-carried "previous row" set by `pr = r` is not carried by Triton's compiler when
+    # its value at loop entry is the same object as r's: the loop body's dry run sees it unchanged.)
+    pend = r < 0  # False: no row ended before the first step
+    while r < r1:
+        # the next step: the rest of this row, or the first step of the next row
+        ends = c + STEP >= re
+        nr = tl.where(ends, r + 1, r)
+        nc = tl.where(ends, re, c + STEP)
+        nre_ = tl.where(ends, nre, re)
+        nnre = tl.load(rp_ptr + tl.minimum(nr + 2, N))  # used one iteration later
+        nb = tl.where(nc + STEP <= nre_, nc, tl.maximum(nre_ - STEP, 0))
+        if REG:
+            lb = nb
+        else:
+            lb = b
+        lmetas = ()
+        lcodes = ()
+        for j in tl.static_range(UPT):
+            mp = (mpu + lb) + j * SLOT
+            cp = (cpu + lb * CWG) + j * SLOT * CWG
+            if ASM:
+                lmetas = lmetas + (tl.inline_asm_elementwise(LDW1, "=r,l", [mp], dtype=tl.int32, is_pure=True,
+                                                             pack=1),)
+                if WPU == 4:
+                    w0, w1, w2, w3 = tl.inline_asm_elementwise(LDW4, "=r,=r,=r,=r,l", [cp], dtype=(tl.int32,) * 4,
+                                                               is_pure=True, pack=1)
+                    lcodes = lcodes + (w0, w1, w2, w3)
+                elif WPU == 2:
+                    w0, w1 = tl.inline_asm_elementwise(LDW2, "=r,=r,l", [cp], dtype=(tl.int32,) * 2,
+                                                       is_pure=True, pack=1)
+                    lcodes = lcodes + (w0, w1)
+                else:
+                    lcodes = lcodes + (tl.inline_asm_elementwise(LDW1, "=r,l", [cp], dtype=tl.int32, is_pure=True,
+                                                                 pack=1),)
+            else:
+                lmetas = lmetas + (tl.load(mp),)
+                for i in tl.static_range(WPU):
+                    lcodes = lcodes + (tl.load(cp + i),)
+        if not REG:
+            metas = lmetas
+            codes = lcodes
+        if PF > 0:
+            if ASM:  # lanes 0 … ML−1: metadata lines, ML … ML+CL−1: code lines, PF steps ahead
+                pg = tl.minimum(b + PF * STEP, MAXG - STEP)
+                for q in tl.static_range(0, ML + CL, NUM_THREADS):
+                    ln = t + q
+                    pa = tl.where(ln < ML, (meta_ptr + pg + ln * 32).to(tl.pointer_type(tl.int8)),
+                                  (cw_ptr + pg * CWG + (ln - ML) * 32).to(tl.pointer_type(tl.int8)))
+                    tl.inline_asm_elementwise(PREFL2, "=r,l,r", [pa, (ln < ML + CL).to(tl.int32)], dtype=tl.int32,
+                                              is_pure=False, pack=1)
+        # the row the previous step ended: its sum goes out here
+        if pend:
+            v = tl.reduce(acc, 0, tl.standard._sum_combine)
+            if HD:
+                v = v * 16.0
+            if HAS_BIAS:
+                v += tl.load(bias_ptr + (r - 1)).to(tl.float32)
+            tl.store(y_ptr + (r - 1), v.to(y_ptr.dtype.element_ty))
+            acc = tl.full([NUM_THREADS], 0.0, tl.float32)
+        # the current step's math (groups outside [c, re) get scale 0)
+        lo = c - b - u  # the thread's group g = b + u + j·SLOT counts iff 0 ≤ g − c < re − c
+        cnt = (re - c).to(tl.uint32)
+        for j in tl.static_range(UPT):
+            m = metas[j]
+            if HD:
+                negc, sc = tl.inline_asm_elementwise(META4H, "=r,=f,r", [m], dtype=(tl.int32, tl.float32),
+                                                     is_pure=True, pack=1)
+            elif ASM and BITS == 4:
+                c0, c1, sc = tl.inline_asm_elementwise(META4, "=f,=f,=f,r", [m], dtype=(tl.float32,) * 3,
+                                                       is_pure=True, pack=1)
+            else:
+                zq = (m & QM).to(tl.float32)
+                sc = (m >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            xw = ()
+            for i in tl.static_range(0, XPU, 4):
+                if ASM:
+                    x0, x1, x2, x3 = tl.inline_asm_elementwise(LDX4, "=r,=r,=r,=r,l", [xb + (m & OFFM) + 4 * i],
+                                                               dtype=(tl.int32,) * 4, is_pure=True, pack=1)
+                else:
+                    xp = xi + ((m & OFFM) >> 2)
+                    x0 = tl.load(xp + i)
+                    x1 = tl.load(xp + i + 1)
+                    x2 = tl.load(xp + i + 2)
+                    x3 = tl.load(xp + i + 3)
+                xw = xw + (x0, x1, x2, x3)
+            rg = tl.full([NUM_THREADS], 0.0, tl.float32)
+            if HD:
+                rg = tl.inline_asm_elementwise(HDOT16, "=f,r,r,r,r,r,r,r,r,r,r,r",
+                                               [codes[j * 2], codes[j * 2 + 1], xw[0], xw[1], xw[2], xw[3],
+                                                xw[4], xw[5], xw[6], xw[7], negc], dtype=tl.float32,
+                                               is_pure=True, pack=1)
+            for w in tl.static_range(0 if HD else WPU):
+                cw = codes[j * WPU + w]
+                if ASM and BITS == 4:
+                    d0, d1, d2, d3, d4, d5, d6, d7 = tl.inline_asm_elementwise(
+                        DEQ4B, "=f,=f,=f,=f,=f,=f,=f,=f,r,f,f", [cw, c0, c1], dtype=(tl.float32,) * 8,
+                        is_pure=True, pack=1)
+                    rg = tl.inline_asm_elementwise(
+                        DOT, "=f,r,r,r,r,f,f,f,f,f,f,f,f,f",
+                        [xw[4 * w], xw[4 * w + 1], xw[4 * w + 2], xw[4 * w + 3],
+                         d0, d1, d2, d3, d4, d5, d6, d7, rg],
+                        dtype=tl.float32, is_pure=True, pack=1)
+                else:
+                    for e in tl.static_range(CPW):
+                        q = ((cw >> (e * BITS)) & QM).to(tl.float32)
+                        xword = xw[(w * CPW + e) // 2]
+                        xh = (xword >> (16 * ((w * CPW + e) % 2))).to(tl.int16)
+                        if X_BF16:
+                            xf = xh.to(tl.bfloat16, bitcast=True).to(tl.float32)
+                        else:
+                            xf = xh.to(tl.float16, bitcast=True).to(tl.float32)
+                        rg += xf * (q - zq)
+            acc += rg * tl.where((j * SLOT - lo).to(tl.uint32) < cnt, sc, 0.0)
+        pend = ends
+        if REG:
+            metas, codes = lmetas, lcodes
+        r, c, re, nre, b = nr, nc, nre_, nnre, nb
+    # the program's last step ended its last row, r − 1 = r1 − 1
+    v = tl.reduce(acc, 0, tl.standard._sum_combine)
+    if HD:
+        v = v * 16.0
+    if HAS_BIAS:
+        v += tl.load(bias_ptr + (r - 1)).to(tl.float32)
+    tl.store(y_ptr + (r - 1), v.to(y_ptr.dtype.element_ty))
+
+
+def kernel_constexprs(G=16, BITS=4, UC=None, UPT=None, X_BF16=False, HAS_BIAS=False, ASM=True, NUM_THREADS=32,
+                      REG=None, PF=None, HALF=False, **_):
+    """The constexprs of :func:`_gemv2_kernel`, or of :func:`_gemv2p_kernel` where ``REG`` / ``PF`` are given."""
     duc, dupt = default_unit(G, BITS)
-    return dict(G=G, BITS=BITS, UC=UC or duc, UPT=UPT or dupt, X_BF16=X_BF16, HAS_BIAS=HAS_BIAS, ASM=ASM,
-                DOT=_PTX_DOTA_BF16 if X_BF16 else _PTX_DOTA_F16,
-                NUM_THREADS=NUM_THREADS)
+    d = dict(G=G, BITS=BITS, UC=UC or duc, UPT=UPT or dupt, X_BF16=X_BF16, HAS_BIAS=HAS_BIAS, ASM=ASM,
+             DOT=_PTX_DOTA_BF16 if X_BF16 else _PTX_DOTA_F16,
+             NUM_THREADS=NUM_THREADS)
+    if REG is not None or PF is not None:
+        d.update(REG=bool(REG), PF=int(PF or 0), HALF=bool(HALF))
+    return d
 
 
-def sass_signature(consts):
-    """(argument names, types, indices marked divisible by 16) for an offline compile (gemv_sass.py)."""
-    args = ["x_ptr", "x8_ptr", "cw_ptr", "meta_ptr", "rp_ptr", "bias_ptr", "y_ptr", "one"]
-    types = ["*i32", "*i8", "*i32", "*i32", "*i32", "*fp16", "*fp16", "i32"]
+def sass_signature(consts, pipe=False):
+    """(argument names, types, indices marked divisible by 16) for an offline compile (gemv_sass.py);
+    ``pipe``: of :func:`_gemv2p_kernel`."""
+    args = ["x_ptr", "x8_ptr", "cw_ptr", "meta_ptr", "rp_ptr", "bias_ptr", "y_ptr"] + (["N", "RPP", "MAXG"] if pipe
+                                                                                       else []) + ["one"]
+    types = ["*i32", "*i8", "*i32", "*i32", "*i32", "*fp16", "*fp16"] + ["i32"] * (4 if pipe else 1)
     return args, types, {0, 1, 2, 3, 4, 5, 6}
 
 
@@ -354,12 +625,44 @@ def sass_signature(consts):
 _FAST: dict = {}
 
 
+_SMS: dict = {}
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    i = device.index if device.index is not None else torch.cuda.current_device()
+    if i not in _SMS:
+        _SMS[i] = torch.cuda.get_device_properties(i).multi_processor_count
+    return _SMS[i]
+
+
+def rows_per_program(n: int, device: torch.device, rows_per_prog: int | None = None,
+                     programs_per_sm: int | None = None) -> int:
+    """Rows of one program of the pipelined kernel: ``rows_per_prog`` if given, else the rows that
+    spread ``n`` evenly over ``programs_per_sm`` (default ``V2P_PROGRAMS_PER_SM``) programs per SM."""
+    if rows_per_prog:
+        return max(1, int(rows_per_prog))
+    pps = programs_per_sm or V2P_PROGRAMS_PER_SM
+    return max(1, -(-n // (pps * _num_sms(device))))
+
+
 def launch(x2: torch.Tensor, packed: PackedLinear, layout: GemvLayout, bias: torch.Tensor | None, y: torch.Tensor,
            num_warps: int | None = None, unit_codes: int | None = None, units_per_thread: int | None = None,
-           asm: bool = True) -> None:
+           asm: bool = True, pipeline: bool | None = None, rows_per_prog: int | None = None,
+           programs_per_sm: int | None = None, reg_pipeline: bool | None = None, prefetch: int | None = None,
+           maxnreg: int | None = None, half_dot: bool = False) -> None:
     """``y[0] = x2[0] @ Ŵᵀ (+ bias)`` through the v2 kernel (one row of x; ``layout`` from
     :func:`build_layout` of ``packed``); ``asm``: the inline-PTX dequantization where it applies
-    (compiled, 4 bits)."""
+    (compiled, 4 bits). ``pipeline`` (default: rows shorter than ``LONG_ROW_GROUPS`` kept groups on
+    average; the other arguments default to the ``V2P_*`` settings there): the software-pipelined kernel
+    (:func:`_gemv2p_kernel`) over ``rows_per_prog`` rows per program, or rows spread evenly over
+    ``programs_per_sm`` programs per SM (:func:`rows_per_program`), with register double-buffering of the
+    next step's loads (``reg_pipeline``, default ``V2P_REG``) and/or an L2 prefetch ``prefetch`` steps ahead
+    (default ``V2P_PREFETCH``; 0: none); else one program per row (:func:`_gemv2_kernel`). ``maxnreg``:
+    ptxas's register limit (None: its own choice; it sinks the next step's loads below the math when it
+    runs short of registers). ``half_dot``: the packed-fp16 dot of the pipelined kernel (fp16 activations,
+    4-bit codes, 16-code units; elsewhere ignored)."""
     k = x2.shape[1]
     kp = packed.n_group_cols * packed.group_size
     if kp != k or x2.stride(-1) != 1 or x2.data_ptr() % 16:
@@ -369,30 +672,49 @@ def launch(x2: torch.Tensor, packed: PackedLinear, layout: GemvLayout, bias: tor
     xi = x2.view(torch.int32)
     xb = x2.view(torch.int8)
     nw = num_warps or V2_NUM_WARPS
+    n = packed.shape[0]
+    pipe = (packed.nnz < LONG_ROW_GROUPS * max(1, n)) if pipeline is None else pipeline
+    if pipe and units_per_thread is None:
+        units_per_thread = V2P_UNITS_PER_THREAD
+    if pipe and rows_per_prog is None and programs_per_sm is None:
+        rows_per_prog = V2P_ROWS_PER_PROG
     interp = _interpret() or y.device.type != "cuda"
     consts = kernel_constexprs(G=packed.group_size, BITS=packed.bits, UC=unit_codes or V2_UNIT_CODES.get(packed.bits),
                                UPT=units_per_thread or V2_UNITS_PER_THREAD, X_BF16=x2.dtype == torch.bfloat16,
-                               HAS_BIAS=bias is not None, ASM=not interp and asm, NUM_THREADS=32 * nw)
-    n = packed.shape[0]
+                               HAS_BIAS=bias is not None, ASM=not interp and asm, NUM_THREADS=32 * nw,
+                               REG=(V2P_REG if reg_pipeline is None else reg_pipeline) if pipe else None,
+                               PF=(V2P_PREFETCH if prefetch is None else prefetch) if pipe else None,
+                               HALF=half_dot and pipe)
+    if n == 0:
+        return
     step = consts["NUM_THREADS"] // (packed.group_size // consts["UC"]) * consts["UPT"]
     if step > min(layout.meta.numel(), MIN_GROUPS):
         raise ValueError(f"a step of {step} groups exceeds the layout's minimum of {MIN_GROUPS}")
     tensors = (xi, xb, layout.codes, layout.meta, packed.row_ptr, bias if bias is not None else y, y)
-    kern = jitted(_gemv2_kernel, ("one",))
+    if pipe:
+        rpp = rows_per_program(n, y.device, rows_per_prog, programs_per_sm)
+        grid = -(-n // rpp)
+        ints = (n, rpp, layout.meta.numel(), 1)
+        kern = jitted(_gemv2p_kernel, ("N", "RPP", "MAXG", "one"))
+    else:
+        grid = n
+        ints = (1,)
+        kern = jitted(_gemv2_kernel, ("one",))
     if interp:
-        kern[(n,)](*tensors, 1, **consts, num_warps=nw)
+        kern[(grid,)](*tensors, *ints, **consts, num_warps=nw)
         return
     import triton
     import triton.knobs
     import triton.runtime.driver
 
-    key = (tuple(consts.values()), nw, y.device.index, tuple(t.data_ptr() % 16 == 0 for t in tensors))
+    key = (pipe, tuple(consts.values()), nw, maxnreg, y.device.index, tuple(t.data_ptr() % 16 == 0 for t in tensors))
     ck = _FAST.get(key)
     if ck is None:
-        _FAST[key] = kern[(n,)](*tensors, 1, **consts, num_warps=nw)
+        extra = {"maxnreg": maxnreg} if maxnreg else {}
+        _FAST[key] = kern[(grid,)](*tensors, *ints, **consts, num_warps=nw, **extra)
         return
     rt = triton.knobs.runtime
     stream = triton.runtime.driver.active.get_current_stream(y.device.index)
-    args = (*tensors, 1, *consts.values())
-    ck.run(n, 1, 1, stream, ck.function, ck.packed_metadata, ck.launch_metadata((n,), stream, *args),
+    args = (*tensors, *ints, *consts.values())
+    ck.run(grid, 1, 1, stream, ck.function, ck.packed_metadata, ck.launch_metadata((grid,), stream, *args),
            rt.launch_enter_hook, rt.launch_exit_hook, *args)
