@@ -80,8 +80,9 @@ _WS_STRIDE = MAX_DECODE_BATCH  # fp32 workspace entries per split-row slot
 # "auto": v2 on every W4 G16 layer the layout supports. v2's launch defaults (gemv_layout.launch) pick its
 # kernel by row length: ≥ gemv_layout.LONG_ROW_GROUPS kept groups per row on average, one program per row
 # (measured 8-13 % faster than v1: 4096×14336, 8192×28672, 4096×11008); shorter rows, the pipelined kernel
-# (one row per program, 2 units per thread; measured 3-9 % faster than v1: 4096², 14336×4096, 28672×8192).
-# benchmarks/RESULTS.md, 2026-12-01 ("GEMV v2, pipelined").
+# (2 units per thread; rows spread over 24 programs per SM up to 16384 rows, else one row per program;
+# measured 9-19 % faster than v1 on 4096², 11008×4096, 14336×4096, 8192², 11 % on 28672×8192).
+# benchmarks/RESULTS.md, 2026-12-01 ("GEMV v2, pipelined", session 3).
 KERNELS = ("auto", "v1", "v2")
 DEFAULT_KERNEL = os.environ.get("GQSA_GEMV_KERNEL", "auto")
 

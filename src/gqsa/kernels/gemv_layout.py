@@ -60,11 +60,15 @@ V2_UNIT_CODES: dict = {}  # bits -> codes per thread unit
 V2_UNITS_PER_THREAD = None
 # launch defaults chosen from the H200 measurements of 2026-12-01 (benchmarks/RESULTS.md, "GEMV v2,
 # pipelined"): rows of ≥ LONG_ROW_GROUPS kept groups on average run the one-program-per-row kernel
-# (_gemv2_kernel, 4 units per thread); shorter rows the pipelined kernel with one row per program,
-# 2 units per thread, register double-buffering and an L2 prefetch 2 steps ahead.
+# (_gemv2_kernel, 4 units per thread); shorter rows the pipelined kernel, 2 units per thread, register
+# double-buffering and an L2 prefetch 2 steps ahead — layers of at most V2P_MULTI_ROW_MAX_N rows with their
+# rows spread over 24 programs per SM, taller ones with one row per program (session 3, call 8, after the
+# multi-row fix, spread against one row per program: 4096² 5.35 µs against 6.37, 11008×4096 10.30 against
+# 11.33, 14336×4096 12.23 against 13.55, 8192² 13.81 against 13.73; 28672×8192 39.03 against 36.66).
 LONG_ROW_GROUPS = 320
 V2P_UNITS_PER_THREAD = 2
-V2P_ROWS_PER_PROG = 1  # rows per program of the pipelined kernel (None: spread over V2P_PROGRAMS_PER_SM)
+V2P_ROWS_PER_PROG = 1  # rows per program of the pipelined kernel above V2P_MULTI_ROW_MAX_N rows
+V2P_MULTI_ROW_MAX_N = 16384  # up to this many rows: spread over V2P_PROGRAMS_PER_SM programs per SM
 V2P_PROGRAMS_PER_SM = 24
 V2P_REG = True  # register double-buffering of the next step's loads
 V2P_PREFETCH = 2  # L2 prefetch distance in steps (0: none)
@@ -657,7 +661,8 @@ def launch(x2: torch.Tensor, packed: PackedLinear, layout: GemvLayout, bias: tor
     (compiled, 4 bits). ``pipeline`` (default: rows shorter than ``LONG_ROW_GROUPS`` kept groups on
     average; the other arguments default to the ``V2P_*`` settings there): the software-pipelined kernel
     (:func:`_gemv2p_kernel`) over ``rows_per_prog`` rows per program, or rows spread evenly over
-    ``programs_per_sm`` programs per SM (:func:`rows_per_program`), with register double-buffering of the
+    ``programs_per_sm`` programs per SM (:func:`rows_per_program`; the default up to
+    ``V2P_MULTI_ROW_MAX_N`` rows, one row per program above), with register double-buffering of the
     next step's loads (``reg_pipeline``, default ``V2P_REG``) and/or an L2 prefetch ``prefetch`` steps ahead
     (default ``V2P_PREFETCH``; 0: none); else one program per row (:func:`_gemv2_kernel`). ``maxnreg``:
     ptxas's register limit (None: its own choice; it sinks the next step's loads below the math when it
@@ -676,7 +681,7 @@ def launch(x2: torch.Tensor, packed: PackedLinear, layout: GemvLayout, bias: tor
     pipe = (packed.nnz < LONG_ROW_GROUPS * max(1, n)) if pipeline is None else pipeline
     if pipe and units_per_thread is None:
         units_per_thread = V2P_UNITS_PER_THREAD
-    if pipe and rows_per_prog is None and programs_per_sm is None:
+    if pipe and rows_per_prog is None and programs_per_sm is None and n > V2P_MULTI_ROW_MAX_N:
         rows_per_prog = V2P_ROWS_PER_PROG
     interp = _interpret() or y.device.type != "cuda"
     consts = kernel_constexprs(G=packed.group_size, BITS=packed.bits, UC=unit_codes or V2_UNIT_CODES.get(packed.bits),
