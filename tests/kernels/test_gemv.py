@@ -349,17 +349,19 @@ def test_v2_batch_above_one_runs_v1():
         gemv.gqsa_linear(x, p, kernel="v3")
 
 
-def test_kernel_auto_picks_v2_for_w4_g16():
+def test_kernel_auto_picks_v2_for_w4_g16_and_g64():
     long_rows = make_packed(3, 16 * 700, 16, 4, 0.3, seed=9)  # ~490 kept groups per row
     short_rows = make_packed(9, 16 * 300, 16, 4, 0.3, seed=9)  # ~210
+    g64 = make_packed(5, 64 * 40, 64, 4, 0.3, seed=9)
     g32 = make_packed(3, 32 * 700, 32, 4, 0.3, seed=9)
     b2 = make_packed(9, 16 * 300, 16, 2, 0.3, seed=9)
     assert gemv.resolve_kernel(long_rows, "auto") == "v2"
     assert gemv.resolve_kernel(short_rows, "auto") == "v2"
-    assert gemv.resolve_kernel(g32, "auto") == "v1"  # measured at G16 only
+    assert gemv.resolve_kernel(g64, "auto") == "v2"
+    assert gemv.resolve_kernel(g32, "auto") == "v1"  # measured at G16 and G64 only
     assert gemv.resolve_kernel(b2, "auto") == "v1"  # and 4 bits only
     assert gemv.resolve_kernel(g32, "v2") == "v2"
-    for p in (long_rows, short_rows):
+    for p in (long_rows, short_rows, g64):
         plan = gemv.prepare(p, variant="data", kernel="auto")
         assert plan.kernel == "v2" and plan.layout is not None and plan.v2_opts == {}
         x = torch.randn(1, p.shape[1], generator=torch.Generator().manual_seed(4)).half()

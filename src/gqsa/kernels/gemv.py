@@ -77,12 +77,15 @@ VARIANTS = ("auto", "task", "data", "dense", "reference")
 _WS_STRIDE = MAX_DECODE_BATCH  # fp32 workspace entries per split-row slot
 # batch-1 data-centric kernel: "v1" (_gemv_kernel over the packed tensors), "v2" (gemv_layout: the
 # load-time metadata layout, issue 12; runs where gemv_layout.layout_supported(packed), v1 elsewhere) or
-# "auto": v2 on every W4 G16 layer the layout supports. v2's launch defaults (gemv_layout.launch) pick its
+# "auto": v2 on every W4 G16 and G64 layer the layout supports. v2's launch defaults (gemv_layout.launch) pick its
 # kernel by row length: ≥ gemv_layout.LONG_ROW_GROUPS kept groups per row on average, one program per row
 # (measured 8-13 % faster than v1: 4096×14336, 8192×28672, 4096×11008); shorter rows, the pipelined kernel
 # (2 units per thread; rows spread over 24 programs per SM up to 16384 rows, else one row per program;
 # measured 9-19 % faster than v1 on 4096², 11008×4096, 14336×4096, 8192², 11 % on 28672×8192).
 # benchmarks/RESULTS.md, 2026-12-01 ("GEMV v2, pipelined", session 3).
+# W4 G64 too (session 3, call 10: W4 S30 G64 7B end to end at batch 1, 438.5 tokens/s with v2 against 405.6 with
+# v1); G32 and G128 were never timed with v2.
+AUTO_V2_GROUPS = (16, 64)
 KERNELS = ("auto", "v1", "v2")
 DEFAULT_KERNEL = os.environ.get("GQSA_GEMV_KERNEL", "auto")
 
@@ -91,7 +94,7 @@ def resolve_kernel(packed: PackedLinear, kernel: str | None = None) -> str:
     """``"v1"`` or ``"v2"`` for the batch-1 data-centric path of ``packed`` (``kernel`` None: ``DEFAULT_KERNEL``)."""
     kernel = kernel or DEFAULT_KERNEL
     if kernel == "auto":
-        ok = packed.bits == 4 and packed.group_size == 16 and gemv_layout.layout_supported(packed)
+        ok = packed.bits == 4 and packed.group_size in AUTO_V2_GROUPS and gemv_layout.layout_supported(packed)
         return "v2" if ok else "v1"
     return kernel
 
