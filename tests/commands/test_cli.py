@@ -188,6 +188,19 @@ def test_version_and_help_do_not_load_torch():
     assert version.stdout.strip() == f"gqsa {gqsa.__version__}"
 
 
+def test_every_command_help_renders():
+    """Every subcommand's help text formats (argparse expands ``%`` in help strings: a bare one breaks --help)."""
+    import argparse
+
+    from gqsa.commands import build_parser
+
+    parser = build_parser()
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(subs.choices) >= {"compress", "eval", "inspect", "report", "generate", "bench"}
+    for name, sub in subs.choices.items():
+        assert "usage: gqsa " + name in sub.format_help()
+
+
 @pytest.mark.parametrize("argv", [["compress", "x", "--calib", "c", "--out", "o"], ["eval", "x", "--ppl", "t"],
                                   ["generate", "x", "--prompt", "p"], ["bench", "--synthetic", "tiny"],
                                   ["report", "x", "--calib", "c", "--eval", "e", "--out", "o"]])

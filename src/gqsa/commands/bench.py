@@ -27,7 +27,10 @@ def add_parser(sub):
     p.add_argument("--synthetic", metavar="ARCH",
                    help="llama-2-7b | llama-3-8b | llama-2-13b | llama-2-70b | tiny, optionally ARCH-layers=N")
     p.add_argument("--settings", default=None,
-                   help="comma-separated; default fp16,w4s50g16,w4s30g16 (synthetic) or gqsa,fp16 (folder)")
+                   help="comma-separated; default fp16,w4s50g16,w4s30g16 (synthetic) or gqsa,fp16 (folder); "
+                        "synthetic GQSA settings are w{bits}s{sparsity%%}g{G}, with b{R} (blocks of R rows sharing "
+                        "their kept groups, --allocation blockR) or c{R} (clusters of R rows, clusterR) appended, "
+                        "e.g. w4s30g64c128; tinygemm: torch's int4 g128")
     p.add_argument("--batch", default="1,4,16", help="comma-separated batch sizes (default 1,4,16)")
     p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens per row (default 32)")
     p.add_argument("--new-tokens", type=int, default=128, help="generated tokens per row (default 128)")
