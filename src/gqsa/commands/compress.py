@@ -39,8 +39,9 @@ def add_arguments(p) -> None:
                    help="row: same kept-group count in every row (best accuracy); layer: "
                         "ranked per layer; blockR: the same kept columns in every R consecutive rows, and clusterR: "
                         "the same in clusters of R rows chosen to keep the most — both feed the block kernels, "
-                        "faster than row from batch 2 on (a GPU), at an accuracy cost that grows with R "
-                        "(benchmarks/RESULTS.md) (default row)")
+                        "faster than row from batch 2 on (a GPU), at an accuracy cost that grows with R and "
+                        "with the sparsity (for batch serving, e.g. cluster128 with --sparsity 0.3 --group-size 64: "
+                        "README, benchmarks/RESULTS.md) (default row)")
     g.add_argument("--quant-init", default="mse", choices=("minmax", "mse"),
                    help="scale/zero init: min-max or clipping search (default mse)")
     g.add_argument("--damp", type=float, default=0.01, help="Hessian dampening, fraction of mean diagonal")
