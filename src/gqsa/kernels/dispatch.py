@@ -115,7 +115,7 @@ _P = functools.partial(BlockConfig, scale_after=False, pre=True)
 # and 1.3× faster on 4096×4096. The narrow kernel (one dot per kept group) stays where it won: block64
 # at M = 65–256 and above.
 # Third session (2026-12-01): the ``pre`` kernels (a dequantization pass, then a block-sparse GEMM without
-# dequantization in the loop) from M = 257 (block128: from M = 65) and for block64 above M = 256; at M = 2048
+# dequantization in the loop) for block128 from M = 65 and for block64 from M = 257; at M = 2048
 # block128 pre ran at 1.06–1.10× cuBLAS on the three shapes (wide 0.68–0.85×, the expansion 0.83–0.90×),
 # block64 pre at 0.85–0.90× (the expansion 0.72–0.89×); at M = 256 block128 pre beat wide on all three.
 # So no dense expansion for block64/128 (benchmarks/RESULTS.md, "pre").
