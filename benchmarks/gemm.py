@@ -227,7 +227,10 @@ class BlockMethod:
         nb = p0.nbytes()
         packs = [p0] + [bg.clone_packed(p0) for _ in range(bg.n_copies(nb, rot) - 1)]
         if cluster:
-            self.layouts = [build_block_layout(p, r, row_map=rm) for p in packs for r, rm in [detect_row_clusters(p)]]
+            self.layouts = []
+            for p in packs:
+                r, row_map = detect_row_clusters(p)
+                self.layouts.append(build_block_layout(p, r, row_map=row_map))
             assert self.layouts[0].rows == rows and self.layouts[0].row_map is not None
         else:
             self.layouts = [build_block_layout(p, rows) for p in packs]

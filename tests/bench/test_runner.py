@@ -41,3 +41,14 @@ def test_dense_from_gqsa_matches_logits(s260k_folder):
         a = model(ids).logits
         b = bench.dense_from_gqsa(model, torch.float32)(ids).logits
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_profile_kinds_name_every_gqsa_kernel():
+    from gqsa.bench.runner import _kind, _time_by_kind
+
+    for name, kind in [("_gemv_kernel", "gqsa_gemv"), ("_gemv2_kernel", "gqsa_gemv"), ("_gemv2p_kernel", "gqsa_gemv"),
+                       ("block_kernel", "gqsa_block"), ("block_dequant_kernel", "gqsa_block_pre"),
+                       ("_gemm_kernel", "gqsa_gemm"), ("nvjet_hsh_128x256", "cublas")]:
+        assert _kind(name) == kind, name
+    assert _time_by_kind([("_gemv2p_kernel", 0.0, 5.0), ("block_kernel", 1.0, 3.0), ("block_kernel", 0.0, 1.0)]) == {
+        "gqsa_gemv": 5.0, "gqsa_block": 3.0}

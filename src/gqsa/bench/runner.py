@@ -61,7 +61,7 @@ def _kind(name: str) -> str:
         return "gqsa_block_pre"
     if "block_kernel" in n:
         return "gqsa_block"
-    if "_gemv_kernel" in n:
+    if "_gemv_kernel" in n or "_gemv2_kernel" in n or "_gemv2p_kernel" in n:  # v1, v2, v2 pipelined
         return "gqsa_gemv"
     if "_gemm_kernel" in n:
         return "gqsa_gemm"
@@ -98,6 +98,14 @@ def _device_events(prof):
     return out
 
 
+def _time_by_kind(events) -> dict:
+    """Device time (µs) of ``(name, start, end)`` events summed by :func:`_kind`."""
+    by: dict = {}
+    for name, a, b in events:
+        by[_kind(name)] = by.get(_kind(name), 0.0) + (b - a)
+    return by
+
+
 def profile_prefill(engine: Engine, prompts) -> dict:
     """Kernel-time breakdown of one prefill (a generation of 2 tokens: the prefill and one decode
     step), against its wall time: where ``kernel_sum_ms`` is well below ``wall_ms`` the prefill waits
@@ -112,9 +120,7 @@ def profile_prefill(engine: Engine, prompts) -> dict:
         torch.cuda.synchronize()
         wall = time.perf_counter() - t0
     ev = _device_events(prof)
-    by: dict = {}
-    for name, a, b in ev:
-        by[_kind(name)] = by.get(_kind(name), 0.0) + (b - a)
+    by = _time_by_kind(ev)
     return {"wall_ms": round(1e3 * wall, 2), "prefill_ms": round(1e3 * out.prefill_s, 2),
             "kernels": len(ev), "kernel_sum_ms": round(sum(b - a for _, a, b in ev) / 1e3, 2),
             "kernel_ms": {k: round(v / 1e3, 2) for k, v in sorted(by.items(), key=lambda kv: -kv[1])}}
@@ -139,9 +145,7 @@ def profile_decode(engine: Engine, prompts, new_tokens: int, steps: int = 8) -> 
                     step()
                 torch.cuda.synchronize()
             ev = _device_events(prof)
-            by = {}
-            for name, a, b in ev:
-                by[_kind(name)] = by.get(_kind(name), 0.0) + (b - a)
+            by = _time_by_kind(ev)
             kernels = [e for e in ev if not any(m in e[0].lower() for m in ("memcpy", "memset"))]
             span = (max(b for _, _, b in ev) - min(a for _, a, _ in ev)) if ev else 0.0
             busy = sum(b - a for _, a, b in ev)
