@@ -43,7 +43,7 @@ def build_v1(G=16, bits=4, nw=1, upt=2, uc=16, bf16=False, row_mode=True):
     bg = gemv.default_block_g(G, nw, upt, uc)
     consts = dict(G=G, BITS=bits, BLOCK_G=bg, BLOCK_B=1, ROW_MODE=row_mode, X_BF16=bf16, FLOAT_Z=False,
                   USE_ASM=bits == 4, HAS_BIAS=False, WS_STRIDE=16, DEQ=gemv._PTX_DEQ4,
-                  DOT=gemv._PTX_DOT_BF16 if bf16 else gemv._PTX_DOT_F16, UC=uc)
+                  DOT=gemv._PTX_DOT_BF16 if bf16 else gemv._PTX_DOT_F16, UC=uc, PDL=False)
     k = _compile(gemv._gemv_kernel, args, types, set(range(12)) | {15, 16}, consts, nw)
     return k, bg / (32 * nw)
 

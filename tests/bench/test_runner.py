@@ -13,7 +13,9 @@ def test_bench_runs_the_settings_side_by_side_on_cpu(tmp_path):
                                                               ("w4s50g16", 2)]
     for x in r["rows"]:
         assert x["decode_tokens_per_s"] > 0 and x["decode_steps"] == 2 and x["compute_dtype"] == "float32"
+        assert x["tokens_equal_across_runs"] and len(x["tokens_sha1"]) == 12
     assert r["rows"][0]["speedup_vs_fp16"] == 1.0
+    assert bench.tokens_digest([[1, 2]]) == bench.tokens_digest([[1, 2]]) != bench.tokens_digest([[1, 3]])
     assert r["rows"][2]["model_gb"] < r["rows"][0]["model_gb"]
     table = bench.format_table(r)
     assert "w4s50g16" in table and "tokens/s" in table

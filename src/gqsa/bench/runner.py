@@ -13,6 +13,7 @@ prefill's kernel time against its wall time.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import statistics
 import time
@@ -178,6 +179,11 @@ def profile_decode(engine: Engine, prompts, new_tokens: int, steps: int = 8) -> 
     return res
 
 
+def tokens_digest(tokens: list[list[int]]) -> str:
+    """A short fingerprint of generated tokens (to compare runs of the same model and prompts)."""
+    return hashlib.sha1(json.dumps(tokens).encode()).hexdigest()[:12]
+
+
 def run(settings: list[str], batches: list[int], synthetic: str | None = None, folder=None, device=None,
         prompt_len: int = 32, new_tokens: int = 128, repeats: int = 3, seed: int = 0, profile: bool = False,
         compile_ops="auto", fuse="auto", cuda_graphs="auto", decode_kernels="auto", log=print) -> dict:
@@ -234,7 +240,9 @@ def run(settings: list[str], batches: list[int], synthetic: str | None = None, f
                    "decode_steps": med.decode_steps, "cuda_graphs": med.cuda_graphs,
                    "compute_dtype": str(engine.dtype).removeprefix("torch."),
                    "decode_kernels": engine.decoder.decode_kernels,
-                   "warmup_s": round(warm_s, 2), "build_s": round(build_s, 2)}
+                   "warmup_s": round(warm_s, 2), "build_s": round(build_s, 2),
+                   "tokens_sha1": tokens_digest(med.tokens), "tokens_equal_across_runs": all(
+                       r.tokens == runs[0].tokens for r in runs)}
             rows.append(row)
             log(f"[{label}] batch {bsz}: {row['decode_tokens_per_s']:.1f} tokens/s, {row['ms_per_step']:.3f} ms/step, "
                 f"prefill {row['prefill_ms']:.1f} ms (runs {row['decode_tokens_per_s_runs']})")

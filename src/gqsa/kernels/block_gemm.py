@@ -16,8 +16,8 @@ import torch
 
 from .block_kernels import block_dequant_kernel, block_kernel
 from .block_layout import BlockLayout
-from .gemm import _run, check_io, num_sms, workspace
-from .jit import _interpret, jitted
+from .gemm import check_io, num_sms, workspace
+from .jit import _interpret, jitted, launch
 
 
 def _kernel():
@@ -100,7 +100,7 @@ def dequantize_kept(layout: BlockLayout, dtype: torch.dtype) -> torch.Tensor:
     consts = dict(R=r, G=g, BITS=layout.bits, FLOAT_Z=layout.float_zeros, FP16=dtype == torch.float16,
                   STEPS=tpp if _interpret() else 0)
     args = (layout.qweight, layout.sz, layout.block_ptr, wd, stride, tpp)
-    _run((layout.n_blocks, math.ceil(tiles / tpp)), args, consts, 4, 1, wd.device, kern=_dequant_kernel())
+    launch(_dequant_kernel(), (layout.n_blocks, math.ceil(tiles / tpp)), args, consts, wd.device, 4, 1, pdl=True)
     return wd
 
 
@@ -152,5 +152,5 @@ def launch_block(x2: torch.Tensor, layout: BlockLayout, bias: torch.Tensor | Non
     args = (x2, qw, sz, cols, layout.block_ptr, rmap,
             bias if bias is not None else y, y, ws, cnt, wd,
             m, n, k, sps, split, x2.stride(0), y.stride(0), layout.n_blocks, wd.stride(0))
-    _run((tm, layout.n_blocks, split), args, consts, cfg.num_warps, cfg.num_stages, dev, kern=_kernel())
+    launch(_kernel(), (tm, layout.n_blocks, split), args, consts, dev, cfg.num_warps, cfg.num_stages, pdl=True)
     return y

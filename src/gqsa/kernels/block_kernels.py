@@ -79,11 +79,14 @@ def block_kernel(
     R: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr, NP: tl.constexpr,
     STEPS: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, SCALE_AFTER: tl.constexpr,
     DOT_F32: tl.constexpr, FLOAT_Z: tl.constexpr, FP16: tl.constexpr, ASM: tl.constexpr, COL_VEC: tl.constexpr,
-    ROW_MAP: tl.constexpr, WIDE: tl.constexpr, PRE: tl.constexpr,
+    ROW_MAP: tl.constexpr, WIDE: tl.constexpr, PRE: tl.constexpr, PDL: tl.constexpr,
 ):
     CPB: tl.constexpr = 8 // BITS  # slots per byte tile
     QM: tl.constexpr = (1 << BITS) - 1
     act = x_ptr.dtype.element_ty
+    if PDL:  # programmatic dependent launch (gqsa.kernels.jit): x, y, wd and the workspace after the wait
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     pid_m = tl.program_id(0)
     blk = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -268,7 +271,7 @@ def block_kernel(
 def block_dequant_kernel(
     qb_ptr, sz_ptr, bp_ptr, wd_ptr, stride_wd, TPP,
     R: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, FLOAT_Z: tl.constexpr, FP16: tl.constexpr,
-    STEPS: tl.constexpr,
+    STEPS: tl.constexpr, PDL: tl.constexpr,
 ):
     """The ``pre`` path's first pass: the kept weights of block ``program_id(0)`` in the activation
     dtype, ``wd[b·R + r, j·G + t]`` = weight ``(r, t)`` of the block's ``j``-th slot (the reference's
@@ -276,6 +279,9 @@ def block_dequant_kernel(
     CPB: tl.constexpr = 8 // BITS
     QM: tl.constexpr = (1 << BITS) - 1
     act = wd_ptr.dtype.element_ty
+    if PDL:  # (gqsa.kernels.jit) wd is scratch memory an earlier kernel may still read
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     blk = tl.program_id(0)
     u_lo = tl.load(bp_ptr + blk) // CPB
     u_hi = tl.load(bp_ptr + blk + 1) // CPB

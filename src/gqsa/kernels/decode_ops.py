@@ -30,7 +30,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .jit import _interpret, jitted
+from .jit import _interpret, jitted, launch
 
 try:  # triton is optional: without it every entry point runs its twin
     import triton
@@ -81,10 +81,13 @@ def _rope_kv_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, qo_ptr, kc_p
                     T, H,
                     sq_b, sq_t, sk_b, sk_t, sv_b, sv_t, sc_b, sc_t, ss_b, ss_t, sp_b, sp_t,
                     so_b, so_h, so_t, skc_b, skc_h, skc_l, svc_b, svc_h, svc_l,
-                    HALF: tl.constexpr, BLOCK: tl.constexpr, TABLE: tl.constexpr):
+                    HALF: tl.constexpr, BLOCK: tl.constexpr, TABLE: tl.constexpr, PDL: tl.constexpr):
     """Program (b·T + t, head): heads < H rotate q into qo; the others (kv head = head − H) rotate k
     and copy v into the cache at slot ``slots[t]``. cos/sin: per token ``[B, T, D]``, or (TABLE) rows
     ``positions[b, t]`` of ``[P, D]`` tables (strides ``sc_t``/``ss_t`` then step over table rows)."""
+    if PDL:  # programmatic dependent launch (gqsa.kernels.jit): everything after the wait
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
     head = tl.program_id(1)
     b = pid // T
@@ -130,7 +133,8 @@ def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, slot_ptr, o_ptr, po_ptr,
                         sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sval_b, so_b, so_h,
                         skn_b, svn_b, sc_r, ss_r, spos_b,
                         G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
-                        BLOCK_N: tl.constexpr, F32DOT: tl.constexpr, ISPAN: tl.constexpr, ROPE: tl.constexpr):
+                        BLOCK_N: tl.constexpr, F32DOT: tl.constexpr, ISPAN: tl.constexpr, ROPE: tl.constexpr,
+                        PDL: tl.constexpr):
     """Program (b·HKV + kv head, split): online softmax of the G query heads of that kv head (padded
     to GP ≥ 16 rows of one ``tl.dot``) over the slots ``[split·chunk, (split+1)·chunk) ∩ [0, min(kv_len,
     slots[0] + 1))`` marked valid. With ``nsplit > 1`` writes its normalized partial output, max and
@@ -144,6 +148,9 @@ def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, slot_ptr, o_ptr, po_ptr,
     current slot also rotates the new key (``kn``), writes it and the new value (``vn``) into the cache
     slot, then synchronizes its threads before reading the cache (RoPE + cache write + attention: one
     launch)."""
+    if PDL:  # programmatic dependent launch (gqsa.kernels.jit): everything after the wait
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
     sp = tl.program_id(1)
     b = pid // HKV
@@ -223,8 +230,11 @@ def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, slot_ptr, o_ptr, po_ptr,
 
 
 def _attn_merge_kernel(po_ptr, pm_ptr, pl_ptr, o_ptr, H, S, so_b, so_h,
-                       D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr):
+                       D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, PDL: tl.constexpr):
     """Program b·H + h: ``Σ_s w_s·o_s / Σ_s w_s`` with ``w_s = l_s·2^(m_s − max m)``."""
+    if PDL:  # programmatic dependent launch (gqsa.kernels.jit): everything after the wait
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
     b = pid // H
     h = pid % H
@@ -244,9 +254,12 @@ def _attn_merge_kernel(po_ptr, pm_ptr, pl_ptr, o_ptr, H, S, so_b, so_h,
 
 
 def _add_rms_norm_kernel(x_ptr, dx_ptr, w_ptr, s_ptr, y_ptr, N, sx, sdx, ss, sy, eps,
-                         HAS_ADD: tl.constexpr, BLOCK: tl.constexpr):
+                         HAS_ADD: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """Program r: ``s = x + dx`` (rounded to the activation dtype, as the eager add is), then
     ``y = w · (s·rsqrt(mean(s²) + eps)).to(dtype)``."""
+    if PDL:  # programmatic dependent launch (gqsa.kernels.jit): everything after the wait
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     r = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     m = offs < N
@@ -262,8 +275,11 @@ def _add_rms_norm_kernel(x_ptr, dx_ptr, w_ptr, s_ptr, y_ptr, N, sx, sdx, ss, sy,
     tl.store(y_ptr + r * sy + offs, (w * y).to(y_ptr.dtype.element_ty), mask=m)
 
 
-def _silu_mul_kernel(gu_ptr, o_ptr, N, sg, so, BLOCK: tl.constexpr):
+def _silu_mul_kernel(gu_ptr, o_ptr, N, sg, so, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """Program (r, column block): ``o = silu(g) · u`` for ``gu = [g | u]`` (float32 inside)."""
+    if PDL:  # programmatic dependent launch (gqsa.kernels.jit): everything after the wait
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     r = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = c < N
@@ -274,9 +290,12 @@ def _silu_mul_kernel(gu_ptr, o_ptr, N, sg, so, BLOCK: tl.constexpr):
 
 
 def _greedy_advance_kernel(lg_ptr, V, sl, done_ptr, pad_ptr, eos_ptr, out_ptr, so, tok_ptr, pos_ptr, step_ptr,
-                           NEOS: tl.constexpr, BLOCK_V: tl.constexpr):
+                           NEOS: tl.constexpr, BLOCK_V: tl.constexpr, PDL: tl.constexpr):
     """Program b: ``nxt = argmax(logits[b])`` (first index of the maximum), or ``pad`` if row b is done;
     ``out[b, step] = nxt``, ``done[b] |= nxt ∈ eos``, ``tok[b] = nxt``, ``pos[b] += 1``."""
+    if PDL:  # programmatic dependent launch (gqsa.kernels.jit): everything after the wait
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     b = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_V)
     best_v = tl.full([BLOCK_V], float("-inf"), tl.float32)
@@ -395,13 +414,13 @@ def rope_kv_write(q, k, v, cos, sin, k_cache, v_cache, slots, positions=None):
         sin = sin.expand(bsz, t, d) if sin.shape[0] != bsz else sin
         pos = slots  # unused
         cs = (cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1))
-    jitted(_rope_kv_kernel)[(bsz * t, h + hkv)](
+    launch(jitted(_rope_kv_kernel), (bsz * t, h + hkv), (
         q, k, v, cos, sin, pos, qo, k_cache, v_cache, slots, t, h,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), *cs,
         pos.stride(0) if table else 0, pos.stride(1) if table else 0,
         qo.stride(0), qo.stride(1), qo.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        HALF=d // 2, BLOCK=_pow2(d // 2), TABLE=table, num_warps=1)
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2)),
+        dict(HALF=d // 2, BLOCK=_pow2(d // 2), TABLE=table), q.device, 1, pdl=True)
     return qo
 
 
@@ -482,16 +501,16 @@ def _attention_launch(q, q_strides, rope, k_cache, v_cache, valid, slots, kv_len
         rargs = (q, q, q, q, slots)
         rstrides = (0, 0, 0, 0, 0)
     interp = _interpret()
-    jitted(_decode_attn_kernel, _ATTN_NO_SPEC)[(bsz * hkv, splits)](
+    launch(jitted(_decode_attn_kernel, _ATTN_NO_SPEC), (bsz * hkv, splits), (
         q, k_cache, v_cache, val, slots, o3, po, pm, pl, *rargs, hkv, kv_len, chunk, splits,
         scale * math.log2(math.e), *q_strides, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), val.stride(0), o3.stride(0), o3.stride(1),
-        *rstrides, G=g, GP=gp, D=d, BD=bd, BLOCK_N=block_n, F32DOT=q.dtype == torch.float32 or interp,
-        ISPAN=triton.cdiv(chunk, block_n) * block_n if interp else 0, ROPE=rope is not None,
-        num_warps=ATTN_WARPS)
+        *rstrides), dict(G=g, GP=gp, D=d, BD=bd, BLOCK_N=block_n, F32DOT=q.dtype == torch.float32 or interp,
+                         ISPAN=triton.cdiv(chunk, block_n) * block_n if interp else 0, ROPE=rope is not None),
+        q.device, ATTN_WARPS, pdl=True)
     if splits > 1:
-        jitted(_attn_merge_kernel, ("S",))[(bsz * h,)](po, pm, pl, o3, h, splits, o3.stride(0), o3.stride(1),
-                                                     D=d, BD=bd, BS=max(16, _pow2(splits)), num_warps=4)
+        launch(jitted(_attn_merge_kernel, ("S",)), (bsz * h,), (po, pm, pl, o3, h, splits, o3.stride(0), o3.stride(1)),
+               dict(D=d, BD=bd, BS=max(16, _pow2(splits))), q.device, 4, pdl=True)
     return o
 
 
@@ -508,9 +527,9 @@ def add_rms_norm(x, delta, weight, eps: float):
     y = torch.empty_like(x)
     s2, y2 = s.view(-1, n), y.view(-1, n)
     if x2.shape[0]:
-        jitted(_add_rms_norm_kernel)[(x2.shape[0],)](
-            x2, d2, weight, s2, y2, n, x2.stride(0), d2.stride(0), s2.stride(0), y2.stride(0), float(eps),
-            HAS_ADD=delta is not None, BLOCK=_pow2(n), num_warps=4 if n <= 4096 else 8)
+        launch(jitted(_add_rms_norm_kernel), (x2.shape[0],),
+               (x2, d2, weight, s2, y2, n, x2.stride(0), d2.stride(0), s2.stride(0), y2.stride(0), float(eps)),
+               dict(HAS_ADD=delta is not None, BLOCK=_pow2(n)), x.device, 4 if n <= 4096 else 8, pdl=True)
     return s, y
 
 
@@ -531,8 +550,8 @@ def silu_mul(gate_up):
     o2 = o.view(-1, n)
     blk = min(SILU_BLOCK, _pow2(n))
     if gu.shape[0]:
-        jitted(_silu_mul_kernel)[(gu.shape[0], triton.cdiv(n, blk))](gu, o2, n, gu.stride(0), o2.stride(0),
-                                                                  BLOCK=blk, num_warps=4)
+        launch(jitted(_silu_mul_kernel), (gu.shape[0], triton.cdiv(n, blk)), (gu, o2, n, gu.stride(0), o2.stride(0)),
+               dict(BLOCK=blk), gu.device, 4, pdl=True)
     return o
 
 
@@ -547,7 +566,7 @@ def greedy_advance(logits, done, pad, eos, out, tok, pos, counters):
             and eos.shape[0] == _pow2(eos.shape[0])):
         return greedy_advance_reference(logits, done, pad, eos, out, tok, pos, counters)
     dn = done.view(torch.uint8) if done.dtype == torch.bool else done
-    jitted(_greedy_advance_kernel)[(bsz,)](logits, v, logits.stride(0), dn, pad, eos, out, out.stride(0), tok, pos,
-                                         counters[1:], NEOS=eos.shape[0], BLOCK_V=min(4096, _pow2(v)),
-                                         num_warps=8)
+    launch(jitted(_greedy_advance_kernel), (bsz,), (logits, v, logits.stride(0), dn, pad, eos, out, out.stride(0), tok,
+                                                   pos, counters[1:]),
+           dict(NEOS=eos.shape[0], BLOCK_V=min(4096, _pow2(v))), logits.device, 8, pdl=True)
     counters.add_(1)

@@ -32,15 +32,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .gemv import HAS_TRITON, _spec_bits
-from .jit import _interpret, jitted
+from .gemv import HAS_TRITON
+from .jit import _interpret, jitted, launch
 from .layout import ROW_BLOCK, TileLayout
 
 if HAS_TRITON:
     import triton
-    import triton.knobs
     import triton.language as tl
-    import triton.runtime.driver
 else:  # pragma: no cover
     triton = tl = None
 
@@ -50,7 +48,7 @@ def _gemm_kernel(
     M, N, K, n_pad, n_kt, tiles_rt, split_k, stride_xm, stride_ym, n_tiles_n,
     G: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     TILES: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-    DOT_F32: tl.constexpr, FLOAT_Z: tl.constexpr, DEQ16: tl.constexpr,
+    DOT_F32: tl.constexpr, FLOAT_Z: tl.constexpr, DEQ16: tl.constexpr, PDL: tl.constexpr,
 ):
     """One ``BLOCK_M × BLOCK_N`` output tile over ``tiles_rt`` k-tiles (see the module docstring).
 
@@ -64,6 +62,9 @@ def _gemm_kernel(
     NW: tl.constexpr = BLOCK_K // 8  # words per row per k-tile
     WPG: tl.constexpr = G // 8  # words per group
     QM: tl.constexpr = (1 << BITS) - 1
+    if PDL:  # programmatic dependent launch (gqsa.kernels.jit): x, y and the workspace after the wait
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -242,32 +243,6 @@ def workspace(device) -> Workspace:
     return ws
 
 
-_FAST: dict = {}
-
-
-def _run(grid, args, consts: dict, num_warps: int, num_stages: int, device: torch.device, kern=None):
-    """Launch ``kern`` (a jitted kernel; default: this module's GEMM); after the first launch of a
-    specialization the compiled kernel is called directly (Triton's Python launch path costs tens of µs)."""
-    kern = kern if kern is not None else _kernel()
-    grid = (*grid, *(1,) * (3 - len(grid)))
-    if _interpret() or device.type != "cuda":
-        kern[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
-        return
-    tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    ints = [a for a in args if not isinstance(a, torch.Tensor)]
-    key = (id(kern), tuple(consts.values()), tuple(t.dtype for t in tensors), num_warps, num_stages, device.index,
-           _spec_bits(tensors, ints))
-    ck = _FAST.get(key)
-    if ck is None:
-        _FAST[key] = kern[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
-        return
-    rt = triton.knobs.runtime
-    stream = triton.runtime.driver.active.get_current_stream(device.index)
-    full = (*args, *consts.values())
-    ck.run(grid[0], grid[1], grid[2], stream, ck.function, ck.packed_metadata, ck.launch_metadata(grid, stream, *full),
-           rt.launch_enter_hook, rt.launch_exit_hook, *full)
-
-
 _WORD_DTYPE = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -324,5 +299,5 @@ def launch_gemm(x2: torch.Tensor, layout: TileLayout, bias: torch.Tensor | None,
     args = (x2, code_words(layout), layout.scales, layout.zeros, layout.meta, layout.kt_start,
             bias if bias is not None else y, y, ws, cnt,
             m, n, k, layout.n_pad, layout.n_ktiles, tiles_per_split, split, x2.stride(0), y.stride(0), tn)
-    _run((tm, tn, split), args, consts, cfg.num_warps, cfg.num_stages, dev)
+    launch(_kernel(), (tm, tn, split), args, consts, dev, cfg.num_warps, cfg.num_stages, pdl=True)
     return y

@@ -55,13 +55,11 @@ import torch.nn.functional as F
 
 from ..format import PackedLinear
 from . import gemv_layout, reference
-from .jit import _interpret, jitted
+from .jit import _interpret, jitted, launch
 
 try:  # triton is optional: without it every path falls back to the reference
     import triton
-    import triton.knobs
     import triton.language as tl
-    import triton.runtime.driver
 
     HAS_TRITON = True
 except Exception:  # pragma: no cover - depends on the environment
@@ -165,6 +163,7 @@ def _gemv_kernel(
     G: tl.constexpr, BITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_B: tl.constexpr,
     ROW_MODE: tl.constexpr, X_BF16: tl.constexpr, FLOAT_Z: tl.constexpr, USE_ASM: tl.constexpr,
     HAS_BIAS: tl.constexpr, WS_STRIDE: tl.constexpr, DEQ: tl.constexpr, DOT: tl.constexpr, UC: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Decode GEMV over packed groups; one program = one task (ROW_MODE False) or one row (True).
 
@@ -184,6 +183,9 @@ def _gemv_kernel(
         SCALE: tl.constexpr = float(1 << BITS)
     QMASK: tl.constexpr = ((1 << BITS) - 1) << (23 - BITS)
     INV2: tl.constexpr = 1.0 / (1 << BITS)
+    if PDL:  # programmatic dependent launch (gqsa.kernels.jit): x, y and the workspace after the wait
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
     if ROW_MODE:
         r = pid
@@ -683,33 +685,6 @@ _ASM_ENABLED = os.environ.get("GQSA_NO_ASM", "0") != "1"
 DATA_NUM_WARPS = 1  # data-centric defaults (one program per row)
 DATA_UNITS_PER_THREAD = 2
 
-_FAST: dict = {}  # (constexprs, num_warps, specialization bits) -> compiled kernel
-
-
-def _spec_bits(tensors, ints) -> tuple:
-    """What Triton specializes a launch on: 16-byte alignment of pointers, ints % 16 == 0 / == 1."""
-    return (tuple(t.data_ptr() % 16 == 0 for t in tensors), tuple((v % 16 == 0, v == 1) for v in ints))
-
-
-def _launch(grid, tensors, ints, consts: dict, num_warps: int, device: torch.device):
-    """Launch ``_gemv_kernel``; after the first launch of a specialization the compiled kernel is
-    called directly (Triton's Python launch path costs tens of µs per call)."""
-    kern = _kernel("gemv")
-    if _interpret() or device.type != "cuda":
-        kern[grid](*tensors, *ints, 1, **consts, num_warps=num_warps)
-        return
-    key = (tuple(consts.values()), num_warps, device.index, _spec_bits(tensors, ints))
-    ck = _FAST.get(key)
-    if ck is None:
-        _FAST[key] = kern[grid](*tensors, *ints, 1, **consts, num_warps=num_warps)
-        return
-    rt = triton.knobs.runtime
-    stream = triton.runtime.driver.active.get_current_stream(device.index)
-    args = (*tensors, *ints, 1, *consts.values())
-    ck.run(grid[0], 1, 1, stream, ck.function, ck.packed_metadata, ck.launch_metadata(grid, stream, *args),
-           rt.launch_enter_hook, rt.launch_exit_hook, *args)
-
-
 def _launch_gemv(x2, packed, bias, y, tasks: TaskTable | None, block_g=None, num_warps=None, qw=None,
                  unit_codes=None):
     """``tasks`` given: task-centric launch; None: data-centric (one program per row)."""
@@ -745,8 +720,8 @@ def _launch_gemv(x2, packed, bias, y, tasks: TaskTable | None, block_g=None, num
                   WS_STRIDE=_WS_STRIDE, DEQ=_PTX_DEQ4, DOT=_PTX_DOT_BF16 if bf16 else _PTX_DOT_F16, UC=uc)
     tensors = (xw, qw, packed.col_idx, packed.scales, packed.zeros, packed.row_ptr, tab, need, ws, cnt,
                bias if bias is not None else packed.row_ptr, y)
-    ints = (n, packed.nnz, task_size, xw.stride(0), y.stride(0), bsz)
-    _launch(grid, tensors, ints, consts, num_warps, y.device)
+    ints = (n, packed.nnz, task_size, xw.stride(0), y.stride(0), bsz, 1)
+    launch(_kernel("gemv"), grid, (*tensors, *ints), consts, y.device, num_warps, pdl=True)
 
 
 def dequantize_dense(packed: PackedLinear, dtype: torch.dtype = torch.float16) -> torch.Tensor:

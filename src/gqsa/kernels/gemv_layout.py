@@ -44,6 +44,7 @@ from dataclasses import dataclass
 import torch
 
 from ..format import PackedLinear
+from . import jit
 from .jit import _interpret, jitted
 
 try:
@@ -177,6 +178,10 @@ setp.ne.s32 p, $2, 0;
 @p prefetch.global.L2 [$1];
 mov.b32 $0, 0;
 }"""
+# programmatic dependent launch (gqsa.kernels.jit): wait for the earlier kernels; $0 = 0, added to the
+# activation pointers so that no activation load (pure inline asm, free to move) is issued before the wait
+_PTX_PDL_WAIT = """griddepcontrol.wait;
+mov.b32 $0, 0;"""
 # metadata word -> (c0 = 2^23 + z, c1 = 2^19 + z, scale) for the 4-bit path (exact: c1 = c0 − (2^23 − 2^19))
 _PTX_META4 = """{
 .reg .b16 l, h;
@@ -279,14 +284,15 @@ add.f32 $0, fl, fh;
 }"""
 
 if tl is not None:  # what the kernel reads as globals must be constexpr
-    LDW4, LDW2, LDW1, LDX4, META4, DEQ4B, PREFL2, META4H, HDOT16 = (tl.constexpr(v) for v in (
-        _PTX_LDW4, _PTX_LDW2, _PTX_LDW1, _PTX_LDX4, _PTX_META4, _PTX_DEQ4B, _PTX_PREFL2, _PTX_META4H, _PTX_HDOT16))
+    LDW4, LDW2, LDW1, LDX4, META4, DEQ4B, PREFL2, META4H, HDOT16, PDL_WAIT = (tl.constexpr(v) for v in (
+        _PTX_LDW4, _PTX_LDW2, _PTX_LDW1, _PTX_LDX4, _PTX_META4, _PTX_DEQ4B, _PTX_PREFL2, _PTX_META4H, _PTX_HDOT16,
+        _PTX_PDL_WAIT))
 
 
 def _gemv2_kernel(
     x_ptr, x8_ptr, cw_ptr, meta_ptr, rp_ptr, bias_ptr, y_ptr, one,
     G: tl.constexpr, BITS: tl.constexpr, UC: tl.constexpr, UPT: tl.constexpr, X_BF16: tl.constexpr,
-    HAS_BIAS: tl.constexpr, ASM: tl.constexpr, DOT: tl.constexpr, NUM_THREADS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ASM: tl.constexpr, DOT: tl.constexpr, NUM_THREADS: tl.constexpr, PDL: tl.constexpr,
 ):
     """y[r] = Σ over the kept groups of row r of s·Σ x·(q − z) (+ bias[r]); one program per row.
 
@@ -308,8 +314,13 @@ def _gemv2_kernel(
     t = tl.arange(0, NUM_THREADS) * one
     h = t % TPG  # which unit of its group
     u = t // TPG  # the thread's group within a slot
-    xb = x8_ptr + h * (2 * UC)  # the unit's activations start 2·UC·h bytes into the group's
-    xi = x_ptr + h * XPU
+    if PDL:  # programmatic dependent launch (gqsa.kernels.jit): x only after the wait (xz = 0 depends on it)
+        xz = tl.inline_asm_elementwise(PDL_WAIT, "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+        tl.extra.cuda.gdc_launch_dependents()
+    else:
+        xz = 0
+    xb = x8_ptr + h * (2 * UC) + xz  # the unit's activations start 2·UC·h bytes into the group's
+    xi = x_ptr + h * XPU + xz
     acc = tl.full([NUM_THREADS], 0.0, tl.float32)
     c = rs
     # two copies of the step loop (unrolled at compile time): LAST = 0 runs the whole steps inside the
@@ -408,7 +419,7 @@ def _gemv2p_kernel(
     x_ptr, x8_ptr, cw_ptr, meta_ptr, rp_ptr, bias_ptr, y_ptr, N, RPP, MAXG, one,
     G: tl.constexpr, BITS: tl.constexpr, UC: tl.constexpr, UPT: tl.constexpr, X_BF16: tl.constexpr,
     HAS_BIAS: tl.constexpr, ASM: tl.constexpr, DOT: tl.constexpr, NUM_THREADS: tl.constexpr,
-    REG: tl.constexpr, PF: tl.constexpr, HALF: tl.constexpr,
+    REG: tl.constexpr, PF: tl.constexpr, HALF: tl.constexpr, PDL: tl.constexpr,
 ):
     """The v2 step over the steps of ``RPP`` consecutive rows (rows ``p·RPP`` …) in one flat loop,
     pipelined: every row is ≥ 1 step (a row's partial last step moved back to end at the row's end as
@@ -476,6 +487,12 @@ def _gemv2p_kernel(
                 metas = metas + (tl.load(mp),)
                 for i in tl.static_range(WPU):
                     codes = codes + (tl.load(cp + i),)
+    if PDL:  # programmatic dependent launch (gqsa.kernels.jit): x only after the wait (xz = 0 depends on it;
+        # ptxas issues the wait before the first step's weight loads all the same)
+        xz = tl.inline_asm_elementwise(PDL_WAIT, "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+        tl.extra.cuda.gdc_launch_dependents()
+        xb = xb + xz
+        xi = xi + xz
     # (the row a finished sum belongs to is r − 1 wherever one goes out: a step that ends its row moves r on
     # by one. A separate loop-carried "previous row" set by `pr = r` is not carried by Triton's compiler when
     # its value at loop entry is the same object as r's: the loop body's dry run sees it unchanged.)
@@ -604,7 +621,7 @@ def _gemv2p_kernel(
 
 
 def kernel_constexprs(G=16, BITS=4, UC=None, UPT=None, X_BF16=False, HAS_BIAS=False, ASM=True, NUM_THREADS=32,
-                      REG=None, PF=None, HALF=False, **_):
+                      REG=None, PF=None, HALF=False, PDL=False, **_):
     """The constexprs of :func:`_gemv2_kernel`, or of :func:`_gemv2p_kernel` where ``REG`` / ``PF`` are given."""
     duc, dupt = default_unit(G, BITS)
     d = dict(G=G, BITS=BITS, UC=UC or duc, UPT=UPT or dupt, X_BF16=X_BF16, HAS_BIAS=HAS_BIAS, ASM=ASM,
@@ -612,6 +629,7 @@ def kernel_constexprs(G=16, BITS=4, UC=None, UPT=None, X_BF16=False, HAS_BIAS=Fa
              NUM_THREADS=NUM_THREADS)
     if REG is not None or PF is not None:
         d.update(REG=bool(REG), PF=int(PF or 0), HALF=bool(HALF))
+    d["PDL"] = bool(PDL)  # (the launcher sets it: gqsa.kernels.jit.launch)
     return d
 
 
@@ -625,9 +643,6 @@ def sass_signature(consts, pipe=False):
 
 
 # ============================================================================ launcher
-
-_FAST: dict = {}
-
 
 _SMS: dict = {}
 
@@ -705,21 +720,5 @@ def launch(x2: torch.Tensor, packed: PackedLinear, layout: GemvLayout, bias: tor
         grid = n
         ints = (1,)
         kern = jitted(_gemv2_kernel, ("one",))
-    if interp:
-        kern[(grid,)](*tensors, *ints, **consts, num_warps=nw)
-        return
-    import triton
-    import triton.knobs
-    import triton.runtime.driver
-
-    key = (pipe, tuple(consts.values()), nw, maxnreg, y.device.index, tuple(t.data_ptr() % 16 == 0 for t in tensors))
-    ck = _FAST.get(key)
-    if ck is None:
-        extra = {"maxnreg": maxnreg} if maxnreg else {}
-        _FAST[key] = kern[(grid,)](*tensors, *ints, **consts, num_warps=nw, **extra)
-        return
-    rt = triton.knobs.runtime
-    stream = triton.runtime.driver.active.get_current_stream(y.device.index)
-    args = (*tensors, *ints, *consts.values())
-    ck.run(grid, 1, 1, stream, ck.function, ck.packed_metadata, ck.launch_metadata((grid,), stream, *args),
-           rt.launch_enter_hook, rt.launch_exit_hook, *args)
+    extra = {"maxnreg": maxnreg} if maxnreg and not interp else {}
+    jit.launch(kern, (grid,), (*tensors, *ints), consts, y.device, nw, pdl=True, **extra)

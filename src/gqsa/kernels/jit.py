@@ -1,16 +1,35 @@
 """Triton's compile mode for the package's kernels: the interpreter or the compiler, chosen by
-``TRITON_INTERPRET`` when a kernel is launched (so tests can switch it per test), and the one cache of
-jitted kernels every launcher takes its kernels from. Kernels are plain Python functions until then."""
+``TRITON_INTERPRET`` when a kernel is launched (so tests can switch it per test), the one cache of
+jitted kernels every launcher takes its kernels from, and the one launcher (:func:`launch`) with its
+fast path and programmatic dependent launch. Kernels are plain Python functions until then.
+
+**Programmatic dependent launch** (PDL, Hopper and later, :func:`pdl_enabled`): a kernel launched with
+it may start while the previous kernel of the stream is still running (once that one's programs
+have all started), so its launch, its prologue and its first loads of weights overlap the previous
+kernel's tail. A kernel that takes ``PDL`` (a constexpr) must execute ``griddepcontrol.wait`` — which
+returns once every earlier kernel of the stream has finished and its writes are visible — before it
+reads anything an earlier kernel may write (activations, caches, counters, split-K workspaces) and
+before it writes anything; before the wait it may only read weights and layout tensors, which no
+kernel writes. It then lets the next kernel start (``griddepcontrol.launch_dependents``). Under CUDA-
+graph capture the launch attribute becomes a programmatic edge of the graph. ``GQSA_PDL=0`` turns
+it off (every kernel then waits for the previous one to finish, as without PDL).
+"""
 from __future__ import annotations
 
 import os
 
+import torch
+
 try:  # triton is optional: without it the launchers fall back to the reference
     import triton
+    import triton.knobs
+    import triton.runtime.driver
 except Exception:  # pragma: no cover - depends on the environment
     triton = None
 
 _JITTED: dict = {}
+_FAST: dict = {}  # (kernel, constexprs, options, device, specialization) -> compiled kernel
+_PDL_DEVICES: dict = {}
 
 
 def _interpret() -> bool:
@@ -25,3 +44,64 @@ def jitted(fn, do_not_specialize: tuple = ()):
     if k is None:
         k = _JITTED[key] = triton.jit(fn, do_not_specialize=list(do_not_specialize))
     return k
+
+
+def pdl_enabled(device) -> bool:
+    """Whether kernels launched on ``device`` use programmatic dependent launch: compiled kernels on a
+    GPU of compute capability ≥ 9.0, unless ``GQSA_PDL=0`` (see the module docstring)."""
+    device = torch.device(device)
+    if device.type != "cuda" or _interpret() or os.environ.get("GQSA_PDL", "1").strip() == "0":
+        return False
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    ok = _PDL_DEVICES.get(idx)
+    if ok is None:
+        ok = _PDL_DEVICES[idx] = torch.cuda.get_device_capability(idx)[0] >= 9
+    return ok
+
+
+def _spec(a):
+    if isinstance(a, torch.Tensor):
+        return a.data_ptr() % 16 == 0
+    if isinstance(a, int) and not isinstance(a, bool):
+        return a % 16 == 0, a == 1, -2**31 <= a < 2**31
+    return type(a)
+
+
+def spec_bits(args) -> tuple:
+    """What Triton specializes a launch on: 16-byte alignment of pointers; ints % 16 == 0, == 1 and
+    their width (32 or 64 bits); the type of anything else."""
+    return tuple(_spec(a) for a in args)
+
+
+def launch(kern, grid, args: tuple, consts: dict, device, num_warps: int, num_stages: int | None = None,
+           pdl: bool | None = None, **options) -> None:
+    """Launch ``kern`` (a :func:`jitted` kernel) on ``grid`` (1–3 ints) with positional ``args`` and
+    constexprs ``consts``. After the first launch of a specialization the compiled kernel is called
+    directly (Triton's Python launch path costs tens of µs a call). ``pdl``: None for a kernel without
+    a ``PDL`` constexpr; else the kernel gets ``PDL = pdl and pdl_enabled(device)`` and is launched
+    with the programmatic-dependent-launch attribute when that is true. ``options``: other compile
+    options of the compiled path (``maxnreg``)."""
+    device = torch.device(device)
+    grid = (*grid, *(1,) * (3 - len(grid)))
+    if pdl is not None:
+        on = bool(pdl) and pdl_enabled(device)
+        consts = {**consts, "PDL": on}
+        if on:
+            options = {**options, "launch_pdl": True}
+    opts = {"num_warps": num_warps}
+    if num_stages is not None:
+        opts["num_stages"] = num_stages
+    if _interpret() or device.type != "cuda":
+        kern[grid](*args, **consts, **opts)
+        return
+    key = (id(kern), tuple(consts.values()), tuple(options.items()), num_warps, num_stages, device.index,
+           tuple(a.dtype for a in args if isinstance(a, torch.Tensor)), spec_bits(args))
+    ck = _FAST.get(key)
+    if ck is None:
+        _FAST[key] = kern[grid](*args, **consts, **opts, **options)
+        return
+    rt = triton.knobs.runtime
+    stream = triton.runtime.driver.active.get_current_stream(device.index)
+    full = (*args, *consts.values())
+    ck.run(grid[0], grid[1], grid[2], stream, ck.function, ck.packed_metadata, ck.launch_metadata(grid, stream, *full),
+           rt.launch_enter_hook, rt.launch_exit_hook, *full)

@@ -1,0 +1,97 @@
+"""The package's one kernel launcher (:mod:`gqsa.kernels.jit`): the interpreter path, what the fast path
+specializes on, and programmatic dependent launch (PDL) — off on the CPU, and, compiled for sm_90
+offline (no GPU), a ``griddepcontrol.wait`` ahead of every activation load of the kernels that take it."""
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
+
+from gqsa.kernels import gemv_layout, jit  # noqa: E402
+
+
+def _store_pdl(y_ptr, v, PDL: tl.constexpr):
+    tl.store(y_ptr, v + (100 if PDL else 0))
+
+
+def test_pdl_is_off_on_the_cpu_under_the_interpreter_and_by_request(monkeypatch):
+    assert not jit.pdl_enabled("cpu")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not jit.pdl_enabled("cuda:0")  # the interpreter: no device code at all
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("GQSA_PDL", "0")
+    assert not jit.pdl_enabled("cuda:0")
+
+
+def test_launch_runs_the_interpreter_and_passes_pdl_false(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    y = torch.zeros(1, dtype=torch.int32)
+    jit.launch(jit.jitted(_store_pdl), (1,), (y, 7), {}, "cpu", 1, pdl=True)
+    assert y.item() == 7  # PDL requested, but the CPU has none: the kernel was told PDL = False
+
+
+def test_spec_bits_tell_apart_what_triton_compiles_apart():
+    a = torch.zeros(8, dtype=torch.float16)
+    assert jit.spec_bits((a,)) != jit.spec_bits((a[1:],))  # 16-byte aligned or not
+    assert jit.spec_bits((16,)) != jit.spec_bits((17,)) != jit.spec_bits((1,))
+    assert jit.spec_bits((2**31 - 16,)) != jit.spec_bits((2**31,))  # 32- and 64-bit ints
+    assert jit.spec_bits((3,)) == jit.spec_bits((5,))
+    assert jit.spec_bits((1.5,)) == jit.spec_bits((2.5,))
+
+
+def _compile(fn, sig, consts, attrs=None, nw=4):
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except Exception:  # pragma: no cover - triton without the compiler API
+        pytest.skip("no offline compiler")
+    src = ASTSource(fn=triton.jit(fn), signature=sig | {k: "constexpr" for k in consts}, constexprs=consts,
+                    attrs=attrs or {})
+    try:
+        return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=nw)).asm["ptx"]
+    except Exception as e:  # pragma: no cover - no CUDA backend / ptxas here
+        pytest.skip(f"offline sm_90 compile unavailable: {e}")
+
+
+def _lines(ptx, pattern):
+    return [i for i, line in enumerate(ptx.split("\n")) if re.search(pattern, line)]
+
+
+@pytest.mark.parametrize("pipe", [True, False])
+def test_v2_gemv_reads_activations_only_after_the_wait(monkeypatch, pipe):
+    """The v2 kernels load activations with pure inline asm, which the compiler may move freely: the
+    pointer carries the wait's result, so the loads cannot go above it."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    for pdl in (True, False):
+        consts = gemv_layout.kernel_constexprs(G=16, BITS=4, UPT=4, ASM=True, NUM_THREADS=128,
+                                               REG=True if pipe else None, PF=2 if pipe else None, PDL=pdl)
+        args, types, div16 = gemv_layout.sass_signature(consts, pipe=pipe)
+        ptx = _compile(gemv_layout._gemv2p_kernel if pipe else gemv_layout._gemv2_kernel, dict(zip(args, types)),
+                       consts, {(i,): [["tt.divisibility", 16]] for i in div16})
+        wait, x_loads = _lines(ptx, r"griddepcontrol\.wait"), _lines(ptx, r"ld\.global\.nc\.v4\.u32")
+        assert x_loads
+        if pdl:
+            assert len(wait) == 1 and wait[0] < min(x_loads) and _lines(ptx, r"griddepcontrol\.launch_dependents")
+        else:
+            assert not wait
+
+
+def test_block_kernel_waits_before_any_load(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    try:
+        import block_sass
+    finally:
+        sys.path.pop(0)
+    try:
+        ptx = block_sass.build(R=64, BM=16, NP=4, nw=4, pdl=True).asm["ptx"]
+    except Exception as e:  # pragma: no cover - no CUDA backend / ptxas here
+        pytest.skip(f"offline sm_90 compile unavailable: {e}")
+    wait = _lines(ptx, r"griddepcontrol\.wait")
+    assert len(wait) == 1 and wait[0] < min(_lines(ptx, r"ld\.global|cp\.async"))
