@@ -26,13 +26,27 @@ def test_pdl_is_off_on_the_cpu_under_the_interpreter_and_by_request(monkeypatch)
     assert not jit.pdl_enabled("cuda:0")  # the interpreter: no device code at all
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setenv("GQSA_PDL", "0")
-    assert not jit.pdl_enabled("cuda:0")
+    assert not jit.pdl_enabled("cuda:0") and not jit.pdl_enabled("cuda:0", "ops")
+
+
+def test_pdl_families_from_the_environment(monkeypatch):
+    monkeypatch.delenv("GQSA_PDL", raising=False)
+    assert jit.pdl_families() == frozenset(jit.PDL_DEFAULT.split(","))
+    monkeypatch.setenv("GQSA_PDL", "all")
+    assert jit.pdl_families() == frozenset(jit.PDL_FAMILIES)
+    monkeypatch.setenv("GQSA_PDL", "none")
+    assert jit.pdl_families() == frozenset()
+    monkeypatch.setenv("GQSA_PDL", " ops, block ")
+    assert jit.pdl_families() == {"ops", "block"}
+    monkeypatch.setenv("GQSA_PDL", "ops,gemv3")
+    with pytest.raises(ValueError, match="gemv3"):
+        jit.pdl_families()
 
 
 def test_launch_runs_the_interpreter_and_passes_pdl_false(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     y = torch.zeros(1, dtype=torch.int32)
-    jit.launch(jit.jitted(_store_pdl), (1,), (y, 7), {}, "cpu", 1, pdl=True)
+    jit.launch(jit.jitted(_store_pdl), (1,), (y, 7), {}, "cpu", 1, pdl="ops")
     assert y.item() == 7  # PDL requested, but the CPU has none: the kernel was told PDL = False
 
 

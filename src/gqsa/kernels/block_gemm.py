@@ -100,7 +100,7 @@ def dequantize_kept(layout: BlockLayout, dtype: torch.dtype) -> torch.Tensor:
     consts = dict(R=r, G=g, BITS=layout.bits, FLOAT_Z=layout.float_zeros, FP16=dtype == torch.float16,
                   STEPS=tpp if _interpret() else 0)
     args = (layout.qweight, layout.sz, layout.block_ptr, wd, stride, tpp)
-    launch(_dequant_kernel(), (layout.n_blocks, math.ceil(tiles / tpp)), args, consts, wd.device, 4, 1, pdl=True)
+    launch(_dequant_kernel(), (layout.n_blocks, math.ceil(tiles / tpp)), args, consts, wd.device, 4, 1, pdl="block")
     return wd
 
 
@@ -152,5 +152,5 @@ def launch_block(x2: torch.Tensor, layout: BlockLayout, bias: torch.Tensor | Non
     args = (x2, qw, sz, cols, layout.block_ptr, rmap,
             bias if bias is not None else y, y, ws, cnt, wd,
             m, n, k, sps, split, x2.stride(0), y.stride(0), layout.n_blocks, wd.stride(0))
-    launch(_kernel(), (tm, layout.n_blocks, split), args, consts, dev, cfg.num_warps, cfg.num_stages, pdl=True)
+    launch(_kernel(), (tm, layout.n_blocks, split), args, consts, dev, cfg.num_warps, cfg.num_stages, pdl="block")
     return y

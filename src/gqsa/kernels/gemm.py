@@ -299,5 +299,5 @@ def launch_gemm(x2: torch.Tensor, layout: TileLayout, bias: torch.Tensor | None,
     args = (x2, code_words(layout), layout.scales, layout.zeros, layout.meta, layout.kt_start,
             bias if bias is not None else y, y, ws, cnt,
             m, n, k, layout.n_pad, layout.n_ktiles, tiles_per_split, split, x2.stride(0), y.stride(0), tn)
-    launch(_kernel(), (tm, tn, split), args, consts, dev, cfg.num_warps, cfg.num_stages, pdl=True)
+    launch(_kernel(), (tm, tn, split), args, consts, dev, cfg.num_warps, cfg.num_stages, pdl="gemm")
     return y

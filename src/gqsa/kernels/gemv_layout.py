@@ -721,4 +721,4 @@ def launch(x2: torch.Tensor, packed: PackedLinear, layout: GemvLayout, bias: tor
         ints = (1,)
         kern = jitted(_gemv2_kernel, ("one",))
     extra = {"maxnreg": maxnreg} if maxnreg and not interp else {}
-    jit.launch(kern, (grid,), (*tensors, *ints), consts, y.device, nw, pdl=True, **extra)
+    jit.launch(kern, (grid,), (*tensors, *ints), consts, y.device, nw, pdl="gemv2p" if pipe else "gemv2", **extra)

@@ -11,8 +11,9 @@ returns once every earlier kernel of the stream has finished and its writes are 
 reads anything an earlier kernel may write (activations, caches, counters, split-K workspaces) and
 before it writes anything; before the wait it may only read weights and layout tensors, which no
 kernel writes. It then lets the next kernel start (``griddepcontrol.launch_dependents``). Under CUDA-
-graph capture the launch attribute becomes a programmatic edge of the graph. ``GQSA_PDL=0`` turns
-it off (every kernel then waits for the previous one to finish, as without PDL).
+graph capture the launch attribute becomes a programmatic edge of the graph. ``GQSA_PDL`` picks the
+kernel families that use it (:func:`pdl_families`; ``0``: none — every kernel then waits for the
+previous one to finish).
 """
 from __future__ import annotations
 
@@ -46,11 +47,41 @@ def jitted(fn, do_not_specialize: tuple = ()):
     return k
 
 
-def pdl_enabled(device) -> bool:
-    """Whether kernels launched on ``device`` use programmatic dependent launch: compiled kernels on a
-    GPU of compute capability ≥ 9.0, unless ``GQSA_PDL=0`` (see the module docstring)."""
+PDL_FAMILIES = ("ops", "gemv", "gemv2", "gemv2p", "block", "gemm")  # the kernels that can take PDL
+PDL_DEFAULT = "ops,gemv,gemv2,block,gemm"  # not gemv2p: measured slower with it (benchmarks/RESULTS.md)
+_PDL_SETS: dict = {}
+
+
+def pdl_families() -> frozenset:
+    """The kernel families launched with PDL: ``GQSA_PDL`` — ``0``/``none``, ``all``, or a comma list of
+    :data:`PDL_FAMILIES` (decode-step ops, GEMV v1, GEMV v2 one row a program, GEMV v2 pipelined, block
+    kernels, irregular GEMM) — else :data:`PDL_DEFAULT`."""
+    env = os.environ.get("GQSA_PDL", PDL_DEFAULT).strip().lower()
+    fam = _PDL_SETS.get(env)
+    if fam is None:
+        if env in ("0", "none", "off", ""):
+            fam = frozenset()
+        elif env in ("1", "all", "on"):
+            fam = frozenset(PDL_FAMILIES)
+        else:
+            fam = frozenset(f.strip() for f in env.split(","))
+            bad = sorted(fam - set(PDL_FAMILIES))
+            if bad:
+                raise ValueError(f"GQSA_PDL: unknown kernel families {bad}; use 0, all or a comma list of "
+                                 f"{', '.join(PDL_FAMILIES)}")
+        _PDL_SETS[env] = fam
+    return fam
+
+
+def pdl_enabled(device, family: str | None = None) -> bool:
+    """Whether kernels of ``family`` (any, when None) launched on ``device`` use programmatic dependent
+    launch: compiled kernels on a GPU of compute capability ≥ 9.0, for the families of
+    :func:`pdl_families` (see the module docstring)."""
     device = torch.device(device)
-    if device.type != "cuda" or _interpret() or os.environ.get("GQSA_PDL", "1").strip() == "0":
+    if device.type != "cuda" or _interpret():
+        return False
+    fam = pdl_families()
+    if not fam or (family is not None and family not in fam):
         return False
     idx = device.index if device.index is not None else torch.cuda.current_device()
     ok = _PDL_DEVICES.get(idx)
@@ -74,17 +105,18 @@ def spec_bits(args) -> tuple:
 
 
 def launch(kern, grid, args: tuple, consts: dict, device, num_warps: int, num_stages: int | None = None,
-           pdl: bool | None = None, **options) -> None:
+           pdl: str | None = None, **options) -> None:
     """Launch ``kern`` (a :func:`jitted` kernel) on ``grid`` (1–3 ints) with positional ``args`` and
     constexprs ``consts``. After the first launch of a specialization the compiled kernel is called
     directly (Triton's Python launch path costs tens of µs a call). ``pdl``: None for a kernel without
-    a ``PDL`` constexpr; else the kernel gets ``PDL = pdl and pdl_enabled(device)`` and is launched
-    with the programmatic-dependent-launch attribute when that is true. ``options``: other compile
+    a ``PDL`` constexpr; else the kernel's family (:data:`PDL_FAMILIES`): the kernel gets ``PDL =
+    pdl_enabled(device, pdl)`` and is launched with the programmatic-dependent-launch attribute when
+    that is true. ``options``: other compile
     options of the compiled path (``maxnreg``)."""
     device = torch.device(device)
     grid = (*grid, *(1,) * (3 - len(grid)))
     if pdl is not None:
-        on = bool(pdl) and pdl_enabled(device)
+        on = pdl_enabled(device, pdl)
         consts = {**consts, "PDL": on}
         if on:
             options = {**options, "launch_pdl": True}
