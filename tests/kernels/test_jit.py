@@ -31,7 +31,7 @@ def test_pdl_is_off_on_the_cpu_under_the_interpreter_and_by_request(monkeypatch)
 
 def test_pdl_families_from_the_environment(monkeypatch):
     monkeypatch.delenv("GQSA_PDL", raising=False)
-    assert jit.pdl_families() == frozenset(jit.PDL_DEFAULT.split(","))
+    assert jit.pdl_families() == frozenset()  # off unless asked for (measured: no net gain on the H200)
     monkeypatch.setenv("GQSA_PDL", "all")
     assert jit.pdl_families() == frozenset(jit.PDL_FAMILIES)
     monkeypatch.setenv("GQSA_PDL", "none")

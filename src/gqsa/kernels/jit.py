@@ -12,8 +12,8 @@ reads anything an earlier kernel may write (activations, caches, counters, split
 before it writes anything; before the wait it may only read weights and layout tensors, which no
 kernel writes. It then lets the next kernel start (``griddepcontrol.launch_dependents``). Under CUDA-
 graph capture the launch attribute becomes a programmatic edge of the graph. ``GQSA_PDL`` picks the
-kernel families that use it (:func:`pdl_families`; ``0``: none — every kernel then waits for the
-previous one to finish).
+kernel families that use it (:func:`pdl_families`; default none — every kernel then waits for the
+previous one to finish — since it measured no net gain).
 """
 from __future__ import annotations
 
@@ -48,7 +48,10 @@ def jitted(fn, do_not_specialize: tuple = ()):
 
 
 PDL_FAMILIES = ("ops", "gemv", "gemv2", "gemv2p", "block", "gemm")  # the kernels that can take PDL
-PDL_DEFAULT = "ops,gemv,gemv2,block,gemm"  # not gemv2p: measured slower with it (benchmarks/RESULTS.md)
+# Off by default: on the H200 (benchmarks/RESULTS.md, "Programmatic dependent launch") it bought ≤ 2.7 % end to
+# end (block kernels at batch 4–16) and cost up to 12 % elsewhere (the pipelined GEMV at batch 1: 1.87 → 2.13
+# ms a step; the decode-step ops alone: 1.87 → 1.94 ms; block kernels at batch 64: −5.5 %)
+PDL_DEFAULT = "0"
 _PDL_SETS: dict = {}
 
 
