@@ -15,9 +15,9 @@ Paths (entry points :func:`gqsa_linear` and, for repeated calls, :func:`prepare`
   row (an atomic counter) writes it, adds the bias and resets the workspace for the next launch — one
   launch, no memset, safe to capture in a CUDA graph.
 * ``variant="data"`` — the plain data-centric kernel, one program per output row (same kernel body).
-  At batch 1 the ``kernel`` argument picks its implementation: ``"v1"`` (this kernel body) or ``"v2"``
+  Up to ``V2_MAX_BATCH`` rows of x the ``kernel`` argument picks its implementation: ``"v1"`` (this kernel body) or ``"v2"``
   (:mod:`gqsa.kernels.gemv_layout`: a load-time metadata layout, one 32-bit word per kept group, and a
-  kernel with a third fewer instructions per group); ``"auto"`` (``DEFAULT_KERNEL``) = v2 where it
+  kernel with a third fewer instructions per group, the weights read once for up to 4 rows of x); ``"auto"`` (``DEFAULT_KERNEL``) = v2 where it
   measured faster on the H200 (:func:`resolve_kernel`), v1 elsewhere.
 * ``variant="dense"`` (prefill) — a Triton kernel expands the layer to a dense ``[N, K]`` weight in the
   activation dtype (bit-identical to ``reference.dequantize``), then cuBLAS through ``F.linear``.
@@ -84,6 +84,10 @@ _WS_STRIDE = MAX_DECODE_BATCH  # fp32 workspace entries per split-row slot
 # W4 G64 too (session 3, call 10: W4 S30 G64 7B end to end at batch 1, 438.5 tokens/s with v2 against 405.6 with
 # v1); G32 and G128 were never timed with v2.
 AUTO_V2_GROUPS = (16, 64)
+# rows of x the v2 kernel serves (its constexpr MB: the weights read and dequantized once for every row, the
+# dot per row); v1 above. Chosen from the H200 measurement of issue gemvb (benchmarks/RESULTS.md, "GEMV v2
+# at M = 2-4"), set by V2_MAX_BATCH ≤ gemv_layout.MAX_MB.
+V2_MAX_BATCH = 4
 KERNELS = ("auto", "v1", "v2")
 DEFAULT_KERNEL = os.environ.get("GQSA_GEMV_KERNEL", "auto")
 
@@ -768,7 +772,7 @@ def gqsa_linear(
     dense expansion + cuBLAS above), ``"task"``, ``"data"``, ``"dense"`` or ``"reference"``.
     ``"task"``/``"data"`` with more than 16 rows fall through to ``"dense"``. ``tasks``: the layer's :class:`TaskTable` from
     :func:`build_task_table` (built and memoized here when omitted; pass it to skip the lookup).
-    ``kernel``: ``"auto"`` / ``"v1"`` / ``"v2"`` for the data-centric variant at batch 1 (default
+    ``kernel``: ``"auto"`` / ``"v1"`` / ``"v2"`` for the data-centric variant up to ``V2_MAX_BATCH`` rows (default
     ``DEFAULT_KERNEL``, :func:`resolve_kernel`; v2 = :mod:`gqsa.kernels.gemv_layout`, used where its layout
     supports the layer, built and memoized here when needed). Without a usable Triton (CPU without ``TRITON_INTERPRET=1``, triton missing,
     3-bit layers) the reference runs. Bad inputs raise ``ValueError`` naming the problem.
@@ -822,7 +826,8 @@ def gqsa_linear(
             raise ValueError(f"task table is on {tasks.device} but x is on {dev}")
         _launch_gemv(x2, packed, bias, y, tasks)
     else:
-        lay = gemv_layout.cached_layout(packed) if bsz == 1 and resolve_kernel(packed, kernel) == "v2" else None
+        lay = gemv_layout.cached_layout(packed) if bsz <= V2_MAX_BATCH and resolve_kernel(packed, kernel) == "v2" \
+            else None
         if lay is not None:
             gemv_layout.launch(x2, packed, lay, bias, y, asm=_ASM_ENABLED)
         else:
@@ -837,7 +842,7 @@ class GemvPlan:
     and the code-word view at construction; a call checks only ``x`` / ``bias`` (dtype, last
     dimension, device) and launches, with the batch-size dispatch of :func:`gqsa_linear` (decode
     kernel for ≤ ``max_kernel_batch`` rows — ``AUTO_KERNEL_MAX_BATCH`` for ``"auto"``, 16 otherwise —
-    dense expansion + cuBLAS above). At batch 1 on the data-centric variant it runs the kernel that
+    dense expansion + cuBLAS above). Up to ``V2_MAX_BATCH`` rows on the data-centric variant it runs the kernel that
     :func:`resolve_kernel` picks (v2 holds a load-time layout, ``self.layout``: 4 more bytes per kept
     group). Rebuild it when the layer's tensors change or move. CUDA-graph capturable once warmed up
     (first call compiles).
@@ -864,7 +869,7 @@ class GemvPlan:
         self.qw = None
         if packed.bits in KERNEL_BITS:
             self.qw = _qweight_units(packed, self.tasks.unit_codes if self.tasks is not None else None)
-        # batch 1, data-centric: the v2 kernel's load-time layout (None: v1)
+        # ≤ V2_MAX_BATCH rows, data-centric: the v2 kernel's load-time layout (None: v1)
         self.kernel = kernel = resolve_kernel(packed, kernel)
         self.v2_opts = dict(v2_opts or {})  # launch arguments of gemv_layout.launch (tuning knobs)
         self.layout = None
@@ -886,7 +891,7 @@ class GemvPlan:
         if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
             bias = bias.to(x.dtype).contiguous()
         y = torch.empty(bsz, n, dtype=x.dtype, device=x.device)
-        if bsz == 1 and self.layout is not None:
+        if bsz <= V2_MAX_BATCH and self.layout is not None:
             gemv_layout.launch(x2, p, self.layout, bias, y, **({"asm": _ASM_ENABLED} | self.v2_opts))
         else:
             _launch_gemv(x2, p, bias, y, self.tasks, qw=self.qw)
@@ -896,6 +901,6 @@ class GemvPlan:
 def prepare(packed: PackedLinear, variant: str = "auto", tasks: TaskTable | None = None, kernel: str | None = None,
             v2_opts: dict | None = None, **table_kw) -> GemvPlan:
     """:class:`GemvPlan` for ``packed`` (``table_kw`` go to :func:`build_task_table`; ``kernel``: ``"auto"``,
-    ``"v1"`` or ``"v2"`` for batch 1 on the data-centric variant, default ``DEFAULT_KERNEL``; ``v2_opts``:
+    ``"v1"`` or ``"v2"`` for ≤ ``V2_MAX_BATCH`` rows on the data-centric variant, default ``DEFAULT_KERNEL``; ``v2_opts``:
     keyword arguments of :func:`gemv_layout.launch` for the v2 kernel, e.g. ``units_per_thread``)."""
     return GemvPlan(packed, variant, tasks, kernel, v2_opts, **table_kw)

@@ -73,6 +73,7 @@ V2P_MULTI_ROW_MAX_N = 16384  # up to this many rows: spread over V2P_PROGRAMS_PE
 V2P_PROGRAMS_PER_SM = 24
 V2P_REG = True  # register double-buffering of the next step's loads
 V2P_PREFETCH = 2  # L2 prefetch distance in steps (0: none)
+MAX_MB = 4  # rows of x one launch of the v2 kernels serves (the constexpr MB: weights read once for all)
 
 
 def default_unit(group_size: int, bits: int) -> tuple[int, int]:
@@ -290,15 +291,20 @@ if tl is not None:  # what the kernel reads as globals must be constexpr
 
 
 def _gemv2_kernel(
-    x_ptr, x8_ptr, cw_ptr, meta_ptr, rp_ptr, bias_ptr, y_ptr, one,
+    x_ptr, x8_ptr, cw_ptr, meta_ptr, rp_ptr, bias_ptr, y_ptr, XS, YS, one,
     G: tl.constexpr, BITS: tl.constexpr, UC: tl.constexpr, UPT: tl.constexpr, X_BF16: tl.constexpr,
     HAS_BIAS: tl.constexpr, ASM: tl.constexpr, DOT: tl.constexpr, NUM_THREADS: tl.constexpr, PDL: tl.constexpr,
+    MB: tl.constexpr = 1,
 ):
-    """y[r] = Σ over the kept groups of row r of s·Σ x·(q − z) (+ bias[r]); one program per row.
+    """y[i, r] = Σ over the kept groups of row r of s·Σ x[i]·(q − z) (+ bias[r]) for the ``MB`` rows ``i`` of x
+    (1 … 4); one program per output row.
 
-    ``x_ptr``: the activation row as int32 words (2 halves each), zero-padded to whole groups (``x8_ptr``:
-    the same bytes, addressed by the inline-PTX loads); ``cw_ptr``: codes as int32 words (``G·BITS/32`` per
-    group); ``meta_ptr``: one word per group (module docstring).
+    ``x_ptr``: the activation rows as int32 words (2 halves each), zero-padded to whole groups, ``XS`` words
+    apart (16-byte aligned; ``x8_ptr``: the same bytes, addressed by the inline-PTX loads); ``cw_ptr``: codes
+    as int32 words (``G·BITS/32`` per group); ``meta_ptr``: one word per group (module docstring); ``y_ptr``:
+    rows ``YS`` elements apart. Batched (``MB > 1``): the weights are read and dequantized once per step, the
+    activation loads and the dot run per row of x, one accumulator per row (a tuple); ``MB = 1`` compiles to
+    the kernel of one row (``XS`` and ``YS`` unused).
     """
     TPG: tl.constexpr = G // UC  # threads per group
     SLOT: tl.constexpr = NUM_THREADS // TPG  # groups per unit slot
@@ -321,7 +327,9 @@ def _gemv2_kernel(
         xz = 0
     xb = x8_ptr + h * (2 * UC) + xz  # the unit's activations start 2·UC·h bytes into the group's
     xi = x_ptr + h * XPU + xz
-    acc = tl.full([NUM_THREADS], 0.0, tl.float32)
+    accs = ()  # one accumulator per row of x
+    for mb in tl.static_range(MB):
+        accs = accs + (tl.full([NUM_THREADS], 0.0, tl.float32),)
     c = rs
     # two copies of the step loop (unrolled at compile time): LAST = 0 runs the whole steps inside the
     # row, no masks; LAST = 1 the partial last step, if any, moved back to end at the row's end
@@ -369,57 +377,73 @@ def _gemv2_kernel(
                 else:
                     zq = (m & QM).to(tl.float32)
                     sc = (m >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-                xw = ()
-                for i in tl.static_range(0, XPU, 4):
-                    if ASM:
-                        x0, x1, x2, x3 = tl.inline_asm_elementwise(LDX4, "=r,=r,=r,=r,l", [xb + (m & OFFM) + 4 * i],
-                                                                   dtype=(tl.int32,) * 4, is_pure=True, pack=1)
-                    else:
-                        xp = xi + ((m & OFFM) >> 2)  # the unit's first activation word
-                        x0 = tl.load(xp + i)
-                        x1 = tl.load(xp + i + 1)
-                        x2 = tl.load(xp + i + 2)
-                        x3 = tl.load(xp + i + 3)
-                    xw = xw + (x0, x1, x2, x3)
-                rg = tl.full([NUM_THREADS], 0.0, tl.float32)
+                xw = ()  # the unit's XPU activation words of every row of x, row after row
+                for mb in tl.static_range(MB):
+                    for i in tl.static_range(0, XPU, 4):
+                        if ASM:
+                            x0, x1, x2, x3 = tl.inline_asm_elementwise(
+                                LDX4, "=r,=r,=r,=r,l", [(xb + mb * (4 * XS)) + (m & OFFM) + 4 * i],
+                                dtype=(tl.int32,) * 4, is_pure=True, pack=1)
+                        else:
+                            xp = (xi + mb * XS) + ((m & OFFM) >> 2)  # the unit's first activation word
+                            x0 = tl.load(xp + i)
+                            x1 = tl.load(xp + i + 1)
+                            x2 = tl.load(xp + i + 2)
+                            x3 = tl.load(xp + i + 3)
+                        xw = xw + (x0, x1, x2, x3)
+                rgs = ()
+                for mb in tl.static_range(MB):
+                    rgs = rgs + (tl.full([NUM_THREADS], 0.0, tl.float32),)
                 for w in tl.static_range(WPU):
                     cw = codes[j * WPU + w]
-                    if ASM and BITS == 4:
+                    if ASM and BITS == 4:  # the codes dequantized once, the dot per row of x
                         d0, d1, d2, d3, d4, d5, d6, d7 = tl.inline_asm_elementwise(
                             DEQ4B, "=f,=f,=f,=f,=f,=f,=f,=f,r,f,f", [cw, c0, c1], dtype=(tl.float32,) * 8,
                             is_pure=True, pack=1)
-                        rg = tl.inline_asm_elementwise(
-                            DOT, "=f,r,r,r,r,f,f,f,f,f,f,f,f,f",
-                            [xw[4 * w], xw[4 * w + 1], xw[4 * w + 2], xw[4 * w + 3],
-                             d0, d1, d2, d3, d4, d5, d6, d7, rg],
-                            dtype=tl.float32, is_pure=True, pack=1)
+                        nrgs = ()
+                        for mb in tl.static_range(MB):
+                            nrgs = nrgs + (tl.inline_asm_elementwise(
+                                DOT, "=f,r,r,r,r,f,f,f,f,f,f,f,f,f",
+                                [xw[mb * XPU + 4 * w], xw[mb * XPU + 4 * w + 1], xw[mb * XPU + 4 * w + 2],
+                                 xw[mb * XPU + 4 * w + 3],
+                                 d0, d1, d2, d3, d4, d5, d6, d7, rgs[mb]],
+                                dtype=tl.float32, is_pure=True, pack=1),)
+                        rgs = nrgs
                     else:
                         for e in tl.static_range(CPW):
                             q = ((cw >> (e * BITS)) & QM).to(tl.float32)
-                            xword = xw[(w * CPW + e) // 2]
-                            xh = (xword >> (16 * ((w * CPW + e) % 2))).to(tl.int16)
-                            if X_BF16:
-                                xf = xh.to(tl.bfloat16, bitcast=True).to(tl.float32)
-                            else:
-                                xf = xh.to(tl.float16, bitcast=True).to(tl.float32)
-                            rg += xf * (q - zq)
+                            nrgs = ()
+                            for mb in tl.static_range(MB):
+                                xword = xw[mb * XPU + (w * CPW + e) // 2]
+                                xh = (xword >> (16 * ((w * CPW + e) % 2))).to(tl.int16)
+                                if X_BF16:
+                                    xf = xh.to(tl.bfloat16, bitcast=True).to(tl.float32)
+                                else:
+                                    xf = xh.to(tl.float16, bitcast=True).to(tl.float32)
+                                nrgs = nrgs + (rgs[mb] + xf * (q - zq),)
+                            rgs = nrgs
                 if LAST == 0:
-                    acc += rg * sc
+                    f = sc
                 else:  # groups outside [c, re) get scale 0: their dot is finite (real codes and activations)
                     # unless an activation is inf/NaN
-                    acc += rg * tl.where((gt + j * SLOT - c).to(tl.uint32) < (re - c).to(tl.uint32), sc, 0.0)
+                    f = tl.where((gt + j * SLOT - c).to(tl.uint32) < (re - c).to(tl.uint32), sc, 0.0)
+                naccs = ()
+                for mb in tl.static_range(MB):
+                    naccs = naccs + (accs[mb] + rgs[mb] * f,)
+                accs = naccs
             c = b + STEP
-    v = tl.reduce(acc, 0, tl.standard._sum_combine)
-    if HAS_BIAS:
-        v += tl.load(bias_ptr + r).to(tl.float32)
-    tl.store(y_ptr + r, v.to(y_ptr.dtype.element_ty))
+    for mb in tl.static_range(MB):
+        v = tl.reduce(accs[mb], 0, tl.standard._sum_combine)
+        if HAS_BIAS:
+            v += tl.load(bias_ptr + r).to(tl.float32)
+        tl.store((y_ptr + mb * YS) + r, v.to(y_ptr.dtype.element_ty))
 
 
 def _gemv2p_kernel(
-    x_ptr, x8_ptr, cw_ptr, meta_ptr, rp_ptr, bias_ptr, y_ptr, N, RPP, MAXG, one,
+    x_ptr, x8_ptr, cw_ptr, meta_ptr, rp_ptr, bias_ptr, y_ptr, N, RPP, MAXG, XS, YS, one,
     G: tl.constexpr, BITS: tl.constexpr, UC: tl.constexpr, UPT: tl.constexpr, X_BF16: tl.constexpr,
     HAS_BIAS: tl.constexpr, ASM: tl.constexpr, DOT: tl.constexpr, NUM_THREADS: tl.constexpr,
-    REG: tl.constexpr, PF: tl.constexpr, HALF: tl.constexpr, PDL: tl.constexpr,
+    REG: tl.constexpr, PF: tl.constexpr, HALF: tl.constexpr, PDL: tl.constexpr, MB: tl.constexpr = 1,
 ):
     """The v2 step over the steps of ``RPP`` consecutive rows (rows ``p·RPP`` …) in one flat loop,
     pipelined: every row is ≥ 1 step (a row's partial last step moved back to end at the row's end as
@@ -435,6 +459,12 @@ def _gemv2p_kernel(
     is taken off the loads with no registers held. ``HALF`` (compiled, 4 bits, 16-code units, fp16
     activations; opt-in): the dot of a unit in packed fp16 (:data:`_PTX_HDOT16`: 2.3 instructions per code
     instead of 4.4; the 8 products of a half lane summed in fp16, then fp32).
+
+    ``MB`` rows of x (1 … 4; ``XS``: their stride in int32 words, ``YS``: the stride of y's rows), as in
+    :func:`_gemv2_kernel`: the weights loaded and dequantized once per step, the activation loads and the dot
+    per row of x, one accumulator per row (a tuple, loop-carried), the sums of a finished output row stored
+    for every row of x. (``HALF``: its dot dequantizes inside, so it runs per row: the codes are read once but
+    dequantized ``MB`` times.)
     """
     TPG: tl.constexpr = G // UC
     SLOT: tl.constexpr = NUM_THREADS // TPG
@@ -457,7 +487,9 @@ def _gemv2p_kernel(
     xi = x_ptr + h * XPU
     mpu = meta_ptr + u
     cpu = cw_ptr + u * CWG + h * WPU
-    acc = tl.full([NUM_THREADS], 0.0, tl.float32)
+    accs = ()  # one accumulator per row of x
+    for mb in tl.static_range(MB):
+        accs = accs + (tl.full([NUM_THREADS], 0.0, tl.float32),)
     # c = the current step's first group to count, re = its row's end, nre = the next row's end
     c = tl.load(rp_ptr + r)
     re = tl.load(rp_ptr + r + 1)
@@ -546,13 +578,16 @@ def _gemv2p_kernel(
                                               is_pure=False, pack=1)
         # the row the previous step ended: its sum goes out here
         if pend:
-            v = tl.reduce(acc, 0, tl.standard._sum_combine)
-            if HD:
-                v = v * 16.0
-            if HAS_BIAS:
-                v += tl.load(bias_ptr + (r - 1)).to(tl.float32)
-            tl.store(y_ptr + (r - 1), v.to(y_ptr.dtype.element_ty))
-            acc = tl.full([NUM_THREADS], 0.0, tl.float32)
+            naccs = ()
+            for mb in tl.static_range(MB):
+                v = tl.reduce(accs[mb], 0, tl.standard._sum_combine)
+                if HD:
+                    v = v * 16.0
+                if HAS_BIAS:
+                    v += tl.load(bias_ptr + (r - 1)).to(tl.float32)
+                tl.store((y_ptr + mb * YS) + (r - 1), v.to(y_ptr.dtype.element_ty))
+                naccs = naccs + (tl.full([NUM_THREADS], 0.0, tl.float32),)
+            accs = naccs
         # the current step's math (groups outside [c, re) get scale 0)
         lo = c - b - u  # the thread's group g = b + u + j·SLOT counts iff 0 ≤ g − c < re − c
         cnt = (re - c).to(tl.uint32)
@@ -567,62 +602,81 @@ def _gemv2p_kernel(
             else:
                 zq = (m & QM).to(tl.float32)
                 sc = (m >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-            xw = ()
-            for i in tl.static_range(0, XPU, 4):
-                if ASM:
-                    x0, x1, x2, x3 = tl.inline_asm_elementwise(LDX4, "=r,=r,=r,=r,l", [xb + (m & OFFM) + 4 * i],
-                                                               dtype=(tl.int32,) * 4, is_pure=True, pack=1)
+            xw = ()  # the unit's XPU activation words of every row of x, row after row
+            for mb in tl.static_range(MB):
+                for i in tl.static_range(0, XPU, 4):
+                    if ASM:
+                        x0, x1, x2, x3 = tl.inline_asm_elementwise(
+                            LDX4, "=r,=r,=r,=r,l", [(xb + mb * (4 * XS)) + (m & OFFM) + 4 * i],
+                            dtype=(tl.int32,) * 4, is_pure=True, pack=1)
+                    else:
+                        xp = (xi + mb * XS) + ((m & OFFM) >> 2)
+                        x0 = tl.load(xp + i)
+                        x1 = tl.load(xp + i + 1)
+                        x2 = tl.load(xp + i + 2)
+                        x3 = tl.load(xp + i + 3)
+                    xw = xw + (x0, x1, x2, x3)
+            rgs = ()
+            for mb in tl.static_range(MB):
+                if HD:
+                    rgs = rgs + (tl.inline_asm_elementwise(
+                        HDOT16, "=f,r,r,r,r,r,r,r,r,r,r,r",
+                        [codes[j * 2], codes[j * 2 + 1], xw[mb * XPU], xw[mb * XPU + 1], xw[mb * XPU + 2],
+                         xw[mb * XPU + 3], xw[mb * XPU + 4], xw[mb * XPU + 5], xw[mb * XPU + 6], xw[mb * XPU + 7],
+                         negc], dtype=tl.float32, is_pure=True, pack=1),)
                 else:
-                    xp = xi + ((m & OFFM) >> 2)
-                    x0 = tl.load(xp + i)
-                    x1 = tl.load(xp + i + 1)
-                    x2 = tl.load(xp + i + 2)
-                    x3 = tl.load(xp + i + 3)
-                xw = xw + (x0, x1, x2, x3)
-            rg = tl.full([NUM_THREADS], 0.0, tl.float32)
-            if HD:
-                rg = tl.inline_asm_elementwise(HDOT16, "=f,r,r,r,r,r,r,r,r,r,r,r",
-                                               [codes[j * 2], codes[j * 2 + 1], xw[0], xw[1], xw[2], xw[3],
-                                                xw[4], xw[5], xw[6], xw[7], negc], dtype=tl.float32,
-                                               is_pure=True, pack=1)
+                    rgs = rgs + (tl.full([NUM_THREADS], 0.0, tl.float32),)
             for w in tl.static_range(0 if HD else WPU):
                 cw = codes[j * WPU + w]
-                if ASM and BITS == 4:
+                if ASM and BITS == 4:  # the codes dequantized once, the dot per row of x
                     d0, d1, d2, d3, d4, d5, d6, d7 = tl.inline_asm_elementwise(
                         DEQ4B, "=f,=f,=f,=f,=f,=f,=f,=f,r,f,f", [cw, c0, c1], dtype=(tl.float32,) * 8,
                         is_pure=True, pack=1)
-                    rg = tl.inline_asm_elementwise(
-                        DOT, "=f,r,r,r,r,f,f,f,f,f,f,f,f,f",
-                        [xw[4 * w], xw[4 * w + 1], xw[4 * w + 2], xw[4 * w + 3],
-                         d0, d1, d2, d3, d4, d5, d6, d7, rg],
-                        dtype=tl.float32, is_pure=True, pack=1)
+                    nrgs = ()
+                    for mb in tl.static_range(MB):
+                        nrgs = nrgs + (tl.inline_asm_elementwise(
+                            DOT, "=f,r,r,r,r,f,f,f,f,f,f,f,f,f",
+                            [xw[mb * XPU + 4 * w], xw[mb * XPU + 4 * w + 1], xw[mb * XPU + 4 * w + 2],
+                             xw[mb * XPU + 4 * w + 3],
+                             d0, d1, d2, d3, d4, d5, d6, d7, rgs[mb]],
+                            dtype=tl.float32, is_pure=True, pack=1),)
+                    rgs = nrgs
                 else:
                     for e in tl.static_range(CPW):
                         q = ((cw >> (e * BITS)) & QM).to(tl.float32)
-                        xword = xw[(w * CPW + e) // 2]
-                        xh = (xword >> (16 * ((w * CPW + e) % 2))).to(tl.int16)
-                        if X_BF16:
-                            xf = xh.to(tl.bfloat16, bitcast=True).to(tl.float32)
-                        else:
-                            xf = xh.to(tl.float16, bitcast=True).to(tl.float32)
-                        rg += xf * (q - zq)
-            acc += rg * tl.where((j * SLOT - lo).to(tl.uint32) < cnt, sc, 0.0)
+                        nrgs = ()
+                        for mb in tl.static_range(MB):
+                            xword = xw[mb * XPU + (w * CPW + e) // 2]
+                            xh = (xword >> (16 * ((w * CPW + e) % 2))).to(tl.int16)
+                            if X_BF16:
+                                xf = xh.to(tl.bfloat16, bitcast=True).to(tl.float32)
+                            else:
+                                xf = xh.to(tl.float16, bitcast=True).to(tl.float32)
+                            nrgs = nrgs + (rgs[mb] + xf * (q - zq),)
+                        rgs = nrgs
+            f = tl.where((j * SLOT - lo).to(tl.uint32) < cnt, sc, 0.0)
+            naccs = ()
+            for mb in tl.static_range(MB):
+                naccs = naccs + (accs[mb] + rgs[mb] * f,)
+            accs = naccs
         pend = ends
         if REG:
             metas, codes = lmetas, lcodes
         r, c, re, nre, b = nr, nc, nre_, nnre, nb
     # the program's last step ended its last row, r − 1 = r1 − 1
-    v = tl.reduce(acc, 0, tl.standard._sum_combine)
-    if HD:
-        v = v * 16.0
-    if HAS_BIAS:
-        v += tl.load(bias_ptr + (r - 1)).to(tl.float32)
-    tl.store(y_ptr + (r - 1), v.to(y_ptr.dtype.element_ty))
+    for mb in tl.static_range(MB):
+        v = tl.reduce(accs[mb], 0, tl.standard._sum_combine)
+        if HD:
+            v = v * 16.0
+        if HAS_BIAS:
+            v += tl.load(bias_ptr + (r - 1)).to(tl.float32)
+        tl.store((y_ptr + mb * YS) + (r - 1), v.to(y_ptr.dtype.element_ty))
 
 
 def kernel_constexprs(G=16, BITS=4, UC=None, UPT=None, X_BF16=False, HAS_BIAS=False, ASM=True, NUM_THREADS=32,
-                      REG=None, PF=None, HALF=False, PDL=False, **_):
-    """The constexprs of :func:`_gemv2_kernel`, or of :func:`_gemv2p_kernel` where ``REG`` / ``PF`` are given."""
+                      REG=None, PF=None, HALF=False, PDL=False, MB=1, **_):
+    """The constexprs of :func:`_gemv2_kernel`, or of :func:`_gemv2p_kernel` where ``REG`` / ``PF`` are given
+    (``MB``: rows of x, 1 … ``MAX_MB``)."""
     duc, dupt = default_unit(G, BITS)
     d = dict(G=G, BITS=BITS, UC=UC or duc, UPT=UPT or dupt, X_BF16=X_BF16, HAS_BIAS=HAS_BIAS, ASM=ASM,
              DOT=_PTX_DOTA_BF16 if X_BF16 else _PTX_DOTA_F16,
@@ -630,6 +684,7 @@ def kernel_constexprs(G=16, BITS=4, UC=None, UPT=None, X_BF16=False, HAS_BIAS=Fa
     if REG is not None or PF is not None:
         d.update(REG=bool(REG), PF=int(PF or 0), HALF=bool(HALF))
     d["PDL"] = bool(PDL)  # (the launcher sets it: gqsa.kernels.jit.launch)
+    d["MB"] = int(MB)
     return d
 
 
@@ -637,8 +692,8 @@ def sass_signature(consts, pipe=False):
     """(argument names, types, indices marked divisible by 16) for an offline compile (gemv_sass.py);
     ``pipe``: of :func:`_gemv2p_kernel`."""
     args = ["x_ptr", "x8_ptr", "cw_ptr", "meta_ptr", "rp_ptr", "bias_ptr", "y_ptr"] + (["N", "RPP", "MAXG"] if pipe
-                                                                                       else []) + ["one"]
-    types = ["*i32", "*i8", "*i32", "*i32", "*i32", "*fp16", "*fp16"] + ["i32"] * (4 if pipe else 1)
+                                                                                       else []) + ["XS", "YS", "one"]
+    types = ["*i32", "*i8", "*i32", "*i32", "*i32", "*fp16", "*fp16"] + ["i32"] * (6 if pipe else 3)
     return args, types, {0, 1, 2, 3, 4, 5, 6}
 
 
@@ -671,8 +726,9 @@ def launch(x2: torch.Tensor, packed: PackedLinear, layout: GemvLayout, bias: tor
            asm: bool = True, pipeline: bool | None = None, rows_per_prog: int | None = None,
            programs_per_sm: int | None = None, reg_pipeline: bool | None = None, prefetch: int | None = None,
            maxnreg: int | None = None, half_dot: bool = False) -> None:
-    """``y[0] = x2[0] @ Ŵᵀ (+ bias)`` through the v2 kernel (one row of x; ``layout`` from
-    :func:`build_layout` of ``packed``); ``asm``: the inline-PTX dequantization where it applies
+    """``y = x2 @ Ŵᵀ (+ bias)`` through the v2 kernel (``layout`` from :func:`build_layout` of ``packed``;
+    ``x2``: ``[M, K]``, ``y``: ``[M, N]`` with unit column stride; up to ``MAX_MB`` rows of x in one launch, the
+    weights read once for all of them, more in launches of ``MAX_MB``); ``asm``: the inline-PTX dequantization where it applies
     (compiled, 4 bits). ``pipeline`` (default: rows shorter than ``LONG_ROW_GROUPS`` kept groups on
     average; the other arguments default to the ``V2P_*`` settings there): the software-pipelined kernel
     (:func:`_gemv2p_kernel`) over ``rows_per_prog`` rows per program, or rows spread evenly over
@@ -683,14 +739,27 @@ def launch(x2: torch.Tensor, packed: PackedLinear, layout: GemvLayout, bias: tor
     ptxas's register limit (None: its own choice; it sinks the next step's loads below the math when it
     runs short of registers). ``half_dot``: the packed-fp16 dot of the pipelined kernel (fp16 activations,
     4-bit codes, 16-code units; elsewhere ignored)."""
-    k = x2.shape[1]
+    mrows, k = x2.shape
+    if mrows > MAX_MB:
+        for s in range(0, mrows, MAX_MB):
+            launch(x2[s:s + MAX_MB], packed, layout, bias, y[s:s + MAX_MB], num_warps, unit_codes, units_per_thread,
+                   asm, pipeline, rows_per_prog, programs_per_sm, reg_pipeline, prefetch, maxnreg, half_dot)
+        return
+    if mrows == 0:
+        return
+    if y.shape[0] != mrows or (mrows > 1 and y.stride(-1) != 1):
+        raise ValueError(f"y must be [{mrows}, N] with unit column stride")
     kp = packed.n_group_cols * packed.group_size
-    if kp != k or x2.stride(-1) != 1 or x2.data_ptr() % 16:
-        xp = torch.zeros(1, kp, dtype=x2.dtype, device=x2.device)
-        xp[:, :k] = x2[:1]
+    # whole groups, unit element stride, rows 16-byte aligned (the kernel's 16-byte activation loads)
+    if kp != k or x2.stride(-1) != 1 or x2.data_ptr() % 16 or (mrows > 1 and (x2.stride(0) % 8 or x2.stride(0) < k)):
+        xp = torch.zeros(mrows, kp, dtype=x2.dtype, device=x2.device)
+        xp[:, :k] = x2
         x2 = xp
-    xi = x2.view(torch.int32)
-    xb = x2.view(torch.int8)
+    xs = x2.stride(0) // 2 if mrows > 1 else 0  # int32 words between rows of x
+    ys = y.stride(0) if mrows > 1 else 0
+    x1 = x2.as_strided((kp,), (1,)) if mrows == 1 else x2.as_strided(((mrows - 1) * x2.stride(0) + kp,), (1,))
+    xi = x1.view(torch.int32)
+    xb = x1.view(torch.int8)
     nw = num_warps or V2_NUM_WARPS
     n = packed.shape[0]
     pipe = (packed.nnz < LONG_ROW_GROUPS * max(1, n)) if pipeline is None else pipeline
@@ -704,7 +773,7 @@ def launch(x2: torch.Tensor, packed: PackedLinear, layout: GemvLayout, bias: tor
                                HAS_BIAS=bias is not None, ASM=not interp and asm, NUM_THREADS=32 * nw,
                                REG=(V2P_REG if reg_pipeline is None else reg_pipeline) if pipe else None,
                                PF=(V2P_PREFETCH if prefetch is None else prefetch) if pipe else None,
-                               HALF=half_dot and pipe)
+                               HALF=half_dot and pipe, MB=mrows)
     if n == 0:
         return
     step = consts["NUM_THREADS"] // (packed.group_size // consts["UC"]) * consts["UPT"]
@@ -714,11 +783,11 @@ def launch(x2: torch.Tensor, packed: PackedLinear, layout: GemvLayout, bias: tor
     if pipe:
         rpp = rows_per_program(n, y.device, rows_per_prog, programs_per_sm)
         grid = -(-n // rpp)
-        ints = (n, rpp, layout.meta.numel(), 1)
-        kern = jitted(_gemv2p_kernel, ("N", "RPP", "MAXG", "one"))
+        ints = (n, rpp, layout.meta.numel(), xs, ys, 1)
+        kern = jitted(_gemv2p_kernel, ("N", "RPP", "MAXG", "XS", "YS", "one"))
     else:
         grid = n
-        ints = (1,)
-        kern = jitted(_gemv2_kernel, ("one",))
+        ints = (xs, ys, 1)
+        kern = jitted(_gemv2_kernel, ("XS", "YS", "one"))
     extra = {"maxnreg": maxnreg} if maxnreg and not interp else {}
     jit.launch(kern, (grid,), (*tensors, *ints), consts, y.device, nw, pdl="gemv2p" if pipe else "gemv2", **extra)
