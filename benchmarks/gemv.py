@@ -20,6 +20,8 @@ device-to-device copy bandwidth measured in the same run (bytes read + written).
     python benchmarks/gemv.py --sweep --out DIR    # tuning knobs on the quick shapes
     python benchmarks/gemv.py --v2 --out DIR       # issue 12: GPU check of the v2 kernel, then v1 vs v2
                                                    # (and v2 settings) at batch 1, every shape, graph timing
+    python benchmarks/gemv.py --v2-batch --out DIR # the v2 kernel at M = 2-4 rows of x: GPU check, then cuBLAS
+                                                   # fp16, the old path (v1 / GEMM) and batched v2, M = 1-4
 """
 from __future__ import annotations
 
@@ -735,6 +737,158 @@ def compare_v2(args, bw, out_records, configs, shapes):
         torch.cuda.empty_cache()
 
 
+# ----------------------------------------------------------------------------- v2 at M = 2-4 (issue gemvb)
+
+
+def gpu_check_v2_batch(cases=None, graph=True) -> bool:
+    """The v2 kernels at M = 1-5 rows of x (constexpr MB; M = 5: a launch of 4 rows and one of 1) against the
+    reference on the GPU: fp16/bf16, bias, K % G != 0, empty rows, one long row (the one-program-per-row kernel
+    over several steps), short rows (the pipelined kernel, rows spread over programs and one row per program),
+    the plain compiled path (no inline PTX), the packed-fp16 dot, strided / misaligned x, NaN-poisoned y;
+    then a plan in a CUDA graph at M = 3 and a LinearPlan whose table sends M = 3 to the GEMV."""
+    import dataclasses
+
+    from gqsa.kernels import dispatch
+    from gqsa.kernels import gemv_layout as gl
+
+    torch.manual_seed(0)
+    fails, n_run = [], 0
+    cases = cases or [dict(n=61, k=4096 + 40, sp=0.4, special="empty_rows"),  # K % G != 0, empty rows
+             dict(n=61, k=4096 + 40, sp=0.0, special="one_row"),  # one row of every group: several steps
+             dict(n=700, k=11008, sp=0.5), dict(n=300, k=28672, sp=0.5)]  # long rows (v2 one row a program)
+    for cs in cases:
+        p = packed_case(cs["n"], cs["k"], 16, 4, cs["sp"], special=cs.get("special"))
+        lay = gl.build_layout(p)
+        n, k = p.shape
+        b16 = torch.randn(n, device=DEV, dtype=torch.float16)
+        # (M values, dtype, bias, asm, launch options)
+        runs = [((1, 2, 3, 4, 5), torch.float16, True, True, {}),
+                ((2, 3, 4), torch.bfloat16, True, True, dict(pipeline=False)),
+                ((2, 3, 4), torch.float16, False, True, dict(pipeline=False)),
+                ((2, 3, 4), torch.float16, False, True, dict(pipeline=True)),
+                ((2, 4), torch.float16, False, True, dict(pipeline=True, rows_per_prog=1)),
+                ((3,), torch.float16, True, False, {}),  # the plain compiled path
+                ((2,), torch.bfloat16, False, True, dict(pipeline=True)),
+                ((2,), torch.float16, False, True, dict(pipeline=True, half_dot=True))]
+        for ms, dt, has_b, asm, opts in runs:
+            for m in ms:
+                for xkind in ("plain", "strided", "offset"):
+                    if xkind != "plain" and (m != 3 or asm is False or has_b):
+                        continue
+                    if xkind == "plain":
+                        x = torch.randn(m, k, device=DEV).to(dt)
+                    elif xkind == "strided":  # rows 16-byte aligned, further apart than K: no copy
+                        x = torch.randn(m, k + 64 - k % 8, device=DEV).to(dt)[:, :k]
+                    else:  # misaligned rows: the launcher copies
+                        x = torch.randn(m, k + 3, device=DEV).to(dt)[:, 1:k + 1]
+                    bias = b16.to(dt) if has_b else None
+                    y = torch.full((m, n), float("nan"), device=DEV, dtype=dt)
+                    try:
+                        gl.launch(x, p, lay, bias, y, asm=asm, **opts)
+                        torch.cuda.synchronize()
+                        e = rel_err(y, reference.linear(x.float(), p, None if bias is None else bias.float()))
+                    except Exception as ex:  # noqa: BLE001
+                        e = repr(ex)[:200]
+                    n_run += 1
+                    tol = 1e-2 if dt == torch.bfloat16 else (5e-3 if opts.get("half_dot") else 2e-3)
+                    if not (isinstance(e, float) and e < tol):
+                        fails.append((cs, m, str(dt), has_b, asm, opts, xkind, e))
+    # a plan at M = 3, captured in a CUDA graph
+    p = packed_case(300, 2048, 16, 4, 0.5)
+    plan = gemv.prepare(p, variant="data", kernel="v2")
+    x = torch.randn(3, 2048, device=DEV, dtype=torch.float16)
+    plan(x)
+    if graph:
+        gr = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(gr):
+            yg = plan(x)
+        for _ in range(3):
+            x.copy_(torch.randn_like(x))
+            gr.replay()
+            n_run += 1
+            e = rel_err(yg, reference.linear(x.float(), p))
+            if not e < 2e-3:
+                fails.append(("graph M=3", e))
+    # the dispatch: M = 3 through a LinearPlan whose table sends it to the GEMV
+    lp = dispatch.LinearPlan(p, table=dataclasses.replace(dispatch.H200_TABLE, gemv_max_m=4))
+    assert lp.path(3) == "gemv"
+    for m in (2, 3, 4):
+        x = torch.randn(m, 2048, device=DEV, dtype=torch.float16)
+        n_run += 1
+        e = rel_err(lp(x), reference.linear(x.float(), p))
+        if not e < 2e-3:
+            fails.append(("LinearPlan", m, e))
+    print(f"GPU check v2 batch: {n_run} runs, {len(fails)} failures", flush=True)
+    for f in fails[:30]:
+        print("  FAIL", f)
+    return not fails
+
+
+V2B_SHAPES = "4096x4096,11008x4096,4096x11008,28672x8192,8192x28672"
+
+
+def compare_v2_batch(args, bw, out_records, shapes, ms=(1, 2, 3, 4)):
+    """W4 S50 G16, M = 1-4 rows of x: cuBLAS fp16, the old path (v2 at M = 1, v1 at M = 2, the tensor-core GEMM
+    at M ≥ 3; at M = 2 the GEMM too), batched v2 (the launch defaults: the kernel by row length) and, where
+    that is the one-program-per-row kernel, the pipelined one; rotated weights, graph µs."""
+    from gqsa.kernels import dispatch, gemm
+
+    gen = torch.Generator(device=DEV)
+    gen.manual_seed(0)
+    from gqsa.kernels import gemv_layout as gl
+
+    for n, k in shapes:
+        p0 = random_packed(n, k, 0.5, 16, gen=gen)
+        packs = [p0] + [clone_packed(p0) for _ in range(n_copies(p0.nbytes(), args.rot_bytes) - 1)]
+        long_rows = p0.nnz >= gl.LONG_ROW_GROUPS * n
+        v2 = [gemv.prepare(p, variant="data", kernel="v2") for p in packs]
+        v2p = [gemv.prepare(p, variant="data", kernel="v2", v2_opts=dict(pipeline=True)) for p in packs] \
+            if long_rows else None
+        v1 = [gemv.prepare(p, variant="data", kernel="v1") for p in packs]
+        lps = [dispatch.LinearPlan(p, gemv_plan=v) for p, v in zip(packs, v2)]
+        wf = make_fp16(n, k, args.rot_bytes)
+        for m in ms:
+            x = torch.randn(m, k, device=DEV, dtype=torch.float16)
+            ref = reference.linear(x, p0).float()
+            y = torch.empty(m, n, device=DEV, dtype=torch.float16)
+            cfg = dispatch.H200_TABLE.config(max(2, m))
+            meths = {"fp16": (wf.fns_for_x(x), None)}
+            gemm_fns = [lambda pl=pl: gemm.launch_gemm(x, pl.layout, None, y, cfg, pl.sms) for pl in lps]
+            old = ("v2" if m == 1 else "v1" if m == 2 else "gemm")
+            if m == 1:
+                meths["old"] = ([lambda pl=pl: pl(x) for pl in v2], v2[0])
+            elif m == 2:
+                meths["old"] = ([lambda pl=pl: pl(x) for pl in v1], v1[0])
+                meths["gemm"] = (gemm_fns, None)
+            else:
+                meths["old"] = (gemm_fns, None)
+            if m > 1:
+                meths["v2b"] = ([lambda pl=pl: pl(x) for pl in v2], v2[0])
+                if v2p is not None:
+                    meths["v2b pipe"] = ([lambda pl=pl: pl(x) for pl in v2p], v2p[0])
+            res = {}
+            for name, (fns, pl) in meths.items():
+                out = fns[0]()
+                torch.cuda.synchronize()
+                if name == "fp16":
+                    e = None
+                else:
+                    e = rel_err(out if out is not None else y, ref)
+                gus = t_graph(fns)
+                res[name] = gus
+                rec = dict(N=n, K=k, M=m, S=0.5, G=16, method=name, old_is=old, graph_us=gus, rel_err=e,
+                           ok=True if e is None else bool(e < 1e-2))
+                out_records.append(rec)
+            line = f"{n:6d}x{k:<6d} M={m} " + "  ".join(f"{nm} {v:7.2f}" for nm, v in res.items())
+            best = min(v for nm, v in res.items() if nm.startswith("v2b")) if m > 1 else res["old"]
+            line += f"  | best-v2 {best / res['fp16']:.2f}x fp16 {best / res['old']:.2f}x old({old})"
+            errs = [r for r in out_records[-len(res):] if r["rel_err"] is not None and not r["ok"]]
+            print(line + (f"  ERR {[(r['method'], r['rel_err']) for r in errs]}" if errs else ""), flush=True)
+            del meths, gemm_fns
+        del packs, p0, v2, v2p, v1, lps, wf
+        torch.cuda.empty_cache()
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -762,6 +916,9 @@ def main(argv=None):
     ap.add_argument("--v2-shapes", default=GOAL_SHAPES, help="NxK shapes of --v2 (default: issue 12's seven)")
     ap.add_argument("--v2-do-bench", action="store_true", help="--v2: also time by do_bench")
     ap.add_argument("--v2-no-check", dest="v2_check", action="store_false", help="--v2: skip the GPU check")
+    ap.add_argument("--v2-batch", action="store_true",
+                    help="v2 at M = 2-4: GPU check, then cuBLAS fp16 / old path / batched v2 at M = 1-4")
+    ap.add_argument("--v2-batch-shapes", default=V2B_SHAPES, help="NxK shapes of --v2-batch")
     args = ap.parse_args(argv)
 
     import triton
@@ -787,6 +944,15 @@ def main(argv=None):
     if args.tune_from:
         meta["tuned"] = apply_tuning(args.tune_from)
         print(f"tuned defaults: {meta['tuned']}", flush=True)
+    if args.v2_batch:
+        ok = gpu_check_v2_batch() if args.v2_check else True
+        print(f"[v2 batch check done at {time.time() - t0:.1f}s]", flush=True)
+        shapes = [tuple(int(v) for v in s_.split("x")) for s_ in args.v2_batch_shapes.split(",") if s_]
+        compare_v2_batch(args, bw, records, shapes)
+        (out / "gemv_v2_batch.json").write_text(json.dumps(dict(meta=meta, check_ok=ok, records=records), indent=1))
+        bad = [r for r in records if not r["ok"]]
+        print(f"[{len(records)} measurements in {time.time() - t0:.1f}s; {len(bad)} correctness failures]")
+        return 0 if ok and not bad else 1
     if args.v2:
         ok = gpu_check_v2() if args.v2_check else True
         print(f"[v2 check done at {time.time() - t0:.1f}s]", flush=True)
