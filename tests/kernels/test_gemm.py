@@ -144,6 +144,29 @@ def test_plan_dispatch_by_batch(m, path):
     check(y, x, p, bias)
 
 
+def test_h200_table_sends_m_up_to_4_to_the_v2_gemv(monkeypatch):
+    """The default (H200) table: an irregular layer runs the batched v2 GEMV up to M = 4 (gemv_max_m, measured),
+    the tensor-core GEMM from M = 5."""
+    from gqsa.kernels import gemv, gemv_layout
+
+    monkeypatch.delenv("GQSA_DISPATCH_TABLE", raising=False)
+    assert dispatch.H200_TABLE.gemv_max_m == 4 <= gemv.V2_MAX_BATCH <= gemv_layout.MAX_MB
+    p = make_packed(21, 200, 16, 4, 0.5, special="empty_rows")
+    plan = dispatch.LinearPlan(p)
+    assert plan.table is dispatch.H200_TABLE
+    assert [plan.path(m) for m in (1, 2, 3, 4, 5)] == ["gemv"] * 4 + ["gemm"]
+    assert plan.gemv.layout is not None  # W4 G16: the v2 kernel
+    seen = []
+    real = gemv_layout.jitted
+    monkeypatch.setattr(gemv_layout, "jitted", lambda fn, dns=(): (seen.append(fn.__name__), real(fn, dns))[1])
+    x = torch.randn(3, 200).half()
+    bias = torch.randn(21).half()
+    y = plan(x, bias)
+    assert seen == ["_gemv2p_kernel"] and y.shape == (3, 21)
+    for i in range(3):
+        check(y[i:i + 1], x[i:i + 1], p, bias)
+
+
 def test_plan_leading_dims_fp32_and_dense_cache():
     p = make_packed(24, 160, 32, 4, 0.4)
     plan = dispatch.LinearPlan(p, table=TABLE, dense_min_m=8)

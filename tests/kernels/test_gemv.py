@@ -340,13 +340,117 @@ def test_v2_unsupported_layers_fall_back_to_v1():
     assert not gemv_layout.layout_supported(big)
 
 
-def test_v2_batch_above_one_runs_v1():
-    p = make_packed(19, 256, 16, 4, 0.5)
+def check_rows(y, x, p, bias=None):
+    """:func:`check` row by row of x (a row stored at another row's place fails)."""
+    for i in range(x.shape[0]):
+        check(y[i:i + 1], x[i:i + 1], p, bias)
+
+
+def _spy_kernels(monkeypatch):
+    seen = []
+    real = gemv_layout.jitted
+
+    def spy(fn, dns=()):
+        seen.append(fn.__name__)
+        return real(fn, dns)
+
+    monkeypatch.setattr(gemv_layout, "jitted", spy)
+    return seen
+
+
+@pytest.mark.parametrize("m", [2, 3, 4])
+def test_v2_batched_matches_reference(m):
+    """The v2 kernels at M = 2-4 rows of x (constexpr MB): fp16 and bf16, uneven and empty rows, K % G != 0,
+    bias, one long row over several steps (the partial last step moved back), both kernels, y poisoned."""
+    p = make_packed(23, 16 * 40 + 5, 16, 4, 0.4, special="empty_rows", seed=21)  # K % G != 0, uneven rows
+    q = make_packed(9, 16 * 300, 16, 4, 0.0, special="one_row", seed=22)  # one row of 300 groups
+    runs = [(p, torch.float16, True, {}), (p, torch.bfloat16, False, dict(pipeline=False)),
+            (q, torch.bfloat16, True, dict(pipeline=True, rows_per_prog=2)), (q, torch.float16, False,
+                                                                              dict(pipeline=False))]
+    for pk, dt, has_bias, opts in runs:
+        n, k = pk.shape
+        gen = torch.Generator().manual_seed(23 + m)
+        x = torch.randn(m, k, generator=gen).to(dt)
+        bias = torch.randn(n, generator=gen).to(dt) if has_bias else None
+        y = torch.full((m, n), float("nan"), dtype=dt)
+        gemv_layout.launch(x, pk, gemv_layout.build_layout(pk), bias, y, **opts)
+        check_rows(y, x, pk, bias)
+
+
+def test_v2_batched_x_layouts_chunks_and_empty_layer():
+    """Rows of x further apart than K (no copy), misaligned rows (copied), M = 5 (a launch of 4 rows and one
+    of 1), an empty layer, the packed-fp16 dot at M = 2."""
+    p = make_packed(13, 16 * 40, 16, 4, 0.5, seed=24)
+    lay = gemv_layout.build_layout(p)
+    gen = torch.Generator().manual_seed(25)
+    base = torch.randn(3, 16 * 40 + 24, generator=gen).half()
+    for x in (base[:, :640], base[:, 3:643], torch.randn(5, 640, generator=gen).half()):
+        y = torch.full((x.shape[0], 13), float("nan"), dtype=torch.float16)
+        gemv_layout.launch(x, p, lay, None, y)
+        check_rows(y, x, p)
+    x2 = torch.randn(2, 640, generator=gen).half()
+    y = torch.full((2, 13), float("nan"), dtype=torch.float16)
+    gemv_layout.launch(x2, p, lay, None, y, half_dot=True)  # (interpreted: the plain path)
+    check_rows(y, x2, p)
+    e = make_packed(7, 16 * 10, 16, 4, 0.0, special="empty")
+    bias = torch.randn(7, generator=gen).half()
+    y = torch.full((3, 7), float("nan"), dtype=torch.float16)
+    gemv_layout.launch(x2[:, :160].repeat(2, 1)[:3], e, gemv_layout.build_layout(e), bias, y)
+    assert torch.equal(y, bias.expand(3, 7))
+
+
+def test_v2_runs_up_to_v2_max_batch_then_v1(monkeypatch):
+    """A plan and gqsa_linear: v2 (the pipelined kernel at M > 1) up to gemv.V2_MAX_BATCH rows, v1 above."""
+    seen = _spy_kernels(monkeypatch)
+    p = make_packed(3, 16 * 500, 16, 4, 0.3, seed=9)  # long rows: M = 1 runs the one-program-per-row kernel
+    assert p.nnz >= gemv_layout.LONG_ROW_GROUPS * 3
     plan = gemv.prepare(p, variant="data", kernel="v2")
-    x = torch.randn(3, 256).half()
-    check(plan(x), x, p)
+    gen = torch.Generator().manual_seed(26)
+    x = torch.randn(gemv.V2_MAX_BATCH + 1, 16 * 500, generator=gen).half()
+    bias = torch.randn(3, generator=gen).half()
+    check(plan(x[:1], bias), x[:1], p, bias)
+    assert seen[-1] == "_gemv2_kernel"
+    for m in (3, gemv.V2_MAX_BATCH):
+        del seen[:]
+        check_rows(plan(x[:m], bias), x[:m], p, bias)
+        assert seen == ["_gemv2p_kernel"]
+        del seen[:]
+        check_rows(gemv.gqsa_linear(x[:m], p, bias, variant="data", kernel="v2"), x[:m], p, bias)
+        assert seen == ["_gemv2p_kernel"]
+    del seen[:]
+    check_rows(plan(x), x, p)
+    assert not seen  # v1
     with pytest.raises(ValueError, match="kernel"):
         gemv.gqsa_linear(x, p, kernel="v3")
+
+
+def test_v2_batched_compiled_carries_one_accumulator_per_row(monkeypatch):
+    """Compiled (sm_90, offline) at MB = 3: the loop carries 3 accumulators and each sum is stored for the 3
+    rows of x, in the loop and after it."""
+    triton = pytest.importorskip("triton")
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except Exception:  # pragma: no cover - triton without the compiler API
+        pytest.skip("no offline compiler")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    consts = gemv_layout.kernel_constexprs(G=16, BITS=4, UPT=2, ASM=True, NUM_THREADS=32, REG=True, PF=2,
+                                           HAS_BIAS=True, MB=3)
+    args, types, div16 = gemv_layout.sass_signature(consts, pipe=True)
+    sig = dict(zip(args, types)) | {k: "constexpr" for k in consts}
+    src = ASTSource(fn=triton.jit(gemv_layout._gemv2p_kernel), signature=sig, constexprs=consts,
+                    attrs={(i,): [["tt.divisibility", 16]] for i in div16})
+    try:
+        ttir = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=1)).asm["ttir"]
+    except Exception as e:  # pragma: no cover - no CUDA backend / ptxas here
+        pytest.skip(f"offline sm_90 compile unavailable: {e}")
+    lines = ttir.split("\n")
+    cond = next(line for line in lines if "scf.condition" in line)
+    assert cond.split(" : ")[-1].count("tensor<32xf32>") >= 3
+    yld = next(i for i, line in enumerate(lines) if "scf.yield" in line and "tensor<32xf32>" in line)
+    stores = [i for i, line in enumerate(lines) if "tt.store" in line]
+    assert len(stores) == 6 and sum(i < yld for i in stores) == 3
+    assert sum("tt.addptr %y_ptr, %YS" in line for line in lines) == 2  # row 1 of x: y_ptr + YS
 
 
 def test_kernel_auto_picks_v2_for_w4_g16_and_g64():

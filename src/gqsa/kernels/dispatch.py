@@ -144,8 +144,13 @@ H200_BLOCK_TABLE = BlockTable(
 # least total time over 4096×4096, 11008×4096 and 28672×8192 (W4 S50 G16); the GEMV beat the GEMM at
 # M = 2 on every shape (132.7 µs against 316.6 µs summed over the three). expand_min_m = 256: the GEMM
 # was 2.5–4× slower than dense expansion + cuBLAS at M = 256 and 2048 (an explicit stopgap).
+# gemv_max_m = 4 (issue gemvb, H200, 2026-12-01, benchmarks/gemv.py --v2-batch, benchmarks/RESULTS.md "GEMV v2
+# at M = 2-4"): the v2 GEMV serves up to 4 rows of x (gemv.V2_MAX_BATCH, the weights read once for all rows)
+# and beat the GEMM at M = 2, 3 and 4 on each of 4096×4096, 11008×4096, 4096×11008, 28672×8192, 8192×28672
+# (W4 S50 G16; summed over the five: 149.7 against 432.6 µs at M = 2, 208.3 against 433.2 at M = 3,
+# 268.0 against 432.9 at M = 4); 4 is the most rows it takes (GemvPlan sends more to the dense path).
 H200_TABLE = DispatchTable(
-    gemv_max_m=2,
+    gemv_max_m=4,
     buckets=(
         (16, GemmConfig(block_m=16, block_n=64, num_warps=4, num_stages=2, waves=4.0)),
         (32, GemmConfig(block_m=32, block_n=128, num_warps=4, num_stages=2, waves=2.0)),

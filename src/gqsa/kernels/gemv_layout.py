@@ -35,6 +35,12 @@ Pipelined kernel (:func:`_gemv2p_kernel`, issue 12, second session): the same st
 steps of several consecutive rows per program, with the next step's loads issued before the current step's
 math and an L2 prefetch a few steps ahead; opt-in packed-fp16 dot. :func:`launch` picks the kernel by row length
 (``LONG_ROW_GROUPS``) and holds every setting as a launch argument (``GemvPlan(v2_opts=...)`` carries them).
+
+Several rows of x (issue gemvb): both kernels take a constexpr ``MB`` (1 … ``MAX_MB`` = 4) and serve ``MB`` rows
+of x in one launch: a step's metadata and codes are loaded and dequantized once (:data:`_PTX_DEQ4B`), the
+activation loads and the dot run per row of x, into one accumulator per row (a tuple of ``MB`` tensors,
+loop-carried); ``MB = 1`` compiles to the same code as the one-row kernel. At M > 1 the launcher picks the
+pipelined kernel for every row length (measured faster there).
 """
 from __future__ import annotations
 
@@ -74,6 +80,10 @@ V2P_PROGRAMS_PER_SM = 24
 V2P_REG = True  # register double-buffering of the next step's loads
 V2P_PREFETCH = 2  # L2 prefetch distance in steps (0: none)
 MAX_MB = 4  # rows of x one launch of the v2 kernels serves (the constexpr MB: weights read once for all)
+# M = 2-4 rows of x run the pipelined kernel whatever the row length: on the long-row shapes it beat the
+# one-program-per-row kernel at every M ≥ 2 (H200, 2026-12-01, benchmarks/RESULTS.md "GEMV v2 at M = 2-4":
+# 4096×11008 14.9 / 19.8 / 24.4 µs against 20.6 / 28.6 / 34.0 at M = 2 / 3 / 4; 8192×28672 57.3 / 81.4 / 107.8
+# against 64.2 / 88.4 / 127.5)
 
 
 def default_unit(group_size: int, bits: int) -> tuple[int, int]:
@@ -727,18 +737,18 @@ def launch(x2: torch.Tensor, packed: PackedLinear, layout: GemvLayout, bias: tor
            programs_per_sm: int | None = None, reg_pipeline: bool | None = None, prefetch: int | None = None,
            maxnreg: int | None = None, half_dot: bool = False) -> None:
     """``y = x2 @ Ŵᵀ (+ bias)`` through the v2 kernel (``layout`` from :func:`build_layout` of ``packed``;
-    ``x2``: ``[M, K]``, ``y``: ``[M, N]`` with unit column stride; up to ``MAX_MB`` rows of x in one launch, the
-    weights read once for all of them, more in launches of ``MAX_MB``); ``asm``: the inline-PTX dequantization where it applies
-    (compiled, 4 bits). ``pipeline`` (default: rows shorter than ``LONG_ROW_GROUPS`` kept groups on
-    average; the other arguments default to the ``V2P_*`` settings there): the software-pipelined kernel
-    (:func:`_gemv2p_kernel`) over ``rows_per_prog`` rows per program, or rows spread evenly over
-    ``programs_per_sm`` programs per SM (:func:`rows_per_program`; the default up to
-    ``V2P_MULTI_ROW_MAX_N`` rows, one row per program above), with register double-buffering of the
-    next step's loads (``reg_pipeline``, default ``V2P_REG``) and/or an L2 prefetch ``prefetch`` steps ahead
-    (default ``V2P_PREFETCH``; 0: none); else one program per row (:func:`_gemv2_kernel`). ``maxnreg``:
+    ``x2``: ``[M, K]``, ``y``: ``[M, N]`` with unit column stride; up to ``MAX_MB`` rows of x in one launch,
+    the weights read once for all of them, more in launches of ``MAX_MB``); ``asm``: the inline-PTX
+    dequantization where it applies (compiled, 4 bits). ``pipeline`` (default: M > 1 rows of x, or rows
+    shorter than ``LONG_ROW_GROUPS`` kept groups on average; the other arguments default to the ``V2P_*``
+    settings there): the software-pipelined kernel (:func:`_gemv2p_kernel`) over ``rows_per_prog`` rows per
+    program, or rows spread evenly over ``programs_per_sm`` programs per SM (:func:`rows_per_program`; the
+    default up to ``V2P_MULTI_ROW_MAX_N`` rows, one row per program above), with register double-buffering
+    of the next step's loads (``reg_pipeline``, default ``V2P_REG``) and/or an L2 prefetch ``prefetch`` steps
+    ahead (default ``V2P_PREFETCH``; 0: none); else one program per row (:func:`_gemv2_kernel`). ``maxnreg``:
     ptxas's register limit (None: its own choice; it sinks the next step's loads below the math when it
     runs short of registers). ``half_dot``: the packed-fp16 dot of the pipelined kernel (fp16 activations,
-    4-bit codes, 16-code units; elsewhere ignored)."""
+    4-bit codes, 16-code units; elsewhere ignored; at M > 1 it dequantizes per row of x)."""
     mrows, k = x2.shape
     if mrows > MAX_MB:
         for s in range(0, mrows, MAX_MB):
@@ -762,7 +772,7 @@ def launch(x2: torch.Tensor, packed: PackedLinear, layout: GemvLayout, bias: tor
     xb = x1.view(torch.int8)
     nw = num_warps or V2_NUM_WARPS
     n = packed.shape[0]
-    pipe = (packed.nnz < LONG_ROW_GROUPS * max(1, n)) if pipeline is None else pipeline
+    pipe = (mrows > 1 or packed.nnz < LONG_ROW_GROUPS * max(1, n)) if pipeline is None else pipeline
     if pipe and units_per_thread is None:
         units_per_thread = V2P_UNITS_PER_THREAD
     if pipe and rows_per_prog is None and programs_per_sm is None and n > V2P_MULTI_ROW_MAX_N:
