@@ -151,9 +151,9 @@ def test_h200_table_sends_m_up_to_4_to_the_v2_gemv(monkeypatch):
 
     monkeypatch.delenv("GQSA_DISPATCH_TABLE", raising=False)
     assert dispatch.H200_TABLE.gemv_max_m == 4 <= gemv.V2_MAX_BATCH <= gemv_layout.MAX_MB
-    p = make_packed(21, 200, 16, 4, 0.5, special="empty_rows")
+    p = make_packed(21, 200, 16, 4, 0.5)  # rows of about even length: the data-centric variant (v2)
     plan = dispatch.LinearPlan(p)
-    assert plan.table is dispatch.H200_TABLE
+    assert plan.table is dispatch.H200_TABLE and plan.gemv.variant == "data"
     assert [plan.path(m) for m in (1, 2, 3, 4, 5)] == ["gemv"] * 4 + ["gemm"]
     assert plan.gemv.layout is not None  # W4 G16: the v2 kernel
     seen = []
