@@ -889,6 +889,50 @@ def compare_v2_batch(args, bw, out_records, shapes, ms=(1, 2, 3, 4)):
         torch.cuda.empty_cache()
 
 
+V2B_SWEEP = {  # launch settings of the batched v2 kernel timed by --v2-batch-sweep (all: the pipelined kernel)
+    "default": {}, "u1": dict(units_per_thread=1), "u4": dict(units_per_thread=4), "pf0": dict(prefetch=0),
+    "pf4": dict(prefetch=4), "pps12": dict(programs_per_sm=12), "pps48": dict(programs_per_sm=48),
+    "rpp1": dict(rows_per_prog=1), "nw2": dict(num_warps=2),
+}
+
+
+def sweep_v2_batch(args, out_records, shapes, ms=(2, 3, 4), out=None, meta=None):
+    """Launch settings of the batched v2 kernel (:data:`V2B_SWEEP`) at M = 2-4, W4 S50 G16, rotated weights,
+    graph µs; every setting checked against the reference."""
+    from gqsa.kernels import gemv_layout as gl
+
+    gen = torch.Generator(device=DEV)
+    gen.manual_seed(0)
+    for n, k in shapes:
+        p0 = random_packed(n, k, 0.5, 16, gen=gen)
+        packs = [p0] + [clone_packed(p0) for _ in range(n_copies(p0.nbytes(), args.rot_bytes) - 1)]
+        lays = [gl.build_layout(p) for p in packs]
+        for m in ms:
+            x = torch.randn(m, k, device=DEV, dtype=torch.float16)
+            ref = reference.linear(x, p0).float()
+            y = torch.empty(m, n, device=DEV, dtype=torch.float16)
+            res = {}
+            for name, opts in V2B_SWEEP.items():
+                o = dict(pipeline=True) | opts
+                fns = [lambda p=p, lay=lay, o=o: gl.launch(x, p, lay, None, y, **o) for p, lay in zip(packs, lays)]
+                y.fill_(float("nan"))
+                fns[0]()
+                torch.cuda.synchronize()
+                e = rel_err(y, ref)
+                gus = t_graph(fns, replays=7)
+                res[name] = gus
+                out_records.append(dict(N=n, K=k, M=m, S=0.5, G=16, method="v2b " + name, opts=o, graph_us=gus,
+                                        rel_err=e, ok=bool(e < 1e-2)))
+            best = min(res, key=res.get)
+            print(f"{n:6d}x{k:<6d} M={m} " + " ".join(f"{nm} {v:.2f}" for nm, v in res.items())
+                  + f"  | best {best} {res[best] / res['default']:.3f}x default", flush=True)
+            if out is not None:
+                (out / "gemv_v2_batch_sweep.json").write_text(json.dumps(dict(meta=meta, records=out_records),
+                                                                         indent=1))
+        del packs, lays, p0
+        torch.cuda.empty_cache()
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -919,6 +963,8 @@ def main(argv=None):
     ap.add_argument("--v2-batch", action="store_true",
                     help="v2 at M = 2-4: GPU check, then cuBLAS fp16 / old path / batched v2 at M = 1-4")
     ap.add_argument("--v2-batch-shapes", default=V2B_SHAPES, help="NxK shapes of --v2-batch")
+    ap.add_argument("--v2-batch-sweep", action="store_true",
+                    help="launch settings of the batched v2 kernel (V2B_SWEEP) at M = 2-4 on --v2-batch-shapes")
     args = ap.parse_args(argv)
 
     import triton
@@ -944,6 +990,14 @@ def main(argv=None):
     if args.tune_from:
         meta["tuned"] = apply_tuning(args.tune_from)
         print(f"tuned defaults: {meta['tuned']}", flush=True)
+    if args.v2_batch_sweep:
+        shapes = [tuple(int(v) for v in s_.split("x")) for s_ in args.v2_batch_shapes.split(",") if s_]
+        sweep_v2_batch(args, records, shapes, out=out, meta=meta)
+        bad = [r for r in records if not r["ok"]]
+        print(f"[{len(records)} measurements in {time.time() - t0:.1f}s; {len(bad)} correctness failures]")
+        if not args.v2_batch:
+            return 0 if not bad else 1
+        records = []
     if args.v2_batch:
         ok = gpu_check_v2_batch() if args.v2_check else True
         print(f"[v2 batch check done at {time.time() - t0:.1f}s]", flush=True)
