@@ -454,20 +454,21 @@ def candidates(m):
 
 def sweep(args, records, path=None):
     """Time the candidates per M on three shapes; the table takes, per M, the candidate with the least
-    total time over the shapes (and the GEMV at M = 2 if it beats the GEMM there)."""
+    total time over the shapes; ``gemv_max_m``: the largest M ≤ ``gemv.V2_MAX_BATCH`` up to which the GEMV beat the
+    GEMM at every swept M (summed over the shapes)."""
     shapes = [(4096, 4096), (11008, 4096), (28672, 8192)]
     ms = [b for b in args.batches if b > 1]
     totals = {}  # (m, cfg) -> [us per shape]
-    gemv2 = []
+    gemv_us = {}  # m -> [GEMV us per shape], m ≤ V2_MAX_BATCH
     for n, k in shapes:
         meth = GqsaMethod(n, k, 0.5, 16, args.rot_bytes)
         for m in ms:
             x = torch.randn(m, k, device=DEV, dtype=torch.float16)
             y = torch.empty(m, n, device=DEV, dtype=torch.float16)
-            if m == 2:
+            if m <= gemv_k.V2_MAX_BATCH:
                 fns = [lambda pl=pl: pl.gemv(x) for pl in meth.plans]
                 fns[0]()
-                gemv2.append(bg.t_graph(fns, replays=7))
+                gemv_us.setdefault(m, []).append(bg.t_graph(fns, replays=7))
             best = None
             for cfg in candidates(m):
                 fns = [lambda pl=pl, cfg=cfg: gemm.launch_gemm(x, pl.layout, None, y, cfg, pl.sms) for pl in meth.plans]
@@ -490,10 +491,14 @@ def sweep(args, records, path=None):
         full = [(sum(v), c) for (mm, c), v in totals.items() if mm == m and len(v) == len(shapes)]
         if full:
             buckets.append((m if m != ms[-1] else 1 << 62, min(full, key=lambda t: t[0])[1]))
-    g2 = sum(gemv2)
-    gemm2 = min((sum(v) for (mm, c), v in totals.items() if mm == 2 and len(v) == len(shapes)), default=float("inf"))
-    table = dispatch.DispatchTable(gemv_max_m=2 if g2 < gemm2 else 1, buckets=tuple(buckets))
-    print(f"sweep: GEMV at M=2 {g2:.1f} us vs GEMM {gemm2:.1f} us (sum of 3 shapes)", flush=True)
+    gemv_max_m = 1
+    for m in sorted(gemv_us):
+        gv = sum(gemv_us[m])
+        gm = min((sum(v) for (mm, c), v in totals.items() if mm == m and len(v) == len(shapes)), default=float("inf"))
+        print(f"sweep: GEMV at M={m} {gv:.1f} us vs GEMM {gm:.1f} us (sum of 3 shapes)", flush=True)
+        if gv < gm and gemv_max_m == m - 1:
+            gemv_max_m = m
+    table = dispatch.DispatchTable(gemv_max_m=gemv_max_m, buckets=tuple(buckets))
     print("sweep table:", dispatch.table_to_json(table), flush=True)
     if path is not None:
         path.write_text(json.dumps({"records": records}, indent=1))
