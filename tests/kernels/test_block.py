@@ -274,6 +274,13 @@ def test_allocations_take_the_block_path(allocation, rows):
     check(launch(x, plan.block, C(np=1, split_k=3), bias), x, p, bias)
     check(launch(x, plan.block, C(np=2, scale_after=False, wide=True, split_k=2), bias), x, p, bias)
     check(launch(x, plan.block, C(np=4, scale_after=False, pre=True, split_k=2), bias), x, p, bias)
+    if plan.block.row_map is not None:  # y through the map (block_out=False) as well as in block order + gather
+        check(launch(x, plan.block, C(np=2, block_out=False), bias), x, p, bias)
+        check(launch(x, plan.block, C(np=1, split_k=3, block_out=False), bias), x, p, bias)
+        big = torch.full((x.shape[0], n + 8), float("nan"), dtype=x.dtype)  # y a column slice: not contiguous
+        block_gemm.launch_block(x, plan.block, bias, big[:, 4:4 + n], C(np=2))
+        check(big[:, 4:4 + n], x, p, bias)
+        assert big[:, :4].isnan().all() and big[:, 4 + n:].isnan().all()
 
 
 def test_row_clusters_detection_and_map():
@@ -293,6 +300,7 @@ def test_row_clusters_detection_and_map():
     assert r == 16 and sorted(row_map[row_map >= 0].tolist()) == list(range(64))
     lay = block_layout.build_block_layout(shuffled, r, row_map=row_map)
     assert torch.equal(block_layout.dequantize(lay), reference.dequantize(shuffled))
+    assert torch.equal(lay.row_map[lay.row_pos].long(), torch.arange(64))  # row_pos: the map's inverse
     with pytest.raises(ValueError, match="row map"):
         block_layout.build_block_layout(shuffled, r, row_map=torch.arange(64, dtype=torch.int32))
     from test_gemv import make_packed
