@@ -52,7 +52,7 @@ class BlockConfig:
     col_vec: bool = False  # the column as a [G, 1] tensor load (pipelined gather): measured slower, off
     wide: bool = False  # one dot of K = np·G per step (per-weight scales) instead of one of K = G per kept group
     pre: bool = False  # dequantize the kept weights first (a scratch tensor), then a GEMM without dequantization
-    block_out: bool = True  # clusterR layers: y in block-row order with vector stores, then one gather into place
+    block_out: bool = False  # clusterR layers: y in block-row order with vector stores, then one gather into place
 
     def __post_init__(self):
         if self.block_m < 16 or self.block_m & (self.block_m - 1):
