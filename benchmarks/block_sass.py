@@ -28,10 +28,10 @@ DIV16 = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 16, 17, 18, 19}
 
 
 def build(R=64, BM=16, NP=4, nw=1, sa=False, bits=4, G=16, fz=False, stages=3, asm=True, col_vec=False,
-          row_map=False, wide=False, pre=False, pdl=False):
+          row_map=False, wide=False, pre=False, pdl=False, block_out=False):
     consts = dict(R=R, G=G, BITS=bits, BLOCK_M=BM, NP=NP, STEPS=0, SPLIT=True, HAS_BIAS=False, SCALE_AFTER=sa,
                   DOT_F32=False, FLOAT_Z=fz, FP16=True, ASM=asm and bits == 4 and not fz, COL_VEC=col_vec,
-                  ROW_MAP=row_map, WIDE=wide, PRE=pre, PDL=pdl)
+                  ROW_MAP=row_map, WIDE=wide, PRE=pre, BLOCK_OUT=block_out and row_map, PDL=pdl)
     sig = dict(zip(ARGS, TYPES)) | {k: "constexpr" for k in consts}
     attrs = {(i,): [["tt.divisibility", 16]] for i in DIV16}
     src = ASTSource(fn=triton.jit(block_kernel), signature=sig, constexprs=consts, attrs=attrs)

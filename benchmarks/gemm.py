@@ -180,8 +180,11 @@ def block_candidates(m, rows, kinds=("wide", "pre", "table")):
     committed configuration, an A/B in the same run)."""
     C = block_gemm.BlockConfig
     p2 = max(16, 1 << max(0, (m - 1).bit_length()))
-    if os.environ.get("GQSA_BLOCK_AB"):  # A/B of the kernel variants at the table's configuration
+    ab = os.environ.get("GQSA_BLOCK_AB")
+    if ab:  # A/B of kernel variants at the table's configuration: asm × col_vec, or (=block_out) the y store
         base = dispatch.H200_TABLE.block.config(rows, m)
+        if ab == "block_out":
+            return [dataclasses.replace(base, block_out=b) for b in (True, False)]
         return [dataclasses.replace(base, asm=a, col_vec=cv) for a in (True, False) for cv in (True, False)]
     W = functools.partial(C, scale_after=False, wide=True)
     P = functools.partial(C, scale_after=False, pre=True)

@@ -274,6 +274,14 @@ def test_allocations_take_the_block_path(allocation, rows):
     check(launch(x, plan.block, C(np=1, split_k=3), bias), x, p, bias)
     check(launch(x, plan.block, C(np=2, scale_after=False, wide=True, split_k=2), bias), x, p, bias)
     check(launch(x, plan.block, C(np=4, scale_after=False, pre=True, split_k=2), bias), x, p, bias)
+    if plan.block.row_map is not None:  # y in block order + a gather (block_out) as well as through the map
+        check(launch(x, plan.block, C(np=2, block_out=True), bias), x, p, bias)
+        check(launch(x, plan.block, C(np=1, split_k=3, block_out=True), bias), x, p, bias)
+        check(launch(x, plan.block, C(np=4, scale_after=False, pre=True, block_out=True), bias), x, p, bias)
+        big = torch.full((x.shape[0], n + 8), float("nan"), dtype=x.dtype)  # y a column slice: not contiguous
+        block_gemm.launch_block(x, plan.block, bias, big[:, 4:4 + n], C(np=2, block_out=True))
+        check(big[:, 4:4 + n], x, p, bias)
+        assert big[:, :4].isnan().all() and big[:, 4 + n:].isnan().all()
 
 
 def test_row_clusters_detection_and_map():
@@ -293,6 +301,7 @@ def test_row_clusters_detection_and_map():
     assert r == 16 and sorted(row_map[row_map >= 0].tolist()) == list(range(64))
     lay = block_layout.build_block_layout(shuffled, r, row_map=row_map)
     assert torch.equal(block_layout.dequantize(lay), reference.dequantize(shuffled))
+    assert torch.equal(lay.row_map[lay.row_pos].long(), torch.arange(64))  # row_pos: the map's inverse
     with pytest.raises(ValueError, match="row map"):
         block_layout.build_block_layout(shuffled, r, row_map=torch.arange(64, dtype=torch.int32))
     from test_gemv import make_packed
@@ -304,3 +313,24 @@ def test_row_clusters_detection_and_map():
     assert block_layout.kernel_layout(make_block_packed(130, 256, 16, rows=64)) == "block64"
     assert block_layout.kernel_layout(make_packed(40, 256, 16, 4, 0.5)) == "irregular"
     del dense
+
+
+def test_cluster128_layers_take_the_block_order_store_from_17_rows():
+    """The H200 table writes y of clusterR layers in block order (then gathers it into place) at
+    M = 17–64 for R = 128, where that measured faster; through the map elsewhere."""
+    from gqsa import prune
+
+    n, k, g = 256, 128, 16
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(n, k // g, g, generator=gen)
+    s, z = quant.minmax_params(w, 4)
+    mask = prune.select_mask(torch.rand(n, k // g, generator=gen), 0.5, "cluster128")
+    p = fmt.pack(quant.quantize(w, s, z, 4), s, z, mask, (n, k), 4, g)
+    plan = dispatch.LinearPlan(p)
+    assert plan.block_rows == 128 and plan.block.row_map is not None
+    table = plan.table.block
+    assert table.config(128, 20).block_out and not table.config(128, 4).block_out
+    for m in (4, 20):
+        x = torch.randn(m, k, generator=gen).half()
+        assert plan.path(m) == "block"
+        check(plan(x), x, p, None)

@@ -52,6 +52,7 @@ class BlockConfig:
     col_vec: bool = False  # the column as a [G, 1] tensor load (pipelined gather): measured slower, off
     wide: bool = False  # one dot of K = np·G per step (per-weight scales) instead of one of K = G per kept group
     pre: bool = False  # dequantize the kept weights first (a scratch tensor), then a GEMM without dequantization
+    block_out: bool = False  # clusterR layers: y in block-row order with vector stores, then one gather into place
 
     def __post_init__(self):
         if self.block_m < 16 or self.block_m & (self.block_m - 1):
@@ -143,14 +144,21 @@ def launch_block(x2: torch.Tensor, layout: BlockLayout, bias: torch.Tensor | Non
                   FLOAT_Z=layout.float_zeros, FP16=x2.dtype == torch.float16,
                   ASM=cfg.asm and not _interpret() and layout.bits == 4 and x2.dtype == torch.float16
                   and not layout.float_zeros, COL_VEC=cfg.col_vec, ROW_MAP=layout.row_map is not None,
-                  WIDE=cfg.wide, PRE=cfg.pre)
+                  WIDE=cfg.wide, PRE=cfg.pre, BLOCK_OUT=cfg.block_out and layout.row_map is not None)
     qw, sz, cols = layout.qweight, layout.sz, layout.cols
     if layout.n_slots == 0:  # nothing kept: every load is masked, but the pointers must be real
         qw, sz, cols = (t.new_zeros(layout.rows * layout.group_size) for t in (qw, sz, cols))
     rmap = layout.row_map if layout.row_map is not None else layout.block_ptr  # (unused without ROW_MAP)
     wd = dequantize_kept(layout, x2.dtype) if cfg.pre and layout.n_slots else y  # (unused without PRE)
+    # clusterR with block_out: the kernel writes y in block-row order, one gather puts the rows in place
+    yk = torch.empty(m, layout.n_blocks * layout.rows, dtype=y.dtype, device=dev) if consts["BLOCK_OUT"] else y
     args = (x2, qw, sz, cols, layout.block_ptr, rmap,
-            bias if bias is not None else y, y, ws, cnt, wd,
-            m, n, k, sps, split, x2.stride(0), y.stride(0), layout.n_blocks, wd.stride(0))
+            bias if bias is not None else y, yk, ws, cnt, wd,
+            m, n, k, sps, split, x2.stride(0), yk.stride(0), layout.n_blocks, wd.stride(0))
     launch(_kernel(), (tm, layout.n_blocks, split), args, consts, dev, cfg.num_warps, cfg.num_stages, pdl="block")
+    if yk is not y:
+        if y.is_contiguous():
+            torch.index_select(yk, 1, layout.row_pos, out=y)
+        else:
+            y.copy_(yk.index_select(1, layout.row_pos))
     return y

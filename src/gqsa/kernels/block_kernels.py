@@ -34,7 +34,8 @@ Only kept groups are touched: the work is proportional to the kept weights. Spli
 one launch, CUDA-graph capturable (the scheme of :mod:`gqsa.kernels.gemm`). ``ROW_MAP``: the tile's
 output rows come from the layout's ``row_map`` (blocks of non-consecutive rows, ``--allocation clusterR``;
 split-K partial sums stay in block-row order, so that their atomics are coalesced, and go through the map
-only at the final store). ``PRE``: the kept weights were dequantized by :func:`block_dequant_kernel` into a
+only at the final store — or, ``BLOCK_OUT``, not at all: y is written in block-row order, with vector
+stores, into a ``[M, n_blocks·R]`` buffer that the launcher permutes into place). ``PRE``: the kept weights were dequantized by :func:`block_dequant_kernel` into a
 scratch ``[n_blocks·R, slots·G]`` in the activation dtype; a step is ``NP`` slots, one dot of K = ``NP·G``,
 both operands copied asynchronously into shared memory and nothing computed in between (large M).
 
@@ -79,7 +80,7 @@ def block_kernel(
     R: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr, NP: tl.constexpr,
     STEPS: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, SCALE_AFTER: tl.constexpr,
     DOT_F32: tl.constexpr, FLOAT_Z: tl.constexpr, FP16: tl.constexpr, ASM: tl.constexpr, COL_VEC: tl.constexpr,
-    ROW_MAP: tl.constexpr, WIDE: tl.constexpr, PRE: tl.constexpr, PDL: tl.constexpr,
+    ROW_MAP: tl.constexpr, WIDE: tl.constexpr, PRE: tl.constexpr, BLOCK_OUT: tl.constexpr, PDL: tl.constexpr,
 ):
     CPB: tl.constexpr = 8 // BITS  # slots per byte tile
     QM: tl.constexpr = (1 << BITS) - 1
@@ -233,14 +234,23 @@ def block_kernel(
                             acc = tl.dot(w, xg, acc)
 
     if ROW_MAP:  # blocks of non-consecutive rows (clusterR): the output row of each block row, −1 padding
-        offs_n = tl.load(rmap_ptr + blk * R + ar_r)
-        n_ok = offs_n >= 0
+        map_n = tl.load(rmap_ptr + blk * R + ar_r)
+        map_ok = map_n >= 0
+    if ROW_MAP and not BLOCK_OUT:  # y through the map: one 2-byte store per element
+        offs_n = map_n
+        n_ok = map_ok
+    elif ROW_MAP:  # y in block-row order ([M, n_blocks·R], every block row): vector stores, permuted after
+        offs_n = blk * R + ar_r
+        n_ok = ar_r < R
     else:
         offs_n = blk * R + ar_r
         n_ok = offs_n < N
     omask = n_ok[:, None] & m_ok[None, :]
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        if ROW_MAP:
+            bias = tl.load(bias_ptr + map_n, mask=map_ok, other=0.0).to(tl.float32)
+        else:
+            bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
     else:
         bias = tl.full([R], 0.0, tl.float32)
     yp = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None]

@@ -61,6 +61,7 @@ class BlockLayout:
     float_zeros: bool
     max_slots: int  # most slots (padded kept groups) of any block
     row_map: torch.Tensor | None = None  # int32 [n_blocks · R]: output row of each block row (−1: padding)
+    row_pos: torch.Tensor | None = None  # int64 [N]: the block row of each output row (row_map's inverse)
     version: int = BLOCK_LAYOUT_VERSION
 
     @property
@@ -242,11 +243,18 @@ def build_block_layout(packed: PackedLinear, rows: int | None = None, device=Non
         if not bool(rows_ok.all()) or (packed.nnz and not bool(
                 (torch.where(valid, col[src], cols[:, None].to(torch.int64)) == cols[:, None]).all())):
             raise ValueError("the layer's rows do not share their kept columns in the blocks of the row map")
+    row_pos = None
+    if row_map is not None:
+        flat = vrow.reshape(-1)
+        real = torch.nonzero(flat >= 0).squeeze(1)
+        row_pos = torch.empty(n, dtype=torch.int64, device=dev)
+        row_pos[flat[real]] = real
     return BlockLayout(qweight=qb, sz=sz.contiguous(),
                        cols=cols.to(torch.int32).contiguous(), block_ptr=bptr.to(torch.int32), shape=(int(n), int(k)),
                        bits=int(bits), group_size=int(g), rows=int(rows), float_zeros=bool(packed.float_zeros),
                        max_slots=int(padded.max()) if nb else 0,
-                       row_map=None if row_map is None else vrow.reshape(-1).to(torch.int32).contiguous())
+                       row_map=None if row_map is None else vrow.reshape(-1).to(torch.int32).contiguous(),
+                       row_pos=row_pos)
 
 
 def codes(layout: BlockLayout) -> torch.Tensor:

@@ -119,6 +119,9 @@ _P = functools.partial(BlockConfig, scale_after=False, pre=True)
 # block128 pre ran at 1.06–1.10× cuBLAS on the three shapes (wide 0.68–0.85×, the expansion 0.83–0.90×),
 # block64 pre at 0.85–0.90× (the expansion 0.72–0.89×); at M = 256 block128 pre beat wide on all three.
 # So no dense expansion for block64/128 (benchmarks/RESULTS.md, "pre").
+# Fourth session: ``block_out`` (clusterR layers: y in block-row order, then a gather) for block128 at
+# M = 17–64 only, where it won on all three shapes at M = 64 (22.7 / 38.1 / 112.7 µs against 24.0 / 46.4 /
+# 119.8 through the map); at M = 4 the gather's extra launch lost 5 µs on every shape. Not measured above 64.
 H200_BLOCK_TABLE = BlockTable(
     buckets=(
         (16, ((16, _B(block_m=16, np=4, num_warps=1, num_stages=3, waves=4.0, scale_after=False)),
@@ -129,7 +132,7 @@ H200_BLOCK_TABLE = BlockTable(
               (256, _B(block_m=128, np=2, num_warps=4, num_stages=3, waves=1.0, scale_after=False)),
               (1 << 62, _P(block_m=256, np=4, num_warps=4, num_stages=3, split_k=1)))),
         (128, ((16, _W(block_m=16, np=4, num_warps=2, num_stages=3, waves=4.0)),
-               (64, _W(block_m=64, np=4, num_warps=8, num_stages=4, waves=1.0)),
+               (64, _W(block_m=64, np=4, num_warps=8, num_stages=4, waves=1.0, block_out=True)),
                (256, _P(block_m=128, np=4, num_warps=8, num_stages=4, waves=1.0)),
                (1 << 62, _P(block_m=128, np=4, num_warps=8, num_stages=3, split_k=1)))),
     ),
