@@ -130,12 +130,18 @@ def test_task_table_covers_every_row_once():
 
 def test_dense_expand_is_bit_exact():
     for bits, g, fz in ((4, 16, False), (4, 128, True), (2, 32, False), (8, 16, True)):
-        p = make_packed(21, 200, g, bits, 0.5, fz)
+        p = make_packed(21, 2100 if g == 16 else 200, g, bits, 0.5, fz)  # K > 1024: two blocks of zeros
         assert torch.equal(gemv.dequantize_dense(p, torch.float16), reference.dequantize(p, torch.float16))
+        # the kernel writes every element itself (zeros where pruned): NaN-filled memory in, nothing left of it
+        poisoned = torch.full(p.shape, float("nan"), dtype=torch.float16)
+        assert gemv.dequantize_dense(p, torch.float16, out=poisoned) is poisoned
+        assert torch.equal(poisoned, reference.dequantize(p, torch.float16))
         # the interpreter truncates float32 -> bfloat16 (compiled code and torch round to nearest, and
         # the GPU check in benchmarks/gemv.py --check compares them bit for bit): one bf16 ulp here
         a, b = gemv.dequantize_dense(p, torch.bfloat16).float(), reference.dequantize(p, torch.bfloat16).float()
         assert bool(((a - b).abs() <= b.abs() * 2**-7).all())
+    with pytest.raises(ValueError, match="out must be"):
+        gemv.dequantize_dense(p, torch.float16, out=torch.empty(3, 3, dtype=torch.float16))
 
 
 def test_prefill_path_above_batch_16():

@@ -359,11 +359,21 @@ def _expand_kernel(
     qw_ptr, col_ptr, s_ptr, z_ptr, rp_ptr, w_ptr, K, stride_w,
     G: tl.constexpr, BITS: tl.constexpr, BLOCK_G: tl.constexpr, EVEN_K: tl.constexpr,
 ):
-    """Dense expansion: program ``r`` writes the kept groups of row ``r`` into a zeroed ``[N, K]``."""
+    """Dense expansion: program ``r`` writes row ``r`` of ``[N, K]``: zeros over the whole row, then (after a
+    barrier, so that no zero lands on a kept weight) the kept groups. One pass over the dense matrix, no
+    separate zero fill (its writes merge in L2: the matrix goes to DRAM once)."""
     QB: tl.constexpr = G * BITS // 8
+    ZB: tl.constexpr = 1024
     r = tl.program_id(0)
     rs = tl.load(rp_ptr + r)
     re = tl.load(rp_ptr + r + 1)
+    wrow = w_ptr + r.to(tl.int64) * stride_w
+    offs_z = tl.arange(0, ZB)
+    k0 = 0
+    while k0 < K:  # (while: the interpreter cannot loop to a run-time bound with range)
+        tl.store(wrow + k0 + offs_z, tl.full([ZB], 0.0, w_ptr.dtype.element_ty), mask=k0 + offs_z < K)
+        k0 += ZB
+    tl.debug_barrier()
     offs_e = tl.arange(0, G)
     offs_q = tl.arange(0, QB)
     ar = tl.arange(0, BLOCK_G)
@@ -388,7 +398,7 @@ def _expand_kernel(
         m = mg[:, None]
         if not EVEN_K:
             m = m & (kk < K)
-        tl.store(w_ptr + r.to(tl.int64) * stride_w + kk, w.to(w_ptr.dtype.element_ty), mask=m)
+        tl.store(wrow + kk, w.to(w_ptr.dtype.element_ty), mask=m)
         c += BLOCK_G
 
 
@@ -728,23 +738,29 @@ def _launch_gemv(x2, packed, bias, y, tasks: TaskTable | None, block_g=None, num
     launch(_kernel("gemv"), grid, (*tensors, *ints), consts, y.device, num_warps, pdl="gemv")
 
 
-def dequantize_dense(packed: PackedLinear, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+def dequantize_dense(packed: PackedLinear, dtype: torch.dtype = torch.float16,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
     """Dense ``[N, K]`` weight in ``dtype``, equal bit for bit to ``reference.dequantize(packed, dtype)``.
 
     Triton expansion kernel on the GPU (or under ``TRITON_INTERPRET=1``), the reference elsewhere.
+    ``out``: a ``[N, K]`` tensor of ``dtype`` with unit stride along K to write (every element; its
+    previous content does not matter), else a new one.
     """
     _check_packed(packed)
     dev = packed.row_ptr.device
-    if packed.bits not in KERNEL_BITS or not _triton_usable(dev):
-        return reference.dequantize(packed, dtype)
     n, k = packed.shape
-    w = torch.zeros(n, k, dtype=dtype, device=dev)
-    if packed.nnz:
-        _kernel("expand")[(n,)](
-            packed.qweight, packed.col_idx, packed.scales, packed.zeros, packed.row_ptr, w, k, w.stride(0),
-            G=packed.group_size, BITS=packed.bits, BLOCK_G=max(4, 1024 // packed.group_size),
-            EVEN_K=(k % packed.group_size == 0), num_warps=4,
-        )
+    if out is not None and (tuple(out.shape) != (n, k) or out.dtype != dtype or out.device != dev
+                            or out.stride(1) != 1):
+        raise ValueError(f"out must be a [{n}, {k}] {dtype} tensor on {dev} with unit stride along K")
+    if packed.bits not in KERNEL_BITS or not _triton_usable(dev):
+        w = reference.dequantize(packed, dtype)
+        return w if out is None else out.copy_(w)
+    w = torch.empty(n, k, dtype=dtype, device=dev) if out is None else out  # every element is written
+    if n:
+        launch(_kernel("expand"), (n,), (packed.qweight, packed.col_idx, packed.scales, packed.zeros, packed.row_ptr, w,
+                                         k, w.stride(0)),
+               dict(G=packed.group_size, BITS=packed.bits, BLOCK_G=max(4, 1024 // packed.group_size),
+                    EVEN_K=k % packed.group_size == 0), dev, 4)
     return w
 
 
