@@ -108,16 +108,17 @@ def _time_by_kind(events) -> dict:
 
 
 def profile_prefill(engine: Engine, prompts) -> dict:
-    """Kernel-time breakdown of one prefill (a generation of 2 tokens: the prefill and one decode
-    step), against its wall time: where ``kernel_sum_ms`` is well below ``wall_ms`` the prefill waits
-    on the CPU (kernel launches), not on the GPU."""
+    """Kernel-time breakdown of one prefill (a generation of 1 token: the prefill alone; until
+    2026-12-01 it was 2 tokens, so earlier profiles include one decode step), against its wall time:
+    where ``kernel_sum_ms`` is well below ``wall_ms`` the prefill waits on the CPU (kernel launches),
+    not on the GPU."""
     from torch.profiler import ProfilerActivity, profile
 
-    engine.generate(prompts, 2)  # warm
+    engine.generate(prompts, 1)  # warm
     torch.cuda.synchronize()
     with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
-        out = engine.generate(prompts, 2)
+        out = engine.generate(prompts, 1)
         torch.cuda.synchronize()
         wall = time.perf_counter() - t0
     ev = _device_events(prof)
