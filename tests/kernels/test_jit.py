@@ -50,6 +50,63 @@ def test_launch_runs_the_interpreter_and_passes_pdl_false(monkeypatch):
     assert y.item() == 7  # PDL requested, but the CPU has none: the kernel was told PDL = False
 
 
+class _FakeCompiled:
+    function = packed_metadata = None
+
+    def __init__(self, log):
+        self.log = log
+
+    def launch_metadata(self, grid, stream, *args):
+        return None
+
+    def run(self, gx, gy, gz, stream, fn, meta, lmeta, enter, exit_, *args):
+        self.log.append(("fast", (gx, gy, gz), args))
+
+
+class _FakeKernel:
+    def __init__(self):
+        self.log = []
+
+    def __getitem__(self, grid):
+        def first(*args, **kw):
+            self.log.append(("slow", grid, args, kw))
+            return _FakeCompiled(self.log)
+        return first
+
+
+def test_launch_fast_path_on_a_gpu_caches_per_specialization(monkeypatch):
+    """The CUDA path with the compiler stubbed: the first launch of a specialization goes through Triton
+    (``kern[grid](...)``, with the constexprs and options as keywords), the next ones call the compiled
+    kernel directly with args + constexpr values; a different alignment or int width is a new
+    specialization."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.delenv("GQSA_PDL", raising=False)
+
+    class _Stream:
+        def get_current_stream(self, index):
+            return 7
+
+    monkeypatch.setattr(triton.runtime.driver, "_active", _Stream())
+    monkeypatch.setattr(jit, "_FAST", {})
+    k = _FakeKernel()
+    dev = torch.device("cuda", 0)
+    a = torch.zeros(64, dtype=torch.float16)
+    jit.launch(k, (4,), (a, 16), {"BLOCK": 32}, dev, 4, 2, pdl="ops")
+    jit.launch(k, (4,), (a, 16), {"BLOCK": 32}, dev, 4, 2, pdl="ops")
+    assert [e[0] for e in k.log] == ["slow", "fast"]
+    assert k.log[0][3] == {"BLOCK": 32, "PDL": False, "num_warps": 4, "num_stages": 2}  # PDL off by default
+    assert k.log[1][1] == (4, 1, 1) and k.log[1][2][:2] == (a, 16) and k.log[1][2][2:] == (32, False)
+    jit.launch(k, (4,), (a[1:], 16), {"BLOCK": 32}, dev, 4, 2, pdl="ops")  # not 16-byte aligned
+    jit.launch(k, (4,), (a, 2**31), {"BLOCK": 32}, dev, 4, 2, pdl="ops")  # a 64-bit int
+    jit.launch(k, (4,), (a, 48), {"BLOCK": 32}, dev, 4, 2, pdl="ops")  # same specialization as 16
+    assert [e[0] for e in k.log] == ["slow", "fast", "slow", "slow", "fast"]
+    monkeypatch.setenv("GQSA_PDL", "ops")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: (9, 0))
+    monkeypatch.setattr(jit, "_PDL_DEVICES", {})
+    jit.launch(k, (4,), (a, 16), {"BLOCK": 32}, dev, 4, 2, pdl="ops")
+    assert k.log[-1][0] == "slow" and k.log[-1][3]["PDL"] is True and k.log[-1][3]["launch_pdl"] is True
+
+
 def test_spec_bits_tell_apart_what_triton_compiles_apart():
     a = torch.zeros(8, dtype=torch.float16)
     assert jit.spec_bits((a,)) != jit.spec_bits((a[1:],))  # 16-byte aligned or not
@@ -57,6 +114,7 @@ def test_spec_bits_tell_apart_what_triton_compiles_apart():
     assert jit.spec_bits((2**31 - 16,)) != jit.spec_bits((2**31,))  # 32- and 64-bit ints
     assert jit.spec_bits((3,)) == jit.spec_bits((5,))
     assert jit.spec_bits((1.5,)) == jit.spec_bits((2.5,))
+    assert jit.spec_bits((a,)) != jit.spec_bits((a.view(torch.int16),))  # dtype of a pointer
 
 
 def _compile(fn, sig, consts, attrs=None, nw=4):

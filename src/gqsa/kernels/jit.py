@@ -80,11 +80,11 @@ def pdl_enabled(device, family: str | None = None) -> bool:
     """Whether kernels of ``family`` (any, when None) launched on ``device`` use programmatic dependent
     launch: compiled kernels on a GPU of compute capability ≥ 9.0, for the families of
     :func:`pdl_families` (see the module docstring)."""
-    device = torch.device(device)
-    if device.type != "cuda" or _interpret():
-        return False
     fam = pdl_families()
     if not fam or (family is not None and family not in fam):
+        return False
+    device = torch.device(device)
+    if device.type != "cuda" or _interpret():
         return False
     idx = device.index if device.index is not None else torch.cuda.current_device()
     ok = _PDL_DEVICES.get(idx)
@@ -94,45 +94,49 @@ def pdl_enabled(device, family: str | None = None) -> bool:
 
 
 def _spec(a):
+    t = type(a)
+    if t is int:
+        return a & 15 == 0, a == 1, -2**31 <= a < 2**31
     if isinstance(a, torch.Tensor):
-        return a.data_ptr() % 16 == 0
-    if isinstance(a, int) and not isinstance(a, bool):
+        return a.data_ptr() & 15 == 0, a.dtype
+    if t is not bool and isinstance(a, int):
         return a % 16 == 0, a == 1, -2**31 <= a < 2**31
-    return type(a)
+    return t
 
 
 def spec_bits(args) -> tuple:
-    """What Triton specializes a launch on: 16-byte alignment of pointers; ints % 16 == 0, == 1 and
+    """What Triton specializes a launch on: pointers' dtype and 16-byte alignment; ints % 16 == 0, == 1 and
     their width (32 or 64 bits); the type of anything else."""
-    return tuple(_spec(a) for a in args)
+    return tuple(map(_spec, args))
 
 
 def launch(kern, grid, args: tuple, consts: dict, device, num_warps: int, num_stages: int | None = None,
            pdl: str | None = None, **options) -> None:
     """Launch ``kern`` (a :func:`jitted` kernel) on ``grid`` (1–3 ints) with positional ``args`` and
     constexprs ``consts``. After the first launch of a specialization the compiled kernel is called
-    directly (Triton's Python launch path costs tens of µs a call). ``pdl``: None for a kernel without
-    a ``PDL`` constexpr; else the kernel's family (:data:`PDL_FAMILIES`): the kernel gets ``PDL =
-    pdl_enabled(device, pdl)`` and is launched with the programmatic-dependent-launch attribute when
-    that is true. ``options``: other compile
-    options of the compiled path (``maxnreg``)."""
-    device = torch.device(device)
-    grid = (*grid, *(1,) * (3 - len(grid)))
+    directly (Triton's Python launch path costs tens of µs a call; this one, ``benchmarks/launch_overhead.py``,
+    is what bounds an eager prefill). ``pdl``: None for a kernel without a ``PDL`` constexpr; else the
+    kernel's family (:data:`PDL_FAMILIES`): the kernel gets ``PDL = pdl_enabled(device, pdl)`` and is
+    launched with the programmatic-dependent-launch attribute when that is true. ``options``: other
+    compile options of the compiled path (``maxnreg``)."""
+    if type(device) is not torch.device:
+        device = torch.device(device)
+    if len(grid) < 3:
+        grid = (*grid, *(1,) * (3 - len(grid)))
     if pdl is not None:
         on = pdl_enabled(device, pdl)
         consts = {**consts, "PDL": on}
         if on:
             options = {**options, "launch_pdl": True}
-    opts = {"num_warps": num_warps}
-    if num_stages is not None:
-        opts["num_stages"] = num_stages
-    if _interpret() or device.type != "cuda":
+    if device.type != "cuda" or _interpret():
+        opts = {"num_warps": num_warps} if num_stages is None else {"num_warps": num_warps, "num_stages": num_stages}
         kern[grid](*args, **consts, **opts)
         return
-    key = (id(kern), tuple(consts.values()), tuple(options.items()), num_warps, num_stages, device.index,
-           tuple(a.dtype for a in args if isinstance(a, torch.Tensor)), spec_bits(args))
+    key = (id(kern), tuple(consts.values()), num_warps, num_stages, device.index, tuple(map(_spec, args)),
+           tuple(options.items()))
     ck = _FAST.get(key)
     if ck is None:
+        opts = {"num_warps": num_warps} if num_stages is None else {"num_warps": num_warps, "num_stages": num_stages}
         _FAST[key] = kern[grid](*args, **consts, **opts, **options)
         return
     rt = triton.knobs.runtime
