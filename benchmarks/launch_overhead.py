@@ -8,6 +8,7 @@ cache size of :mod:`gqsa.kernels.jit` before and after (it must not grow: a grow
 call compiles or takes Triton's slow launch path) and a cProfile of the GQSA calls.
 
     PYTHONPATH=src python benchmarks/launch_overhead.py --setting w4s50g16b128 --m 512
+    PYTHONPATH=src python benchmarks/launch_overhead.py --stub   # no GPU: jit.launch alone, compiler stubbed
 """
 import argparse
 import cProfile
@@ -36,13 +37,55 @@ def per_call(fn, calls: int) -> tuple[float, float]:
     return 1e6 * cpu / calls, 1e6 * (time.perf_counter() - t) / calls
 
 
+def stubbed_launch(calls: int = 20000) -> float:
+    """µs per ``jit.launch`` fast-path call of a 20-argument block-kernel launch, with the compiled kernel
+    and the stream lookup stubbed (no GPU needed: the Python cost alone)."""
+    import triton.runtime.driver
+
+    class Compiled:
+        function = packed_metadata = None
+
+        def launch_metadata(self, *a):
+            return None
+
+        def run(self, *a):
+            pass
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *a, **kw: Compiled()
+
+    class Stream:
+        def get_current_stream(self, index):
+            return 0
+
+    triton.runtime.driver.set_active(Stream())
+    dev = torch.device("cuda", 0)
+    x = torch.zeros(512, 4096, dtype=torch.float16)
+    ts = [torch.zeros(1000, dtype=t) for t in (torch.uint8, torch.int32, torch.int32, torch.int32, torch.int32)]
+    args = (x, *ts, x, x, x, ts[1], x, 512, 4096, 4096, 12, 1, 4096, 4096, 32, 2048)
+    consts = dict(R=128, G=16, BITS=4, BLOCK_M=128, NP=4, STEPS=0, SPLIT=False, HAS_BIAS=False, SCALE_AFTER=False,
+                  DOT_F32=False, FLOAT_Z=False, FP16=True, ASM=True, COL_VEC=False, ROW_MAP=False, WIDE=False,
+                  PRE=True, BLOCK_OUT=False)
+    k = Kernel()
+    jit.launch(k, (4, 32, 1), args, consts, dev, 8, 3, pdl="block")
+    t = time.perf_counter()
+    for _ in range(calls):
+        jit.launch(k, (4, 32, 1), args, consts, dev, 8, 3, pdl="block")
+    return 1e6 * (time.perf_counter() - t) / calls
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--setting", default="w4s50g16b128", help="a gqsa bench synthetic setting (default w4s50g16b128)")
     ap.add_argument("--arch", default="llama-2-7b-layers=1", help="synthetic architecture (default one 7B layer)")
     ap.add_argument("--m", type=int, default=512, help="rows of x (default 512: a prefill)")
     ap.add_argument("--calls", type=int, default=100)
+    ap.add_argument("--stub", action="store_true", help="no GPU: time jit.launch's fast path with the compiler stubbed")
     args = ap.parse_args()
+    if args.stub:
+        print(f"jit.launch fast path (stubbed): {stubbed_launch():.2f} us per call")
+        return
     if not torch.cuda.is_available():
         sys.exit("launch_overhead: needs a CUDA GPU")
     model = build_synthetic(args.arch, parse_setting(args.setting), torch.device("cuda"), seed=0)
