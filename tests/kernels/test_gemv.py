@@ -480,14 +480,7 @@ def test_kernel_auto_picks_v2_for_w4_g16_and_g64():
 
 def test_v2_launch_defaults_pick_the_kernel_by_row_length(monkeypatch):
     """Long rows: the one-program-per-row kernel; short rows: the pipelined kernel, one row per program."""
-    seen = []
-    real = gemv_layout.jitted
-
-    def spy(fn, dns=()):
-        seen.append(fn.__name__)
-        return real(fn, dns)
-
-    monkeypatch.setattr(gemv_layout, "jitted", spy)
+    seen = _spy_kernels(monkeypatch)
     long_rows = make_packed(3, 16 * 700, 16, 4, 0.3, seed=9)
     short_rows = make_packed(9, 16 * 300, 16, 4, 0.3, seed=9)
     for p, want in ((long_rows, "_gemv2_kernel"), (short_rows, "_gemv2p_kernel")):
