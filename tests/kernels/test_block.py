@@ -228,6 +228,34 @@ def test_dispatch_block128_large_m_runs_the_pre_kernels_not_the_expansion():
     check(plan(x), x, p)
 
 
+def test_dispatch_prepared_block_calls_with_the_pre_pass_and_block_order_stores():
+    """The prepared calls of a clusterR layer (row map): the ``pre`` pass with split-K at M ≤ 4, block-order
+    stores + the gather above; every batch shape, with and without a bias, prepared once and right each
+    time (the split-K workspace left zero by every call)."""
+    from gqsa import prune
+
+    n, k, g = 100, 256, 16
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(n, k // g, g, generator=gen)
+    s, z = quant.minmax_params(w, 4)
+    mask = prune.select_mask(torch.rand(n, k // g, generator=gen) ** 3, 0.5, "cluster16")
+    p = fmt.pack(quant.quantize(w, s, z, 4), s, z, mask, (n, k), 4, g)
+    table = dispatch.DispatchTable(
+        gemv_max_m=1, buckets=((1 << 62, gemm.GemmConfig()),),
+        block=dispatch.BlockTable(buckets=((16, ((4, C(np=4, scale_after=False, pre=True, split_k=2)),
+                                                 (1 << 62, C(np=2, block_out=True)))),)))
+    plan = dispatch.LinearPlan(p, table=table)
+    assert plan.block is not None and plan.block.row_map is not None
+    bias = torch.randn(n, generator=gen).half()
+    for m in (3, 6):
+        for b in (bias, None):
+            for _ in range(2):
+                x = torch.randn(m, k, generator=gen).half()
+                check(plan(x), x, p) if b is None else check(plan(x, b), x, p, b)
+    assert len(plan._calls) == 4
+    assert sorted((c.pre is not None, c.block_out) for c in plan._calls.values()) == [(False, True)] * 2 + [(True, False)] * 2
+
+
 def test_configs_tuned_at_g16_keep_their_step_size_at_larger_groups():
     wide = C(block_m=16, np=4, scale_after=False, wide=True)
     assert block_gemm.for_group(wide, 16) is wide

@@ -167,6 +167,31 @@ def test_h200_table_sends_m_up_to_4_to_the_v2_gemv(monkeypatch):
         check(y[i:i + 1], x[i:i + 1], p, bias)
 
 
+def test_plan_prepares_each_batch_shape_once():
+    """A batch shape seen before on the tensor-core path runs its prepared call (grid, split-K and
+    constexprs kept): same results as a fresh plan; shapes, row strides, dtypes and bias or none each get
+    their own; x without unit stride along K is copied and never prepared; a bad bias still raises."""
+    p = make_packed(21, 200, 16, 4, 0.5, special="empty_rows")
+    plan = dispatch.LinearPlan(p, table=TABLE)  # M = 6: split-K 2, so the workspace path too
+    bias = torch.randn(21).half()
+    for _ in range(3):
+        x = torch.randn(2, 3, 200).half()
+        check(plan(x, bias).reshape(6, 21), x.reshape(6, 200), p, bias)
+    assert len(plan._calls) == 1
+    x = torch.randn(6, 200).half()
+    check(plan(x), x, p)
+    check(plan(x.bfloat16()), x.bfloat16(), p)
+    xs = torch.randn(6, 260).half()[:, 30:230]  # row stride 260
+    for _ in range(2):
+        check(plan(xs, bias), xs, p, bias)
+    xt = torch.randn(200, 6).half().t()
+    check(plan(xt), xt, p)
+    assert len(plan._calls) == 4
+    with pytest.raises(ValueError, match="bias"):
+        plan(torch.randn(2, 3, 200).half(), torch.randn(5).half())
+    check(plan(x, bias.float()), x, p, bias)  # a bias in another dtype: converted on the checked path
+
+
 def test_plan_leading_dims_fp32_and_dense_cache():
     p = make_packed(24, 160, 32, 4, 0.4)
     plan = dispatch.LinearPlan(p, table=TABLE, dense_min_m=8)

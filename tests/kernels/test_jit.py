@@ -107,6 +107,33 @@ def test_launch_fast_path_on_a_gpu_caches_per_specialization(monkeypatch):
     assert k.log[-1][0] == "slow" and k.log[-1][3]["PDL"] is True and k.log[-1][3]["launch_pdl"] is True
 
 
+def test_rebind_keeps_the_compiled_kernel_of_a_call_site(monkeypatch):
+    """A prepared call site (``jit.rebind``, compiler stubbed): the first launch goes through Triton, the next
+    ones through the kept Bound (no fast-path lookup any more); a call whose pointers are not aligned as at
+    binding takes the checked launch and keeps the Bound it had."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.delenv("GQSA_PDL", raising=False)
+
+    class _Stream:
+        def get_current_stream(self, index):
+            return 7
+
+    monkeypatch.setattr(triton.runtime.driver, "_active", _Stream())
+    monkeypatch.setattr(jit, "_FAST", {})
+    k = _FakeKernel()
+    dev = torch.device("cuda", 0)
+    a = torch.zeros(64, dtype=torch.float16)
+    b = jit.rebind(None, True, k, (4, 2), (a, 16), {"BLOCK": 32}, dev, 4, 2, pdl="ops")
+    assert isinstance(b, jit.Bound) and [e[0] for e in k.log] == ["slow"]
+    jit._FAST.clear()  # the Bound does not look the kernel up again
+    assert jit.rebind(b, True, k, (4, 2), (a, 48), {"BLOCK": 32}, dev, 4, 2, pdl="ops") is b
+    assert k.log[-1] == ("fast", (4, 2, 1), (a, 48, 32, False))
+    assert jit.rebind(b, False, k, (4, 2), (a[1:], 16), {"BLOCK": 32}, dev, 4, 2, pdl="ops") is b
+    assert k.log[-1][0] == "slow"  # compiled for its own alignment, not run through b
+    assert jit.rebind(None, False, k, (4, 2), (a[1:], 16), {"BLOCK": 32}, dev, 4, 2, pdl="ops") is None
+    assert jit.aligned16(a, a, None) and not jit.aligned16(a, a, a[1:]) and not jit.aligned16(a[3:], a, None)
+
+
 def test_spec_bits_tell_apart_what_triton_compiles_apart():
     a = torch.zeros(8, dtype=torch.float16)
     assert jit.spec_bits((a,)) != jit.spec_bits((a[1:],))  # 16-byte aligned or not

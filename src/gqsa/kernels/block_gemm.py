@@ -17,7 +17,7 @@ import torch
 from .block_kernels import block_dequant_kernel, block_kernel
 from .block_layout import BlockLayout
 from .gemm import check_io, num_sms, workspace
-from .jit import _interpret, jitted, launch
+from .jit import _interpret, aligned16, jitted, rebind
 
 
 def _kernel():
@@ -87,22 +87,42 @@ def steps_of(layout: BlockLayout, cfg: BlockConfig) -> int:
 PRE_TILES = 4  # byte tiles per program of the ``pre`` dequantization pass
 
 
+def _pre_stride(layout: BlockLayout) -> int:
+    """Row stride of the ``pre`` scratch: the widest block's slots, padded to 64 elements."""
+    return -(-max(1, layout.max_slots) * layout.group_size // 64) * 64
+
+
+class _Dequant:
+    """The ``pre`` pass of one layout in one dtype (see :func:`dequantize_kept`), its launch bound after
+    the first (the scratch is always freshly allocated, so its specialization never changes)."""
+
+    def __init__(self, layout: BlockLayout, dtype: torch.dtype):
+        r, g = layout.rows, layout.group_size
+        self.layout, self.dtype, self.stride = layout, dtype, _pre_stride(layout)
+        tiles = layout.max_slots * layout.bits // 8
+        self.empty = tiles == 0 or layout.n_slots == 0
+        self.tpp = min(PRE_TILES, tiles)
+        self.grid = (layout.n_blocks, math.ceil(tiles / max(1, self.tpp)))
+        self.consts = dict(R=r, G=g, BITS=layout.bits, FLOAT_Z=layout.float_zeros, FP16=dtype == torch.float16,
+                           STEPS=self.tpp if _interpret() else 0)
+        self._bound = None
+
+    def __call__(self) -> torch.Tensor:
+        lay = self.layout
+        wd = torch.empty(lay.n_blocks * lay.rows, self.stride, dtype=self.dtype, device=lay.qweight.device)
+        if self.empty:
+            return wd
+        args = (lay.qweight, lay.sz, lay.block_ptr, wd, self.stride, self.tpp)
+        self._bound = rebind(self._bound, True, _dequant_kernel(), self.grid, args, self.consts, wd.device, 4, 1,
+                             pdl="block")  # (wd is always new, so always aligned)
+        return wd
+
+
 def dequantize_kept(layout: BlockLayout, dtype: torch.dtype) -> torch.Tensor:
     """The ``pre`` pass: ``wd[b·R + r, j·G + t]``, the weight of row ``r``, feature ``t`` of block ``b``'s
     ``j``-th slot in ``dtype`` (the reference's rounding); columns past a block's slots are not written.
     Rows are padded to a multiple of 64 elements."""
-    r, g = layout.rows, layout.group_size
-    stride = -(-max(1, layout.max_slots) * g // 64) * 64
-    wd = torch.empty(layout.n_blocks * r, stride, dtype=dtype, device=layout.qweight.device)
-    tiles = layout.max_slots * layout.bits // 8
-    if tiles == 0 or layout.n_slots == 0:
-        return wd
-    tpp = min(PRE_TILES, tiles)
-    consts = dict(R=r, G=g, BITS=layout.bits, FLOAT_Z=layout.float_zeros, FP16=dtype == torch.float16,
-                  STEPS=tpp if _interpret() else 0)
-    args = (layout.qweight, layout.sz, layout.block_ptr, wd, stride, tpp)
-    launch(_dequant_kernel(), (layout.n_blocks, math.ceil(tiles / tpp)), args, consts, wd.device, 4, 1, pdl="block")
-    return wd
+    return _Dequant(layout, dtype)()
 
 
 def auto_split(m: int, layout: BlockLayout, cfg: BlockConfig, sms: int) -> int:
@@ -115,50 +135,78 @@ def auto_split(m: int, layout: BlockLayout, cfg: BlockConfig, sms: int) -> int:
     return max(1, min(want, steps // 2 or 1))
 
 
+class BlockCall:
+    """The block kernel's launch for one layout, configuration and call shape — ``m`` rows of x in
+    ``dtype`` with row stride ``stride_x``, y's row stride ``stride_y``, with or without a bias — with
+    everything that depends only on those computed once (split-K, grid, constexprs, the ``pre`` pass).
+    ``call(x2, bias, y)`` launches it (:func:`launch_block` checks the arguments; a prepared call trusts
+    them). After its first launch it runs the compiled kernel directly (:func:`gqsa.kernels.jit.bind`)
+    while x2, y and the bias are 16-byte aligned as they were then; the compile mode (``TRITON_INTERPRET``)
+    and ``GQSA_PDL`` are read once, when it is built."""
+
+    def __init__(self, layout: BlockLayout, cfg: BlockConfig, m: int, dtype: torch.dtype, has_bias: bool,
+                 stride_x: int, stride_y: int, sms: int):
+        n, k = layout.shape
+        if m * max(stride_x, stride_y, n) >= 2**31:
+            raise ValueError(f"M={m} rows are too many for the block kernels' 32-bit offsets: split the batch")
+        interp = _interpret()
+        self.layout, self.m, self.dtype = layout, m, dtype
+        steps = steps_of(layout, cfg)
+        split = auto_split(m, layout, cfg, sms)
+        sps = math.ceil(steps / split)
+        split = math.ceil(steps / sps)  # no program without steps
+        tm = math.ceil(m / cfg.block_m)
+        rows_ws = layout.n_blocks * layout.rows if layout.row_map is not None else n  # (kernel: ROW_MAP)
+        self.ws_size = (m * rows_ws, tm * layout.n_blocks) if split > 1 else None
+        self.consts = dict(R=layout.rows, G=layout.group_size, BITS=layout.bits, BLOCK_M=cfg.block_m, NP=cfg.np,
+                           STEPS=sps if interp else 0, SPLIT=split > 1, HAS_BIAS=has_bias,
+                           SCALE_AFTER=cfg.scale_after, DOT_F32=interp and dtype == torch.bfloat16,
+                           FLOAT_Z=layout.float_zeros, FP16=dtype == torch.float16,
+                           ASM=cfg.asm and not interp and layout.bits == 4 and dtype == torch.float16
+                           and not layout.float_zeros, COL_VEC=cfg.col_vec, ROW_MAP=layout.row_map is not None,
+                           WIDE=cfg.wide, PRE=cfg.pre, BLOCK_OUT=cfg.block_out and layout.row_map is not None)
+        self.block_out = self.consts["BLOCK_OUT"]
+        self.pre = _Dequant(layout, dtype) if cfg.pre and layout.n_slots else None
+        stride_w = self.pre.stride if self.pre is not None else stride_y  # (unused without PRE: wd is y)
+        stride_y = layout.n_blocks * layout.rows if self.block_out else stride_y
+        qw, sz, cols = layout.qweight, layout.sz, layout.cols
+        if layout.n_slots == 0:  # nothing kept: every load is masked, but the pointers must be real
+            qw, sz, cols = (t.new_zeros(layout.rows * layout.group_size) for t in (qw, sz, cols))
+        rmap = layout.row_map if layout.row_map is not None else layout.block_ptr  # (unused without ROW_MAP)
+        self.weights = (qw, sz, cols, layout.block_ptr, rmap)
+        self.ints = (m, n, k, sps, split, stride_x, stride_y, layout.n_blocks, stride_w)
+        self.grid = (tm, layout.n_blocks, split)
+        self.launch = (cfg.num_warps, cfg.num_stages)
+        self._bound = None
+
+    def __call__(self, x2: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
+        lay = self.layout
+        if self.ws_size is not None:
+            ws, cnt = workspace(y.device).get(*self.ws_size)
+        else:
+            ws = cnt = y  # unused
+        wd = self.pre() if self.pre is not None else y  # (unused without PRE)
+        # clusterR with block_out: the kernel writes y in block-row order, one gather puts the rows in place
+        yk = torch.empty(self.m, lay.n_blocks * lay.rows, dtype=y.dtype, device=y.device) if self.block_out else y
+        args = (x2, *self.weights, bias if bias is not None else y, yk, ws, cnt, wd, *self.ints)
+        self._bound = rebind(self._bound, aligned16(x2, y, bias), _kernel(), self.grid, args, self.consts, y.device,
+                             *self.launch, pdl="block")
+        if yk is not y:
+            if y.is_contiguous():
+                torch.index_select(yk, 1, lay.row_pos, out=y)
+            else:
+                y.copy_(yk.index_select(1, lay.row_pos))
+        return y
+
+
 def launch_block(x2: torch.Tensor, layout: BlockLayout, bias: torch.Tensor | None, y: torch.Tensor,
                  cfg: BlockConfig, sms: int | None = None) -> torch.Tensor:
     """``y[M, N] = x2[M, K] @ Ŵᵀ (+ bias)``; ``x2`` fp16/bf16 with unit stride along K, ``y`` [M, N]
     with unit stride along N in ``x2``'s dtype (written in full), ``bias`` [N] contiguous in ``x2``'s
     dtype or None."""
-    m, k = x2.shape
-    n = layout.shape[0]
     check_io(x2, layout.shape, y, bias, "the block kernels")
+    m = x2.shape[0]
     if m == 0:
         return y
-    if m * max(x2.stride(0), y.stride(0), n) >= 2**31:
-        raise ValueError(f"M={m} rows are too many for the block kernels' 32-bit offsets: split the batch")
-    dev = x2.device
-    steps = steps_of(layout, cfg)
-    split = auto_split(m, layout, cfg, sms or num_sms(dev))
-    sps = math.ceil(steps / split)
-    split = math.ceil(steps / sps)  # no program without steps
-    tm = math.ceil(m / cfg.block_m)
-    if split > 1:
-        rows_ws = layout.n_blocks * layout.rows if layout.row_map is not None else n  # (kernel: ROW_MAP)
-        ws, cnt = workspace(dev).get(m * rows_ws, tm * layout.n_blocks)
-    else:
-        ws = cnt = y  # unused
-    consts = dict(R=layout.rows, G=layout.group_size, BITS=layout.bits, BLOCK_M=cfg.block_m, NP=cfg.np,
-                  STEPS=sps if _interpret() else 0, SPLIT=split > 1, HAS_BIAS=bias is not None,
-                  SCALE_AFTER=cfg.scale_after, DOT_F32=_interpret() and x2.dtype == torch.bfloat16,
-                  FLOAT_Z=layout.float_zeros, FP16=x2.dtype == torch.float16,
-                  ASM=cfg.asm and not _interpret() and layout.bits == 4 and x2.dtype == torch.float16
-                  and not layout.float_zeros, COL_VEC=cfg.col_vec, ROW_MAP=layout.row_map is not None,
-                  WIDE=cfg.wide, PRE=cfg.pre, BLOCK_OUT=cfg.block_out and layout.row_map is not None)
-    qw, sz, cols = layout.qweight, layout.sz, layout.cols
-    if layout.n_slots == 0:  # nothing kept: every load is masked, but the pointers must be real
-        qw, sz, cols = (t.new_zeros(layout.rows * layout.group_size) for t in (qw, sz, cols))
-    rmap = layout.row_map if layout.row_map is not None else layout.block_ptr  # (unused without ROW_MAP)
-    wd = dequantize_kept(layout, x2.dtype) if cfg.pre and layout.n_slots else y  # (unused without PRE)
-    # clusterR with block_out: the kernel writes y in block-row order, one gather puts the rows in place
-    yk = torch.empty(m, layout.n_blocks * layout.rows, dtype=y.dtype, device=dev) if consts["BLOCK_OUT"] else y
-    args = (x2, qw, sz, cols, layout.block_ptr, rmap,
-            bias if bias is not None else y, yk, ws, cnt, wd,
-            m, n, k, sps, split, x2.stride(0), yk.stride(0), layout.n_blocks, wd.stride(0))
-    launch(_kernel(), (tm, layout.n_blocks, split), args, consts, dev, cfg.num_warps, cfg.num_stages, pdl="block")
-    if yk is not y:
-        if y.is_contiguous():
-            torch.index_select(yk, 1, layout.row_pos, out=y)
-        else:
-            y.copy_(yk.index_select(1, layout.row_pos))
-    return y
+    call = BlockCall(layout, cfg, m, x2.dtype, bias is not None, x2.stride(0), y.stride(0), sms or num_sms(x2.device))
+    return call(x2, bias, y)

@@ -35,9 +35,9 @@ import torch.nn.functional as F
 
 from ..format import PackedLinear
 from . import gemv
-from .block_gemm import BlockConfig, for_group, launch_block
+from .block_gemm import BlockCall, BlockConfig, for_group
 from .block_layout import BLOCK_ROWS, build_block_layout, detect_block_rows, detect_row_clusters
-from .gemm import GemmConfig, launch_gemm, num_sms
+from .gemm import GemmCall, GemmConfig, num_sms
 from .layout import build_tile_layout
 
 
@@ -208,6 +208,9 @@ def default_table(device: torch.device | None = None) -> DispatchTable:
     return H200_TABLE
 
 
+MAX_PREPARED = 64  # prepared calls a LinearPlan keeps (one per batch shape seen on the tensor-core paths)
+
+
 class LinearPlan:
     """A packed layer prepared for every batch size (what ``GQSALinear`` holds on the GPU).
 
@@ -248,6 +251,7 @@ class LinearPlan:
         self.sms = num_sms(self.device)
         self.dense_min_m = dense_min_m
         self._dense = None
+        self._calls: dict = {}  # (x.shape, x.stride(), dtype, no bias) -> a prepared BlockCall / GemmCall
 
     @property
     def gemv(self) -> gemv.GemvPlan:
@@ -276,6 +280,13 @@ class LinearPlan:
         return "gemv" if m <= self.table.gemv_max_m else "gemm"
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        # a batch shape seen before on the tensor-core paths: its prepared call (no checks to redo but the
+        # device and the bias; grid, constexprs and split-K fixed; the compiled kernel called directly)
+        fast = self._calls.get((x.shape, x.stride(), x.dtype, bias is None))
+        if fast is not None and x.device == self.device and (bias is None or self._bias_ok(bias, x.dtype)):
+            n = self.packed.shape[0]
+            y = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
+            return fast(x.view(-1, x.shape[-1]), bias, y.view(-1, n))
         p = self.packed
         n, k = p.shape
         if (not self.kernel_ok or x.dtype not in (torch.float16, torch.bfloat16) or x.shape[-1] != k
@@ -301,14 +312,24 @@ class LinearPlan:
         if x2.stride(1) != 1:
             x2 = x2.contiguous()
         y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+        if m == 0:
+            return y.view(*lead, n)
         if path == "block":
             cfg = for_group(self.table.block.config(self.block.rows, m), p.group_size)
-            launch_block(x2, self.block, bias, y, cfg, self.sms)
-            return y.view(*lead, n)
-        if self.layout is None:  # a block layer in its irregular-GEMM range: the TileLayout on first use
-            self.layout = build_tile_layout(p)
-        launch_gemm(x2, self.layout, bias, y, self.table.config(m), self.sms)
+            call = BlockCall(self.block, cfg, m, x.dtype, bias is not None, x2.stride(0), n, self.sms)
+        else:
+            if self.layout is None:  # a block layer in its irregular-GEMM range: the TileLayout on first use
+                self.layout = build_tile_layout(p)
+            call = GemmCall(self.layout, self.table.config(m), m, x.dtype, bias is not None, x2.stride(0), n, self.sms)
+        call(x2, bias, y)
+        if x.stride(-1) == 1 and x2.data_ptr() == x.data_ptr() and len(self._calls) < MAX_PREPARED:
+            self._calls[(x.shape, x.stride(), x.dtype, bias is None)] = call  # x is viewed, not copied
         return y.view(*lead, n)
+
+    def _bias_ok(self, bias: torch.Tensor, dtype: torch.dtype) -> bool:
+        """A bias the prepared calls take as it is (else the checked path converts it or raises)."""
+        return (bias.dtype == dtype and bias.device == self.device and bias.shape == (self.packed.shape[0],)
+                and bias.is_contiguous())
 
 
 def prepare(packed: PackedLinear, table: DispatchTable | None = None, dense_min_m: int | None = None) -> LinearPlan:

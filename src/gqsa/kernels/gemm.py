@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from .gemv import HAS_TRITON
-from .jit import _interpret, jitted, launch
+from .jit import _interpret, aligned16, jitted, rebind
 from .layout import ROW_BLOCK, TileLayout
 
 if HAS_TRITON:
@@ -272,32 +272,51 @@ def check_io(x2: torch.Tensor, shape: tuple[int, int], y: torch.Tensor, bias: to
         raise ValueError(f"bias must be a contiguous [{n}] {x2.dtype} tensor")
 
 
+class GemmCall:
+    """The tensor-core kernel's launch for one layout, configuration and call shape (``m`` rows of x in
+    ``dtype``, row strides ``stride_x`` / ``stride_y``, with or without a bias), everything that depends
+    only on those computed once; ``call(x2, bias, y)`` launches it (:func:`launch_gemm` checks the
+    arguments; a prepared call trusts them), after the first time through the compiled kernel directly
+    while x2, y and the bias stay 16-byte aligned (as :class:`gqsa.kernels.block_gemm.BlockCall`)."""
+
+    def __init__(self, layout: TileLayout, cfg: GemmConfig, m: int, dtype: torch.dtype, has_bias: bool,
+                 stride_x: int, stride_y: int, sms: int):
+        n, k = layout.shape
+        interp = _interpret()
+        split = auto_split(m, layout, cfg, sms)
+        tiles_per_split = math.ceil(layout.n_ktiles / split)
+        split = math.ceil(layout.n_ktiles / tiles_per_split)  # no program without k-tiles
+        tm, tn = math.ceil(m / cfg.block_m), math.ceil(n / cfg.block_n)
+        self.ws_size = (m * n, tm * tn) if split > 1 else None
+        deq16 = cfg.deq16 and dtype == torch.float16 and not layout.float_zeros
+        self.consts = dict(G=layout.group_size, BITS=layout.bits, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                           BLOCK_K=layout.block_k, TILES=tiles_per_split if interp else 0, SPLIT=split > 1,
+                           HAS_BIAS=has_bias, EVEN_K=k % layout.group_size == 0,
+                           DOT_F32=interp and dtype == torch.bfloat16, FLOAT_Z=layout.float_zeros, DEQ16=deq16)
+        self.weights = (code_words(layout), layout.scales, layout.zeros, layout.meta, layout.kt_start)
+        self.ints = (m, n, k, layout.n_pad, layout.n_ktiles, tiles_per_split, split, stride_x, stride_y, tn)
+        self.grid = (tm, tn, split)
+        self.launch = (cfg.num_warps, cfg.num_stages)
+        self._bound = None
+
+    def __call__(self, x2: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
+        if self.ws_size is not None:
+            ws, cnt = workspace(y.device).get(*self.ws_size)
+        else:
+            ws = cnt = y  # unused
+        args = (x2, *self.weights, bias if bias is not None else y, y, ws, cnt, *self.ints)
+        self._bound = rebind(self._bound, aligned16(x2, y, bias), _kernel(), self.grid, args, self.consts, y.device,
+                             *self.launch, pdl="gemm")
+        return y
+
+
 def launch_gemm(x2: torch.Tensor, layout: TileLayout, bias: torch.Tensor | None, y: torch.Tensor,
                 cfg: GemmConfig, sms: int | None = None) -> torch.Tensor:
     """``y[M, N] = x2[M, K] @ Ŵᵀ (+ bias)``; ``x2`` fp16/bf16 with unit stride along K, ``y`` [M, N]
     contiguous in ``x2``'s dtype (written in full), ``bias`` [N] contiguous in ``x2``'s dtype or None."""
-    m, k = x2.shape
-    n = layout.shape[0]
     check_io(x2, layout.shape, y, bias, "the tensor-core kernel")
+    m = x2.shape[0]
     if m == 0:
         return y
-    dev = x2.device
-    split = auto_split(m, layout, cfg, sms or num_sms(dev))
-    tiles_per_split = math.ceil(layout.n_ktiles / split)
-    split = math.ceil(layout.n_ktiles / tiles_per_split)  # no program without k-tiles
-    tm, tn = math.ceil(m / cfg.block_m), math.ceil(n / cfg.block_n)
-    if split > 1:
-        ws, cnt = workspace(dev).get(m * n, tm * tn)
-    else:
-        ws = cnt = y  # unused
-    deq16 = cfg.deq16 and x2.dtype == torch.float16 and not layout.float_zeros
-    consts = dict(G=layout.group_size, BITS=layout.bits, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                  BLOCK_K=layout.block_k, TILES=tiles_per_split if _interpret() else 0, SPLIT=split > 1,
-                  HAS_BIAS=bias is not None, EVEN_K=k % layout.group_size == 0,
-                  DOT_F32=_interpret() and x2.dtype == torch.bfloat16, FLOAT_Z=layout.float_zeros,
-                  DEQ16=deq16)
-    args = (x2, code_words(layout), layout.scales, layout.zeros, layout.meta, layout.kt_start,
-            bias if bias is not None else y, y, ws, cnt,
-            m, n, k, layout.n_pad, layout.n_ktiles, tiles_per_split, split, x2.stride(0), y.stride(0), tn)
-    launch(_kernel(), (tm, tn, split), args, consts, dev, cfg.num_warps, cfg.num_stages, pdl="gemm")
-    return y
+    call = GemmCall(layout, cfg, m, x2.dtype, bias is not None, x2.stride(0), y.stride(0), sms or num_sms(x2.device))
+    return call(x2, bias, y)

@@ -110,6 +110,30 @@ def spec_bits(args) -> tuple:
     return tuple(map(_spec, args))
 
 
+class Bound:
+    """A compiled kernel bound to its grid, constexprs and device (:func:`bind`): ``bound(*args)`` launches
+    it on the current stream with new positional ``args`` **of the specialization it was compiled for** —
+    the same dtypes and int properties, and every pointer 16-byte aligned where the first one was. Nothing
+    is checked: the caller keeps that promise (the prepared calls of :mod:`gqsa.kernels.dispatch` key
+    them by batch size, strides and dtype and check the alignment of the pointers that change)."""
+
+    __slots__ = ("ck", "grid", "tail", "index")
+
+    def __init__(self, ck, grid: tuple, consts: tuple, index: int):
+        self.ck, self.grid, self.tail, self.index = ck, grid, consts, index
+
+    def __call__(self, *args) -> None:
+        _run(self.ck, self.grid, self.index, (*args, *self.tail))
+
+
+def _run(ck, grid, index, full) -> None:
+    """Run the compiled kernel ``ck`` (what Triton's launch does once it has found it)."""
+    rt = triton.knobs.runtime
+    stream = triton.runtime.driver.active.get_current_stream(index)
+    ck.run(grid[0], grid[1], grid[2], stream, ck.function, ck.packed_metadata, ck.launch_metadata(grid, stream, *full),
+           rt.launch_enter_hook, rt.launch_exit_hook, *full)
+
+
 def launch(kern, grid, args: tuple, consts: dict, device, num_warps: int, num_stages: int | None = None,
            pdl: str | None = None, **options) -> None:
     """Launch ``kern`` (a :func:`jitted` kernel) on ``grid`` (1–3 ints) with positional ``args`` and
@@ -119,6 +143,35 @@ def launch(kern, grid, args: tuple, consts: dict, device, num_warps: int, num_st
     kernel's family (:data:`PDL_FAMILIES`): the kernel gets ``PDL = pdl_enabled(device, pdl)`` and is
     launched with the programmatic-dependent-launch attribute when that is true. ``options``: other
     compile options of the compiled path (``maxnreg``)."""
+    _launch(kern, grid, args, consts, device, num_warps, num_stages, pdl, options, False)
+
+
+def bind(kern, grid, args: tuple, consts: dict, device, num_warps: int, num_stages: int | None = None,
+         pdl: str | None = None, **options) -> Bound | None:
+    """:func:`launch`, then the compiled kernel as a :class:`Bound` for later launches of the same
+    specialization on the same grid (the constexprs, ``GQSA_PDL`` and the compile mode as they were now);
+    None where there is none (the interpreter, a CPU device)."""
+    return _launch(kern, grid, args, consts, device, num_warps, num_stages, pdl, options, True)
+
+
+def rebind(bound: Bound | None, aligned: bool, kern, grid, args: tuple, consts: dict, device, num_warps: int,
+           num_stages: int | None = None, pdl: str | None = None) -> Bound | None:
+    """One launch of a prepared call site: through ``bound`` when there is one and the call's changing
+    pointers are 16-byte ``aligned`` (as they were when it was bound), else through :func:`bind`. Returns
+    the :class:`Bound` to keep: the new one when ``aligned``, else ``bound``."""
+    if bound is not None and aligned:
+        bound(*args)
+        return bound
+    new = bind(kern, grid, args, consts, device, num_warps, num_stages, pdl)
+    return new if aligned else bound
+
+
+def aligned16(x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether ``x``, ``y`` and ``bias`` (if any) start on 16-byte boundaries."""
+    return not (x.data_ptr() | y.data_ptr() | (0 if bias is None else bias.data_ptr())) & 15
+
+
+def _launch(kern, grid, args, consts, device, num_warps, num_stages, pdl, options, want_bound):
     if type(device) is not torch.device:
         device = torch.device(device)
     if len(grid) < 3:
@@ -131,16 +184,13 @@ def launch(kern, grid, args: tuple, consts: dict, device, num_warps: int, num_st
     if device.type != "cuda" or _interpret():
         opts = {"num_warps": num_warps} if num_stages is None else {"num_warps": num_warps, "num_stages": num_stages}
         kern[grid](*args, **consts, **opts)
-        return
+        return None
     key = (id(kern), tuple(consts.values()), num_warps, num_stages, device.index, tuple(map(_spec, args)),
            tuple(options.items()))
     ck = _FAST.get(key)
     if ck is None:
         opts = {"num_warps": num_warps} if num_stages is None else {"num_warps": num_warps, "num_stages": num_stages}
-        _FAST[key] = kern[grid](*args, **consts, **opts, **options)
-        return
-    rt = triton.knobs.runtime
-    stream = triton.runtime.driver.active.get_current_stream(device.index)
-    full = (*args, *consts.values())
-    ck.run(grid[0], grid[1], grid[2], stream, ck.function, ck.packed_metadata, ck.launch_metadata(grid, stream, *full),
-           rt.launch_enter_hook, rt.launch_exit_hook, *full)
+        ck = _FAST[key] = kern[grid](*args, **consts, **opts, **options)
+        return Bound(ck, grid, tuple(consts.values()), device.index) if want_bound else None
+    _run(ck, grid, device.index, (*args, *consts.values()))
+    return Bound(ck, grid, tuple(consts.values()), device.index) if want_bound else None
