@@ -250,8 +250,10 @@ def test_dispatch_prepared_block_calls_with_the_pre_pass_and_block_order_stores(
     for m in (3, 6):
         for b in (bias, None):
             for _ in range(2):
-                x = torch.randn(m, k, generator=gen).half()
-                check(plan(x), x, p) if b is None else check(plan(x, b), x, p, b)
+                x = torch.randn(1, m, k, generator=gen).half()
+                y = plan(x) if b is None else plan(x, b)
+                assert y.shape == (1, m, n)
+                check(y[0], x[0], p, b)
     assert len(plan._calls) == 4
     assert sorted((c.pre is not None, c.block_out) for c in plan._calls.values()) == [(False, True)] * 2 + [(True, False)] * 2
 

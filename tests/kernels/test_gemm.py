@@ -176,7 +176,9 @@ def test_plan_prepares_each_batch_shape_once():
     bias = torch.randn(21).half()
     for _ in range(3):
         x = torch.randn(2, 3, 200).half()
-        check(plan(x, bias).reshape(6, 21), x.reshape(6, 200), p, bias)
+        y = plan(x, bias)
+        assert y.shape == (2, 3, 21)  # the leading dimensions kept on the prepared path too
+        check(y.reshape(6, 21), x.reshape(6, 200), p, bias)
     assert len(plan._calls) == 1
     x = torch.randn(6, 200).half()
     check(plan(x), x, p)

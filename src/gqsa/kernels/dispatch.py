@@ -286,7 +286,8 @@ class LinearPlan:
         if fast is not None and x.device == self.device and (bias is None or self._bias_ok(bias, x.dtype)):
             n = self.packed.shape[0]
             y = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
-            return fast(x.view(-1, x.shape[-1]), bias, y.view(-1, n))
+            fast(x.view(-1, x.shape[-1]), bias, y.view(-1, n))
+            return y
         p = self.packed
         n, k = p.shape
         if (not self.kernel_ok or x.dtype not in (torch.float16, torch.bfloat16) or x.shape[-1] != k
