@@ -611,3 +611,24 @@ def test_v2_half_dot_compiled_redoes_overflowed_rows(monkeypatch):
             assert n_while == 3 and n_max >= 1 and n_ext >= 2 * 16, (n_while, n_max, n_ext)
         else:
             assert n_while == 1 and n_max == 0, (n_while, n_max)
+
+
+def test_v2_half_dot_default_policy():
+    """launch's default (half_dot=None) takes the packed-fp16 dot only for one row of fp16 x on a W4 G16 layer of
+    ≥ HALF_MIN_GROUPS kept groups (where it measured faster), compiled only; never under the interpreter."""
+    import dataclasses
+
+    big = make_packed(2, 16 * 8, 16, 4, 0.0, seed=40)
+    # (only the count of kept groups is read: a col_idx of HALF_MIN_GROUPS entries)
+    big = dataclasses.replace(big, col_idx=torch.zeros(gemv_layout.HALF_MIN_GROUPS, dtype=torch.int16))
+    small = make_packed(2, 16 * 8, 16, 4, 0.0, seed=40)
+    g64 = make_packed(2, 64 * 8, 64, 4, 0.0, seed=40)
+    want = gemv_layout.HALF_DOT_DEFAULT != "0"
+    assert gemv_layout.half_dot_default(big, torch.float16, 1) == want
+    if gemv_layout.HALF_DOT_DEFAULT == "auto":
+        assert not gemv_layout.half_dot_default(small, torch.float16, 1)
+        assert not gemv_layout.half_dot_default(big, torch.float16, 2)
+        assert not gemv_layout.half_dot_default(g64, torch.float16, 1)
+        assert not gemv_layout.half_dot_default(big, torch.float16, 1, num_warps=2)
+    assert not gemv_layout.half_dot_default(big, torch.bfloat16, 1)
+    assert not gemv_layout.half_dot_default(big, torch.float16, 1, unit_codes=8)
