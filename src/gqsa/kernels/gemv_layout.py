@@ -82,20 +82,23 @@ V2P_REG = True  # register double-buffering of the next step's loads
 V2P_PREFETCH = 2  # L2 prefetch distance in steps (0: none)
 # The packed-fp16 dot (half_dot, the pipelined kernel's HALF; issue 12, session 5): launch's default
 # (half_dot=None) takes it for one row of x, fp16 activations, 4-bit codes, G = 16 (16-code units), inline PTX,
-# on layers of ≥ HALF_MIN_GROUPS kept groups, whatever their row length, with the settings it was measured with:
-# the pipelined kernel, HALF_UNITS_PER_THREAD units per thread, rows spread over V2P_PROGRAMS_PER_SM programs per
-# SM (also above V2P_MULTI_ROW_MAX_N rows), ptxas limited to HALF_MAXNREG registers (H200, session 3 call 8,
-# "p u4 r pf2 h m80" against the fp32 default: 8192×28672 32.22 against 35.93 µs, 28672×8192 31.69 / 36.57, 8192²
-# 12.24 / 13.87, 11008×4096 9.44 / 10.26, 14336×4096 11.26 / 12.27, 4096×14336 12.09 / 12.26; 4096² 5.46 against
-# 5.31: below the threshold). Rows whose fp16 lane sums overflow are redone in fp32 (_hd_row_fp32). Opt-out:
-# half_dot=False (GemvPlan(v2_opts={"half_dot": False})) or GQSA_GEMV_HALF=0 at import; GQSA_GEMV_HALF=1 takes it
-# wherever it applies (any layer size, M = 1-4), "auto" (the default) as above.
+# on layers of ≥ HALF_MIN_GROUPS kept groups, whatever their row length: the pipelined kernel with rows spread over
+# V2P_PROGRAMS_PER_SM programs per SM (also above V2P_MULTI_ROW_MAX_N rows), register double-buffering, prefetch 2,
+# and 2 units per thread — 4 units and ptxas limited to HALF_MAXNREG registers from HALF_U4_MIN_GROUPS kept groups
+# (the 70B shapes). Measured (H200, session 5, benchmarks/RESULTS.md "Session 5", graph µs, half dot against the
+# fp32 default): 8192×28672 31.86 against 35.79 (u4 m80), 28672×8192 31.81 / 37.29 (u4 m80), 22016×4096 14.19 /
+# 18.48, 8192² 11.96 / 13.85, 14336×4096 10.70 / 12.12, 4096×14336 10.74 / 12.06, 12288×4096 9.42 / 10.39,
+# 11008×4096 9.04 / 10.14, 4096×11008 9.77 / 10.06 (u2); 4096² 5.26 (u2) / 5.59 (u4 m80) against 5.25-5.33: no
+# gain, so below the threshold (0.52 M groups at S50). Rows whose fp16 lane sums overflow are redone in fp32
+# (_hd_row_fp32). Opt-out: half_dot=False (GemvPlan(v2_opts={"half_dot": False})) or GQSA_GEMV_HALF=0 at import;
+# GQSA_GEMV_HALF=1 takes it wherever it applies (any layer size, M = 1-4), "auto" (the default) as above.
 HALF_DOT_DEFAULT = os.environ.get("GQSA_GEMV_HALF", "auto").strip().lower()
 if HALF_DOT_DEFAULT not in ("auto", "0", "1"):
     raise ValueError(f"GQSA_GEMV_HALF={HALF_DOT_DEFAULT!r}: use auto, 0 or 1")
 HALF_MIN_GROUPS = 1 << 20
 HALF_GROUPS = (16,)
-HALF_UNITS_PER_THREAD = 4
+HALF_UNITS_PER_THREAD = 2
+HALF_U4_MIN_GROUPS = 4 << 20  # from here 4 units per thread and maxnreg HALF_MAXNREG
 HALF_MAXNREG = 80
 MAX_MB = 4  # rows of x one launch of the v2 kernels serves (the constexpr MB: weights read once for all)
 # M = 2-4 rows of x run the pipelined kernel whatever the row length: on the long-row shapes it beat the
@@ -834,8 +837,8 @@ def launch(x2: torch.Tensor, packed: PackedLinear, layout: GemvLayout, bias: tor
     runs short of registers). ``half_dot``: the packed-fp16 dot of the pipelined kernel (fp16 activations,
     4-bit codes, 16-code units; elsewhere ignored; at M > 1 it dequantizes per row of x; a row whose fp16 lane
     sums overflowed is redone in fp32). None (default): :func:`half_dot_default` — then also the pipelined kernel,
-    ``HALF_UNITS_PER_THREAD`` units, rows spread over ``V2P_PROGRAMS_PER_SM`` programs per SM and
-    ``maxnreg=HALF_MAXNREG``, each where not given."""
+    rows spread over ``V2P_PROGRAMS_PER_SM`` programs per SM, ``HALF_UNITS_PER_THREAD`` units per thread (from
+    ``HALF_U4_MIN_GROUPS`` kept groups 4 units and ``maxnreg=HALF_MAXNREG``), each where not given."""
     mrows, k = x2.shape
     if mrows > MAX_MB:
         for s in range(0, mrows, MAX_MB):
@@ -863,10 +866,13 @@ def launch(x2: torch.Tensor, packed: PackedLinear, layout: GemvLayout, bias: tor
                                                                                       unit_codes, num_warps)
         if half_dot:  # the settings it was measured with
             pipeline = True
-            units_per_thread = units_per_thread or HALF_UNITS_PER_THREAD
             if rows_per_prog is None and programs_per_sm is None:
                 programs_per_sm = V2P_PROGRAMS_PER_SM
-            maxnreg = maxnreg or HALF_MAXNREG
+            if packed.nnz >= HALF_U4_MIN_GROUPS:
+                units_per_thread = units_per_thread or 4
+                maxnreg = maxnreg or HALF_MAXNREG
+            else:
+                units_per_thread = units_per_thread or HALF_UNITS_PER_THREAD
     nw = num_warps or V2_NUM_WARPS
     n = packed.shape[0]
     pipe = (mrows > 1 or packed.nnz < LONG_ROW_GROUPS * max(1, n)) if pipeline is None else pipeline
