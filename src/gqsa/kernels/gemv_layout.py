@@ -33,8 +33,12 @@ codes) the same steps run as plain Triton loads and bit arithmetic.
 
 Pipelined kernel (:func:`_gemv2p_kernel`, issue 12, second session): the same step in one flat loop over the
 steps of several consecutive rows per program, with the next step's loads issued before the current step's
-math and an L2 prefetch a few steps ahead; opt-in packed-fp16 dot. :func:`launch` picks the kernel by row length
-(``LONG_ROW_GROUPS``) and holds every setting as a launch argument (``GemvPlan(v2_opts=...)`` carries them).
+math and an L2 prefetch a few steps ahead; a packed-fp16 dot (``half_dot``: fp16 lane sums of 8 products; a row
+whose sum comes out inf/NaN — a lane overflowed, |x| above ≈ 8700, or an inf/NaN activation — is redone in fp32 by
+:func:`_hd_row_fp32`, a rare warp-uniform branch at the row's end; on by default at M = 1 for fp16 W4 G16 layers of
+≥ ``HALF_MIN_GROUPS`` kept groups, :func:`half_dot_default`; ``GQSA_GEMV_HALF=0`` or ``half_dot=False`` opt out).
+:func:`launch` picks the kernel by row length (``LONG_ROW_GROUPS``) and holds every setting as a launch argument
+(``GemvPlan(v2_opts=...)`` carries them).
 
 Several rows of x (issue gemvb): both kernels take a constexpr ``MB`` (1 … ``MAX_MB`` = 4) and serve ``MB`` rows
 of x in one launch: a step's metadata and codes are loaded and dequantized once (:data:`_PTX_DEQ4B`), the
@@ -534,8 +538,10 @@ def _gemv2p_kernel(
     the metadata and codes of the groups ``PF`` steps ahead in the program's flat group stream (rows
     are consecutive, so their groups are), clamped to the buffers (``MAXG`` groups): DRAM latency
     is taken off the loads with no registers held. ``HALF`` (compiled, 4 bits, 16-code units, fp16
-    activations; opt-in): the dot of a unit in packed fp16 (:data:`_PTX_HDOT16`: 2.3 instructions per code
-    instead of 4.4; the 8 products of a half lane summed in fp16, then fp32).
+    activations): the dot of a unit in packed fp16 (:data:`_PTX_HDOT16`: 2.3 instructions per code
+    instead of 4.4; the 8 products of a half lane summed in fp16, then fp32); where a row's sum comes out
+    inf or NaN (an fp16 lane overflowed, or an activation is inf/NaN) the row is redone in fp32
+    (:func:`_hd_row_fp32`, from plain loads), at both places a row's sum goes out: nothing in the loop body.
 
     ``MB`` rows of x (1 … 4; ``XS``: their stride in int32 words, ``YS``: the stride of y's rows), as in
     :func:`_gemv2_kernel`: the weights loaded and dequantized once per step, the activation loads and the dot
