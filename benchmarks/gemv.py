@@ -639,6 +639,42 @@ def gpu_check_v2() -> bool:
             if not (e < tol):
                 fails.append((cs, str(dt), uc, upt, nw, asm, popts, e))
     gemv._ASM_ENABLED = True
+    # the packed-fp16 dot's overflow redo (issue 12, session 5): every activation ±30000 or ±65504 (the fp16
+    # maximum; fp16 lane sums of 8 products overflow in some units of most rows; scales / 1024 keep y finite in
+    # fp16), and NaN activations (rows that keep one: NaN; the others: finite and right); half_dot=True and the
+    # launch default (None: the half dot on the layer of ≥ HALF_MIN_GROUPS kept groups); rows spread over
+    # programs, one row per program, 2 and 4 units per thread
+    for n_, k_, upt, rpp in ((97, 1000, 4, None), (61, 4136, 2, 3), (700, 28672, 4, 1), (5000, 8192, None, None)):
+        p = packed_case(n_, k_, 16, 4, 0.5)
+        p.scales.mul_(2.0 ** -10)  # (|y| < 30000 at ±65504 and K = 28672)
+        lay = gl.build_layout(p)
+        bias = torch.randn(n_, device=DEV, dtype=torch.float16)
+        for kind, hd in itertools.product(("30000", "65504", "nan"), (True, None)):
+            if hd is None and n_ != 5000:
+                continue
+            x = torch.randn(1, k_, device=DEV)
+            bad = torch.zeros(1, n_, dtype=torch.bool, device=DEV)  # the rows that keep a NaN activation's group
+            if kind == "nan":
+                cols = torch.randperm(k_, device=DEV)[:3]
+                x[0, cols] = float("nan")
+                rows = torch.repeat_interleave(torch.arange(n_, device=DEV), p.row_ptr.diff().long())
+                hit = torch.isin(p.col_idx.long(), cols // 16)
+                bad[0, rows[hit]] = True
+            else:
+                x = float(kind) * torch.sign(x)
+            x = x.half()
+            y = torch.full((1, n_), float("nan"), device=DEV, dtype=torch.float16)
+            opts = dict(units_per_thread=upt, rows_per_prog=rpp) | ({} if hd is None else dict(half_dot=hd))
+            gl.launch(x, p, lay, bias, y, **opts)
+            ref = reference.linear(x.float().nan_to_num(0.0), p, bias.float())  # (dense: NaN would reach every row)
+            e = rel_err(y[~bad], ref[~bad]) if bool((~bad).any()) else 0.0
+            n_run += 1
+            ok = bool(torch.isfinite(ref[~bad]).all()) and e < 2e-3 and bool(y[bad].isnan().all())
+            if hd is None and n_ == 5000:  # the default took the half dot here
+                ok = ok and gl.half_dot_default(p, torch.float16, 1)
+            if not ok:
+                fails.append(("half-dot overflow/NaN", n_, k_, kind, hd, upt, rpp, e, int(bad.sum()),
+                              int(y[bad].isnan().sum())))
     # through a plan, captured in a CUDA graph
     p = packed_case(300, 2048, 16, 4, 0.5)
     plan = gemv.prepare(p, variant="data", kernel="v2")
@@ -663,6 +699,8 @@ V2_CONFIGS = {  # name -> (kernel, gemv_layout.launch arguments); "fp16" / "tg12
     "v2 uc8": ("v2", dict(pipeline=False, unit_codes=8, units_per_thread=4)),
     "v2 upt2": ("v2", dict(pipeline=False, units_per_thread=2)),
     "auto": ("auto", None),  # what gemv.prepare picks by default (kernel and launch defaults)
+    "auto f32": ("auto", dict(half_dot=False)),  # the default without the packed-fp16 dot (the opt-out; the default
+    # before session 5)
     # pipelined: u = units per thread, r = register double-buffering, pf = L2 prefetch distance (steps),
     # pps = programs per SM (rows spread evenly; no suffix: 24), rpp1 = one row per program,
     # m = ptxas register limit, h = the packed-fp16 dot (half_dot)

@@ -12,6 +12,8 @@ multiples of 16 in practice are marked divisible by 16, as Triton's launcher spe
     python benchmarks/gemv_sass.py v2 '{"UC": 8, "UPT": 4}'
     python benchmarks/gemv_sass.py v2 --dump     # print the loop body
     python benchmarks/gemv_sass.py v2p           # the software-pipelined v2 kernel (_gemv2p_kernel)
+    python benchmarks/gemv_sass.py v2p '{"UPT": 4, "REG": true, "PF": 2, "HALF": true, "maxnreg": 80}'
+                                                 # the packed-fp16 dot; maxnreg: ptxas's register limit
 """
 import collections
 import json
@@ -27,11 +29,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from gqsa.kernels import gemv  # noqa: E402
 
 
-def _compile(fn, args, types, div16, consts, nw, stages=1):
+def _compile(fn, args, types, div16, consts, nw, stages=1, maxnreg=None):
     sig = dict(zip(args, types)) | {k: "constexpr" for k in consts}
     attrs = {(i,): [["tt.divisibility", 16]] for i in div16}
     src = ASTSource(fn=triton.jit(fn), signature=sig, constexprs=consts, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=nw, num_stages=stages))
+    opts = dict(num_warps=nw, num_stages=stages) | ({"maxnreg": maxnreg} if maxnreg else {})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
 
 
 def build_v1(G=16, bits=4, nw=1, upt=2, uc=16, bf16=False, row_mode=True):
@@ -48,24 +51,30 @@ def build_v1(G=16, bits=4, nw=1, upt=2, uc=16, bf16=False, row_mode=True):
     return k, bg / (32 * nw)
 
 
-def build_v2(G=16, bits=4, nw=1, UC=None, UPT=None, bf16=False, asm=True, stages=1, pipe=False, **kw):
+def build_v2(G=16, bits=4, nw=1, UC=None, UPT=None, bf16=False, asm=True, stages=1, pipe=False, maxnreg=None, **kw):
     from gqsa.kernels import gemv_layout as gl
     consts = gl.kernel_constexprs(G=G, BITS=bits, UC=UC, UPT=UPT, X_BF16=bf16, HAS_BIAS=False, ASM=asm,
                                   NUM_THREADS=32 * nw, **kw)
     args, types, div16 = gl.sass_signature(consts, pipe)
-    k = _compile(gl._gemv2p_kernel if pipe else gl._gemv2_kernel, args, types, div16, consts, nw, stages)
+    k = _compile(gl._gemv2p_kernel if pipe else gl._gemv2_kernel, args, types, div16, consts, nw, stages, maxnreg)
     return k, consts["UPT"] * consts["UC"] / G  # kept groups per thread and step
+
+
+# what marks a block skipped by a forward branch as off the hot path: a row's epilogue (a warp shuffle, an
+# atomic, a store, a barrier: once per output row; the half dot's fp32 redo of an overflowed row sits inside it)
+COLD = r"SHFL|ATOM|STG|BAR"
 
 
 def loop_stats(sass: str, groups_per_thread: float):
     """(instructions, per group, opcode counts, body) of the hot path of the main loop: the longest
-    backward branch, less every block that a forward branch inside it skips and that holds a row's
-    epilogue (a warp shuffle, an atomic or a store: run once per output row, not per group)."""
+    backward branch, less every block that a forward branch inside it skips and that matches ``COLD`` (a
+    row's epilogue: a warp shuffle, an atomic or a store, run once per output row, not per group)."""
     lines = sass.split("\n")
     labels = {m.group(1): i for i, l in enumerate(lines) if (m := re.match(r"^\s*\.?(L\w*BB\w+):", l.strip()))}
     best = None
-    for i, l in enumerate(lines):
-        m = re.search(r"BRA\s+(?:`\()?\.?(L\w*BB\w+)", l)
+    for i, l in enumerate(lines):  # a loop's back edge is a predicated branch (an unpredicated one going back
+        # is the jump from an out-of-line block, e.g. BRA.DIV's divergent-shuffle path, to where it came from)
+        m = re.search(r"@!?U?P\w+\s+BRA\s+(?:`\()?\.?(L\w*BB\w+)", l)
         if m and labels.get(m.group(1), i) < i and (best is None or i - labels[m.group(1)] > best[1] - best[0]):
             best = (labels[m.group(1)], i)
     if best is None:
@@ -75,7 +84,7 @@ def loop_stats(sass: str, groups_per_thread: float):
     for i in range(lo + 1, hi + 1):
         m = re.search(r"BRA\s+(?:`\()?\.?(L\w*BB\w+)", lines[i])
         t = labels.get(m.group(1)) if m else None
-        if t is not None and i < t <= hi and any(re.search(r"SHFL|ATOM|STG|BAR", lines[j]) for j in range(i + 1, t)):
+        if t is not None and i < t <= hi and any(re.search(COLD, lines[j]) for j in range(i + 1, t)):
             skip.update(range(i + 1, t))
     body = [lines[i].split("\t")[-1].strip() if "\t" in lines[i] else lines[i].strip()
             for i in range(lo + 1, hi + 1) if i not in skip]

@@ -15,6 +15,8 @@ import torch
 
 pytest.importorskip("triton")
 
+import triton.language as tl  # noqa: E402
+
 from gqsa import format as fmt  # noqa: E402
 from gqsa import quant  # noqa: E402
 from gqsa.kernels import gemv, gemv_layout, reference  # noqa: E402
@@ -537,3 +539,96 @@ def test_v2_pipelined_compiled_stores_follow_the_loop(monkeypatch):
             offs = [m.group(1) for line in lines for m in [re.search(ptr + r", (%[\w.#]+)", line)] if m]
             assert len(offs) == 2, (ptr, offs)  # one inside the loop, one after it
             assert not set(offs) & before, f"{ptr} addressed by a value fixed before the loop: {offs}"
+
+
+def _hd_rows_kernel(x_ptr, cw_ptr, meta_ptr, rp_ptr, y_ptr, G: tl.constexpr, UC: tl.constexpr,
+                    NUM_THREADS: tl.constexpr, one):
+    r = tl.program_id(0)
+    tl.store(y_ptr + r, gemv_layout._hd_row_fp32(x_ptr, cw_ptr, meta_ptr, rp_ptr, r, G, UC, NUM_THREADS, one))
+
+
+@pytest.mark.parametrize("g", [16, 64])
+def test_v2_half_dot_fp32_row_redo(g):
+    """The packed-fp16 dot's fp32 redo of a row (gemv_layout._hd_row_fp32, what the compiled half-dot kernel runs
+    for a row whose sum came out inf/NaN), interpreted: activations up to the fp16 maximum (lane sums of 8
+    products would overflow in fp16) give the fp32 result; a NaN activation gives NaN in the rows that keep it."""
+    from gqsa.kernels.jit import jitted
+
+    p = make_packed(23, g * 37, g, 4, 0.4, special="empty_rows", seed=31)
+    n, k = p.shape
+    lay = gemv_layout.build_layout(p)
+    gen = torch.Generator().manual_seed(32)
+    x = (65504.0 * torch.sign(torch.randn(1, k, generator=gen))).half()
+    x[0, ::5] = (torch.randn(len(range(0, k, 5)), generator=gen) * 30000).clamp(-65504, 65504).half()
+    ker = jitted(_hd_rows_kernel)
+    rows = torch.repeat_interleave(torch.arange(n), p.row_ptr.diff().long())
+    keeps3 = torch.zeros(n, dtype=torch.bool).index_fill_(0, rows[p.col_idx.long() == 3], True)
+    for xx, bad in ((x, torch.zeros(n, dtype=torch.bool)),
+                    (x.clone().index_fill_(1, torch.tensor([g * 3 + 1]), float("nan")), keeps3)):
+        y = torch.full((n,), float("nan"), dtype=torch.float32)
+        ker[(n,)](xx.reshape(-1).view(torch.int32), lay.codes, lay.meta, p.row_ptr, y, G=g, UC=16, NUM_THREADS=32,
+                  one=1)
+        ref = reference.linear(xx.float().nan_to_num(0.0), p)[0]  # (dense: a NaN would reach every row)
+        assert torch.equal(y.isnan(), bad)
+        err = float((y[~bad] - ref[~bad]).norm() / ref[~bad].norm())
+        assert err < 1e-6, err
+    assert bool(bad.any()) and not bool(bad.all())
+
+
+def test_v2_half_dot_compiled_redoes_overflowed_rows(monkeypatch):
+    """Compiled (sm_90, offline) the packed-fp16 dot must hold its fp32 redo: the row's sum tested against the fp32
+    maximum (false for inf and NaN), and under it the redo's loops, reading fp16 activations into fp32 (which the
+    half dot's hot path never does: its dot and metadata decode are inline PTX), at both places a row's sum goes
+    out. The fp32-dot build has neither. Regression: the half dot's fp16 lane sums overflowed to inf for |x| above
+    ≈ 8700 with no fallback."""
+    triton = pytest.importorskip("triton")
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except Exception:  # pragma: no cover - triton without the compiler API
+        pytest.skip("no offline compiler")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    ttirs = {}
+    for half in (True, False):
+        consts = gemv_layout.kernel_constexprs(G=16, BITS=4, UPT=4, ASM=True, NUM_THREADS=32, REG=True, PF=2,
+                                               HALF=half)
+        args, types, div16 = gemv_layout.sass_signature(consts, pipe=True)
+        sig = dict(zip(args, types)) | {k: "constexpr" for k in consts}
+        src = ASTSource(fn=triton.jit(gemv_layout._gemv2p_kernel), signature=sig, constexprs=consts,
+                        attrs={(i,): [["tt.divisibility", 16]] for i in div16})
+        try:
+            ttirs[half] = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                         options=dict(num_warps=1)).asm["ttir"]
+        except Exception as e:  # pragma: no cover - no CUDA backend / ptxas here
+            pytest.skip(f"offline sm_90 compile unavailable: {e}")
+    for half, ttir in ttirs.items():
+        n_while = ttir.count("scf.while")
+        n_ext = sum("arith.extf" in line and "f16> to tensor<32xf32>" in line for line in ttir.split("\n"))
+        n_max = ttir.count("3.40282347E+38")
+        if half:
+            # the main loop and a redo loop at each place a row's sum goes out, each converting the 16 activations
+            # of a unit (and the scale)
+            assert n_while == 3 and n_max >= 1 and n_ext >= 2 * 16, (n_while, n_max, n_ext)
+        else:
+            assert n_while == 1 and n_max == 0, (n_while, n_max)
+
+
+def test_v2_half_dot_default_policy():
+    """launch's default (half_dot=None) takes the packed-fp16 dot only for one row of fp16 x on a W4 G16 layer of
+    ≥ HALF_MIN_GROUPS kept groups (where it measured faster), compiled only; never under the interpreter."""
+    import dataclasses
+
+    big = make_packed(2, 16 * 8, 16, 4, 0.0, seed=40)
+    # (only the count of kept groups is read: a col_idx of HALF_MIN_GROUPS entries)
+    big = dataclasses.replace(big, col_idx=torch.zeros(gemv_layout.HALF_MIN_GROUPS, dtype=torch.int16))
+    small = make_packed(2, 16 * 8, 16, 4, 0.0, seed=40)
+    g64 = make_packed(2, 64 * 8, 64, 4, 0.0, seed=40)
+    want = gemv_layout.HALF_DOT_DEFAULT != "0"
+    assert gemv_layout.half_dot_default(big, torch.float16, 1) == want
+    if gemv_layout.HALF_DOT_DEFAULT == "auto":
+        assert not gemv_layout.half_dot_default(small, torch.float16, 1)
+        assert not gemv_layout.half_dot_default(big, torch.float16, 2)
+        assert not gemv_layout.half_dot_default(g64, torch.float16, 1)
+        assert not gemv_layout.half_dot_default(big, torch.float16, 1, num_warps=2)
+    assert not gemv_layout.half_dot_default(big, torch.bfloat16, 1)
+    assert not gemv_layout.half_dot_default(big, torch.float16, 1, unit_codes=8)

@@ -33,8 +33,12 @@ codes) the same steps run as plain Triton loads and bit arithmetic.
 
 Pipelined kernel (:func:`_gemv2p_kernel`, issue 12, second session): the same step in one flat loop over the
 steps of several consecutive rows per program, with the next step's loads issued before the current step's
-math and an L2 prefetch a few steps ahead; opt-in packed-fp16 dot. :func:`launch` picks the kernel by row length
-(``LONG_ROW_GROUPS``) and holds every setting as a launch argument (``GemvPlan(v2_opts=...)`` carries them).
+math and an L2 prefetch a few steps ahead; a packed-fp16 dot (``half_dot``: fp16 lane sums of 8 products; a row
+whose sum comes out inf/NaN — a lane overflowed, |x| above ≈ 8700, or an inf/NaN activation — is redone in fp32 by
+:func:`_hd_row_fp32`, a rare warp-uniform branch at the row's end; on by default at M = 1 for fp16 W4 G16 layers of
+≥ ``HALF_MIN_GROUPS`` kept groups, :func:`half_dot_default`; ``GQSA_GEMV_HALF=0`` or ``half_dot=False`` opt out).
+:func:`launch` picks the kernel by row length (``LONG_ROW_GROUPS``) and holds every setting as a launch argument
+(``GemvPlan(v2_opts=...)`` carries them).
 
 Several rows of x (issue gemvb): both kernels take a constexpr ``MB`` (1 … ``MAX_MB`` = 4) and serve ``MB`` rows
 of x in one launch: a step's metadata and codes are loaded and dequantized once (:data:`_PTX_DEQ4B`), the
@@ -44,6 +48,7 @@ pipelined kernel for every row length (measured faster there).
 """
 from __future__ import annotations
 
+import os
 import weakref
 from dataclasses import dataclass
 
@@ -79,6 +84,26 @@ V2P_MULTI_ROW_MAX_N = 16384  # up to this many rows: spread over V2P_PROGRAMS_PE
 V2P_PROGRAMS_PER_SM = 24
 V2P_REG = True  # register double-buffering of the next step's loads
 V2P_PREFETCH = 2  # L2 prefetch distance in steps (0: none)
+# The packed-fp16 dot (half_dot, the pipelined kernel's HALF; issue 12, session 5): launch's default
+# (half_dot=None) takes it for one row of x, fp16 activations, 4-bit codes, G = 16 (16-code units), inline PTX,
+# on layers of ≥ HALF_MIN_GROUPS kept groups, whatever their row length: the pipelined kernel with rows spread over
+# V2P_PROGRAMS_PER_SM programs per SM (also above V2P_MULTI_ROW_MAX_N rows), register double-buffering, prefetch 2,
+# and 2 units per thread — 4 units and ptxas limited to HALF_MAXNREG registers from HALF_U4_MIN_GROUPS kept groups
+# (the 70B shapes). Measured (H200, session 5, benchmarks/RESULTS.md "Session 5", graph µs, half dot against the
+# fp32 default): 8192×28672 31.86 against 35.79 (u4 m80), 28672×8192 31.81 / 37.29 (u4 m80), 22016×4096 14.19 /
+# 18.48, 8192² 11.96 / 13.85, 14336×4096 10.70 / 12.12, 4096×14336 10.74 / 12.06, 12288×4096 9.42 / 10.39,
+# 11008×4096 9.04 / 10.14, 4096×11008 9.77 / 10.06 (u2); 4096² 5.26 (u2) / 5.59 (u4 m80) against 5.25-5.33: no
+# gain, so below the threshold (0.52 M groups at S50). Rows whose fp16 lane sums overflow are redone in fp32
+# (_hd_row_fp32). Opt-out: half_dot=False (GemvPlan(v2_opts={"half_dot": False})) or GQSA_GEMV_HALF=0 at import;
+# GQSA_GEMV_HALF=1 takes it wherever it applies (any layer size, M = 1-4), "auto" (the default) as above.
+HALF_DOT_DEFAULT = os.environ.get("GQSA_GEMV_HALF", "auto").strip().lower()
+if HALF_DOT_DEFAULT not in ("auto", "0", "1"):
+    raise ValueError(f"GQSA_GEMV_HALF={HALF_DOT_DEFAULT!r}: use auto, 0 or 1")
+HALF_MIN_GROUPS = 1 << 20
+HALF_GROUPS = (16,)
+HALF_UNITS_PER_THREAD = 2
+HALF_U4_MIN_GROUPS = 4 << 20  # from here 4 units per thread and maxnreg HALF_MAXNREG
+HALF_MAXNREG = 80
 MAX_MB = 4  # rows of x one launch of the v2 kernels serves (the constexpr MB: weights read once for all)
 # M = 2-4 rows of x run the pipelined kernel whatever the row length: on the long-row shapes it beat the
 # one-program-per-row kernel at every M ≥ 2 (H200, 2026-12-01, benchmarks/RESULTS.md "GEMV v2 at M = 2-4":
@@ -300,6 +325,52 @@ if tl is not None:  # what the kernel reads as globals must be constexpr
         _PTX_PDL_WAIT))
 
 
+def _hd_row_fp32(x_ptr, cw_ptr, meta_ptr, rp_ptr, row, G: tl.constexpr, UC: tl.constexpr, NUM_THREADS: tl.constexpr,
+                 one):
+    """Σ over the kept groups of output row ``row`` of s·Σ x·(q − z), in fp32 from plain loads (4-bit codes, fp16
+    activations; ``x_ptr``: the row of x as int32 words): the packed-fp16 dot's redo of a row whose sum came out
+    inf or NaN (an fp16 lane sum overflowed, |x| above ≈ 8700, or an activation is inf/NaN — then the redo gives
+    NaN/inf as the fp32 path does). Rare and warp-uniform (a branch on the row's reduced sum); units of ``UC``
+    codes, ``NUM_THREADS`` at a time."""
+    TPG: tl.constexpr = G // UC
+    WPU: tl.constexpr = UC // 8  # code words per unit
+    XPU: tl.constexpr = UC // 2  # activation words per unit
+    CWG: tl.constexpr = G // 8  # code words per group
+    OFFM: tl.constexpr = 0xFFFF ^ (2 * G - 1)
+    rs = tl.load(rp_ptr + row)
+    nu = (tl.load(rp_ptr + row + 1) - rs) * TPG  # units of the row
+    t = tl.arange(0, NUM_THREADS) * one
+    acc = tl.full([NUM_THREADS], 0.0, tl.float32)
+    k0 = nu * 0
+    while k0 < nu:
+        k = k0 + t
+        ok = k < nu
+        g = rs + k // TPG
+        m = tl.load(meta_ptr + g, mask=ok, other=0)
+        zq = (m & 0xF).to(tl.float32)
+        sc = (m >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        xp = x_ptr + ((m & OFFM) >> 2) + (k % TPG) * XPU
+        cp = cw_ptr + g * CWG + (k % TPG) * WPU
+        su = tl.full([NUM_THREADS], 0.0, tl.float32)
+        for w in tl.static_range(WPU):
+            cw = tl.load(cp + w, mask=ok, other=0)
+            for e in tl.static_range(8):
+                q = ((cw >> (4 * e)) & 0xF).to(tl.float32)
+                xword = tl.load(xp + (w * 8 + e) // 2, mask=ok, other=0)
+                xf = (xword >> (16 * (e % 2))).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                su = su + xf * (q - zq)
+        acc = acc + tl.where(ok, su * sc, 0.0)
+        k0 = k0 + NUM_THREADS
+    return tl.reduce(acc, 0, tl.standard._sum_combine)
+
+
+if tl is not None:  # called from the pipelined kernel (HALF only: compiled mode), so jitted once here
+    import triton as _triton
+
+    hd_row_fp32 = _triton.jit(_hd_row_fp32)
+    FP32_MAX = tl.constexpr(3.4028234663852886e38)
+
+
 def _gemv2_kernel(
     x_ptr, x8_ptr, cw_ptr, meta_ptr, rp_ptr, bias_ptr, y_ptr, XS, YS, one,
     G: tl.constexpr, BITS: tl.constexpr, UC: tl.constexpr, UPT: tl.constexpr, X_BF16: tl.constexpr,
@@ -467,8 +538,10 @@ def _gemv2p_kernel(
     the metadata and codes of the groups ``PF`` steps ahead in the program's flat group stream (rows
     are consecutive, so their groups are), clamped to the buffers (``MAXG`` groups): DRAM latency
     is taken off the loads with no registers held. ``HALF`` (compiled, 4 bits, 16-code units, fp16
-    activations; opt-in): the dot of a unit in packed fp16 (:data:`_PTX_HDOT16`: 2.3 instructions per code
-    instead of 4.4; the 8 products of a half lane summed in fp16, then fp32).
+    activations): the dot of a unit in packed fp16 (:data:`_PTX_HDOT16`: 2.3 instructions per code
+    instead of 4.4; the 8 products of a half lane summed in fp16, then fp32); where a row's sum comes out
+    inf or NaN (an fp16 lane overflowed, or an activation is inf/NaN) the row is redone in fp32
+    (:func:`_hd_row_fp32`, from plain loads), at both places a row's sum goes out: nothing in the loop body.
 
     ``MB`` rows of x (1 … 4; ``XS``: their stride in int32 words, ``YS``: the stride of y's rows), as in
     :func:`_gemv2_kernel`: the weights loaded and dequantized once per step, the activation loads and the dot
@@ -593,6 +666,8 @@ def _gemv2p_kernel(
                 v = tl.reduce(accs[mb], 0, tl.standard._sum_combine)
                 if HD:
                     v = v * 16.0
+                    if not (tl.abs(v) <= FP32_MAX):  # an fp16 lane overflowed (or an activation is inf/NaN)
+                        v = hd_row_fp32(x_ptr + mb * XS, cw_ptr, meta_ptr, rp_ptr, r - 1, G, UC, NUM_THREADS, one)
                 if HAS_BIAS:
                     v += tl.load(bias_ptr + (r - 1)).to(tl.float32)
                 tl.store((y_ptr + mb * YS) + (r - 1), v.to(y_ptr.dtype.element_ty))
@@ -678,6 +753,8 @@ def _gemv2p_kernel(
         v = tl.reduce(accs[mb], 0, tl.standard._sum_combine)
         if HD:
             v = v * 16.0
+            if not (tl.abs(v) <= FP32_MAX):
+                v = hd_row_fp32(x_ptr + mb * XS, cw_ptr, meta_ptr, rp_ptr, r - 1, G, UC, NUM_THREADS, one)
         if HAS_BIAS:
             v += tl.load(bias_ptr + (r - 1)).to(tl.float32)
         tl.store((y_ptr + mb * YS) + (r - 1), v.to(y_ptr.dtype.element_ty))
@@ -731,11 +808,27 @@ def rows_per_program(n: int, device: torch.device, rows_per_prog: int | None = N
     return max(1, -(-n // (pps * _num_sms(device))))
 
 
+def half_dot_default(packed: PackedLinear, x_dtype: torch.dtype, mrows: int, unit_codes: int | None = None,
+                     num_warps: int | None = None) -> bool:
+    """Whether :func:`launch` takes the packed-fp16 dot when its ``half_dot`` is None (``HALF_DOT_DEFAULT``;
+    see ``HALF_MIN_GROUPS``): fp16 activations, 4-bit integer-zero codes in 16-code units, and, for ``"auto"``,
+    one row of x, G in ``HALF_GROUPS``, ≥ ``HALF_MIN_GROUPS`` kept groups and one warp per program."""
+    if HALF_DOT_DEFAULT == "0" or x_dtype != torch.float16 or packed.bits != 4 or packed.float_zeros:
+        return False
+    uc = unit_codes or V2_UNIT_CODES.get(4) or default_unit(packed.group_size, 4)[0]
+    if uc != 16:
+        return False
+    if HALF_DOT_DEFAULT == "1":
+        return True
+    return (mrows == 1 and packed.group_size in HALF_GROUPS and packed.nnz >= HALF_MIN_GROUPS
+            and (num_warps or V2_NUM_WARPS) == 1)
+
+
 def launch(x2: torch.Tensor, packed: PackedLinear, layout: GemvLayout, bias: torch.Tensor | None, y: torch.Tensor,
            num_warps: int | None = None, unit_codes: int | None = None, units_per_thread: int | None = None,
            asm: bool = True, pipeline: bool | None = None, rows_per_prog: int | None = None,
            programs_per_sm: int | None = None, reg_pipeline: bool | None = None, prefetch: int | None = None,
-           maxnreg: int | None = None, half_dot: bool = False) -> None:
+           maxnreg: int | None = None, half_dot: bool | None = None) -> None:
     """``y = x2 @ Ŵᵀ (+ bias)`` through the v2 kernel (``layout`` from :func:`build_layout` of ``packed``;
     ``x2``: ``[M, K]``, ``y``: ``[M, N]`` with unit column stride; up to ``MAX_MB`` rows of x in one launch,
     the weights read once for all of them, more in launches of ``MAX_MB``); ``asm``: the inline-PTX
@@ -748,7 +841,10 @@ def launch(x2: torch.Tensor, packed: PackedLinear, layout: GemvLayout, bias: tor
     ahead (default ``V2P_PREFETCH``; 0: none); else one program per row (:func:`_gemv2_kernel`). ``maxnreg``:
     ptxas's register limit (None: its own choice; it sinks the next step's loads below the math when it
     runs short of registers). ``half_dot``: the packed-fp16 dot of the pipelined kernel (fp16 activations,
-    4-bit codes, 16-code units; elsewhere ignored; at M > 1 it dequantizes per row of x)."""
+    4-bit codes, 16-code units; elsewhere ignored; at M > 1 it dequantizes per row of x; a row whose fp16 lane
+    sums overflowed is redone in fp32). None (default): :func:`half_dot_default` — then also the pipelined kernel,
+    rows spread over ``V2P_PROGRAMS_PER_SM`` programs per SM, ``HALF_UNITS_PER_THREAD`` units per thread (from
+    ``HALF_U4_MIN_GROUPS`` kept groups 4 units and ``maxnreg=HALF_MAXNREG``), each where not given."""
     mrows, k = x2.shape
     if mrows > MAX_MB:
         for s in range(0, mrows, MAX_MB):
@@ -770,6 +866,19 @@ def launch(x2: torch.Tensor, packed: PackedLinear, layout: GemvLayout, bias: tor
     x1 = x2.as_strided((kp,), (1,)) if mrows == 1 else x2.as_strided(((mrows - 1) * x2.stride(0) + kp,), (1,))
     xi = x1.view(torch.int32)
     xb = x1.view(torch.int8)
+    interp = _interpret() or y.device.type != "cuda"
+    if half_dot is None:
+        half_dot = not interp and asm and pipeline is not False and half_dot_default(packed, x2.dtype, mrows,
+                                                                                      unit_codes, num_warps)
+        if half_dot:  # the settings it was measured with
+            pipeline = True
+            if rows_per_prog is None and programs_per_sm is None:
+                programs_per_sm = V2P_PROGRAMS_PER_SM
+            if packed.nnz >= HALF_U4_MIN_GROUPS:
+                units_per_thread = units_per_thread or 4
+                maxnreg = maxnreg or HALF_MAXNREG
+            else:
+                units_per_thread = units_per_thread or HALF_UNITS_PER_THREAD
     nw = num_warps or V2_NUM_WARPS
     n = packed.shape[0]
     pipe = (mrows > 1 or packed.nnz < LONG_ROW_GROUPS * max(1, n)) if pipeline is None else pipeline
@@ -777,7 +886,6 @@ def launch(x2: torch.Tensor, packed: PackedLinear, layout: GemvLayout, bias: tor
         units_per_thread = V2P_UNITS_PER_THREAD
     if pipe and rows_per_prog is None and programs_per_sm is None and n > V2P_MULTI_ROW_MAX_N:
         rows_per_prog = V2P_ROWS_PER_PROG
-    interp = _interpret() or y.device.type != "cuda"
     consts = kernel_constexprs(G=packed.group_size, BITS=packed.bits, UC=unit_codes or V2_UNIT_CODES.get(packed.bits),
                                UPT=units_per_thread or V2_UNITS_PER_THREAD, X_BF16=x2.dtype == torch.bfloat16,
                                HAS_BIAS=bias is not None, ASM=not interp and asm, NUM_THREADS=32 * nw,
