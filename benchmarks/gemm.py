@@ -131,16 +131,17 @@ def gpu_check(quick: bool = False) -> bool:
             ok = False
             print(f"CHECK FAIL graph M={m}: {err}", flush=True)
         del y0
-    # the plan's prepared calls (one per batch shape, the compiled kernel bound after the first launch):
+    # the plan's prepared calls (one per batch shape, the compiled kernel bound after the first launch; the v2
+    # GEMV, the irregular GEMM, the dense expansion, the block kernel with and without the pre pass):
     # the same shapes again with new data, with and without a bias (first launch, then the bound kernel),
     # and x 2 bytes off alignment (the checked launch); x [1, M, K] as in a model
     for special, rows in ((None, None), ("uneven", 128), ("cluster", 128)):
         p = layer_for_check(1024, 2048, 16, 4, 0.5, special=special, rows=rows)
         plan = dispatch.LinearPlan(p)
-        for m in (6, 40, 300):
+        for m in (1, 3, 6, 40, 300):
             for rep in range(5):
-                big = torch.randn(1, m, 2049, device=DEV, dtype=torch.float16)
-                x = big[..., 1:] if rep == 2 else big[..., :2048]
+                big = torch.randn(1, m, 2056, device=DEV, dtype=torch.float16)  # rows 16-byte aligned
+                x = big[..., 1:2049] if rep == 2 else big[..., :2048]
                 bias = None if rep in (0, 4) else torch.randn(1024, device=DEV, dtype=torch.float16)
                 ref = reference.linear(x[0].float(), p, None if bias is None else bias.float())
                 y = plan(x, bias)
@@ -150,7 +151,7 @@ def gpu_check(quick: bool = False) -> bool:
                     ok = False
                     print(f"CHECK FAIL prepared {special} rows={rows} M={m} rep {rep} ({plan.path(m)}): {err}",
                           flush=True)
-        if len(plan._calls) != 6 - 2 * (plan.path(300) not in ("block", "gemm")):
+        if len(plan._calls) != 10:  # with and without a bias at each M
             ok = False
             print(f"CHECK FAIL prepared {special}: {len(plan._calls)} prepared calls", flush=True)
     print("GPU check:", "all ok" if ok else "FAILURES", flush=True)

@@ -12,7 +12,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from gqsa.kernels import dispatch, gemm, reference  # noqa: E402
+from gqsa.kernels import dispatch, gemm, gemv, reference  # noqa: E402
 from gqsa.kernels.layout import build_tile_layout, to_packed  # noqa: E402
 
 from test_gemv import check, make_packed  # noqa: E402  (same folder, on sys.path under pytest)
@@ -147,7 +147,7 @@ def test_plan_dispatch_by_batch(m, path):
 def test_h200_table_sends_m_up_to_4_to_the_v2_gemv(monkeypatch):
     """The default (H200) table: an irregular layer runs the batched v2 GEMV up to M = 4 (gemv_max_m, measured),
     the tensor-core GEMM from M = 5."""
-    from gqsa.kernels import gemv, gemv_layout
+    from gqsa.kernels import gemv_layout
 
     monkeypatch.delenv("GQSA_DISPATCH_TABLE", raising=False)
     assert dispatch.H200_TABLE.gemv_max_m == 4 <= gemv.V2_MAX_BATCH <= gemv_layout.MAX_MB
@@ -189,6 +189,10 @@ def test_plan_prepares_each_batch_shape_once():
     xt = torch.randn(200, 6).half().t()
     check(plan(xt), xt, p)
     assert len(plan._calls) == 4
+    for _ in range(2):  # M = 40: the dense expansion + cuBLAS, prepared too
+        x40 = torch.randn(40, 200).half()
+        check(plan(x40, bias), x40, p, bias)
+    assert len(plan._calls) == 5 and isinstance(plan._calls[(x40.shape, x40.stride(), x40.dtype, False)], gemv.DenseCall)
     with pytest.raises(ValueError, match="bias"):
         plan(torch.randn(2, 3, 200).half(), torch.randn(5).half())
     check(plan(x, bias.float()), x, p, bias)  # a bias in another dtype: converted on the checked path

@@ -632,3 +632,32 @@ def test_v2_half_dot_default_policy():
         assert not gemv_layout.half_dot_default(big, torch.float16, 1, num_warps=2)
     assert not gemv_layout.half_dot_default(big, torch.bfloat16, 1)
     assert not gemv_layout.half_dot_default(big, torch.float16, 1, unit_codes=8)
+
+
+def test_plan_prepared_v2_calls_per_batch_shape():
+    """``LinearPlan`` keeps one v2 launch (``gemv_layout.V2Call``) per batch shape of the GEMV path: the same
+    shapes again run it, right every time, with and without a bias; x off 16-byte alignment on a prepared
+    shape is copied first; a layer whose K is not whole groups gets no prepared call (x is padded each time)."""
+    from gqsa.kernels import dispatch
+
+    p = make_packed(37, 256, 16, 4, 0.5)
+    plan = dispatch.LinearPlan(p)
+    bias = torch.randn(37).half()
+    for m in (1, 3):
+        for b in (None, bias):
+            for _ in range(2):
+                x = torch.randn(1, m, 256).half()
+                y = plan(x, b)
+                assert y.shape == (1, m, 37)
+                check_rows(y[0], x[0], p, b)
+    assert len(plan._calls) == 4 and all(isinstance(c, gemv_layout.V2Call) for c in plan._calls.values())
+    for m in (1, 3):  # the prepared shapes, x 2 bytes off alignment
+        x = torch.randn(m * 256 + 1).half()[1:].view(1, m, 256)
+        assert x.data_ptr() % 16
+        y = plan(x, bias)
+        check_rows(y[0], x[0], p, bias)
+    assert len(plan._calls) == 4
+    odd = dispatch.LinearPlan(make_packed(20, 200, 16, 4, 0.5))  # K % G != 0
+    x = torch.randn(2, 200).half()
+    check_rows(odd(x), x, odd.packed)
+    assert odd._calls == {}

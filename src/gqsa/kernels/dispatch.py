@@ -19,6 +19,15 @@ block tensor-core kernel (:mod:`gqsa.kernels.block_gemm`, on a
 :class:`~gqsa.kernels.block_layout.BlockLayout` built instead of the TileLayout) above, and the dense
 expansion from ``block.expand_min_m`` of their height on. Other layers keep the table above.
 
+**Prepared calls.** The first call of a batch shape (x's shape, strides and dtype, bias or none) on the
+v2 GEMV, the block kernel, the irregular GEMM or the dense expansion keeps its launch
+(:class:`~gqsa.kernels.gemv_layout.V2Call`, :class:`~gqsa.kernels.block_gemm.BlockCall`,
+:class:`~gqsa.kernels.gemm.GemmCall`, :class:`~gqsa.kernels.gemv.DenseCall`): grid, split-K and
+constexprs worked out once and, after the first launch, the compiled kernel called directly — what an eager
+call costs on the CPU is what bounds an eager prefill and eager decoding outside the engine's CUDA graphs
+(``benchmarks/launch_overhead.py``, ``benchmarks/prefill_ab.py``). The compile mode and ``GQSA_PDL`` are
+read when a call is prepared.
+
 Every path is CUDA-graph capturable after one call at the same batch size (compilation, workspace).
 The crossover table :data:`H200_TABLE` was measured with ``benchmarks/gemm.py --sweep`` (see
 benchmarks/RESULTS.md); other GPUs use it too until measured.
@@ -208,7 +217,7 @@ def default_table(device: torch.device | None = None) -> DispatchTable:
     return H200_TABLE
 
 
-MAX_PREPARED = 64  # prepared calls a LinearPlan keeps (one per batch shape seen on the tensor-core paths)
+MAX_PREPARED = 64  # prepared calls a LinearPlan keeps (one per batch shape seen on the kernel paths)
 
 
 class LinearPlan:
@@ -251,7 +260,7 @@ class LinearPlan:
         self.sms = num_sms(self.device)
         self.dense_min_m = dense_min_m
         self._dense = None
-        self._calls: dict = {}  # (x.shape, x.stride(), dtype, no bias) -> a prepared BlockCall / GemmCall
+        self._calls: dict = {}  # (x.shape, x.stride(), dtype, no bias) -> a prepared V2Call / BlockCall / GemmCall
 
     @property
     def gemv(self) -> gemv.GemvPlan:
@@ -280,8 +289,8 @@ class LinearPlan:
         return "gemv" if m <= self.table.gemv_max_m else "gemm"
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        # a batch shape seen before on the tensor-core paths: its prepared call (no checks to redo but the
-        # device and the bias; grid, constexprs and split-K fixed; the compiled kernel called directly)
+        # a batch shape seen before on a kernel path: its prepared call (no checks to redo but the device and
+        # the bias; grid, constexprs and split-K fixed; the compiled kernel called directly)
         fast = self._calls.get((x.shape, x.stride(), x.dtype, bias is None))
         if fast is not None and x.device == self.device and (bias is None or self._bias_ok(bias, x.dtype)):
             n = self.packed.shape[0]
@@ -303,9 +312,23 @@ class LinearPlan:
         m = x2.shape[0]
         path = self.path(m)
         if path == "gemv":
-            return self.gemv(x, bias)
+            call = self.gemv.v2_call(x2, bias is not None) if x2.data_ptr() == x.data_ptr() else None
+            if call is None:
+                return self.gemv(x, bias)
+            y = torch.empty(*lead, n, dtype=x.dtype, device=x.device)
+            call(x2, bias, y.view(-1, n))
+            if len(self._calls) < MAX_PREPARED:
+                self._calls[(x.shape, x.stride(), x.dtype, bias is None)] = call
+            return y
         if path == "expand":
-            return gemv.gqsa_linear(x, p, bias, variant="dense")
+            if x2.data_ptr() != x.data_ptr() or x2.stride(1) != 1:
+                return gemv.gqsa_linear(x, p, bias, variant="dense")
+            call = gemv.DenseCall(p)
+            y = torch.empty(*lead, n, dtype=x.dtype, device=x.device)
+            call(x2, bias, y.view(-1, n))
+            if len(self._calls) < MAX_PREPARED:
+                self._calls[(x.shape, x.stride(), x.dtype, bias is None)] = call
+            return y
         if path == "dense-cache":
             if self._dense is None or self._dense.dtype != x.dtype:
                 self._dense = gemv.dequantize_dense(p, x.dtype)

@@ -55,7 +55,7 @@ import torch.nn.functional as F
 
 from ..format import PackedLinear
 from . import gemv_layout, reference
-from .jit import _interpret, jitted, launch
+from .jit import _interpret, jitted, launch, rebind
 
 try:  # triton is optional: without it every path falls back to the reference
     import triton
@@ -760,11 +760,38 @@ def dequantize_dense(packed: PackedLinear, dtype: torch.dtype = torch.float16,
         return w if out is None else out.copy_(w)
     w = torch.empty(n, k, dtype=dtype, device=dev) if out is None else out  # every element is written
     if n:
-        launch(_kernel("expand"), (n,), (packed.qweight, packed.col_idx, packed.scales, packed.zeros, packed.row_ptr, w,
-                                         k, w.stride(0)),
-               dict(G=packed.group_size, BITS=packed.bits, BLOCK_G=max(4, 1024 // packed.group_size),
-                    EVEN_K=k % packed.group_size == 0), dev, 4)
+        launch(_kernel("expand"), (n,), _expand_args(packed, w), _expand_consts(packed), dev, 4)
     return w
+
+
+def _expand_args(packed: PackedLinear, w: torch.Tensor) -> tuple:
+    return (packed.qweight, packed.col_idx, packed.scales, packed.zeros, packed.row_ptr, w, packed.shape[1], w.stride(0))
+
+
+def _expand_consts(packed: PackedLinear) -> dict:
+    return dict(G=packed.group_size, BITS=packed.bits, BLOCK_G=max(4, 1024 // packed.group_size),
+                EVEN_K=packed.shape[1] % packed.group_size == 0)
+
+
+class DenseCall:
+    """The per-call dense expansion + cuBLAS (``gqsa_linear(..., variant="dense")``) of a validated layer
+    (:func:`_check_packed`) with the expansion's launch bound after its first (the dense weight is always
+    new, so its specialization never changes): ``call(x2, bias, y)`` writes ``y = x2 @ Ŵᵀ (+ bias)`` for
+    ``x2`` ``[M, K]`` fp16/bf16, ``y`` contiguous ``[M, N]`` and ``bias`` None or contiguous ``[N]``, all in
+    one dtype on the layer's device (what :class:`gqsa.kernels.dispatch.LinearPlan` checked)."""
+
+    def __init__(self, packed: PackedLinear):
+        self.packed, self.consts, self._bound = packed, _expand_consts(packed), None
+
+    def __call__(self, x2: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
+        p = self.packed
+        w = torch.empty(p.shape, dtype=x2.dtype, device=x2.device)
+        if p.shape[0]:
+            self._bound = rebind(self._bound, True, _kernel("expand"), (p.shape[0],), _expand_args(p, w), self.consts,
+                                 w.device, 4)
+        if bias is None:
+            return torch.mm(x2, w.t(), out=y)
+        return torch.addmm(bias, x2, w.t(), out=y)
 
 
 def _into(out: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
@@ -915,6 +942,17 @@ class GemvPlan:
         else:
             _launch_gemv(x2, p, bias, y, self.tasks, qw=self.qw)
         return y.view(*x.shape[:-1], n)
+
+    def v2_call(self, x2: torch.Tensor, has_bias: bool) -> gemv_layout.V2Call | None:
+        """The v2 launch of this plan for calls like ``x2`` (``[M, K]`` fp16/bf16 on the plan's device;
+        with or without a bias; y contiguous) as a :class:`gemv_layout.V2Call` to keep, or None where
+        :meth:`__call__` would not run v2 on it as it is."""
+        bsz = x2.shape[0]
+        if (not self.kernel_ok or self.layout is None or not 1 <= bsz <= min(V2_MAX_BATCH, self.max_kernel_batch)
+                or not gemv_layout.V2Call.takes(self.packed, x2)):
+            return None
+        return gemv_layout.V2Call(self.packed, self.layout, bsz, x2.dtype, has_bias, x2.stride(0), self.packed.shape[0],
+                                  x2.device, **({"asm": _ASM_ENABLED} | self.v2_opts))
 
 
 def prepare(packed: PackedLinear, variant: str = "auto", tasks: TaskTable | None = None, kernel: str | None = None,

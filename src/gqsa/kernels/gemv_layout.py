@@ -855,57 +855,102 @@ def launch(x2: torch.Tensor, packed: PackedLinear, layout: GemvLayout, bias: tor
         return
     if y.shape[0] != mrows or (mrows > 1 and y.stride(-1) != 1):
         raise ValueError(f"y must be [{mrows}, N] with unit column stride")
-    kp = packed.n_group_cols * packed.group_size
-    # whole groups, unit element stride, rows 16-byte aligned (the kernel's 16-byte activation loads)
-    if kp != k or x2.stride(-1) != 1 or x2.data_ptr() % 16 or (mrows > 1 and (x2.stride(0) % 8 or x2.stride(0) < k)):
-        xp = torch.zeros(mrows, kp, dtype=x2.dtype, device=x2.device)
-        xp[:, :k] = x2
-        x2 = xp
-    xs = x2.stride(0) // 2 if mrows > 1 else 0  # int32 words between rows of x
-    ys = y.stride(0) if mrows > 1 else 0
-    x1 = x2.as_strided((kp,), (1,)) if mrows == 1 else x2.as_strided(((mrows - 1) * x2.stride(0) + kp,), (1,))
-    xi = x1.view(torch.int32)
-    xb = x1.view(torch.int8)
-    interp = _interpret() or y.device.type != "cuda"
-    if half_dot is None:
-        half_dot = not interp and asm and pipeline is not False and half_dot_default(packed, x2.dtype, mrows,
-                                                                                      unit_codes, num_warps)
-        if half_dot:  # the settings it was measured with
-            pipeline = True
-            if rows_per_prog is None and programs_per_sm is None:
-                programs_per_sm = V2P_PROGRAMS_PER_SM
-            if packed.nnz >= HALF_U4_MIN_GROUPS:
-                units_per_thread = units_per_thread or 4
-                maxnreg = maxnreg or HALF_MAXNREG
-            else:
-                units_per_thread = units_per_thread or HALF_UNITS_PER_THREAD
-    nw = num_warps or V2_NUM_WARPS
-    n = packed.shape[0]
-    pipe = (mrows > 1 or packed.nnz < LONG_ROW_GROUPS * max(1, n)) if pipeline is None else pipeline
-    if pipe and units_per_thread is None:
-        units_per_thread = V2P_UNITS_PER_THREAD
-    if pipe and rows_per_prog is None and programs_per_sm is None and n > V2P_MULTI_ROW_MAX_N:
-        rows_per_prog = V2P_ROWS_PER_PROG
-    consts = kernel_constexprs(G=packed.group_size, BITS=packed.bits, UC=unit_codes or V2_UNIT_CODES.get(packed.bits),
-                               UPT=units_per_thread or V2_UNITS_PER_THREAD, X_BF16=x2.dtype == torch.bfloat16,
-                               HAS_BIAS=bias is not None, ASM=not interp and asm, NUM_THREADS=32 * nw,
-                               REG=(V2P_REG if reg_pipeline is None else reg_pipeline) if pipe else None,
-                               PF=(V2P_PREFETCH if prefetch is None else prefetch) if pipe else None,
-                               HALF=half_dot and pipe, MB=mrows)
-    if n == 0:
-        return
-    step = consts["NUM_THREADS"] // (packed.group_size // consts["UC"]) * consts["UPT"]
-    if step > min(layout.meta.numel(), MIN_GROUPS):
-        raise ValueError(f"a step of {step} groups exceeds the layout's minimum of {MIN_GROUPS}")
-    tensors = (xi, xb, layout.codes, layout.meta, packed.row_ptr, bias if bias is not None else y, y)
-    if pipe:
-        rpp = rows_per_program(n, y.device, rows_per_prog, programs_per_sm)
-        grid = -(-n // rpp)
-        ints = (n, rpp, layout.meta.numel(), xs, ys, 1)
-        kern = jitted(_gemv2p_kernel, ("N", "RPP", "MAXG", "XS", "YS", "one"))
-    else:
-        grid = n
-        ints = (xs, ys, 1)
-        kern = jitted(_gemv2_kernel, ("XS", "YS", "one"))
-    extra = {"maxnreg": maxnreg} if maxnreg and not interp else {}
-    jit.launch(kern, (grid,), (*tensors, *ints), consts, y.device, nw, pdl="gemv2p" if pipe else "gemv2", **extra)
+    if not V2Call.takes(packed, x2):
+        x2 = V2Call.padded(packed, x2)
+    call = V2Call(packed, layout, mrows, x2.dtype, bias is not None, x2.stride(0), y.stride(0), y.device, num_warps,
+                  unit_codes, units_per_thread, asm, pipeline, rows_per_prog, programs_per_sm, reg_pipeline, prefetch,
+                  maxnreg, half_dot)
+    call(x2, bias, y)
+
+
+class V2Call:
+    """One v2 launch (:func:`launch`) for a layer, ``mrows`` ≤ ``MAX_MB`` rows of x in ``dtype`` with row
+    stride ``stride_x``, y's row stride ``stride_y``, with or without a bias, and the launch options of
+    :func:`launch` — everything but the tensors worked out once. ``call(x2, bias, y)`` launches it for an
+    ``x2`` that :meth:`takes` (whole groups, unit stride, 16-byte aligned rows) and a ``y`` of ``[mrows, N]``;
+    after the first launch through the compiled kernel directly (:func:`gqsa.kernels.jit.rebind`) while
+    y and the bias are 16-byte aligned as then. The prepared calls of
+    :class:`gqsa.kernels.dispatch.LinearPlan` keep one per batch shape."""
+
+    @staticmethod
+    def takes(packed: PackedLinear, x2: torch.Tensor) -> bool:
+        """Whether the kernel can read ``x2`` as it is (else :meth:`padded`): whole groups, unit element
+        stride, rows 16-byte aligned (the kernel's 16-byte activation loads)."""
+        mrows, k = x2.shape
+        return (packed.n_group_cols * packed.group_size == k and x2.stride(-1) == 1 and not x2.data_ptr() % 16
+                and (mrows == 1 or (not x2.stride(0) % 8 and x2.stride(0) >= k)))
+
+    @staticmethod
+    def padded(packed: PackedLinear, x2: torch.Tensor) -> torch.Tensor:
+        xp = torch.zeros(x2.shape[0], packed.n_group_cols * packed.group_size, dtype=x2.dtype, device=x2.device)
+        xp[:, :x2.shape[1]] = x2
+        return xp
+
+    def __init__(self, packed: PackedLinear, layout: GemvLayout, mrows: int, dtype: torch.dtype, has_bias: bool,
+                 stride_x: int, stride_y: int, device: torch.device, num_warps=None, unit_codes=None,
+                 units_per_thread=None, asm=True, pipeline=None, rows_per_prog=None, programs_per_sm=None,
+                 reg_pipeline=None, prefetch=None, maxnreg=None, half_dot=None):
+        kp = packed.n_group_cols * packed.group_size
+        self.mrows, self.kp, self.packed, self.layout = mrows, kp, packed, layout
+        self.opts = dict(num_warps=num_warps, unit_codes=unit_codes, units_per_thread=units_per_thread, asm=asm,
+                         pipeline=pipeline, rows_per_prog=rows_per_prog, programs_per_sm=programs_per_sm,
+                         reg_pipeline=reg_pipeline, prefetch=prefetch, maxnreg=maxnreg, half_dot=half_dot)
+        self.xs = stride_x // 2 if mrows > 1 else 0  # int32 words between rows of x
+        ys = stride_y if mrows > 1 else 0
+        interp = _interpret() or device.type != "cuda"
+        if half_dot is None:
+            half_dot = not interp and asm and pipeline is not False and half_dot_default(packed, dtype, mrows,
+                                                                                          unit_codes, num_warps)
+            if half_dot:  # the settings it was measured with
+                pipeline = True
+                if rows_per_prog is None and programs_per_sm is None:
+                    programs_per_sm = V2P_PROGRAMS_PER_SM
+                if packed.nnz >= HALF_U4_MIN_GROUPS:
+                    units_per_thread = units_per_thread or 4
+                    maxnreg = maxnreg or HALF_MAXNREG
+                else:
+                    units_per_thread = units_per_thread or HALF_UNITS_PER_THREAD
+        self.nw = num_warps or V2_NUM_WARPS
+        n = packed.shape[0]
+        self.pipe = pipe = (mrows > 1 or packed.nnz < LONG_ROW_GROUPS * max(1, n)) if pipeline is None else pipeline
+        if pipe and units_per_thread is None:
+            units_per_thread = V2P_UNITS_PER_THREAD
+        if pipe and rows_per_prog is None and programs_per_sm is None and n > V2P_MULTI_ROW_MAX_N:
+            rows_per_prog = V2P_ROWS_PER_PROG
+        self.consts = kernel_constexprs(
+            G=packed.group_size, BITS=packed.bits, UC=unit_codes or V2_UNIT_CODES.get(packed.bits),
+            UPT=units_per_thread or V2_UNITS_PER_THREAD, X_BF16=dtype == torch.bfloat16, HAS_BIAS=has_bias,
+            ASM=not interp and asm, NUM_THREADS=32 * self.nw,
+            REG=(V2P_REG if reg_pipeline is None else reg_pipeline) if pipe else None,
+            PF=(V2P_PREFETCH if prefetch is None else prefetch) if pipe else None, HALF=half_dot and pipe, MB=mrows)
+        self.n = n
+        step = self.consts["NUM_THREADS"] // (packed.group_size // self.consts["UC"]) * self.consts["UPT"]
+        if n and step > min(layout.meta.numel(), MIN_GROUPS):
+            raise ValueError(f"a step of {step} groups exceeds the layout's minimum of {MIN_GROUPS}")
+        self.weights = (layout.codes, layout.meta, packed.row_ptr)
+        if pipe:
+            rpp = rows_per_program(n, device, rows_per_prog, programs_per_sm)
+            self.grid = (-(-n // rpp),)
+            self.ints = (n, rpp, layout.meta.numel(), self.xs, ys, 1)
+            self.kern = jitted(_gemv2p_kernel, ("N", "RPP", "MAXG", "XS", "YS", "one"))
+        else:
+            self.grid = (n,)
+            self.ints = (self.xs, ys, 1)
+            self.kern = jitted(_gemv2_kernel, ("XS", "YS", "one"))
+        self.extra = {"maxnreg": maxnreg} if maxnreg and not interp else {}
+        self._bound = None
+
+    def __call__(self, x2: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> None:
+        if self.n == 0:
+            return
+        mrows, kp = self.mrows, self.kp
+        if x2.data_ptr() % 16:  # (a prepared call's x off 16-byte alignment) a padded copy, launched as built
+            x2 = self.padded(self.packed, x2)
+            if mrows > 1:
+                return launch(x2, self.packed, self.layout, bias, y, **self.opts)
+        x1 = x2.as_strided((kp,), (1,)) if mrows == 1 else x2.as_strided(((mrows - 1) * x2.stride(0) + kp,), (1,))
+        args = (x1.view(torch.int32), x1.view(torch.int8), *self.weights, bias if bias is not None else y, y,
+                *self.ints)
+        aligned = not (y.data_ptr() | (0 if bias is None else bias.data_ptr())) & 15
+        self._bound = jit.rebind(self._bound, aligned, self.kern, self.grid, args, self.consts, y.device, self.nw,
+                                 pdl="gemv2p" if self.pipe else "gemv2", **self.extra)

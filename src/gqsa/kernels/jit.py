@@ -155,14 +155,14 @@ def bind(kern, grid, args: tuple, consts: dict, device, num_warps: int, num_stag
 
 
 def rebind(bound: Bound | None, aligned: bool, kern, grid, args: tuple, consts: dict, device, num_warps: int,
-           num_stages: int | None = None, pdl: str | None = None) -> Bound | None:
+           num_stages: int | None = None, pdl: str | None = None, **options) -> Bound | None:
     """One launch of a prepared call site: through ``bound`` when there is one and the call's changing
     pointers are 16-byte ``aligned`` (as they were when it was bound), else through :func:`bind`. Returns
     the :class:`Bound` to keep: the new one when ``aligned``, else ``bound``."""
     if bound is not None and aligned:
         bound(*args)
         return bound
-    new = bind(kern, grid, args, consts, device, num_warps, num_stages, pdl)
+    new = bind(kern, grid, args, consts, device, num_warps, num_stages, pdl, **options)
     return new if aligned else bound
 
 
