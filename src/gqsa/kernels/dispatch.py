@@ -25,7 +25,7 @@ v2 GEMV, the block kernel, the irregular GEMM or the dense expansion keeps its l
 :class:`~gqsa.kernels.gemm.GemmCall`, :class:`~gqsa.kernels.gemv.DenseCall`): grid, split-K and
 constexprs worked out once and, after the first launch, the compiled kernel called directly — what an eager
 call costs on the CPU is what bounds an eager prefill and eager decoding outside the engine's CUDA graphs
-(``benchmarks/launch_overhead.py``, ``benchmarks/prefill_ab.py``). The compile mode and ``GQSA_PDL`` are
+(``benchmarks/launch_overhead.py``, ``benchmarks/eager_ab.py``). The compile mode and ``GQSA_PDL`` are
 read when a call is prepared.
 
 Every path is CUDA-graph capturable after one call at the same batch size (compilation, workspace).
@@ -260,7 +260,7 @@ class LinearPlan:
         self.sms = num_sms(self.device)
         self.dense_min_m = dense_min_m
         self._dense = None
-        self._calls: dict = {}  # (x.shape, x.stride(), dtype, no bias) -> a prepared V2Call / BlockCall / GemmCall
+        self._calls: dict = {}  # (x.shape, x.stride(), dtype, no bias) -> a prepared V2Call / BlockCall / GemmCall / DenseCall
 
     @property
     def gemv(self) -> gemv.GemvPlan:
