@@ -74,11 +74,8 @@ class _FakeKernel:
         return first
 
 
-def test_launch_fast_path_on_a_gpu_caches_per_specialization(monkeypatch):
-    """The CUDA path with the compiler stubbed: the first launch of a specialization goes through Triton
-    (``kern[grid](...)``, with the constexprs and options as keywords), the next ones call the compiled
-    kernel directly with args + constexpr values; a different alignment or int width is a new
-    specialization."""
+def _stub_gpu(monkeypatch):
+    """The compiled CUDA path with the compiler and the stream stubbed: (a fake kernel, a CUDA device)."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.delenv("GQSA_PDL", raising=False)
 
@@ -88,8 +85,15 @@ def test_launch_fast_path_on_a_gpu_caches_per_specialization(monkeypatch):
 
     monkeypatch.setattr(triton.runtime.driver, "_active", _Stream())
     monkeypatch.setattr(jit, "_FAST", {})
-    k = _FakeKernel()
-    dev = torch.device("cuda", 0)
+    return _FakeKernel(), torch.device("cuda", 0)
+
+
+def test_launch_fast_path_on_a_gpu_caches_per_specialization(monkeypatch):
+    """The CUDA path with the compiler stubbed: the first launch of a specialization goes through Triton
+    (``kern[grid](...)``, with the constexprs and options as keywords), the next ones call the compiled
+    kernel directly with args + constexpr values; a different alignment or int width is a new
+    specialization."""
+    k, dev = _stub_gpu(monkeypatch)
     a = torch.zeros(64, dtype=torch.float16)
     jit.launch(k, (4,), (a, 16), {"BLOCK": 32}, dev, 4, 2, pdl="ops")
     jit.launch(k, (4,), (a, 16), {"BLOCK": 32}, dev, 4, 2, pdl="ops")
@@ -111,17 +115,7 @@ def test_rebind_keeps_the_compiled_kernel_of_a_call_site(monkeypatch):
     """A prepared call site (``jit.rebind``, compiler stubbed): the first launch goes through Triton, the next
     ones through the kept Bound (no fast-path lookup any more); a call whose pointers are not aligned as at
     binding takes the checked launch and keeps the Bound it had."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    monkeypatch.delenv("GQSA_PDL", raising=False)
-
-    class _Stream:
-        def get_current_stream(self, index):
-            return 7
-
-    monkeypatch.setattr(triton.runtime.driver, "_active", _Stream())
-    monkeypatch.setattr(jit, "_FAST", {})
-    k = _FakeKernel()
-    dev = torch.device("cuda", 0)
+    k, dev = _stub_gpu(monkeypatch)
     a = torch.zeros(64, dtype=torch.float16)
     b = jit.rebind(None, True, k, (4, 2), (a, 16), {"BLOCK": 32}, dev, 4, 2, pdl="ops")
     assert isinstance(b, jit.Bound) and [e[0] for e in k.log] == ["slow"]
