@@ -37,9 +37,10 @@ def per_call(fn, calls: int) -> tuple[float, float]:
     return 1e6 * cpu / calls, 1e6 * (time.perf_counter() - t) / calls
 
 
-def stubbed_launch(calls: int = 20000) -> float:
-    """µs per ``jit.launch`` fast-path call of a 20-argument block-kernel launch, with the compiled kernel
-    and the stream lookup stubbed (no GPU needed: the Python cost alone)."""
+def stubbed_launch(calls: int = 20000) -> tuple[float, float]:
+    """µs per ``jit.launch`` fast-path call of a 20-argument block-kernel launch, and per call of the same
+    launch bound (``jit.bind``, what a prepared call runs), with the compiled kernel and the stream lookup
+    stubbed (no GPU needed: the Python cost alone)."""
     import triton.runtime.driver
 
     class Compiled:
@@ -68,11 +69,14 @@ def stubbed_launch(calls: int = 20000) -> float:
                   DOT_F32=False, FLOAT_Z=False, FP16=True, ASM=True, COL_VEC=False, ROW_MAP=False, WIDE=False,
                   PRE=True, BLOCK_OUT=False)
     k = Kernel()
-    jit.launch(k, (4, 32, 1), args, consts, dev, 8, 3, pdl="block")
+    bound = jit.bind(k, (4, 32, 1), args, consts, dev, 8, 3, pdl="block")
     t = time.perf_counter()
     for _ in range(calls):
         jit.launch(k, (4, 32, 1), args, consts, dev, 8, 3, pdl="block")
-    return 1e6 * (time.perf_counter() - t) / calls
+    t1 = time.perf_counter()
+    for _ in range(calls):
+        bound(*args)
+    return 1e6 * (t1 - t) / calls, 1e6 * (time.perf_counter() - t1) / calls
 
 
 def main():
@@ -84,7 +88,8 @@ def main():
     ap.add_argument("--stub", action="store_true", help="no GPU: time jit.launch's fast path with the compiler stubbed")
     args = ap.parse_args()
     if args.stub:
-        print(f"jit.launch fast path (stubbed): {stubbed_launch():.2f} us per call")
+        fast, bound = stubbed_launch()
+        print(f"jit.launch fast path (stubbed): {fast:.2f} us per call; a prepared call's jit.Bound: {bound:.2f} us")
         return
     if not torch.cuda.is_available():
         sys.exit("launch_overhead: needs a CUDA GPU")
