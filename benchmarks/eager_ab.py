@@ -32,15 +32,14 @@ from gqsa.engine import Engine  # noqa: E402
 from gqsa.kernels import dispatch  # noqa: E402
 from gqsa.nn import GQSALinear  # noqa: E402
 
+DEFAULT_MAX = dispatch.MAX_PREPARED
+
 
 def set_prepared(model, on: bool) -> None:
     dispatch.MAX_PREPARED = DEFAULT_MAX if on else 0
     for m in model.modules():
         if isinstance(m, GQSALinear) and m._plan is not None:
             m._plan._calls.clear()
-
-
-DEFAULT_MAX = dispatch.MAX_PREPARED
 
 
 def hf_decode(model, ids: torch.Tensor, tokens: int) -> float:

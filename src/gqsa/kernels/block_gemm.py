@@ -105,7 +105,7 @@ class _Dequant:
         self.grid = (layout.n_blocks, math.ceil(tiles / max(1, self.tpp)))
         self.consts = dict(R=r, G=g, BITS=layout.bits, FLOAT_Z=layout.float_zeros, FP16=dtype == torch.float16,
                            STEPS=self.tpp if _interpret() else 0)
-        self._bound = None
+        self.kern, self._bound = _dequant_kernel(), None
 
     def __call__(self) -> torch.Tensor:
         lay = self.layout
@@ -113,7 +113,7 @@ class _Dequant:
         if self.empty:
             return wd
         args = (lay.qweight, lay.sz, lay.block_ptr, wd, self.stride, self.tpp)
-        self._bound = rebind(self._bound, True, _dequant_kernel(), self.grid, args, self.consts, wd.device, 4, 1,
+        self._bound = rebind(self._bound, True, self.kern, self.grid, args, self.consts, wd.device, 4, 1,
                              pdl="block")  # (wd is always new, so always aligned)
         return wd
 
@@ -150,7 +150,7 @@ class BlockCall:
         if m * max(stride_x, stride_y, n) >= 2**31:
             raise ValueError(f"M={m} rows are too many for the block kernels' 32-bit offsets: split the batch")
         interp = _interpret()
-        self.layout, self.m, self.dtype = layout, m, dtype
+        self.layout, self.m = layout, m
         steps = steps_of(layout, cfg)
         split = auto_split(m, layout, cfg, sms)
         sps = math.ceil(steps / split)
@@ -177,7 +177,7 @@ class BlockCall:
         self.ints = (m, n, k, sps, split, stride_x, stride_y, layout.n_blocks, stride_w)
         self.grid = (tm, layout.n_blocks, split)
         self.launch = (cfg.num_warps, cfg.num_stages)
-        self._bound = None
+        self.kern, self._bound = _kernel(), None
 
     def __call__(self, x2: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
         lay = self.layout
@@ -189,7 +189,7 @@ class BlockCall:
         # clusterR with block_out: the kernel writes y in block-row order, one gather puts the rows in place
         yk = torch.empty(self.m, lay.n_blocks * lay.rows, dtype=y.dtype, device=y.device) if self.block_out else y
         args = (x2, *self.weights, bias if bias is not None else y, yk, ws, cnt, wd, *self.ints)
-        self._bound = rebind(self._bound, aligned16(x2, y, bias), _kernel(), self.grid, args, self.consts, y.device,
+        self._bound = rebind(self._bound, aligned16(x2, y, bias), self.kern, self.grid, args, self.consts, y.device,
                              *self.launch, pdl="block")
         if yk is not y:
             if y.is_contiguous():

@@ -291,7 +291,8 @@ class LinearPlan:
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         # a batch shape seen before on a kernel path: its prepared call (no checks to redo but the device and
         # the bias; grid, constexprs and split-K fixed; the compiled kernel called directly)
-        fast = self._calls.get((x.shape, x.stride(), x.dtype, bias is None))
+        key = (x.shape, x.stride(), x.dtype, bias is None)
+        fast = self._calls.get(key)
         if fast is not None and x.device == self.device and (bias is None or self._bias_ok(bias, x.dtype)):
             n = self.packed.shape[0]
             y = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
@@ -311,44 +312,37 @@ class LinearPlan:
         x2 = x.reshape(-1, k)
         m = x2.shape[0]
         path = self.path(m)
-        if path == "gemv":
-            call = self.gemv.v2_call(x2, bias is not None) if x2.data_ptr() == x.data_ptr() else None
-            if call is None:
-                return self.gemv(x, bias)
-            y = torch.empty(*lead, n, dtype=x.dtype, device=x.device)
-            call(x2, bias, y.view(-1, n))
-            if len(self._calls) < MAX_PREPARED:
-                self._calls[(x.shape, x.stride(), x.dtype, bias is None)] = call
-            return y
-        if path == "expand":
-            if x2.data_ptr() != x.data_ptr() or x2.stride(1) != 1:
-                return gemv.gqsa_linear(x, p, bias, variant="dense")
-            call = gemv.DenseCall(p)
-            y = torch.empty(*lead, n, dtype=x.dtype, device=x.device)
-            call(x2, bias, y.view(-1, n))
-            if len(self._calls) < MAX_PREPARED:
-                self._calls[(x.shape, x.stride(), x.dtype, bias is None)] = call
-            return y
         if path == "dense-cache":
             if self._dense is None or self._dense.dtype != x.dtype:
                 self._dense = gemv.dequantize_dense(p, x.dtype)
             return F.linear(x, self._dense, bias)
-        if x2.stride(1) != 1:
-            x2 = x2.contiguous()
-        y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-        if m == 0:
-            return y.view(*lead, n)
-        if path == "block":
-            cfg = for_group(self.table.block.config(self.block.rows, m), p.group_size)
-            call = BlockCall(self.block, cfg, m, x.dtype, bias is not None, x2.stride(0), n, self.sms)
+        viewed = x2.data_ptr() == x.data_ptr() and x2.stride(1) == 1  # x2 is x, viewed: the call can be kept
+        if path == "gemv":
+            call = self.gemv.v2_call(x2, bias is not None) if viewed else None
+            if call is None:
+                return self.gemv(x, bias)
+        elif path == "expand":
+            if not viewed:
+                return gemv.gqsa_linear(x, p, bias, variant="dense")
+            call = gemv.DenseCall(p)
         else:
-            if self.layout is None:  # a block layer in its irregular-GEMM range: the TileLayout on first use
-                self.layout = build_tile_layout(p)
-            call = GemmCall(self.layout, self.table.config(m), m, x.dtype, bias is not None, x2.stride(0), n, self.sms)
-        call(x2, bias, y)
-        if x.stride(-1) == 1 and x2.data_ptr() == x.data_ptr() and len(self._calls) < MAX_PREPARED:
-            self._calls[(x.shape, x.stride(), x.dtype, bias is None)] = call  # x is viewed, not copied
-        return y.view(*lead, n)
+            if x2.stride(1) != 1:
+                x2 = x2.contiguous()
+            if m == 0:
+                return torch.empty(*lead, n, dtype=x.dtype, device=x.device)
+            if path == "block":
+                cfg = for_group(self.table.block.config(self.block.rows, m), p.group_size)
+                call = BlockCall(self.block, cfg, m, x.dtype, bias is not None, x2.stride(0), n, self.sms)
+            else:
+                if self.layout is None:  # a block layer in its irregular-GEMM range: the TileLayout on first use
+                    self.layout = build_tile_layout(p)
+                call = GemmCall(self.layout, self.table.config(m), m, x.dtype, bias is not None, x2.stride(0), n,
+                                self.sms)
+        y = torch.empty(*lead, n, dtype=x.dtype, device=x.device)
+        call(x2, bias, y.view(-1, n))
+        if viewed and len(self._calls) < MAX_PREPARED:
+            self._calls[key] = call
+        return y
 
     def _bias_ok(self, bias: torch.Tensor, dtype: torch.dtype) -> bool:
         """A bias the prepared calls take as it is (else the checked path converts it or raises)."""

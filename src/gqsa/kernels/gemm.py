@@ -297,7 +297,7 @@ class GemmCall:
         self.ints = (m, n, k, layout.n_pad, layout.n_ktiles, tiles_per_split, split, stride_x, stride_y, tn)
         self.grid = (tm, tn, split)
         self.launch = (cfg.num_warps, cfg.num_stages)
-        self._bound = None
+        self.kern, self._bound = _kernel(), None
 
     def __call__(self, x2: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
         if self.ws_size is not None:
@@ -305,7 +305,7 @@ class GemmCall:
         else:
             ws = cnt = y  # unused
         args = (x2, *self.weights, bias if bias is not None else y, y, ws, cnt, *self.ints)
-        self._bound = rebind(self._bound, aligned16(x2, y, bias), _kernel(), self.grid, args, self.consts, y.device,
+        self._bound = rebind(self._bound, aligned16(x2, y, bias), self.kern, self.grid, args, self.consts, y.device,
                              *self.launch, pdl="gemm")
         return y
 

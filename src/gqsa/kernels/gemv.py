@@ -781,13 +781,13 @@ class DenseCall:
     one dtype on the layer's device (what :class:`gqsa.kernels.dispatch.LinearPlan` checked)."""
 
     def __init__(self, packed: PackedLinear):
-        self.packed, self.consts, self._bound = packed, _expand_consts(packed), None
+        self.packed, self.consts, self.kern, self._bound = packed, _expand_consts(packed), _kernel("expand"), None
 
     def __call__(self, x2: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
         p = self.packed
         w = torch.empty(p.shape, dtype=x2.dtype, device=x2.device)
         if p.shape[0]:
-            self._bound = rebind(self._bound, True, _kernel("expand"), (p.shape[0],), _expand_args(p, w), self.consts,
+            self._bound = rebind(self._bound, True, self.kern, (p.shape[0],), _expand_args(p, w), self.consts,
                                  w.device, 4)
         if bias is None:
             return torch.mm(x2, w.t(), out=y)
