@@ -466,26 +466,28 @@ def markdown(records, meta) -> str:
 
 
 def candidates(m):
+    """GemmConfig candidates of the sweep at ``m`` rows (BLOCK_N is the tensor cores' M side: 64 or 128)."""
     C = gemm.GemmConfig
-    if m <= 16:
-        return [C(16, bn, 4, 2, 0, wv) for bn in (64, 128) for wv in (1.0, 2.0, 4.0)]
-    if m <= 32:
-        return [C(32, bn, 4, 2, 0, wv) for bn in (64, 128) for wv in (1.0, 2.0)]
     if m <= 64:
-        return [C(64, bn, 4, 2, 0, wv) for bn in (64, 128) for wv in (1.0, 2.0)]
+        bm = max(16, 1 << (m - 1).bit_length())
+        waves = (2.0, 4.0) if m <= 16 else (1.0, 2.0)
+        return [C(bm, bn, 4, st, 0, wv) for bn in (64, 128) for st in (1, 2) for wv in waves]
     if m <= 256:
-        return [C(bm, 128, 4, 3, 0, 1.0) for bm in (64, 128)]
-    return [C(128, bn, 8, 3, 1) for bn in (128, 256)]
+        return [C(bm, 128, 4, st, 0, 1.0) for bm in (64, 128) for st in (1, 2)]
+    return [C(128, bn, 8, st, 1) for bn in (128, 256) for st in (1, 2)]
 
 
 def sweep(args, records, path=None):
     """Time the candidates per M on three shapes; the table takes, per M, the candidate with the least
     total time over the shapes; ``gemv_max_m``: the largest M ≤ ``gemv.V2_MAX_BATCH`` up to which the GEMV beat the
-    GEMM at every swept M (summed over the shapes)."""
+    GEMM at every swept M (summed over the shapes); ``expand_min_m``: the smallest swept M ≥ 128 from which the
+    per-call dense expansion + cuBLAS beat the best candidate at every larger swept M (None: it never did).
+    The block-layer table stays the default's."""
     shapes = [(4096, 4096), (11008, 4096), (28672, 8192)]
     ms = [b for b in args.batches if b > 1]
     totals = {}  # (m, cfg) -> [us per shape]
     gemv_us = {}  # m -> [GEMV us per shape], m ≤ V2_MAX_BATCH
+    expand_us = {}  # m -> [expansion + cuBLAS us per shape], m ≥ 128
     for n, k in shapes:
         meth = GqsaMethod(n, k, 0.5, 16, args.rot_bytes)
         for m in ms:
@@ -495,6 +497,10 @@ def sweep(args, records, path=None):
                 fns = [lambda pl=pl: pl.gemv(x) for pl in meth.plans]
                 fns[0]()
                 gemv_us.setdefault(m, []).append(bg.t_graph(fns, replays=7))
+            if m >= 128:
+                fns = [lambda pl=pl: gemv_k.gqsa_linear(x, pl.packed, None, variant="dense") for pl in meth.plans]
+                fns[0]()
+                expand_us.setdefault(m, []).append(bg.t_graph(fns, min_calls=8, replays=3))
             best = None
             for cfg in candidates(m):
                 fns = [lambda pl=pl, cfg=cfg: gemm.launch_gemm(x, pl.layout, None, y, cfg, pl.sms) for pl in meth.plans]
@@ -524,7 +530,16 @@ def sweep(args, records, path=None):
         print(f"sweep: GEMV at M={m} {gv:.1f} us vs GEMM {gm:.1f} us (sum of 3 shapes)", flush=True)
         if gv < gm and gemv_max_m == m - 1:
             gemv_max_m = m
-    table = dispatch.DispatchTable(gemv_max_m=gemv_max_m, buckets=tuple(buckets))
+    expand_min_m = None
+    for m in sorted(expand_us, reverse=True):
+        ex = sum(expand_us[m])
+        gm = min((sum(v) for (mm, c), v in totals.items() if mm == m and len(v) == len(shapes)), default=float("inf"))
+        print(f"sweep: expansion + cuBLAS at M={m} {ex:.1f} us vs GEMM {gm:.1f} us (sum of 3 shapes)", flush=True)
+        if ex >= gm:
+            break
+        expand_min_m = m
+    table = dataclasses.replace(dispatch.default_table(), gemv_max_m=gemv_max_m, buckets=tuple(buckets),
+                                expand_min_m=expand_min_m)
     print("sweep table:", dispatch.table_to_json(table), flush=True)
     if path is not None:
         path.write_text(json.dumps({"records": records}, indent=1))

@@ -1,20 +1,25 @@
 """Tensor-core GQSA GEMM (Triton ``tl.dot``) over the load-time :class:`~gqsa.kernels.layout.TileLayout`.
 
-``y[M, N] = x[M, K] @ Ŵᵀ (+ bias)``. One program computes a ``BLOCK_M × BLOCK_N`` output tile over a
-range of k-tiles (all of them, or ``1/split_k`` of them). Per k-tile it reads one metadata word per
-row (first kept group and kept-group mask), computes where every kept group sits (a popcount of the
-mask bits below it), gathers the kept groups' codes, scales and zero points —
-one read of the packed weights per output tile, shared by all ``BLOCK_M`` rows of x — dequantizes
-them in registers into a dense ``BLOCK_N × BLOCK_K`` tile (zeros where a group is pruned:
-``s · (q − z)`` in float32 rounded to the activation dtype — or, for fp16 activations with integer
-zeros, in fp16, where ``q − z`` is exact and the product is rounded once: the same value — so the tile
-is ``reference.dequantize``'s by construction; the tests compare y with the tolerances of the GEMV's) and
-accumulates ``tl.dot(x_tile, w_tileᵀ)`` in
-float32. (Triton's interpreter rounds float32 → bfloat16 differently and its bf16 ``tl.dot`` is wrong:
-under ``TRITON_INTERPRET=1`` bf16 tiles are multiplied in float32, ``DOT_F32``.)
+``y[M, N] = x[M, K] @ Ŵᵀ (+ bias)``, computed transposed: one program accumulates a ``BLOCK_N × BLOCK_M``
+tile of ``yᵀ = Ŵ xᵀ`` (the weights are the tensor cores' A operand, so ``BLOCK_N`` output rows fill its M
+dimension and a handful of tokens its N dimension) over a range of k-tiles (all of them, or ``1/split_k``
+of them). Per k-tile it reads one metadata word per row (first kept group and kept-group mask), computes
+where every kept group sits (a popcount of the mask bits below it), gathers the kept groups' code bytes
+and ``sz`` words — one read of the packed weights per output tile, shared by all ``BLOCK_M`` rows of x —
+and dequantizes them in registers into dense ``BLOCK_N × (BLOCK_K·bits/8)`` tiles, one per *plane* of
+the codes (layout version 2: plane ``j`` of a group's bytes holds ``G·bits/8`` consecutive features), zeros
+where a group is pruned (its scale loads as 0). The weight is ``s · (q − z)`` in float32 rounded to the
+activation dtype — or, for fp16 activations with integer zeros, in fp16, where ``q − z`` is exact and the
+product is rounded once: the same value (``ASM``: ``1024 + q`` by the inline PTX of
+:mod:`gqsa.kernels.block_kernels`, also exact) — so each tile is ``reference.dequantize``'s by
+construction; the tests compare y with the tolerances of the GEMV's. Each plane's tile meets the matching
+rows of ``xᵀ`` in a ``tl.dot`` accumulating in float32. (Triton's interpreter rounds float32 → bfloat16
+differently and its bf16 ``tl.dot`` is wrong: under ``TRITON_INTERPRET=1`` bf16 tiles are multiplied in
+float32, ``DOT_F32``.)
 
-Status (H200, benchmarks/RESULTS.md): correct everywhere, but instruction-bound (≈ 12 instructions
-per dense weight, pruned ones included), 0.6–0.9× cuBLAS fp16 at M = 4–16 and 0.3–0.5× at M = 64.
+Cost (``benchmarks/gemm_sass.py``, sm_90, W4 G16 fp16, BLOCK_N = 64, 4 warps): about 5 SASS instructions
+per dense weight of the tile, pruned ones included (the first revision, codes in canonical order
+dequantized by shifts into one ``BLOCK_K``-wide tile: 12).
 
 Split-K (``split_k > 1``, for small M where the output tiles alone cannot fill the GPU): every
 program adds its partial tile into a float32 workspace with atomics; the last program to finish a
@@ -34,6 +39,7 @@ import torch
 
 from .gemv import HAS_TRITON
 from .jit import _interpret, aligned16, jitted, rebind
+from .block_kernels import NIB2H
 from .layout import ROW_BLOCK, TileLayout
 
 if HAS_TRITON:
@@ -44,115 +50,105 @@ else:  # pragma: no cover
 
 
 def _gemm_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, meta_ptr, kts_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
+    x_ptr, qb_ptr, sz_ptr, meta_ptr, kts_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, K, n_pad, n_kt, tiles_rt, split_k, stride_xm, stride_ym, n_tiles_n,
     G: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     TILES: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-    DOT_F32: tl.constexpr, FLOAT_Z: tl.constexpr, DEQ16: tl.constexpr, PDL: tl.constexpr,
+    DOT_F32: tl.constexpr, FLOAT_Z: tl.constexpr, DEQ16: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr,
 ):
-    """One ``BLOCK_M × BLOCK_N`` output tile over ``tiles_rt`` k-tiles (see the module docstring).
+    """One ``BLOCK_N × BLOCK_M`` tile of ``yᵀ`` over ``tiles_rt`` k-tiles (see the module docstring).
 
-    Codes are read as *words* of 8 codes (int16 / int32 / int64 for 2 / 4 / 8 bits; ``qw_ptr`` views
-    the codes so), ``[BLOCK_N, 16]`` words per k-tile of 128 features, each word with the scale and
-    zero point of its group; the words are spread into ``[BLOCK_N, 16, 8]`` codes by shifts and
-    dequantized there. Software pipeline by hand (loads are asynchronous until their registers are
-    used): the row metadata is loaded two k-tiles ahead, the codes / scales / zero points one k-tile
-    ahead, so no k-tile waits for a chain of dependent loads.
+    Per k-tile: one metadata word per row; the position of each of the row's ``KTG`` group columns among
+    its kept groups (a popcount of the mask bits below it: ``popc`` by inline PTX, ``ASM``, or SWAR); the
+    ``[BLOCK_N, KTG, B]`` code bytes (``B = G·bits/8`` contiguous bytes per group, zeros for a pruned one)
+    and one ``sz`` word per group. Plane ``j`` of the bytes (their ``j``-th ``bits``-wide field) is the
+    ``[BLOCK_N, KTG·B]`` A operand of features ``g·G + j·B + i`` (layout version 2, plane order), dequantized
+    in registers, against the matching ``[KTG·B, BLOCK_M]`` rows of xᵀ: ``8/bits`` dots per k-tile.
     """
-    NW: tl.constexpr = BLOCK_K // 8  # words per row per k-tile
-    WPG: tl.constexpr = G // 8  # words per group
+    KTG: tl.constexpr = BLOCK_K // G  # group columns per k-tile
+    CPB: tl.constexpr = 8 // BITS  # codes per byte = planes
+    GB: tl.constexpr = G // CPB  # bytes per group = features per plane and group
+    KP: tl.constexpr = KTG * GB  # features of one plane in a k-tile: the K of one dot
     QM: tl.constexpr = (1 << BITS) - 1
+    act = x_ptr.dtype.element_ty
     if PDL:  # programmatic dependent launch (gqsa.kernels.jit): x, y and the workspace after the wait
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
-    # index tensors are 3-D ([rows, words, 1]) from the start, so that the words, scales and zero
-    # points arrive in the layout of the [rows, words, 8] dequantization without a shared-memory trip
-    rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N))[:, None, None]
+    rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N))[:, None, None]  # [BLOCK_N, 1, 1]
     row_ok = rows < n_pad
-    ar_w = tl.arange(0, NW)[None, :, None]
-    jw = ar_w // WPG  # group slot of each word inside the k-tile
-    below = (1 << jw) - 1  # mask bits of the slots before it
-    sub = ar_w % WPG  # word inside its group
-    e8 = tl.arange(0, 8)[None, None, :]
-    shifts = e8 * BITS
+    jw = tl.arange(0, KTG)[None, :, None]  # group column inside the k-tile
+    below = (1 << jw) - 1  # mask bits of the columns before it
+    eb = tl.arange(0, GB)[None, None, :]  # byte inside a group
+    ar_p = tl.arange(0, KP)
+    # feature of plane 0 at each k of a dot, relative to the k-tile: runs of GB consecutive features
+    kp0 = tl.max_contiguous(tl.multiple_of((ar_p // GB) * G + ar_p % GB, GB), GB)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < M
-    ar_k = tl.arange(0, BLOCK_K)
-    xrow = x_ptr + offs_m[:, None] * stride_xm
-    acc = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
+    xm = x_ptr + offs_m[None, :] * stride_xm  # [1, BLOCK_M]
+    acc = tl.full([BLOCK_N, BLOCK_M], 0.0, tl.float32)
     kt0 = pid_k * tiles_rt
-    kt_end = tl.minimum(kt0 + tiles_rt, n_kt)
-
-    # prologue: metadata of k-tiles kt0 and kt0 + 1, words of kt0
-    ok0 = kt0 < kt_end
-    meta = tl.load(meta_ptr + kt0 * n_pad + rows, mask=row_ok & ok0, other=0)  # [BLOCK_N, 1, 1]
-    kb = tl.load(kts_ptr + kt0, mask=ok0, other=0)
-    mk = meta & 0xFF
-    c = mk & below
-    c = c - ((c >> 1) & 0x55)  # popcount of 8-bit masks, SWAR
-    c = (c & 0x33) + ((c >> 2) & 0x33)
-    gidx = kb + (meta >> 8) + ((c + (c >> 4)) & 0x0F)  # [BLOCK_N, NW, 1]: group of each word
-    present = ((mk >> jw) & 1) != 0
-    wd = tl.load(qw_ptr + gidx * WPG + sub, mask=present, other=0)
-    sc = tl.load(s_ptr + gidx, mask=present, other=0.0)
-    zq = tl.load(z_ptr + gidx, mask=present, other=0)
-    ok1 = kt0 + 1 < kt_end
-    meta = tl.load(meta_ptr + (kt0 + 1) * n_pad + rows, mask=row_ok & ok1, other=0)
-    kb = tl.load(kts_ptr + kt0 + 1, mask=ok1, other=0)
-
     # the interpreter cannot loop to a run-time bound: it gets the trip count as a constexpr (TILES > 0)
     for i in range(0, TILES if TILES > 0 else tiles_rt):
         kt = kt0 + i
-        # words of k-tile kt + 1 (metadata already here), metadata of kt + 2
+        ok_t = kt < n_kt
+        meta = tl.load(meta_ptr + kt * n_pad + rows, mask=row_ok & ok_t, other=0)  # [BLOCK_N, 1, 1]
+        kb = tl.load(kts_ptr + kt, mask=ok_t, other=0)
         mk = meta & 0xFF
-        c = mk & below
-        c = c - ((c >> 1) & 0x55)
-        c = (c & 0x33) + ((c >> 2) & 0x33)
-        gidx = kb + (meta >> 8) + ((c + (c >> 4)) & 0x0F)
+        if ASM:
+            c = tl.inline_asm_elementwise("popc.b32 $0, $1;", "=r,r", [mk & below], dtype=tl.int32, is_pure=True,
+                                          pack=1)
+        else:  # popcount of 8-bit masks, SWAR
+            c = mk & below
+            c = c - ((c >> 1) & 0x55)
+            c = (c & 0x33) + ((c >> 2) & 0x33)
+            c = (c + (c >> 4)) & 0x0F
+        gidx = kb + (meta >> 8) + c  # [BLOCK_N, KTG, 1]: the group of each column
         present = ((mk >> jw) & 1) != 0
-        wd_n = tl.load(qw_ptr + gidx * WPG + sub, mask=present, other=0)
-        sc_n = tl.load(s_ptr + gidx, mask=present, other=0.0)
-        zq_n = tl.load(z_ptr + gidx, mask=present, other=0)
-        ok2 = kt + 2 < kt_end
-        meta = tl.load(meta_ptr + (kt + 2) * n_pad + rows, mask=row_ok & ok2, other=0)
-        kb = tl.load(kts_ptr + kt + 2, mask=ok2, other=0)
-
-        # k-tile kt: codes [BLOCK_N, NW, 8] -> dense [BLOCK_N, BLOCK_K] tile, zeros where pruned
-        q = (wd >> shifts) & QM
-        if DEQ16:  # fp16 activations, integer zeros: 1024 + q and 1024 + z exactly; (q − z)·s rounded once
-            zc = (zq.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)
-            w = ((q.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - zc) * sc
-        elif FLOAT_Z:
-            w = (q.to(tl.float32) - zq.to(tl.float32)) * sc.to(tl.float32)
-        else:  # 2^23 + q and 2^23 + z exactly
-            zc = (zq.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True)
-            w = ((q.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - zc) * sc.to(tl.float32)
-        w = tl.reshape(w.to(x_ptr.dtype.element_ty), [BLOCK_N, BLOCK_K])
-        kk = kt * BLOCK_K + ar_k
-        xt = tl.load(xrow + kk[None, :], mask=m_ok[:, None] & (kk < K)[None, :], other=0.0)
-        if not EVEN_K:  # the padded tail of the last group column is not part of the layer
-            w = tl.where((kk < K)[None, :], w, 0.0).to(x_ptr.dtype.element_ty)
-        if DOT_F32:  # the interpreter's bf16 tl.dot is wrong: same operands, float32 product there
-            acc = tl.dot(xt.to(tl.float32), tl.trans(w.to(tl.float32)), acc)
+        b = tl.load(qb_ptr + gidx * GB + eb, mask=present, other=0)  # uint8 [BLOCK_N, KTG, GB]
+        szw = tl.load(sz_ptr + gidx, mask=present, other=0)  # int32 [BLOCK_N, KTG, 1]; pruned: s = z = 0
+        s = (szw & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+        if FLOAT_Z:
+            z = (szw >> 16).to(tl.int16).to(tl.float16, bitcast=True)
         else:
-            acc = tl.dot(xt, tl.trans(w), acc)
-        wd = wd_n
-        sc = sc_n
-        zq = zq_n
+            z = ((szw >> 16) & 0xFF).to(tl.uint8)
+        if ASM:  # 4 bits, fp16, integer zeros: 1024 + q of both planes by inline PTX
+            h0, h1 = tl.inline_asm_elementwise(NIB2H, "=r,=r,=r,=r,r", [b], dtype=(tl.float16, tl.float16),
+                                               is_pure=True, pack=4)
+            zc = (z.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)
+        for j in tl.static_range(CPB):
+            if ASM:  # (1024 + q) − (1024 + z) = q − z exactly, times s rounded once: the reference's value
+                w3 = ((h0 if j == 0 else h1) - zc) * s
+            else:
+                q = (b >> (j * BITS)) & QM if CPB > 1 else b
+                if DEQ16:  # fp16 activations, integer zeros: the same value as above, in plain Triton
+                    zc = (z.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)
+                    w3 = ((q.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - zc) * s
+                else:
+                    w3 = ((q.to(tl.float32) - z.to(tl.float32)) * s.to(tl.float32)).to(act)
+            w = tl.reshape(w3.to(act), [BLOCK_N, KP])
+            kk = kt * BLOCK_K + j * GB + kp0  # [KP]
+            k_ok = kk < K
+            xt = tl.load(xm + kk[:, None], mask=k_ok[:, None] & m_ok[None, :], other=0.0)  # [KP, BLOCK_M]: xᵀ
+            if not EVEN_K:  # the padded tail of the last group column is not part of the layer
+                w = tl.where(k_ok[None, :], w, 0.0).to(act)
+            if DOT_F32:  # the interpreter's bf16 tl.dot is wrong: same operands, float32 product there
+                acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc)
+            else:
+                acc = tl.dot(w, xt, acc)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
-    omask = m_ok[:, None] & n_ok[None, :]
+    omask = n_ok[:, None] & m_ok[None, :]
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
     else:
         bias = tl.full([BLOCK_N], 0.0, tl.float32)
-    yp = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    yp = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None]
     if SPLIT:
-        wsp = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
+        wsp = ws_ptr + offs_m[None, :] * N + offs_n[:, None]
         # relaxed atomics (no fence each): the barrier and the counter's acq_rel atomic order the sums
         # before the last program's read-back (as in gqsa.kernels.block_kernels)
         tl.atomic_add(wsp, acc, mask=omask, sem="relaxed")
@@ -160,13 +156,13 @@ def _gemm_kernel(
         tile = pid_m * n_tiles_n + pid_n
         old = tl.atomic_add(cnt_ptr + tile, 1)
         if old == split_k - 1:  # the last contributor writes the tile and leaves zeros behind
-            zero = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
+            zero = tl.full([BLOCK_N, BLOCK_M], 0.0, tl.float32)
             tot = tl.where(omask, tl.atomic_add(wsp, zero, mask=omask, sem="relaxed"), 0.0)  # the sum, from L2 ...
             tl.store(wsp, zero, mask=omask)  # ... and leave zeros for the next launch
             tl.store(cnt_ptr + tile, 0)
-            tl.store(yp, (tot + bias[None, :]).to(y_ptr.dtype.element_ty), mask=omask)
+            tl.store(yp, (tot + bias[:, None]).to(y_ptr.dtype.element_ty), mask=omask)
     else:
-        tl.store(yp, (acc + bias[None, :]).to(y_ptr.dtype.element_ty), mask=omask)
+        tl.store(yp, (acc + bias[:, None]).to(y_ptr.dtype.element_ty), mask=omask)
 
 
 def _kernel():
@@ -184,6 +180,7 @@ class GemmConfig:
     split_k: int = 0
     waves: float = 2.0  # split_k=0: aim for this many programs per SM
     deq16: bool = True  # fp16 activations with integer zeros: dequantize in fp16 (same result, fewer ops)
+    asm: bool = True  # compiled, 4 bits, fp16, integer zeros: inline PTX dequantization and popcount (same result)
 
     def __post_init__(self):
         for name in ("block_m", "block_n"):
@@ -243,17 +240,6 @@ def workspace(device) -> Workspace:
     return ws
 
 
-_WORD_DTYPE = {2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def code_words(layout: TileLayout) -> torch.Tensor:
-    """The layout's codes viewed as words of 8 codes (what the kernel reads)."""
-    q = layout.qweight
-    if q.numel() == 0:
-        return torch.zeros(1, dtype=_WORD_DTYPE[layout.bits], device=q.device)
-    return q.reshape(-1).view(_WORD_DTYPE[layout.bits])
-
-
 def check_io(x2: torch.Tensor, shape: tuple[int, int], y: torch.Tensor, bias: torch.Tensor | None, who: str) -> None:
     """One clear ``ValueError`` for arguments a launcher of a layer of ``shape`` ``(N, K)`` cannot take:
     ``x2`` [M, K] fp16/bf16, ``y`` [M, N] in its dtype, both with unit stride along the last dimension,
@@ -292,8 +278,12 @@ class GemmCall:
         self.consts = dict(G=layout.group_size, BITS=layout.bits, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                            BLOCK_K=layout.block_k, TILES=tiles_per_split if interp else 0, SPLIT=split > 1,
                            HAS_BIAS=has_bias, EVEN_K=k % layout.group_size == 0,
-                           DOT_F32=interp and dtype == torch.bfloat16, FLOAT_Z=layout.float_zeros, DEQ16=deq16)
-        self.weights = (code_words(layout), layout.scales, layout.zeros, layout.meta, layout.kt_start)
+                           DOT_F32=interp and dtype == torch.bfloat16, FLOAT_Z=layout.float_zeros, DEQ16=deq16,
+                           ASM=cfg.asm and deq16 and layout.bits == 4 and not interp)
+        q = layout.qweight
+        self.weights = (q if q.numel() else torch.zeros(1, dtype=torch.uint8, device=q.device),
+                        layout.sz if layout.sz.numel() else torch.zeros(1, dtype=torch.int32, device=q.device),
+                        layout.meta, layout.kt_start)
         self.ints = (m, n, k, layout.n_pad, layout.n_ktiles, tiles_per_split, split, stride_x, stride_y, tn)
         self.grid = (tm, tn, split)
         self.launch = (cfg.num_warps, cfg.num_stages)

@@ -17,8 +17,15 @@ the tensor-core kernel consumes:
   the k-tile (chunks are k-tile-major). Group ``j`` of the row sits at
   ``kt_start[kt] + first + popcount(mask & (2^j − 1))``. One load per row per k-tile and no dependent
   metadata load: 0.25 bit per weight, against 0.5 for ``col_idx`` at 50 % sparsity, G16.
-* ``qweight`` / ``scales`` / ``zeros`` are the canonical tensors permuted into that group order
-  (bit for bit the same codes, scales and zero points).
+* ``qweight`` holds the canonical groups permuted into that group order, each group's codes in **plane
+  order** (layout version 2): with ``c = 8 / bits`` codes per byte and ``B = G / c`` bytes per group, byte
+  ``i``'s ``j``-th field (bits ``j·bits …``) holds feature ``j·B + i`` of the group (canonically it holds
+  feature ``c·i + j``). The ``j``-th fields of a group's bytes are then ``B`` *consecutive* features, so the
+  kernel turns ``B`` loaded bytes into ``c`` runs of consecutive features (one shift and mask, or for 4 bits
+  one inline-PTX step for both nibbles) without moving any code between registers: each run is the A
+  operand of its own ``tl.dot`` against the matching rows of x.
+* ``sz`` packs each group's scale and zero point into one int32 word, ``scale bits | zero bits << 16``
+  (the zero point as uint8 or, for float zeros, as fp16 bits): one load per group.
 
 Nothing here requires a regular pattern: rows keep any number of groups in any k-tile, empty rows and
 empty k-tiles are legal, ``K % G != 0`` is legal (the last k-tile is partial).
@@ -29,20 +36,20 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import quant
 from ..format import PackedLinear
 
 ROW_BLOCK = 16  # rows per chunk (the smallest N tile of a tensor-core kernel)
 BLOCK_K = 128  # input features per k-tile (one tl.dot step)
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2  # 2: codes in plane order, scale and zero point in one word (sz)
 
 
 @dataclass
 class TileLayout:
     """A packed layer in the tensor-core kernel's order (see the module docstring)."""
 
-    qweight: torch.Tensor  # uint8 [nnz, G·bits/8], chunk order
-    scales: torch.Tensor  # float16 [nnz]
-    zeros: torch.Tensor  # uint8 or float16 [nnz]
+    qweight: torch.Tensor  # uint8 [nnz, G·bits/8], chunk order, plane order inside a group
+    sz: torch.Tensor  # int32 [nnz]: scale bits | zero bits << 16
     meta: torch.Tensor  # int32 [n_ktiles, n_pad]  (n_pad = n_row_blocks · ROW_BLOCK): (first << 8) | mask
     kt_start: torch.Tensor  # int32 [n_ktiles + 1]
     shape: tuple[int, int]
@@ -80,8 +87,37 @@ class TileLayout:
         return self.qweight.device
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.zeros, self.meta,
-                                                           self.kt_start))
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.sz, self.meta, self.kt_start))
+
+    @property
+    def scales(self) -> torch.Tensor:
+        """float16 ``[nnz]``, chunk order (decoded from ``sz``)."""
+        return (self.sz & 0xFFFF).to(torch.int16).view(torch.float16)
+
+    @property
+    def zeros(self) -> torch.Tensor:
+        """uint8 or float16 ``[nnz]``, chunk order (decoded from ``sz``)."""
+        hi = (self.sz >> 16) & 0xFFFF
+        return hi.to(torch.int16).view(torch.float16) if self.float_zeros else hi.to(torch.uint8)
+
+
+def _plane_order(qweight: torch.Tensor, bits: int, g: int, inverse: bool = False) -> torch.Tensor:
+    """Canonical → plane order of the codes of each group (module docstring); ``inverse``: back."""
+    cpb = 8 // bits
+    if cpb == 1 or qweight.numel() == 0:
+        return qweight.clone()
+    q = quant.unpack_codes(qweight, bits, g).reshape(-1, cpb, g // cpb)  # canonical: [nnz, plane j, byte i]
+    if inverse:  # stored element i·c + j is feature j·B + i
+        q = q.reshape(-1, g // cpb, cpb).transpose(1, 2)
+    else:
+        q = q.transpose(1, 2)
+    return quant.pack_codes(q.reshape(-1, g), bits)
+
+
+def _pack_sz(scales: torch.Tensor, zeros: torch.Tensor, float_zeros: bool) -> torch.Tensor:
+    s = scales.to(torch.float16).view(torch.int16).to(torch.int32) & 0xFFFF
+    z = zeros.to(torch.float16).view(torch.int16).to(torch.int32) & 0xFFFF if float_zeros else zeros.to(torch.int32)
+    return s | (z << 16)
 
 
 def build_tile_layout(packed: PackedLinear, block_k: int = BLOCK_K, device=None) -> TileLayout:
@@ -121,11 +157,10 @@ def build_tile_layout(packed: PackedLinear, block_k: int = BLOCK_K, device=None)
     if n_pad * kt_groups >= 2**23:
         raise ValueError(f"layer has too many rows for the tile layout ({n} ≥ {2**23 // kt_groups})")
     meta = (first << 8) | mask.reshape(n_kt, n_pad).to(torch.int64)
-    qweight = packed.qweight.to(dev)[perm].contiguous()
+    qweight = _plane_order(packed.qweight.to(dev)[perm], int(packed.bits), int(g)).contiguous()
     return TileLayout(
         qweight=qweight,
-        scales=packed.scales.to(dev)[perm].contiguous(),
-        zeros=packed.zeros.to(dev)[perm].contiguous(),
+        sz=_pack_sz(packed.scales.to(dev)[perm], packed.zeros.to(dev)[perm], bool(packed.float_zeros)).contiguous(),
         meta=meta.to(torch.int32).contiguous(),
         kt_start=kt_start.to(torch.int32),
         shape=(int(n), int(k)), bits=int(packed.bits), group_size=int(g), float_zeros=bool(packed.float_zeros),
@@ -150,6 +185,7 @@ def to_packed(layout: TileLayout) -> PackedLinear:
     row_ptr = torch.zeros(n + 1, dtype=torch.int64, device=dev)
     row_ptr[1:] = torch.cumsum(counts, 0)
     return PackedLinear(row_ptr=row_ptr.to(torch.int32), col_idx=col[order].to(torch.int16).contiguous(),
-                        qweight=layout.qweight[order].contiguous(), scales=layout.scales[order].contiguous(),
+                        qweight=_plane_order(layout.qweight, layout.bits, layout.group_size, inverse=True)[order]
+                        .contiguous(), scales=layout.scales[order].contiguous(),
                         zeros=layout.zeros[order].contiguous(), shape=(n, k), bits=layout.bits,
                         group_size=layout.group_size)
