@@ -103,7 +103,8 @@ def gpu_check(quick: bool = False) -> bool:
                 bias = torch.randn(n, device=DEV).to(dt) if m % 2 else None
                 ref = x.float() @ w_ref.t() + (bias.float() if bias is not None else 0)
                 cfgs = {"table": table.config(m), "split3": gemm.GemmConfig(16, 32, split_k=3),
-                        "f32deq": gemm.GemmConfig(32, 64, deq16=False)}
+                        "f32deq": gemm.GemmConfig(32, 64, deq16=False),
+                        "prefetch": gemm.GemmConfig(16, 128, prefetch=True)}
                 for cname, cfg in cfgs.items():
                     good, err = _check_launch(lambda y: gemm.launch_gemm(x, lay, bias, y, cfg), (m, n), dt, ref)
                     if not good:
@@ -466,15 +467,16 @@ def markdown(records, meta) -> str:
 
 
 def candidates(m):
-    """GemmConfig candidates of the sweep at ``m`` rows (BLOCK_N is the tensor cores' M side: 64 or 128)."""
+    """GemmConfig candidates of the sweep at ``m`` rows (BLOCK_N is the tensor cores' M side: 64 or 128; one
+    stage: Triton's pipeliner lost to the kernel's own at every M and shape of the first sweep)."""
     C = gemm.GemmConfig
     if m <= 64:
         bm = max(16, 1 << (m - 1).bit_length())
         waves = (2.0, 4.0) if m <= 16 else (1.0, 2.0)
-        return [C(bm, bn, 4, st, 0, wv) for bn in (64, 128) for st in (1, 2) for wv in waves]
+        return [C(bm, bn, 4, 1, 0, wv, prefetch=pf) for bn in (64, 128) for wv in waves for pf in (False, True)]
     if m <= 256:
-        return [C(bm, 128, 4, st, 0, 1.0) for bm in (64, 128) for st in (1, 2)]
-    return [C(128, bn, 8, st, 1) for bn in (128, 256) for st in (1, 2)]
+        return [C(bm, 128, 4, 1, 0, 1.0, prefetch=pf) for bm in (64, 128) for pf in (False, True)]
+    return [C(128, bn, 8, 1, 1, prefetch=pf) for bn in (128, 256) for pf in (False, True)]
 
 
 def sweep(args, records, path=None):

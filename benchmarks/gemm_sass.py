@@ -27,9 +27,9 @@ TYPES = ["*fp16", "*u8", "*i32", "*i32", "*i32", "*fp16", "*fp16", "*fp32", "*i3
 DIV16 = set(range(9)) | {9, 10, 11, 12, 16, 17}
 
 
-def build(BM=16, BN=64, nw=4, st=1, G=16, bits=4, asm=True, split=True, bk=128):
+def build(BM=16, BN=64, nw=4, st=1, G=16, bits=4, asm=True, split=True, bk=128, pf=False):
     consts = dict(G=G, BITS=bits, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=bk, TILES=0, SPLIT=split, HAS_BIAS=False,
-                  EVEN_K=True, DOT_F32=False, FLOAT_Z=False, DEQ16=True, ASM=asm and bits == 4, PDL=False)
+                  EVEN_K=True, DOT_F32=False, FLOAT_Z=False, DEQ16=True, ASM=asm and bits == 4, PF=pf, PDL=False)
     sig = dict(zip(ARGS, TYPES)) | {k: "constexpr" for k in consts}
     attrs = {(i,): [["tt.divisibility", 16]] for i in DIV16}
     src = ASTSource(fn=triton.jit(_gemm_kernel), signature=sig, constexprs=consts, attrs=attrs)

@@ -37,14 +37,16 @@ from dataclasses import dataclass
 
 import torch
 
+from .block_kernels import NIB2H
 from .gemv import HAS_TRITON
 from .jit import _interpret, aligned16, jitted, rebind
-from .block_kernels import NIB2H
 from .layout import ROW_BLOCK, TileLayout
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    from .gemv_layout import PREFL2  # L2 prefetch of one line (inline PTX)
 else:  # pragma: no cover
     triton = tl = None
 
@@ -54,7 +56,8 @@ def _gemm_kernel(
     M, N, K, n_pad, n_kt, tiles_rt, split_k, stride_xm, stride_ym, n_tiles_n,
     G: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     TILES: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-    DOT_F32: tl.constexpr, FLOAT_Z: tl.constexpr, DEQ16: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr,
+    DOT_F32: tl.constexpr, FLOAT_Z: tl.constexpr, DEQ16: tl.constexpr, ASM: tl.constexpr, PF: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """One ``BLOCK_N × BLOCK_M`` tile of ``yᵀ`` over ``tiles_rt`` k-tiles (see the module docstring).
 
@@ -90,25 +93,49 @@ def _gemm_kernel(
     xm = x_ptr + offs_m[None, :] * stride_xm  # [1, BLOCK_M]
     acc = tl.full([BLOCK_N, BLOCK_M], 0.0, tl.float32)
     kt0 = pid_k * tiles_rt
+    kt_end = tl.minimum(kt0 + tiles_rt, n_kt)
+    # software pipeline by hand (a load is asynchronous until its registers are used): the row metadata
+    # two k-tiles ahead, the code bytes and sz words one k-tile ahead, so no k-tile waits on the chain
+    # metadata → position → codes. Prologue: metadata of kt0 and kt0 + 1, bytes and sz of kt0.
+    meta = tl.load(meta_ptr + kt0 * n_pad + rows, mask=row_ok & (kt0 < kt_end), other=0)  # [BLOCK_N, 1, 1]
+    kb = tl.load(kts_ptr + kt0, mask=kt0 < kt_end, other=0)
+    mk = meta & 0xFF  # where each of the row's k-tile columns sits: kb + first + popcount(mask & below)
+    if ASM:
+        c = tl.inline_asm_elementwise("popc.b32 $0, $1;", "=r,r", [mk & below], dtype=tl.int32, is_pure=True,
+                                      pack=1)
+    else:  # SWAR on the 8-bit mask
+        c = mk & below
+        c = c - ((c >> 1) & 0x55)
+        c = (c & 0x33) + ((c >> 2) & 0x33)
+        c = (c + (c >> 4)) & 0x0F
+    gidx = kb + (meta >> 8) + c  # [BLOCK_N, KTG, 1]
+    present = ((mk >> jw) & 1) != 0
+    meta = tl.load(meta_ptr + (kt0 + 1) * n_pad + rows, mask=row_ok & (kt0 + 1 < kt_end), other=0)
+    kb = tl.load(kts_ptr + kt0 + 1, mask=kt0 + 1 < kt_end, other=0)
     # the interpreter cannot loop to a run-time bound: it gets the trip count as a constexpr (TILES > 0)
     for i in range(0, TILES if TILES > 0 else tiles_rt):
         kt = kt0 + i
-        ok_t = kt < n_kt
-        meta = tl.load(meta_ptr + kt * n_pad + rows, mask=row_ok & ok_t, other=0)  # [BLOCK_N, 1, 1]
-        kb = tl.load(kts_ptr + kt, mask=ok_t, other=0)
-        mk = meta & 0xFF
+        b = tl.load(qb_ptr + gidx * GB + eb, mask=present, other=0)  # uint8 [BLOCK_N, KTG, GB]
+        szw = tl.load(sz_ptr + gidx, mask=present, other=0)  # int32 [BLOCK_N, KTG, 1]; pruned: s = z = 0
+        # positions of k-tile kt + 1 (its metadata is here), metadata of kt + 2
+        mk = meta & 0xFF  # as in the prologue
         if ASM:
             c = tl.inline_asm_elementwise("popc.b32 $0, $1;", "=r,r", [mk & below], dtype=tl.int32, is_pure=True,
                                           pack=1)
-        else:  # popcount of 8-bit masks, SWAR
+        else:  # SWAR on the 8-bit mask
             c = mk & below
             c = c - ((c >> 1) & 0x55)
             c = (c & 0x33) + ((c >> 2) & 0x33)
             c = (c + (c >> 4)) & 0x0F
-        gidx = kb + (meta >> 8) + c  # [BLOCK_N, KTG, 1]: the group of each column
+        gidx = kb + (meta >> 8) + c  # [BLOCK_N, KTG, 1]
         present = ((mk >> jw) & 1) != 0
-        b = tl.load(qb_ptr + gidx * GB + eb, mask=present, other=0)  # uint8 [BLOCK_N, KTG, GB]
-        szw = tl.load(sz_ptr + gidx, mask=present, other=0)  # int32 [BLOCK_N, KTG, 1]; pruned: s = z = 0
+        if PF:  # and its code bytes into L2 (one prefetch per kept group)
+            tl.inline_asm_elementwise(PREFL2, "=r,l,r", [qb_ptr + gidx * GB, present.to(tl.int32)], dtype=tl.int32,
+                                      is_pure=False, pack=1)
+        meta = tl.load(meta_ptr + (kt + 2) * n_pad + rows, mask=row_ok & (kt + 2 < kt_end), other=0)
+        kb = tl.load(kts_ptr + kt + 2, mask=kt + 2 < kt_end, other=0)
+
+        # k-tile kt
         s = (szw & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
         if FLOAT_Z:
             z = (szw >> 16).to(tl.int16).to(tl.float16, bitcast=True)
@@ -181,6 +208,7 @@ class GemmConfig:
     waves: float = 2.0  # split_k=0: aim for this many programs per SM
     deq16: bool = True  # fp16 activations with integer zeros: dequantize in fp16 (same result, fewer ops)
     asm: bool = True  # compiled, 4 bits, fp16, integer zeros: inline PTX dequantization and popcount (same result)
+    prefetch: bool = False  # compiled: an L2 prefetch of the next k-tile's code bytes
 
     def __post_init__(self):
         for name in ("block_m", "block_n"):
@@ -279,7 +307,7 @@ class GemmCall:
                            BLOCK_K=layout.block_k, TILES=tiles_per_split if interp else 0, SPLIT=split > 1,
                            HAS_BIAS=has_bias, EVEN_K=k % layout.group_size == 0,
                            DOT_F32=interp and dtype == torch.bfloat16, FLOAT_Z=layout.float_zeros, DEQ16=deq16,
-                           ASM=cfg.asm and deq16 and layout.bits == 4 and not interp)
+                           ASM=cfg.asm and deq16 and layout.bits == 4 and not interp, PF=cfg.prefetch and not interp)
         q = layout.qweight
         self.weights = (q if q.numel() else torch.zeros(1, dtype=torch.uint8, device=q.device),
                         layout.sz if layout.sz.numel() else torch.zeros(1, dtype=torch.int32, device=q.device),
