@@ -468,14 +468,20 @@ def markdown(records, meta) -> str:
 
 def candidates(m):
     """GemmConfig candidates of the sweep at ``m`` rows (BLOCK_N is the tensor cores' M side: 64 or 128; one
-    stage: Triton's pipeliner lost to the kernel's own at every M and shape of the first sweep)."""
+    stage: Triton's pipeliner lost to the kernel's own at every M and shape of the first sweep; ``maxnreg=128``
+    only at BLOCK_M = 16: larger accumulators spill there, ``benchmarks/gemm_sass.py``)."""
     C = gemm.GemmConfig
+    if m <= 16:
+        return [C(16, 128, 4, 1, 0, 4.0, prefetch=True), C(16, 128, 4, 1, 0, 4.0, prefetch=True, maxnreg=128),
+                C(16, 128, 4, 1, 0, 2.0, prefetch=True, maxnreg=128), C(16, 128, 4, 1, 0, 2.0, prefetch=True),
+                C(16, 64, 4, 1, 0, 4.0), C(16, 64, 4, 1, 0, 4.0, prefetch=True),
+                C(16, 128, 8, 1, 0, 4.0, prefetch=True)]
     if m <= 64:
-        bm = max(16, 1 << (m - 1).bit_length())
-        waves = (2.0, 4.0) if m <= 16 else (1.0, 2.0)
-        return [C(bm, bn, 4, 1, 0, wv, prefetch=pf) for bn in (64, 128) for wv in waves for pf in (False, True)]
+        bm = 1 << (m - 1).bit_length()
+        return [C(bm, bn, 4, 1, 0, wv, prefetch=pf) for bn in (64, 128) for wv in (1.0, 2.0) for pf in (False, True)] \
+            + [C(bm, 128, 8, 1, 0, 1.0, prefetch=True)]
     if m <= 256:
-        return [C(bm, 128, 4, 1, 0, 1.0, prefetch=pf) for bm in (64, 128) for pf in (False, True)]
+        return [C(bm, 128, 4, 1, 0, 1.0) for bm in (64, 128)] + [C(128, 128, 8, 1, 0, 1.0)]
     return [C(128, bn, 8, 1, 1, prefetch=pf) for bn in (128, 256) for pf in (False, True)]
 
 

@@ -9,6 +9,7 @@ the kernel dequantizes a dense tile. W4 G16 fp16 integer zeros unless the JSON s
     python benchmarks/gemm_sass.py '{"asm": false}'      # the plain-Triton dequantization
 """
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -27,13 +28,13 @@ TYPES = ["*fp16", "*u8", "*i32", "*i32", "*i32", "*fp16", "*fp16", "*fp32", "*i3
 DIV16 = set(range(9)) | {9, 10, 11, 12, 16, 17}
 
 
-def build(BM=16, BN=64, nw=4, st=1, G=16, bits=4, asm=True, split=True, bk=128, pf=False):
+def build(BM=16, BN=64, nw=4, st=1, G=16, bits=4, asm=True, split=True, bk=128, pf=False, maxnreg=0):
     consts = dict(G=G, BITS=bits, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=bk, TILES=0, SPLIT=split, HAS_BIAS=False,
                   EVEN_K=True, DOT_F32=False, FLOAT_Z=False, DEQ16=True, ASM=asm and bits == 4, PF=pf, PDL=False)
     sig = dict(zip(ARGS, TYPES)) | {k: "constexpr" for k in consts}
     attrs = {(i,): [["tt.divisibility", 16]] for i in DIV16}
     src = ASTSource(fn=triton.jit(_gemm_kernel), signature=sig, constexprs=consts, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=nw, num_stages=st))
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=nw, num_stages=st) | ({"maxnreg": maxnreg} if maxnreg else {}))
 
 
 def main():
@@ -41,7 +42,8 @@ def main():
     k = build(**kw)
     per_thread = kw.get("BN", 64) * kw.get("bk", 128) / (kw.get("nw", 4) * 32)
     n, per, ops = loop_stats(k.asm["sass"], per_thread)
-    print(f"{kw}: {n} loop instructions, {per:.2f} per dense weight and thread")
+    regs = 1 + max((int(r) for r in re.findall(r"\bR(\d+)\b", k.asm["sass"])), default=-1)
+    print(f"{kw}: {n} loop instructions, {per:.2f} per dense weight and thread, R0–R{regs - 1} used")
     print("  ", ", ".join(f"{o} {c}" for o, c in ops.most_common(16)))
 
 

@@ -209,6 +209,7 @@ class GemmConfig:
     deq16: bool = True  # fp16 activations with integer zeros: dequantize in fp16 (same result, fewer ops)
     asm: bool = True  # compiled, 4 bits, fp16, integer zeros: inline PTX dequantization and popcount (same result)
     prefetch: bool = False  # compiled: an L2 prefetch of the next k-tile's code bytes
+    maxnreg: int = 0  # compiled: ptxas's register limit per thread (0: none), for more programs per SM
 
     def __post_init__(self):
         for name in ("block_m", "block_n"):
@@ -315,6 +316,7 @@ class GemmCall:
         self.ints = (m, n, k, layout.n_pad, layout.n_ktiles, tiles_per_split, split, stride_x, stride_y, tn)
         self.grid = (tm, tn, split)
         self.launch = (cfg.num_warps, cfg.num_stages)
+        self.options = {"maxnreg": cfg.maxnreg} if cfg.maxnreg and not interp else {}
         self.kern, self._bound = _kernel(), None
 
     def __call__(self, x2: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
@@ -324,7 +326,7 @@ class GemmCall:
             ws = cnt = y  # unused
         args = (x2, *self.weights, bias if bias is not None else y, y, ws, cnt, *self.ints)
         self._bound = rebind(self._bound, aligned16(x2, y, bias), self.kern, self.grid, args, self.consts, y.device,
-                             *self.launch, pdl="gemm")
+                             *self.launch, pdl="gemm", **self.options)
         return y
 
 
