@@ -86,12 +86,49 @@ def test_layout_round_trip(g, bits, fz, special):
     assert lay.nbytes() < p.nbytes() + lay.meta.numel() * 4 + 4 * (lay.n_ktiles + 1)
 
 
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_layout_codes_in_plane_order(bits):
+    """Layout version 2: field j of byte i of a group holds feature j·B + i (B = G·bits/8 bytes per group),
+    and sz packs the scale and zero point bits; the canonical packing holds feature (8/bits)·i + j there."""
+    from gqsa import quant
+
+    g = 32
+    p = make_packed(20, 256, g, bits, 0.4)
+    lay = build_tile_layout(p)
+    assert lay.version == 2
+    cpb, nb = 8 // bits, g * bits // 8
+    canon = to_packed(lay)  # canonical order again, checked equal in test_layout_round_trip
+    codes = quant.unpack_codes(canon.qweight, bits, g).to(torch.int32)  # [nnz, G] per canonical group
+    stored = lay.qweight.to(torch.int32)  # [nnz, B] per layout group
+    # the layout's group order: match each layout group to its canonical group through the (scale, zero) pair
+    # is ambiguous; use build_tile_layout's permutation instead (k-tile-major, then row, then column)
+    rows = torch.repeat_interleave(torch.arange(20), (p.row_ptr[1:] - p.row_ptr[:-1]).long())
+    col = p.col_idx.long()
+    perm = torch.argsort(((col // (128 // g)) * lay.n_pad + rows) * (128 // g) + col % (128 // g), stable=True)
+    for j in range(cpb):
+        field = (stored >> (j * bits)) & ((1 << bits) - 1)  # [nnz, B]
+        assert torch.equal(field, codes[perm][:, j * nb:(j + 1) * nb]), j
+    s16 = (lay.sz & 0xFFFF).to(torch.int16).view(torch.float16)
+    assert torch.equal(s16, p.scales[perm]) and torch.equal(((lay.sz >> 16) & 0xFF).to(torch.uint8), p.zeros[perm])
+
+
 def test_layout_rejects_bad_block_k():
     p = make_packed(8, 64, 16)
     with pytest.raises(ValueError, match="block_k"):
         build_tile_layout(p, block_k=200)
     with pytest.raises(ValueError, match="block_k"):
         build_tile_layout(p, block_k=256)  # 16 groups: more than the one-byte mask holds
+
+
+def test_compiled_only_knobs_run_in_the_interpreter():
+    """``asm``, ``prefetch`` and ``maxnreg`` change the compiled kernel only: the interpreter ignores them and gives
+    the same y as without them."""
+    p = make_packed(40, 384, 16, 4, 0.5)
+    x = torch.randn(5, 384).half()
+    y0 = launch(x, p, gemm.GemmConfig(16, 32, asm=False))
+    y1 = launch(x, p, gemm.GemmConfig(16, 32, prefetch=True, maxnreg=128))
+    check(y0, x, p)
+    assert torch.equal(y0, y1)
 
 
 def test_config_and_launch_errors():
@@ -144,17 +181,17 @@ def test_plan_dispatch_by_batch(m, path):
     check(y, x, p, bias)
 
 
-def test_h200_table_sends_m_up_to_4_to_the_v2_gemv(monkeypatch):
-    """The default (H200) table: an irregular layer runs the batched v2 GEMV up to M = 4 (gemv_max_m, measured),
-    the tensor-core GEMM from M = 5."""
+def test_h200_table_sends_m_up_to_3_to_the_v2_gemv(monkeypatch):
+    """The default (H200) table: an irregular layer runs the batched v2 GEMV up to M = 3 (gemv_max_m, measured),
+    the tensor-core GEMM from M = 4."""
     from gqsa.kernels import gemv_layout
 
     monkeypatch.delenv("GQSA_DISPATCH_TABLE", raising=False)
-    assert dispatch.H200_TABLE.gemv_max_m == 4 <= gemv.V2_MAX_BATCH <= gemv_layout.MAX_MB
+    assert dispatch.H200_TABLE.gemv_max_m == 3 <= gemv.V2_MAX_BATCH <= gemv_layout.MAX_MB
     p = make_packed(21, 200, 16, 4, 0.5)  # rows of about even length: the data-centric variant (v2)
     plan = dispatch.LinearPlan(p)
     assert plan.table is dispatch.H200_TABLE and plan.gemv.variant == "data"
-    assert [plan.path(m) for m in (1, 2, 3, 4, 5)] == ["gemv"] * 4 + ["gemm"]
+    assert [plan.path(m) for m in (1, 2, 3, 4, 5)] == ["gemv"] * 3 + ["gemm"] * 2
     assert plan.gemv.layout is not None  # W4 G16: the v2 kernel
     seen = []
     real = gemv_layout.jitted

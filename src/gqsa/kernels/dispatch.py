@@ -151,24 +151,24 @@ H200_BLOCK_TABLE = BlockTable(
 )
 
 
-# Measured on the H200 (benchmarks/gemm.py --sweep, 2026-11-30, benchmarks/RESULTS.md; swept on the
-# kernel revision before the 3-D index tensors, not re-swept since): per bucket the candidate with the
-# least total time over 4096×4096, 11008×4096 and 28672×8192 (W4 S50 G16); the GEMV beat the GEMM at
-# M = 2 on every shape (132.7 µs against 316.6 µs summed over the three). expand_min_m = 256: the GEMM
-# was 2.5–4× slower than dense expansion + cuBLAS at M = 256 and 2048 (an explicit stopgap).
-# gemv_max_m = 4 (issue gemvb, H200, 2026-12-01, benchmarks/gemv.py --v2-batch, benchmarks/RESULTS.md "GEMV v2
-# at M = 2-4"): the v2 GEMV serves up to 4 rows of x (gemv.V2_MAX_BATCH, the weights read once for all rows)
-# and beat the GEMM at M = 2, 3 and 4 on each of 4096×4096, 11008×4096, 4096×11008, 28672×8192, 8192×28672
-# (W4 S50 G16; summed over the five: 149.7 against 432.6 µs at M = 2, 208.3 against 433.2 at M = 3,
-# 268.0 against 432.9 at M = 4); 4 is the most rows it takes (GemvPlan sends more to the dense path).
+# Irregular (row-mask) layers. Measured on the H200 (benchmarks/gemm.py --sweep, session 6, 2026-12-01,
+# benchmarks/RESULTS.md "Session 6"), the second kernel revision (weights as the A operand, codes in plane order,
+# inline-PTX dequantization, positions one k-tile ahead, L2 prefetch): per bucket the candidate with the least total
+# time over 4096×4096, 11008×4096 and 28672×8192 (W4 S50 G16) at M = 2, 4, 8, 16 / 32 / 64 / 128: at M ≤ 16 16×128
+# tiles with a 128-register limit (4 programs of 4 warps per SM instead of 3: 28672×8192 at M = 16 100.3 → 91.5 µs),
+# one stage everywhere (Triton's pipeliner lost at every M and shape). gemv_max_m = 3: the batched v2 GEMV beat the
+# GEMM at M = 2 (77.4 against 122.5 µs summed over the three) and at M = 3 (107.4 µs, session 6 call 1, against the
+# GEMM's 122.5–123.6 at M = 2 and 4: its time does not depend on M up to 16), and lost at M = 4 (135.1 against
+# 123.6). expand_min_m = 256: per-call dense expansion + cuBLAS beat the GEMM at M = 256 (475.3 against 649.8 µs)
+# and lost at M = 128 (428.8 against 366.2).
+_G = functools.partial(GemmConfig, num_warps=4, num_stages=1)
 H200_TABLE = DispatchTable(
-    gemv_max_m=4,
+    gemv_max_m=3,
     buckets=(
-        (16, GemmConfig(block_m=16, block_n=64, num_warps=4, num_stages=2, waves=4.0)),
-        (32, GemmConfig(block_m=32, block_n=128, num_warps=4, num_stages=2, waves=2.0)),
-        (64, GemmConfig(block_m=64, block_n=128, num_warps=4, num_stages=2, waves=1.0)),
-        (256, GemmConfig(block_m=64, block_n=128, num_warps=4, num_stages=3, waves=1.0)),
-        (1 << 62, GemmConfig(block_m=128, block_n=128, num_warps=8, num_stages=3, split_k=1)),
+        (16, _G(block_m=16, block_n=128, waves=2.0, prefetch=True, maxnreg=128)),
+        (32, _G(block_m=32, block_n=64, waves=2.0, prefetch=True)),
+        (64, _G(block_m=64, block_n=128, waves=1.0)),
+        (1 << 62, _G(block_m=128, block_n=128, waves=1.0)),
     ),
     expand_min_m=256,
     block=H200_BLOCK_TABLE,
