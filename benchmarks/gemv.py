@@ -748,6 +748,10 @@ V2_CONFIGS = {  # name -> (kernel, gemv_layout.launch arguments); "fp16" / "tg12
     "p u2 r pf2 h rpp1": ("v2", P2 | dict(units_per_thread=2, reg_pipeline=True, prefetch=2, half_dot=True,
                                          rows_per_prog=1)),
 }
+for _name, (_kern, _opts) in list(V2_CONFIGS.items()):  # the pipelined settings without "h" are the fp32 dot's
+    # (else launch's default could take the half dot on them; session 6)
+    if _name.startswith("p ") and not _opts.get("half_dot"):
+        _opts["half_dot"] = False
 GOAL_SHAPES = "8192x28672,28672x8192,8192x8192,4096x4096,11008x4096,4096x14336,14336x4096"
 
 

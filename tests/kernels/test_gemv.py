@@ -710,32 +710,42 @@ def test_v2_half_dot_interpreted_overflow_redo(g):
 
 
 def test_v2_half_dot_default_policy():
-    """launch's default (half_dot=None) takes the packed-fp16 dot only for one row of fp16 x on a W4 G16 or G64
-    layer of ≥ HALF_MIN_CODES kept codes (kept groups · G: where it measured faster), compiled only; never under the
-    interpreter."""
+    """launch's default (half_dot=None) takes the packed-fp16 dot only for one row of fp16 x on a W4 G16 layer of
+    ≥ HALF_MIN_CODES kept codes (kept groups · G) or a G32 / G64 layer of ≥ HALF_WIDE_MIN_CODES (where it measured
+    faster), compiled only; never under the interpreter. Its units per thread (half_dot_units): G16 4 (and
+    maxnreg) from HALF_U4_MIN_CODES kept codes, G32 / G64 where the rows average ≥ HALF_WIDE_U4_ROW_CODES."""
     import dataclasses
 
-    def layer(g, groups):  # (only the count of kept groups is read: a col_idx of that many entries)
+    def layer(g, groups, n=2):  # (only the count of kept groups and the rows are read: a col_idx of that many)
         p = make_packed(2, g * 8, g, 4, 0.0, seed=40)
-        return dataclasses.replace(p, col_idx=torch.zeros(groups, dtype=torch.int16))
+        return dataclasses.replace(p, col_idx=torch.zeros(groups, dtype=torch.int16), shape=(n, g * 8))
 
-    need = gemv_layout.HALF_MIN_CODES
+    need, wide = gemv_layout.HALF_MIN_CODES, gemv_layout.HALF_WIDE_MIN_CODES
     big, small = layer(16, need // 16), layer(16, need // 16 - 1)
-    big64, small64 = layer(64, need // 64), layer(64, need // 64 - 1)
     want = gemv_layout.HALF_DOT_DEFAULT != "0"
     assert gemv_layout.half_dot_default(big, torch.float16, 1) == want
-    assert gemv_layout.half_dot_default(big64, torch.float16, 1) == want
+    for g in (32, 64):
+        assert gemv_layout.half_dot_default(layer(g, wide // g), torch.float16, 1) == want
     if gemv_layout.HALF_DOT_DEFAULT == "auto":
         assert not gemv_layout.half_dot_default(small, torch.float16, 1)
-        assert not gemv_layout.half_dot_default(small64, torch.float16, 1)
+        for g in (32, 64):
+            assert not gemv_layout.half_dot_default(layer(g, wide // g - 1), torch.float16, 1)
+            assert not gemv_layout.half_dot_default(layer(g, wide // g), torch.float16, 2)
         assert not gemv_layout.half_dot_default(big, torch.float16, 2)
-        assert not gemv_layout.half_dot_default(big64, torch.float16, 2)
-        assert not gemv_layout.half_dot_default(layer(32, need // 32), torch.float16, 1)  # (G32: not measured)
-        assert not gemv_layout.half_dot_default(layer(128, need // 128), torch.float16, 1)
+        assert not gemv_layout.half_dot_default(layer(128, need // 128), torch.float16, 1)  # (G128: not measured)
         assert not gemv_layout.half_dot_default(big, torch.float16, 1, num_warps=2)
     assert not gemv_layout.half_dot_default(big, torch.bfloat16, 1)
-    assert not gemv_layout.half_dot_default(big64, torch.bfloat16, 1)
+    assert not gemv_layout.half_dot_default(layer(64, need // 64), torch.bfloat16, 1)
     assert not gemv_layout.half_dot_default(big, torch.float16, 1, unit_codes=8)
+    u4 = (4, gemv_layout.HALF_MAXNREG)
+    u2 = (gemv_layout.HALF_UNITS_PER_THREAD, None)
+    n16 = gemv_layout.HALF_U4_MIN_CODES // 16
+    assert gemv_layout.half_dot_units(layer(16, n16, n=100000)) == u4
+    assert gemv_layout.half_dot_units(layer(16, n16 - 1, n=10)) == u2
+    row = gemv_layout.HALF_WIDE_U4_ROW_CODES
+    for g, n in ((64, 4096), (32, 28672)):  # rows of just enough kept codes, and one code fewer on average
+        assert gemv_layout.half_dot_units(layer(g, n * row // g, n=n)) == u4
+        assert gemv_layout.half_dot_units(layer(g, n * row // g - 1, n=n)) == u2
 
 
 def test_plan_prepared_v2_calls_per_batch_shape():

@@ -97,17 +97,26 @@ V2P_PREFETCH = 2  # L2 prefetch distance in steps (0: none)
 # 28672×8192 31.81 / 37.29 (u4 m80), 22016×4096 14.19 / 18.48, 8192² 11.96 / 13.85, 14336×4096 10.70 / 12.12,
 # 4096×14336 10.74 / 12.06, 12288×4096 9.42 / 10.39, 11008×4096 9.04 / 10.14, 4096×11008 9.77 / 10.06 (u2);
 # 4096² 5.26 (u2) / 5.59 (u4 m80) against 5.25-5.33: no gain, so below the threshold (8.4 M codes at S50).
-# G64 (session 6, issue 12, benchmarks/RESULTS.md "Session 6"): see HALF_GROUPS. Rows whose fp16 lane sums
-# overflow are redone in fp32 (_hd_row_fp32). Opt-out: half_dot=False (GemvPlan(v2_opts={"half_dot": False})) or
+# G32 and G64 (session 6, issue 12, benchmarks/RESULTS.md "Session 6", W4 S30, graph µs against the fp32 default,
+# call 1): G64 4096² 5.72 (u2) against 6.84, 12288×4096 11.41 / 14.54, 22016×4096 17.79 / 22.88, 4096×11008 9.30
+# (u4 m80; u2 10.19) / 12.91, 8192² 13.33 (u4 m80; u2 15.26) / 19.72, 8192×28672 36.05 (u4 m80) / 58.34, 28672×8192
+# 36.39 (u4 m80) / 50.08; G32 (explicit v2 against the fp32 dot at the same settings) 4096² 6.06 / 7.51,
+# 12288×4096 11.95 / 15.66, 22016×4096 18.61 / 25.00, 8192×28672 38.36 (u4 m80) / 55.48. So for G32 / G64 the
+# half dot from HALF_WIDE_MIN_CODES kept codes (below every measured layer, 4096² at S30 = 11.2 M codes), with 4
+# units per thread and maxnreg HALF_MAXNREG where the rows average ≥ HALF_WIDE_U4_ROW_CODES kept codes (K = 4096
+# at S30: 2880 codes a row, u2 faster; K ≥ 8192: u4 faster) — its steps of 32 units cover a short row in fewer,
+# emptier steps. Rows whose fp16 lane sums overflow are redone in fp32 (_hd_row_fp32). Opt-out: half_dot=False (GemvPlan(v2_opts={"half_dot": False})) or
 # GQSA_GEMV_HALF=0 at import; GQSA_GEMV_HALF=1 takes it wherever it applies (any layer size, M = 1-4), "auto"
 # (the default) as above.
 HALF_DOT_DEFAULT = os.environ.get("GQSA_GEMV_HALF", "auto").strip().lower()
 if HALF_DOT_DEFAULT not in ("auto", "0", "1"):
     raise ValueError(f"GQSA_GEMV_HALF={HALF_DOT_DEFAULT!r}: use auto, 0 or 1")
-HALF_MIN_CODES = 16 << 20
-HALF_GROUPS = (16, 64)
+HALF_GROUPS = (16, 32, 64)
+HALF_MIN_CODES = 16 << 20  # G16
 HALF_UNITS_PER_THREAD = 2
-HALF_U4_MIN_CODES = 64 << 20  # from here 4 units per thread and maxnreg HALF_MAXNREG
+HALF_U4_MIN_CODES = 64 << 20  # G16: from here 4 units per thread and maxnreg HALF_MAXNREG
+HALF_WIDE_MIN_CODES = 2 << 20  # G32 / G64
+HALF_WIDE_U4_ROW_CODES = 4096  # G32 / G64: 4 units per thread and maxnreg HALF_MAXNREG from here (codes a row)
 HALF_MAXNREG = 80
 MAX_MB = 4  # rows of x one launch of the v2 kernels serves (the constexpr MB: weights read once for all)
 # M = 2-4 rows of x run the pipelined kernel whatever the row length: on the long-row shapes it beat the
@@ -894,8 +903,21 @@ def half_dot_default(packed: PackedLinear, x_dtype: torch.dtype, mrows: int, uni
         return False
     if HALF_DOT_DEFAULT == "1":
         return True
-    return (mrows == 1 and packed.group_size in HALF_GROUPS and packed.nnz * packed.group_size >= HALF_MIN_CODES
-            and (num_warps or V2_NUM_WARPS) == 1)
+    g = packed.group_size
+    need = HALF_MIN_CODES if g == 16 else HALF_WIDE_MIN_CODES
+    return mrows == 1 and g in HALF_GROUPS and packed.nnz * g >= need and (num_warps or V2_NUM_WARPS) == 1
+
+
+def half_dot_units(packed: PackedLinear) -> tuple[int, int | None]:
+    """(units per thread, ptxas register limit or None) that the default half dot runs ``packed`` with: G16 4 and
+    ``HALF_MAXNREG`` from ``HALF_U4_MIN_CODES`` kept codes, G32 / G64 where the rows average ≥
+    ``HALF_WIDE_U4_ROW_CODES`` kept codes; else ``HALF_UNITS_PER_THREAD`` and no limit."""
+    codes = packed.nnz * packed.group_size
+    if packed.group_size == 16:
+        u4 = codes >= HALF_U4_MIN_CODES
+    else:
+        u4 = codes >= HALF_WIDE_U4_ROW_CODES * max(1, packed.shape[0])
+    return (4, HALF_MAXNREG) if u4 else (HALF_UNITS_PER_THREAD, None)
 
 
 def launch(x2: torch.Tensor, packed: PackedLinear, layout: GemvLayout, bias: torch.Tensor | None, y: torch.Tensor,
@@ -981,11 +1003,10 @@ class V2Call:
                 pipeline = True
                 if rows_per_prog is None and programs_per_sm is None:
                     programs_per_sm = V2P_PROGRAMS_PER_SM
-                if packed.nnz * packed.group_size >= HALF_U4_MIN_CODES:
-                    units_per_thread = units_per_thread or 4
-                    maxnreg = maxnreg or HALF_MAXNREG
-                else:
-                    units_per_thread = units_per_thread or HALF_UNITS_PER_THREAD
+                upt, mx = half_dot_units(packed)
+                units_per_thread = units_per_thread or upt
+                if upt == 4:
+                    maxnreg = maxnreg or mx
         self.nw = num_warps or V2_NUM_WARPS
         n = packed.shape[0]
         self.pipe = pipe = (mrows > 1 or packed.nnz < LONG_ROW_GROUPS * max(1, n)) if pipeline is None else pipeline
