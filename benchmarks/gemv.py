@@ -757,16 +757,18 @@ GOAL_SHAPES = "8192x28672,28672x8192,8192x8192,4096x4096,11008x4096,4096x14336,1
 
 def compare_v2(args, bw, out_records, configs, shapes):
     """Batch 1, W4, S and G of --v2-sparsity / --v2-group (default S50 G16): v1 against v2 settings (and cuBLAS
-    fp16 / tinygemm int4 g128), side by side, on rotated weights; graph µs (the decode engine's setting) and, with --v2-do-bench, do_bench µs. The v2
-    settings are launch arguments held by each plan (``gemv.prepare(..., v2_opts=...)``)."""
+    fp16 / tinygemm int4 g128), side by side, on rotated weights; graph µs (the decode engine's setting) and, with
+    --v2-do-bench, do_bench µs. The v2 settings are launch arguments held by each plan (``gemv.prepare(...,
+    v2_opts=...)``)."""
     gen = torch.Generator(device=DEV)
     gen.manual_seed(0)
     sp, g = args.v2_sparsity, args.v2_group
     from gqsa.kernels import gemv_layout as gl
     for model, n, k in shapes:
         p0 = random_packed(n, k, sp, g, gen=gen)
-        print(f"{model:11s} {n:6d}x{k:<6d} W4 S{round(sp * 100)} G{g}: {p0.nnz} kept groups, {p0.nnz * g / 2**20:.1f} M "
-              f"codes; launch default takes the half dot: {gl.half_dot_default(p0, torch.float16, 1)}", flush=True)
+        print(f"{model:11s} {n:6d}x{k:<6d} W4 S{round(sp * 100)} G{g}: {p0.nnz} kept groups, "
+              f"{p0.nnz * g / 2**20:.1f} M codes; launch default takes the half dot: "
+              f"{gl.half_dot_default(p0, torch.float16, 1)}", flush=True)
         packs = [p0] + [clone_packed(p0) for _ in range(n_copies(p0.nbytes(), args.rot_bytes) - 1)]
         x = torch.randn(1, k, device=DEV, dtype=torch.float16)
         nbytes = p0.nbytes() + x.nbytes + n * 2

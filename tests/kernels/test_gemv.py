@@ -628,7 +628,7 @@ def _half_dot_emulated(x, p):
     the odd codes each a lane: the first product rounded to fp16, then 7 fp16 fmas (an fp32 sum rounded to fp16,
     as the kernel's interpreted path does); the two lanes added in fp32, times the scale, summed, × 16. A lane that
     overflows gives inf (a row's sum inf or NaN). ``x``: [K] fp16."""
-    n, k = p.shape
+    n = p.shape[0]
     g = p.group_size
     rows = torch.repeat_interleave(torch.arange(n), p.row_ptr.diff().long())
     b = p.qweight.reshape(p.nnz, g // 2).long()

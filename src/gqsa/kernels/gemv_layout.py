@@ -85,29 +85,31 @@ V2P_MULTI_ROW_MAX_N = 16384  # up to this many rows: spread over V2P_PROGRAMS_PE
 V2P_PROGRAMS_PER_SM = 24
 V2P_REG = True  # register double-buffering of the next step's loads
 V2P_PREFETCH = 2  # L2 prefetch distance in steps (0: none)
-# The packed-fp16 dot (half_dot, the pipelined kernel's HALF; issue 12, session 5): launch's default
-# (half_dot=None) takes it for one row of x, fp16 activations, 4-bit codes, G in HALF_GROUPS (16-code units: a G64
-# group is 4 units of one metadata word), inline PTX, on layers of ≥ HALF_MIN_CODES kept codes (nnz · G), whatever
-# their row length: the pipelined kernel with rows spread over V2P_PROGRAMS_PER_SM programs per SM (also above
-# V2P_MULTI_ROW_MAX_N rows), register double-buffering, prefetch 2, and 2 units per thread — 4 units and ptxas
-# limited to HALF_MAXNREG registers from HALF_U4_MIN_CODES kept codes (the 70B shapes). A step is 32 · UPT units
-# of 16 codes whatever G, so the thresholds count codes, not groups (session 5 set them for G16 in groups: 2^20
-# and 4 · 2^20 groups = 16 · 2^20 and 64 · 2^20 codes). Measured (H200, session 5, benchmarks/RESULTS.md
-# "Session 5", W4 S50 G16, graph µs, half dot against the fp32 default): 8192×28672 31.86 against 35.79 (u4 m80),
-# 28672×8192 31.81 / 37.29 (u4 m80), 22016×4096 14.19 / 18.48, 8192² 11.96 / 13.85, 14336×4096 10.70 / 12.12,
-# 4096×14336 10.74 / 12.06, 12288×4096 9.42 / 10.39, 11008×4096 9.04 / 10.14, 4096×11008 9.77 / 10.06 (u2);
-# 4096² 5.26 (u2) / 5.59 (u4 m80) against 5.25-5.33: no gain, so below the threshold (8.4 M codes at S50).
-# G32 and G64 (session 6, issue 12, benchmarks/RESULTS.md "Session 6", W4 S30, graph µs against the fp32 default,
-# call 1): G64 4096² 5.72 (u2) against 6.84, 12288×4096 11.41 / 14.54, 22016×4096 17.79 / 22.88, 4096×11008 9.30
-# (u4 m80; u2 10.19) / 12.91, 8192² 13.33 (u4 m80; u2 15.26) / 19.72, 8192×28672 36.05 (u4 m80) / 58.34, 28672×8192
-# 36.39 (u4 m80) / 50.08; G32 (explicit v2 against the fp32 dot at the same settings) 4096² 6.06 / 7.51,
-# 12288×4096 11.95 / 15.66, 22016×4096 18.61 / 25.00, 8192×28672 38.36 (u4 m80) / 55.48. So for G32 / G64 the
-# half dot from HALF_WIDE_MIN_CODES kept codes (below every measured layer, 4096² at S30 = 11.2 M codes), with 4
-# units per thread and maxnreg HALF_MAXNREG where the rows average ≥ HALF_WIDE_U4_ROW_CODES kept codes (K = 4096
-# at S30: 2880 codes a row, u2 faster; K ≥ 8192: u4 faster) — its steps of 32 units cover a short row in fewer,
-# emptier steps. Rows whose fp16 lane sums overflow are redone in fp32 (_hd_row_fp32). Opt-out: half_dot=False (GemvPlan(v2_opts={"half_dot": False})) or
-# GQSA_GEMV_HALF=0 at import; GQSA_GEMV_HALF=1 takes it wherever it applies (any layer size, M = 1-4), "auto"
-# (the default) as above.
+# The packed-fp16 dot (half_dot, the pipelined kernel's HALF; issue 12, sessions 5 and 6): launch's default
+# (half_dot=None) takes it for one row of x, fp16 activations, 4-bit codes, G in HALF_GROUPS (16-code units: a G32
+# / G64 group is 2 / 4 units of one metadata word), inline PTX, on layers of ≥ HALF_MIN_CODES (G16) or
+# HALF_WIDE_MIN_CODES (G32, G64) kept codes (kept groups · G), whatever their row length: the pipelined kernel with
+# rows spread over V2P_PROGRAMS_PER_SM programs per SM (also above V2P_MULTI_ROW_MAX_N rows), register
+# double-buffering, prefetch 2, and the units per thread of half_dot_units: 2, or 4 with ptxas limited to
+# HALF_MAXNREG registers — G16 from HALF_U4_MIN_CODES kept codes (the 70B shapes), G32 / G64 where the rows average
+# ≥ HALF_WIDE_U4_ROW_CODES kept codes (a step of 4 units per thread covers 32 · 4 · 16 codes: a short row in fewer,
+# emptier steps). The thresholds count codes (session 5 set G16's in groups: 2^20 and 4 · 2^20 groups = 16 · 2^20
+# and 64 · 2^20 codes).
+# Measured (H200, graph µs, half dot against the fp32 default, benchmarks/RESULTS.md): session 5, W4 S50 G16:
+# 8192×28672 31.86 against 35.79 (u4 m80), 28672×8192 31.81 / 37.29 (u4 m80), 22016×4096 14.19 / 18.48, 8192²
+# 11.96 / 13.85, 14336×4096 10.70 / 12.12, 4096×14336 10.74 / 12.06, 12288×4096 9.42 / 10.39, 11008×4096 9.04 /
+# 10.14, 4096×11008 9.77 / 10.06 (u2); 4096² 5.26 (u2) / 5.59 (u4 m80) against 5.25-5.33: no gain, so below the
+# threshold (8.4 M codes at S50). Session 6 ("Session 6: half dot for G64"), call 2, W4 S30 G64, the default
+# against auto f32: 4096² 5.73 / 6.82, 12288×4096 11.35 / 14.46, 22016×4096 17.91 / 23.03 (u2: rows of 2880 codes;
+# u4 m80 6.02 / 12.45 / 19.32), 4096×11008 9.33 / 12.88, 8192² 13.36 / 19.71, 8192×28672 35.91 / 58.34, 28672×8192
+# 36.39 / 49.81 (u4 m80: rows of ≥ 5760 codes; u2 10.32 / 15.31 / 44.18 / 44.79), 1024×8192 4.53 / 6.29 (u4),
+# 2048×4096 4.35 / 4.80, 1024×4096 3.85 / 4.26 (u2; u4 m80 3.72); W4 S50 G64 4096² 4.68 / 5.30, 1024×4096 (2.0 M
+# codes, the smallest measured) 3.39 / 3.75. W4 S30 G32 (only where the v2 kernel is asked for: gemv's auto runs
+# v1 at G32), half dot against the fp32 dot at the same settings (u2): 4096² 6.13 / 7.47, 12288×4096 11.87 /
+# 15.53, 4096×11008 10.48 (u4 m80) / 15.22, 8192² 14.24 (u4 m80) / 21.29, call 1: 22016×4096 18.61 / 25.00,
+# 8192×28672 38.36 (u4 m80) / 55.48 (fp32 u4 m80). Rows whose fp16 lane sums overflow are redone in fp32
+# (_hd_row_fp32). Opt-out: half_dot=False (GemvPlan(v2_opts={"half_dot": False})) or GQSA_GEMV_HALF=0 at import;
+# GQSA_GEMV_HALF=1 takes it wherever it applies (any layer size, M = 1-4), "auto" (the default) as above.
 HALF_DOT_DEFAULT = os.environ.get("GQSA_GEMV_HALF", "auto").strip().lower()
 if HALF_DOT_DEFAULT not in ("auto", "0", "1"):
     raise ValueError(f"GQSA_GEMV_HALF={HALF_DOT_DEFAULT!r}: use auto, 0 or 1")
@@ -115,7 +117,7 @@ HALF_GROUPS = (16, 32, 64)
 HALF_MIN_CODES = 16 << 20  # G16
 HALF_UNITS_PER_THREAD = 2
 HALF_U4_MIN_CODES = 64 << 20  # G16: from here 4 units per thread and maxnreg HALF_MAXNREG
-HALF_WIDE_MIN_CODES = 2 << 20  # G32 / G64
+HALF_WIDE_MIN_CODES = 2 << 20  # G32 / G64 (the smallest layer measured faster: 1024×4096 W4 S50 G64)
 HALF_WIDE_U4_ROW_CODES = 4096  # G32 / G64: 4 units per thread and maxnreg HALF_MAXNREG from here (codes a row)
 HALF_MAXNREG = 80
 MAX_MB = 4  # rows of x one launch of the v2 kernels serves (the constexpr MB: weights read once for all)
@@ -603,8 +605,8 @@ def _gemv2p_kernel(
     the metadata and codes of the groups ``PF`` steps ahead in the program's flat group stream (rows
     are consecutive, so their groups are), clamped to the buffers (``MAXG`` groups): DRAM latency
     is taken off the loads with no registers held. ``HALF`` (4 bits, 16-code units — G16 one unit a group,
-    G64 four units sharing a metadata word —, fp16 activations): the dot of a unit in packed fp16 (:data:`_PTX_HDOT16`: 2.3 instructions per code
-    instead of 4.4; the 8 products of a half lane summed in fp16, then fp32); where a row's sum comes out
+    G32 / G64 two / four units sharing a metadata word —, fp16 activations): the dot of a unit in packed fp16
+    (:data:`_PTX_HDOT16`: 2.3 instructions per code instead of 4.4; the 8 products of a half lane summed in fp16, then fp32); where a row's sum comes out
     inf or NaN (an fp16 lane overflowed, or an activation is inf/NaN) the row is redone in fp32
     (:func:`_hd_row_fp32`, from plain loads), at both places a row's sum goes out: nothing in the loop body.
     Without ``ASM`` (the interpreter only: :class:`V2Call` never compiles it) the same math in plain Triton
