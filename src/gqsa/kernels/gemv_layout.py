@@ -35,8 +35,8 @@ Pipelined kernel (:func:`_gemv2p_kernel`, issue 12, second session): the same st
 steps of several consecutive rows per program, with the next step's loads issued before the current step's
 math and an L2 prefetch a few steps ahead; a packed-fp16 dot (``half_dot``: fp16 lane sums of 8 products; a row
 whose sum comes out inf/NaN — a lane overflowed, |x| above ≈ 8700, or an inf/NaN activation — is redone in fp32 by
-:func:`_hd_row_fp32`, a rare warp-uniform branch at the row's end; on by default at M = 1 for fp16 W4 G16 and G64
-layers of ≥ ``HALF_MIN_CODES`` kept codes, :func:`half_dot_default`; ``GQSA_GEMV_HALF=0`` or ``half_dot=False`` opt
+:func:`_hd_row_fp32`, a rare warp-uniform branch at the row's end; on by default at M = 1 for fp16 W4 G16 / G32 /
+G64 layers above a size in kept codes, :func:`half_dot_default`; ``GQSA_GEMV_HALF=0`` or ``half_dot=False`` opt
 out; under the interpreter the same math runs as plain Triton code, :func:`_hd_meta_emu` / :func:`_hdot16_emu`).
 :func:`launch` picks the kernel by row length (``LONG_ROW_GROUPS``) and holds every setting as a launch argument
 (``GemvPlan(v2_opts=...)`` carries them).
