@@ -620,6 +620,13 @@ def gpu_check_v2() -> bool:
                              dict(reg_pipeline=reg, prefetch=2, rows_per_prog=rpp, half_dot=True)))
             runs.append((torch.bfloat16, None, 4, None, True, dict(half_dot=True)))  # bf16: fp32 path
             runs.append(("big", None, 4, None, True, dict(half_dot=True)))  # |x| = 4000: no fp16 overflow
+        if cs["bits"] == 4 and cs["g"] in (32, 64):  # the packed-fp16 dot on G32 / G64 (session 6: 16-code units,
+            # 2 / 4 of one metadata word)
+            for upt, reg, rpp, mx in ((4, True, None, None), (2, False, 1, None), (2, True, 3, None),
+                                      (4, True, None, 80), (8, True, 2, None)):
+                runs.append((torch.float16, None, upt, None, True,
+                             dict(reg_pipeline=reg, prefetch=2, rows_per_prog=rpp, maxnreg=mx, half_dot=True)))
+            runs.append(("big", None, 2, None, True, dict(half_dot=True)))
         for dt, uc, upt, nw, asm, popts in runs:
             gemv._ASM_ENABLED = asm
             big = dt == "big"
@@ -642,15 +649,19 @@ def gpu_check_v2() -> bool:
     # the packed-fp16 dot's overflow redo (issue 12, session 5): every activation ±30000 or ±65504 (the fp16
     # maximum; fp16 lane sums of 8 products overflow in some units of most rows; scales / 1024 keep y finite in
     # fp16), and NaN activations (rows that keep one: NaN; the others: finite and right); half_dot=True and the
-    # launch default (None: the half dot on the layer of ≥ HALF_MIN_GROUPS kept groups); rows spread over
+    # launch default (None: the half dot on the layer of ≥ HALF_MIN_CODES kept codes); rows spread over
     # programs, one row per program, 2 and 4 units per thread
-    for n_, k_, upt, rpp in ((97, 1000, 4, None), (61, 4136, 2, 3), (700, 28672, 4, 1), (5000, 8192, None, None)):
-        p = packed_case(n_, k_, 16, 4, 0.5)
+    # (session 6: the same for G64 at S30, and the launch default on a G64 layer of ≥ HALF_MIN_CODES kept codes)
+    for n_, k_, upt, rpp, g_ in ((97, 1000, 4, None, 16), (61, 4136, 2, 3, 16), (700, 28672, 4, 1, 16),
+                                 (5000, 8192, None, None, 16), (97, 1000, 4, None, 64), (61, 4136, 2, 3, 64),
+                                 (700, 28672, 4, 1, 64), (3000, 8192, None, None, 64)):
+        p = packed_case(n_, k_, g_, 4, 0.5 if g_ == 16 else 0.3)
         p.scales.mul_(2.0 ** -10)  # (|y| < 30000 at ±65504 and K = 28672)
         lay = gl.build_layout(p)
         bias = torch.randn(n_, device=DEV, dtype=torch.float16)
         for kind, hd in itertools.product(("30000", "65504", "nan"), (True, None)):
-            if hd is None and n_ != 5000:
+            dflt = n_ in (5000, 3000)  # the launch default takes the half dot here
+            if hd is None and not dflt:
                 continue
             x = torch.randn(1, k_, device=DEV)
             bad = torch.zeros(1, n_, dtype=torch.bool, device=DEV)  # the rows that keep a NaN activation's group
@@ -658,7 +669,7 @@ def gpu_check_v2() -> bool:
                 cols = torch.randperm(k_, device=DEV)[:3]
                 x[0, cols] = float("nan")
                 rows = torch.repeat_interleave(torch.arange(n_, device=DEV), p.row_ptr.diff().long())
-                hit = torch.isin(p.col_idx.long(), cols // 16)
+                hit = torch.isin(p.col_idx.long(), cols // g_)
                 bad[0, rows[hit]] = True
             else:
                 x = float(kind) * torch.sign(x)
@@ -670,10 +681,10 @@ def gpu_check_v2() -> bool:
             e = rel_err(y[~bad], ref[~bad]) if bool((~bad).any()) else 0.0
             n_run += 1
             ok = bool(torch.isfinite(ref[~bad]).all()) and e < 2e-3 and bool(y[bad].isnan().all())
-            if hd is None and n_ == 5000:  # the default took the half dot here
+            if hd is None and dflt:  # the default took the half dot here
                 ok = ok and gl.half_dot_default(p, torch.float16, 1)
             if not ok:
-                fails.append(("half-dot overflow/NaN", n_, k_, kind, hd, upt, rpp, e, int(bad.sum()),
+                fails.append(("half-dot overflow/NaN", n_, k_, g_, kind, hd, upt, rpp, e, int(bad.sum()),
                               int(y[bad].isnan().sum())))
     # through a plan, captured in a CUDA graph
     p = packed_case(300, 2048, 16, 4, 0.5)
@@ -722,6 +733,7 @@ V2_CONFIGS = {  # name -> (kernel, gemv_layout.launch arguments); "fp16" / "tg12
     "p u4 r pf2 h": ("v2", P2 | M24 | dict(units_per_thread=4, reg_pipeline=True, prefetch=2, half_dot=True)),
     "p u4 r pf2 h m96": ("v2", P2 | M24 | dict(units_per_thread=4, reg_pipeline=True, prefetch=2, half_dot=True,
                                               maxnreg=96)),
+    "p u4 r pf2 m80": ("v2", P2 | M24 | dict(units_per_thread=4, reg_pipeline=True, prefetch=2, maxnreg=80)),
     "p u4 r pf2 h m80": ("v2", P2 | M24 | dict(units_per_thread=4, reg_pipeline=True, prefetch=2, half_dot=True,
                                               maxnreg=80)),
     "p u4 pf2 h": ("v2", P2 | M24 | dict(units_per_thread=4, reg_pipeline=False, prefetch=2, half_dot=True)),
@@ -736,17 +748,27 @@ V2_CONFIGS = {  # name -> (kernel, gemv_layout.launch arguments); "fp16" / "tg12
     "p u2 r pf2 h rpp1": ("v2", P2 | dict(units_per_thread=2, reg_pipeline=True, prefetch=2, half_dot=True,
                                          rows_per_prog=1)),
 }
+for _name, (_kern, _opts) in list(V2_CONFIGS.items()):  # the pipelined settings without "h" are the fp32 dot's
+    # (else launch's default could take the half dot on them; session 6)
+    if _name.startswith("p ") and not _opts.get("half_dot"):
+        _opts["half_dot"] = False
 GOAL_SHAPES = "8192x28672,28672x8192,8192x8192,4096x4096,11008x4096,4096x14336,14336x4096"
 
 
 def compare_v2(args, bw, out_records, configs, shapes):
-    """Batch 1, W4 S50 G16: v1 against v2 settings (and cuBLAS fp16 / tinygemm int4 g128), side by side, on
-    rotated weights; graph µs (the decode engine's setting) and, with --v2-do-bench, do_bench µs. The v2
-    settings are launch arguments held by each plan (``gemv.prepare(..., v2_opts=...)``)."""
+    """Batch 1, W4, S and G of --v2-sparsity / --v2-group (default S50 G16): v1 against v2 settings (and cuBLAS
+    fp16 / tinygemm int4 g128), side by side, on rotated weights; graph µs (the decode engine's setting) and, with
+    --v2-do-bench, do_bench µs. The v2 settings are launch arguments held by each plan (``gemv.prepare(...,
+    v2_opts=...)``)."""
     gen = torch.Generator(device=DEV)
     gen.manual_seed(0)
+    sp, g = args.v2_sparsity, args.v2_group
+    from gqsa.kernels import gemv_layout as gl
     for model, n, k in shapes:
-        p0 = random_packed(n, k, 0.5, 16, gen=gen)
+        p0 = random_packed(n, k, sp, g, gen=gen)
+        print(f"{model:11s} {n:6d}x{k:<6d} W4 S{round(sp * 100)} G{g}: {p0.nnz} kept groups, "
+              f"{p0.nnz * g / 2**20:.1f} M codes; launch default takes the half dot: "
+              f"{gl.half_dot_default(p0, torch.float16, 1)}", flush=True)
         packs = [p0] + [clone_packed(p0) for _ in range(n_copies(p0.nbytes(), args.rot_bytes) - 1)]
         x = torch.randn(1, k, device=DEV, dtype=torch.float16)
         nbytes = p0.nbytes() + x.nbytes + n * 2
@@ -768,7 +790,7 @@ def compare_v2(args, bw, out_records, configs, shapes):
             us = t_do_bench(fns, args.warmup, args.rep) if args.v2_do_bench else float("nan")
             gus = t_graph(fns)
             base[name] = gus
-            r = dict(model=model, N=n, K=k, B=1, S=0.5, G=16, method=name, us=us, graph_us=gus, bytes=nbytes,
+            r = dict(model=model, N=n, K=k, B=1, S=sp, G=g, method=name, us=us, graph_us=gus, bytes=nbytes,
                      roof_us=roof, roof_pct=100 * roof / us, graph_roof_pct=100 * roof / gus, rel_err=e,
                      ok=True if e is None else bool(e < 1e-2), tbps_graph=nbytes / (gus * 1e-6) / 1e12)
             out_records.append(r)
@@ -999,6 +1021,8 @@ def main(argv=None):
                     help="NxK shapes for --v2-sweep-configs")
     ap.add_argument("--v2-shapes", default=GOAL_SHAPES, help="NxK shapes of --v2 (default: issue 12's seven)")
     ap.add_argument("--v2-do-bench", action="store_true", help="--v2: also time by do_bench")
+    ap.add_argument("--v2-sparsity", type=float, default=0.5, help="--v2: sparsity of the timed layers (W4)")
+    ap.add_argument("--v2-group", type=int, default=16, help="--v2: group size of the timed layers (W4)")
     ap.add_argument("--v2-no-check", dest="v2_check", action="store_false", help="--v2: skip the GPU check")
     ap.add_argument("--v2-batch", action="store_true",
                     help="v2 at M = 2-4: GPU check, then cuBLAS fp16 / old path / batched v2 at M = 1-4")

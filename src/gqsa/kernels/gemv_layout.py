@@ -35,8 +35,9 @@ Pipelined kernel (:func:`_gemv2p_kernel`, issue 12, second session): the same st
 steps of several consecutive rows per program, with the next step's loads issued before the current step's
 math and an L2 prefetch a few steps ahead; a packed-fp16 dot (``half_dot``: fp16 lane sums of 8 products; a row
 whose sum comes out inf/NaN — a lane overflowed, |x| above ≈ 8700, or an inf/NaN activation — is redone in fp32 by
-:func:`_hd_row_fp32`, a rare warp-uniform branch at the row's end; on by default at M = 1 for fp16 W4 G16 layers of
-≥ ``HALF_MIN_GROUPS`` kept groups, :func:`half_dot_default`; ``GQSA_GEMV_HALF=0`` or ``half_dot=False`` opt out).
+:func:`_hd_row_fp32`, a rare warp-uniform branch at the row's end; on by default at M = 1 for fp16 W4 G16 / G32 /
+G64 layers above a size in kept codes, :func:`half_dot_default`; ``GQSA_GEMV_HALF=0`` or ``half_dot=False`` opt
+out; under the interpreter the same math runs as plain Triton code, :func:`_hd_meta_emu` / :func:`_hdot16_emu`).
 :func:`launch` picks the kernel by row length (``LONG_ROW_GROUPS``) and holds every setting as a launch argument
 (``GemvPlan(v2_opts=...)`` carries them).
 
@@ -84,25 +85,40 @@ V2P_MULTI_ROW_MAX_N = 16384  # up to this many rows: spread over V2P_PROGRAMS_PE
 V2P_PROGRAMS_PER_SM = 24
 V2P_REG = True  # register double-buffering of the next step's loads
 V2P_PREFETCH = 2  # L2 prefetch distance in steps (0: none)
-# The packed-fp16 dot (half_dot, the pipelined kernel's HALF; issue 12, session 5): launch's default
-# (half_dot=None) takes it for one row of x, fp16 activations, 4-bit codes, G = 16 (16-code units), inline PTX,
-# on layers of ≥ HALF_MIN_GROUPS kept groups, whatever their row length: the pipelined kernel with rows spread over
-# V2P_PROGRAMS_PER_SM programs per SM (also above V2P_MULTI_ROW_MAX_N rows), register double-buffering, prefetch 2,
-# and 2 units per thread — 4 units and ptxas limited to HALF_MAXNREG registers from HALF_U4_MIN_GROUPS kept groups
-# (the 70B shapes). Measured (H200, session 5, benchmarks/RESULTS.md "Session 5", graph µs, half dot against the
-# fp32 default): 8192×28672 31.86 against 35.79 (u4 m80), 28672×8192 31.81 / 37.29 (u4 m80), 22016×4096 14.19 /
-# 18.48, 8192² 11.96 / 13.85, 14336×4096 10.70 / 12.12, 4096×14336 10.74 / 12.06, 12288×4096 9.42 / 10.39,
-# 11008×4096 9.04 / 10.14, 4096×11008 9.77 / 10.06 (u2); 4096² 5.26 (u2) / 5.59 (u4 m80) against 5.25-5.33: no
-# gain, so below the threshold (0.52 M groups at S50). Rows whose fp16 lane sums overflow are redone in fp32
+# The packed-fp16 dot (half_dot, the pipelined kernel's HALF; issue 12, sessions 5 and 6): launch's default
+# (half_dot=None) takes it for one row of x, fp16 activations, 4-bit codes, G in HALF_GROUPS (16-code units: a G32
+# / G64 group is 2 / 4 units of one metadata word), inline PTX, on layers of ≥ HALF_MIN_CODES (G16) or
+# HALF_WIDE_MIN_CODES (G32, G64) kept codes (kept groups · G), whatever their row length: the pipelined kernel with
+# rows spread over V2P_PROGRAMS_PER_SM programs per SM (also above V2P_MULTI_ROW_MAX_N rows), register
+# double-buffering, prefetch 2, and the units per thread of half_dot_units: 2, or 4 with ptxas limited to
+# HALF_MAXNREG registers — G16 from HALF_U4_MIN_CODES kept codes (the 70B shapes), G32 / G64 where the rows average
+# ≥ HALF_WIDE_U4_ROW_CODES kept codes (a step of 4 units per thread covers 32 · 4 · 16 codes: a short row in fewer,
+# emptier steps). The thresholds count codes (session 5 set G16's in groups: 2^20 and 4 · 2^20 groups = 16 · 2^20
+# and 64 · 2^20 codes).
+# Measured (H200, graph µs, half dot against the fp32 default, benchmarks/RESULTS.md): session 5, W4 S50 G16:
+# 8192×28672 31.86 against 35.79 (u4 m80), 28672×8192 31.81 / 37.29 (u4 m80), 22016×4096 14.19 / 18.48, 8192²
+# 11.96 / 13.85, 14336×4096 10.70 / 12.12, 4096×14336 10.74 / 12.06, 12288×4096 9.42 / 10.39, 11008×4096 9.04 /
+# 10.14, 4096×11008 9.77 / 10.06 (u2); 4096² 5.26 (u2) / 5.59 (u4 m80) against 5.25-5.33: no gain, so below the
+# threshold (8.4 M codes at S50). Session 6 ("Session 6: half dot for G64"), call 2, W4 S30 G64, the default
+# against auto f32: 4096² 5.73 / 6.82, 12288×4096 11.35 / 14.46, 22016×4096 17.91 / 23.03 (u2: rows of 2880 codes;
+# u4 m80 6.02 / 12.45 / 19.32), 4096×11008 9.33 / 12.88, 8192² 13.36 / 19.71, 8192×28672 35.91 / 58.34, 28672×8192
+# 36.39 / 49.81 (u4 m80: rows of ≥ 5760 codes; u2 10.32 / 15.31 / 44.18 / 44.79), 1024×8192 4.53 / 6.29 (u4),
+# 2048×4096 4.35 / 4.80, 1024×4096 3.85 / 4.26 (u2; u4 m80 3.72); W4 S50 G64 4096² 4.68 / 5.30, 1024×4096 (2.0 M
+# codes, the smallest measured) 3.39 / 3.75. W4 S30 G32 (only where the v2 kernel is asked for: gemv's auto runs
+# v1 at G32), half dot against the fp32 dot at the same settings (u2): 4096² 6.13 / 7.47, 12288×4096 11.87 /
+# 15.53, 4096×11008 10.48 (u4 m80) / 15.22, 8192² 14.24 (u4 m80) / 21.29, call 1: 22016×4096 18.61 / 25.00,
+# 8192×28672 38.36 (u4 m80) / 55.48 (fp32 u4 m80). Rows whose fp16 lane sums overflow are redone in fp32
 # (_hd_row_fp32). Opt-out: half_dot=False (GemvPlan(v2_opts={"half_dot": False})) or GQSA_GEMV_HALF=0 at import;
 # GQSA_GEMV_HALF=1 takes it wherever it applies (any layer size, M = 1-4), "auto" (the default) as above.
 HALF_DOT_DEFAULT = os.environ.get("GQSA_GEMV_HALF", "auto").strip().lower()
 if HALF_DOT_DEFAULT not in ("auto", "0", "1"):
     raise ValueError(f"GQSA_GEMV_HALF={HALF_DOT_DEFAULT!r}: use auto, 0 or 1")
-HALF_MIN_GROUPS = 1 << 20
-HALF_GROUPS = (16,)
+HALF_GROUPS = (16, 32, 64)
+HALF_MIN_CODES = 16 << 20  # G16
 HALF_UNITS_PER_THREAD = 2
-HALF_U4_MIN_GROUPS = 4 << 20  # from here 4 units per thread and maxnreg HALF_MAXNREG
+HALF_U4_MIN_CODES = 64 << 20  # G16: from here 4 units per thread and maxnreg HALF_MAXNREG
+HALF_WIDE_MIN_CODES = 2 << 20  # G32 / G64 (the smallest layer measured faster: 1024×4096 W4 S50 G64)
+HALF_WIDE_U4_ROW_CODES = 4096  # G32 / G64: 4 units per thread and maxnreg HALF_MAXNREG from here (codes a row)
 HALF_MAXNREG = 80
 MAX_MB = 4  # rows of x one launch of the v2 kernels serves (the constexpr MB: weights read once for all)
 # M = 2-4 rows of x run the pipelined kernel whatever the row length: on the long-row shapes it beat the
@@ -364,11 +380,62 @@ def _hd_row_fp32(x_ptr, cw_ptr, meta_ptr, rp_ptr, row, G: tl.constexpr, UC: tl.c
     return tl.reduce(acc, 0, tl.standard._sum_combine)
 
 
+def _hd_meta_emu(m):
+    """:data:`_PTX_META4H` in plain Triton (the interpreter's half dot): metadata word -> (the half2 pair
+    −(64 + z/16, 4 + z/16) as an int32, the fp32 scale)."""
+    z = m & 0xF
+    negc = z * 0x100001 + (0xC400D400 - (1 << 32))  # (int32 arithmetic, wrapping as mad.lo.u32)
+    sc = (m >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return negc, sc
+
+
+def _f16_lo(w):
+    """The low fp16 half of int32 words, as fp32."""
+    return (w & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+def _f16_hi(w):
+    return ((w >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+def _hdot16_emu(c0, c1, x0, x1, x2, x3, x4, x5, x6, x7, negc):
+    """:data:`_PTX_HDOT16` in plain Triton (the interpreter's half dot; not compiled: the compiled half dot is the
+    PTX): one unit of 16 codes (``c0``, ``c1``) against 16 fp16 activations (``x0`` … ``x7``, pairs) -> Σ x·(q − z)
+    / 16 in fp32, with the PTX's steps and roundings: each code byte masked into the mantissas of 1024.0 (even
+    code: 1024 + q, odd code: 1024 + 16q), one fma with (1/16, 1/256) and ``negc`` giving (q − z)/16 exactly; per
+    half lane the first product rounded to fp16, then 7 fp16 fmas (emulated as an fp32 sum rounded to fp16: the
+    product of two fp16 values is exact in fp32), the two lanes added in fp32. An fp16 lane that overflows gives
+    inf as on the GPU."""
+    nlo = _f16_lo(negc)
+    nhi = _f16_hi(negc)
+    xs = (x0, x1, x2, x3, x4, x5, x6, x7)
+    alo = nlo * 0.0
+    ahi = nlo * 0.0
+    for k in tl.static_range(8):
+        if k < 4:
+            byte = (c0 >> (8 * k)) & 0xFF
+        else:
+            byte = (c1 >> (8 * (k - 4))) & 0xFF
+        dlo = (_f16_lo((byte & 0xF) | 0x6400) * 0.0625 + nlo).to(tl.float16).to(tl.float32)
+        dhi = (_f16_lo((byte & 0xF0) | 0x6400) * 0.00390625 + nhi).to(tl.float16).to(tl.float32)
+        if k == 0:
+            alo = (_f16_lo(xs[k]) * dlo).to(tl.float16).to(tl.float32)
+            ahi = (_f16_hi(xs[k]) * dhi).to(tl.float16).to(tl.float32)
+        else:
+            alo = (_f16_lo(xs[k]) * dlo + alo).to(tl.float16).to(tl.float32)
+            ahi = (_f16_hi(xs[k]) * dhi + ahi).to(tl.float16).to(tl.float32)
+    return alo + ahi
+
+
 if tl is not None:  # called from the pipelined kernel (HALF only: compiled mode), so jitted once here
     import triton as _triton
 
     hd_row_fp32 = _triton.jit(_hd_row_fp32)
     FP32_MAX = tl.constexpr(3.4028234663852886e38)
+    # the interpreter's half dot calls the plain functions (an interpreted kernel cannot call a compiled-mode
+    # @triton.jit function); wrapped as constexprs, which the compiled kernel may reference (in branches it does not
+    # compile) where Triton refuses a plain function
+    HD_ROW_EMU, HD_META_EMU, HDOT16_EMU = (tl.constexpr(f) for f in (_hd_row_fp32, _hd_meta_emu, _hdot16_emu))
 
 
 def _gemv2_kernel(
@@ -537,11 +604,13 @@ def _gemv2p_kernel(
     only): the iteration also prefetches into L2 (``prefetch.global.L2``, one 128-byte line per lane)
     the metadata and codes of the groups ``PF`` steps ahead in the program's flat group stream (rows
     are consecutive, so their groups are), clamped to the buffers (``MAXG`` groups): DRAM latency
-    is taken off the loads with no registers held. ``HALF`` (compiled, 4 bits, 16-code units, fp16
-    activations): the dot of a unit in packed fp16 (:data:`_PTX_HDOT16`: 2.3 instructions per code
-    instead of 4.4; the 8 products of a half lane summed in fp16, then fp32); where a row's sum comes out
+    is taken off the loads with no registers held. ``HALF`` (4 bits, 16-code units — G16 one unit a group,
+    G32 / G64 two / four units sharing a metadata word —, fp16 activations): the dot of a unit in packed fp16
+    (:data:`_PTX_HDOT16`: 2.3 instructions per code instead of 4.4; the 8 products of a half lane summed in fp16, then fp32); where a row's sum comes out
     inf or NaN (an fp16 lane overflowed, or an activation is inf/NaN) the row is redone in fp32
     (:func:`_hd_row_fp32`, from plain loads), at both places a row's sum goes out: nothing in the loop body.
+    Without ``ASM`` (the interpreter only: :class:`V2Call` never compiles it) the same math in plain Triton
+    (:func:`_hd_meta_emu`, :func:`_hdot16_emu`).
 
     ``MB`` rows of x (1 … 4; ``XS``: their stride in int32 words, ``YS``: the stride of y's rows), as in
     :func:`_gemv2_kernel`: the weights loaded and dequantized once per step, the activation loads and the dot
@@ -560,7 +629,8 @@ def _gemv2p_kernel(
     CWG: tl.constexpr = G * BITS // 32  # code words per group
     ML: tl.constexpr = (STEP * 4 + 127) // 128  # 128-byte lines of one step's metadata
     CL: tl.constexpr = (STEP * CWG * 4 + 127) // 128  # ... and codes
-    HD: tl.constexpr = HALF and ASM and BITS == 4 and UC == 16 and not X_BF16
+    # (HALF without ASM: the interpreter's plain-Triton half dot; the launcher never compiles that)
+    HD: tl.constexpr = HALF and BITS == 4 and UC == 16 and not X_BF16
     r = tl.program_id(0) * RPP
     r1 = tl.minimum(r + RPP, N)
     t = tl.arange(0, NUM_THREADS) * one
@@ -667,7 +737,12 @@ def _gemv2p_kernel(
                 if HD:
                     v = v * 16.0
                     if not (tl.abs(v) <= FP32_MAX):  # an fp16 lane overflowed (or an activation is inf/NaN)
-                        v = hd_row_fp32(x_ptr + mb * XS, cw_ptr, meta_ptr, rp_ptr, r - 1, G, UC, NUM_THREADS, one)
+                        if ASM:
+                            v = hd_row_fp32(x_ptr + mb * XS, cw_ptr, meta_ptr, rp_ptr, r - 1, G, UC, NUM_THREADS,
+                                            one)
+                        else:  # (the interpreter)
+                            v = HD_ROW_EMU(x_ptr + mb * XS, cw_ptr, meta_ptr, rp_ptr, r - 1, G, UC, NUM_THREADS,
+                                             one)
                 if HAS_BIAS:
                     v += tl.load(bias_ptr + (r - 1)).to(tl.float32)
                 tl.store((y_ptr + mb * YS) + (r - 1), v.to(y_ptr.dtype.element_ty))
@@ -678,9 +753,11 @@ def _gemv2p_kernel(
         cnt = (re - c).to(tl.uint32)
         for j in tl.static_range(UPT):
             m = metas[j]
-            if HD:
+            if HD and ASM:
                 negc, sc = tl.inline_asm_elementwise(META4H, "=r,=f,r", [m], dtype=(tl.int32, tl.float32),
                                                      is_pure=True, pack=1)
+            elif HD:
+                negc, sc = HD_META_EMU(m)
             elif ASM and BITS == 4:
                 c0, c1, sc = tl.inline_asm_elementwise(META4, "=f,=f,=f,r", [m], dtype=(tl.float32,) * 3,
                                                        is_pure=True, pack=1)
@@ -703,12 +780,16 @@ def _gemv2p_kernel(
                     xw = xw + (x0, x1, x2, x3)
             rgs = ()
             for mb in tl.static_range(MB):
-                if HD:
+                if HD and ASM:
                     rgs = rgs + (tl.inline_asm_elementwise(
                         HDOT16, "=f,r,r,r,r,r,r,r,r,r,r,r",
                         [codes[j * 2], codes[j * 2 + 1], xw[mb * XPU], xw[mb * XPU + 1], xw[mb * XPU + 2],
                          xw[mb * XPU + 3], xw[mb * XPU + 4], xw[mb * XPU + 5], xw[mb * XPU + 6], xw[mb * XPU + 7],
                          negc], dtype=tl.float32, is_pure=True, pack=1),)
+                elif HD:
+                    rgs = rgs + (HDOT16_EMU(codes[j * 2], codes[j * 2 + 1], xw[mb * XPU], xw[mb * XPU + 1],
+                                             xw[mb * XPU + 2], xw[mb * XPU + 3], xw[mb * XPU + 4], xw[mb * XPU + 5],
+                                             xw[mb * XPU + 6], xw[mb * XPU + 7], negc),)
                 else:
                     rgs = rgs + (tl.full([NUM_THREADS], 0.0, tl.float32),)
             for w in tl.static_range(0 if HD else WPU):
@@ -754,7 +835,10 @@ def _gemv2p_kernel(
         if HD:
             v = v * 16.0
             if not (tl.abs(v) <= FP32_MAX):
-                v = hd_row_fp32(x_ptr + mb * XS, cw_ptr, meta_ptr, rp_ptr, r - 1, G, UC, NUM_THREADS, one)
+                if ASM:
+                    v = hd_row_fp32(x_ptr + mb * XS, cw_ptr, meta_ptr, rp_ptr, r - 1, G, UC, NUM_THREADS, one)
+                else:  # (the interpreter)
+                    v = HD_ROW_EMU(x_ptr + mb * XS, cw_ptr, meta_ptr, rp_ptr, r - 1, G, UC, NUM_THREADS, one)
         if HAS_BIAS:
             v += tl.load(bias_ptr + (r - 1)).to(tl.float32)
         tl.store((y_ptr + mb * YS) + (r - 1), v.to(y_ptr.dtype.element_ty))
@@ -811,8 +895,9 @@ def rows_per_program(n: int, device: torch.device, rows_per_prog: int | None = N
 def half_dot_default(packed: PackedLinear, x_dtype: torch.dtype, mrows: int, unit_codes: int | None = None,
                      num_warps: int | None = None) -> bool:
     """Whether :func:`launch` takes the packed-fp16 dot when its ``half_dot`` is None (``HALF_DOT_DEFAULT``;
-    see ``HALF_MIN_GROUPS``): fp16 activations, 4-bit integer-zero codes in 16-code units, and, for ``"auto"``,
-    one row of x, G in ``HALF_GROUPS``, ≥ ``HALF_MIN_GROUPS`` kept groups and one warp per program."""
+    see ``HALF_MIN_CODES``): fp16 activations, 4-bit integer-zero codes in 16-code units, and, for ``"auto"``,
+    one row of x, G in ``HALF_GROUPS``, ≥ ``HALF_MIN_CODES`` kept codes (kept groups · G) and one warp per
+    program."""
     if HALF_DOT_DEFAULT == "0" or x_dtype != torch.float16 or packed.bits != 4 or packed.float_zeros:
         return False
     uc = unit_codes or V2_UNIT_CODES.get(4) or default_unit(packed.group_size, 4)[0]
@@ -820,8 +905,21 @@ def half_dot_default(packed: PackedLinear, x_dtype: torch.dtype, mrows: int, uni
         return False
     if HALF_DOT_DEFAULT == "1":
         return True
-    return (mrows == 1 and packed.group_size in HALF_GROUPS and packed.nnz >= HALF_MIN_GROUPS
-            and (num_warps or V2_NUM_WARPS) == 1)
+    g = packed.group_size
+    need = HALF_MIN_CODES if g == 16 else HALF_WIDE_MIN_CODES
+    return mrows == 1 and g in HALF_GROUPS and packed.nnz * g >= need and (num_warps or V2_NUM_WARPS) == 1
+
+
+def half_dot_units(packed: PackedLinear) -> tuple[int, int | None]:
+    """(units per thread, ptxas register limit or None) that the default half dot runs ``packed`` with: G16 4 and
+    ``HALF_MAXNREG`` from ``HALF_U4_MIN_CODES`` kept codes, G32 / G64 where the rows average ≥
+    ``HALF_WIDE_U4_ROW_CODES`` kept codes; else ``HALF_UNITS_PER_THREAD`` and no limit."""
+    codes = packed.nnz * packed.group_size
+    if packed.group_size == 16:
+        u4 = codes >= HALF_U4_MIN_CODES
+    else:
+        u4 = codes >= HALF_WIDE_U4_ROW_CODES * max(1, packed.shape[0])
+    return (4, HALF_MAXNREG) if u4 else (HALF_UNITS_PER_THREAD, None)
 
 
 def launch(x2: torch.Tensor, packed: PackedLinear, layout: GemvLayout, bias: torch.Tensor | None, y: torch.Tensor,
@@ -844,7 +942,9 @@ def launch(x2: torch.Tensor, packed: PackedLinear, layout: GemvLayout, bias: tor
     4-bit codes, 16-code units; elsewhere ignored; at M > 1 it dequantizes per row of x; a row whose fp16 lane
     sums overflowed is redone in fp32). None (default): :func:`half_dot_default` — then also the pipelined kernel,
     rows spread over ``V2P_PROGRAMS_PER_SM`` programs per SM, ``HALF_UNITS_PER_THREAD`` units per thread (from
-    ``HALF_U4_MIN_GROUPS`` kept groups 4 units and ``maxnreg=HALF_MAXNREG``), each where not given."""
+    ``HALF_U4_MIN_CODES`` kept codes 4 units and ``maxnreg=HALF_MAXNREG``), each where not given. Under the
+    interpreter ``half_dot=True`` runs the same math in plain Triton code (:func:`_hdot16_emu`); compiled without
+    inline PTX (``asm=False``) it is ignored."""
     mrows, k = x2.shape
     if mrows > MAX_MB:
         for s in range(0, mrows, MAX_MB):
@@ -905,11 +1005,10 @@ class V2Call:
                 pipeline = True
                 if rows_per_prog is None and programs_per_sm is None:
                     programs_per_sm = V2P_PROGRAMS_PER_SM
-                if packed.nnz >= HALF_U4_MIN_GROUPS:
-                    units_per_thread = units_per_thread or 4
-                    maxnreg = maxnreg or HALF_MAXNREG
-                else:
-                    units_per_thread = units_per_thread or HALF_UNITS_PER_THREAD
+                upt, mx = half_dot_units(packed)
+                units_per_thread = units_per_thread or upt
+                if upt == 4:
+                    maxnreg = maxnreg or mx
         self.nw = num_warps or V2_NUM_WARPS
         n = packed.shape[0]
         self.pipe = pipe = (mrows > 1 or packed.nnz < LONG_ROW_GROUPS * max(1, n)) if pipeline is None else pipeline
@@ -922,7 +1021,8 @@ class V2Call:
             UPT=units_per_thread or V2_UNITS_PER_THREAD, X_BF16=dtype == torch.bfloat16, HAS_BIAS=has_bias,
             ASM=not interp and asm, NUM_THREADS=32 * self.nw,
             REG=(V2P_REG if reg_pipeline is None else reg_pipeline) if pipe else None,
-            PF=(V2P_PREFETCH if prefetch is None else prefetch) if pipe else None, HALF=half_dot and pipe, MB=mrows)
+            PF=(V2P_PREFETCH if prefetch is None else prefetch) if pipe else None,
+            HALF=bool(half_dot) and pipe and (interp or asm), MB=mrows)
         self.n = n
         step = self.consts["NUM_THREADS"] // (packed.group_size // self.consts["UC"]) * self.consts["UPT"]
         if n and step > min(layout.meta.numel(), MIN_GROUPS):
