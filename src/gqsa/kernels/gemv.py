@@ -83,9 +83,11 @@ _WS_STRIDE = MAX_DECODE_BATCH  # fp32 workspace entries per split-row slot
 # benchmarks/RESULTS.md, 2026-12-01 ("GEMV v2, pipelined", session 3).
 # W4 G64 too (session 3, call 10: W4 S30 G64 7B end to end at batch 1, 438.5 tokens/s with v2 against 405.6 with
 # v1); G32 and G128 were never timed with v2.
-# At M = 1, fp16 activations, W4 G16 layers of ≥ gemv_layout.HALF_MIN_GROUPS kept groups (every 7B/8B/70B
-# projection but 4096²), v2 runs the packed-fp16 dot with an fp32 redo of overflowed rows (measured 1-23 % faster,
-# session 5; gemv_layout.half_dot_default); opt out with GQSA_GEMV_HALF=0 or v2_opts={"half_dot": False}.
+# At M = 1, fp16 activations, v2 runs the packed-fp16 dot with an fp32 redo of overflowed rows on W4 G16 layers of
+# ≥ gemv_layout.HALF_MIN_CODES kept codes (every 7B/8B/70B projection but 4096²; 1-23 % faster, session 5) and W4
+# G64 layers of ≥ HALF_WIDE_MIN_CODES (9-38 % faster, session 6; gemv_layout.half_dot_default); opt out with
+# GQSA_GEMV_HALF=0 or v2_opts={"half_dot": False}. G32 stays on v1 by default: v2 against v1 at G32 was timed
+# only with the half dot (18-28 % faster on four shapes), not for the layers below its threshold.
 AUTO_V2_GROUPS = (16, 64)
 # rows of x the v2 kernel serves (its constexpr MB: the weights read and dequantized once for every row, the
 # dot per row); v1 above. Chosen from the H200 measurement of issue gemvb (benchmarks/RESULTS.md, "GEMV v2
