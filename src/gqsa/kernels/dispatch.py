@@ -131,17 +131,26 @@ _P = functools.partial(BlockConfig, scale_after=False, pre=True)
 # Fourth session: ``block_out`` (clusterR layers: y in block-row order, then a gather) for block128 at
 # M = 17–64 only, where it won on all three shapes at M = 64 (22.7 / 38.1 / 112.7 µs against 24.0 / 46.4 /
 # 119.8 through the map); at M = 4 the gather's extra launch lost 5 µs on every shape. Not measured above 64.
+# Sixth session: M = 17–32 buckets for block64/128 (benchmarks/gemm.py --block-sweep --sweep-batches 24,32, the
+# fewer warps of the M ≤ 16 buckets and block_m = 32): at M = 32 summed over the three shapes block128 80.9 µs
+# against 138.5 for the 17–64 bucket (block_m = 64, 8 warps; 28672×8192: 53.3 against 96.0), block64 89.0 against
+# 130.8; at M = 24 79.0 / 85.6 against 136.9 / 124.4. And M = 33–64 (--sweep-batches 48,64, same candidates):
+# block128 1–2 warps, np = 2: 126.5 against 149.8 µs at M = 64 (28672×8192 83.3 against 102.1), 121.0 against 143.8
+# at 48; block64 one warp: 135.3 against 167.9 at 64, 120.8 against 149.4 at 48. block_out (clusterR layers) kept
+# on for block128 as in the bucket these replace: it was measured at M = 64 only, with the earlier configuration.
 H200_BLOCK_TABLE = BlockTable(
     buckets=(
         (16, ((16, _B(block_m=16, np=4, num_warps=1, num_stages=3, waves=4.0, scale_after=False)),
               (64, _B(block_m=64, np=2, num_warps=4, num_stages=3, waves=2.0)),
               (1 << 62, _B(block_m=128, np=1, num_warps=4, num_stages=3, waves=1.0, scale_after=False)))),
         (64, ((16, _W(block_m=16, np=2, num_warps=4, num_stages=3, waves=4.0)),
-              (64, _W(block_m=64, np=4, num_warps=4, num_stages=3, waves=2.0)),
+              (32, _W(block_m=32, np=4, num_warps=1, num_stages=3, waves=4.0)),
+              (64, _W(block_m=64, np=2, num_warps=1, num_stages=3, waves=4.0)),
               (256, _B(block_m=128, np=2, num_warps=4, num_stages=3, waves=1.0, scale_after=False)),
               (1 << 62, _P(block_m=256, np=4, num_warps=4, num_stages=3, split_k=1)))),
         (128, ((16, _W(block_m=16, np=4, num_warps=2, num_stages=3, waves=4.0)),
-               (64, _W(block_m=64, np=4, num_warps=8, num_stages=4, waves=1.0, block_out=True)),
+               (32, _W(block_m=32, np=4, num_warps=2, num_stages=3, waves=2.0, block_out=True)),
+               (64, _W(block_m=64, np=2, num_warps=2, num_stages=3, waves=2.0, block_out=True)),
                (256, _P(block_m=128, np=4, num_warps=8, num_stages=4, waves=1.0)),
                (1 << 62, _P(block_m=128, np=4, num_warps=8, num_stages=3, split_k=1)))),
     ),
