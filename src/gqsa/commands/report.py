@@ -16,7 +16,8 @@ def add_parser(sub):
         "report", help="GQSA and the baselines side by side: perplexity, zero-shot, KL, bits/weight, size",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Run a matrix of `gqsa compress` settings on one model (default: fp16; GQSA W4 S30/S50/S70 "
-                    "at G16 and G32; SparseGPT, Wanda and magnitude 2:4; GPTQ W2/W3/W4 g128; RTN W4 g128), "
+                    "at G16 and G32; SparseGPT, Wanda and magnitude 2:4; SparseGPT 4:8; SparseGPT 2:4 and 4:8 "
+                    "with int4 values g128; GQSA W3 S0 G128; GPTQ W2/W3/W4 g128; RTN W4 g128), "
                     "evaluate every row and write OUT/report.md, report.json and report.png (perplexity vs "
                     "bits/weight; needs matplotlib). Finished rows are kept in OUT/rows/*.json: rerunning "
                     "the same command resumes.",
