@@ -17,9 +17,10 @@ rows of ``xᵀ`` in a ``tl.dot`` accumulating in float32. (Triton's interpreter 
 differently and its bf16 ``tl.dot`` is wrong: under ``TRITON_INTERPRET=1`` bf16 tiles are multiplied in
 float32, ``DOT_F32``.)
 
-Cost (``benchmarks/gemm_sass.py``, sm_90, W4 G16 fp16, BLOCK_N = 64, 4 warps): about 5 SASS instructions
-per dense weight of the tile, pruned ones included (the first revision, codes in canonical order
-dequantized by shifts into one ``BLOCK_K``-wide tile: 12).
+Cost (``benchmarks/gemm_sass.py``, sm_90, W4 G16 fp16): 5.0 SASS instructions per dense weight of the tile,
+pruned ones included, at the M ≤ 16 configuration (BLOCK_N = 128, 4 warps, 128 registers); the first revision
+(codes in canonical order, dequantized by shifts into one ``BLOCK_K``-wide tile) took 12. On the H200 it is
+latency-bound at 4 programs per SM (benchmarks/RESULTS.md, "Session 6").
 
 Split-K (``split_k > 1``, for small M where the output tiles alone cannot fill the GPU): every
 program adds its partial tile into a float32 workspace with atomics; the last program to finish a
@@ -94,9 +95,11 @@ def _gemm_kernel(
     acc = tl.full([BLOCK_N, BLOCK_M], 0.0, tl.float32)
     kt0 = pid_k * tiles_rt
     kt_end = tl.minimum(kt0 + tiles_rt, n_kt)
-    # software pipeline by hand (a load is asynchronous until its registers are used): the row metadata
-    # two k-tiles ahead, the code bytes and sz words one k-tile ahead, so no k-tile waits on the chain
-    # metadata → position → codes. Prologue: metadata of kt0 and kt0 + 1, bytes and sz of kt0.
+    # software pipeline by hand (a load is asynchronous until its registers are used): the row metadata two
+    # k-tiles ahead and the kept groups' positions one ahead, so a k-tile's byte loads wait on no other load;
+    # PF also prefetches the next k-tile's bytes into L2. (Carrying the loaded bytes one k-tile ahead as well
+    # changed Triton's layouts: 7.1 instead of 4.5 instructions per weight.) Prologue: metadata of kt0 and
+    # kt0 + 1, positions of kt0.
     meta = tl.load(meta_ptr + kt0 * n_pad + rows, mask=row_ok & (kt0 < kt_end), other=0)  # [BLOCK_N, 1, 1]
     kb = tl.load(kts_ptr + kt0, mask=kt0 < kt_end, other=0)
     mk = meta & 0xFF  # where each of the row's k-tile columns sits: kb + first + popcount(mask & below)
