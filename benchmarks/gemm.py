@@ -114,6 +114,7 @@ def gpu_check(quick: bool = False) -> bool:
         if bool(ws.partial.any()) or bool(ws.counters.any()):
             ok = False
             print("CHECK FAIL: split-K workspace not clean after launches", flush=True)
+        print(f"check {n}x{k} G{g} b{bits} float zeros {fz} {special}: done", flush=True)  # progress
     # the plan, in a CUDA graph
     p = layer_for_check(512, 1024, 16, 4, 0.5)
     plan = dispatch.LinearPlan(p)
