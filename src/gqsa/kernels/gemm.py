@@ -121,7 +121,8 @@ def _gemm_kernel(
         b = tl.load(qb_ptr + gidx * GB + eb, mask=present, other=0)  # uint8 [BLOCK_N, KTG, GB]
         szw = tl.load(sz_ptr + gidx, mask=present, other=0)  # int32 [BLOCK_N, KTG, 1]; pruned: s = z = 0
         # positions of k-tile kt + 1 (its metadata is here), metadata of kt + 2
-        mk = meta & 0xFF  # as in the prologue
+        # as in the prologue (written out twice: no Triton helper serves both the interpreter and the compiler)
+        mk = meta & 0xFF
         if ASM:
             c = tl.inline_asm_elementwise("popc.b32 $0, $1;", "=r,r", [mk & below], dtype=tl.int32, is_pure=True,
                                           pack=1)
