@@ -6,8 +6,8 @@
   first bucket of ``table.buckets`` whose ``max_m`` holds M (split-K chosen from the grid size);
 * ``M ≥ table.expand_min_m`` (when set): the per-call dense expansion + cuBLAS of
   :func:`gqsa.kernels.gemv.gqsa_linear` (``variant="dense"``). It is in the H200 table *only* because
-  the tensor-core kernel measured 2.5–4× slower than it at M = 256 and 2048 (benchmarks/RESULTS.md,
-  issue 11); set ``expand_min_m=None`` in a table to run the GEMM there too.
+  the tensor-core kernel measured slower than it from M = 256 (1.37× at 256 summed over three shapes, second
+  revision, benchmarks/RESULTS.md "Session 6"); set ``expand_min_m=None`` in a table to run the GEMM there too.
 * ``dense_min_m`` (off by default) is the explicit opt-in of a *cached* dense fp16/bf16 copy of the
   weight, used with cuBLAS from that many rows on (memory-rich prefill).
 
