@@ -36,7 +36,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import quant
 from ..format import PackedLinear
 
 ROW_BLOCK = 16  # rows per chunk (the smallest N tile of a tensor-core kernel)
@@ -102,16 +101,22 @@ class TileLayout:
 
 
 def _plane_order(qweight: torch.Tensor, bits: int, g: int, inverse: bool = False) -> torch.Tensor:
-    """Canonical → plane order of the codes of each group (module docstring); ``inverse``: back."""
+    """Canonical → plane order of the codes of each group (module docstring); ``inverse``: back. In uint8,
+    without a wider temporary (a 70B layer's codes are ~10^8 bytes)."""
     cpb = 8 // bits
     if cpb == 1 or qweight.numel() == 0:
         return qweight.clone()
-    q = quant.unpack_codes(qweight, bits, g).reshape(-1, cpb, g // cpb)  # canonical: [nnz, plane j, byte i]
-    if inverse:  # stored element i·c + j is feature j·B + i
-        q = q.reshape(-1, g // cpb, cpb).transpose(1, 2)
-    else:
-        q = q.transpose(1, 2)
-    return quant.pack_codes(q.reshape(-1, g), bits)
+    nb, qm = g // cpb, (1 << bits) - 1
+    q = qweight.reshape(-1, nb)
+    fields = torch.stack([(q >> (j * bits)) & qm for j in range(cpb)], dim=-1)  # [nnz, byte i, field j]
+    if inverse:  # field j of byte i is feature j·B + i: features in order, then canonical bytes (c·i + j)
+        x = fields.transpose(1, 2).reshape(-1, nb, cpb)
+    else:  # canonical: field j of byte i is feature c·i + j; plane order wants feature j·B + i there
+        x = fields.reshape(-1, cpb, nb).transpose(1, 2)
+    out = x[..., 0].clone()
+    for j in range(1, cpb):
+        out |= x[..., j] << (j * bits)
+    return out.reshape(qweight.shape)
 
 
 def _pack_sz(scales: torch.Tensor, zeros: torch.Tensor, float_zeros: bool) -> torch.Tensor:
