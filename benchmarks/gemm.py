@@ -492,8 +492,8 @@ def sweep(args, records, path=None):
     """Time the candidates per M on three shapes; the table takes, per M, the candidate with the least
     total time over the shapes; ``gemv_max_m``: the largest M ≤ ``gemv.V2_MAX_BATCH`` up to which the GEMV beat the
     GEMM at every swept M (summed over the shapes); ``expand_min_m``: the smallest swept M ≥ 128 from which the
-    per-call dense expansion + cuBLAS beat the best candidate at every larger swept M (None: it never did).
-    The block-layer table stays the default's."""
+    per-call dense expansion + cuBLAS beat the best candidate at every larger swept M (None: it never did; the
+    default table's when no M ≥ 128 was swept). The block-layer table stays the default's."""
     shapes = [(4096, 4096), (11008, 4096), (28672, 8192)]
     ms = [b for b in args.batches if b > 1]
     totals = {}  # (m, cfg) -> [us per shape]
@@ -541,7 +541,7 @@ def sweep(args, records, path=None):
         print(f"sweep: GEMV at M={m} {gv:.1f} us vs GEMM {gm:.1f} us (sum of 3 shapes)", flush=True)
         if gv < gm and gemv_max_m == m - 1:
             gemv_max_m = m
-    expand_min_m = None
+    expand_min_m = None if expand_us else dispatch.default_table().expand_min_m  # nothing swept ≥ 128: as it was
     for m in sorted(expand_us, reverse=True):
         ex = sum(expand_us[m])
         gm = min((sum(v) for (mm, c), v in totals.items() if mm == m and len(v) == len(shapes)), default=float("inf"))
