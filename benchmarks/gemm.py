@@ -490,8 +490,8 @@ def candidates(m):
 
 def sweep(args, records, path=None):
     """Time the candidates per M on three shapes; the table takes, per M, the candidate with the least
-    total time over the shapes; ``gemv_max_m``: the largest M ≤ ``gemv.V2_MAX_BATCH`` up to which the GEMV beat the
-    GEMM at every swept M (summed over the shapes); ``expand_min_m``: the smallest swept M ≥ 128 from which the
+    total time over the shapes; ``gemv_max_m``: the largest swept M ≤ ``gemv.V2_MAX_BATCH`` up to which the GEMV
+    beat the GEMM at every swept M (summed over the shapes; sweep M = 3 to decide it there); ``expand_min_m``: the smallest swept M ≥ 128 from which the
     per-call dense expansion + cuBLAS beat the best candidate at every larger swept M (None: it never did; the
     default table's when no M ≥ 128 was swept). The block-layer table stays the default's."""
     shapes = [(4096, 4096), (11008, 4096), (28672, 8192)]
@@ -534,12 +534,13 @@ def sweep(args, records, path=None):
         full = [(sum(v), c) for (mm, c), v in totals.items() if mm == m and len(v) == len(shapes)]
         if full:
             buckets.append((m if m != ms[-1] else 1 << 62, min(full, key=lambda t: t[0])[1]))
-    gemv_max_m = 1
-    for m in sorted(gemv_us):
+    gemv_max_m, won = 1, True  # the GEMV up to the largest swept M before its first loss (unswept Ms between
+    for m in sorted(gemv_us):   # two wins count as won: M = 2 and 4 won give 4)
         gv = sum(gemv_us[m])
         gm = min((sum(v) for (mm, c), v in totals.items() if mm == m and len(v) == len(shapes)), default=float("inf"))
         print(f"sweep: GEMV at M={m} {gv:.1f} us vs GEMM {gm:.1f} us (sum of 3 shapes)", flush=True)
-        if gv < gm and gemv_max_m == m - 1:
+        won = won and gv < gm
+        if won:
             gemv_max_m = m
     expand_min_m = None if expand_us else dispatch.default_table().expand_min_m  # nothing swept ≥ 128: as it was
     for m in sorted(expand_us, reverse=True):
