@@ -555,6 +555,17 @@ def _hd_rows_kernel(x_ptr, cw_ptr, meta_ptr, rp_ptr, y_ptr, G: tl.constexpr, UC:
     tl.store(y_ptr + r, gemv_layout._hd_row_fp32(x_ptr, cw_ptr, meta_ptr, rp_ptr, r, G, UC, NUM_THREADS, one))
 
 
+def _overflow_case(g):
+    """A W4 layer with empty rows and activations at ±65504 (every fifth one at up to ±30000): fp16 lane sums of
+    8 products overflow in most rows. Returns the layer, its v2 layout and x."""
+    p = make_packed(23, g * 37, g, 4, 0.4, special="empty_rows", seed=31)
+    k = p.shape[1]
+    gen = torch.Generator().manual_seed(32)
+    x = (65504.0 * torch.sign(torch.randn(1, k, generator=gen))).half()
+    x[0, ::5] = (torch.randn(len(range(0, k, 5)), generator=gen) * 30000).clamp(-65504, 65504).half()
+    return p, gemv_layout.build_layout(p), x
+
+
 @pytest.mark.parametrize("g", [16, 64])
 def test_v2_half_dot_fp32_row_redo(g):
     """The packed-fp16 dot's fp32 redo of a row (gemv_layout._hd_row_fp32, what the compiled half-dot kernel runs
@@ -562,12 +573,8 @@ def test_v2_half_dot_fp32_row_redo(g):
     products would overflow in fp16) give the fp32 result; a NaN activation gives NaN in the rows that keep it."""
     from gqsa.kernels.jit import jitted
 
-    p = make_packed(23, g * 37, g, 4, 0.4, special="empty_rows", seed=31)
-    n, k = p.shape
-    lay = gemv_layout.build_layout(p)
-    gen = torch.Generator().manual_seed(32)
-    x = (65504.0 * torch.sign(torch.randn(1, k, generator=gen))).half()
-    x[0, ::5] = (torch.randn(len(range(0, k, 5)), generator=gen) * 30000).clamp(-65504, 65504).half()
+    p, lay, x = _overflow_case(g)
+    n = p.shape[0]
     ker = jitted(_hd_rows_kernel)
     rows = torch.repeat_interleave(torch.arange(n), p.row_ptr.diff().long())
     keeps3 = torch.zeros(n, dtype=torch.bool).index_fill_(0, rows[p.col_idx.long() == 3], True)
@@ -680,12 +687,8 @@ def test_v2_half_dot_interpreted_overflow_redo(g):
     (_hd_row_fp32) at both places a row's sum goes out (inside the loop and after it: one and three rows per
     program; without the redo they come out inf/NaN), the others keep the half dot's result or are redone too;
     NaN exactly in the rows that keep the NaN's group."""
-    p = make_packed(23, g * 37, g, 4, 0.4, special="empty_rows", seed=31)
-    n, k = p.shape
-    lay = gemv_layout.build_layout(p)
-    gen = torch.Generator().manual_seed(32)
-    x = (65504.0 * torch.sign(torch.randn(1, k, generator=gen))).half()
-    x[0, ::5] = (torch.randn(len(range(0, k, 5)), generator=gen) * 30000).clamp(-65504, 65504).half()
+    p, lay, x = _overflow_case(g)
+    n = p.shape[0]
     rows = torch.repeat_interleave(torch.arange(n), p.row_ptr.diff().long())
     keeps3 = torch.zeros(n, dtype=torch.bool).index_fill_(0, rows[p.col_idx.long() == 3], True)
     xnan = x.clone().index_fill_(1, torch.tensor([g * 3 + 1]), float("nan"))
