@@ -20,12 +20,9 @@ from triton.compiler import ASTSource
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from block_sass import loop_stats  # noqa: E402
-from gqsa.kernels.gemm import _gemm_kernel  # noqa: E402
+from gqsa.kernels import gemm  # noqa: E402
 
-ARGS = ["x_ptr", "qb_ptr", "sz_ptr", "meta_ptr", "kts_ptr", "bias_ptr", "y_ptr", "ws_ptr", "cnt_ptr",
-        "M", "N", "K", "n_pad", "n_kt", "tiles_rt", "split_k", "stride_xm", "stride_ym", "n_tiles_n"]
-TYPES = ["*fp16", "*u8", "*i32", "*i32", "*i32", "*fp16", "*fp16", "*fp32", "*i32"] + ["i32"] * 10
-DIV16 = set(range(9)) | {9, 10, 11, 12, 16, 17}
+ARGS, TYPES, DIV16 = gemm.sass_signature()
 
 
 def build(BM=16, BN=64, nw=4, st=1, G=16, bits=4, asm=True, split=True, bk=128, pf=False, maxnreg=0):
@@ -33,8 +30,9 @@ def build(BM=16, BN=64, nw=4, st=1, G=16, bits=4, asm=True, split=True, bk=128, 
                   EVEN_K=True, DOT_F32=False, FLOAT_Z=False, DEQ16=True, ASM=asm and bits == 4, PF=pf, PDL=False)
     sig = dict(zip(ARGS, TYPES)) | {k: "constexpr" for k in consts}
     attrs = {(i,): [["tt.divisibility", 16]] for i in DIV16}
-    src = ASTSource(fn=triton.jit(_gemm_kernel), signature=sig, constexprs=consts, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=nw, num_stages=st) | ({"maxnreg": maxnreg} if maxnreg else {}))
+    src = ASTSource(fn=triton.jit(gemm._gemm_kernel), signature=sig, constexprs=consts, attrs=attrs)
+    opts = dict(num_warps=nw, num_stages=st) | ({"maxnreg": maxnreg} if maxnreg else {})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
 
 
 def main():

@@ -15,7 +15,7 @@ pytest.importorskip("triton")
 from gqsa.kernels import dispatch, gemm, gemv, reference  # noqa: E402
 from gqsa.kernels.layout import build_tile_layout, to_packed  # noqa: E402
 
-from test_gemv import check, make_packed  # noqa: E402  (same folder, on sys.path under pytest)
+from test_gemv import _skip_unless_no_backend, check, make_packed  # noqa: E402  (same folder, on sys.path)
 
 
 @pytest.fixture(autouse=True)
@@ -129,6 +129,34 @@ def test_compiled_only_knobs_run_in_the_interpreter():
     y1 = launch(x, p, gemm.GemmConfig(16, 32, prefetch=True, maxnreg=128))
     check(y0, x, p)
     assert torch.equal(y0, y1)
+
+
+def test_gemm_compiles_offline_with_its_position_helper(monkeypatch):
+    """Compiled (sm_90, offline: no GPU) the kernel builds with its jitted position helper, inlined at both places
+    positions are made (the prologue and the loop: two ``popc``), one L2 prefetch (PF) and the inline-PTX
+    dequantization of both nibble planes; without ASM, none of them. (The interpreter runs the helper as a plain
+    function, so the tests above never compile it.)"""
+    triton = pytest.importorskip("triton")
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except Exception:  # pragma: no cover - triton without the compiler API
+        pytest.skip("no offline compiler")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    args, types, div16 = gemm.sass_signature()
+    for asm in (True, False):
+        consts = dict(G=16, BITS=4, BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, TILES=0, SPLIT=True, HAS_BIAS=False,
+                      EVEN_K=True, DOT_F32=False, FLOAT_Z=False, DEQ16=True, ASM=asm, PF=asm, PDL=False)
+        sig = dict(zip(args, types)) | dict.fromkeys(consts, "constexpr")
+        src = ASTSource(fn=triton.jit(gemm._gemm_kernel), signature=sig, constexprs=consts,
+                        attrs={(i,): [["tt.divisibility", 16]] for i in div16})
+        try:
+            ttir = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                  options=dict(num_warps=4, num_stages=1)).asm["ttir"]
+        except Exception as e:  # pragma: no cover - no CUDA backend / ptxas here
+            _skip_unless_no_backend(e)
+        counts = [ttir.count(p) for p in ("popc.b32", "prefetch.global.L2", "mov.b32 k960")]  # (k960: once a NIB2H)
+        assert counts == ([2, 1, 1] if asm else [0, 0, 0]), counts
 
 
 def test_config_and_launch_errors():

@@ -52,6 +52,28 @@ else:  # pragma: no cover
     triton = tl = None
 
 
+def _positions(meta, kb, jw, below, ASM: tl.constexpr):
+    """Where each of a row's k-tile columns sits among the layer's kept groups, and whether the row keeps it:
+    ``meta`` ``[BLOCK_N, 1, 1]`` words ``first << 8 | mask``, ``kb`` the k-tile's first group, ``jw`` ``[1, KTG, 1]``
+    the columns, ``below`` their lower mask bits → ``(kb + first + popcount(mask & below), mask bit)`` ``[BLOCK_N,
+    KTG, 1]`` (``popc`` by inline PTX with ``ASM``, else SWAR on the 8-bit mask)."""
+    mk = meta & 0xFF
+    if ASM:
+        c = tl.inline_asm_elementwise("popc.b32 $0, $1;", "=r,r", [mk & below], dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        c = mk & below
+        c = c - ((c >> 1) & 0x55)
+        c = (c & 0x33) + ((c >> 2) & 0x33)
+        c = (c + (c >> 4)) & 0x0F
+    return kb + (meta >> 8) + c, ((mk >> jw) & 1) != 0
+
+
+if HAS_TRITON:  # called from the kernel twice (prologue and loop): jitted once here for the compiled kernel; the
+    # interpreter calls the plain function, wrapped as a constexpr (as gemv_layout does with its fp32 row redo)
+    positions = triton.jit(_positions)
+    POSITIONS_EMU = tl.constexpr(_positions)
+
+
 def _gemm_kernel(
     x_ptr, qb_ptr, sz_ptr, meta_ptr, kts_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, K, n_pad, n_kt, tiles_rt, split_k, stride_xm, stride_ym, n_tiles_n,
@@ -75,6 +97,7 @@ def _gemm_kernel(
     KP: tl.constexpr = KTG * GB  # features of one plane in a k-tile: the K of one dot
     QM: tl.constexpr = (1 << BITS) - 1
     act = x_ptr.dtype.element_ty
+    INTERP: tl.constexpr = TILES > 0  # only the interpreter gets its trip count as a constexpr
     if PDL:  # programmatic dependent launch (gqsa.kernels.jit): x, y and the workspace after the wait
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -102,17 +125,10 @@ def _gemm_kernel(
     # kt0 + 1, positions of kt0.
     meta = tl.load(meta_ptr + kt0 * n_pad + rows, mask=row_ok & (kt0 < kt_end), other=0)  # [BLOCK_N, 1, 1]
     kb = tl.load(kts_ptr + kt0, mask=kt0 < kt_end, other=0)
-    mk = meta & 0xFF  # where each of the row's k-tile columns sits: kb + first + popcount(mask & below)
-    if ASM:
-        c = tl.inline_asm_elementwise("popc.b32 $0, $1;", "=r,r", [mk & below], dtype=tl.int32, is_pure=True,
-                                      pack=1)
-    else:  # SWAR on the 8-bit mask
-        c = mk & below
-        c = c - ((c >> 1) & 0x55)
-        c = (c & 0x33) + ((c >> 2) & 0x33)
-        c = (c + (c >> 4)) & 0x0F
-    gidx = kb + (meta >> 8) + c  # [BLOCK_N, KTG, 1]
-    present = ((mk >> jw) & 1) != 0
+    if INTERP:
+        gidx, present = POSITIONS_EMU(meta, kb, jw, below, ASM)
+    else:
+        gidx, present = positions(meta, kb, jw, below, ASM)
     meta = tl.load(meta_ptr + (kt0 + 1) * n_pad + rows, mask=row_ok & (kt0 + 1 < kt_end), other=0)
     kb = tl.load(kts_ptr + kt0 + 1, mask=kt0 + 1 < kt_end, other=0)
     # the interpreter cannot loop to a run-time bound: it gets the trip count as a constexpr (TILES > 0)
@@ -121,18 +137,10 @@ def _gemm_kernel(
         b = tl.load(qb_ptr + gidx * GB + eb, mask=present, other=0)  # uint8 [BLOCK_N, KTG, GB]
         szw = tl.load(sz_ptr + gidx, mask=present, other=0)  # int32 [BLOCK_N, KTG, 1]; pruned: s = z = 0
         # positions of k-tile kt + 1 (its metadata is here), metadata of kt + 2
-        # as in the prologue (written out twice: no Triton helper serves both the interpreter and the compiler)
-        mk = meta & 0xFF
-        if ASM:
-            c = tl.inline_asm_elementwise("popc.b32 $0, $1;", "=r,r", [mk & below], dtype=tl.int32, is_pure=True,
-                                          pack=1)
-        else:  # SWAR on the 8-bit mask
-            c = mk & below
-            c = c - ((c >> 1) & 0x55)
-            c = (c & 0x33) + ((c >> 2) & 0x33)
-            c = (c + (c >> 4)) & 0x0F
-        gidx = kb + (meta >> 8) + c  # [BLOCK_N, KTG, 1]
-        present = ((mk >> jw) & 1) != 0
+        if INTERP:
+            gidx, present = POSITIONS_EMU(meta, kb, jw, below, ASM)
+        else:
+            gidx, present = positions(meta, kb, jw, below, ASM)
         if PF:  # and its code bytes into L2 (one prefetch per kept group)
             tl.inline_asm_elementwise(PREFL2, "=r,l,r", [qb_ptr + gidx * GB, present.to(tl.int32)], dtype=tl.int32,
                                       is_pure=False, pack=1)
@@ -194,6 +202,16 @@ def _gemm_kernel(
             tl.store(yp, (tot + bias[:, None]).to(y_ptr.dtype.element_ty), mask=omask)
     else:
         tl.store(yp, (acc + bias[:, None]).to(y_ptr.dtype.element_ty), mask=omask)
+
+
+def sass_signature():
+    """(argument names, types, indices marked divisible by 16) of :func:`_gemm_kernel` for an offline compile
+    (``benchmarks/gemm_sass.py``, tests): fp16 activations, as Triton's launcher specializes the pointers and the
+    int arguments that are multiples of 16 in practice (M, N, K, n_pad, the strides)."""
+    args = ["x_ptr", "qb_ptr", "sz_ptr", "meta_ptr", "kts_ptr", "bias_ptr", "y_ptr", "ws_ptr", "cnt_ptr",
+            "M", "N", "K", "n_pad", "n_kt", "tiles_rt", "split_k", "stride_xm", "stride_ym", "n_tiles_n"]
+    types = ["*fp16", "*u8", "*i32", "*i32", "*i32", "*fp16", "*fp16", "*fp32", "*i32"] + ["i32"] * 10
+    return args, types, set(range(9)) | {9, 10, 11, 12, 16, 17}
 
 
 def _kernel():

@@ -1007,8 +1007,7 @@ class V2Call:
                     programs_per_sm = V2P_PROGRAMS_PER_SM
                 upt, mx = half_dot_units(packed)
                 units_per_thread = units_per_thread or upt
-                if upt == 4:
-                    maxnreg = maxnreg or mx
+                maxnreg = maxnreg or mx
         self.nw = num_warps or V2_NUM_WARPS
         n = packed.shape[0]
         self.pipe = pipe = (mrows > 1 or packed.nnz < LONG_ROW_GROUPS * max(1, n)) if pipeline is None else pipeline
