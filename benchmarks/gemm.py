@@ -104,7 +104,8 @@ def gpu_check(quick: bool = False) -> bool:
                 ref = x.float() @ w_ref.t() + (bias.float() if bias is not None else 0)
                 cfgs = {"table": table.config(m), "split3": gemm.GemmConfig(16, 32, split_k=3),
                         "f32deq": gemm.GemmConfig(32, 64, deq16=False),
-                        "prefetch": gemm.GemmConfig(16, 128, prefetch=True)}
+                        "prefetch": gemm.GemmConfig(16, 128, prefetch=True),
+                        "halves": gemm.GemmConfig(32, 128, prefetch=True, maxnreg=128, halves=True)}
                 for cname, cfg in cfgs.items():
                     good, err = _check_launch(lambda y: gemm.launch_gemm(x, lay, bias, y, cfg), (m, n), dt, ref)
                     if not good:
@@ -471,21 +472,32 @@ def markdown(records, meta) -> str:
 
 def candidates(m):
     """GemmConfig candidates of the sweep at ``m`` rows (BLOCK_N is the tensor cores' M side: 64 or 128; one
-    stage: Triton's pipeliner lost to the kernel's own at every M and shape of the first sweep; ``maxnreg=128``
-    only at BLOCK_M = 16: larger accumulators spill there, ``benchmarks/gemm_sass.py``)."""
-    C = gemm.GemmConfig
+    stage: Triton's pipeliner lost to the kernel's own at every M and shape of the first sweep). The first of each
+    list is the committed table's bucket; ``halves`` (two column sets per k-tile) with the register limits under
+    which ``benchmarks/gemm_sass.py`` shows no spill: 128 at 16×128 and 32×128 tiles, 168 at 64×128 (3 programs of 4
+    warps per SM instead of 2)."""
+    C = functools.partial(gemm.GemmConfig, num_warps=4, num_stages=1)
     if m <= 16:
-        return [C(16, 128, 4, 1, 0, 4.0, prefetch=True), C(16, 128, 4, 1, 0, 4.0, prefetch=True, maxnreg=128),
-                C(16, 128, 4, 1, 0, 2.0, prefetch=True, maxnreg=128), C(16, 128, 4, 1, 0, 2.0, prefetch=True),
-                C(16, 64, 4, 1, 0, 4.0), C(16, 64, 4, 1, 0, 4.0, prefetch=True),
-                C(16, 128, 8, 1, 0, 4.0, prefetch=True)]
+        return [C(16, 128, waves=2.0, prefetch=True, maxnreg=128), C(16, 128, waves=4.0, prefetch=True, maxnreg=128),
+                C(16, 128, waves=2.0, prefetch=True, halves=True), C(16, 128, waves=2.0, prefetch=True, maxnreg=128,
+                                                                      halves=True),
+                C(16, 128, waves=4.0, prefetch=True, maxnreg=128, halves=True),
+                C(16, 64, waves=2.0, prefetch=True, halves=True), C(16, 64, waves=4.0, prefetch=True, halves=True)]
+    if m <= 32:
+        return [C(32, 64, waves=2.0, prefetch=True), C(32, 64, waves=2.0, prefetch=True, halves=True),
+                C(32, 64, waves=1.0, prefetch=True, halves=True),
+                C(32, 128, waves=1.0, prefetch=True, maxnreg=128, halves=True),
+                C(32, 128, waves=2.0, prefetch=True, maxnreg=128, halves=True)]
     if m <= 64:
-        bm = 1 << (m - 1).bit_length()
-        return [C(bm, bn, 4, 1, 0, wv, prefetch=pf) for bn in (64, 128) for wv in (1.0, 2.0) for pf in (False, True)] \
-            + [C(bm, 128, 8, 1, 0, 1.0, prefetch=True)]
+        return [C(64, 128, waves=1.0), C(64, 128, waves=1.0, maxnreg=168, halves=True),
+                C(64, 128, waves=2.0, maxnreg=168, halves=True), C(64, 128, waves=1.0, prefetch=True, maxnreg=168,
+                                                                  halves=True),
+                C(64, 64, waves=1.0, halves=True), C(64, 64, waves=2.0, halves=True),
+                C(64, 128, num_warps=8, waves=1.0, halves=True)]
     if m <= 256:
-        return [C(bm, 128, 4, 1, 0, 1.0) for bm in (64, 128)] + [C(128, 128, 8, 1, 0, 1.0)]
-    return [C(128, bn, 8, 1, 1, prefetch=pf) for bn in (128, 256) for pf in (False, True)]
+        return [C(128, 128, waves=1.0), C(128, 128, waves=1.0, halves=True), C(128, 128, num_warps=8, waves=1.0),
+                C(128, 128, num_warps=8, waves=1.0, halves=True), C(64, 128, waves=1.0, maxnreg=168, halves=True)]
+    return [C(128, bn, num_warps=8, split_k=1, prefetch=pf) for bn in (128, 256) for pf in (False, True)]
 
 
 def sweep(args, records, path=None):

@@ -25,9 +25,10 @@ from gqsa.kernels import gemm  # noqa: E402
 ARGS, TYPES, DIV16 = gemm.sass_signature()
 
 
-def build(BM=16, BN=64, nw=4, st=1, G=16, bits=4, asm=True, split=True, bk=128, pf=False, maxnreg=0):
+def build(BM=16, BN=64, nw=4, st=1, G=16, bits=4, asm=True, split=True, bk=128, pf=False, maxnreg=0, halves=False):
     consts = dict(G=G, BITS=bits, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=bk, TILES=0, SPLIT=split, HAS_BIAS=False,
-                  EVEN_K=True, DOT_F32=False, FLOAT_Z=False, DEQ16=True, ASM=asm and bits == 4, PF=pf, PDL=False)
+                  EVEN_K=True, DOT_F32=False, FLOAT_Z=False, DEQ16=True, ASM=asm and bits == 4, PF=pf, HALVES=halves,
+                  PDL=False)
     sig = dict(zip(ARGS, TYPES)) | {k: "constexpr" for k in consts}
     attrs = {(i,): [["tt.divisibility", 16]] for i in DIV16}
     src = ASTSource(fn=triton.jit(gemm._gemm_kernel), signature=sig, constexprs=consts, attrs=attrs)

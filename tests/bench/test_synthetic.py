@@ -23,6 +23,8 @@ def test_random_packed_is_valid_and_row_balanced(s):
 def test_settings_and_architectures():
     assert parse_setting("W4S50G16").sparsity == 0.5 and parse_setting("w4s30g16").group_size == 16
     assert parse_setting("fp16").kind == "dense" and parse_setting("tinygemm").kind == "tinygemm"
+    assert parse_setting("w3s0g128").bits == 3  # served by the 4-bit kernels (gemv.kernel_packed)
+    random_packed(32, 256, 0.0, 3, 128, "cpu", torch.Generator().manual_seed(0)).validate()
     for bad in ("w4s50", "w5s50g16", "w4s50g24", "int3"):
         with pytest.raises(ValueError, match="setting"):
             parse_setting(bad)

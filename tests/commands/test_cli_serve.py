@@ -104,7 +104,7 @@ def test_bench_folder(folder, capsys):
 @pytest.mark.parametrize("args, msg", [
     ([], "give a checkpoint FOLDER or --synthetic ARCH"),
     (["--synthetic", "llama-9b"], "unknown synthetic architecture 'llama-9b'"),
-    (["--synthetic", "tiny", "--settings", "w4s50g24"], "setting 'w4s50g24': GQSA bits must be 2, 4 or 8 and G one of"),
+    (["--synthetic", "tiny", "--settings", "w4s50g24"], "setting 'w4s50g24': GQSA bits must be 2, 3, 4 or 8 and G one of"),
     (["--synthetic", "tiny", "--batch", "0"], "--batch needs positive integers"),
     (["--synthetic", "tiny", "--batch", "a,b"], "--batch takes comma-separated integers"),
     (["--synthetic", "tiny", "--new-tokens", "1"], "--new-tokens must be >= 2"),

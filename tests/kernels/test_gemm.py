@@ -34,28 +34,28 @@ def launch(x, p, cfg, bias=None, layout=None):
 
 # n, k, G, bits, sparsity, float zeros, special, M, dtype, bias, config (block_m, block_n, split_k)
 CASES = [
-    (37, 200, 16, 4, 0.5, False, None, 2, torch.float16, False, (16, 16, 0)),  # K % G != 0, M = 2
-    (29, 256, 32, 4, 0.3, True, None, 16, torch.bfloat16, True, (16, 32, 2)),  # float zeros, split-K
-    (40, 300, 64, 4, 0.6, False, "empty_rows", 17, torch.float16, True, (32, 32, 3)),  # M bucket 17–32
-    (9, 500, 128, 4, 0.2, False, None, 40, torch.float16, False, (64, 16, 0)),  # M bucket 33–64
-    (23, 160, 16, 4, 0.0, False, "one_row", 3, torch.float16, True, (16, 16, 2)),  # very uneven rows
-    (17, 96, 16, 4, 0.5, False, "empty", 5, torch.float16, True, (16, 16, 2)),  # no kept group at all
-    (31, 256, 16, 2, 0.5, False, None, 4, torch.float16, False, (16, 32, 0)),
-    (19, 200, 32, 2, 0.4, True, None, 8, torch.bfloat16, False, (16, 16, 2)),
-    (25, 160, 16, 8, 0.5, False, None, 6, torch.bfloat16, True, (16, 16, 0)),
-    (13, 300, 128, 8, 0.5, True, None, 70, torch.float16, False, (128, 16, 0)),  # M bucket > 64
+    (37, 200, 16, 4, 0.5, False, None, 2, torch.float16, False, (16, 16, 0, True)),  # K % G != 0, M = 2
+    (29, 256, 32, 4, 0.3, True, None, 16, torch.bfloat16, True, (16, 32, 2, False)),  # float zeros, split-K
+    (40, 300, 64, 4, 0.6, False, "empty_rows", 17, torch.float16, True, (32, 32, 3, True)),  # M bucket 17–32
+    (9, 500, 128, 4, 0.2, False, None, 40, torch.float16, False, (64, 16, 0, False)),  # M bucket 33–64
+    (23, 160, 16, 4, 0.0, False, "one_row", 3, torch.float16, True, (16, 16, 2, True)),  # very uneven rows
+    (17, 96, 16, 4, 0.5, False, "empty", 5, torch.float16, True, (16, 16, 2, False)),  # no kept group at all
+    (31, 256, 16, 2, 0.5, False, None, 4, torch.float16, False, (16, 32, 0, True)),
+    (19, 200, 32, 2, 0.4, True, None, 8, torch.bfloat16, False, (16, 16, 2, False)),
+    (25, 160, 16, 8, 0.5, False, None, 6, torch.bfloat16, True, (16, 16, 0, True)),
+    (13, 300, 128, 8, 0.5, True, None, 70, torch.float16, False, (128, 16, 0, False)),  # M bucket > 64
 ]
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}x{c[1]}-G{c[2]}-b{c[3]}-S{c[4]}-fz{int(c[5])}-"
                                                        f"{c[6]}-M{c[7]}-{str(c[8])[6:]}-cfg{c[10]}")
 def test_gemm_matches_reference(case):
-    n, k, g, bits, sp, fz, special, m, dtype, has_bias, (bm, bn, split) = case
+    n, k, g, bits, sp, fz, special, m, dtype, has_bias, (bm, bn, split, halves) = case
     p = make_packed(n, k, g, bits, sp, fz, special)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(m, k, generator=gen).to(dtype)
     bias = torch.randn(n, generator=gen).to(dtype) if has_bias else None
-    cfg = gemm.GemmConfig(block_m=bm, block_n=bn, split_k=split)
+    cfg = gemm.GemmConfig(block_m=bm, block_n=bn, split_k=split, halves=halves)
     check(launch(x, p, cfg, bias), x, p, bias)
     if split:  # the split-K workspace must come back clean for the next launch (and the next layer)
         ws = gemm.workspace(torch.device("cpu"))
@@ -132,10 +132,10 @@ def test_compiled_only_knobs_run_in_the_interpreter():
 
 
 def test_gemm_compiles_offline_with_its_position_helper(monkeypatch):
-    """Compiled (sm_90, offline: no GPU) the kernel builds with its jitted position helper, inlined at both places
-    positions are made (the prologue and the loop: two ``popc``), one L2 prefetch (PF) and the inline-PTX
-    dequantization of both nibble planes; without ASM, none of them. (The interpreter runs the helper as a plain
-    function, so the tests above never compile it.)"""
+    """Compiled (sm_90, offline: no GPU) the kernel builds with its jitted helpers, the position helper inlined at
+    both places positions are made (the prologue and the loop: two ``popc``), one L2 prefetch (PF) and the inline-PTX
+    dequantization of both nibble planes; without ASM, none of them; with HALVES each of them once per column set.
+    (The interpreter runs the helpers as plain functions, so the tests above never compile them.)"""
     triton = pytest.importorskip("triton")
     try:
         from triton.backends.compiler import GPUTarget
@@ -144,9 +144,9 @@ def test_gemm_compiles_offline_with_its_position_helper(monkeypatch):
         pytest.skip("no offline compiler")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     args, types, div16 = gemm.sass_signature()
-    for asm in (True, False):
+    for asm, halves in ((True, False), (False, False), (True, True)):
         consts = dict(G=16, BITS=4, BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, TILES=0, SPLIT=True, HAS_BIAS=False,
-                      EVEN_K=True, DOT_F32=False, FLOAT_Z=False, DEQ16=True, ASM=asm, PF=asm, PDL=False)
+                      EVEN_K=True, DOT_F32=False, FLOAT_Z=False, DEQ16=True, ASM=asm, PF=asm, HALVES=halves, PDL=False)
         sig = dict(zip(args, types)) | dict.fromkeys(consts, "constexpr")
         src = ASTSource(fn=triton.jit(gemm._gemm_kernel), signature=sig, constexprs=consts,
                         attrs={(i,): [["tt.divisibility", 16]] for i in div16})
@@ -156,7 +156,7 @@ def test_gemm_compiles_offline_with_its_position_helper(monkeypatch):
         except Exception as e:  # pragma: no cover - no CUDA backend / ptxas here
             _skip_unless_no_backend(e)
         counts = [ttir.count(p) for p in ("popc.b32", "prefetch.global.L2", "mov.b32 k960")]  # (k960: once a NIB2H)
-        assert counts == ([2, 1, 1] if asm else [0, 0, 0]), counts
+        assert counts == ([4, 2, 2] if halves else [2, 1, 1] if asm else [0, 0, 0]), counts
 
 
 def test_config_and_launch_errors():
@@ -207,6 +207,20 @@ def test_plan_dispatch_by_batch(m, path):
     y = plan(x, bias)
     assert y.shape == (m, 21)
     check(y, x, p, bias)
+
+
+@pytest.mark.parametrize("g,fz", [(128, False), (16, True)])
+def test_plan_serves_3_bit_layers_with_the_4_bit_kernels(g, fz):
+    """A 3-bit layer (no kernel reads 3-bit codes) is planned with its codes widened to 4 bits, the same integers:
+    every path (GEMV, GEMM, expansion, K % G != 0) matches the 3-bit layer's reference."""
+    p = make_packed(19, 300, g, 3, 0.0 if g == 128 else 0.5, fz)
+    plan = dispatch.LinearPlan(p, table=TABLE)
+    assert plan.packed.bits == 4 and plan.kernel_ok and p.bits == 3
+    assert torch.equal(reference.dequantize(plan.packed, torch.float32), reference.dequantize(p, torch.float32))
+    for m, path in ((1, "gemv"), (5, "gemm"), (40, "expand")):
+        assert plan.path(m) == path
+        x = torch.randn(m, 300).half()
+        check(plan(x), x, p)
 
 
 def test_h200_table_sends_m_up_to_3_to_the_v2_gemv(monkeypatch):

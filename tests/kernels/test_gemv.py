@@ -461,19 +461,21 @@ def test_v2_batched_compiled_carries_one_accumulator_per_row(monkeypatch):
     assert sum("tt.addptr %y_ptr, %YS" in line for line in lines) == 2  # row 1 of x: y_ptr + YS
 
 
-def test_kernel_auto_picks_v2_for_w4_g16_and_g64():
+def test_kernel_auto_picks_v2_for_w4_g16_g64_and_g128():
     long_rows = make_packed(3, 16 * 700, 16, 4, 0.3, seed=9)  # ~490 kept groups per row
     short_rows = make_packed(9, 16 * 300, 16, 4, 0.3, seed=9)  # ~210
     g64 = make_packed(5, 64 * 40, 64, 4, 0.3, seed=9)
+    g128 = make_packed(4, 128 * 20, 128, 4, 0.0, seed=9)  # also what 3-bit layers run as (gemv.kernel_packed)
     g32 = make_packed(3, 32 * 700, 32, 4, 0.3, seed=9)
     b2 = make_packed(9, 16 * 300, 16, 2, 0.3, seed=9)
     assert gemv.resolve_kernel(long_rows, "auto") == "v2"
     assert gemv.resolve_kernel(short_rows, "auto") == "v2"
     assert gemv.resolve_kernel(g64, "auto") == "v2"
-    assert gemv.resolve_kernel(g32, "auto") == "v1"  # measured at G16 and G64 only
+    assert gemv.resolve_kernel(g128, "auto") == "v2"
+    assert gemv.resolve_kernel(g32, "auto") == "v1"  # measured at G16, G64 and G128 only
     assert gemv.resolve_kernel(b2, "auto") == "v1"  # and 4 bits only
     assert gemv.resolve_kernel(g32, "v2") == "v2"
-    for p in (long_rows, short_rows, g64):
+    for p in (long_rows, short_rows, g64, g128):
         plan = gemv.prepare(p, variant="data", kernel="auto")
         assert plan.kernel == "v2" and plan.layout is not None and plan.v2_opts == {}
         x = torch.randn(1, p.shape[1], generator=torch.Generator().manual_seed(4)).half()
@@ -653,10 +655,10 @@ def _half_dot_emulated(x, p):
     return torch.zeros(n, dtype=torch.float64).index_add_(0, rows, per_group) * 16
 
 
-@pytest.mark.parametrize("g", [16, 32, 64])
+@pytest.mark.parametrize("g", [16, 32, 64, 128])
 def test_v2_half_dot_interpreted_matches_emulation(g):
     """The packed-fp16 dot of the pipelined kernel, interpreted (plain-Triton twin of the PTX: _hd_meta_emu,
-    _hdot16_emu) on W4 G16 / G32 / G64 layers (units of 16 codes; G64: four units of one metadata word), rows of
+    _hdot16_emu) on W4 G16 / G32 / G64 / G128 layers (units of 16 codes; G64: four units of one metadata word), rows of
     several steps, empty rows, rows per program 1 and 3, 1 and 2 units per thread: equal to the torch emulation of
     the half dot to fp32 summation order, and off the exact dot by the half dot's own error (activations of
     ~±2000: fp16 lane sums round at ulp 2-4), which the fp32 dot (half_dot=False) does not have."""
@@ -714,9 +716,9 @@ def test_v2_half_dot_interpreted_overflow_redo(g):
 
 def test_v2_half_dot_default_policy():
     """launch's default (half_dot=None) takes the packed-fp16 dot only for one row of fp16 x on a W4 G16 layer of
-    ≥ HALF_MIN_CODES kept codes (kept groups · G) or a G32 / G64 layer of ≥ HALF_WIDE_MIN_CODES (where it measured
-    faster), compiled only; never under the interpreter. Its units per thread (half_dot_units): G16 4 (and
-    maxnreg) from HALF_U4_MIN_CODES kept codes, G32 / G64 where the rows average ≥ HALF_WIDE_U4_ROW_CODES."""
+    ≥ HALF_MIN_CODES kept codes (kept groups · G) or a G32 / G64 / G128 layer of ≥ HALF_WIDE_MIN_CODES (where it
+    measured faster), compiled only; never under the interpreter. Its units per thread (half_dot_units): G16 4 (and
+    maxnreg) from HALF_U4_MIN_CODES kept codes, wider groups where the rows average ≥ HALF_WIDE_U4_ROW_CODES."""
     import dataclasses
 
     def layer(g, groups, n=2):  # (only the count of kept groups and the rows are read: a col_idx of that many)
@@ -727,15 +729,14 @@ def test_v2_half_dot_default_policy():
     big, small = layer(16, need // 16), layer(16, need // 16 - 1)
     want = gemv_layout.HALF_DOT_DEFAULT != "0"
     assert gemv_layout.half_dot_default(big, torch.float16, 1) == want
-    for g in (32, 64):
+    for g in (32, 64, 128):
         assert gemv_layout.half_dot_default(layer(g, wide // g), torch.float16, 1) == want
     if gemv_layout.HALF_DOT_DEFAULT == "auto":
         assert not gemv_layout.half_dot_default(small, torch.float16, 1)
-        for g in (32, 64):
+        for g in (32, 64, 128):
             assert not gemv_layout.half_dot_default(layer(g, wide // g - 1), torch.float16, 1)
             assert not gemv_layout.half_dot_default(layer(g, wide // g), torch.float16, 2)
         assert not gemv_layout.half_dot_default(big, torch.float16, 2)
-        assert not gemv_layout.half_dot_default(layer(128, need // 128), torch.float16, 1)  # (G128: not measured)
         assert not gemv_layout.half_dot_default(big, torch.float16, 1, num_warps=2)
     assert not gemv_layout.half_dot_default(big, torch.bfloat16, 1)
     assert not gemv_layout.half_dot_default(layer(64, need // 64), torch.bfloat16, 1)
@@ -746,7 +747,7 @@ def test_v2_half_dot_default_policy():
     assert gemv_layout.half_dot_units(layer(16, n16, n=100000)) == u4
     assert gemv_layout.half_dot_units(layer(16, n16 - 1, n=10)) == u2
     row = gemv_layout.HALF_WIDE_U4_ROW_CODES
-    for g, n in ((64, 4096), (32, 28672)):  # rows of just enough kept codes, and one code fewer on average
+    for g, n in ((64, 4096), (32, 28672), (128, 4096)):  # rows of just enough kept codes, and one code fewer
         assert gemv_layout.half_dot_units(layer(g, n * row // g, n=n)) == u4
         assert gemv_layout.half_dot_units(layer(g, n * row // g - 1, n=n)) == u2
 

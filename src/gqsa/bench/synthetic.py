@@ -81,8 +81,8 @@ def parse_setting(text: str) -> Setting:
     m = _GQSA.match(t)
     if m:
         bits, s, g = int(m["bits"]), int(m["s"]) / 100, int(m["g"])
-        if bits not in (2, 4, 8) or g not in (16, 32, 64, 128):
-            raise ValueError(f"setting '{text}': GQSA bits must be 2, 4 or 8 and G one of 16, 32, 64, 128")
+        if bits not in (2, 3, 4, 8) or g not in (16, 32, 64, 128):
+            raise ValueError(f"setting '{text}': GQSA bits must be 2, 3, 4 or 8 and G one of 16, 32, 64, 128")
         r = int(m["r"] or 0)
         if r and (r < 16 or r & (r - 1)):
             raise ValueError(f"setting '{text}': the block height b<R> (cluster size c<R>) must be a power of two ≥ 16")

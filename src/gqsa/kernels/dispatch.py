@@ -8,6 +8,8 @@
   :func:`gqsa.kernels.gemv.gqsa_linear` (``variant="dense"``). It is in the H200 table *only* because
   the tensor-core kernel measured slower than it from M = 256 (1.37× at 256 summed over three shapes, second
   revision, benchmarks/RESULTS.md "Session 6"); set ``expand_min_m=None`` in a table to run the GEMM there too.
+* 3-bit layers (no kernel reads 3-bit codes) are planned with their codes widened to 4 bits
+  (:func:`gqsa.kernels.gemv.kernel_packed`: the same weights, 4/3 of the code bytes on the device).
 * ``dense_min_m`` (off by default) is the explicit opt-in of a *cached* dense fp16/bf16 copy of the
   weight, used with cuBLAS from that many rows on (memory-rich prefill).
 
@@ -169,15 +171,17 @@ H200_BLOCK_TABLE = BlockTable(
 # GEMM at M = 2 (77.4 against 122.5 µs summed over the three) and at M = 3 (107.4 µs, session 6 call 1, against the
 # GEMM's 122.5–123.6 at M = 2 and 4: its time does not depend on M up to 16), and lost at M = 4 (135.1 against
 # 123.6). expand_min_m = 256: per-call dense expansion + cuBLAS beat the GEMM at M = 256 (475.3 against 649.8 µs)
-# and lost at M = 128 (428.8 against 366.2).
+# and lost at M = 128 (428.8 against 366.2). Seventh session (the same sweep with ``halves`` candidates, RESULTS
+# "Session 7"): halves won at M = 32 (32×128 tiles, 128 registers: 160.0 against 165.7 µs) and M = 128 (325.3
+# against 363.3: the 128×128 tile no longer spills) and lost at M = 4, 16 and 64 (e.g. 64: 275.3 against 226.5).
 _G = functools.partial(GemmConfig, num_warps=4, num_stages=1)
 H200_TABLE = DispatchTable(
     gemv_max_m=3,
     buckets=(
         (16, _G(block_m=16, block_n=128, waves=2.0, prefetch=True, maxnreg=128)),
-        (32, _G(block_m=32, block_n=64, waves=2.0, prefetch=True)),
+        (32, _G(block_m=32, block_n=128, waves=2.0, prefetch=True, maxnreg=128, halves=True)),
         (64, _G(block_m=64, block_n=128, waves=1.0)),
-        (1 << 62, _G(block_m=128, block_n=128, waves=1.0)),
+        (1 << 62, _G(block_m=128, block_n=128, waves=1.0, halves=True)),
     ),
     expand_min_m=256,
     block=H200_BLOCK_TABLE,
@@ -241,8 +245,10 @@ class LinearPlan:
     def __init__(self, packed: PackedLinear, table: DispatchTable | None = None, dense_min_m: int | None = None,
                  gemv_plan: gemv.GemvPlan | None = None):
         gemv._check_packed(packed)
-        self.packed = packed
         self.device = packed.row_ptr.device
+        if gemv._triton_usable(self.device):  # 3-bit layers through the 4-bit kernels (the same weights)
+            packed = gemv.kernel_packed(packed)
+        self.packed = packed
         self.table = table or default_table(self.device)
         if not self.table.buckets:
             raise ValueError("a dispatch table needs at least one GEMM bucket")

@@ -68,10 +68,55 @@ def _positions(meta, kb, jw, below, ASM: tl.constexpr):
     return kb + (meta >> 8) + c, ((mk >> jw) & 1) != 0
 
 
-if HAS_TRITON:  # called from the kernel twice (prologue and loop): jitted once here for the compiled kernel; the
-    # interpreter calls the plain function, wrapped as a constexpr (as gemv_layout does with its fp32 row redo)
+def _dot_cols(acc, b, szw, xm, m_ok, kbase, K, kp0, G: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr,
+              KP: tl.constexpr, EVEN_K: tl.constexpr, DOT_F32: tl.constexpr, FLOAT_Z: tl.constexpr,
+              DEQ16: tl.constexpr, ASM: tl.constexpr):
+    """``acc`` plus the product of some group columns of a k-tile with the matching rows of xᵀ: ``b`` their
+    ``[BLOCK_N, C, GB]`` code bytes, ``szw`` ``[BLOCK_N, C, 1]`` their scale|zero words (0 where pruned), ``kp0``
+    ``[KP]`` the feature of plane 0 at each k of a dot relative to ``kbase`` (``KP = C·GB``). Plane ``j`` of the
+    bytes is dequantized in registers into the ``[BLOCK_N, KP]`` A operand of features ``kbase + kp0 + j·GB``."""
+    CPB: tl.constexpr = 8 // BITS
+    GB: tl.constexpr = G // CPB
+    QM: tl.constexpr = (1 << BITS) - 1
+    act = xm.dtype.element_ty
+    s = (szw & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+    if FLOAT_Z:
+        z = (szw >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+    else:
+        z = ((szw >> 16) & 0xFF).to(tl.uint8)
+    if ASM:  # 4 bits, fp16, integer zeros: 1024 + q of both planes by inline PTX
+        h0, h1 = tl.inline_asm_elementwise(NIB2H, "=r,=r,=r,=r,r", [b], dtype=(tl.float16, tl.float16),
+                                           is_pure=True, pack=4)
+        zc = (z.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)
+    for j in tl.static_range(CPB):
+        if ASM:  # (1024 + q) − (1024 + z) = q − z exactly, times s rounded once: the reference's value
+            w3 = ((h0 if j == 0 else h1) - zc) * s
+        else:
+            q = (b >> (j * BITS)) & QM if CPB > 1 else b
+            if DEQ16:  # fp16 activations, integer zeros: the same value as above, in plain Triton
+                zc = (z.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)
+                w3 = ((q.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - zc) * s
+            else:
+                w3 = ((q.to(tl.float32) - z.to(tl.float32)) * s.to(tl.float32)).to(act)
+        w = tl.reshape(w3.to(act), [BLOCK_N, KP])
+        kk = kbase + j * GB + kp0  # [KP]
+        k_ok = kk < K
+        xt = tl.load(xm + kk[:, None], mask=k_ok[:, None] & m_ok[None, :], other=0.0)  # [KP, BLOCK_M]: xᵀ
+        if not EVEN_K:  # the padded tail of the last group column is not part of the layer
+            w = tl.where(k_ok[None, :], w, 0.0).to(act)
+        if DOT_F32:  # the interpreter's bf16 tl.dot is wrong: same operands, float32 product there
+            acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc)
+        else:
+            acc = tl.dot(w, xt, acc)
+    return acc
+
+
+if HAS_TRITON:  # called from the kernel more than once: jitted once here for the compiled kernel; the
+    # interpreter calls the plain functions, wrapped as constexprs (as gemv_layout does with its fp32 row redo)
     positions = triton.jit(_positions)
     POSITIONS_EMU = tl.constexpr(_positions)
+    dot_cols = triton.jit(_dot_cols)
+    DOT_COLS_EMU = tl.constexpr(_dot_cols)
 
 
 def _gemm_kernel(
@@ -80,7 +125,7 @@ def _gemm_kernel(
     G: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     TILES: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
     DOT_F32: tl.constexpr, FLOAT_Z: tl.constexpr, DEQ16: tl.constexpr, ASM: tl.constexpr, PF: tl.constexpr,
-    PDL: tl.constexpr,
+    HALVES: tl.constexpr, PDL: tl.constexpr,
 ):
     """One ``BLOCK_N × BLOCK_M`` tile of ``yᵀ`` over ``tiles_rt`` k-tiles (see the module docstring).
 
@@ -92,11 +137,11 @@ def _gemm_kernel(
     in registers, against the matching ``[KTG·B, BLOCK_M]`` rows of xᵀ: ``8/bits`` dots per k-tile.
     """
     KTG: tl.constexpr = BLOCK_K // G  # group columns per k-tile
+    NH: tl.constexpr = 2 if HALVES else 1  # column sets per k-tile, each loaded, dequantized and dotted apart
+    KH: tl.constexpr = KTG // NH  # group columns per set
     CPB: tl.constexpr = 8 // BITS  # codes per byte = planes
     GB: tl.constexpr = G // CPB  # bytes per group = features per plane and group
-    KP: tl.constexpr = KTG * GB  # features of one plane in a k-tile: the K of one dot
-    QM: tl.constexpr = (1 << BITS) - 1
-    act = x_ptr.dtype.element_ty
+    KP: tl.constexpr = KH * GB  # features of one plane in a column set: the K of one dot
     INTERP: tl.constexpr = TILES > 0  # only the interpreter gets its trip count as a constexpr
     if PDL:  # programmatic dependent launch (gqsa.kernels.jit): x, y and the workspace after the wait
         tl.extra.cuda.gdc_wait()
@@ -106,11 +151,13 @@ def _gemm_kernel(
     pid_k = tl.program_id(2)
     rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N))[:, None, None]  # [BLOCK_N, 1, 1]
     row_ok = rows < n_pad
-    jw = tl.arange(0, KTG)[None, :, None]  # group column inside the k-tile
+    jw = tl.arange(0, KH)[None, :, None]  # group column inside the k-tile (first set)
     below = (1 << jw) - 1  # mask bits of the columns before it
+    jw1 = jw + KH  # second set (HALVES)
+    below1 = (1 << jw1) - 1
     eb = tl.arange(0, GB)[None, None, :]  # byte inside a group
     ar_p = tl.arange(0, KP)
-    # feature of plane 0 at each k of a dot, relative to the k-tile: runs of GB consecutive features
+    # feature of plane 0 at each k of a dot, relative to the column set: runs of GB consecutive features
     kp0 = tl.max_contiguous(tl.multiple_of((ar_p // GB) * G + ar_p % GB, GB), GB)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < M
@@ -127,56 +174,57 @@ def _gemm_kernel(
     kb = tl.load(kts_ptr + kt0, mask=kt0 < kt_end, other=0)
     if INTERP:
         gidx, present = POSITIONS_EMU(meta, kb, jw, below, ASM)
+        if HALVES:
+            gidx1, present1 = POSITIONS_EMU(meta, kb, jw1, below1, ASM)
     else:
         gidx, present = positions(meta, kb, jw, below, ASM)
+        if HALVES:
+            gidx1, present1 = positions(meta, kb, jw1, below1, ASM)
     meta = tl.load(meta_ptr + (kt0 + 1) * n_pad + rows, mask=row_ok & (kt0 + 1 < kt_end), other=0)
     kb = tl.load(kts_ptr + kt0 + 1, mask=kt0 + 1 < kt_end, other=0)
     # the interpreter cannot loop to a run-time bound: it gets the trip count as a constexpr (TILES > 0)
     for i in range(0, TILES if TILES > 0 else tiles_rt):
         kt = kt0 + i
-        b = tl.load(qb_ptr + gidx * GB + eb, mask=present, other=0)  # uint8 [BLOCK_N, KTG, GB]
-        szw = tl.load(sz_ptr + gidx, mask=present, other=0)  # int32 [BLOCK_N, KTG, 1]; pruned: s = z = 0
+        b = tl.load(qb_ptr + gidx * GB + eb, mask=present, other=0)  # uint8 [BLOCK_N, KH, GB]
+        szw = tl.load(sz_ptr + gidx, mask=present, other=0)  # int32 [BLOCK_N, KH, 1]; pruned: s = z = 0
+        if HALVES:  # the second set's loads, before its positions move on to the next k-tile
+            g1 = gidx1 * GB
+            p1 = present1
         # positions of k-tile kt + 1 (its metadata is here), metadata of kt + 2
         if INTERP:
             gidx, present = POSITIONS_EMU(meta, kb, jw, below, ASM)
+            if HALVES:
+                gidx1, present1 = POSITIONS_EMU(meta, kb, jw1, below1, ASM)
         else:
             gidx, present = positions(meta, kb, jw, below, ASM)
+            if HALVES:
+                gidx1, present1 = positions(meta, kb, jw1, below1, ASM)
         if PF:  # and its code bytes into L2 (one prefetch per kept group)
             tl.inline_asm_elementwise(PREFL2, "=r,l,r", [qb_ptr + gidx * GB, present.to(tl.int32)], dtype=tl.int32,
                                       is_pure=False, pack=1)
+            if HALVES:
+                tl.inline_asm_elementwise(PREFL2, "=r,l,r", [qb_ptr + gidx1 * GB, present1.to(tl.int32)],
+                                          dtype=tl.int32, is_pure=False, pack=1)
         meta = tl.load(meta_ptr + (kt + 2) * n_pad + rows, mask=row_ok & (kt + 2 < kt_end), other=0)
         kb = tl.load(kts_ptr + kt + 2, mask=kt + 2 < kt_end, other=0)
 
-        # k-tile kt
-        s = (szw & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
-        if FLOAT_Z:
-            z = (szw >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+        # k-tile kt: each column set's planes dequantized and multiplied
+        if INTERP:
+            acc = DOT_COLS_EMU(acc, b, szw, xm, m_ok, kt * BLOCK_K, K, kp0, G, BITS, BLOCK_N, KP, EVEN_K, DOT_F32,
+                               FLOAT_Z, DEQ16, ASM)
+            if HALVES:
+                b1 = tl.load(qb_ptr + g1 + eb, mask=p1, other=0)
+                szw1 = tl.load(sz_ptr + g1 // GB, mask=p1, other=0)
+                acc = DOT_COLS_EMU(acc, b1, szw1, xm, m_ok, kt * BLOCK_K + KH * G, K, kp0, G, BITS, BLOCK_N, KP,
+                                   EVEN_K, DOT_F32, FLOAT_Z, DEQ16, ASM)
         else:
-            z = ((szw >> 16) & 0xFF).to(tl.uint8)
-        if ASM:  # 4 bits, fp16, integer zeros: 1024 + q of both planes by inline PTX
-            h0, h1 = tl.inline_asm_elementwise(NIB2H, "=r,=r,=r,=r,r", [b], dtype=(tl.float16, tl.float16),
-                                               is_pure=True, pack=4)
-            zc = (z.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)
-        for j in tl.static_range(CPB):
-            if ASM:  # (1024 + q) − (1024 + z) = q − z exactly, times s rounded once: the reference's value
-                w3 = ((h0 if j == 0 else h1) - zc) * s
-            else:
-                q = (b >> (j * BITS)) & QM if CPB > 1 else b
-                if DEQ16:  # fp16 activations, integer zeros: the same value as above, in plain Triton
-                    zc = (z.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)
-                    w3 = ((q.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - zc) * s
-                else:
-                    w3 = ((q.to(tl.float32) - z.to(tl.float32)) * s.to(tl.float32)).to(act)
-            w = tl.reshape(w3.to(act), [BLOCK_N, KP])
-            kk = kt * BLOCK_K + j * GB + kp0  # [KP]
-            k_ok = kk < K
-            xt = tl.load(xm + kk[:, None], mask=k_ok[:, None] & m_ok[None, :], other=0.0)  # [KP, BLOCK_M]: xᵀ
-            if not EVEN_K:  # the padded tail of the last group column is not part of the layer
-                w = tl.where(k_ok[None, :], w, 0.0).to(act)
-            if DOT_F32:  # the interpreter's bf16 tl.dot is wrong: same operands, float32 product there
-                acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc)
-            else:
-                acc = tl.dot(w, xt, acc)
+            acc = dot_cols(acc, b, szw, xm, m_ok, kt * BLOCK_K, K, kp0, G, BITS, BLOCK_N, KP, EVEN_K, DOT_F32,
+                           FLOAT_Z, DEQ16, ASM)
+            if HALVES:
+                b1 = tl.load(qb_ptr + g1 + eb, mask=p1, other=0)
+                szw1 = tl.load(sz_ptr + g1 // GB, mask=p1, other=0)
+                acc = dot_cols(acc, b1, szw1, xm, m_ok, kt * BLOCK_K + KH * G, K, kp0, G, BITS, BLOCK_N, KP,
+                               EVEN_K, DOT_F32, FLOAT_Z, DEQ16, ASM)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
@@ -232,6 +280,8 @@ class GemmConfig:
     asm: bool = True  # compiled, 4 bits, fp16, integer zeros: inline PTX dequantization and popcount (same result)
     prefetch: bool = False  # compiled: an L2 prefetch of the next k-tile's code bytes
     maxnreg: int = 0  # compiled: ptxas's register limit per thread (0: none), for more programs per SM
+    halves: bool = False  # each k-tile as two sets of group columns loaded, dequantized and multiplied apart
+    # (half the live registers of a tile; layouts with at least two group columns per k-tile)
 
     def __post_init__(self):
         for name in ("block_m", "block_n"):
@@ -330,7 +380,8 @@ class GemmCall:
                            BLOCK_K=layout.block_k, TILES=tiles_per_split if interp else 0, SPLIT=split > 1,
                            HAS_BIAS=has_bias, EVEN_K=k % layout.group_size == 0,
                            DOT_F32=interp and dtype == torch.bfloat16, FLOAT_Z=layout.float_zeros, DEQ16=deq16,
-                           ASM=cfg.asm and deq16 and layout.bits == 4 and not interp, PF=cfg.prefetch and not interp)
+                           ASM=cfg.asm and deq16 and layout.bits == 4 and not interp, PF=cfg.prefetch and not interp,
+                           HALVES=cfg.halves and layout.block_k // layout.group_size >= 2)
         q = layout.qweight
         self.weights = (q if q.numel() else torch.zeros(1, dtype=torch.uint8, device=q.device),
                         layout.sz if layout.sz.numel() else torch.zeros(1, dtype=torch.int32, device=q.device),

@@ -31,7 +31,8 @@ Paths (entry points :func:`gqsa_linear` and, for repeated calls, :func:`prepare`
 Kernels support bits ∈ {2, 4, 8}, G ∈ {16, 32, 64, 128}, integer (uint8) and float16 zero points,
 K not divisible by G (activations are zero-padded to whole groups in a copy, so x is never read out
 of bounds), float16 / bfloat16 activations (float32 activations take the dense path). 3-bit layers
-(codes straddle bytes) use the reference. The 4-bit integer-zero case (the default format) runs
+(codes straddle bytes) use the reference here; :class:`gqsa.kernels.dispatch.LinearPlan` (what ``GQSALinear``
+runs on the GPU) serves them with the 4-bit kernels through :func:`kernel_packed`. The 4-bit integer-zero case (the default format) runs
 an inline-PTX dequantization (``GQSA_NO_ASM=1`` or ``gemv._ASM_ENABLED = False`` selects the
 plain-Triton path, which the interpreter always uses).
 
@@ -48,11 +49,12 @@ from __future__ import annotations
 import math
 import os
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
+from .. import quant
 from ..format import PackedLinear
 from . import gemv_layout, reference
 from .jit import _interpret, jitted, launch, rebind
@@ -70,7 +72,7 @@ except Exception:  # pragma: no cover - depends on the environment
 MAX_DECODE_BATCH = 16  # the decode kernels run up to this many rows of x
 AUTO_KERNEL_MAX_BATCH = 4  # variant="auto": decode kernel up to here, dense expansion + cuBLAS above (H100)
 IMBALANCE = 2.0  # variant="auto": task-centric when the longest row holds > IMBALANCE × the mean
-KERNEL_BITS = (2, 4, 8)
+KERNEL_BITS = (2, 4, 8)  # code widths the kernels read; 3-bit layers are widened to 4 (kernel_packed)
 VARIANTS = ("auto", "task", "data", "dense", "reference")
 _WS_STRIDE = MAX_DECODE_BATCH  # fp32 workspace entries per split-row slot
 # batch-1 data-centric kernel: "v1" (_gemv_kernel over the packed tensors), "v2" (gemv_layout: the
@@ -87,8 +89,10 @@ _WS_STRIDE = MAX_DECODE_BATCH  # fp32 workspace entries per split-row slot
 # ≥ gemv_layout.HALF_MIN_CODES kept codes (every 7B/8B/70B projection but 4096²; 1-23 % faster, session 5) and W4
 # G64 layers of ≥ HALF_WIDE_MIN_CODES (9-38 % faster, session 6; gemv_layout.half_dot_default); opt out with
 # GQSA_GEMV_HALF=0 or v2_opts={"half_dot": False}. G32 stays on v1 by default: v2 against v1 at G32 was timed
-# only with the half dot (18-28 % faster on four shapes), not for the layers below its threshold.
-AUTO_V2_GROUPS = (16, 64)
+# only with the half dot (18-28 % faster on four shapes), not for the layers below its threshold. G128 (session 7,
+# W4 S0 G128, which 3-bit layers run as): v2 with the half dot 1.46-1.64× faster than v1 on five 7B/70B shapes
+# (28672×8192 46.2 against 73.3 µs; tinygemm int4 g128 61.4), benchmarks/RESULTS.md "Session 7".
+AUTO_V2_GROUPS = (16, 64, 128)
 # rows of x the v2 kernel serves (its constexpr MB: the weights read and dequantized once for every row, the
 # dot per row); v1 above. Chosen from the H200 measurement of issue gemvb (benchmarks/RESULTS.md, "GEMV v2
 # at M = 2-4"), set by V2_MAX_BATCH ≤ gemv_layout.MAX_MB.
@@ -741,6 +745,15 @@ def _launch_gemv(x2, packed, bias, y, tasks: TaskTable | None, block_g=None, num
                bias if bias is not None else packed.row_ptr, y)
     ints = (n, packed.nnz, task_size, xw.stride(0), y.stride(0), bsz, 1)
     launch(_kernel("gemv"), grid, (*tensors, *ints), consts, y.device, num_warps, pdl="gemv")
+
+
+def kernel_packed(packed: PackedLinear) -> PackedLinear:
+    """The layer in a code width the kernels read: 3-bit codes (which straddle bytes) widened to 4 bits, the same
+    integers with the same scales and zero points, hence the same weights bit for bit; other layers as they are.
+    The widened codes take 4/3 of the stored bytes on the device (W3 G128: 4.31 instead of 3.38 bits/weight)."""
+    if packed.bits != 3:
+        return packed
+    return replace(packed, qweight=quant.repack_codes(packed.qweight, 3, 4, packed.group_size), bits=4)
 
 
 def dequantize_dense(packed: PackedLinear, dtype: torch.dtype = torch.float16,

@@ -87,8 +87,8 @@ V2P_REG = True  # register double-buffering of the next step's loads
 V2P_PREFETCH = 2  # L2 prefetch distance in steps (0: none)
 # The packed-fp16 dot (half_dot, the pipelined kernel's HALF; issue 12, sessions 5 and 6): launch's default
 # (half_dot=None) takes it for one row of x, fp16 activations, 4-bit codes, G in HALF_GROUPS (16-code units: a G32
-# / G64 group is 2 / 4 units of one metadata word), inline PTX, on layers of ≥ HALF_MIN_CODES (G16) or
-# HALF_WIDE_MIN_CODES (G32, G64) kept codes (kept groups · G), whatever their row length: the pipelined kernel with
+# / G64 / G128 group is 2 / 4 / 8 units of one metadata word), inline PTX, on layers of ≥ HALF_MIN_CODES (G16) or
+# HALF_WIDE_MIN_CODES (G32, G64, G128) kept codes (kept groups · G), whatever their row length: the pipelined kernel with
 # rows spread over V2P_PROGRAMS_PER_SM programs per SM (also above V2P_MULTI_ROW_MAX_N rows), register
 # double-buffering, prefetch 2, and the units per thread of half_dot_units: 2, or 4 with ptxas limited to
 # HALF_MAXNREG registers — G16 from HALF_U4_MIN_CODES kept codes (the 70B shapes), G32 / G64 where the rows average
@@ -107,13 +107,15 @@ V2P_PREFETCH = 2  # L2 prefetch distance in steps (0: none)
 # codes, the smallest measured) 3.39 / 3.75. W4 S30 G32 (only where the v2 kernel is asked for: gemv's auto runs
 # v1 at G32), half dot against the fp32 dot at the same settings (u2): 4096² 6.13 / 7.47, 12288×4096 11.87 /
 # 15.53, 4096×11008 10.48 (u4 m80) / 15.22, 8192² 14.24 (u4 m80) / 21.29, call 1: 22016×4096 18.61 / 25.00,
-# 8192×28672 38.36 (u4 m80) / 55.48 (fp32 u4 m80). Rows whose fp16 lane sums overflow are redone in fp32
+# 8192×28672 38.36 (u4 m80) / 55.48 (fp32 u4 m80). Session 7, W4 S0 G128 (what 3-bit layers run as), the default
+# (u4 m80: rows of ≥ 4096 codes) against auto f32: 4096² 5.97 / 7.80, 12288×4096 12.66 / 17.46, 22016×4096 18.99 /
+# 27.57, 4096×11008 11.93 / 16.44, 28672×8192 46.21 / 63.43. Rows whose fp16 lane sums overflow are redone in fp32
 # (_hd_row_fp32). Opt-out: half_dot=False (GemvPlan(v2_opts={"half_dot": False})) or GQSA_GEMV_HALF=0 at import;
 # GQSA_GEMV_HALF=1 takes it wherever it applies (any layer size, M = 1-4), "auto" (the default) as above.
 HALF_DOT_DEFAULT = os.environ.get("GQSA_GEMV_HALF", "auto").strip().lower()
 if HALF_DOT_DEFAULT not in ("auto", "0", "1"):
     raise ValueError(f"GQSA_GEMV_HALF={HALF_DOT_DEFAULT!r}: use auto, 0 or 1")
-HALF_GROUPS = (16, 32, 64)
+HALF_GROUPS = (16, 32, 64, 128)
 HALF_MIN_CODES = 16 << 20  # G16
 HALF_UNITS_PER_THREAD = 2
 HALF_U4_MIN_CODES = 64 << 20  # G16: from here 4 units per thread and maxnreg HALF_MAXNREG
