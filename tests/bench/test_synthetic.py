@@ -20,6 +20,16 @@ def test_random_packed_is_valid_and_row_balanced(s):
     assert p.bits_per_weight() == pytest.approx(design_bits_per_weight(real_s, 4, 16, 256), abs=0.01)  # + row_ptr[N]
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_random_packed_weights_have_zero_mean(bits):
+    """Random codes around their zero points: no bias that would grow through the layers of a deep model."""
+    from gqsa.kernels import reference
+
+    p = random_packed(64, 1024, 0.0, bits, 128, "cpu", torch.Generator().manual_seed(bits))
+    w = reference.dequantize(p, torch.float32)
+    assert abs(float(w.mean())) < 0.02 * float(w.std()), (float(w.mean()), float(w.std()))
+
+
 def test_settings_and_architectures():
     assert parse_setting("W4S50G16").sparsity == 0.5 and parse_setting("w4s30g16").group_size == 16
     assert parse_setting("fp16").kind == "dense" and parse_setting("tinygemm").kind == "tinygemm"

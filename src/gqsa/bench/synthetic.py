@@ -109,7 +109,10 @@ def random_packed(n: int, k: int, sparsity: float, bits: int, group_size: int, d
     row_ptr = (torch.arange(n + 1, device=dev, dtype=torch.int64) * keep).to(torch.int32)
     qweight = torch.randint(0, 256, (nnz, group_size * bits // 8), device=dev, dtype=torch.uint8, generator=generator)
     qmax = (1 << bits) - 1
-    zeros = torch.randint(qmax // 2 - 1, qmax // 2 + 2, (nnz,), device=dev, dtype=torch.uint8, generator=generator)
+    # zero points qmax//2 or qmax//2 + 1, around the codes' mean qmax/2: zero-mean weights. (Until 2026-12-01 they were
+    # qmax//2 − 1 … + 1, a bias of half a step that made the residual stream of deep synthetic models grow to inf in
+    # fp16 — the W3 G128 7B model's last layers read NaN — and sent every row of the half-dot GEMV to its fp32 redo.)
+    zeros = torch.randint(qmax // 2, qmax // 2 + 2, (nnz,), device=dev, dtype=torch.uint8, generator=generator)
     step = 0.02 / (qmax / math.sqrt(12))  # weight std ~0.02, like the dense layers
     scales = (step * (0.75 + 0.5 * torch.rand(nnz, device=dev, generator=generator))).to(torch.float16)
     if k % group_size:  # padding codes of the last column must dequantize to 0: use z for them
