@@ -272,8 +272,10 @@ class BlockMethod:
         self.flops_per_row = 2 * n * k
         self.name = f"GQSA W4 S{round(sparsity * 100)} G{g} block{rows}"
         self.sms = gemm.num_sms(torch.device(DEV))
+        self.g = g
 
     def fns(self, x, cfg):
+        cfg = block_gemm.for_group(cfg, self.g)  # as LinearPlan runs it (the table is tuned at G16)
         y = torch.empty(x.shape[0], self.n, device=DEV, dtype=x.dtype)
         return [lambda lay=lay: block_gemm.launch_block(x, lay, None, y, cfg, self.sms) for lay in self.layouts]
 
@@ -282,8 +284,9 @@ class BlockMethod:
         return [lambda p=p: gemv_k.gqsa_linear(x, p, None, variant="dense") for p in self.packs]
 
 
-def block_sweep(args, shapes, rows_list, sparsity=0.5):
-    """Time the block candidates per M; prints the best per shape and the best summed over shapes."""
+def block_sweep(args, shapes, rows_list):
+    """Time the block candidates per M (W4, ``--block-sparsity``, ``--block-group``; a candidate as the plan runs it,
+    ``block_gemm.for_group``); prints the best per shape and the best summed over shapes."""
     recs = []
     totals = {}
     fp16 = {}
@@ -298,7 +301,8 @@ def block_sweep(args, shapes, rows_list, sparsity=0.5):
         torch.cuda.empty_cache()
     for rows in rows_list:
         for n, k in shapes:
-            meth = BlockMethod(n, k, sparsity, 16, rows, args.rot_bytes, cluster=args.block_cluster)
+            meth = BlockMethod(n, k, args.block_sparsity, args.block_group, rows, args.rot_bytes,
+                               cluster=args.block_cluster)
             for m in args.batches:
                 x = torch.randn(m, k, device=DEV, dtype=torch.float16)
                 ref = None
@@ -344,8 +348,7 @@ def block_sweep(args, shapes, rows_list, sparsity=0.5):
     for r, bk in base.buckets:
         if r not in rows_list:
             buckets.append((r, bk))
-    table = dispatch.BlockTable(buckets=tuple(sorted(buckets, key=lambda t: t[0])), expand_min_m=base.expand_min_m,
-                                max_rows=base.max_rows, gemv_max_m=base.gemv_max_m)
+    table = dataclasses.replace(base, buckets=tuple(sorted(buckets, key=lambda t: t[0])))
     print("block sweep table:", dispatch.table_to_json(dispatch.DispatchTable(1, block=table))["block"], flush=True)
     return recs, table
 
@@ -580,6 +583,8 @@ def main(argv=None):
     ap.add_argument("--block-rows", default="16,64", help="block heights of the sweep and the matrix")
     ap.add_argument("--block-cluster", action="store_true",
                     help="block sweep on clusters of R shuffled rows (the row map of --allocation clusterR)")
+    ap.add_argument("--block-sparsity", type=float, default=0.5, help="sparsity of the block sweep's layers")
+    ap.add_argument("--block-group", type=int, default=16, help="group size of the block sweep's layers")
     ap.add_argument("--block-kinds", default="wide,pre,table",
                     help="kernel kinds of the block sweep's candidates: wide, pre, table (comma-separated)")
     ap.add_argument("--sweep-batches", default="", help="M of the sweeps (default: --batches)")

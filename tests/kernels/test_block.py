@@ -228,6 +228,27 @@ def test_dispatch_block128_large_m_runs_the_pre_kernels_not_the_expansion():
     check(plan(x), x, p)
 
 
+def test_dispatch_dense_block_layers_take_the_expansion_at_large_m():
+    """A layer that keeps every group (sparsity 0: block-uniform at every height) takes the dense expansion from
+    ``dense_expand_min_m`` (its block kernels do twice an S50 layer's work there); the S50 block128 layer keeps its
+    ``pre`` kernels; a table without the entry keeps the height's rule; the entry survives the JSON round trip."""
+    import dataclasses
+
+    tb = dispatch.H200_TABLE.block
+    assert tb.dense_expand_min_m == 256
+    dense = make_block_packed(128, 256, 16, rows=128, sparsity=0.0)
+    plan = dispatch.LinearPlan(dense)
+    assert plan.block_rows == 128 and plan.block_dense
+    assert plan.path(255) == "block" and plan.path(256) == "expand"
+    x = torch.randn(256, 256).half()
+    check(plan(x), x, dense)
+    sparse = dispatch.LinearPlan(make_block_packed(128, 256, 16, rows=128))
+    assert not sparse.block_dense and sparse.path(4096) == "block"
+    off = dataclasses.replace(dispatch.H200_TABLE, block=dataclasses.replace(tb, dense_expand_min_m=None))
+    assert dispatch.LinearPlan(dense, table=off).path(4096) == "block"
+    assert dispatch.table_from_json(dispatch.table_to_json(off)) == off
+
+
 def test_dispatch_prepared_block_calls_with_the_pre_pass_and_block_order_stores():
     """The prepared calls of a clusterR layer (row map): the ``pre`` pass with split-K at M ≤ 4, block-order
     stores + the gather above; every batch shape, with and without a bias, prepared once and right each

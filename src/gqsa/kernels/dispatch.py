@@ -19,7 +19,8 @@ share their columns, :func:`~gqsa.kernels.block_layout.detect_row_clusters`, thr
 of the table, ``table.block`` (:class:`BlockTable`): the GEMV up to ``block.gemv_max_m`` rows, the
 block tensor-core kernel (:mod:`gqsa.kernels.block_gemm`, on a
 :class:`~gqsa.kernels.block_layout.BlockLayout` built instead of the TileLayout) above, and the dense
-expansion from ``block.expand_min_m`` of their height on. Other layers keep the table above.
+expansion from ``block.expand_min_m`` of their height on (from ``block.dense_expand_min_m`` for layers that keep
+nearly every group, such as sparsity 0). Other layers keep the table above.
 
 **Prepared calls.** The first call of a batch shape (x's shape, strides and dtype, bias or none) on the
 v2 GEMV, the block kernel, the irregular GEMM or the dense expansion keeps its launch
@@ -63,13 +64,16 @@ class BlockTable:
     most this many rows per block (a block128 layer can run as block64). ``gemv_max_m``: up to this
     many rows, the decode GEMV of :mod:`gqsa.kernels.gemv` (canonical layout) instead. ``tile_min_m``:
     ``((rows, m), ...)``, from ``m`` rows on (until the expansion) the irregular tensor-core GEMM of
-    :mod:`gqsa.kernels.gemm` instead (its TileLayout is built on the first such call)."""
+    :mod:`gqsa.kernels.gemm` instead (its TileLayout is built on the first such call). ``dense_expand_min_m``: for
+    block layers that keep at least ``DENSE_KEEP`` of their groups (e.g. sparsity 0, where every layer is
+    block-uniform), the expansion from this M on whatever their height (None: the height's value)."""
 
     buckets: tuple = field(default_factory=tuple)
     expand_min_m: tuple = field(default_factory=tuple)
     max_rows: int = 128
     gemv_max_m: int = 0  # up to this many rows the canonical-layout GEMV serves block layers too
     tile_min_m: tuple = field(default_factory=tuple)  # ((rows, m), ...): the irregular GEMM from m rows on
+    dense_expand_min_m: int | None = None  # layers keeping ≥ DENSE_KEEP of their groups: the expansion from here
 
     @staticmethod
     def _for(pairs, rows, below_all=True):
@@ -92,6 +96,9 @@ class BlockTable:
 
     def tile_from(self, rows: int) -> int | None:
         return self._for(self.tile_min_m, rows, below_all=False)
+
+
+DENSE_KEEP = 0.9  # a block layer keeping this share of its groups or more takes BlockTable.dense_expand_min_m
 
 
 @dataclass(frozen=True)
@@ -157,6 +164,11 @@ H200_BLOCK_TABLE = BlockTable(
                (1 << 62, _P(block_m=128, np=4, num_warps=8, num_stages=3, split_k=1)))),
     ),
     expand_min_m=((16, 256), (64, 1 << 62)),  # block64 and up: never (the pre kernels beat the expansion)
+    # Seventh session: W4 S0 G128 (3-bit layers run as it; block128, every group kept): the pre kernels do twice an
+    # S50 layer's work and lost to the expansion at M = 256, 512 and 2048 on all three shapes (2048: 153.8 / 442.7
+    # / 2098.6 µs against 106.9 / 293.7 / 1459.5; benchmarks/gemm.py --block-sweep --block-group 128
+    # --block-sparsity 0, RESULTS "Session 7").
+    dense_expand_min_m=256,
     gemv_max_m=1,
     tile_min_m=((16, 17), (32, 1 << 62)),  # block32 and up: never
 )
@@ -196,6 +208,7 @@ def table_to_json(table: DispatchTable) -> dict:
         out["block"] = {"max_rows": b.max_rows, "gemv_max_m": b.gemv_max_m,
                         "tile_min_m": [list(p) for p in b.tile_min_m],
                         "expand_min_m": [list(p) for p in b.expand_min_m],
+                        "dense_expand_min_m": b.dense_expand_min_m,
                         "buckets": [[r, [[m, dict(c.__dict__)] for m, c in bk]] for r, bk in b.buckets]}
     return out
 
@@ -211,7 +224,8 @@ def table_from_json(obj: dict) -> DispatchTable:
                 buckets=tuple((int(r), tuple((int(m), BlockConfig(**c)) for m, c in bk)) for r, bk in b["buckets"]),
                 expand_min_m=tuple((int(r), int(m)) for r, m in b.get("expand_min_m", ())),
                 max_rows=int(b.get("max_rows", 128)), gemv_max_m=int(b.get("gemv_max_m", 0)),
-                tile_min_m=tuple((int(r), int(m)) for r, m in b.get("tile_min_m", ())))
+                tile_min_m=tuple((int(r), int(m)) for r, m in b.get("tile_min_m", ())),
+                dense_expand_min_m=None if b.get("dense_expand_min_m") is None else int(b["dense_expand_min_m"]))
             if not block.buckets or not all(bk for _, bk in block.buckets):
                 raise ValueError("empty block buckets")
         return DispatchTable(gemv_max_m=int(obj["gemv_max_m"]), buckets=buckets,
@@ -268,6 +282,8 @@ class LinearPlan:
                 if found is not None:
                     self.block_rows, row_map = found
                     self.block = build_block_layout(packed, self.block_rows, row_map=row_map)
+        # a block layer that keeps (nearly) every group: BlockTable.dense_expand_min_m
+        self.block_dense = self.block is not None and packed.nnz >= DENSE_KEEP * packed.shape[0] * packed.n_group_cols
         if self.block is None and self.kernel_ok:
             self.layout = build_tile_layout(packed)
         if self.kernel_ok and self._gemv is None and (self.block is None or self.table.block.gemv_max_m > 0):
@@ -293,6 +309,8 @@ class LinearPlan:
             return "dense-cache"
         if self.block is not None:
             exp = self.table.block.expand_from(self.block.rows)
+            if self.block_dense and self.table.block.dense_expand_min_m is not None:
+                exp = min(exp if exp is not None else 1 << 62, self.table.block.dense_expand_min_m)
             if exp is not None and m >= exp:
                 return "expand"
             tile = self.table.block.tile_from(self.block.rows)
