@@ -208,22 +208,16 @@ def _gemm_kernel(
         meta = tl.load(meta_ptr + (kt + 2) * n_pad + rows, mask=row_ok & (kt + 2 < kt_end), other=0)
         kb = tl.load(kts_ptr + kt + 2, mask=kt + 2 < kt_end, other=0)
 
-        # k-tile kt: each column set's planes dequantized and multiplied
-        if INTERP:
-            acc = DOT_COLS_EMU(acc, b, szw, xm, m_ok, kt * BLOCK_K, K, kp0, G, BITS, BLOCK_N, KP, EVEN_K, DOT_F32,
-                               FLOAT_Z, DEQ16, ASM)
-            if HALVES:
-                b1 = tl.load(qb_ptr + g1 + eb, mask=p1, other=0)
-                szw1 = tl.load(sz_ptr + g1 // GB, mask=p1, other=0)
-                acc = DOT_COLS_EMU(acc, b1, szw1, xm, m_ok, kt * BLOCK_K + KH * G, K, kp0, G, BITS, BLOCK_N, KP,
+        # k-tile kt: each column set's planes dequantized and multiplied (the second set's bytes loaded here)
+        for h in tl.static_range(NH):
+            if h == 1:
+                b = tl.load(qb_ptr + g1 + eb, mask=p1, other=0)
+                szw = tl.load(sz_ptr + g1 // GB, mask=p1, other=0)
+            if INTERP:
+                acc = DOT_COLS_EMU(acc, b, szw, xm, m_ok, kt * BLOCK_K + h * KH * G, K, kp0, G, BITS, BLOCK_N, KP,
                                    EVEN_K, DOT_F32, FLOAT_Z, DEQ16, ASM)
-        else:
-            acc = dot_cols(acc, b, szw, xm, m_ok, kt * BLOCK_K, K, kp0, G, BITS, BLOCK_N, KP, EVEN_K, DOT_F32,
-                           FLOAT_Z, DEQ16, ASM)
-            if HALVES:
-                b1 = tl.load(qb_ptr + g1 + eb, mask=p1, other=0)
-                szw1 = tl.load(sz_ptr + g1 // GB, mask=p1, other=0)
-                acc = dot_cols(acc, b1, szw1, xm, m_ok, kt * BLOCK_K + KH * G, K, kp0, G, BITS, BLOCK_N, KP,
+            else:
+                acc = dot_cols(acc, b, szw, xm, m_ok, kt * BLOCK_K + h * KH * G, K, kp0, G, BITS, BLOCK_N, KP,
                                EVEN_K, DOT_F32, FLOAT_Z, DEQ16, ASM)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
