@@ -134,7 +134,8 @@ def _gemm_kernel(
     ``[BLOCK_N, KTG, B]`` code bytes (``B = G·bits/8`` contiguous bytes per group, zeros for a pruned one)
     and one ``sz`` word per group. Plane ``j`` of the bytes (their ``j``-th ``bits``-wide field) is the
     ``[BLOCK_N, KTG·B]`` A operand of features ``g·G + j·B + i`` (layout version 2, plane order), dequantized
-    in registers, against the matching ``[KTG·B, BLOCK_M]`` rows of xᵀ: ``8/bits`` dots per k-tile.
+    in registers, against the matching ``[KTG·B, BLOCK_M]`` rows of xᵀ: ``8/bits`` dots per k-tile. ``HALVES``:
+    the k-tile's columns in two sets of ``KTG/2``, each with its own loads, dequantization and dots.
     """
     KTG: tl.constexpr = BLOCK_K // G  # group columns per k-tile
     NH: tl.constexpr = 2 if HALVES else 1  # column sets per k-tile, each loaded, dequantized and dotted apart

@@ -31,10 +31,10 @@ Paths (entry points :func:`gqsa_linear` and, for repeated calls, :func:`prepare`
 Kernels support bits ∈ {2, 4, 8}, G ∈ {16, 32, 64, 128}, integer (uint8) and float16 zero points,
 K not divisible by G (activations are zero-padded to whole groups in a copy, so x is never read out
 of bounds), float16 / bfloat16 activations (float32 activations take the dense path). 3-bit layers
-(codes straddle bytes) use the reference here; :class:`gqsa.kernels.dispatch.LinearPlan` (what ``GQSALinear``
-runs on the GPU) serves them with the 4-bit kernels through :func:`kernel_packed`. The 4-bit integer-zero case (the default format) runs
-an inline-PTX dequantization (``GQSA_NO_ASM=1`` or ``gemv._ASM_ENABLED = False`` selects the
-plain-Triton path, which the interpreter always uses).
+(codes straddle bytes) use the reference here; :class:`gqsa.kernels.dispatch.LinearPlan` (what
+``GQSALinear`` runs on the GPU) serves them with the 4-bit kernels through :func:`kernel_packed`. The
+4-bit integer-zero case (the default format) runs an inline-PTX dequantization (``GQSA_NO_ASM=1`` or
+``gemv._ASM_ENABLED = False`` selects the plain-Triton path, which the interpreter always uses).
 
 Work split inside a program: one thread per *unit* of ``UNIT_CODES`` (16) codes and their
 activations (two 16-byte loads), accumulation in float32 per unit, then per row.
