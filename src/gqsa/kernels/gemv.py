@@ -88,11 +88,12 @@ _WS_STRIDE = MAX_DECODE_BATCH  # fp32 workspace entries per split-row slot
 # At M = 1, fp16 activations, v2 runs the packed-fp16 dot with an fp32 redo of overflowed rows on W4 G16 layers of
 # ≥ gemv_layout.HALF_MIN_CODES kept codes (every 7B/8B/70B projection but 4096²; 1-23 % faster, session 5) and W4
 # G64 layers of ≥ HALF_WIDE_MIN_CODES (9-38 % faster, session 6; gemv_layout.half_dot_default); opt out with
-# GQSA_GEMV_HALF=0 or v2_opts={"half_dot": False}. G32 stays on v1 by default: v2 against v1 at G32 was timed
-# only with the half dot (18-28 % faster on four shapes), not for the layers below its threshold. G128 (session 7,
-# W4 S0 G128, which 3-bit layers run as): v2 with the half dot 1.46-1.64× faster than v1 on five 7B/70B shapes
-# (28672×8192 46.2 against 73.3 µs; tinygemm int4 g128 61.4), benchmarks/RESULTS.md "Session 7".
-AUTO_V2_GROUPS = (16, 64, 128)
+# GQSA_GEMV_HALF=0 or v2_opts={"half_dot": False}. Session 7 (benchmarks/RESULTS.md "Session 7"): G128 (W4 S0
+# G128, which 3-bit layers run as), v2 with the half dot 1.46-1.64× faster than v1 on five 7B/70B shapes (28672×8192
+# 46.2 against 73.3 µs; tinygemm int4 g128 61.4); G32 (W4 S40 G32) 1.11-1.38× on six (1024×4096 3.96 against 4.38,
+# 28672×8192 39.3 against 49.1; 7B end to end at batch 1 510.1 against 411.2 tokens/s), v2's fp32 dot within
+# 0.93-1.04× of v1 there (what bf16 activations and layers below the half dot's threshold run).
+AUTO_V2_GROUPS = (16, 32, 64, 128)
 # rows of x the v2 kernel serves (its constexpr MB: the weights read and dequantized once for every row, the
 # dot per row); v1 above. Chosen from the H200 measurement of issue gemvb (benchmarks/RESULTS.md, "GEMV v2
 # at M = 2-4"), set by V2_MAX_BATCH ≤ gemv_layout.MAX_MB.

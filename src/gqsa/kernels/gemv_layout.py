@@ -104,8 +104,8 @@ V2P_PREFETCH = 2  # L2 prefetch distance in steps (0: none)
 # u4 m80 6.02 / 12.45 / 19.32), 4096×11008 9.33 / 12.88, 8192² 13.36 / 19.71, 8192×28672 35.91 / 58.34, 28672×8192
 # 36.39 / 49.81 (u4 m80: rows of ≥ 5760 codes; u2 10.32 / 15.31 / 44.18 / 44.79), 1024×8192 4.53 / 6.29 (u4),
 # 2048×4096 4.35 / 4.80, 1024×4096 3.85 / 4.26 (u2; u4 m80 3.72); W4 S50 G64 4096² 4.68 / 5.30, 1024×4096 (2.0 M
-# codes, the smallest measured) 3.39 / 3.75. W4 S30 G32 (only where the v2 kernel is asked for: gemv's auto runs
-# v1 at G32), half dot against the fp32 dot at the same settings (u2): 4096² 6.13 / 7.47, 12288×4096 11.87 /
+# codes, the smallest measured) 3.39 / 3.75. W4 S30 G32 (gemv's auto ran v1 at G32 until session 7; now v2),
+# half dot against the fp32 dot at the same settings (u2): 4096² 6.13 / 7.47, 12288×4096 11.87 /
 # 15.53, 4096×11008 10.48 (u4 m80) / 15.22, 8192² 14.24 (u4 m80) / 21.29, call 1: 22016×4096 18.61 / 25.00,
 # 8192×28672 38.36 (u4 m80) / 55.48 (fp32 u4 m80). Session 7, W4 S0 G128 (what 3-bit layers run as), the default
 # (u4 m80: rows of ≥ 4096 codes) against auto f32: 4096² 5.97 / 7.80, 12288×4096 12.66 / 17.46, 22016×4096 18.99 /
