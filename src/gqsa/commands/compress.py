@@ -29,7 +29,8 @@ def add_arguments(p) -> None:
     p.add_argument("--method", default="gqsa", choices=METHODS,
                    help="gqsa (default), or a baseline for side-by-side comparisons")
     g = p.add_argument_group("GQSA settings")
-    g.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8), help="weight bits (default 4)")
+    g.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8), help="weight bits (default 4); 3-bit layers run on the GPU through "
+                   "the 4-bit kernels, their codes widened in GPU memory")
     g.add_argument("--group-size", type=int, default=16, choices=(16, 32, 64, 128),
                    help="group width G: one pruning unit = one quantization group (default 16)")
     g.add_argument("--sparsity", type=float, default=0.5, help="fraction of groups removed (default 0.5)")
