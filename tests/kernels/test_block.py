@@ -229,19 +229,21 @@ def test_dispatch_block128_large_m_runs_the_pre_kernels_not_the_expansion():
 
 
 def test_dispatch_dense_block_layers_take_the_expansion_at_large_m():
-    """A layer that keeps every group (sparsity 0: block-uniform at every height) takes the dense expansion from
-    ``dense_expand_min_m`` (its block kernels do twice an S50 layer's work there); the S50 block128 layer keeps its
-    ``pre`` kernels; a table without the entry keeps the height's rule; the entry survives the JSON round trip."""
+    """A layer that keeps every group (sparsity 0: block-uniform at every height; here 3-bit, widened) takes the
+    dense expansion from ``dense_expand_min_m`` (its block kernels do twice an S50 layer's work there); the S50
+    block128 layer keeps its ``pre`` kernels; a table without the entry keeps the height's rule; the entry survives
+    the JSON round trip."""
     import dataclasses
 
     tb = dispatch.H200_TABLE.block
     assert tb.dense_expand_min_m == 256
-    dense = make_block_packed(128, 256, 16, rows=128, sparsity=0.0)
+    dense = make_block_packed(128, 256, 32, bits=3, rows=128, sparsity=0.0)  # 3 bits: widened to 4 in the plan
     plan = dispatch.LinearPlan(dense)
-    assert plan.block_rows == 128 and plan.block_dense
+    assert plan.block_rows == 128 and plan.block_dense and plan.packed.bits == 4
     assert plan.path(255) == "block" and plan.path(256) == "expand"
-    x = torch.randn(256, 256).half()
-    check(plan(x), x, dense)
+    for m in (1, 6, 256):  # the GEMV, the block kernel, the expansion: against the 3-bit layer's reference
+        x = torch.randn(m, 256).half()
+        check(plan(x), x, dense)
     sparse = dispatch.LinearPlan(make_block_packed(128, 256, 16, rows=128))
     assert not sparse.block_dense and sparse.path(4096) == "block"
     off = dataclasses.replace(dispatch.H200_TABLE, block=dataclasses.replace(tb, dense_expand_min_m=None))

@@ -283,7 +283,8 @@ class LinearPlan:
                     self.block_rows, row_map = found
                     self.block = build_block_layout(packed, self.block_rows, row_map=row_map)
         # a block layer that keeps (nearly) every group: BlockTable.dense_expand_min_m
-        self.block_dense = self.block is not None and packed.nnz >= DENSE_KEEP * packed.shape[0] * packed.n_group_cols
+        self.block_dense = (self.block is not None
+                            and packed.nnz >= DENSE_KEEP * packed.shape[0] * packed.n_group_cols)
         if self.block is None and self.kernel_ok:
             self.layout = build_tile_layout(packed)
         if self.kernel_ok and self._gemv is None and (self.block is None or self.table.block.gemv_max_m > 0):
