@@ -7,6 +7,7 @@ the kernel dequantizes a dense tile. W4 G16 fp16 integer zeros unless the JSON s
 
     python benchmarks/gemm_sass.py '{"BM": 16, "BN": 64, "nw": 4, "st": 1}'
     python benchmarks/gemm_sass.py '{"asm": false}'      # the plain-Triton dequantization
+    python benchmarks/gemm_sass.py '{"canon": true}'     # the canonical view (layout version 3)
 """
 import json
 import re
@@ -22,13 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from block_sass import loop_stats  # noqa: E402
 from gqsa.kernels import gemm  # noqa: E402
 
-ARGS, TYPES, DIV16 = gemm.sass_signature()
-
-
-def build(BM=16, BN=64, nw=4, st=1, G=16, bits=4, asm=True, split=True, bk=128, pf=False, maxnreg=0, halves=False):
+def build(BM=16, BN=64, nw=4, st=1, G=16, bits=4, asm=True, split=True, bk=128, pf=False, maxnreg=0, halves=False,
+          canon=False):
     consts = dict(G=G, BITS=bits, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=bk, TILES=0, SPLIT=split, HAS_BIAS=False,
                   EVEN_K=True, DOT_F32=False, FLOAT_Z=False, DEQ16=True, ASM=asm and bits == 4, PF=pf, HALVES=halves,
-                  PDL=False)
+                  CANON=canon, PDL=False)
+    ARGS, TYPES, DIV16 = gemm.sass_signature(canon)
     sig = dict(zip(ARGS, TYPES)) | {k: "constexpr" for k in consts}
     attrs = {(i,): [["tt.divisibility", 16]] for i in DIV16}
     src = ASTSource(fn=triton.jit(gemm._gemm_kernel), signature=sig, constexprs=consts, attrs=attrs)

@@ -63,6 +63,27 @@ def test_gemm_matches_reference(case):
         check(launch(x, p, cfg, bias), x, p, bias)
 
 
+@pytest.mark.parametrize("case", CASES[::2] + CASES[1::2][:3], ids=lambda c: f"G{c[2]}-b{c[3]}-{c[6]}-M{c[7]}-"
+                                                                             f"{str(c[8])[6:]}")
+def test_gemm_canonical_view_matches_reference(case):
+    """Layout version 3: the GEMM over the layer's own tensors (no copy: the same qweight storage), both column-set
+    splits, against the reference; the view gives the canonical tensors back and holds only its index."""
+    n, k, g, bits, sp, fz, special, m, dtype, has_bias, (bm, bn, split, halves) = case
+    p = make_packed(n, k, g, bits, sp, fz, special)
+    lay = build_tile_layout(p, canonical=True)
+    assert lay.canonical and lay.version == 3 and lay.qweight.data_ptr() == p.qweight.data_ptr()
+    assert lay.nbytes() == 4 * (lay.meta.numel() + lay.kt_start.numel() + lay.row_base.numel())
+    q = to_packed(lay)
+    for name in ("row_ptr", "col_idx", "qweight", "scales", "zeros"):
+        assert torch.equal(getattr(q, name), getattr(p, name)), name
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    bias = torch.randn(n, generator=gen).to(dtype) if has_bias else None
+    for hv in (False, True):
+        check(launch(x, p, gemm.GemmConfig(block_m=bm, block_n=bn, split_k=split, halves=hv), bias, layout=lay),
+              x, p, bias)
+
+
 def test_fp16_dequant_paths_agree():
     """``deq16`` (fp16 arithmetic) and the float32 path give the same dense tile, hence the same y."""
     p = make_packed(33, 256, 16, 4, 0.5)
@@ -134,7 +155,8 @@ def test_compiled_only_knobs_run_in_the_interpreter():
 def test_gemm_compiles_offline_with_its_position_helper(monkeypatch):
     """Compiled (sm_90, offline: no GPU) the kernel builds with its jitted helpers, the position helper inlined at
     both places positions are made (the prologue and the loop: two ``popc``), one L2 prefetch (PF) and the inline-PTX
-    dequantization of both nibble planes; without ASM, none of them; with HALVES each of them once per column set.
+    dequantization of both nibble planes; without ASM, none of them; with HALVES each of them once per column set;
+    the canonical view (CANON) as the plane-order kernel.
     (The interpreter runs the helpers as plain functions, so the tests above never compile them.)"""
     triton = pytest.importorskip("triton")
     try:
@@ -143,10 +165,11 @@ def test_gemm_compiles_offline_with_its_position_helper(monkeypatch):
     except Exception:  # pragma: no cover - triton without the compiler API
         pytest.skip("no offline compiler")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    args, types, div16 = gemm.sass_signature()
-    for asm, halves in ((True, False), (False, False), (True, True)):
+    for asm, halves, canon in ((True, False, False), (False, False, False), (True, True, False), (True, False, True)):
         consts = dict(G=16, BITS=4, BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, TILES=0, SPLIT=True, HAS_BIAS=False,
-                      EVEN_K=True, DOT_F32=False, FLOAT_Z=False, DEQ16=True, ASM=asm, PF=asm, HALVES=halves, PDL=False)
+                      EVEN_K=True, DOT_F32=False, FLOAT_Z=False, DEQ16=True, ASM=asm, PF=asm, HALVES=halves,
+                      CANON=canon, PDL=False)
+        args, types, div16 = gemm.sass_signature(canon)
         sig = dict(zip(args, types)) | dict.fromkeys(consts, "constexpr")
         src = ASTSource(fn=triton.jit(gemm._gemm_kernel), signature=sig, constexprs=consts,
                         attrs={(i,): [["tt.divisibility", 16]] for i in div16})
@@ -221,6 +244,20 @@ def test_plan_serves_3_bit_layers_with_the_4_bit_kernels(g, fz):
         assert plan.path(m) == path
         x = torch.randn(m, 300).half()
         check(plan(x), x, p)
+
+
+def test_plan_canonical_tile_layout_holds_no_copy():
+    """``LinearPlan(tile_layout="canonical")``: the GEMM's layout is an index over the layer's own tensors, every
+    GEMM-range call right; a bad name is one clear error."""
+    p = make_packed(21, 200, 16, 4, 0.5, special="empty_rows")
+    plan = dispatch.LinearPlan(p, table=TABLE, tile_layout="canonical")
+    assert plan.layout.canonical and plan.layout.qweight.data_ptr() == p.qweight.data_ptr()
+    assert dispatch.LinearPlan(p, table=TABLE, tile_layout="copy").layout.version == 2
+    for m in (2, 20):
+        x = torch.randn(m, 200).half()
+        check(plan(x), x, p)
+    with pytest.raises(ValueError, match="tile_layout"):
+        dispatch.LinearPlan(p, table=TABLE, tile_layout="view")
 
 
 def test_h200_table_sends_m_up_to_3_to_the_v2_gemv(monkeypatch):

@@ -245,20 +245,32 @@ def default_table(device: torch.device | None = None) -> DispatchTable:
 
 
 MAX_PREPARED = 64  # prepared calls a LinearPlan keeps (one per batch shape seen on the kernel paths)
+# The irregular GEMM's layout: "copy" (the TileLayout's permuted copy of the weights, layout version 2: what every
+# measurement so far used) or "canonical" (version 3: an index over the layer's own tensors, no second copy of the
+# weights on the GPU; offline 5.4-5.6 instead of 4.8-5.0 SASS instructions per dense weight, not yet timed on a GPU;
+# benchmarks/RESULTS.md "Session 7"). GQSA_TILE_LAYOUT sets the default at import, LinearPlan(tile_layout=...) per layer.
+TILE_LAYOUTS = ("copy", "canonical")
+TILE_LAYOUT = os.environ.get("GQSA_TILE_LAYOUT", "copy").strip().lower()
+if TILE_LAYOUT not in TILE_LAYOUTS:
+    raise ValueError(f"GQSA_TILE_LAYOUT={TILE_LAYOUT!r}: use one of {', '.join(TILE_LAYOUTS)}")
 
 
 class LinearPlan:
     """A packed layer prepared for every batch size (what ``GQSALinear`` holds on the GPU).
 
     Builds, once: the GEMV plan (canonical tensors, task table) and the tensor-core layout (a
-    permuted copy of the packed tensors: the layer's packed bytes are held twice on the device).
+    permuted copy of the packed tensors: the layer's packed bytes are held twice on the device; with
+    ``tile_layout="canonical"`` an index over the layer's own tensors instead, see ``TILE_LAYOUT``).
     ``table``: a :class:`DispatchTable` (default: :func:`default_table`). ``dense_min_m``: opt-in dense
     cache (see the module docstring). Rebuild when the layer's tensors change or move.
     """
 
     def __init__(self, packed: PackedLinear, table: DispatchTable | None = None, dense_min_m: int | None = None,
-                 gemv_plan: gemv.GemvPlan | None = None):
+                 gemv_plan: gemv.GemvPlan | None = None, tile_layout: str | None = None):
         gemv._check_packed(packed)
+        self.tile_layout = tile_layout or TILE_LAYOUT
+        if self.tile_layout not in TILE_LAYOUTS:
+            raise ValueError(f"tile_layout={self.tile_layout!r}: use one of {', '.join(TILE_LAYOUTS)}")
         self.device = packed.row_ptr.device
         if gemv._triton_usable(self.device):  # 3-bit layers through the 4-bit kernels (the same weights)
             packed = gemv.kernel_packed(packed)
@@ -286,7 +298,7 @@ class LinearPlan:
         self.block_dense = (self.block is not None
                             and packed.nnz >= DENSE_KEEP * packed.shape[0] * packed.n_group_cols)
         if self.block is None and self.kernel_ok:
-            self.layout = build_tile_layout(packed)
+            self.layout = self._tile_layout()
         if self.kernel_ok and self._gemv is None and (self.block is None or self.table.block.gemv_max_m > 0):
             self._gemv = gemv.prepare(packed)
         self.sms = num_sms(self.device)
@@ -369,7 +381,7 @@ class LinearPlan:
                 call = BlockCall(self.block, cfg, m, x.dtype, bias is not None, x2.stride(0), n, self.sms)
             else:
                 if self.layout is None:  # a block layer in its irregular-GEMM range: the TileLayout on first use
-                    self.layout = build_tile_layout(p)
+                    self.layout = self._tile_layout()
                 call = GemmCall(self.layout, self.table.config(m), m, x.dtype, bias is not None, x2.stride(0), n,
                                 self.sms)
         y = torch.empty(*lead, n, dtype=x.dtype, device=x.device)
@@ -378,13 +390,17 @@ class LinearPlan:
             self._calls[key] = call
         return y
 
+    def _tile_layout(self):
+        return build_tile_layout(self.packed, canonical=self.tile_layout == "canonical")
+
     def _bias_ok(self, bias: torch.Tensor, dtype: torch.dtype) -> bool:
         """A bias the prepared calls take as it is (else the checked path converts it or raises)."""
         return (bias.dtype == dtype and bias.device == self.device and bias.shape == (self.packed.shape[0],)
                 and bias.is_contiguous())
 
 
-def prepare(packed: PackedLinear, table: DispatchTable | None = None, dense_min_m: int | None = None) -> LinearPlan:
+def prepare(packed: PackedLinear, table: DispatchTable | None = None, dense_min_m: int | None = None,
+            tile_layout: str | None = None) -> LinearPlan:
     """:class:`LinearPlan` for ``packed``."""
-    return LinearPlan(packed, table, dense_min_m)
+    return LinearPlan(packed, table, dense_min_m, tile_layout=tile_layout)
 

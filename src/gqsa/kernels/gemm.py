@@ -68,22 +68,38 @@ def _positions(meta, kb, jw, below, ASM: tl.constexpr):
     return kb + (meta >> 8) + c, ((mk >> jw) & 1) != 0
 
 
-def _dot_cols(acc, b, szw, xm, m_ok, kbase, K, kp0, G: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr,
-              KP: tl.constexpr, EVEN_K: tl.constexpr, DOT_F32: tl.constexpr, FLOAT_Z: tl.constexpr,
-              DEQ16: tl.constexpr, ASM: tl.constexpr):
+def _dot_cols(acc, b, sv, zv, xm, m_ok, kbase, K, kp0, G: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_M: tl.constexpr, KP: tl.constexpr, EVEN_K: tl.constexpr, DOT_F32: tl.constexpr,
+              FLOAT_Z: tl.constexpr, DEQ16: tl.constexpr, ASM: tl.constexpr, CANON: tl.constexpr):
     """``acc`` plus the product of some group columns of a k-tile with the matching rows of xᵀ: ``b`` their
-    ``[BLOCK_N, C, GB]`` code bytes, ``szw`` ``[BLOCK_N, C, 1]`` their scale|zero words (0 where pruned), ``kp0``
-    ``[KP]`` the feature of plane 0 at each k of a dot relative to ``kbase`` (``KP = C·GB``). Plane ``j`` of the
-    bytes is dequantized in registers into the ``[BLOCK_N, KP]`` A operand of features ``kbase + kp0 + j·GB``."""
+    ``[BLOCK_N, C, GB]`` code bytes; ``sv`` ``[BLOCK_N, C, 1]`` their scale|zero words (0 where pruned; ``CANON``:
+    their fp16 scales, ``zv`` their zero points); ``kp0`` ``[KP]`` the feature of plane 0 at each k of a dot
+    relative to ``kbase`` (``KP = C·GB``). Plane ``j`` of the bytes is dequantized in registers into the
+    ``[BLOCK_N, KP]`` A operand of features ``kbase + kp0 + j·GB`` (plane order), or, ``CANON`` (canonical order),
+    of every ``8/bits``-th feature from ``kbase + j``: the columns' ``C·G`` consecutive rows of xᵀ are then loaded
+    once and split into the planes' rows in registers."""
     CPB: tl.constexpr = 8 // BITS
     GB: tl.constexpr = G // CPB
     QM: tl.constexpr = (1 << BITS) - 1
     act = xm.dtype.element_ty
-    s = (szw & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
-    if FLOAT_Z:
-        z = (szw >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+    if CANON:
+        s = sv
+        z = zv
+        kc = kbase + tl.arange(0, KP * CPB)  # the column set's consecutive features
+        xc = tl.load(xm + kc[:, None], mask=(kc < K)[:, None] & m_ok[None, :], other=0.0)  # [KP·CPB, BLOCK_M]
+        if CPB == 2:
+            xa, xb = tl.split(tl.permute(tl.reshape(xc, [KP, 2, BLOCK_M]), [0, 2, 1]))  # features 2i, 2i + 1
+        elif CPB == 4:
+            x4 = tl.permute(tl.reshape(xc, [KP, 2, 2, BLOCK_M]), [0, 3, 1, 2])  # [i, m, j1, j0]: feature 4i + 2j1 + j0
+            x01, x23 = tl.split(tl.permute(x4, [0, 1, 3, 2]))  # j1 = 0 / 1, each [i, m, j0]
+            xa, xb = tl.split(x01)
+            xc2, xd = tl.split(x23)
     else:
-        z = ((szw >> 16) & 0xFF).to(tl.uint8)
+        s = (sv & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+        if FLOAT_Z:
+            z = (sv >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+        else:
+            z = ((sv >> 16) & 0xFF).to(tl.uint8)
     if ASM:  # 4 bits, fp16, integer zeros: 1024 + q of both planes by inline PTX
         h0, h1 = tl.inline_asm_elementwise(NIB2H, "=r,=r,=r,=r,r", [b], dtype=(tl.float16, tl.float16),
                                            is_pure=True, pack=4)
@@ -99,9 +115,19 @@ def _dot_cols(acc, b, szw, xm, m_ok, kbase, K, kp0, G: tl.constexpr, BITS: tl.co
             else:
                 w3 = ((q.to(tl.float32) - z.to(tl.float32)) * s.to(tl.float32)).to(act)
         w = tl.reshape(w3.to(act), [BLOCK_N, KP])
-        kk = kbase + j * GB + kp0  # [KP]
-        k_ok = kk < K
-        xt = tl.load(xm + kk[:, None], mask=k_ok[:, None] & m_ok[None, :], other=0.0)  # [KP, BLOCK_M]: xᵀ
+        if CANON:
+            kk = kbase + j + kp0  # [KP]
+            k_ok = kk < K
+            if CPB == 1:
+                xt = xc
+            elif CPB == 2:
+                xt = xa if j == 0 else xb
+            else:
+                xt = xa if j == 0 else xb if j == 1 else xc2 if j == 2 else xd
+        else:
+            kk = kbase + j * GB + kp0  # [KP]
+            k_ok = kk < K
+            xt = tl.load(xm + kk[:, None], mask=k_ok[:, None] & m_ok[None, :], other=0.0)  # [KP, BLOCK_M]: xᵀ
         if not EVEN_K:  # the padded tail of the last group column is not part of the layer
             w = tl.where(k_ok[None, :], w, 0.0).to(act)
         if DOT_F32:  # the interpreter's bf16 tl.dot is wrong: same operands, float32 product there
@@ -120,12 +146,12 @@ if HAS_TRITON:  # called from the kernel more than once: jitted once here for th
 
 
 def _gemm_kernel(
-    x_ptr, qb_ptr, sz_ptr, meta_ptr, kts_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
+    x_ptr, qb_ptr, sz_ptr, z_ptr, meta_ptr, kts_ptr, rb_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, K, n_pad, n_kt, tiles_rt, split_k, stride_xm, stride_ym, n_tiles_n,
     G: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     TILES: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
     DOT_F32: tl.constexpr, FLOAT_Z: tl.constexpr, DEQ16: tl.constexpr, ASM: tl.constexpr, PF: tl.constexpr,
-    HALVES: tl.constexpr, PDL: tl.constexpr,
+    HALVES: tl.constexpr, CANON: tl.constexpr, PDL: tl.constexpr,
 ):
     """One ``BLOCK_N × BLOCK_M`` tile of ``yᵀ`` over ``tiles_rt`` k-tiles (see the module docstring).
 
@@ -135,7 +161,9 @@ def _gemm_kernel(
     and one ``sz`` word per group. Plane ``j`` of the bytes (their ``j``-th ``bits``-wide field) is the
     ``[BLOCK_N, KTG·B]`` A operand of features ``g·G + j·B + i`` (layout version 2, plane order), dequantized
     in registers, against the matching ``[KTG·B, BLOCK_M]`` rows of xᵀ: ``8/bits`` dots per k-tile. ``HALVES``:
-    the k-tile's columns in two sets of ``KTG/2``, each with its own loads, dequantization and dots.
+    the k-tile's columns in two sets of ``KTG/2``, each with its own loads, dequantization and dots. ``CANON``:
+    the canonical view (layout version 3): ``qb_ptr`` / ``sz_ptr`` / ``z_ptr`` the layer's own codes, scales and
+    zero points, positions counted from each row's first group ``rb_ptr[row]``.
     """
     KTG: tl.constexpr = BLOCK_K // G  # group columns per k-tile
     NH: tl.constexpr = 2 if HALVES else 1  # column sets per k-tile, each loaded, dequantized and dotted apart
@@ -158,8 +186,12 @@ def _gemm_kernel(
     below1 = (1 << jw1) - 1
     eb = tl.arange(0, GB)[None, None, :]  # byte inside a group
     ar_p = tl.arange(0, KP)
-    # feature of plane 0 at each k of a dot, relative to the column set: runs of GB consecutive features
-    kp0 = tl.max_contiguous(tl.multiple_of((ar_p // GB) * G + ar_p % GB, GB), GB)
+    if CANON:  # plane 0 at every CPB-th feature (canonical order); each row's first group
+        kp0 = ar_p * CPB
+        rbase = tl.load(rb_ptr + rows, mask=row_ok, other=0)  # [BLOCK_N, 1, 1]
+    else:  # feature of plane 0 at each k of a dot, relative to the column set: runs of GB consecutive features
+        kp0 = tl.max_contiguous(tl.multiple_of((ar_p // GB) * G + ar_p % GB, GB), GB)
+        rbase = 0
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < M
     xm = x_ptr + offs_m[None, :] * stride_xm  # [1, BLOCK_M]
@@ -174,32 +206,33 @@ def _gemm_kernel(
     meta = tl.load(meta_ptr + kt0 * n_pad + rows, mask=row_ok & (kt0 < kt_end), other=0)  # [BLOCK_N, 1, 1]
     kb = tl.load(kts_ptr + kt0, mask=kt0 < kt_end, other=0)
     if INTERP:
-        gidx, present = POSITIONS_EMU(meta, kb, jw, below, ASM)
+        gidx, present = POSITIONS_EMU(meta, kb + rbase, jw, below, ASM)
         if HALVES:
-            gidx1, present1 = POSITIONS_EMU(meta, kb, jw1, below1, ASM)
+            gidx1, present1 = POSITIONS_EMU(meta, kb + rbase, jw1, below1, ASM)
     else:
-        gidx, present = positions(meta, kb, jw, below, ASM)
+        gidx, present = positions(meta, kb + rbase, jw, below, ASM)
         if HALVES:
-            gidx1, present1 = positions(meta, kb, jw1, below1, ASM)
+            gidx1, present1 = positions(meta, kb + rbase, jw1, below1, ASM)
     meta = tl.load(meta_ptr + (kt0 + 1) * n_pad + rows, mask=row_ok & (kt0 + 1 < kt_end), other=0)
     kb = tl.load(kts_ptr + kt0 + 1, mask=kt0 + 1 < kt_end, other=0)
     # the interpreter cannot loop to a run-time bound: it gets the trip count as a constexpr (TILES > 0)
     for i in range(0, TILES if TILES > 0 else tiles_rt):
         kt = kt0 + i
         b = tl.load(qb_ptr + gidx * GB + eb, mask=present, other=0)  # uint8 [BLOCK_N, KH, GB]
-        szw = tl.load(sz_ptr + gidx, mask=present, other=0)  # int32 [BLOCK_N, KH, 1]; pruned: s = z = 0
+        sv = tl.load(sz_ptr + gidx, mask=present, other=0)  # int32 [BLOCK_N, KH, 1]; pruned: s = z = 0
+        zv = tl.load(z_ptr + gidx, mask=present, other=0) if CANON else sv  # (CANON: sv the fp16 scales)
         if HALVES:  # the second set's loads, before its positions move on to the next k-tile
             g1 = gidx1 * GB
             p1 = present1
         # positions of k-tile kt + 1 (its metadata is here), metadata of kt + 2
         if INTERP:
-            gidx, present = POSITIONS_EMU(meta, kb, jw, below, ASM)
+            gidx, present = POSITIONS_EMU(meta, kb + rbase, jw, below, ASM)
             if HALVES:
-                gidx1, present1 = POSITIONS_EMU(meta, kb, jw1, below1, ASM)
+                gidx1, present1 = POSITIONS_EMU(meta, kb + rbase, jw1, below1, ASM)
         else:
-            gidx, present = positions(meta, kb, jw, below, ASM)
+            gidx, present = positions(meta, kb + rbase, jw, below, ASM)
             if HALVES:
-                gidx1, present1 = positions(meta, kb, jw1, below1, ASM)
+                gidx1, present1 = positions(meta, kb + rbase, jw1, below1, ASM)
         if PF:  # and its code bytes into L2 (one prefetch per kept group)
             tl.inline_asm_elementwise(PREFL2, "=r,l,r", [qb_ptr + gidx * GB, present.to(tl.int32)], dtype=tl.int32,
                                       is_pure=False, pack=1)
@@ -213,13 +246,14 @@ def _gemm_kernel(
         for h in tl.static_range(NH):
             if h == 1:
                 b = tl.load(qb_ptr + g1 + eb, mask=p1, other=0)
-                szw = tl.load(sz_ptr + g1 // GB, mask=p1, other=0)
+                sv = tl.load(sz_ptr + g1 // GB, mask=p1, other=0)
+                zv = tl.load(z_ptr + g1 // GB, mask=p1, other=0) if CANON else sv
             if INTERP:
-                acc = DOT_COLS_EMU(acc, b, szw, xm, m_ok, kt * BLOCK_K + h * KH * G, K, kp0, G, BITS, BLOCK_N, KP,
-                                   EVEN_K, DOT_F32, FLOAT_Z, DEQ16, ASM)
+                acc = DOT_COLS_EMU(acc, b, sv, zv, xm, m_ok, kt * BLOCK_K + h * KH * G, K, kp0, G, BITS, BLOCK_N,
+                                   BLOCK_M, KP, EVEN_K, DOT_F32, FLOAT_Z, DEQ16, ASM, CANON)
             else:
-                acc = dot_cols(acc, b, szw, xm, m_ok, kt * BLOCK_K + h * KH * G, K, kp0, G, BITS, BLOCK_N, KP,
-                               EVEN_K, DOT_F32, FLOAT_Z, DEQ16, ASM)
+                acc = dot_cols(acc, b, sv, zv, xm, m_ok, kt * BLOCK_K + h * KH * G, K, kp0, G, BITS, BLOCK_N,
+                               BLOCK_M, KP, EVEN_K, DOT_F32, FLOAT_Z, DEQ16, ASM, CANON)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
@@ -247,14 +281,15 @@ def _gemm_kernel(
         tl.store(yp, (acc + bias[:, None]).to(y_ptr.dtype.element_ty), mask=omask)
 
 
-def sass_signature():
+def sass_signature(canonical: bool = False):
     """(argument names, types, indices marked divisible by 16) of :func:`_gemm_kernel` for an offline compile
-    (``benchmarks/gemm_sass.py``, tests): fp16 activations, as Triton's launcher specializes the pointers and the
-    int arguments that are multiples of 16 in practice (M, N, K, n_pad, the strides)."""
-    args = ["x_ptr", "qb_ptr", "sz_ptr", "meta_ptr", "kts_ptr", "bias_ptr", "y_ptr", "ws_ptr", "cnt_ptr",
-            "M", "N", "K", "n_pad", "n_kt", "tiles_rt", "split_k", "stride_xm", "stride_ym", "n_tiles_n"]
-    types = ["*fp16", "*u8", "*i32", "*i32", "*i32", "*fp16", "*fp16", "*fp32", "*i32"] + ["i32"] * 10
-    return args, types, set(range(9)) | {9, 10, 11, 12, 16, 17}
+    (``benchmarks/gemm_sass.py``, tests): fp16 activations, integer zero points, as Triton's launcher specializes the
+    pointers and the int arguments that are multiples of 16 in practice (M, N, K, n_pad, the strides)."""
+    args = ["x_ptr", "qb_ptr", "sz_ptr", "z_ptr", "meta_ptr", "kts_ptr", "rb_ptr", "bias_ptr", "y_ptr", "ws_ptr",
+            "cnt_ptr", "M", "N", "K", "n_pad", "n_kt", "tiles_rt", "split_k", "stride_xm", "stride_ym", "n_tiles_n"]
+    sz_z = ["*fp16", "*u8"] if canonical else ["*i32", "*i32"]
+    types = ["*fp16", "*u8"] + sz_z + ["*i32", "*i32", "*i32", "*fp16", "*fp16", "*fp32", "*i32"] + ["i32"] * 10
+    return args, types, set(range(11)) | {11, 12, 13, 14, 18, 19}
 
 
 def _kernel():
@@ -376,11 +411,19 @@ class GemmCall:
                            HAS_BIAS=has_bias, EVEN_K=k % layout.group_size == 0,
                            DOT_F32=interp and dtype == torch.bfloat16, FLOAT_Z=layout.float_zeros, DEQ16=deq16,
                            ASM=cfg.asm and deq16 and layout.bits == 4 and not interp, PF=cfg.prefetch and not interp,
-                           HALVES=cfg.halves and layout.block_k // layout.group_size >= 2)
+                           HALVES=cfg.halves and layout.block_k // layout.group_size >= 2, CANON=layout.canonical)
         q = layout.qweight
-        self.weights = (q if q.numel() else torch.zeros(1, dtype=torch.uint8, device=q.device),
-                        layout.sz if layout.sz.numel() else torch.zeros(1, dtype=torch.int32, device=q.device),
-                        layout.meta, layout.kt_start)
+        dev = q.device
+
+        def some(t, dtype):  # a kernel argument never empty (a layer without kept groups)
+            return t if t.numel() else torch.zeros(1, dtype=dtype, device=dev)
+
+        if layout.canonical:
+            sz, z = some(layout.scales_c, torch.float16), some(layout.zeros_c, layout.zeros_c.dtype)
+            rb = layout.row_base
+        else:
+            sz = z = rb = some(layout.sz, torch.int32)
+        self.weights = (some(q, torch.uint8), sz, z, layout.meta, layout.kt_start, rb)
         self.ints = (m, n, k, layout.n_pad, layout.n_ktiles, tiles_per_split, split, stride_x, stride_y, tn)
         self.grid = (tm, tn, split)
         self.launch = (cfg.num_warps, cfg.num_stages)

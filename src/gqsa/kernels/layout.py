@@ -29,6 +29,15 @@ the tensor-core kernel consumes:
 
 Nothing here requires a regular pattern: rows keep any number of groups in any k-tile, empty rows and
 empty k-tiles are legal, ``K % G != 0`` is legal (the last k-tile is partial).
+
+**Canonical view** (``build_tile_layout(..., canonical=True)``, layout version 3): no copy of the weights. A row's
+kept groups of one k-tile are already consecutive in the canonical order (rows in order, columns ascending), so
+the kernel reads the layer's own ``qweight`` / ``scales`` / ``zeros`` (what the decode GEMV reads too) through
+the same ``meta`` words, ``first`` now counted from the row's first group ``row_base[n] = row_ptr[n]``
+(``kt_start`` all zero): group ``j`` sits at ``row_base[n] + first + popcount(mask & (2^j − 1))``. Its codes stay
+in canonical order (field ``j`` of byte ``i`` = feature ``c·i + j``), so plane ``j`` meets every ``c``-th row of
+xᵀ; scale and zero point are two loads. Memory: the ``meta`` words and ``row_base`` only (about 0.25 bit per
+weight at G16, against the full second copy of the chunk layout).
 """
 from __future__ import annotations
 
@@ -41,6 +50,7 @@ from ..format import PackedLinear
 ROW_BLOCK = 16  # rows per chunk (the smallest N tile of a tensor-core kernel)
 BLOCK_K = 128  # input features per k-tile (one tl.dot step)
 LAYOUT_VERSION = 2  # 2: codes in plane order, scale and zero point in one word (sz)
+CANONICAL_VERSION = 3  # 3: the canonical view (no copy of the weights)
 
 
 @dataclass
@@ -59,6 +69,14 @@ class TileLayout:
     block_k: int = BLOCK_K
     row_block: int = ROW_BLOCK
     version: int = LAYOUT_VERSION
+    # canonical view (version 3): the layer's own scales / zeros (sz empty) and each row's first group
+    scales_c: torch.Tensor | None = None
+    zeros_c: torch.Tensor | None = None
+    row_base: torch.Tensor | None = None  # int32 [n_pad]
+
+    @property
+    def canonical(self) -> bool:
+        return self.row_base is not None
 
     @property
     def groups_per_ktile(self) -> int:
@@ -86,16 +104,23 @@ class TileLayout:
         return self.qweight.device
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.qweight, self.sz, self.meta, self.kt_start))
+        """Bytes the layout holds beyond the layer's own tensors (the canonical view shares them)."""
+        own = (self.meta, self.kt_start, self.row_base) if self.canonical else \
+            (self.qweight, self.sz, self.meta, self.kt_start)
+        return sum(t.numel() * t.element_size() for t in own)
 
     @property
     def scales(self) -> torch.Tensor:
-        """float16 ``[nnz]``, chunk order (decoded from ``sz``)."""
+        """float16 ``[nnz]``, in the layout's group order (decoded from ``sz``)."""
+        if self.canonical:
+            return self.scales_c
         return (self.sz & 0xFFFF).to(torch.int16).view(torch.float16)
 
     @property
     def zeros(self) -> torch.Tensor:
-        """uint8 or float16 ``[nnz]``, chunk order (decoded from ``sz``)."""
+        """uint8 or float16 ``[nnz]``, in the layout's group order (decoded from ``sz``)."""
+        if self.canonical:
+            return self.zeros_c
         hi = (self.sz >> 16) & 0xFFFF
         return hi.to(torch.int16).view(torch.float16) if self.float_zeros else hi.to(torch.uint8)
 
@@ -125,8 +150,9 @@ def _pack_sz(scales: torch.Tensor, zeros: torch.Tensor, float_zeros: bool) -> to
     return s | (z << 16)
 
 
-def build_tile_layout(packed: PackedLinear, block_k: int = BLOCK_K, device=None) -> TileLayout:
-    """Repack ``packed`` into the tensor-core kernel layout (vectorized torch on the layer's device).
+def build_tile_layout(packed: PackedLinear, block_k: int = BLOCK_K, device=None, canonical: bool = False) -> TileLayout:
+    """Repack ``packed`` into the tensor-core kernel layout (vectorized torch on the layer's device); with
+    ``canonical`` only its index (the canonical view, see the module docstring: the layer's own tensors).
 
     ``block_k`` (input features per k-tile) must be a multiple of the group size with at most 8
     groups per k-tile (the mask is one byte). Raises ``ValueError`` for layouts it cannot express.
@@ -161,6 +187,17 @@ def build_tile_layout(packed: PackedLinear, block_k: int = BLOCK_K, device=None)
         raise ValueError(f"layer too large for 32-bit group indices (nnz={nnz})")
     if n_pad * kt_groups >= 2**23:
         raise ValueError(f"layer has too many rows for the tile layout ({n} ≥ {2**23 // kt_groups})")
+    if canonical:  # first counted from the row's first group; the layer's own tensors
+        first = torch.cumsum(row_counts, 0) - row_counts
+        meta = (first << 8) | mask.reshape(n_kt, n_pad).to(torch.int64)
+        row_base = torch.zeros(n_pad, dtype=torch.int32, device=dev)
+        row_base[:n] = packed.row_ptr.to(dev)[:n]
+        return TileLayout(
+            qweight=packed.qweight.to(dev), sz=torch.zeros(0, dtype=torch.int32, device=dev),
+            meta=meta.to(torch.int32).contiguous(), kt_start=torch.zeros(n_kt + 1, dtype=torch.int32, device=dev),
+            shape=(int(n), int(k)), bits=int(packed.bits), group_size=int(g), float_zeros=bool(packed.float_zeros),
+            nnz=int(nnz), block_k=int(block_k), version=CANONICAL_VERSION, scales_c=packed.scales.to(dev),
+            zeros_c=packed.zeros.to(dev), row_base=row_base)
     meta = (first << 8) | mask.reshape(n_kt, n_pad).to(torch.int64)
     qweight = _plane_order(packed.qweight.to(dev)[perm], int(packed.bits), int(g)).contiguous()
     return TileLayout(
@@ -177,6 +214,17 @@ def to_packed(layout: TileLayout) -> PackedLinear:
     """The canonical packed layer back from a layout (inverse of :func:`build_tile_layout`; tests)."""
     n, k = layout.shape
     dev = layout.device
+    if layout.canonical:  # the groups are in canonical order already
+        kt_groups = layout.groups_per_ktile
+        m = layout.mask.to(torch.int64)[:, :n]  # [kt, n]
+        bits = (m.t()[..., None] >> torch.arange(kt_groups, device=dev)) & 1  # [n, kt, j]: row-major order
+        row_i, kt_i, j_i = torch.nonzero(bits, as_tuple=True)
+        counts = torch.bincount(row_i, minlength=n)[:n]
+        row_ptr = torch.zeros(n + 1, dtype=torch.int64, device=dev)
+        row_ptr[1:] = torch.cumsum(counts, 0)
+        return PackedLinear(row_ptr=row_ptr.to(torch.int32), col_idx=(kt_i * kt_groups + j_i).to(torch.int16),
+                            qweight=layout.qweight, scales=layout.scales_c, zeros=layout.zeros_c, shape=(n, k),
+                            bits=layout.bits, group_size=layout.group_size)
     kt_groups = layout.groups_per_ktile
     n_rb = layout.n_row_blocks
     n_pad = n_rb * ROW_BLOCK
