@@ -185,13 +185,16 @@ def unpack_codes(packed: torch.Tensor, bits: int, group_size: int) -> torch.Tens
     return (bitstream * weights).sum(-1).to(torch.uint8)
 
 
-def repack_codes(packed: torch.Tensor, bits: int, new_bits: int, group_size: int, chunk: int = 1 << 14) -> torch.Tensor:
+def repack_codes(packed: torch.Tensor, bits: int, new_bits: int, group_size: int, chunk: int | None = None
+                 ) -> torch.Tensor:
     """Codes packed at ``bits`` (``[nnz, G·bits/8]`` bytes, :func:`pack_codes`) packed again at ``new_bits ≥ bits``:
-    the same integers in wider fields, ``chunk`` groups at a time (the unpacking detour holds 32 bytes per code)."""
+    the same integers in wider fields, ``chunk`` groups at a time (default: about 64 MB of temporaries; the unpacking
+    detour holds about 32 bytes per code)."""
     check_bits(bits)
     check_bits(new_bits)
     if new_bits < bits:
         raise ValueError(f"cannot repack {bits}-bit codes into {new_bits} bits")
+    chunk = chunk or max(1, (64 << 20) // (32 * group_size))
     out = torch.empty(packed.shape[0], group_size * new_bits // 8, dtype=torch.uint8, device=packed.device)
     for lo in range(0, packed.shape[0], chunk):
         out[lo:lo + chunk] = pack_codes(unpack_codes(packed[lo:lo + chunk], bits, group_size), new_bits)
