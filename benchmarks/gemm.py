@@ -96,6 +96,7 @@ def gpu_check(quick: bool = False) -> bool:
     for (n, k, g, bits, sp, fz, special) in cases:
         p = layer_for_check(n, k, g, bits, sp, fz, special)
         lay = build_tile_layout(p)
+        lay_c = build_tile_layout(p, canonical=True)  # layout version 3 (GQSA_TILE_LAYOUT=canonical)
         for dt in (torch.float16, torch.bfloat16):
             w_ref = reference.dequantize(p, dt).float()
             for m in (3, 16, 100) if quick else (1, 3, 16, 33, 100, 600):
@@ -106,8 +107,10 @@ def gpu_check(quick: bool = False) -> bool:
                         "f32deq": gemm.GemmConfig(32, 64, deq16=False),
                         "prefetch": gemm.GemmConfig(16, 128, prefetch=True),
                         "halves": gemm.GemmConfig(32, 128, prefetch=True, maxnreg=128, halves=True)}
-                for cname, cfg in cfgs.items():
-                    good, err = _check_launch(lambda y: gemm.launch_gemm(x, lay, bias, y, cfg), (m, n), dt, ref)
+                runs = [(c, lay, cfg) for c, cfg in cfgs.items()]
+                runs += [("canonical " + c, lay_c, cfgs[c]) for c in ("table", "halves")]
+                for cname, lay_r, cfg in runs:
+                    good, err = _check_launch(lambda y: gemm.launch_gemm(x, lay_r, bias, y, cfg), (m, n), dt, ref)
                     if not good:
                         ok = False
                         print(f"CHECK FAIL {n}x{k} G{g} b{bits} {special} {dt} M={m} {cname}: {err}", flush=True)
