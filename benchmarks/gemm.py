@@ -479,7 +479,7 @@ def markdown(records, meta) -> str:
 def candidates(m):
     """GemmConfig candidates of the sweep at ``m`` rows (BLOCK_N is the tensor cores' M side: 64 or 128; one
     stage: Triton's pipeliner lost to the kernel's own at every M and shape of the first sweep). The first of each
-    list is the committed table's bucket; ``halves`` (two column sets per k-tile) with the register limits under
+    list up to M = 256 is the committed table's bucket (``dispatch.H200_TABLE``); ``halves`` (two column sets per k-tile) with the register limits under
     which ``benchmarks/gemm_sass.py`` shows no spill: 128 at 16×128 and 32×128 tiles, 168 at 64×128 (3 programs of 4
     warps per SM instead of 2)."""
     C = functools.partial(gemm.GemmConfig, num_warps=4, num_stages=1)
@@ -490,10 +490,9 @@ def candidates(m):
                 C(16, 128, waves=4.0, prefetch=True, maxnreg=128, halves=True),
                 C(16, 64, waves=2.0, prefetch=True, halves=True), C(16, 64, waves=4.0, prefetch=True, halves=True)]
     if m <= 32:
-        return [C(32, 64, waves=2.0, prefetch=True), C(32, 64, waves=2.0, prefetch=True, halves=True),
-                C(32, 64, waves=1.0, prefetch=True, halves=True),
-                C(32, 128, waves=1.0, prefetch=True, maxnreg=128, halves=True),
-                C(32, 128, waves=2.0, prefetch=True, maxnreg=128, halves=True)]
+        return [C(32, 128, waves=2.0, prefetch=True, maxnreg=128, halves=True), C(32, 64, waves=2.0, prefetch=True),
+                C(32, 64, waves=2.0, prefetch=True, halves=True), C(32, 64, waves=1.0, prefetch=True, halves=True),
+                C(32, 128, waves=1.0, prefetch=True, maxnreg=128, halves=True)]
     if m <= 64:
         return [C(64, 128, waves=1.0), C(64, 128, waves=1.0, maxnreg=168, halves=True),
                 C(64, 128, waves=2.0, maxnreg=168, halves=True), C(64, 128, waves=1.0, prefetch=True, maxnreg=168,
@@ -501,7 +500,7 @@ def candidates(m):
                 C(64, 64, waves=1.0, halves=True), C(64, 64, waves=2.0, halves=True),
                 C(64, 128, num_warps=8, waves=1.0, halves=True)]
     if m <= 256:
-        return [C(128, 128, waves=1.0), C(128, 128, waves=1.0, halves=True), C(128, 128, num_warps=8, waves=1.0),
+        return [C(128, 128, waves=1.0, halves=True), C(128, 128, waves=1.0), C(128, 128, num_warps=8, waves=1.0),
                 C(128, 128, num_warps=8, waves=1.0, halves=True), C(64, 128, waves=1.0, maxnreg=168, halves=True)]
     return [C(128, bn, num_warps=8, split_k=1, prefetch=pf) for bn in (128, 256) for pf in (False, True)]
 

@@ -272,13 +272,14 @@ class LinearPlan:
         if self.tile_layout not in TILE_LAYOUTS:
             raise ValueError(f"tile_layout={self.tile_layout!r}: use one of {', '.join(TILE_LAYOUTS)}")
         self.device = packed.row_ptr.device
-        if gemv._triton_usable(self.device):  # 3-bit layers through the 4-bit kernels (the same weights)
+        usable = gemv._triton_usable(self.device)
+        if usable:  # 3-bit layers through the 4-bit kernels (the same weights)
             packed = gemv.kernel_packed(packed)
         self.packed = packed
         self.table = table or default_table(self.device)
         if not self.table.buckets:
             raise ValueError("a dispatch table needs at least one GEMM bucket")
-        self.kernel_ok = packed.bits in gemv.KERNEL_BITS and gemv._triton_usable(self.device)
+        self.kernel_ok = packed.bits in gemv.KERNEL_BITS and usable
         self._gemv = gemv_plan
         self.block_rows = None  # R of a block-uniform layer (then self.block, no TileLayout)
         self.block = None
