@@ -36,7 +36,7 @@ steps of several consecutive rows per program, with the next step's loads issued
 math and an L2 prefetch a few steps ahead; a packed-fp16 dot (``half_dot``: fp16 lane sums of 8 products; a row
 whose sum comes out inf/NaN — a lane overflowed, |x| above ≈ 8700, or an inf/NaN activation — is redone in fp32 by
 :func:`_hd_row_fp32`, a rare warp-uniform branch at the row's end; on by default at M = 1 for fp16 W4 G16 / G32 /
-G64 layers above a size in kept codes, :func:`half_dot_default`; ``GQSA_GEMV_HALF=0`` or ``half_dot=False`` opt
+G64 / G128 layers above a size in kept codes, :func:`half_dot_default`; ``GQSA_GEMV_HALF=0`` or ``half_dot=False`` opt
 out; under the interpreter the same math runs as plain Triton code, :func:`_hd_meta_emu` / :func:`_hdot16_emu`).
 :func:`launch` picks the kernel by row length (``LONG_ROW_GROUPS``) and holds every setting as a launch argument
 (``GemvPlan(v2_opts=...)`` carries them).
@@ -87,12 +87,12 @@ V2P_REG = True  # register double-buffering of the next step's loads
 V2P_PREFETCH = 2  # L2 prefetch distance in steps (0: none)
 # The packed-fp16 dot (half_dot, the pipelined kernel's HALF; issue 12, sessions 5 and 6): launch's default
 # (half_dot=None) takes it for one row of x, fp16 activations, 4-bit codes, G in HALF_GROUPS (16-code units: a G32
-# / G64 / G128 group is 2 / 4 / 8 units of one metadata word), inline PTX, on layers of ≥ HALF_MIN_CODES (G16) or
-# HALF_WIDE_MIN_CODES (G32, G64, G128) kept codes (kept groups · G), whatever their row length: the pipelined kernel with
-# rows spread over V2P_PROGRAMS_PER_SM programs per SM (also above V2P_MULTI_ROW_MAX_N rows), register
+# / G64 / G128 group is 2 / 4 / 8 units of one metadata word), inline PTX, on layers of ≥ HALF_MIN_CODES (G16)
+# or HALF_WIDE_MIN_CODES (G32, G64, G128) kept codes (kept groups · G), whatever their row length: the pipelined
+# kernel with rows spread over V2P_PROGRAMS_PER_SM programs per SM (also above V2P_MULTI_ROW_MAX_N rows), register
 # double-buffering, prefetch 2, and the units per thread of half_dot_units: 2, or 4 with ptxas limited to
-# HALF_MAXNREG registers — G16 from HALF_U4_MIN_CODES kept codes (the 70B shapes), G32 / G64 where the rows average
-# ≥ HALF_WIDE_U4_ROW_CODES kept codes (a step of 4 units per thread covers 32 · 4 · 16 codes: a short row in fewer,
+# HALF_MAXNREG registers — G16 from HALF_U4_MIN_CODES kept codes (the 70B shapes), G32 / G64 / G128 where the rows
+# average ≥ HALF_WIDE_U4_ROW_CODES kept codes (a step of 4 units per thread covers 32 · 4 · 16 codes: a short row in fewer,
 # emptier steps). The thresholds count codes (session 5 set G16's in groups: 2^20 and 4 · 2^20 groups = 16 · 2^20
 # and 64 · 2^20 codes).
 # Measured (H200, graph µs, half dot against the fp32 default, benchmarks/RESULTS.md): session 5, W4 S50 G16:
@@ -119,8 +119,8 @@ HALF_GROUPS = (16, 32, 64, 128)
 HALF_MIN_CODES = 16 << 20  # G16
 HALF_UNITS_PER_THREAD = 2
 HALF_U4_MIN_CODES = 64 << 20  # G16: from here 4 units per thread and maxnreg HALF_MAXNREG
-HALF_WIDE_MIN_CODES = 2 << 20  # G32 / G64 (the smallest layer measured faster: 1024×4096 W4 S50 G64)
-HALF_WIDE_U4_ROW_CODES = 4096  # G32 / G64: 4 units per thread and maxnreg HALF_MAXNREG from here (codes a row)
+HALF_WIDE_MIN_CODES = 2 << 20  # G32 / G64 / G128 (the smallest layer measured faster: 1024×4096 W4 S50 G64)
+HALF_WIDE_U4_ROW_CODES = 4096  # G32 / G64 / G128: 4 units per thread, maxnreg HALF_MAXNREG from here (codes a row)
 HALF_MAXNREG = 80
 MAX_MB = 4  # rows of x one launch of the v2 kernels serves (the constexpr MB: weights read once for all)
 # M = 2-4 rows of x run the pipelined kernel whatever the row length: on the long-row shapes it beat the
@@ -607,7 +607,7 @@ def _gemv2p_kernel(
     the metadata and codes of the groups ``PF`` steps ahead in the program's flat group stream (rows
     are consecutive, so their groups are), clamped to the buffers (``MAXG`` groups): DRAM latency
     is taken off the loads with no registers held. ``HALF`` (4 bits, 16-code units — G16 one unit a group,
-    G32 / G64 two / four units sharing a metadata word —, fp16 activations): the dot of a unit in packed fp16
+    G32 / G64 / G128 two / four / eight units sharing a metadata word —, fp16 activations): the dot of a unit in packed fp16
     (:data:`_PTX_HDOT16`: 2.3 instructions per code instead of 4.4; the 8 products of a half lane summed in fp16, then fp32); where a row's sum comes out
     inf or NaN (an fp16 lane overflowed, or an activation is inf/NaN) the row is redone in fp32
     (:func:`_hd_row_fp32`, from plain loads), at both places a row's sum goes out: nothing in the loop body.
@@ -914,7 +914,7 @@ def half_dot_default(packed: PackedLinear, x_dtype: torch.dtype, mrows: int, uni
 
 def half_dot_units(packed: PackedLinear) -> tuple[int, int | None]:
     """(units per thread, ptxas register limit or None) that the default half dot runs ``packed`` with: G16 4 and
-    ``HALF_MAXNREG`` from ``HALF_U4_MIN_CODES`` kept codes, G32 / G64 where the rows average ≥
+    ``HALF_MAXNREG`` from ``HALF_U4_MIN_CODES`` kept codes, G32 / G64 / G128 where the rows average ≥
     ``HALF_WIDE_U4_ROW_CODES`` kept codes; else ``HALF_UNITS_PER_THREAD`` and no limit."""
     codes = packed.nnz * packed.group_size
     if packed.group_size == 16:
