@@ -22,8 +22,6 @@ device-to-device copy bandwidth measured in the same run (bytes read + written).
                                                    # (and v2 settings) at batch 1, every shape, graph timing
     python benchmarks/gemv.py --v2-batch --out DIR # the v2 kernel at M = 2-4 rows of x: GPU check, then cuBLAS
                                                    # fp16, the old path (v1 / GEMM) and batched v2, M = 1-4
-    python benchmarks/gemv.py --half-batch --out DIR  # the half dot at M = 1-8 (session 8): GPU check, then
-                                                   # cuBLAS fp16, the old path, the fp32 dot, the half dot
 """
 from __future__ import annotations
 
@@ -826,18 +824,14 @@ def gpu_check_v2_batch(cases=None, graph=True) -> bool:
     fails, n_run = [], 0
     cases = cases or [dict(n=61, k=4096 + 40, sp=0.4, special="empty_rows"),  # K % G != 0, empty rows
              dict(n=61, k=4096 + 40, sp=0.0, special="one_row"),  # one row of every group: several steps
-             dict(n=700, k=11008, sp=0.5), dict(n=300, k=28672, sp=0.5),  # long rows (v2 one row a program)
-             dict(n=130, k=4096 + 128, sp=0.0, g=128)]  # G128, every group kept (what 3-bit layers run as)
+             dict(n=700, k=11008, sp=0.5), dict(n=300, k=28672, sp=0.5)]  # long rows (v2 one row a program)
     for cs in cases:
-        p = packed_case(cs["n"], cs["k"], cs.get("g", 16), 4, cs["sp"], special=cs.get("special"))
+        p = packed_case(cs["n"], cs["k"], 16, 4, cs["sp"], special=cs.get("special"))
         lay = gl.build_layout(p)
         n, k = p.shape
         b16 = torch.randn(n, device=DEV, dtype=torch.float16)
         # (M values, dtype, bias, asm, launch options)
-        runs = [((1, 2, 3, 4, 5, 6, 7, 8, 9), torch.float16, True, True, {}),  # (M = 2-8: the half dot)
-                ((2, 3, 5, 8, 9), torch.float16, False, True, dict(pipeline=True, half_dot=True, units_per_thread=4)),
-                ((6, 8), torch.float16, False, True, dict(pipeline=True, half_dot=False)),
-                ((8,), torch.bfloat16, True, True, {}),
+        runs = [((1, 2, 3, 4, 5), torch.float16, True, True, {}),
                 ((2, 3, 4), torch.bfloat16, True, True, dict(pipeline=False)),
                 ((2, 3, 4), torch.float16, False, True, dict(pipeline=False)),
                 ((2, 3, 4), torch.float16, False, True, dict(pipeline=True)),
@@ -880,14 +874,6 @@ def gpu_check_v2_batch(cases=None, graph=True) -> bool:
     # the dispatch: M = 3 through a LinearPlan whose table sends it to the GEMV
     lp = dispatch.LinearPlan(p, table=dataclasses.replace(dispatch.H200_TABLE, gemv_max_m=4))
     assert lp.path(3) == "gemv"
-    lph = dispatch.LinearPlan(p)  # the committed table: fp16 up to gemv_half_max_m rows on the GEMV
-    for m in range(2, dispatch.H200_TABLE.gemv_half_max_m + 1):
-        assert lph.path(m) == "gemv", m
-        x = torch.randn(m, 2048, device=DEV, dtype=torch.float16)
-        n_run += 1
-        e = rel_err(lph(x), reference.linear(x.float(), p))
-        if not e < 5e-3:
-            fails.append(("LinearPlan half", m, e))
     for m in (2, 3, 4):
         x = torch.randn(m, 2048, device=DEV, dtype=torch.float16)
         n_run += 1
@@ -963,79 +949,6 @@ def compare_v2_batch(args, bw, out_records, shapes, ms=(1, 2, 3, 4)):
             del meths, gemm_fns
         del packs, p0, v2, v2p, v1, lps, wf
         torch.cuda.empty_cache()
-
-
-HB_SHAPES = "1024x4096,4096x4096,12288x4096,4096x11008,28672x8192"
-HB_SETTINGS = {"w4s50g16": (0.5, 16), "w4s0g128": (0.0, 128)}  # name -> (sparsity, G); S0 layers are block-uniform
-
-
-def compare_half_batch(args, out_records, shapes, ms=(1, 2, 3, 4, 5, 6, 8), units=(1, 2, 4), settings=HB_SETTINGS):
-    """The half dot at several rows of x (session 8: each unit dequantized once, the dot per row), fp16, rotated
-    weights, graph µs: cuBLAS fp16; ``old``: what a LinearPlan ran before (the session-7 table: the GEMV up to M = 3
-    with the fp32 dot at M > 1, then the tensor-core GEMM; block-uniform S0 layers the block kernel from M = 2);
-    ``f32``: the pipelined v2 kernel with the fp32 dot; ``half uU``: with the half dot, U units per thread; ``plan``:
-    a LinearPlan with the committed table. Every result checked against the reference; each half-dot row of x at
-    M > 1 compared bit for bit with the same row alone (M = 1, the fused PTX, the same units)."""
-    import dataclasses
-
-    from gqsa.kernels import dispatch
-    from gqsa.kernels import gemv_layout as gl
-
-    gen = torch.Generator(device=DEV)
-    gen.manual_seed(0)
-    old_table = dataclasses.replace(dispatch.H200_TABLE, gemv_half_max_m=0)
-    for sname, (sp, g) in settings.items():
-        for n, k in shapes:
-            p0 = random_packed(n, k, sp, g, gen=gen)
-            packs = [p0] + [clone_packed(p0) for _ in range(n_copies(p0.nbytes(), args.rot_bytes) - 1)]
-            lays = [gl.build_layout(p) for p in packs]
-            olds = [dispatch.LinearPlan(p, table=old_table) for p in packs]
-            news = [dispatch.LinearPlan(p) for p in packs]
-            wf = make_fp16(n, k, args.rot_bytes)
-            for m in ms:
-                x = torch.randn(m, k, device=DEV, dtype=torch.float16)
-                ref = reference.linear(x, p0).float()
-                y = torch.empty(m, n, device=DEV, dtype=torch.float16)
-                meths = {"fp16": wf.fns_for_x(x),
-                         "old": [lambda pl=pl: pl(x) for pl in olds],
-                         "f32": [lambda p=p, lay=lay: gl.launch(x, p, lay, None, y, pipeline=True, half_dot=False)
-                                 for p, lay in zip(packs, lays)]}
-                for u in units:
-                    meths[f"half u{u}"] = [lambda p=p, lay=lay, u=u: gl.launch(x, p, lay, None, y, pipeline=True,
-                                                                              half_dot=True, units_per_thread=u)
-                                           for p, lay in zip(packs, lays)]
-                meths["plan"] = [lambda pl=pl: pl(x) for pl in news]
-                res, errs = {}, {}
-                for name, fns in meths.items():
-                    y.fill_(float("nan"))
-                    out = fns[0]()
-                    torch.cuda.synchronize()
-                    e = None if name == "fp16" else rel_err(out if out is not None else y, ref)
-                    exact = None
-                    if name.startswith("half") and m > 1:
-                        u = int(name.split("u")[1])
-                        y1 = torch.empty(1, n, device=DEV, dtype=torch.float16)
-                        exact = True
-                        for i in range(m):
-                            gl.launch(x[i:i + 1], p0, lays[0], None, y1, pipeline=True, half_dot=True,
-                                      units_per_thread=u)
-                            exact = exact and torch.equal(y1[0], y[i])
-                    res[name] = t_graph(fns)
-                    errs[name] = e
-                    out_records.append(dict(setting=sname, N=n, K=k, M=m, S=sp, G=g, method=name,
-                                            graph_us=res[name], rel_err=e, rows_equal_alone=exact,
-                                            old_path=olds[0].path(m), plan_path=news[0].path(m),
-                                            ok=(e is None or e < 1e-2) and exact is not False))
-                bad = [(nm, r["rel_err"], r["rows_equal_alone"]) for nm, r in
-                       zip(res, out_records[-len(res):]) if not r["ok"]]
-                best = min((v, nm) for nm, v in res.items() if nm.startswith("half"))
-                print(f"{sname} {n:6d}x{k:<6d} M={m} " + " ".join(f"{nm} {v:.2f}" for nm, v in res.items())
-                      + f" | old {olds[0].path(m)} plan {news[0].path(m)}; best half {best[1]} "
-                      f"{res['fp16'] / best[0]:.2f}x fp16 {res['old'] / best[0]:.2f}x old"
-                      + (f" FAIL {bad}" if bad else ""), flush=True)
-                del meths
-            del packs, lays, olds, news, wf, p0
-            torch.cuda.empty_cache()
 
 
 V2B_SWEEP = {  # launch settings of the batched v2 kernel timed by --v2-batch-sweep (all: the pipelined kernel)
@@ -1114,9 +1027,6 @@ def main(argv=None):
     ap.add_argument("--v2-batch", action="store_true",
                     help="v2 at M = 2-4: GPU check, then cuBLAS fp16 / old path / batched v2 at M = 1-4")
     ap.add_argument("--v2-batch-shapes", default=V2B_SHAPES, help="NxK shapes of --v2-batch")
-    ap.add_argument("--half-batch", action="store_true",
-                    help="the half dot at M = 1-8 rows of x against cuBLAS, the old path, the fp32 dot (--half-shapes)")
-    ap.add_argument("--half-shapes", default=HB_SHAPES, help="NxK shapes of --half-batch")
     ap.add_argument("--v2-batch-sweep", action="store_true",
                     help="launch settings of the batched v2 kernel (V2B_SWEEP) at M = 2-4 on --v2-batch-shapes")
     args = ap.parse_args(argv)
@@ -1144,15 +1054,6 @@ def main(argv=None):
     if args.tune_from:
         meta["tuned"] = apply_tuning(args.tune_from)
         print(f"tuned defaults: {meta['tuned']}", flush=True)
-    if args.half_batch:
-        ok = gpu_check_v2_batch() if args.v2_check else True
-        print(f"[v2 batch check done at {time.time() - t0:.1f}s]", flush=True)
-        shapes = [tuple(int(v) for v in s_.split("x")) for s_ in args.half_shapes.split(",") if s_]
-        compare_half_batch(args, records, shapes)
-        (out / "gemv_half_batch.json").write_text(json.dumps(dict(meta=meta, check_ok=ok, records=records), indent=1))
-        bad = [r for r in records if not r["ok"]]
-        print(f"[{len(records)} measurements in {time.time() - t0:.1f}s; {len(bad)} correctness failures]")
-        return 0 if ok and not bad else 1
     if args.v2_batch_sweep:
         shapes = [tuple(int(v) for v in s_.split("x")) for s_ in args.v2_batch_shapes.split(",") if s_]
         sweep_v2_batch(args, records, shapes, out=out, meta=meta)

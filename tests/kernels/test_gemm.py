@@ -262,23 +262,15 @@ def test_plan_canonical_tile_layout_holds_no_copy():
 
 def test_h200_table_sends_m_up_to_3_to_the_v2_gemv(monkeypatch):
     """The default (H200) table: an irregular layer runs the batched v2 GEMV up to M = 3 (gemv_max_m, measured),
-    the tensor-core GEMM from M = 4 — and, where the GEMV's packed-fp16 dot serves several rows (fp16 x, 4-bit
-    codes), up to gemv_half_max_m rows of fp16 x; 2- and 8-bit layers and bf16 x keep gemv_max_m."""
+    the tensor-core GEMM from M = 4."""
     from gqsa.kernels import gemv_layout
 
     monkeypatch.delenv("GQSA_DISPATCH_TABLE", raising=False)
-    half = dispatch.H200_TABLE.gemv_half_max_m
-    assert dispatch.H200_TABLE.gemv_max_m == 3 < half <= gemv.V2_MAX_BATCH <= gemv_layout.MAX_MB
+    assert dispatch.H200_TABLE.gemv_max_m == 3 <= gemv.V2_MAX_BATCH <= gemv_layout.MAX_MB
     p = make_packed(21, 200, 16, 4, 0.5)  # rows of about even length: the data-centric variant (v2)
     plan = dispatch.LinearPlan(p)
     assert plan.table is dispatch.H200_TABLE and plan.gemv.variant == "data"
-    assert [plan.path(m, torch.bfloat16) for m in (1, 2, 3, 4, 5)] == ["gemv"] * 3 + ["gemm"] * 2
-    assert plan.half_rows == (gemv_layout.HALF_DOT_DEFAULT != "0")
-    if plan.half_rows:
-        assert [plan.path(m) for m in range(1, half + 2)] == ["gemv"] * half + ["gemm"]
-    for bits in (2, 8):
-        p8 = make_packed(21, 200, 16, bits, 0.5)
-        assert [dispatch.LinearPlan(p8).path(m) for m in (3, 4)] == ["gemv", "gemm"]
+    assert [plan.path(m) for m in (1, 2, 3, 4, 5)] == ["gemv"] * 3 + ["gemm"] * 2
     assert plan.gemv.layout is not None  # W4 G16: the v2 kernel
     seen = []
     real = gemv_layout.jitted

@@ -658,32 +658,28 @@ def _half_dot_emulated(x, p):
 @pytest.mark.parametrize("g", [16, 32, 64, 128])
 def test_v2_half_dot_interpreted_matches_emulation(g):
     """The packed-fp16 dot of the pipelined kernel, interpreted (plain-Triton twin of the PTX: _hd_meta_emu,
-    _hdeq16_emu, _hdot8_emu) on W4 G16 / G32 / G64 / G128 layers (units of 16 codes; G64: four units of one metadata
-    word), rows of several steps, empty rows, rows per program 1 and 3, 1 and 2 units per thread, one row of x and
-    several (MB > 1: each unit dequantized once, the dot per row of x; 3 rows, and MAX_MB at G16): every row of x
-    equal to the torch emulation of the half dot to fp32 summation order, and off the exact dot by the half dot's own
-    error (activations of ~±2000: fp16 lane sums round at ulp 2-4), which the fp32 dot (half_dot=False) does not
-    have."""
+    _hdot16_emu) on W4 G16 / G32 / G64 / G128 layers (units of 16 codes; G64: four units of one metadata word), rows of
+    several steps, empty rows, rows per program 1 and 3, 1 and 2 units per thread: equal to the torch emulation of
+    the half dot to fp32 summation order, and off the exact dot by the half dot's own error (activations of
+    ~±2000: fp16 lane sums round at ulp 2-4), which the fp32 dot (half_dot=False) does not have."""
     p = make_packed(19, g * 45, g, 4, 0.3, special="empty_rows", seed=50 + g)
     n, k = p.shape
     lay = gemv_layout.build_layout(p)
-    mmax = gemv_layout.MAX_MB if g == 16 else 3
-    x = (torch.randn(mmax, k, generator=torch.Generator().manual_seed(51)) * 2000).half()
-    emu = [_half_dot_emulated(x[i], p) for i in range(mmax)]
-    exact = x.double() @ reference.dequantize(p, torch.float64).T
-    scale = [float(exact[i].norm()) for i in range(mmax)]
-    assert float((emu[0] - exact[0]).norm()) / scale[0] > 1e-4  # the case tells the two dots apart
-    for upt, rpp, m in ((2, 3, 1), (1, 1, 1), (2, 3, 3), (1, 1, mmax)):
-        y = torch.full((m, n), float("nan"), dtype=torch.float32)
-        gemv_layout.launch(x[:m], p, lay, None, y, pipeline=True, units_per_thread=upt, rows_per_prog=rpp,
+    x = (torch.randn(1, k, generator=torch.Generator().manual_seed(51)) * 2000).half()
+    emu = _half_dot_emulated(x[0], p)
+    exact = (x.double() @ reference.dequantize(p, torch.float64).T)[0]
+    scale = float(exact.norm())
+    assert float((emu - exact).norm()) / scale > 1e-4  # the case tells the two dots apart
+    for upt, rpp in ((2, 3), (1, 1)):
+        y = torch.full((1, n), float("nan"), dtype=torch.float32)
+        gemv_layout.launch(x, p, lay, None, y, pipeline=True, units_per_thread=upt, rows_per_prog=rpp,
                            half_dot=True)
         assert bool(torch.isfinite(y).all())
-        for i in range(m):
-            e_emu = float((y[i].double() - emu[i]).norm()) / scale[i]
-            assert e_emu < 2e-6, (upt, rpp, m, i, e_emu)
+        e_emu = float((y[0].double() - emu).norm()) / scale
+        assert e_emu < 2e-6, (upt, rpp, e_emu)
     y = torch.full((1, n), float("nan"), dtype=torch.float32)
-    gemv_layout.launch(x[:1], p, lay, None, y, pipeline=True, rows_per_prog=3, half_dot=False)
-    assert float((y[0].double() - exact[0]).norm()) / scale[0] < 2e-6
+    gemv_layout.launch(x, p, lay, None, y, pipeline=True, rows_per_prog=3, half_dot=False)
+    assert float((y[0].double() - exact).norm()) / scale < 2e-6
 
 
 @pytest.mark.parametrize("g", [16, 64])
@@ -719,11 +715,10 @@ def test_v2_half_dot_interpreted_overflow_redo(g):
 
 
 def test_v2_half_dot_default_policy():
-    """launch's default (half_dot=None) takes the packed-fp16 dot for one row of fp16 x on a W4 G16 layer of
+    """launch's default (half_dot=None) takes the packed-fp16 dot only for one row of fp16 x on a W4 G16 layer of
     ≥ HALF_MIN_CODES kept codes (kept groups · G) or a G32 / G64 / G128 layer of ≥ HALF_WIDE_MIN_CODES (where it
-    measured faster), and for 2 … HALF_MAX_MB rows on any W4 layer of those groups; compiled only, never under the
-    interpreter. Its units per thread (half_dot_units): at one row G16 4 (and maxnreg) from HALF_U4_MIN_CODES kept
-    codes, wider groups where the rows average ≥ HALF_WIDE_U4_ROW_CODES; at several rows HALF_BATCH_UNITS."""
+    measured faster), compiled only; never under the interpreter. Its units per thread (half_dot_units): G16 4 (and
+    maxnreg) from HALF_U4_MIN_CODES kept codes, wider groups where the rows average ≥ HALF_WIDE_U4_ROW_CODES."""
     import dataclasses
 
     def layer(g, groups, n=2):  # (only the count of kept groups and the rows are read: a col_idx of that many)
@@ -740,20 +735,15 @@ def test_v2_half_dot_default_policy():
         assert not gemv_layout.half_dot_default(small, torch.float16, 1)
         for g in (32, 64, 128):
             assert not gemv_layout.half_dot_default(layer(g, wide // g - 1), torch.float16, 1)
-        for g in (16, 32, 64, 128):  # several rows: any size
-            for m in (2, gemv_layout.HALF_MAX_MB):
-                assert gemv_layout.half_dot_default(layer(g, 4), torch.float16, m)
-            assert not gemv_layout.half_dot_default(layer(g, 4), torch.float16, gemv_layout.HALF_MAX_MB + 1)
-            assert not gemv_layout.half_dot_default(layer(g, 4), torch.bfloat16, 2)
+            assert not gemv_layout.half_dot_default(layer(g, wide // g), torch.float16, 2)
+        assert not gemv_layout.half_dot_default(big, torch.float16, 2)
         assert not gemv_layout.half_dot_default(big, torch.float16, 1, num_warps=2)
-        assert not gemv_layout.half_dot_default(big, torch.float16, 2, num_warps=2)
     assert not gemv_layout.half_dot_default(big, torch.bfloat16, 1)
     assert not gemv_layout.half_dot_default(layer(64, need // 64), torch.bfloat16, 1)
     assert not gemv_layout.half_dot_default(big, torch.float16, 1, unit_codes=8)
     u4 = (4, gemv_layout.HALF_MAXNREG)
     u2 = (gemv_layout.HALF_UNITS_PER_THREAD, None)
     n16 = gemv_layout.HALF_U4_MIN_CODES // 16
-    assert gemv_layout.half_dot_units(layer(16, n16, n=100000), mrows=2) == (gemv_layout.HALF_BATCH_UNITS, None)
     assert gemv_layout.half_dot_units(layer(16, n16, n=100000)) == u4
     assert gemv_layout.half_dot_units(layer(16, n16 - 1, n=10)) == u2
     row = gemv_layout.HALF_WIDE_U4_ROW_CODES

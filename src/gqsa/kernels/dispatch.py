@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from ..format import PackedLinear
-from . import gemv, gemv_layout
+from . import gemv
 from .block_gemm import BlockCall, BlockConfig, for_group
 from .block_layout import BLOCK_ROWS, build_block_layout, detect_block_rows, detect_row_clusters
 from .gemm import GemmCall, GemmConfig, num_sms
@@ -103,16 +103,14 @@ DENSE_KEEP = 0.9  # a block layer keeping this share of its groups or more takes
 
 @dataclass(frozen=True)
 class DispatchTable:
-    """``gemv_max_m``: largest batch served by the GEMV; ``gemv_half_max_m``: the same for fp16 activations on
-    layers the GEMV's packed-fp16 dot serves at several rows (:func:`gemv_layout.half_dot_default`; 0: as
-    ``gemv_max_m``); ``buckets``: ``(max_m, GemmConfig)`` in ascending ``max_m``, the last one serving every larger
-    M; ``expand_min_m``: from this many rows on, per-call dense expansion + cuBLAS (None: never)."""
+    """``gemv_max_m``: largest batch served by the GEMV; ``buckets``: ``(max_m, GemmConfig)`` in
+    ascending ``max_m``, the last one serving every larger M; ``expand_min_m``: from this many rows on,
+    per-call dense expansion + cuBLAS (None: never)."""
 
     gemv_max_m: int
     buckets: tuple = field(default_factory=tuple)
     expand_min_m: int | None = None
     block: BlockTable | None = None  # block-uniform layers (None: they take the irregular path)
-    gemv_half_max_m: int = 0
 
     def config(self, m: int) -> GemmConfig:
         for max_m, cfg in self.buckets:
@@ -188,12 +186,9 @@ H200_BLOCK_TABLE = BlockTable(
 # and lost at M = 128 (428.8 against 366.2). Seventh session (the same sweep with ``halves`` candidates, RESULTS
 # "Session 7"): halves won at M = 32 (32×128 tiles, 128 registers: 160.0 against 165.7 µs) and M = 128 (325.3
 # against 363.3: the 128×128 tile no longer spills) and lost at M = 4, 16 and 64 (e.g. 64: 275.3 against 226.5).
-# Eighth session: gemv_half_max_m — the GEMV's packed-fp16 dot at M > 1 (each unit dequantized once, the dot per
-# row; gemv_layout.HALF_MAX_MB) on fp16 W4 layers with G in gemv_layout.HALF_GROUPS (RESULTS "Session 8").
 _G = functools.partial(GemmConfig, num_warps=4, num_stages=1)
 H200_TABLE = DispatchTable(
     gemv_max_m=3,
-    gemv_half_max_m=8,
     buckets=(
         (16, _G(block_m=16, block_n=128, waves=2.0, prefetch=True, maxnreg=128)),
         (32, _G(block_m=32, block_n=128, waves=2.0, prefetch=True, maxnreg=128, halves=True)),
@@ -206,8 +201,7 @@ H200_TABLE = DispatchTable(
 
 
 def table_to_json(table: DispatchTable) -> dict:
-    out = {"gemv_max_m": table.gemv_max_m, "gemv_half_max_m": table.gemv_half_max_m,
-           "expand_min_m": table.expand_min_m,
+    out = {"gemv_max_m": table.gemv_max_m, "expand_min_m": table.expand_min_m,
            "buckets": [[m, dict(cfg.__dict__)] for m, cfg in table.buckets]}
     if table.block is not None:
         b = table.block
@@ -235,8 +229,7 @@ def table_from_json(obj: dict) -> DispatchTable:
             if not block.buckets or not all(bk for _, bk in block.buckets):
                 raise ValueError("empty block buckets")
         return DispatchTable(gemv_max_m=int(obj["gemv_max_m"]), buckets=buckets,
-                             expand_min_m=None if exp is None else int(exp), block=block,
-                             gemv_half_max_m=int(obj.get("gemv_half_max_m", 0)))
+                             expand_min_m=None if exp is None else int(exp), block=block)
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"not a dispatch table: {e}") from None
 
@@ -307,8 +300,6 @@ class LinearPlan:
                             and packed.nnz >= DENSE_KEEP * packed.shape[0] * packed.n_group_cols)
         if self.block is None and self.kernel_ok:
             self.layout = self._tile_layout()
-        # the GEMV's packed-fp16 dot serves several rows of fp16 x: table.gemv_half_max_m
-        self.half_rows = self.kernel_ok and gemv_layout.half_dot_default(packed, torch.float16, 2)
         if self.kernel_ok and self._gemv is None and (self.block is None or self.table.block.gemv_max_m > 0):
             self._gemv = gemv.prepare(packed)
         self.sms = num_sms(self.device)
@@ -323,9 +314,9 @@ class LinearPlan:
             self._gemv = gemv.prepare(self.packed)
         return self._gemv
 
-    def path(self, m: int, dtype: torch.dtype = torch.float16) -> str:
-        """Which kernel serves ``m`` rows of x in ``dtype``: ``"block"`` (block-uniform layers), ``"gemv"``,
-        ``"gemm"``, ``"expand"``, ``"dense-cache"`` or ``"reference"``."""
+    def path(self, m: int) -> str:
+        """Which kernel serves ``m`` rows: ``"block"`` (block-uniform layers), ``"gemv"``, ``"gemm"``,
+        ``"expand"``, ``"dense-cache"`` or ``"reference"``."""
         if not self.kernel_ok:
             return "reference"
         if self.dense_min_m is not None and m >= self.dense_min_m:
@@ -342,10 +333,7 @@ class LinearPlan:
             return "gemv" if m <= self.table.block.gemv_max_m else "block"
         if self.table.expand_min_m is not None and m >= self.table.expand_min_m:
             return "expand"
-        gemv_max = self.table.gemv_max_m
-        if self.half_rows and dtype == torch.float16:
-            gemv_max = max(gemv_max, self.table.gemv_half_max_m)
-        return "gemv" if m <= gemv_max else "gemm"
+        return "gemv" if m <= self.table.gemv_max_m else "gemm"
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         # a batch shape seen before on a kernel path: its prepared call (no checks to redo but the device and
@@ -370,7 +358,7 @@ class LinearPlan:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, k)
         m = x2.shape[0]
-        path = self.path(m, x.dtype)
+        path = self.path(m)
         if path == "dense-cache":
             if self._dense is None or self._dense.dtype != x.dtype:
                 self._dense = gemv.dequantize_dense(p, x.dtype)

@@ -96,8 +96,8 @@ _WS_STRIDE = MAX_DECODE_BATCH  # fp32 workspace entries per split-row slot
 AUTO_V2_GROUPS = (16, 32, 64, 128)
 # rows of x the v2 kernel serves (its constexpr MB: the weights read and dequantized once for every row, the
 # dot per row); v1 above. Chosen from the H200 measurement of issue gemvb (benchmarks/RESULTS.md, "GEMV v2
-# at M = 2-4"), set by V2_MAX_BATCH ≤ gemv_layout.MAX_MB; 8 since session 8 (the half dot at M = 2-8).
-V2_MAX_BATCH = 8
+# at M = 2-4"), set by V2_MAX_BATCH ≤ gemv_layout.MAX_MB.
+V2_MAX_BATCH = 4
 KERNELS = ("auto", "v1", "v2")
 DEFAULT_KERNEL = os.environ.get("GQSA_GEMV_KERNEL", "auto")
 

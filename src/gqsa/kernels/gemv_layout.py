@@ -37,16 +37,15 @@ math and an L2 prefetch a few steps ahead; a packed-fp16 dot (``half_dot``: fp16
 whose sum comes out inf/NaN — a lane overflowed, |x| above ≈ 8700, or an inf/NaN activation — is redone in fp32 by
 :func:`_hd_row_fp32`, a rare warp-uniform branch at the row's end; on by default at M = 1 for fp16 W4 G16 / G32 /
 G64 / G128 layers above a size in kept codes, :func:`half_dot_default`; ``GQSA_GEMV_HALF=0`` or ``half_dot=False`` opt
-out; under the interpreter the same math runs as plain Triton code, :func:`_hd_meta_emu` / :func:`_hdeq16_emu` /
-:func:`_hdot8_emu`).
+out; under the interpreter the same math runs as plain Triton code, :func:`_hd_meta_emu` / :func:`_hdot16_emu`).
 :func:`launch` picks the kernel by row length (``LONG_ROW_GROUPS``) and holds every setting as a launch argument
 (``GemvPlan(v2_opts=...)`` carries them).
 
-Several rows of x (issue gemvb): both kernels take a constexpr ``MB`` (1 … ``MAX_MB``) and serve ``MB`` rows
-of x in one launch: a step's metadata and codes are loaded and dequantized once (:data:`_PTX_DEQ4B`; the half dot:
-:data:`_PTX_HDEQ16`, session 8), the activation loads and the dot run per row of x, into one accumulator per row
-(a tuple of ``MB`` tensors, loop-carried); ``MB = 1`` compiles to the same code as the one-row kernel. At M > 1 the
-launcher picks the pipelined kernel for every row length (measured faster there).
+Several rows of x (issue gemvb): both kernels take a constexpr ``MB`` (1 … ``MAX_MB`` = 4) and serve ``MB`` rows
+of x in one launch: a step's metadata and codes are loaded and dequantized once (:data:`_PTX_DEQ4B`), the
+activation loads and the dot run per row of x, into one accumulator per row (a tuple of ``MB`` tensors,
+loop-carried); ``MB = 1`` compiles to the same code as the one-row kernel. At M > 1 the launcher picks the
+pipelined kernel for every row length (measured faster there).
 """
 from __future__ import annotations
 
@@ -112,12 +111,7 @@ V2P_PREFETCH = 2  # L2 prefetch distance in steps (0: none)
 # (u4 m80: rows of ≥ 4096 codes) against auto f32: 4096² 5.97 / 7.80, 12288×4096 12.66 / 17.46, 22016×4096 18.99 /
 # 27.57, 4096×11008 11.93 / 16.44, 28672×8192 46.21 / 63.43. Rows whose fp16 lane sums overflow are redone in fp32
 # (_hd_row_fp32). Opt-out: half_dot=False (GemvPlan(v2_opts={"half_dot": False})) or GQSA_GEMV_HALF=0 at import;
-# GQSA_GEMV_HALF=1 takes it wherever it applies (any layer size, M = 1-MAX_MB), "auto" (the default) as above.
-# Several rows of x (session 8): "auto" takes the half dot at M = 2 … HALF_MAX_MB for any layer size (a unit
-# dequantized once, the dot per row: _PTX_HDEQ16 + _PTX_HDOT8), HALF_BATCH_UNITS units per thread, no register
-# limit (half_dot_units). Offline SASS, W4 G16, 2 units per thread (benchmarks/gemv_sass.py v2p '{"nw": 1, "REG":
-# true, "PF": 2, "UPT": 2, "HALF": true, "MB": M}'): loop instructions 156 / 212 / 295 / 442 at M = 1 / 2 / 4 / 8,
-# against 306 / 453 for the fp32 dot at M = 2 / 4.
+# GQSA_GEMV_HALF=1 takes it wherever it applies (any layer size, M = 1-4), "auto" (the default) as above.
 HALF_DOT_DEFAULT = os.environ.get("GQSA_GEMV_HALF", "auto").strip().lower()
 if HALF_DOT_DEFAULT not in ("auto", "0", "1"):
     raise ValueError(f"GQSA_GEMV_HALF={HALF_DOT_DEFAULT!r}: use auto, 0 or 1")
@@ -128,9 +122,7 @@ HALF_U4_MIN_CODES = 64 << 20  # G16: from here 4 units per thread and maxnreg HA
 HALF_WIDE_MIN_CODES = 2 << 20  # G32 / G64 / G128 (the smallest layer measured faster: 1024×4096 W4 S50 G64)
 HALF_WIDE_U4_ROW_CODES = 4096  # G32 / G64 / G128: 4 units per thread, maxnreg HALF_MAXNREG from here (codes a row)
 HALF_MAXNREG = 80
-HALF_MAX_MB = 8  # "auto": the half dot up to this many rows of x
-HALF_BATCH_UNITS = 2  # units per thread of the half dot at M > 1
-MAX_MB = 8  # rows of x one launch of the v2 kernels serves (the constexpr MB: weights read once for all)
+MAX_MB = 4  # rows of x one launch of the v2 kernels serves (the constexpr MB: weights read once for all)
 # M = 2-4 rows of x run the pipelined kernel whatever the row length: on the long-row shapes it beat the
 # one-program-per-row kernel at every M ≥ 2 (H200, 2026-12-01, benchmarks/RESULTS.md "GEMV v2 at M = 2-4":
 # 4096×11008 14.9 / 19.8 / 24.4 µs against 20.6 / 28.6 / 34.0 at M = 2 / 3 / 4; 8192×28672 57.3 / 81.4 / 107.8
@@ -345,47 +337,10 @@ cvt.f32.f16 fh, h;
 add.f32 $0, fl, fh;
 }"""
 
-# The same dot split in two for several rows of x (session 8): HDEQ16 dequantizes a unit once — $0..$7 the half2
-# pairs ((q_2k − z)/16, (q_2k+1 − z)/16) of bytes 0-3 of $8 and bytes 0-3 of $9, with $10 = −(64 + z/16, 4 + z/16)
-# as above (computed into temporaries first: an output may share a register with an input) — and HDOT8 takes them
-# against one row's 8 activation words ($9..$16) -> $0, the same fp16 fma chain and fp32 lane sum as HDOT16, so
-# the split gives HDOT16's result bit for bit.
-_PTX_HDEQ16 = """{
-.reg .b32 p, mul, d0, d1, d2, d3, d4, d5, d6, d7;
-mov.b32 mul, 0x1C002C00;
-prmt.b32 p, $8, 0, 0x0000; lop3.b32 d0, p, 0x00F0000F, 0x64006400, 0xEA; fma.rn.f16x2 d0, d0, mul, $10;
-prmt.b32 p, $8, 0, 0x1111; lop3.b32 d1, p, 0x00F0000F, 0x64006400, 0xEA; fma.rn.f16x2 d1, d1, mul, $10;
-prmt.b32 p, $8, 0, 0x2222; lop3.b32 d2, p, 0x00F0000F, 0x64006400, 0xEA; fma.rn.f16x2 d2, d2, mul, $10;
-prmt.b32 p, $8, 0, 0x3333; lop3.b32 d3, p, 0x00F0000F, 0x64006400, 0xEA; fma.rn.f16x2 d3, d3, mul, $10;
-prmt.b32 p, $9, 0, 0x0000; lop3.b32 d4, p, 0x00F0000F, 0x64006400, 0xEA; fma.rn.f16x2 d4, d4, mul, $10;
-prmt.b32 p, $9, 0, 0x1111; lop3.b32 d5, p, 0x00F0000F, 0x64006400, 0xEA; fma.rn.f16x2 d5, d5, mul, $10;
-prmt.b32 p, $9, 0, 0x2222; lop3.b32 d6, p, 0x00F0000F, 0x64006400, 0xEA; fma.rn.f16x2 d6, d6, mul, $10;
-prmt.b32 p, $9, 0, 0x3333; lop3.b32 d7, p, 0x00F0000F, 0x64006400, 0xEA; fma.rn.f16x2 d7, d7, mul, $10;
-mov.b32 $0, d0; mov.b32 $1, d1; mov.b32 $2, d2; mov.b32 $3, d3;
-mov.b32 $4, d4; mov.b32 $5, d5; mov.b32 $6, d6; mov.b32 $7, d7;
-}"""
-_PTX_HDOT8 = """{
-.reg .b32 a;
-.reg .b16 l, h;
-.reg .f32 fl, fh;
-mul.rn.f16x2 a, $1, $9;
-fma.rn.f16x2 a, $2, $10, a;
-fma.rn.f16x2 a, $3, $11, a;
-fma.rn.f16x2 a, $4, $12, a;
-fma.rn.f16x2 a, $5, $13, a;
-fma.rn.f16x2 a, $6, $14, a;
-fma.rn.f16x2 a, $7, $15, a;
-fma.rn.f16x2 a, $8, $16, a;
-mov.b32 {l, h}, a;
-cvt.f32.f16 fl, l;
-cvt.f32.f16 fh, h;
-add.f32 $0, fl, fh;
-}"""
-
 if tl is not None:  # what the kernel reads as globals must be constexpr
-    LDW4, LDW2, LDW1, LDX4, META4, DEQ4B, PREFL2, META4H, HDOT16, HDEQ16, HDOT8, PDL_WAIT = (tl.constexpr(v) for v in (
+    LDW4, LDW2, LDW1, LDX4, META4, DEQ4B, PREFL2, META4H, HDOT16, PDL_WAIT = (tl.constexpr(v) for v in (
         _PTX_LDW4, _PTX_LDW2, _PTX_LDW1, _PTX_LDX4, _PTX_META4, _PTX_DEQ4B, _PTX_PREFL2, _PTX_META4H, _PTX_HDOT16,
-        _PTX_HDEQ16, _PTX_HDOT8, _PTX_PDL_WAIT))
+        _PTX_PDL_WAIT))
 
 
 def _hd_row_fp32(x_ptr, cw_ptr, meta_ptr, rp_ptr, row, G: tl.constexpr, UC: tl.constexpr, NUM_THREADS: tl.constexpr,
@@ -445,39 +400,32 @@ def _f16_hi(w):
     return ((w >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
 
 
-def _hdeq16_emu(c0, c1, negc):
-    """:data:`_PTX_HDEQ16` in plain Triton (the interpreter's half dot; not compiled: the compiled half dot is the
-    PTX): one unit of 16 codes (``c0``, ``c1``) -> the 16 values (q − z)/16 as fp32 tensors, the even and odd code
-    of byte k at 2k and 2k + 1, with the PTX's steps and roundings: each code byte masked into the mantissas of
-    1024.0 (even code: 1024 + q, odd code: 1024 + 16q), one fma with (1/16, 1/256) and ``negc`` (exact)."""
+def _hdot16_emu(c0, c1, x0, x1, x2, x3, x4, x5, x6, x7, negc):
+    """:data:`_PTX_HDOT16` in plain Triton (the interpreter's half dot; not compiled: the compiled half dot is the
+    PTX): one unit of 16 codes (``c0``, ``c1``) against 16 fp16 activations (``x0`` … ``x7``, pairs) -> Σ x·(q − z)
+    / 16 in fp32, with the PTX's steps and roundings: each code byte masked into the mantissas of 1024.0 (even
+    code: 1024 + q, odd code: 1024 + 16q), one fma with (1/16, 1/256) and ``negc`` giving (q − z)/16 exactly; per
+    half lane the first product rounded to fp16, then 7 fp16 fmas (emulated as an fp32 sum rounded to fp16: the
+    product of two fp16 values is exact in fp32), the two lanes added in fp32. An fp16 lane that overflows gives
+    inf as on the GPU."""
     nlo = _f16_lo(negc)
     nhi = _f16_hi(negc)
-    ds = ()
+    xs = (x0, x1, x2, x3, x4, x5, x6, x7)
+    alo = nlo * 0.0
+    ahi = nlo * 0.0
     for k in tl.static_range(8):
         if k < 4:
             byte = (c0 >> (8 * k)) & 0xFF
         else:
             byte = (c1 >> (8 * (k - 4))) & 0xFF
-        ds = ds + ((_f16_lo((byte & 0xF) | 0x6400) * 0.0625 + nlo).to(tl.float16).to(tl.float32),
-                   (_f16_lo((byte & 0xF0) | 0x6400) * 0.00390625 + nhi).to(tl.float16).to(tl.float32))
-    return ds
-
-
-def _hdot8_emu(ds, x0, x1, x2, x3, x4, x5, x6, x7):
-    """:data:`_PTX_HDOT8` in plain Triton: the 16 values of :func:`_hdeq16_emu` against 16 fp16 activations
-    (``x0`` … ``x7``, pairs) -> Σ x·(q − z) / 16 in fp32: per half lane the first product rounded to fp16, then 7
-    fp16 fmas (emulated as an fp32 sum rounded to fp16: the product of two fp16 values is exact in fp32), the two
-    lanes added in fp32. An fp16 lane that overflows gives inf as on the GPU."""
-    xs = (x0, x1, x2, x3, x4, x5, x6, x7)
-    alo = _f16_lo(xs[0]) * 0.0
-    ahi = alo
-    for k in tl.static_range(8):
+        dlo = (_f16_lo((byte & 0xF) | 0x6400) * 0.0625 + nlo).to(tl.float16).to(tl.float32)
+        dhi = (_f16_lo((byte & 0xF0) | 0x6400) * 0.00390625 + nhi).to(tl.float16).to(tl.float32)
         if k == 0:
-            alo = (_f16_lo(xs[k]) * ds[0]).to(tl.float16).to(tl.float32)
-            ahi = (_f16_hi(xs[k]) * ds[1]).to(tl.float16).to(tl.float32)
+            alo = (_f16_lo(xs[k]) * dlo).to(tl.float16).to(tl.float32)
+            ahi = (_f16_hi(xs[k]) * dhi).to(tl.float16).to(tl.float32)
         else:
-            alo = (_f16_lo(xs[k]) * ds[2 * k] + alo).to(tl.float16).to(tl.float32)
-            ahi = (_f16_hi(xs[k]) * ds[2 * k + 1] + ahi).to(tl.float16).to(tl.float32)
+            alo = (_f16_lo(xs[k]) * dlo + alo).to(tl.float16).to(tl.float32)
+            ahi = (_f16_hi(xs[k]) * dhi + ahi).to(tl.float16).to(tl.float32)
     return alo + ahi
 
 
@@ -489,8 +437,7 @@ if tl is not None:  # called from the pipelined kernel (HALF only: compiled mode
     # the interpreter's half dot calls the plain functions (an interpreted kernel cannot call a compiled-mode
     # @triton.jit function); wrapped as constexprs, which the compiled kernel may reference (in branches it does not
     # compile) where Triton refuses a plain function
-    HD_ROW_EMU, HD_META_EMU, HDEQ16_EMU, HDOT8_EMU = (tl.constexpr(f) for f in (_hd_row_fp32, _hd_meta_emu,
-                                                                              _hdeq16_emu, _hdot8_emu))
+    HD_ROW_EMU, HD_META_EMU, HDOT16_EMU = (tl.constexpr(f) for f in (_hd_row_fp32, _hd_meta_emu, _hdot16_emu))
 
 
 def _gemv2_kernel(
@@ -500,7 +447,7 @@ def _gemv2_kernel(
     MB: tl.constexpr = 1,
 ):
     """y[i, r] = Σ over the kept groups of row r of s·Σ x[i]·(q − z) (+ bias[r]) for the ``MB`` rows ``i`` of x
-    (1 … ``MAX_MB``); one program per output row.
+    (1 … 4); one program per output row.
 
     ``x_ptr``: the activation rows as int32 words (2 halves each), zero-padded to whole groups, ``XS`` words
     apart (16-byte aligned; ``x8_ptr``: the same bytes, addressed by the inline-PTX loads); ``cw_ptr``: codes
@@ -665,15 +612,13 @@ def _gemv2p_kernel(
     inf or NaN (an fp16 lane overflowed, or an activation is inf/NaN) the row is redone in fp32
     (:func:`_hd_row_fp32`, from plain loads), at both places a row's sum goes out: nothing in the loop body.
     Without ``ASM`` (the interpreter only: :class:`V2Call` never compiles it) the same math in plain Triton
-    (:func:`_hd_meta_emu`, :func:`_hdeq16_emu`, :func:`_hdot8_emu`).
+    (:func:`_hd_meta_emu`, :func:`_hdot16_emu`).
 
-    ``MB`` rows of x (1 … ``MAX_MB``; ``XS``: their stride in int32 words, ``YS``: the stride of y's rows), as in
+    ``MB`` rows of x (1 … 4; ``XS``: their stride in int32 words, ``YS``: the stride of y's rows), as in
     :func:`_gemv2_kernel`: the weights loaded and dequantized once per step, the activation loads and the dot
     per row of x, one accumulator per row (a tuple, loop-carried), the sums of a finished output row stored
-    for every row of x. (``HALF``: at ``MB = 1`` one PTX block dequantizes and multiplies (:data:`_PTX_HDOT16`); at
-    ``MB > 1`` a unit is dequantized once into half2 pairs (:data:`_PTX_HDEQ16`) and each row's dot
-    (:data:`_PTX_HDOT8`) takes them: 1.5 instructions per code once and 0.5 per code and row, bit for bit the
-    one-row result.)
+    for every row of x. (``HALF``: its dot dequantizes inside, so it runs per row: the codes are read once but
+    dequantized ``MB`` times.)
     """
     TPG: tl.constexpr = G // UC
     SLOT: tl.constexpr = NUM_THREADS // TPG
@@ -836,31 +781,18 @@ def _gemv2p_kernel(
                         x3 = tl.load(xp + i + 3)
                     xw = xw + (x0, x1, x2, x3)
             rgs = ()
-            if HD and ASM and MB == 1:  # dequantization and dot in one
-                rgs = (tl.inline_asm_elementwise(
-                    HDOT16, "=f,r,r,r,r,r,r,r,r,r,r,r",
-                    [codes[j * 2], codes[j * 2 + 1], xw[0], xw[1], xw[2], xw[3], xw[4], xw[5], xw[6], xw[7], negc],
-                    dtype=tl.float32, is_pure=True, pack=1),)
-            elif HD:  # the unit dequantized once, the dot per row of x
-                if ASM:
-                    ds = tl.inline_asm_elementwise(HDEQ16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r",
-                                                   [codes[j * 2], codes[j * 2 + 1], negc], dtype=(tl.int32,) * 8,
-                                                   is_pure=True, pack=1)
+            for mb in tl.static_range(MB):
+                if HD and ASM:
+                    rgs = rgs + (tl.inline_asm_elementwise(
+                        HDOT16, "=f,r,r,r,r,r,r,r,r,r,r,r",
+                        [codes[j * 2], codes[j * 2 + 1], xw[mb * XPU], xw[mb * XPU + 1], xw[mb * XPU + 2],
+                         xw[mb * XPU + 3], xw[mb * XPU + 4], xw[mb * XPU + 5], xw[mb * XPU + 6], xw[mb * XPU + 7],
+                         negc], dtype=tl.float32, is_pure=True, pack=1),)
+                elif HD:
+                    rgs = rgs + (HDOT16_EMU(codes[j * 2], codes[j * 2 + 1], xw[mb * XPU], xw[mb * XPU + 1],
+                                             xw[mb * XPU + 2], xw[mb * XPU + 3], xw[mb * XPU + 4], xw[mb * XPU + 5],
+                                             xw[mb * XPU + 6], xw[mb * XPU + 7], negc),)
                 else:
-                    ds = HDEQ16_EMU(codes[j * 2], codes[j * 2 + 1], negc)
-                for mb in tl.static_range(MB):
-                    if ASM:
-                        rgs = rgs + (tl.inline_asm_elementwise(
-                            HDOT8, "=f,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r",
-                            [ds[0], ds[1], ds[2], ds[3], ds[4], ds[5], ds[6], ds[7], xw[mb * XPU], xw[mb * XPU + 1],
-                             xw[mb * XPU + 2], xw[mb * XPU + 3], xw[mb * XPU + 4], xw[mb * XPU + 5],
-                             xw[mb * XPU + 6], xw[mb * XPU + 7]], dtype=tl.float32, is_pure=True, pack=1),)
-                    else:
-                        rgs = rgs + (HDOT8_EMU(ds, xw[mb * XPU], xw[mb * XPU + 1], xw[mb * XPU + 2], xw[mb * XPU + 3],
-                                               xw[mb * XPU + 4], xw[mb * XPU + 5], xw[mb * XPU + 6],
-                                               xw[mb * XPU + 7]),)
-            else:
-                for mb in tl.static_range(MB):
                     rgs = rgs + (tl.full([NUM_THREADS], 0.0, tl.float32),)
             for w in tl.static_range(0 if HD else WPU):
                 cw = codes[j * WPU + w]
@@ -966,8 +898,8 @@ def half_dot_default(packed: PackedLinear, x_dtype: torch.dtype, mrows: int, uni
                      num_warps: int | None = None) -> bool:
     """Whether :func:`launch` takes the packed-fp16 dot when its ``half_dot`` is None (``HALF_DOT_DEFAULT``;
     see ``HALF_MIN_CODES``): fp16 activations, 4-bit integer-zero codes in 16-code units, and, for ``"auto"``,
-    G in ``HALF_GROUPS``, one warp per program and either one row of x on a layer of ≥ ``HALF_MIN_CODES`` kept codes
-    (kept groups · G; ``HALF_WIDE_MIN_CODES`` for G > 16) or 2 … ``HALF_MAX_MB`` rows (any size)."""
+    one row of x, G in ``HALF_GROUPS``, ≥ ``HALF_MIN_CODES`` kept codes (kept groups · G) and one warp per
+    program."""
     if HALF_DOT_DEFAULT == "0" or x_dtype != torch.float16 or packed.bits != 4 or packed.float_zeros:
         return False
     uc = unit_codes or V2_UNIT_CODES.get(4) or default_unit(packed.group_size, 4)[0]
@@ -976,20 +908,14 @@ def half_dot_default(packed: PackedLinear, x_dtype: torch.dtype, mrows: int, uni
     if HALF_DOT_DEFAULT == "1":
         return True
     g = packed.group_size
-    if g not in HALF_GROUPS or (num_warps or V2_NUM_WARPS) != 1:
-        return False
-    if mrows > 1:
-        return mrows <= HALF_MAX_MB
-    return packed.nnz * g >= (HALF_MIN_CODES if g == 16 else HALF_WIDE_MIN_CODES)
+    need = HALF_MIN_CODES if g == 16 else HALF_WIDE_MIN_CODES
+    return mrows == 1 and g in HALF_GROUPS and packed.nnz * g >= need and (num_warps or V2_NUM_WARPS) == 1
 
 
-def half_dot_units(packed: PackedLinear, mrows: int = 1) -> tuple[int, int | None]:
-    """(units per thread, ptxas register limit or None) that the default half dot runs ``packed`` with at ``mrows``
-    rows of x: for one row G16 4 and ``HALF_MAXNREG`` from ``HALF_U4_MIN_CODES`` kept codes, G32 / G64 / G128 where
-    the rows average ≥ ``HALF_WIDE_U4_ROW_CODES`` kept codes, else ``HALF_UNITS_PER_THREAD`` and no limit; for
-    several rows ``HALF_BATCH_UNITS`` and no limit."""
-    if mrows > 1:
-        return HALF_BATCH_UNITS, None
+def half_dot_units(packed: PackedLinear) -> tuple[int, int | None]:
+    """(units per thread, ptxas register limit or None) that the default half dot runs ``packed`` with: G16 4 and
+    ``HALF_MAXNREG`` from ``HALF_U4_MIN_CODES`` kept codes, G32 / G64 / G128 where the rows average ≥
+    ``HALF_WIDE_U4_ROW_CODES`` kept codes; else ``HALF_UNITS_PER_THREAD`` and no limit."""
     codes = packed.nnz * packed.group_size
     if packed.group_size == 16:
         u4 = codes >= HALF_U4_MIN_CODES
@@ -1019,7 +945,7 @@ def launch(x2: torch.Tensor, packed: PackedLinear, layout: GemvLayout, bias: tor
     sums overflowed is redone in fp32). None (default): :func:`half_dot_default` — then also the pipelined kernel,
     rows spread over ``V2P_PROGRAMS_PER_SM`` programs per SM, ``HALF_UNITS_PER_THREAD`` units per thread (from
     ``HALF_U4_MIN_CODES`` kept codes 4 units and ``maxnreg=HALF_MAXNREG``), each where not given. Under the
-    interpreter ``half_dot=True`` runs the same math in plain Triton code (:func:`_hdot8_emu`); compiled without
+    interpreter ``half_dot=True`` runs the same math in plain Triton code (:func:`_hdot16_emu`); compiled without
     inline PTX (``asm=False``) it is ignored."""
     mrows, k = x2.shape
     if mrows > MAX_MB:
@@ -1081,7 +1007,7 @@ class V2Call:
                 pipeline = True
                 if rows_per_prog is None and programs_per_sm is None:
                     programs_per_sm = V2P_PROGRAMS_PER_SM
-                upt, mx = half_dot_units(packed, mrows)
+                upt, mx = half_dot_units(packed)
                 units_per_thread = units_per_thread or upt
                 maxnreg = maxnreg or mx
         self.nw = num_warps or V2_NUM_WARPS
