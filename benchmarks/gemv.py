@@ -22,6 +22,7 @@ device-to-device copy bandwidth measured in the same run (bytes read + written).
                                                    # (and v2 settings) at batch 1, every shape, graph timing
     python benchmarks/gemv.py --v2-batch --out DIR # the v2 kernel at M = 2-4 rows of x: GPU check, then cuBLAS
                                                    # fp16, the old path (v1 / GEMM) and batched v2, M = 1-4
+    python benchmarks/gemv.py --half-batch --out DIR  # the packed-fp16 dot at M = 1-4 on W4 S0 G128 / S30 G64
 """
 from __future__ import annotations
 
@@ -951,6 +952,56 @@ def compare_v2_batch(args, bw, out_records, shapes, ms=(1, 2, 3, 4)):
         torch.cuda.empty_cache()
 
 
+HB_SHAPES = "4096x4096,12288x4096,4096x11008,28672x8192"
+HB_SETTINGS = {"w4s0g128": (0.0, 128), "w4s30g64": (0.3, 64)}  # name -> (sparsity, G); S0 layers are block-uniform
+
+
+def compare_half_batch(args, out_records, shapes, ms=(1, 2, 3, 4), units=(2, 4), settings=HB_SETTINGS):
+    """The packed-fp16 dot at several rows of x (the pipelined v2 kernel, ``half_dot=True``: its dot dequantizes
+    per row), fp16, rotated weights, graph µs: cuBLAS fp16; ``plan``: a LinearPlan with the committed table (block
+    layers: the GEMV at M ≤ ``dense_gemv_max_m`` when they keep every group, the block kernel above); ``f32``: the
+    pipelined v2 kernel with the fp32 dot; ``half uU``: with the half dot, U units per thread. Every result checked
+    against the reference. (Session 8 timed a variant that dequantizes once for all rows, commit 2882ab6, on W4 S50
+    G16: no faster than the fp32 dot; this mode times the committed kernel on the wider groups.)"""
+    from gqsa.kernels import dispatch
+    from gqsa.kernels import gemv_layout as gl
+
+    gen = torch.Generator(device=DEV)
+    gen.manual_seed(0)
+    for sname, (sp, g) in settings.items():
+        for n, k in shapes:
+            p0 = random_packed(n, k, sp, g, gen=gen)
+            packs = [p0] + [clone_packed(p0) for _ in range(n_copies(p0.nbytes(), args.rot_bytes) - 1)]
+            lays = [gl.build_layout(p) for p in packs]
+            plans = [dispatch.LinearPlan(p) for p in packs]
+            wf = make_fp16(n, k, args.rot_bytes)
+            for m in ms:
+                x = torch.randn(m, k, device=DEV, dtype=torch.float16)
+                ref = reference.linear(x, p0).float()
+                y = torch.empty(m, n, device=DEV, dtype=torch.float16)
+                meths = {"fp16": wf.fns_for_x(x), "plan": [lambda pl=pl: pl(x) for pl in plans],
+                         "f32": [lambda p=p, lay=lay: gl.launch(x, p, lay, None, y, pipeline=True, half_dot=False)
+                                 for p, lay in zip(packs, lays)]}
+                for u in units:
+                    meths[f"half u{u}"] = [lambda p=p, lay=lay, u=u: gl.launch(x, p, lay, None, y, pipeline=True,
+                                                                              half_dot=True, units_per_thread=u)
+                                           for p, lay in zip(packs, lays)]
+                res = {}
+                for name, fns in meths.items():
+                    y.fill_(float("nan"))
+                    out = fns[0]()
+                    torch.cuda.synchronize()
+                    e = None if name == "fp16" else rel_err(out if out is not None else y, ref)
+                    res[name] = t_graph(fns)
+                    out_records.append(dict(setting=sname, N=n, K=k, M=m, S=sp, G=g, method=name, graph_us=res[name],
+                                            rel_err=e, plan_path=plans[0].path(m), ok=e is None or e < 1e-2))
+                bad = [(r["method"], r["rel_err"]) for r in out_records[-len(res):] if not r["ok"]]
+                print(f"{sname} {n:6d}x{k:<6d} M={m} " + " ".join(f"{nm} {v:.2f}" for nm, v in res.items())
+                      + f" | plan {plans[0].path(m)}" + (f" FAIL {bad}" if bad else ""), flush=True)
+            del packs, lays, plans, wf, p0
+            torch.cuda.empty_cache()
+
+
 V2B_SWEEP = {  # launch settings of the batched v2 kernel timed by --v2-batch-sweep (all: the pipelined kernel)
     "default": {}, "u1": dict(units_per_thread=1), "u4": dict(units_per_thread=4), "pf0": dict(prefetch=0),
     "pf4": dict(prefetch=4), "pps12": dict(programs_per_sm=12), "pps48": dict(programs_per_sm=48),
@@ -1027,6 +1078,9 @@ def main(argv=None):
     ap.add_argument("--v2-batch", action="store_true",
                     help="v2 at M = 2-4: GPU check, then cuBLAS fp16 / old path / batched v2 at M = 1-4")
     ap.add_argument("--v2-batch-shapes", default=V2B_SHAPES, help="NxK shapes of --v2-batch")
+    ap.add_argument("--half-batch", action="store_true",
+                    help="the packed-fp16 dot at M = 1-4 rows of x on W4 S0 G128 / S30 G64 layers (--half-shapes)")
+    ap.add_argument("--half-shapes", default=HB_SHAPES, help="NxK shapes of --half-batch")
     ap.add_argument("--v2-batch-sweep", action="store_true",
                     help="launch settings of the batched v2 kernel (V2B_SWEEP) at M = 2-4 on --v2-batch-shapes")
     args = ap.parse_args(argv)
@@ -1054,6 +1108,13 @@ def main(argv=None):
     if args.tune_from:
         meta["tuned"] = apply_tuning(args.tune_from)
         print(f"tuned defaults: {meta['tuned']}", flush=True)
+    if args.half_batch:
+        shapes = [tuple(int(v) for v in s_.split("x")) for s_ in args.half_shapes.split(",") if s_]
+        compare_half_batch(args, records, shapes)
+        (out / "gemv_half_batch.json").write_text(json.dumps(dict(meta=meta, records=records), indent=1))
+        bad = [r for r in records if not r["ok"]]
+        print(f"[{len(records)} measurements in {time.time() - t0:.1f}s; {len(bad)} correctness failures]")
+        return 0 if not bad else 1
     if args.v2_batch_sweep:
         shapes = [tuple(int(v) for v in s_.split("x")) for s_ in args.v2_batch_shapes.split(",") if s_]
         sweep_v2_batch(args, records, shapes, out=out, meta=meta)

@@ -228,27 +228,32 @@ def test_dispatch_block128_large_m_runs_the_pre_kernels_not_the_expansion():
     check(plan(x), x, p)
 
 
-def test_dispatch_dense_block_layers_take_the_expansion_at_large_m():
+def test_dispatch_dense_block_layers_take_the_gemv_and_the_expansion():
     """A layer that keeps every group (sparsity 0: block-uniform at every height; here 3-bit, widened) takes the
-    dense expansion from ``dense_expand_min_m`` (its block kernels do twice an S50 layer's work there); the S50
-    block128 layer keeps its ``pre`` kernels; a table without the entry keeps the height's rule; the entry survives
-    the JSON round trip."""
+    GEMV up to ``dense_gemv_max_m`` rows and the dense expansion from ``dense_expand_min_m`` (its block kernels do
+    twice an S50 layer's work there); the S50 block128 layer keeps the block kernel from M = 2 and its ``pre``
+    kernels; a table without the entries keeps the height's rules; the entries survive the JSON round trip."""
     import dataclasses
 
     tb = dispatch.H200_TABLE.block
-    assert tb.dense_expand_min_m == 256
+    assert tb.dense_expand_min_m == 256 and tb.dense_gemv_max_m == 2 > tb.gemv_max_m
     dense = make_block_packed(128, 256, 32, bits=3, rows=128, sparsity=0.0)  # 3 bits: widened to 4 in the plan
     plan = dispatch.LinearPlan(dense)
     assert plan.block_rows == 128 and plan.block_dense and plan.packed.bits == 4
+    assert [plan.path(m) for m in (1, 2, 3)] == ["gemv", "gemv", "block"]
     assert plan.path(255) == "block" and plan.path(256) == "expand"
-    for m in (1, 6, 256):  # the GEMV, the block kernel, the expansion: against the 3-bit layer's reference
+    for m in (1, 2, 6, 256):  # the GEMV (one row, two), the block kernel, the expansion: against the 3-bit layer
         x = torch.randn(m, 256).half()
         check(plan(x), x, dense)
     sparse = dispatch.LinearPlan(make_block_packed(128, 256, 16, rows=128))
     assert not sparse.block_dense and sparse.path(4096) == "block"
-    off = dataclasses.replace(dispatch.H200_TABLE, block=dataclasses.replace(tb, dense_expand_min_m=None))
-    assert dispatch.LinearPlan(dense, table=off).path(4096) == "block"
+    assert [sparse.path(m) for m in (1, 2, 3)] == ["gemv", "block", "block"]
+    off = dataclasses.replace(dispatch.H200_TABLE, block=dataclasses.replace(tb, dense_expand_min_m=None,
+                                                                             dense_gemv_max_m=0))
+    plan_off = dispatch.LinearPlan(dense, table=off)
+    assert plan_off.path(4096) == "block" and plan_off.path(2) == "block"
     assert dispatch.table_from_json(dispatch.table_to_json(off)) == off
+    assert dispatch.table_from_json(dispatch.table_to_json(dispatch.H200_TABLE)) == dispatch.H200_TABLE
 
 
 def test_dispatch_prepared_block_calls_with_the_pre_pass_and_block_order_stores():

@@ -715,10 +715,12 @@ def test_v2_half_dot_interpreted_overflow_redo(g):
 
 
 def test_v2_half_dot_default_policy():
-    """launch's default (half_dot=None) takes the packed-fp16 dot only for one row of fp16 x on a W4 G16 layer of
-    ≥ HALF_MIN_CODES kept codes (kept groups · G) or a G32 / G64 / G128 layer of ≥ HALF_WIDE_MIN_CODES (where it
-    measured faster), compiled only; never under the interpreter. Its units per thread (half_dot_units): G16 4 (and
-    maxnreg) from HALF_U4_MIN_CODES kept codes, wider groups where the rows average ≥ HALF_WIDE_U4_ROW_CODES."""
+    """launch's default (half_dot=None) takes the packed-fp16 dot for one row of fp16 x on a W4 G16 layer of
+    ≥ HALF_MIN_CODES kept codes (kept groups · G) or a G32 / G64 / G128 layer of ≥ HALF_WIDE_MIN_CODES, and for 2 …
+    HALF_WIDE_BATCH_MAX_M rows on G64 / G128 layers of any size (where it measured faster), compiled only; never
+    under the interpreter. Its units per thread (half_dot_units): at one row G16 4 (and maxnreg) from
+    HALF_U4_MIN_CODES kept codes, wider groups where the rows average ≥ HALF_WIDE_U4_ROW_CODES; at several rows
+    HALF_UNITS_PER_THREAD."""
     import dataclasses
 
     def layer(g, groups, n=2):  # (only the count of kept groups and the rows are read: a col_idx of that many)
@@ -735,7 +737,13 @@ def test_v2_half_dot_default_policy():
         assert not gemv_layout.half_dot_default(small, torch.float16, 1)
         for g in (32, 64, 128):
             assert not gemv_layout.half_dot_default(layer(g, wide // g - 1), torch.float16, 1)
-            assert not gemv_layout.half_dot_default(layer(g, wide // g), torch.float16, 2)
+        mx = gemv_layout.HALF_WIDE_BATCH_MAX_M
+        for g in (16, 32, 64, 128):  # several rows: G64 / G128 of any size, up to HALF_WIDE_BATCH_MAX_M rows
+            wide_batch = g in gemv_layout.HALF_WIDE_BATCH_GROUPS
+            assert [gemv_layout.half_dot_default(layer(g, 4), torch.float16, m) for m in (2, mx, mx + 1)] \
+                == [wide_batch, wide_batch, False], g
+            assert not gemv_layout.half_dot_default(layer(g, 4), torch.bfloat16, 2)
+            assert not gemv_layout.half_dot_default(layer(g, 4), torch.float16, 2, num_warps=2)
         assert not gemv_layout.half_dot_default(big, torch.float16, 2)
         assert not gemv_layout.half_dot_default(big, torch.float16, 1, num_warps=2)
     assert not gemv_layout.half_dot_default(big, torch.bfloat16, 1)
@@ -744,6 +752,7 @@ def test_v2_half_dot_default_policy():
     u4 = (4, gemv_layout.HALF_MAXNREG)
     u2 = (gemv_layout.HALF_UNITS_PER_THREAD, None)
     n16 = gemv_layout.HALF_U4_MIN_CODES // 16
+    assert gemv_layout.half_dot_units(layer(16, n16, n=100000), mrows=2) == u2
     assert gemv_layout.half_dot_units(layer(16, n16, n=100000)) == u4
     assert gemv_layout.half_dot_units(layer(16, n16 - 1, n=10)) == u2
     row = gemv_layout.HALF_WIDE_U4_ROW_CODES

@@ -70,6 +70,28 @@ def test_gradients_reach_weights_scales_and_zeros_through_the_straight_through_e
         assert p.grad is not None and p.grad.abs().sum() > 0
 
 
+def test_scale_gradient_at_the_oneshot_point_is_the_true_one():
+    """At the start of BQPO (codes on the grid, none clamped) a group's scale gradient is Σ dL/dw · (q − z) · s0,
+    the derivative of the loss along the scale with the codes held, and a small step against it lowers the loss.
+    Regression: the LSQ-style forward fake_quant(u·s0, s, z) gave 0 there (round(w/s) − w/s = 0 on the grid),
+    and BQPO never improved a W3 G128 S0 block (benchmarks/RESULTS.md, session 8)."""
+    _, cw = oneshot_weight(sparsity=0.0, bits=3)
+    m = FakeQuantLinear(cw, 40, 3)
+    x = torch.randn(32, 40, generator=torch.Generator().manual_seed(4))
+    target = x @ torch.randn(24, 40, generator=torch.Generator().manual_seed(5)).T
+    loss = (m(x) - target).square().mean()
+    loss.backward()
+    w = m.weight().detach().requires_grad_(True)
+    (torch.nn.functional.linear(x, w) - target).square().mean().backward()
+    gw, _ = prune.group_view(w.grad, 16)
+    want = (gw * (cw.codes.float() - cw.zero.float()[..., None])).sum(-1) * m.s0
+    assert want.abs().max() > 0
+    assert torch.allclose(m.gamma.grad, want, rtol=1e-4, atol=1e-7)
+    with torch.no_grad():
+        m.gamma.sub_(1e-3 * m.gamma.grad / m.gamma.grad.abs().max())
+        assert float((m(x) - target).square().mean()) < float(loss)
+
+
 def test_round_scale_ste_is_storage_rounding_with_identity_gradient():
     s = torch.tensor([1.2345678e-3, 3.3e-7, 70000.0], requires_grad=True)
     r = common.round_scale_ste(s)

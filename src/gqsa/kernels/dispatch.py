@@ -66,7 +66,8 @@ class BlockTable:
     ``((rows, m), ...)``, from ``m`` rows on (until the expansion) the irregular tensor-core GEMM of
     :mod:`gqsa.kernels.gemm` instead (its TileLayout is built on the first such call). ``dense_expand_min_m``: for
     block layers that keep at least ``DENSE_KEEP`` of their groups (e.g. sparsity 0, where every layer is
-    block-uniform), the expansion from this M on whatever their height (None: the height's value)."""
+    block-uniform), the expansion from this M on whatever their height (None: the height's value), and the GEMV up
+    to ``dense_gemv_max_m`` rows (0: ``gemv_max_m``)."""
 
     buckets: tuple = field(default_factory=tuple)
     expand_min_m: tuple = field(default_factory=tuple)
@@ -74,6 +75,7 @@ class BlockTable:
     gemv_max_m: int = 0  # up to this many rows the canonical-layout GEMV serves block layers too
     tile_min_m: tuple = field(default_factory=tuple)  # ((rows, m), ...): the irregular GEMM from m rows on
     dense_expand_min_m: int | None = None  # layers keeping ≥ DENSE_KEEP of their groups: the expansion from here
+    dense_gemv_max_m: int = 0  # ... and the GEMV up to here (0: gemv_max_m)
 
     @staticmethod
     def _for(pairs, rows, below_all=True):
@@ -169,6 +171,10 @@ H200_BLOCK_TABLE = BlockTable(
     # / 2098.6 µs against 106.9 / 293.7 / 1459.5; benchmarks/gemm.py --block-sweep --block-group 128
     # --block-sparsity 0, RESULTS "Session 7").
     dense_expand_min_m=256,
+    # Eighth session: the same layers on the GEMV at M = 2 too: the block kernel does an S0 layer's whole work at
+    # every M, the GEMV's cost grows by a row's gathers. RESULTS "Session 8", w3s0g128 7B end to end (call 2):
+    # B = 2 600.1 against 560.7 tokens/s with the block kernel, B = 3 735.1 against 835.3 (so not at 3).
+    dense_gemv_max_m=2,
     gemv_max_m=1,
     tile_min_m=((16, 17), (32, 1 << 62)),  # block32 and up: never
 )
@@ -208,7 +214,7 @@ def table_to_json(table: DispatchTable) -> dict:
         out["block"] = {"max_rows": b.max_rows, "gemv_max_m": b.gemv_max_m,
                         "tile_min_m": [list(p) for p in b.tile_min_m],
                         "expand_min_m": [list(p) for p in b.expand_min_m],
-                        "dense_expand_min_m": b.dense_expand_min_m,
+                        "dense_expand_min_m": b.dense_expand_min_m, "dense_gemv_max_m": b.dense_gemv_max_m,
                         "buckets": [[r, [[m, dict(c.__dict__)] for m, c in bk]] for r, bk in b.buckets]}
     return out
 
@@ -225,7 +231,8 @@ def table_from_json(obj: dict) -> DispatchTable:
                 expand_min_m=tuple((int(r), int(m)) for r, m in b.get("expand_min_m", ())),
                 max_rows=int(b.get("max_rows", 128)), gemv_max_m=int(b.get("gemv_max_m", 0)),
                 tile_min_m=tuple((int(r), int(m)) for r, m in b.get("tile_min_m", ())),
-                dense_expand_min_m=None if b.get("dense_expand_min_m") is None else int(b["dense_expand_min_m"]))
+                dense_expand_min_m=None if b.get("dense_expand_min_m") is None else int(b["dense_expand_min_m"]),
+                dense_gemv_max_m=int(b.get("dense_gemv_max_m", 0)))
             if not block.buckets or not all(bk for _, bk in block.buckets):
                 raise ValueError("empty block buckets")
         return DispatchTable(gemv_max_m=int(obj["gemv_max_m"]), buckets=buckets,
@@ -247,8 +254,10 @@ def default_table(device: torch.device | None = None) -> DispatchTable:
 MAX_PREPARED = 64  # prepared calls a LinearPlan keeps (one per batch shape seen on the kernel paths)
 # The irregular GEMM's layout: "copy" (the TileLayout's permuted copy of the weights, layout version 2: what every
 # measurement so far used) or "canonical" (version 3: an index over the layer's own tensors, no second copy of the
-# weights on the GPU; offline 5.4-5.6 instead of 4.8-5.0 SASS instructions per dense weight, not yet timed on a GPU;
-# benchmarks/RESULTS.md "Session 7"). GQSA_TILE_LAYOUT sets the default at import, LinearPlan(tile_layout=...) per layer.
+# weights on the GPU; offline 5.4-5.6 instead of 4.8-5.0 SASS instructions per dense weight; session 8, 7B W4 S50 G16
+# end to end: 2774 / 4365 / 6753 tokens/s at B = 16 / 32 / 64 against the copy's 3828 / 5874 / 7914, peak 5.69 against
+# 8.47 GB at B = 16; benchmarks/RESULTS.md "Session 7", "Session 8"). GQSA_TILE_LAYOUT sets the default at import,
+# LinearPlan(tile_layout=...) per layer.
 TILE_LAYOUTS = ("copy", "canonical")
 TILE_LAYOUT = os.environ.get("GQSA_TILE_LAYOUT", "copy").strip().lower()
 if TILE_LAYOUT not in TILE_LAYOUTS:
@@ -330,7 +339,10 @@ class LinearPlan:
             tile = self.table.block.tile_from(self.block.rows)
             if tile is not None and m >= tile:
                 return "gemm"
-            return "gemv" if m <= self.table.block.gemv_max_m else "block"
+            gemv_max = self.table.block.gemv_max_m
+            if self.block_dense:
+                gemv_max = max(gemv_max, self.table.block.dense_gemv_max_m)
+            return "gemv" if m <= gemv_max else "block"
         if self.table.expand_min_m is not None and m >= self.table.expand_min_m:
             return "expand"
         return "gemv" if m <= self.table.gemv_max_m else "gemm"

@@ -111,7 +111,13 @@ V2P_PREFETCH = 2  # L2 prefetch distance in steps (0: none)
 # (u4 m80: rows of ≥ 4096 codes) against auto f32: 4096² 5.97 / 7.80, 12288×4096 12.66 / 17.46, 22016×4096 18.99 /
 # 27.57, 4096×11008 11.93 / 16.44, 28672×8192 46.21 / 63.43. Rows whose fp16 lane sums overflow are redone in fp32
 # (_hd_row_fp32). Opt-out: half_dot=False (GemvPlan(v2_opts={"half_dot": False})) or GQSA_GEMV_HALF=0 at import;
-# GQSA_GEMV_HALF=1 takes it wherever it applies (any layer size, M = 1-4), "auto" (the default) as above.
+# GQSA_GEMV_HALF=1 takes it wherever it applies (any layer size, M = 1-4), "auto" (the default) as above and, since
+# session 8, at M = 2 … HALF_WIDE_BATCH_MAX_M rows for G in HALF_WIDE_BATCH_GROUPS, any size, HALF_UNITS_PER_THREAD
+# units and no register limit (half_dot_units). Session 8 call 3 (benchmarks/gemv.py --half-batch, graph µs, the
+# fp32 dot against the half dot, 2 units): W4 S0 G128 M = 2 4096² 9.56 / 8.16, 12288×4096 22.83 / 18.49, 4096×11008
+# 21.24 / 17.66, 28672×8192 86.74 / 73.99; W4 S30 G64 M = 2 8.03 / 7.07, 18.16 / 14.92, 16.37 / 13.63, 67.03 / 57.76,
+# M = 3 9.19 / 8.71, 24.93 / 19.87, 19.18 / 17.59, 85.14 / 77.94. At G16 (call 1, W4 S50 G16, a variant that
+# dequantized once for all rows) the half dot was no faster at M = 2-8: there the rows' activation gathers bound it.
 HALF_DOT_DEFAULT = os.environ.get("GQSA_GEMV_HALF", "auto").strip().lower()
 if HALF_DOT_DEFAULT not in ("auto", "0", "1"):
     raise ValueError(f"GQSA_GEMV_HALF={HALF_DOT_DEFAULT!r}: use auto, 0 or 1")
@@ -122,6 +128,8 @@ HALF_U4_MIN_CODES = 64 << 20  # G16: from here 4 units per thread and maxnreg HA
 HALF_WIDE_MIN_CODES = 2 << 20  # G32 / G64 / G128 (the smallest layer measured faster: 1024×4096 W4 S50 G64)
 HALF_WIDE_U4_ROW_CODES = 4096  # G32 / G64 / G128: 4 units per thread, maxnreg HALF_MAXNREG from here (codes a row)
 HALF_MAXNREG = 80
+HALF_WIDE_BATCH_GROUPS = (64, 128)  # "auto": the half dot at 2 … HALF_WIDE_BATCH_MAX_M rows of x for these G
+HALF_WIDE_BATCH_MAX_M = 3
 MAX_MB = 4  # rows of x one launch of the v2 kernels serves (the constexpr MB: weights read once for all)
 # M = 2-4 rows of x run the pipelined kernel whatever the row length: on the long-row shapes it beat the
 # one-program-per-row kernel at every M ≥ 2 (H200, 2026-12-01, benchmarks/RESULTS.md "GEMV v2 at M = 2-4":
@@ -898,8 +906,8 @@ def half_dot_default(packed: PackedLinear, x_dtype: torch.dtype, mrows: int, uni
                      num_warps: int | None = None) -> bool:
     """Whether :func:`launch` takes the packed-fp16 dot when its ``half_dot`` is None (``HALF_DOT_DEFAULT``;
     see ``HALF_MIN_CODES``): fp16 activations, 4-bit integer-zero codes in 16-code units, and, for ``"auto"``,
-    one row of x, G in ``HALF_GROUPS``, ≥ ``HALF_MIN_CODES`` kept codes (kept groups · G) and one warp per
-    program."""
+    one warp per program and either one row of x, G in ``HALF_GROUPS`` and ≥ ``HALF_MIN_CODES`` kept codes (kept
+    groups · G), or 2 … ``HALF_WIDE_BATCH_MAX_M`` rows and G in ``HALF_WIDE_BATCH_GROUPS`` (any size)."""
     if HALF_DOT_DEFAULT == "0" or x_dtype != torch.float16 or packed.bits != 4 or packed.float_zeros:
         return False
     uc = unit_codes or V2_UNIT_CODES.get(4) or default_unit(packed.group_size, 4)[0]
@@ -908,14 +916,21 @@ def half_dot_default(packed: PackedLinear, x_dtype: torch.dtype, mrows: int, uni
     if HALF_DOT_DEFAULT == "1":
         return True
     g = packed.group_size
+    if (num_warps or V2_NUM_WARPS) != 1:
+        return False
+    if mrows > 1:
+        return g in HALF_WIDE_BATCH_GROUPS and mrows <= HALF_WIDE_BATCH_MAX_M
     need = HALF_MIN_CODES if g == 16 else HALF_WIDE_MIN_CODES
-    return mrows == 1 and g in HALF_GROUPS and packed.nnz * g >= need and (num_warps or V2_NUM_WARPS) == 1
+    return g in HALF_GROUPS and packed.nnz * g >= need
 
 
-def half_dot_units(packed: PackedLinear) -> tuple[int, int | None]:
-    """(units per thread, ptxas register limit or None) that the default half dot runs ``packed`` with: G16 4 and
-    ``HALF_MAXNREG`` from ``HALF_U4_MIN_CODES`` kept codes, G32 / G64 / G128 where the rows average ≥
-    ``HALF_WIDE_U4_ROW_CODES`` kept codes; else ``HALF_UNITS_PER_THREAD`` and no limit."""
+def half_dot_units(packed: PackedLinear, mrows: int = 1) -> tuple[int, int | None]:
+    """(units per thread, ptxas register limit or None) that the default half dot runs ``packed`` with at ``mrows``
+    rows of x: for one row G16 4 and ``HALF_MAXNREG`` from ``HALF_U4_MIN_CODES`` kept codes, G32 / G64 / G128
+    where the rows average ≥ ``HALF_WIDE_U4_ROW_CODES`` kept codes; else (and for several rows)
+    ``HALF_UNITS_PER_THREAD`` and no limit."""
+    if mrows > 1:
+        return HALF_UNITS_PER_THREAD, None
     codes = packed.nnz * packed.group_size
     if packed.group_size == 16:
         u4 = codes >= HALF_U4_MIN_CODES
@@ -1007,7 +1022,7 @@ class V2Call:
                 pipeline = True
                 if rows_per_prog is None and programs_per_sm is None:
                     programs_per_sm = V2P_PROGRAMS_PER_SM
-                upt, mx = half_dot_units(packed)
+                upt, mx = half_dot_units(packed, mrows)
                 units_per_thread = units_per_thread or upt
                 maxnreg = maxnreg or mx
         self.nw = num_warps or V2_NUM_WARPS

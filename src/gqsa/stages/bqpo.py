@@ -41,7 +41,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .. import calib, distributed, prune, quant
+from .. import calib, distributed, prune
 from ..blockwise import block_linear_groups, capture_inputs, layers_prefix, run_blocks
 from ..config import GQSAConfig
 from ..format import PackedLinear
@@ -321,7 +321,7 @@ def _remask(fqs, energy: dict, sparsity: float, allocation: str) -> None:
     saliency ``Σ w² · diag(XᵀX)`` of the fake-quantized weights (pruned groups included, as trained or
     as they were when pruned)."""
     for n, m in fqs.items():
-        w = quant.fake_quant(m.u * m.s0[..., None], m.scale_value(), m.zero_value(), m.bits)  # [N, C, G]
+        w = m.group_weights()  # [N, C, G]
         score = (w.square() * energy[n]).sum(-1)
         mask = prune.select_mask(score, sparsity, allocation) if sparsity > 0 else torch.ones_like(score, dtype=torch.bool)
         m.mask.copy_(mask[..., None])

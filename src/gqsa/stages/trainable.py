@@ -17,13 +17,19 @@ from . import common
 class FakeQuantLinear(nn.Module):
     """Train-time form of one compressed linear, started from a one-shot result ``cw``.
 
-    Trainable: ``u`` ``[N, C, G]`` — the latent weight in units of its group's initial scale ``s0``
-    (latent weight = ``u · s0``; initially the integer ``q − z``, so training starts exactly at the
-    one-shot weight); ``gamma`` ``[N, C]`` — the scale as a multiple of ``s0``; ``zero`` ``[N, C]`` —
-    a real latent zero point. The forward weight is ``fake_quant(u·s0, s, z)`` with
-    ``s = round_scale(s0·gamma)`` (float16, as stored) and ``z = clamp(round(zero), 0, 2^b−1)``,
-    both with straight-through gradients, and pruned groups set to exactly 0; :meth:`export` returns
-    the same weight as integer codes, bit for bit.
+    Trainable: ``u`` ``[N, C, G]`` — the latent code offset ``q − z`` on the initial grid (in units of its
+    group's initial scale ``s0``; initially the integer ``q − z``, so training starts exactly at the one-shot
+    weight); ``gamma`` ``[N, C]`` — the scale as a multiple of ``s0``; ``zero`` ``[N, C]`` — a real latent
+    zero point. The forward weight is ``s · (q − z)`` with the codes ``q = clamp(round(u) + z, 0, 2^b−1)``,
+    ``s = round_scale(s0·gamma)`` (float16, as stored) and ``z = clamp(round(zero), 0, 2^b−1)``, the roundings
+    with straight-through gradients, and pruned groups set to exactly 0; :meth:`export` returns the same
+    weight as integer codes, bit for bit.
+
+    The codes sit on the initial grid and the scale multiplies them, so a scale's gradient is the true
+    ``Σ dL/dw · (q − z)``. (Until session 8 the forward was ``fake_quant(u·s0, s, z)``, LSQ-style: with ``u``
+    on the grid at the start, ``round(w/s) − w/s = 0`` and a scale got gradient only from clamped weights,
+    which AdamW turned into full-size steps; BQPO then never improved a 3-bit G128 sparsity-0 block,
+    benchmarks/RESULTS.md "Session 8".)
     """
 
     def __init__(self, cw: CompressedWeight, in_features: int, bits: int, bias: torch.Tensor | None = None):
@@ -44,9 +50,14 @@ class FakeQuantLinear(nn.Module):
     def zero_value(self) -> torch.Tensor:
         return torch.clamp(quant.round_ste(self.zero), 0, quant.qmax(self.bits))
 
-    def _weight(self) -> torch.Tensor:
+    def group_weights(self) -> torch.Tensor:
+        """``s · (q − z)`` of every group, pruned ones included, ``[N, C, G]`` (float32)."""
         s, z = self.scale_value(), self.zero_value()
-        w = quant.fake_quant(self.u * self.s0[..., None], s, z, self.bits)
+        q = torch.clamp(quant.round_ste(self.u) + z[..., None], 0, quant.qmax(self.bits))
+        return quant.dequantize(q, s, z)
+
+    def _weight(self) -> torch.Tensor:
+        w = self.group_weights()
         out = torch.where(self.mask, w, torch.zeros((), device=w.device))
         if self.score is not None and self.score.requires_grad:
             # straight-through top-k: the forward value is the hard mask's (the added term is exactly 0);
@@ -70,7 +81,7 @@ class FakeQuantLinear(nn.Module):
         """Round to integer codes: the weight :meth:`weight` computes, as codes, scales, zeros."""
         s = quant.round_scale(self.s0 * self.gamma)
         z = torch.clamp(torch.round(self.zero), 0, quant.qmax(self.bits))
-        codes = quant.quantize(self.u * self.s0[..., None], s, z, self.bits)
+        codes = torch.clamp(torch.round(self.u) + z[..., None], 0, quant.qmax(self.bits))
         w = torch.where(self.mask, quant.dequantize(codes, s, z), torch.zeros((), device=s.device))
         return CompressedWeight(codes, s, z, self.mask[..., 0].clone(),
                                 w.reshape(self.out_features, -1)[:, : self.in_features].clone())
