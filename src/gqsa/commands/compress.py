@@ -127,7 +127,9 @@ def add_arguments(p) -> None:
     c.add_argument("--calib", required=True,
                    help="calibration text file, a dataset name (wikitext2, c4, ptb) when online, or 'self': "
                         "windows sampled from the uncompressed model itself (no data needed; seeded by --seed)")
-    c.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
+    c.add_argument("--nsamples", type=int, default=128,
+                   help="calibration windows (default 128); sparse settings gain from more: 512 took W4 S50 G16 "
+                        "from 86.7 to 76.5 perplexity on gutenberg-llama-22m, at 3.6x the compression time")
     c.add_argument("--seqlen", type=int, default=2048,
                    help="tokens per window, capped at the model's context (default 2048)")
     c.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
