@@ -72,6 +72,23 @@ def test_self_calibration_samples_full_windows_from_the_model(tiny_llama):
         calib.calibration_tokens("self", Tok(), 5, 12)
 
 
+def test_calibration_windows_that_need_more_tokens_than_the_text_warn():
+    """Windows are drawn at random starts (GPTQ's sampling) and may overlap; when they need more tokens than the
+    text has, one warning says by how much. Enough text: no warning."""
+    import warnings
+
+    from gqsa import calib
+
+    ids = torch.arange(1000)
+    with pytest.warns(UserWarning, match=r"calibration: 40 windows of 50 tokens need 2,000 tokens and the text has "
+                                         r"1,000: the windows overlap \(each token used 2\.0×"):
+        w = calib.sample_windows(ids, 40, 50)
+    assert w.shape == (40, 50)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert calib.sample_windows(ids, 20, 50).shape == (20, 50)
+
+
 def test_a_run_says_its_plan_and_an_estimate_after_the_first_block(tiny_llama, capsys):
     compress_model(tiny_llama, GQSAConfig(stages="oneshot"), tokens(), "cpu", 4, progress=True)
     out = capsys.readouterr()

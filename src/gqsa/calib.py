@@ -1,6 +1,7 @@
 """Calibration and evaluation text, tokenization, and capture of decoder-block inputs."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -47,12 +48,17 @@ def tokenize(text: str, tokenizer) -> torch.Tensor:
 
 
 def sample_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
-    """``nsamples`` random windows of ``seqlen`` tokens (GPTQ's calibration sampling), ``[n, seqlen]``."""
+    """``nsamples`` random windows of ``seqlen`` tokens (GPTQ's calibration sampling), ``[n, seqlen]``; they may
+    overlap, and a warning says so when they need more tokens than the text has."""
     if nsamples <= 0 or seqlen <= 0:
         raise ValueError(f"nsamples and seqlen must be positive, got {nsamples} and {seqlen}")
     if ids.numel() <= seqlen:
         raise ValueError(f"the calibration text has {ids.numel()} tokens, fewer than seqlen={seqlen}; "
                          f"use a longer text or a smaller --seqlen")
+    if nsamples * seqlen > ids.numel():
+        warnings.warn(f"calibration: {nsamples} windows of {seqlen} tokens need {nsamples * seqlen:,} tokens and the text "
+                      f"has {ids.numel():,}: the windows overlap (each token used {nsamples * seqlen / ids.numel():.1f}× "
+                      f"on average); a longer text adds more than more windows", stacklevel=2)
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seqlen, (nsamples,), generator=g)
     return torch.stack([ids[s:s + seqlen] for s in starts.tolist()])

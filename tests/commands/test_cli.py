@@ -29,6 +29,21 @@ def folder(stories260k, asset, run_dir):
     return out
 
 
+def test_compress_says_in_one_line_when_calibration_windows_overlap(stories260k, asset, run_dir, capsys):
+    """More windows than the calibration text holds: one warning line from gqsa (no source path, no code line),
+    and the run goes on."""
+    model, tok = stories260k
+    text = run_dir / "short.txt"
+    text.write_text(asset("data/wikitext2/wiki.valid.tokens").read_text()[:1000])
+    out = run_dir / "s260-overlap"
+    assert main(["compress", str(model), "--tokenizer", str(tok), "--calib", str(text), "--nsamples", "16",
+                 "--seqlen", "128", "--stages", "oneshot", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if "warning" in ln]
+    assert len(lines) == 1 and lines[0].startswith("gqsa compress: warning: calibration: 16 windows of 128 tokens"), err
+    assert "calib.py" not in err and (out / "model.safetensors").is_file()
+
+
 def test_compress_writes_a_complete_folder(folder):
     names = {p.name for p in folder.iterdir()}
     assert {"config.json", "model.safetensors", "gqsa_report.json", "tokenizer.json"} <= names

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 from . import bench, compress, eval, generate, inspect, report
 from .common import OWN_PROCESS, CLIError
@@ -49,6 +50,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line_warning(command: str, show):
+    """A ``warnings.showwarning`` printing warnings raised in gqsa's own code as ``gqsa COMMAND: warning: MESSAGE``
+    on stderr; other libraries' warnings go to ``show`` as before."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        if os.path.abspath(filename).startswith(package + os.sep):
+            print(f"gqsa {command}: warning: {message}", file=sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    return showwarning
+
+
 def main(argv=None) -> int:
     if "torch" not in sys.modules:  # see gqsa.runtime: idle OpenMP threads sleep instead of spinning
         OWN_PROCESS["value"] = True
@@ -58,7 +73,10 @@ def main(argv=None) -> int:
 
     debug = os.environ.get("GQSA_DEBUG", "") not in ("", "0")
     try:
-        return args.func(args)
+        with warnings.catch_warnings():  # gqsa's own warnings as one line each (GQSA_DEBUG=1: Python's format)
+            if not debug:
+                warnings.showwarning = _one_line_warning(args.command, warnings.showwarning)
+            return args.func(args)
     except (CLIError, FormatError, FileNotFoundError, FileExistsError, ValueError, OSError) as e:
         if debug:
             raise
