@@ -56,9 +56,10 @@ def sample_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int = 0)
         raise ValueError(f"the calibration text has {ids.numel()} tokens, fewer than seqlen={seqlen}; "
                          f"use a longer text or a smaller --seqlen")
     if nsamples * seqlen > ids.numel():
-        warnings.warn(f"calibration: {nsamples} windows of {seqlen} tokens need {nsamples * seqlen:,} tokens and the text "
-                      f"has {ids.numel():,}: the windows overlap (each token used {nsamples * seqlen / ids.numel():.1f}× "
-                      f"on average); a longer text adds more than more windows", stacklevel=2)
+        warnings.warn(f"calibration: {nsamples} windows of {seqlen} tokens need {nsamples * seqlen:,} tokens and "
+                      f"the text has {ids.numel():,}: the windows overlap (each token used "
+                      f"{nsamples * seqlen / ids.numel():.1f}× on average); a longer text adds more than more windows",
+                      stacklevel=2)
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seqlen, (nsamples,), generator=g)
     return torch.stack([ids[s:s + seqlen] for s in starts.tolist()])
