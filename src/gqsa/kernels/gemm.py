@@ -52,20 +52,29 @@ else:  # pragma: no cover
     triton = tl = None
 
 
-def _positions(meta, kb, jw, below, ASM: tl.constexpr):
+def _positions(meta, kb, jw, below, jw1, below1, ASM: tl.constexpr, HALVES: tl.constexpr):
     """Where each of a row's k-tile columns sits among the layer's kept groups, and whether the row keeps it:
-    ``meta`` ``[BLOCK_N, 1, 1]`` words ``first << 8 | mask``, ``kb`` the k-tile's first group, ``jw`` ``[1, KTG, 1]``
-    the columns, ``below`` their lower mask bits → ``(kb + first + popcount(mask & below), mask bit)`` ``[BLOCK_N,
-    KTG, 1]`` (``popc`` by inline PTX with ``ASM``, else SWAR on the 8-bit mask)."""
+    ``meta`` ``[BLOCK_N, 1, 1]`` words ``first << 8 | mask``, ``kb`` the k-tile's first group, ``jw`` ``[1, KH, 1]``
+    the columns of the first column set, ``below`` their lower mask bits (``jw1``, ``below1``: the second set's,
+    with ``HALVES``) → ``(kb + first + popcount(mask & below), mask bit)`` ``[BLOCK_N, KH, 1]`` of the first set,
+    then of the second (without ``HALVES`` the first set's again); ``popc`` by inline PTX with ``ASM``, else SWAR on
+    the 8-bit mask."""
     mk = meta & 0xFF
-    if ASM:
-        c = tl.inline_asm_elementwise("popc.b32 $0, $1;", "=r,r", [mk & below], dtype=tl.int32, is_pure=True, pack=1)
-    else:
-        c = mk & below
-        c = c - ((c >> 1) & 0x55)
-        c = (c & 0x33) + ((c >> 2) & 0x33)
-        c = (c + (c >> 4)) & 0x0F
-    return kb + (meta >> 8) + c, ((mk >> jw) & 1) != 0
+    out = ()
+    for h in tl.static_range(2 if HALVES else 1):
+        bl = below1 if h == 1 else below
+        if ASM:
+            c = tl.inline_asm_elementwise("popc.b32 $0, $1;", "=r,r", [mk & bl], dtype=tl.int32, is_pure=True,
+                                          pack=1)
+        else:
+            c = mk & bl
+            c = c - ((c >> 1) & 0x55)
+            c = (c & 0x33) + ((c >> 2) & 0x33)
+            c = (c + (c >> 4)) & 0x0F
+        out = out + (kb + (meta >> 8) + c, ((mk >> (jw1 if h == 1 else jw)) & 1) != 0)
+    if not HALVES:
+        out = out + out
+    return out
 
 
 def _dot_cols(acc, b, sv, zv, xm, m_ok, kbase, K, kp0, G: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -206,13 +215,9 @@ def _gemm_kernel(
     meta = tl.load(meta_ptr + kt0 * n_pad + rows, mask=row_ok & (kt0 < kt_end), other=0)  # [BLOCK_N, 1, 1]
     kb = tl.load(kts_ptr + kt0, mask=kt0 < kt_end, other=0)
     if INTERP:
-        gidx, present = POSITIONS_EMU(meta, kb + rbase, jw, below, ASM)
-        if HALVES:
-            gidx1, present1 = POSITIONS_EMU(meta, kb + rbase, jw1, below1, ASM)
+        gidx, present, gidx1, present1 = POSITIONS_EMU(meta, kb + rbase, jw, below, jw1, below1, ASM, HALVES)
     else:
-        gidx, present = positions(meta, kb + rbase, jw, below, ASM)
-        if HALVES:
-            gidx1, present1 = positions(meta, kb + rbase, jw1, below1, ASM)
+        gidx, present, gidx1, present1 = positions(meta, kb + rbase, jw, below, jw1, below1, ASM, HALVES)
     meta = tl.load(meta_ptr + (kt0 + 1) * n_pad + rows, mask=row_ok & (kt0 + 1 < kt_end), other=0)
     kb = tl.load(kts_ptr + kt0 + 1, mask=kt0 + 1 < kt_end, other=0)
     # the interpreter cannot loop to a run-time bound: it gets the trip count as a constexpr (TILES > 0)
@@ -226,13 +231,9 @@ def _gemm_kernel(
             p1 = present1
         # positions of k-tile kt + 1 (its metadata is here), metadata of kt + 2
         if INTERP:
-            gidx, present = POSITIONS_EMU(meta, kb + rbase, jw, below, ASM)
-            if HALVES:
-                gidx1, present1 = POSITIONS_EMU(meta, kb + rbase, jw1, below1, ASM)
+            gidx, present, gidx1, present1 = POSITIONS_EMU(meta, kb + rbase, jw, below, jw1, below1, ASM, HALVES)
         else:
-            gidx, present = positions(meta, kb + rbase, jw, below, ASM)
-            if HALVES:
-                gidx1, present1 = positions(meta, kb + rbase, jw1, below1, ASM)
+            gidx, present, gidx1, present1 = positions(meta, kb + rbase, jw, below, jw1, below1, ASM, HALVES)
         if PF:  # and its code bytes into L2 (one prefetch per kept group)
             tl.inline_asm_elementwise(PREFL2, "=r,l,r", [qb_ptr + gidx * GB, present.to(tl.int32)], dtype=tl.int32,
                                       is_pure=False, pack=1)
