@@ -5,6 +5,7 @@ from torch import nn
 
 import gqsa
 from gqsa import GQSAConfig, GQSALinear
+from gqsa.config import auto_batch_size
 from gqsa.pipeline import compress_model, split_calibration
 
 
@@ -29,7 +30,8 @@ def test_config_validation_names_the_setting():
     for bad, match in ((dict(stages="e2e"), "stages must be one of oneshot, bqpo, bqpo\\+e2e"),
                        (dict(bqpo_epochs=-1), "bqpo_epochs"), (dict(e2e_grad_accum=0), "e2e_grad_accum"),
                        (dict(bqpo_lr_weight=2.0), "bqpo_lr_weight"), (dict(val_fraction=1.0), "val_fraction"),
-                       (dict(bqpo_target="x"), "bqpo_target")):
+                       (dict(bqpo_target="x"), "bqpo_target"), (dict(bqpo_batch_size=0), "bqpo_batch_size"),
+                       (dict(e2e_batch_size=2.5), "e2e_batch_size")):
         with pytest.raises(ValueError, match=match):
             GQSAConfig(**bad)
     with pytest.raises(ValueError, match="preset"):
@@ -55,6 +57,30 @@ def test_trained_stages_skip_layers_and_fill_stats(tiny_llama):
     assert stats["calibration_split"] == {"train_windows": 9, "val_windows": 1}
     assert [s["block"] for s in stats["bqpo"]] == [0, 1] and stats["e2e"]["best_epoch"] in (0, 1)
     assert all(p.requires_grad for p in tiny_llama.parameters())
+
+
+def test_training_batch_sizes_grow_with_the_calibration_windows():
+    assert [auto_batch_size(n) for n in (1, 128, 512, 1023, 1024, 1535, 1536, 2048, 100_000)] == \
+        [4, 4, 4, 4, 8, 8, 12, 16, 16]
+    auto = GQSAConfig()
+    assert auto.bqpo_batch_size is None and auto.e2e_batch_size is None  # chosen from the windows
+    c = auto.for_windows(2048)
+    assert (c.bqpo_batch_size, c.e2e_batch_size) == (16, 16) and auto.bqpo_batch_size is None
+    given = GQSAConfig(bqpo_batch_size=6).for_windows(1024)
+    assert (given.bqpo_batch_size, given.e2e_batch_size) == (6, 8)  # a given size is kept
+    assert GQSAConfig.from_dict(c.to_dict()) == c and c.for_windows(10) == c
+
+
+def test_the_stages_train_with_the_batch_size_of_the_windows(tiny_llama, monkeypatch, capsys):
+    # 4 windows per 4-window step instead of 512, so that 10 windows make 8-window steps
+    monkeypatch.setattr(gqsa.config, "BATCH_WINDOWS", 4)
+    stats = {}
+    compress_model(tiny_llama, GQSAConfig(bqpo_epochs=1, e2e_epochs=1, bqpo_patience=1), tokens(), "cpu", 4, True,
+                   stats=stats)
+    assert [s["steps"] for s in stats["bqpo"]] == [2, 2]  # 9 training windows in steps of 8 (of 4: 3 steps)
+    assert stats["e2e"]["batch_size"] == 8
+    out = capsys.readouterr()
+    assert "up to 1 epochs of 8-window steps" in out.out + out.err
 
 
 def test_self_calibration_samples_full_windows_from_the_model(tiny_llama):

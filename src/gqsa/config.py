@@ -1,7 +1,7 @@
 """``GQSAConfig``: every setting of a compression run, validated once, recorded in the report."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 from . import quant
 
@@ -20,6 +20,17 @@ PRESETS: dict[str, dict] = {
     # ~4x less training: for CPU runs of small models and quick checks.
     "fast": {"bqpo_epochs": 5, "bqpo_patience": 2, "e2e_epochs": 2},
 }
+
+BATCH_WINDOWS = 512  # calibration windows per 4 windows of a training step, when the batch sizes are not given
+
+
+def auto_batch_size(n_windows: int) -> int:
+    """Windows per training step (BQPO and E2E-OQP) for ``n_windows`` calibration windows when not given: 4 up to
+    1023 windows, then 4 per 512 windows, at most 16 — so 1024 or 2048 windows train in about the time of 512.
+    Measured on gutenberg-llama-22m W4 S50 G16 (benchmarks/RESULTS.md, "Session 9"): at a fixed number of epochs
+    the batch size moved perplexity by under 0.5 % (512 windows: 76.65 at 4, 77.01 at 8; 1024: 73.82 at 8 and
+    73.91 at 16 with twice the epochs), while more windows lowered it (2048 windows at 16: 72.39)."""
+    return 4 * min(4, max(1, n_windows // BATCH_WINDOWS))
 
 
 @dataclass
@@ -66,7 +77,8 @@ class GQSAConfig:
         and best-epoch selection in both trained stages (at least one window when > 0; 0 = none:
         the last epoch is kept).
     amp: autocast dtype of the trained stages on CUDA: ``auto`` = bfloat16 on CUDA, none on CPU.
-    bqpo_epochs, bqpo_batch_size: passes over the training windows per block, windows per step.
+    bqpo_epochs, bqpo_batch_size: passes over the training windows per block, windows per step (``None``:
+        :func:`auto_batch_size` of the calibration windows, 4 up to 1023 windows).
     bqpo_lr_weight: AdamW learning rate of the latent weights, which are parametrized in units of
         their group's initial quantization step (so the rate means "steps per update" whatever the
         weights' magnitude).
@@ -95,8 +107,8 @@ class GQSAConfig:
         ``qinput`` — the uncompressed block on the compressed model's activations.
     activation_dtype: storage dtype of the calibration activations kept between blocks.
     offload_activations: keep those activations in CPU memory and stream batches to the device.
-    e2e_epochs, e2e_batch_size, e2e_grad_accum: end-to-end passes, windows per micro-batch,
-        micro-batches per optimizer step.
+    e2e_epochs, e2e_batch_size, e2e_grad_accum: end-to-end passes, windows per micro-batch (``None``: as
+        ``bqpo_batch_size``), micro-batches per optimizer step.
     e2e_lr: learning rate of the scales (multipliers of the BQPO scales, relative rate) and, with
         ``e2e_train_zero``, of the zero points (code units; then stored as float16). 1e-3 by
         default: the best of 1e-2…1e-4 on both local models at S30%/S50% (benchmarks/RESULTS.md); 1e-2
@@ -125,7 +137,7 @@ class GQSAConfig:
     val_fraction: float = 0.1
     amp: str = "auto"
     bqpo_epochs: int = 20
-    bqpo_batch_size: int = 4
+    bqpo_batch_size: int | None = None
     bqpo_lr_weight: float = 0.1
     bqpo_lr_scale: float = 0.03
     bqpo_lr_zero: float = 0.1
@@ -137,7 +149,7 @@ class GQSAConfig:
     activation_dtype: str = "float32"
     offload_activations: bool = False
     e2e_epochs: int = 5
-    e2e_batch_size: int = 4
+    e2e_batch_size: int | None = None
     e2e_grad_accum: int = 1
     e2e_lr: float = 1e-3
     e2e_train_zero: bool = False
@@ -182,6 +194,8 @@ class GQSAConfig:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"{name} must be a non-negative integer (0 = no training), got {getattr(self, name)}")
         for name in ("bqpo_batch_size", "bqpo_patience", "e2e_batch_size", "e2e_grad_accum"):
+            if name.endswith("batch_size") and getattr(self, name) is None:
+                continue  # chosen from the calibration windows (auto_batch_size)
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
         for name in ("bqpo_lr_weight", "bqpo_lr_scale", "bqpo_lr_zero", "bqpo_lr_mask", "e2e_lr"):
@@ -212,6 +226,13 @@ class GQSAConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown preset '{name}': use one of {', '.join(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
+
+    def for_windows(self, n_windows: int) -> "GQSAConfig":
+        """This config with the training batch sizes not given (``None``) set for ``n_windows`` calibration
+        windows (:func:`auto_batch_size`)."""
+        auto = {name: auto_batch_size(n_windows) for name in ("bqpo_batch_size", "e2e_batch_size")
+                if getattr(self, name) is None}
+        return replace(self, **auto) if auto else self
 
     def to_dict(self) -> dict:
         return asdict(self)

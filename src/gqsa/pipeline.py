@@ -49,6 +49,7 @@ def compress_model(model, config: GQSAConfig, tokens: torch.Tensor, device=None,
     are data-parallel and rank 0 alone writes ``workdir`` (:mod:`gqsa.distributed`).
     """
     device = default_device(device)
+    config = config.for_windows(tokens.shape[0])
     if config.target_bits is not None:  # per-layer sparsity under the budget, from the uncompressed model
         from .allocation import apply_target_bits
 
@@ -87,7 +88,8 @@ class _Plan:
         self.config = config
         n, t = tokens.shape
         if config.trained:
-            work = f"one-shot + BQPO (up to {config.bqpo_epochs} epochs, early stop after {config.bqpo_patience})"
+            work = (f"one-shot + BQPO (up to {config.bqpo_epochs} epochs of {config.bqpo_batch_size}-window steps, "
+                    f"early stop after {config.bqpo_patience})")
             if config.stages == "bqpo+e2e":
                 work += f" per block, then E2E-OQP: {config.e2e_epochs} epochs over the whole model"
             else:

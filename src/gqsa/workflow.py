@@ -113,6 +113,7 @@ def _gqsa_to_folder(model, tok, tokens, device, config, out: Path, about: dict, 
     from . import checkpoint, distributed, report
     from .pipeline import compress_model
 
+    config = config.for_windows(tokens.shape[0])  # the batch sizes the run uses, recorded in its report
     workdir = out.with_name(out.name + ".partial")
     if config.trained and workdir.exists() and about["overwrite"] and not about["resume"] and distributed.is_main():
         shutil.rmtree(workdir)

@@ -80,6 +80,7 @@ def run_bqpo(model, config: GQSAConfig, tokens: torch.Tensor, n_train: int, devi
     returns ``{name: PackedLinear}``. See the module docstring for ``workdir``/``resume``.
     """
     device = torch.device(device)
+    config = config.for_windows(tokens.shape[0])
     stats = {} if stats is None else stats
     log = log or (lambda line: None)
     adapter = get_adapter(model)

@@ -100,6 +100,7 @@ def run_e2e(model, packed: dict[str, PackedLinear], config: GQSAConfig, train_to
     for the stage: its memory comes on top). Held-out selection uses the same objective.
     """
     device = torch.device(device)
+    config = config.for_windows(train_tokens.shape[0] + val_tokens.shape[0])
     if config.e2e_loss == "kd":
         if teacher is None:
             raise ValueError("e2e_loss='kd' distils from the uncompressed model: pass it as teacher=")
@@ -135,6 +136,7 @@ def run_e2e(model, packed: dict[str, PackedLinear], config: GQSAConfig, train_to
             for q in params:
                 q.requires_grad_(config.e2e_lr > 0)
             bs, accum = config.e2e_batch_size, config.e2e_grad_accum
+            e2e["batch_size"] = bs
             n_val = val_tokens.shape[0]
             before = _eval_loss(model, val_tokens, bs, device, amp, objective) if n_val else None
             e2e["val_loss_before"] = before
