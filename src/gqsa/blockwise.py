@@ -28,7 +28,11 @@ class HessianAccumulator:
         self.handle = linear.register_forward_hook(self._hook)
 
     def _hook(self, module, args, output):
-        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+        self.add(args[0])
+
+    def add(self, x: torch.Tensor) -> None:
+        """Accumulate the inputs ``x`` ``[..., K]``."""
+        x = x.detach().reshape(-1, x.shape[-1]).float()
         m = x.shape[0]
         self.h.mul_(self.n / (self.n + m)).addmm_(x.T, x, alpha=1.0 / (self.n + m))
         self.n += m

@@ -65,7 +65,10 @@ class GQSAConfig:
         packed linears take at most this many bits per weight, at the least measured error
         (:mod:`gqsa.allocation`; ``sparsity`` is then ignored); the choice is recorded in
         ``layer_sparsity``.
-    skip: module-name suffixes never compressed (embeddings, norms and lm_head are never touched).
+    skip: module-name suffixes never compressed (embeddings and norms are never touched).
+    lm_head_bits: ``None`` (default) leaves the output layer dense; 4 or 8 quantizes it after the blocks (GPTQ in
+        groups of 128, no sparsity, on its inputs from the compressed model; E2E-OQP then trains its scales with
+        the others): :mod:`gqsa.head`. A tied output layer is untied (the input embedding stays dense).
     seed: seeds calibration sampling and everything random.
 
     Stages (:mod:`gqsa.stages`):
@@ -132,6 +135,7 @@ class GQSAConfig:
     target_bits: float | None = None
     layer_sparsity: dict = field(default_factory=dict)
     skip: list[str] = field(default_factory=list)
+    lm_head_bits: int | None = None
     seed: int = 0
     stages: str = "bqpo+e2e"
     val_fraction: float = 0.1
@@ -178,6 +182,12 @@ class GQSAConfig:
         if self.allocation != "row" and self.mask.startswith(("iter", "adaptive")):
             raise ValueError(f"mask '{self.mask}' keeps the same number of groups in every row: use allocation "
                              f"'row' with it (or mask 'fixed', 'cgN' or 'rerankN')")
+        if self.lm_head_bits is not None:
+            if self.lm_head_bits not in (4, 8):  # gqsa.head.HEAD_BITS (the head's GPTQ needs torch-free checks here)
+                raise ValueError(f"lm_head_bits must be 4 or 8 (or None: a dense output layer), got {self.lm_head_bits}")
+            if self.e2e_train_zero:
+                raise ValueError("lm_head_bits with e2e_train_zero: the output layer's zero points stay integers; "
+                                 "leave out one of --quantize-lm-head and --e2e-train-zero")
         if self.target_bits is not None and not 0.0 < self.target_bits < 16.0:
             raise ValueError(f"target_bits must be in (0, 16), got {self.target_bits}")
         if not 0.0 < self.damp < 1.0:

@@ -59,7 +59,8 @@ def compress_model(model, config: GQSAConfig, tokens: torch.Tensor, device=None,
     # the plan and the estimate go with the progress bar (``log`` keeps its one line per block / epoch)
     eta = _Plan(model, config, tokens, device, tqdm.write if progress else (lambda line: None), on_block_done)
     if not config.trained:
-        return compress_oneshot(model, config, tokens, device, batch_size, progress, on_block_done=eta.block_done)
+        packed = compress_oneshot(model, config, tokens, device, batch_size, progress, on_block_done=eta.block_done)
+        return _with_head(model, packed, config, tokens, device, batch_size, tqdm.write if progress else None)
     from .stages import bqpo, e2e
 
     stats = {} if stats is None else stats
@@ -72,10 +73,26 @@ def compress_model(model, config: GQSAConfig, tokens: torch.Tensor, device=None,
     packed = bqpo.run_bqpo(model, config, tokens, int(train_tokens.shape[0]), device, batch_size, progress,
                            workdir=workdir, resume=resume, stats=stats, log=log, on_block_done=on_block_done)
     replace_linears(model, packed)
+    packed = _with_head(model, packed, config, tokens, device, batch_size, log)
     if config.stages == "bqpo+e2e":
         packed = e2e.run_e2e(model, packed, config, train_tokens, val_tokens, device, progress, stats=stats, log=log,
                              teacher=teacher)
     return packed
+
+
+def _with_head(model, packed: dict, config: GQSAConfig, tokens, device, batch_size: int, log) -> dict:
+    """``packed`` plus the output layer quantized (``config.lm_head_bits``; :mod:`gqsa.head`), put in the model."""
+    if config.lm_head_bits is None:
+        return packed
+    from .head import quantize_head
+
+    t0 = time.perf_counter()
+    name, p = quantize_head(model, tokens, config.lm_head_bits, device, batch_size, config.damp)
+    replace_linears(model, {name: p})
+    if log is not None:
+        log(f"GQSA: output layer {name} quantized to {p.bits} bits in groups of {p.group_size}, "
+            f"{time.perf_counter() - t0:.1f} s")
+    return {**packed, name: p}
 
 
 class _Plan:
@@ -96,6 +113,8 @@ class _Plan:
                 work += " per block"
         else:
             work = "one-shot per block (no training)"
+        if config.lm_head_bits is not None:
+            work += f", and the output layer at {config.lm_head_bits} bits"
         threads = f", {torch.get_num_threads()} CPU threads" if device.type == "cpu" else ""
         log(f"GQSA: {self.n_blocks} blocks × {work}; {n} calibration windows of {t} tokens; "
             f"on {device}{threads}")

@@ -19,7 +19,8 @@ def gqsa_config(*, bits: int = 4, group_size: int = 16, sparsity: float = 0.5, s
                 allocation: str = "row", quant_init: str = "mse", damp: float = 0.01, mask: str | None = None,
                 target_bits: float | None = None, skip=(), seed: int = 0, stages: str = "bqpo+e2e",
                 preset: str = "default", resume: bool = False, e2e_train_zero: bool = False,
-                grad_checkpointing: bool = True, offload_activations: bool = False, **stage_options):
+                grad_checkpointing: bool = True, offload_activations: bool = False,
+                quantize_lm_head: int | None = None, **stage_options):
     """The :class:`GQSAConfig` of a compression: the ``preset``, then every option given (``None``: not given)."""
     from .config import GQSAConfig
 
@@ -33,7 +34,7 @@ def gqsa_config(*, bits: int = 4, group_size: int = 16, sparsity: float = 0.5, s
         given["offload_activations"] = True
     if not grad_checkpointing:
         given["e2e_grad_checkpointing"] = False
-    for name, value in (("mask", mask), ("target_bits", target_bits)):
+    for name, value in (("mask", mask), ("target_bits", target_bits), ("lm_head_bits", quantize_lm_head)):
         if value is not None:
             given[name] = value
     if resume and stages == "oneshot":
@@ -49,7 +50,8 @@ def compress_to_folder(model: str, out, *, calib: str, tokenizer: str | None = N
                        damp: float = 0.01, mask: str | None = None, target_bits: float | None = None, skip=(),
                        stages: str = "bqpo+e2e", preset: str = "default", resume: bool = False,
                        e2e_train_zero: bool = False, grad_checkpointing: bool = True,
-                       offload_activations: bool = False, pattern: str = "2:4", act_order: bool = False,
+                       offload_activations: bool = False, quantize_lm_head: int | None = None,
+                       pattern: str = "2:4", act_order: bool = False,
                        clip_search: bool = False, prune_bits: int | None = None, blocksize: int = 128,
                        nsamples: int = 128, seqlen: int = 2048, batch_size: int = 8, seed: int = 0,
                        device: str | None = None, dtype: str = "float32", dense_dtype: str = "auto",
@@ -72,11 +74,13 @@ def compress_to_folder(model: str, out, *, calib: str, tokenizer: str | None = N
     for name, value in (("nsamples", nsamples), ("seqlen", seqlen), ("batch_size", batch_size)):
         if value <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive")
+    if quantize_lm_head is not None and method != "gqsa":
+        raise ValueError(f"--quantize-lm-head applies to --method gqsa, not {method}")
     config = gqsa_config(bits=bits, group_size=group_size, sparsity=sparsity, saliency=saliency,
                          allocation=allocation, quant_init=quant_init, damp=damp, mask=mask, target_bits=target_bits,
                          skip=skip, seed=seed, stages=stages, preset=preset, resume=resume,
                          e2e_train_zero=e2e_train_zero, grad_checkpointing=grad_checkpointing,
-                         offload_activations=offload_activations, **stage_options)
+                         offload_activations=offload_activations, quantize_lm_head=quantize_lm_head, **stage_options)
     if before_load is not None:
         before_load()
     t0 = time.time()

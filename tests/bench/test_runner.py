@@ -23,6 +23,13 @@ def test_bench_runs_the_settings_side_by_side_on_cpu(tmp_path):
     assert json.loads(path.read_text())["config"]["synthetic"] == "tiny"
 
 
+def test_bench_runs_a_model_with_a_quantized_head():
+    r = bench.run(["w4s50g16", "w4s50g16h8"], [1], synthetic="tiny", device="cpu", prompt_len=3, new_tokens=2,
+                  repeats=1, log=lambda m: None)
+    plain, head = r["rows"]  # (the head has no dense weight to compare with the embedding's)
+    assert head["decode_tokens_per_s"] > 0 and head["model_gb"] <= plain["model_gb"]
+
+
 def test_bench_a_checkpoint_folder_as_stored_and_dequantized(s260k_folder):
     r = bench.run(["gqsa", "fp16"], [1], folder=s260k_folder, device="cpu", prompt_len=2, new_tokens=2,
                   repeats=1, log=lambda m: None)

@@ -83,3 +83,20 @@ def test_synthetic_cluster_setting():
     assert block_layout.detect_block_rows(p) is None
     r, row_map = block_layout.detect_row_clusters(p)
     assert r == 64 and sorted(row_map[row_map >= 0].tolist()) == list(range(256))
+
+
+def test_synthetic_quantized_head_setting():
+    """``…h<bits>``: the output layer quantized too (``--quantize-lm-head``), and the engine runs it."""
+    st = parse_setting("w4s50g16h8")
+    assert st.head_bits == 8 and parse_setting("w4s50g16c64h4").head_bits == 4 and parse_setting("w4s50g16").head_bits == 0
+    with pytest.raises(ValueError, match="4 or 8 bits"):
+        parse_setting("w4s50g16h3")
+    plain = build_synthetic("tiny", "w4s50g16", "cpu").float()
+    model = build_synthetic("tiny", "w4s50g16h8", "cpu").float()
+    head = model.lm_head
+    assert isinstance(head, GQSALinear) and head.bits == 8 and head.packed.shape == (256, 64)
+    assert weight_bytes(model) < weight_bytes(plain)
+    out = Engine(model).generate([[3, 4, 5]], 4).tokens
+    hf = model.generate(torch.tensor([[3, 4, 5]]), max_new_tokens=4, do_sample=False, eos_token_id=None,
+                        pad_token_id=0)[0, 3:].tolist()
+    assert out == [hf]

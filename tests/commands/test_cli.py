@@ -119,6 +119,15 @@ def test_bad_settings(opt, value, message, asset, stories260k, run_dir, capsys):
     assert message in _err(capsys) and not out.exists()
 
 
+@pytest.mark.parametrize("extra, message", [(["--quantize-lm-head", "8", "--method", "gptq"], "applies to --method gqsa"),
+                                            (["--quantize-lm-head", "8", "--e2e-train-zero"], "e2e-train-zero")])
+def test_quantize_lm_head_refuses_what_it_cannot_do(extra, message, asset, stories260k, run_dir, capsys):
+    out = run_dir / "never"
+    assert main(compress_args(stories260k, asset, out, *extra)) == 2
+    err = _err(capsys)
+    assert message in err and len(err.strip().splitlines()) == 1 and not out.exists()
+
+
 def test_block_allocation_packs_the_same_columns_in_every_16_rows(stories260k, asset, run_dir, capsys):
     out = run_dir / "s260-block16"
     assert main(compress_args(stories260k, asset, out, "--stages", "oneshot", "--allocation", "block16")) == 0

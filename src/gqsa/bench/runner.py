@@ -165,7 +165,7 @@ def profile_decode(engine: Engine, prompts, new_tokens: int, steps: int = 8) -> 
                          "kernel_sum_us_per_step": round(busy / steps, 1),
                          "span_us_per_step": round(span / steps, 1),
                          "idle_us_per_step": round((span - busy) / steps, 1)}
-        # lm_head alone (cuBLAS GEMV of the dense output layer), CUDA events over 50 calls
+        # lm_head alone (cuBLAS GEMV of the dense output layer, or the GQSA one), CUDA events over 50 calls
         x = torch.randn(len(prompts), 1, engine.model.config.hidden_size, device=engine.device, dtype=engine.dtype)
         head = engine.model.lm_head
         for _ in range(3):
@@ -213,7 +213,8 @@ def run(settings: list[str], batches: list[int], synthetic: str | None = None, f
         engine = Engine(model, compile_ops=compile_ops, fuse_projections=fuse, cuda_graphs=cuda_graphs,
                         decode_kernels=decode_kernels)
         emb = model.get_input_embeddings().weight
-        tied = emb.data_ptr() == model.get_output_embeddings().weight.data_ptr()
+        head_w = getattr(model.get_output_embeddings(), "weight", None)  # none when the head is quantized
+        tied = head_w is not None and emb.data_ptr() == head_w.data_ptr()
         step_bytes = size - (0 if tied else emb.numel() * emb.element_size())  # weights read per decode step
         if cuda:
             torch.cuda.synchronize(device)

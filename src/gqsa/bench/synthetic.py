@@ -35,7 +35,7 @@ ARCHS = {
                  num_key_value_heads=2, vocab_size=256, max_position_embeddings=512),
 }
 _LAYERS = re.compile(r"^(?P<arch>[a-z0-9.-]+?)-layers=(?P<n>\d+)$")
-_GQSA = re.compile(r"^w(?P<bits>\d)s(?P<s>\d{1,2})g(?P<g>\d+)(?:(?P<kind>[bc])(?P<r>\d+))?$")
+_GQSA = re.compile(r"^w(?P<bits>\d)s(?P<s>\d{1,2})g(?P<g>\d+)(?:(?P<kind>[bc])(?P<r>\d+))?(?:h(?P<head>\d+))?$")
 
 
 def arch_config(name: str):
@@ -68,6 +68,7 @@ class Setting:
     group_size: int = 0
     block_rows: int = 0  # > 0: block-uniform mask (every R-row block keeps the same columns)
     clustered: bool = False  # with block_rows: the blocks' rows shuffled (clusters of R rows, --allocation clusterR)
+    head_bits: int = 0  # > 0: the output layer quantized too (h<bits>: --quantize-lm-head, gqsa.head)
 
 
 def parse_setting(text: str) -> Setting:
@@ -86,10 +87,14 @@ def parse_setting(text: str) -> Setting:
         r = int(m["r"] or 0)
         if r and (r < 16 or r & (r - 1)):
             raise ValueError(f"setting '{text}': the block height b<R> (cluster size c<R>) must be a power of two ≥ 16")
+        head = int(m["head"] or 0)
+        if m["head"] and head not in (4, 8):
+            raise ValueError(f"setting '{text}': the output layer h<bits> takes 4 or 8 bits")
         return Setting(t, "gqsa", torch.float16, bits=bits, sparsity=s, group_size=g, block_rows=r,
-                       clustered=m["kind"] == "c")
+                       clustered=m["kind"] == "c", head_bits=head)
     raise ValueError(f"unknown setting '{text}': use fp16, bf16, tinygemm or w{{bits}}s{{sparsity%}}g{{G}} "
-                     f"such as w4s50g16 (b<R>: blocks of R rows, c<R>: clusters of R rows)")
+                     f"such as w4s50g16 (b<R>: blocks of R rows, c<R>: clusters of R rows, h<bits>: the output "
+                     f"layer quantized too, e.g. w4s50g16h8)")
 
 
 def random_packed(n: int, k: int, sparsity: float, bits: int, group_size: int, device,
@@ -171,6 +176,8 @@ def build_synthetic(arch: str, setting: Setting | str, device="cuda", seed: int 
         for parent, name, lin in list(_block_linears(model)):
             shapes.append((parent, name, lin.out_features, lin.in_features))
             setattr(parent, name, nn.Identity())
+    if setting.head_bits:
+        model.lm_head = nn.Identity()
     model.to_empty(device=device)
     for p in model.parameters():
         if p.dim() >= 2:
@@ -184,6 +191,10 @@ def build_synthetic(arch: str, setting: Setting | str, device="cuda", seed: int 
         else:
             mod = TinyGemmLinear(k, n, device, gen)
         setattr(parent, name, mod)
+    if setting.head_bits:  # groups of gqsa.head.HEAD_GROUP inputs (of 64 where the width is not a multiple of it)
+        k = cfg.hidden_size
+        model.lm_head = GQSALinear.from_packed(random_packed(cfg.vocab_size, k, 0.0, setting.head_bits,
+                                                             128 if k % 128 == 0 else 64, device, gen))
     model.model.rotary_emb = LlamaRotaryEmbedding(config=cfg).to(device)  # float32 inv_freq, recomputed
     model.config.dtype = setting.dtype
     return model.eval()
