@@ -49,11 +49,11 @@ def compress_model(model, config: GQSAConfig, tokens: torch.Tensor, device=None,
     are data-parallel and rank 0 alone writes ``workdir`` (:mod:`gqsa.distributed`).
     """
     device = default_device(device)
-    config = config.for_windows(tokens.shape[0])
-    if config.target_bits is not None:  # per-layer sparsity under the budget, from the uncompressed model
+    if config.target_bits is not None:  # per-layer sparsity under the budget, recorded in the caller's config
         from .allocation import apply_target_bits
 
         apply_target_bits(model, config, tokens, device, batch_size)
+    config = config.for_windows(tokens.shape[0])  # the training batch sizes not given (a copy)
     if not distributed.is_main():  # under torchrun: rank 0 alone shows progress and logs
         progress, log = False, (lambda line: None)
     # the plan and the estimate go with the progress bar (``log`` keeps its one line per block / epoch)
