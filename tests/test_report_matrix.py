@@ -19,7 +19,7 @@ def test_default_matrix():
         for s in (30, 50, 70):
             assert f"gqsa-w4s{s}g{g}" in rows
     for name in ("sparsegpt-2of4", "wanda-2of4", "gptq-w2g128", "gptq-w3g128", "rtn-w4g128", "sparsegpt-4of8",
-                 "sparsegpt-2of4-w4g128", "sparsegpt-4of8-w4g128", "gqsa-w3s0g128"):
+                 "sparsegpt-2of4-w4g128", "sparsegpt-4of8-w4g128", "gqsa-w3s0g128", "gqsa-w4s30g64-rerank4"):
         assert name in rows
     assert rows["sparsegpt-2of4-w4g128"].family == "pruning+quantization"
     assert rm.label(rows["sparsegpt-2of4-w4g128"].options) == rows["sparsegpt-2of4-w4g128"].label

@@ -55,7 +55,9 @@ class Row:
 
 
 def default_rows() -> list[Row]:
-    """fp16; GQSA W4 S30/S50/S70 at G16 and G32; SparseGPT, Wanda and magnitude 2:4; SparseGPT 4:8;
+    """fp16; GQSA W4 S30/S50/S70 at G16 and G32, and W4 S30 G64 with ``--mask rerank4`` (the most accurate sparse
+    setting at ≈ 3.2 bits/weight on both local models, benchmarks/quality.md "Session 9"); SparseGPT, Wanda and
+    magnitude 2:4; SparseGPT 4:8;
     SparseGPT 2:4 and 4:8 with int4 values (g128); GQSA W3 S0 G128; GPTQ W2/W3/W4 g128; RTN W4 g128
     (magnitude 2:4 and GPTQ W4 are the sanity checks every correct implementation passes)."""
     rows = [Row(REFERENCE, "fp16 (uncompressed)", [], "reference", {})]
@@ -64,6 +66,9 @@ def default_rows() -> list[Row]:
             rows.append(Row(f"gqsa-w4s{s}g{g}", f"GQSA W4 S{s}% G{g}",
                             ["--method", "gqsa", "--bits", "4", "--group-size", str(g), "--sparsity", f"{s / 100:g}"],
                             "gqsa", {"method": "gqsa", "bits": 4, "group_size": g, "sparsity": s / 100}))
+    rows.append(Row("gqsa-w4s30g64-rerank4", "GQSA W4 S30% G64 mask rerank4",
+                    ["--method", "gqsa", "--bits", "4", "--group-size", "64", "--sparsity", "0.3", "--mask", "rerank4"],
+                    "gqsa", {"method": "gqsa", "bits": 4, "group_size": 64, "sparsity": 0.3, "mask": "rerank4"}))
     for m in ("sparsegpt", "wanda", "magnitude"):
         rows.append(Row(f"{m}-2of4", f"{_TITLE[m]} 2:4", ["--method", m, "--pattern", "2:4"], "pruning",
                         {"method": m, "pattern": "2:4"}))
