@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .baselines.gptq import gptq_layer
+from . import prune
 from .blockwise import HessianAccumulator
 from .format import PackedLinear, pack
 
@@ -93,5 +93,6 @@ def quantize_head(model, tokens: torch.Tensor, bits: int, device, batch_size: in
     name = head_name(model)
     h = head_hessian(model, tokens, device, batch_size)
     w = head.weight.detach().to(device, torch.float32)
-    cw = gptq_layer(w, h.to(device), bits, HEAD_GROUP, init="mse", damp=damp)
+    keep = torch.ones(w.shape[0], -(-w.shape[1] // HEAD_GROUP), dtype=torch.bool, device=w.device)  # no sparsity
+    cw = prune.compress_obs(w, h.to(device), keep, bits, HEAD_GROUP, "mse", damp)  # GPTQ (no act-order)
     return name, pack(cw.codes, cw.scale, cw.zero, cw.mask, tuple(w.shape), bits, HEAD_GROUP).to("cpu")
