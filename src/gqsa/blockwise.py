@@ -109,14 +109,40 @@ class _null:
         return False
 
 
+class _GroupSeen(Exception):
+    """Raised once every linear of a group has seen a batch: the rest of the block's forward is not needed."""
+
+
 @torch.no_grad()
-def group_statistics(block, linears: dict, group: list[str], batches, amp: Callable | None = None) -> dict:
+def group_statistics(block, linears: dict, group: list[str], batches, amp: Callable | None = None,
+                     stop_early: bool = True) -> dict:
     """``{name: XᵀX / n}`` of the linears of ``group``: ``batches`` (``[(hidden, kwargs), …]``) run through
-    ``block`` as compressed so far."""
+    ``block`` as compressed so far. ``stop_early``: each forward pass stops as soon as every linear of the group
+    has run (the statistics are the same; the first group of a block then costs almost nothing and the last one
+    skips the block's tail) — only for blocks that call each linear once per pass (the adapters' architectures,
+    not the generic fallback)."""
     accs = {n: HessianAccumulator(linears[n]) for n in group}
-    for hidden, kw in batches:
-        with amp() if amp else _null():
-            calib.block_output(block, hidden, kw)
+    pending: set[str] = set()
+
+    def seen(name):
+        def hook(module, args, output):  # after the accumulator's hook, registered first
+            pending.discard(name)
+            if not pending:
+                raise _GroupSeen
+        return hook
+
+    handles = [linears[n].register_forward_hook(seen(n)) for n in group] if stop_early else []
+    try:
+        for hidden, kw in batches:
+            pending.update(group)
+            try:
+                with amp() if amp else _null():
+                    calib.block_output(block, hidden, kw)
+            except _GroupSeen:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
     return {n: a.remove() for n, a in accs.items()}
 
 

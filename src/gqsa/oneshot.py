@@ -28,7 +28,8 @@ def oneshot_block(block, adapter, groups: list[list[str]], batches, config: GQSA
     needs_stats = config.saliency != "magnitude"
     out = {}
     for group in groups:
-        stats = group_statistics(block, linears, group, batches, amp) if needs_stats else {}
+        stats = group_statistics(block, linears, group, batches, amp, stop_early=not adapter.generic) \
+            if needs_stats else {}
         # the linears of a group are independent (their statistics are taken): under torchrun each
         # rank compresses some of them and sends the results to the others
         for k, n in enumerate(group):

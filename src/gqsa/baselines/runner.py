@@ -169,7 +169,8 @@ def compress_model_baseline(model, config: BaselineConfig, tokens: torch.Tensor 
     def method(i, block, prefix, batches):
         linears = adapter.linears(block)
         for group in block_linear_groups(adapter, block, prefix, i, config):
-            stats = group_statistics(block, linears, group, batches) if batches is not None else {}
+            stats = group_statistics(block, linears, group, batches, stop_early=not adapter.generic) \
+                if batches is not None else {}
             for n in group:
                 layers.append(_compress_linear(linears[n], f"{prefix}.{i}.{n}", config, stats.get(n), packed))
 
