@@ -21,6 +21,7 @@ PRESETS: dict[str, dict] = {
     "fast": {"bqpo_epochs": 5, "bqpo_patience": 2, "e2e_epochs": 2},
 }
 
+LM_HEAD_BITS = (4, 8)  # the output layer's bits (lm_head_bits, gqsa.head)
 BATCH_WINDOWS = 512  # calibration windows per 4 windows of a training step, when the batch sizes are not given
 
 
@@ -183,8 +184,9 @@ class GQSAConfig:
             raise ValueError(f"mask '{self.mask}' keeps the same number of groups in every row: use allocation "
                              f"'row' with it (or mask 'fixed', 'cgN' or 'rerankN')")
         if self.lm_head_bits is not None:
-            if self.lm_head_bits not in (4, 8):  # gqsa.head.HEAD_BITS (the head's GPTQ needs torch-free checks here)
-                raise ValueError(f"lm_head_bits must be 4 or 8 (or None: a dense output layer), got {self.lm_head_bits}")
+            if self.lm_head_bits not in LM_HEAD_BITS:
+                raise ValueError(f"lm_head_bits must be {' or '.join(map(str, LM_HEAD_BITS))} (or None: a dense output "
+                                 f"layer), got {self.lm_head_bits}")
             if self.e2e_train_zero:
                 raise ValueError("lm_head_bits with e2e_train_zero: the output layer's zero points stay integers; "
                                  "leave out one of --quantize-lm-head and --e2e-train-zero")

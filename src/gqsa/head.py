@@ -16,10 +16,10 @@ from torch import nn
 
 from . import prune
 from .blockwise import HessianAccumulator
+from .config import LM_HEAD_BITS
 from .format import PackedLinear, pack
 
 HEAD_GROUP = 128  # inputs per quantization group of the head
-HEAD_BITS = (4, 8)
 
 
 class _Stop(Exception):
@@ -27,8 +27,8 @@ class _Stop(Exception):
 
 
 def check_head_bits(bits: int) -> None:
-    if bits not in HEAD_BITS:
-        raise ValueError(f"the output layer is quantized to {' or '.join(map(str, HEAD_BITS))} bits, not {bits}")
+    if bits not in LM_HEAD_BITS:
+        raise ValueError(f"the output layer is quantized to {' or '.join(map(str, LM_HEAD_BITS))} bits, not {bits}")
 
 
 def output_layer(model) -> nn.Linear:

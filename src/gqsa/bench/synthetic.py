@@ -18,7 +18,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..config import LM_HEAD_BITS
 from ..format import PackedLinear
+from ..head import HEAD_GROUP
 from ..nn import GQSALinear
 
 ARCHS = {
@@ -88,8 +90,8 @@ def parse_setting(text: str) -> Setting:
         if r and (r < 16 or r & (r - 1)):
             raise ValueError(f"setting '{text}': the block height b<R> (cluster size c<R>) must be a power of two ≥ 16")
         head = int(m["head"] or 0)
-        if m["head"] and head not in (4, 8):
-            raise ValueError(f"setting '{text}': the output layer h<bits> takes 4 or 8 bits")
+        if m["head"] and head not in LM_HEAD_BITS:
+            raise ValueError(f"setting '{text}': the output layer h<bits> takes {' or '.join(map(str, LM_HEAD_BITS))} bits")
         return Setting(t, "gqsa", torch.float16, bits=bits, sparsity=s, group_size=g, block_rows=r,
                        clustered=m["kind"] == "c", head_bits=head)
     raise ValueError(f"unknown setting '{text}': use fp16, bf16, tinygemm or w{{bits}}s{{sparsity%}}g{{G}} "
@@ -191,10 +193,10 @@ def build_synthetic(arch: str, setting: Setting | str, device="cuda", seed: int 
         else:
             mod = TinyGemmLinear(k, n, device, gen)
         setattr(parent, name, mod)
-    if setting.head_bits:  # groups of gqsa.head.HEAD_GROUP inputs (of 64 where the width is not a multiple of it)
+    if setting.head_bits:  # groups of HEAD_GROUP inputs (of 64 where the width is not a multiple of it)
         k = cfg.hidden_size
         model.lm_head = GQSALinear.from_packed(random_packed(cfg.vocab_size, k, 0.0, setting.head_bits,
-                                                             128 if k % 128 == 0 else 64, device, gen))
+                                                             HEAD_GROUP if k % HEAD_GROUP == 0 else 64, device, gen))
     model.model.rotary_emb = LlamaRotaryEmbedding(config=cfg).to(device)  # float32 inv_freq, recomputed
     model.config.dtype = setting.dtype
     return model.eval()

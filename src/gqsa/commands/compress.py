@@ -56,7 +56,7 @@ def add_arguments(p) -> None:
                         "bits/weight at the least measured error; replaces --sparsity")
     g.add_argument("--skip", nargs="*", default=[], metavar="SUFFIX",
                    help="module-name suffixes to leave dense, e.g. mlp.down_proj")
-    g.add_argument("--quantize-lm-head", type=int, choices=(4, 8), default=None, metavar="BITS",
+    g.add_argument("--quantize-lm-head", type=int, choices=(4, 8), default=None, metavar="BITS",  # config.LM_HEAD_BITS
                    help="also quantize the output layer to 4 or 8 bits (GPTQ, groups of 128, no sparsity; a tied "
                         "one is untied, the input embedding stays dense). Default: a dense output layer")
     t = p.add_argument_group(

@@ -50,11 +50,14 @@ class FakeQuantLinear(nn.Module):
     def zero_value(self) -> torch.Tensor:
         return torch.clamp(quant.round_ste(self.zero), 0, quant.qmax(self.bits))
 
+    def _codes(self, z: torch.Tensor) -> torch.Tensor:
+        """``q = clamp(round(u) + z, 0, 2^b − 1)`` (the rounding straight-through), ``[N, C, G]``."""
+        return torch.clamp(quant.round_ste(self.u) + z[..., None], 0, quant.qmax(self.bits))
+
     def group_weights(self) -> torch.Tensor:
         """``s · (q − z)`` of every group, pruned ones included, ``[N, C, G]`` (float32)."""
         s, z = self.scale_value(), self.zero_value()
-        q = torch.clamp(quant.round_ste(self.u) + z[..., None], 0, quant.qmax(self.bits))
-        return quant.dequantize(q, s, z)
+        return quant.dequantize(self._codes(z), s, z)
 
     def _weight(self) -> torch.Tensor:
         w = self.group_weights()
@@ -81,7 +84,7 @@ class FakeQuantLinear(nn.Module):
         """Round to integer codes: the weight :meth:`weight` computes, as codes, scales, zeros."""
         s = quant.round_scale(self.s0 * self.gamma)
         z = torch.clamp(torch.round(self.zero), 0, quant.qmax(self.bits))
-        codes = torch.clamp(torch.round(self.u) + z[..., None], 0, quant.qmax(self.bits))
+        codes = self._codes(z)
         w = torch.where(self.mask, quant.dequantize(codes, s, z), torch.zeros((), device=s.device))
         return CompressedWeight(codes, s, z, self.mask[..., 0].clone(),
                                 w.reshape(self.out_features, -1)[:, : self.in_features].clone())
