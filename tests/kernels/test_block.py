@@ -374,8 +374,9 @@ def test_row_clusters_detection_and_map():
 
 
 def test_cluster128_layers_take_the_block_order_store_from_17_rows():
-    """The H200 table writes y of clusterR layers in block order (then gathers it into place) at
-    M = 17–64 for R = 128, where that measured faster; through the map elsewhere."""
+    """The H200 table writes y of clusterR layers in block order (then gathers it into place) from
+    M = 17 on for R = 128 (the ``pre`` kernels of M ≥ 65 too), where that measured faster; through the map
+    at M ≤ 16."""
     from gqsa import prune
 
     n, k, g = 256, 128, 16
@@ -388,7 +389,9 @@ def test_cluster128_layers_take_the_block_order_store_from_17_rows():
     assert plan.block_rows == 128 and plan.block.row_map is not None
     table = plan.table.block
     assert table.config(128, 20).block_out and not table.config(128, 4).block_out
-    for m in (4, 20):
+    assert table.config(128, 100).pre and table.config(128, 100).block_out
+    assert table.config(128, 2048).pre and table.config(128, 2048).block_out
+    for m in (4, 20, 100):
         x = torch.randn(m, k, generator=gen).half()
         assert plan.path(m) == "block"
         check(plan(x), x, p, None)

@@ -149,6 +149,9 @@ _P = functools.partial(BlockConfig, scale_after=False, pre=True)
 # block128 1–2 warps, np = 2: 126.5 against 149.8 µs at M = 64 (28672×8192 83.3 against 102.1), 121.0 against 143.8
 # at 48; block64 one warp: 135.3 against 167.9 at 64, 120.8 against 149.4 at 48. block_out (clusterR layers) kept
 # on for block128 as in the bucket these replace: it was measured at M = 64 only, with the earlier configuration.
+# Tenth session: block_out on the two ``pre`` buckets of block128 too (clusterR layers at M ≥ 65): the 7B synthetic
+# w4s30g64c128 prefill of 64 × 32 tokens 120.4 → 58.3 ms (fp16 44.5), of 512 tokens 27.5 → 22.7 ms (fp16 29.9 in another
+# process), benchmarks/RESULTS.md "Session 10". (block128 layers without a row map ignore block_out.)
 H200_BLOCK_TABLE = BlockTable(
     buckets=(
         (16, ((16, _B(block_m=16, np=4, num_warps=1, num_stages=3, waves=4.0, scale_after=False)),
@@ -162,8 +165,8 @@ H200_BLOCK_TABLE = BlockTable(
         (128, ((16, _W(block_m=16, np=4, num_warps=2, num_stages=3, waves=4.0)),
                (32, _W(block_m=32, np=4, num_warps=2, num_stages=3, waves=2.0, block_out=True)),
                (64, _W(block_m=64, np=2, num_warps=2, num_stages=3, waves=2.0, block_out=True)),
-               (256, _P(block_m=128, np=4, num_warps=8, num_stages=4, waves=1.0)),
-               (1 << 62, _P(block_m=128, np=4, num_warps=8, num_stages=3, split_k=1)))),
+               (256, _P(block_m=128, np=4, num_warps=8, num_stages=4, waves=1.0, block_out=True)),
+               (1 << 62, _P(block_m=128, np=4, num_warps=8, num_stages=3, split_k=1, block_out=True)))),
     ),
     expand_min_m=((16, 256), (64, 1 << 62)),  # block64 and up: never (the pre kernels beat the expansion)
     # Seventh session: W4 S0 G128 (3-bit layers run as it; block128, every group kept): the pre kernels do twice an
