@@ -58,7 +58,9 @@ def add_arguments(p) -> None:
                    help="module-name suffixes to leave dense, e.g. mlp.down_proj")
     g.add_argument("--quantize-lm-head", type=int, choices=(4, 8), default=None, metavar="BITS",  # config.LM_HEAD_BITS
                    help="also quantize the output layer to 4 or 8 bits (GPTQ, groups of 128, no sparsity; a tied "
-                        "one is untied, the input embedding stays dense). Default: a dense output layer")
+                        "one is untied, the input embedding stays dense). Measured on a 7B synthetic model, H200: 4 bits "
+                        "made batch-1 decoding 2.8%% faster, 8 bits did not (its kernel is no faster than fp16's); "
+                        "accuracy cost 4 bits +0.7–2.3%% perplexity, 8 bits none. Default: a dense output layer")
     t = p.add_argument_group(
         "GQSA training stages",
         "BQPO trains each block's latent weights and s, z through fake quantization (mask held) to match the "
