@@ -106,8 +106,9 @@ def checks(assets: Path, log) -> dict:
                 res["kernel_path"] = {"gemv_launches_per_step": sum("_gemv_kernel" in x for x in names),
                                       "expand_launches_per_step": sum("_expand_kernel" in x for x in names),
                                       "expected_gemv": 4 * model.config.num_hidden_layers,
-                                      "plan_variants": sorted({b.qkv._plan.variant for b in eng.decoder.blocks
-                                                               if b.qkv._plan is not None})}
+                                      "qkv_paths_m1_m3": sorted({(b.qkv._plan.path(1), b.qkv._plan.path(3))
+                                                                 for b in eng.decoder.blocks
+                                                                 if b.qkv._plan is not None})}
                 log(f"[check] kernel path: {res['kernel_path']}")
             del eng, m2
         res[label] = {"hf_tokens": hf, "variants": out, "text_hf_0": tok.decode(hf[0])}

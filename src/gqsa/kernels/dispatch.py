@@ -8,6 +8,8 @@
   :func:`gqsa.kernels.gemv.gqsa_linear` (``variant="dense"``). It is in the H200 table *only* because
   the tensor-core kernel measured slower than it from M = 256 (1.37× at 256 summed over three shapes, second
   revision, benchmarks/RESULTS.md "Session 6"); set ``expand_min_m=None`` in a table to run the GEMM there too.
+* block-uniform 4-bit layers (below) take the hand-written CUDA kernel of :mod:`gqsa.kernels.mma_gemm` at small M
+  (``BlockTable.mma_max_m``) where it compiles, else the Triton block kernel;
 * 3-bit layers (no kernel reads 3-bit codes) are planned with their codes widened to 4 bits
   (:func:`gqsa.kernels.gemv.kernel_packed`: the same weights, 4/3 of the code bytes on the device).
 * ``dense_min_m`` (off by default) is the explicit opt-in of a *cached* dense fp16/bf16 copy of the
@@ -40,6 +42,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -51,6 +54,9 @@ from .block_gemm import BlockCall, BlockConfig, for_group
 from .block_layout import BLOCK_ROWS, build_block_layout, detect_block_rows, detect_row_clusters
 from .gemm import GemmCall, GemmConfig, num_sms
 from .layout import build_tile_layout
+from .mma_gemm import MmaCall, MmaConfig
+from .mma_gemm import available as mma_available
+from .mma_layout import build_mma_layout, unsupported as mma_unsupported
 
 
 @dataclass(frozen=True)
@@ -67,7 +73,10 @@ class BlockTable:
     :mod:`gqsa.kernels.gemm` instead (its TileLayout is built on the first such call). ``dense_expand_min_m``: for
     block layers that keep at least ``DENSE_KEEP`` of their groups (e.g. sparsity 0, where every layer is
     block-uniform), the expansion from this M on whatever their height (None: the height's value), and the GEMV up
-    to ``dense_gemv_max_m`` rows (0: ``gemv_max_m``)."""
+    to ``dense_gemv_max_m`` rows (0: ``gemv_max_m``). ``mma_max_m``: ``((rows, m), ...)``, above the GEMV and up to
+    ``m`` rows the hand-written tensor-core kernel (:mod:`gqsa.kernels.mma_gemm`) for the layers and calls it takes
+    (4-bit codes, integer zero points, fp16 activations, a GPU where it compiles; heights below the smallest listed:
+    never); the Triton block kernel otherwise."""
 
     buckets: tuple = field(default_factory=tuple)
     expand_min_m: tuple = field(default_factory=tuple)
@@ -76,6 +85,7 @@ class BlockTable:
     tile_min_m: tuple = field(default_factory=tuple)  # ((rows, m), ...): the irregular GEMM from m rows on
     dense_expand_min_m: int | None = None  # layers keeping ≥ DENSE_KEEP of their groups: the expansion from here
     dense_gemv_max_m: int = 0  # ... and the GEMV up to here (0: gemv_max_m)
+    mma_max_m: tuple = field(default_factory=tuple)  # ((rows, m), ...): the hand-written kernel up to m rows
 
     @staticmethod
     def _for(pairs, rows, below_all=True):
@@ -98,6 +108,9 @@ class BlockTable:
 
     def tile_from(self, rows: int) -> int | None:
         return self._for(self.tile_min_m, rows, below_all=False)
+
+    def mma_upto(self, rows: int) -> int:
+        return self._for(self.mma_max_m, rows, below_all=False) or 0
 
 
 DENSE_KEEP = 0.9  # a block layer keeping this share of its groups or more takes BlockTable.dense_expand_min_m
@@ -179,6 +192,12 @@ H200_BLOCK_TABLE = BlockTable(
     # B = 2 600.1 against 560.7 tokens/s with the block kernel, B = 3 735.1 against 835.3 (so not at 3).
     dense_gemv_max_m=2,
     gemv_max_m=1,
+    # Tenth session: the hand-written kernel (mma_block.cu) for block64/128 layers at M = 2-8, where it beat the Triton
+    # block kernel on every 7B/70B shape timed (benchmarks/mma.py, RESULTS "Session 10": block64 W4 S50 G16, geometric
+    # mean over 6 shapes at M = 2 / 4 / 8: 15.4 / 16.7 / 19.7 µs against 25.7 / 26.1 / 26.7; cluster128 W4 S30 G64
+    # 19.0 / 20.2 / 23.0 against 22.3 / 23.0 / 24.3); at M = 16 it lost end to end (7B w4s50g16b64 B = 16 4818 against
+    # 4908 tokens/s) and at M = 1 to the GEMV (14.8 against 14.1 µs). Heights 16/32 were not measured: never.
+    mma_max_m=((64, 8), (128, 8)),
     tile_min_m=((16, 17), (32, 1 << 62)),  # block32 and up: never
 )
 
@@ -218,6 +237,7 @@ def table_to_json(table: DispatchTable) -> dict:
                         "tile_min_m": [list(p) for p in b.tile_min_m],
                         "expand_min_m": [list(p) for p in b.expand_min_m],
                         "dense_expand_min_m": b.dense_expand_min_m, "dense_gemv_max_m": b.dense_gemv_max_m,
+                        "mma_max_m": [list(p) for p in b.mma_max_m],
                         "buckets": [[r, [[m, dict(c.__dict__)] for m, c in bk]] for r, bk in b.buckets]}
     return out
 
@@ -235,7 +255,8 @@ def table_from_json(obj: dict) -> DispatchTable:
                 max_rows=int(b.get("max_rows", 128)), gemv_max_m=int(b.get("gemv_max_m", 0)),
                 tile_min_m=tuple((int(r), int(m)) for r, m in b.get("tile_min_m", ())),
                 dense_expand_min_m=None if b.get("dense_expand_min_m") is None else int(b["dense_expand_min_m"]),
-                dense_gemv_max_m=int(b.get("dense_gemv_max_m", 0)))
+                dense_gemv_max_m=int(b.get("dense_gemv_max_m", 0)),
+                mma_max_m=tuple((int(r), int(m)) for r, m in b.get("mma_max_m", ())))
             if not block.buckets or not all(bk for _, bk in block.buckets):
                 raise ValueError("empty block buckets")
         return DispatchTable(gemv_max_m=int(obj["gemv_max_m"]), buckets=buckets,
@@ -315,6 +336,10 @@ class LinearPlan:
         if self.kernel_ok and self._gemv is None and (self.block is None or self.table.block.gemv_max_m > 0):
             self._gemv = gemv.prepare(packed)
         self.sms = num_sms(self.device)
+        # the hand-written kernel (block layers it takes, on a GPU where it compiles); its layout on first use
+        self.mma_ok = (self.block is not None and self.table.block.mma_upto(self.block.rows) > 0
+                       and mma_unsupported(self.block) is None and mma_available(self.device))
+        self._mma = None
         self.dense_min_m = dense_min_m
         self._dense = None
         self._calls: dict = {}  # (x.shape, x.stride(), dtype, no bias) -> a prepared V2Call / BlockCall / GemmCall / DenseCall
@@ -326,9 +351,17 @@ class LinearPlan:
             self._gemv = gemv.prepare(self.packed)
         return self._gemv
 
+    @property
+    def mma(self):
+        """The hand-written kernel's :class:`~gqsa.kernels.mma_layout.MmaLayout` (built on first use)."""
+        if self._mma is None:
+            self._mma = build_mma_layout(self.block)
+        return self._mma
+
     def path(self, m: int) -> str:
-        """Which kernel serves ``m`` rows: ``"block"`` (block-uniform layers), ``"gemv"``, ``"gemm"``,
-        ``"expand"``, ``"dense-cache"`` or ``"reference"``."""
+        """Which kernel serves ``m`` rows: ``"mma"`` or ``"block"`` (block-uniform layers), ``"gemv"``,
+        ``"gemm"``, ``"expand"``, ``"dense-cache"`` or ``"reference"``. (``"mma"`` for fp16 calls; others
+        take ``"block"`` there.)"""
         if not self.kernel_ok:
             return "reference"
         if self.dense_min_m is not None and m >= self.dense_min_m:
@@ -345,7 +378,9 @@ class LinearPlan:
             gemv_max = self.table.block.gemv_max_m
             if self.block_dense:
                 gemv_max = max(gemv_max, self.table.block.dense_gemv_max_m)
-            return "gemv" if m <= gemv_max else "block"
+            if m <= gemv_max:
+                return "gemv"
+            return "mma" if self.mma_ok and m <= self.table.block.mma_upto(self.block.rows) else "block"
         if self.table.expand_min_m is not None and m >= self.table.expand_min_m:
             return "expand"
         return "gemv" if m <= self.table.gemv_max_m else "gemm"
@@ -392,10 +427,12 @@ class LinearPlan:
                 x2 = x2.contiguous()
             if m == 0:
                 return torch.empty(*lead, n, dtype=x.dtype, device=x.device)
-            if path == "block":
+            call = self._mma_call(m, bias is not None, x2.stride(0)) if path == "mma" and x.dtype == torch.float16 \
+                else None
+            if call is None and path in ("block", "mma"):
                 cfg = for_group(self.table.block.config(self.block.rows, m), p.group_size)
                 call = BlockCall(self.block, cfg, m, x.dtype, bias is not None, x2.stride(0), n, self.sms)
-            else:
+            elif call is None:
                 if self.layout is None:  # a block layer in its irregular-GEMM range: the TileLayout on first use
                     self.layout = self._tile_layout()
                 call = GemmCall(self.layout, self.table.config(m), m, x.dtype, bias is not None, x2.stride(0), n,
@@ -405,6 +442,16 @@ class LinearPlan:
         if viewed and len(self._calls) < MAX_PREPARED:
             self._calls[key] = call
         return y
+
+    def _mma_call(self, m: int, has_bias: bool, stride_x: int):
+        """The hand-written kernel's call, or None (then for good) where a specialization does not compile."""
+        try:
+            return MmaCall(self.mma, MmaConfig(), m, has_bias, stride_x, self.packed.shape[0], self.sms)
+        except RuntimeError as e:
+            warnings.warn(f"gqsa: the hand-written kernel failed ({str(e).splitlines()[0] if str(e) else e!r}); the "
+                          "Triton block kernel serves this layer instead", stacklevel=3)
+            self.mma_ok = False
+            return None
 
     def _tile_layout(self):
         return build_tile_layout(self.packed, canonical=self.tile_layout == "canonical")

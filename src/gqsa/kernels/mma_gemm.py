@@ -1,0 +1,158 @@
+"""Launcher of the hand-written tensor-core kernel for block-uniform 4-bit layers (``mma_block.cu``, over an
+:class:`~gqsa.kernels.mma_layout.MmaLayout`), for small batches (M ≤ ``MAX_M``).
+
+The CUDA source is compiled at first use by NVRTC through PyTorch (``torch.cuda._compile_kernel``; no
+compiler or extra package is needed beyond a CUDA build of PyTorch), one specialization per (n-tiles of 8
+tokens, warps, steps per kept group, edge). :func:`available` says whether it can run here; where it cannot
+(no CUDA, an older GPU, a PyTorch without NVRTC, ``GQSA_MMA=0``) the dispatch keeps the Triton block kernel.
+The kernel is CUDA-graph capturable after one call of the same shape (the split-K workspace).
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from importlib import resources
+
+import torch
+
+from .gemm import num_sms, workspace
+from .mma_layout import QUAD, STEP, MmaLayout
+
+MAX_M = 32  # largest batch the kernel takes (4 n-tiles of 8 tokens)
+_KERNEL = "gqsa_mma_block"
+
+
+def _source() -> str:
+    return resources.files("gqsa.kernels").joinpath("mma_block.cu").read_text()
+
+
+def available(device) -> bool:
+    """Whether the hand-written kernel can run on ``device``: CUDA, compute capability ≥ 8.0 (mma.sync
+    m16n8k16), PyTorch's NVRTC helper present, not switched off by ``GQSA_MMA=0``, and a first compilation
+    that worked (a failure is reported once, as a warning, and the Triton kernel serves)."""
+    device = torch.device(device)
+    if device.type != "cuda" or os.environ.get("GQSA_MMA", "1").strip() in ("0", "off", "false", "no"):
+        return False
+    if torch.cuda.get_device_capability(device) < (8, 0) or not hasattr(torch.cuda, "_compile_kernel"):
+        return False
+    return _compiles(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _compiles(index: int) -> bool:
+    try:
+        with torch.cuda.device(index):
+            _kernel(1, 4, 1, False)
+        return True
+    except Exception as e:  # noqa: BLE001 - any failure means: use the Triton kernel
+        warnings.warn(f"gqsa: the hand-written tensor-core kernel did not compile ({type(e).__name__}: "
+                      f"{str(e).splitlines()[0] if str(e) else ''}); the Triton kernels serve instead", stacklevel=2)
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(nt: int, warps: int, sub: int, edge: bool, smem: bool = False):
+    name = f"{_KERNEL}{'_smem' if smem else ''}<{nt}, {warps}, {sub}, {'true' if edge else 'false'}>"
+    return torch.cuda._compile_kernel(_source(), name, nvcc_options=["-std=c++17"])
+
+
+@dataclass(frozen=True)
+class MmaConfig:
+    """Knobs of one launch: ``split_k`` 0 = enough CTAs for ``waves`` per SM (each keeping ≥ ``min_quads``
+    quads of 4 steps); ``smem``: the activations staged in shared memory by the CTA (16-byte asynchronous
+    copies, read by ldmatrix) instead of read by every warp from global memory (needs K % 8 == 0)."""
+
+    split_k: int = 0
+    waves: float = 8.0  # measured best of 4, 8 (q2/q16), 16 at M = 2-8 (benchmarks/RESULTS.md "Session 10")
+    min_quads: int = 2
+    smem: bool = True
+
+    def __post_init__(self):
+        if self.split_k < 0 or self.waves <= 0 or self.min_quads < 1:
+            raise ValueError(f"bad MmaConfig {self}")
+
+
+def auto_split(layout: MmaLayout, cfg: MmaConfig, sms: int) -> int:
+    if cfg.split_k:
+        return max(1, min(cfg.split_k, layout.max_quads or 1))
+    want = math.ceil(cfg.waves * sms / max(1, layout.n_blocks))
+    return max(1, min(want, (layout.max_quads // cfg.min_quads) or 1))
+
+
+class MmaCall:
+    """The kernel's launch for one layout, configuration and call shape (``m`` rows of fp16 x, bias or
+    none), everything fixed once; ``call(x2, bias, y)`` launches it. Arguments are trusted (the dispatch checks
+    them: fp16, unit inner strides); an x whose rows are not aligned for the kernel's loads (4 bytes, or 16 with
+    ``smem``) is copied first."""
+
+    def __init__(self, layout: MmaLayout, cfg: MmaConfig, m: int, has_bias: bool, stride_x: int, stride_y: int,
+                 sms: int | None = None):
+        # (x's row stride is read at every call: a misaligned x is copied, see __call__)
+        n, k = layout.shape
+        if not 1 <= m <= MAX_M:
+            raise ValueError(f"the hand-written kernel takes 1 to {MAX_M} rows of x, got {m}")
+        if m * max(stride_x, stride_y, layout.n_blocks * layout.rows) >= 2**31:
+            raise ValueError(f"M={m} rows are too many for the kernel's 32-bit offsets")
+        self.layout, self.m = layout, m
+        dev = layout.qw.device
+        nt = 1 if m <= 8 else 2 if m <= 16 else 4
+        split = auto_split(layout, cfg, sms or num_sms(dev))
+        qps = max(1, math.ceil(layout.max_quads / split)) if layout.max_quads else 1
+        split = max(1, math.ceil(layout.max_quads / qps)) if layout.max_quads else 1
+        self.split, self.qps = split, qps
+        self.smem = cfg.smem and k % 8 == 0
+        self.align = 16 if self.smem else 4  # bytes of x per copy / load
+        self.kern = _kernel(nt, layout.rows // 16, layout.group_size // STEP, layout.edge, self.smem)
+        self.grid = (layout.n_blocks, split, 1)
+        self.block = (32 * (layout.rows // 16), 1, 1)
+        self.ld_ws = layout.n_blocks * layout.rows
+        self.ws_size = (m * self.ld_ws, layout.n_blocks) if split > 1 else None
+        rmap = layout.row_map if layout.row_map is not None else layout.qptr  # (unused without a map)
+        qw, kofs, sz = layout.qw, layout.kofs, layout.sz
+        if layout.n_quads == 0:  # nothing kept: the loop never runs, but the pointers must be real
+            qw = kofs = sz = layout.qptr
+        self.weights = (qw, kofs, sz, layout.qptr, rmap)
+        self.ints = (qps, split, int(has_bias), int(layout.row_map is not None), self.ld_ws)
+
+    def __call__(self, x2: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
+        if x2.data_ptr() % self.align or x2.stride(0) % (self.align // 2):  # x in 4- or 16-byte pieces: an aligned copy
+            x2 = x2.clone(memory_format=torch.contiguous_format)
+        if self.ws_size is not None:
+            ws, cnt = workspace(y.device).get(*self.ws_size)
+        else:
+            ws = cnt = y  # unused
+        n, k = self.layout.shape
+        args = [x2, *self.weights, bias if bias is not None else y, y, ws, cnt, self.m, n, k, x2.stride(0),
+                y.stride(0), *self.ints]
+        self.kern(grid=self.grid, block=self.block, args=args)
+        return y
+
+
+def check_args(x2: torch.Tensor, layout: MmaLayout, y: torch.Tensor, bias: torch.Tensor | None) -> str | None:
+    """Why the kernel cannot take these arguments (None: it can)."""
+    n, k = layout.shape
+    if x2.dtype != torch.float16:
+        return f"{x2.dtype} activations (the kernel reads float16)"
+    if x2.shape[1] != k or x2.stride(1) != 1 or y.stride(1) != 1 or tuple(y.shape) != (x2.shape[0], n):
+        return "shapes or strides"
+    if bias is not None and (bias.dtype != torch.float16 or not bias.is_contiguous()):
+        return "bias"
+    if not 1 <= x2.shape[0] <= MAX_M:
+        return f"{x2.shape[0]} rows"
+    return None
+
+
+def launch_mma(x2: torch.Tensor, layout: MmaLayout, bias: torch.Tensor | None, y: torch.Tensor,
+               cfg: MmaConfig = MmaConfig(), sms: int | None = None) -> torch.Tensor:
+    """``y[M, N] = x2[M, K] @ Ŵᵀ (+ bias)`` with the hand-written kernel (see :func:`check_args`)."""
+    why = check_args(x2, layout, y, bias)
+    if why is not None:
+        raise ValueError(f"the hand-written tensor-core kernel cannot take these arguments: {why}")
+    call = MmaCall(layout, cfg, x2.shape[0], bias is not None, x2.stride(0), y.stride(0), sms)
+    return call(x2, bias, y)
+
+
+__all__ = ["MAX_M", "MmaCall", "MmaConfig", "available", "check_args", "launch_mma", "QUAD"]

@@ -1,0 +1,185 @@
+"""The hand-written tensor-core kernel's layout (``gqsa.kernels.mma_layout``): every code, scale and zero
+point of the canonical layer in the fragment order ``mma_block.cu`` reads, checked on the CPU through the
+layout's pure-torch twin (the kernel's data path step by step) against the reference; its dispatch; and,
+on a CUDA machine only, the kernel itself against the reference (CI has no GPU: those tests skip).
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from gqsa import format as fmt
+from gqsa import quant
+from gqsa.kernels import block_layout, dispatch, mma_gemm, mma_layout, reference
+
+
+
+def check(y, x, p, bias=None):
+    """``y`` against the reference: finite everywhere (outputs are poisoned first), the GEMV tests' tolerance."""
+    ref = reference.linear(x.float(), p, None if bias is None else bias.float())
+    assert bool(torch.isfinite(y).all()), "unwritten (NaN) output elements"
+    err = float((y.float() - ref).norm() / ref.norm().clamp_min(1e-12))
+    assert err < 2e-3, f"relative error {err:.2e}"
+
+
+def make_layer(n, k, g, rows, sparsity=0.5, uneven=False, cluster=False, bits=4, float_zeros=False, seed=0):
+    """A packed layer whose ``rows``-row blocks keep the same group columns (``uneven``: different counts per
+    block, one block none; ``cluster``: the blocks' rows shuffled, served through a row map)."""
+    gen = torch.Generator().manual_seed(seed)
+    c = math.ceil(k / g)
+    w = torch.randn(n, c, g, generator=gen)
+    valid = (torch.arange(c * g).reshape(c, g) < k)[None]
+    s, z = quant.minmax_params(w, bits, valid=valid)
+    if float_zeros:
+        z = z + 0.25
+    q = quant.quantize(w, s, z, bits)
+    nb = -(-n // rows)
+    if uneven:
+        bmask = torch.rand(nb, c, generator=gen) < torch.linspace(0.1, 0.95, nb)[:, None]
+        bmask[nb // 2] = False
+    else:
+        keep = max(0, round((1 - sparsity) * c))
+        bmask = torch.zeros(nb, c, dtype=torch.bool)
+        bmask.scatter_(1, torch.rand(nb, c, generator=gen).argsort(1)[:, :keep], True)
+    mask = bmask.repeat_interleave(rows, 0)[:n]
+    if cluster:
+        mask = mask[torch.randperm(n, generator=gen)]
+    p = fmt.pack(q, s, z, mask, (n, k), bits, g, float_zeros=float_zeros)
+    p.validate()
+    return p
+
+
+def block_of(p):
+    r = block_layout.detect_block_rows(p)
+    if r is not None:
+        return block_layout.build_block_layout(p, r)
+    r, row_map = block_layout.detect_row_clusters(p)
+    return block_layout.build_block_layout(p, r, row_map=row_map)
+
+
+CASES = [  # n, k, G, rows, sparsity, uneven, cluster
+    (64, 256, 16, 16, 0.5, False, False), (100, 520, 16, 32, 0.5, True, False), (130, 1000, 32, 64, 0.4, False, False),
+    (96, 776, 64, 64, 0.3, False, False), (256, 1024, 128, 128, 0.5, True, False), (200, 512, 16, 64, 0.5, False, True),
+    (300, 1000, 64, 128, 0.3, False, True), (64, 256, 16, 64, 1.0, False, False), (48, 96, 32, 16, 0.0, False, False),
+    (40, 202, 16, 16, 0.5, False, False),  # K % 8 != 0: the kernel reads x from global memory (no 16-byte copies)
+]
+
+
+def case_id(c):
+    return f"{c[0]}x{c[1]}-G{c[2]}-R{c[3]}-S{c[4]}-u{int(c[5])}-c{int(c[6])}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_layout_holds_the_canonical_weights_and_its_twin_matches_the_reference(case):
+    n, k, g, rows, sp, uneven, cluster = case
+    p = make_layer(n, k, g, rows, sp, uneven, cluster)
+    ml = mma_layout.build_mma_layout(block_of(p))
+    assert ml.version == mma_layout.MMA_LAYOUT_VERSION and ml.edge == (k % g != 0)
+    # every weight, bit for bit
+    assert torch.equal(mma_layout.dequantize(ml), reference.dequantize(p, torch.float32))
+    # quads: every block's steps fill whole quads; offsets in 4-byte words, inside the row
+    assert ml.qw.shape[1:] == (ml.rows // 16, 32, 4) and ml.rows >= rows
+    assert int(ml.qptr[-1]) == ml.n_quads and ml.kofs.shape == (ml.n_quads, 4)
+    if ml.n_quads:
+        assert int(ml.kofs.min()) >= 0 and 2 * int(ml.kofs.max()) < math.ceil(k / g) * g
+    # the twin, step by step, in fp16 and with a bias
+    gen = torch.Generator().manual_seed(1)
+    for m in (1, 5):
+        x = torch.randn(m, k, generator=gen).half()
+        bias = torch.randn(n, generator=gen).half() if m == 5 else None
+        check(mma_layout.linear(x, ml, bias), x, p, bias)
+
+
+def test_fragment_order_of_the_words():
+    """The nibble order is the contract with the CUDA kernel: nibble j of lane (g, t) is the code at tile row
+    g + 8·(j&1), column 2t + 8·((j>>1)&1) + (j>>2), so that (word >> 4j) & 0x000F000F holds the two codes of
+    the A-fragment register j of mma.m16n8k16 in its low and high half."""
+    n, k, g = 16, 16, 16
+    codes = (torch.arange(n)[:, None] * 3 + torch.arange(k)[None, :]) % 16  # code of (row, col)
+    s = torch.full((n, 1), 0.5)
+    z = torch.zeros(n, 1)
+    p = fmt.pack(codes.reshape(n, 1, g).to(torch.uint8), s, z, torch.ones(n, 1, dtype=torch.bool), (n, k), 4, g)
+    ml = mma_layout.build_mma_layout(block_layout.build_block_layout(p, 16))
+    words = ml.qw[0, 0, :, 0].to(torch.int64) & 0xFFFFFFFF  # step 0, m-tile 0, every lane
+    for lane in range(32):
+        gg, t = lane // 4, lane % 4
+        for reg in range(4):  # a0 (g, 2t..2t+1), a1 (g+8, ...), a2 (g, 2t+8...), a3 (g+8, 2t+8...)
+            row = gg + 8 * (reg & 1)
+            col = 2 * t + 8 * (reg >> 1)
+            pair = (int(words[lane]) >> (4 * reg)) & 0x000F000F
+            assert pair & 0xF == codes[row, col] and pair >> 16 == codes[row, col + 1]
+
+
+def test_scale_words_per_mtile_rows_g_and_g_plus_8():
+    p = make_layer(64, 128, 16, 64, 0.0)
+    bl = block_layout.build_block_layout(p, 64)
+    ml = mma_layout.build_mma_layout(bl)
+    # slot 0: the kernel reads sz[slot, warp, g] = (row warp·16 + g, row warp·16 + g + 8)
+    for warp in range(4):
+        for gg in range(8):
+            assert int(ml.sz[0, warp, gg, 0]) == int(bl.sz[0, warp * 16 + gg])
+            assert int(ml.sz[0, warp, gg, 1]) == int(bl.sz[0, warp * 16 + gg + 8])
+
+
+@pytest.mark.parametrize("kwargs,why", [(dict(bits=2), "2-bit"), (dict(bits=8), "8-bit"),
+                                        (dict(float_zeros=True), "float zero points")])
+def test_layers_the_kernel_cannot_take_say_why(kwargs, why):
+    p = make_layer(32, 128, 16, 16, **kwargs)
+    bl = block_of(p)
+    assert why in mma_layout.unsupported(bl)
+    with pytest.raises(ValueError, match=why):
+        mma_layout.build_mma_layout(bl)
+
+
+def test_dispatch_without_the_kernel_keeps_the_triton_block_path(monkeypatch):
+    """On a machine where the kernel cannot run (here: no CUDA) a block layer never takes the "mma" path,
+    whatever the table says, and the table's setting survives its JSON form."""
+    assert not mma_gemm.available("cpu")
+    table = dispatch.H200_TABLE
+    assert table.block.mma_upto(64) > 0 and table.block.mma_upto(16) == 0
+    assert dispatch.table_from_json(dispatch.table_to_json(table)).block.mma_max_m == table.block.mma_max_m
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the CPU's kernels: Triton's interpreter
+    plan = dispatch.LinearPlan(make_layer(64, 256, 16, 64))
+    assert plan.block is not None and not plan.mma_ok
+    assert plan.path(4) == "block"
+
+
+def test_the_cuda_source_ships_with_the_package():
+    """The kernel is compiled from the installed package's ``mma_block.cu`` (package data in pyproject.toml)."""
+    src = mma_gemm._source()
+    assert "gqsa_mma_block_smem" in src and "mma.sync.aligned.m16n8k16" in src
+
+
+def test_mma_config_and_split():
+    with pytest.raises(ValueError):
+        mma_gemm.MmaConfig(split_k=-1)
+    p = make_layer(128, 1024, 16, 64)
+    ml = mma_layout.build_mma_layout(block_of(p))
+    # enough CTAs for the waves, each keeping ≥ min_quads quads
+    s = mma_gemm.auto_split(ml, mma_gemm.MmaConfig(waves=4.0), sms=132)
+    assert 1 <= s <= ml.max_quads // 2
+    assert mma_gemm.auto_split(ml, mma_gemm.MmaConfig(split_k=3), sms=132) == 3
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="the hand-written kernel needs a CUDA GPU")
+
+
+@cuda
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_kernel_matches_the_reference_on_the_gpu(case):  # pragma: no cover - GPU machines only
+    if not mma_gemm.available("cuda"):
+        pytest.skip("the kernel does not compile here")
+    n, k, g, rows, sp, uneven, cluster = case
+    p = make_layer(n, k, g, rows, sp, uneven, cluster)
+    pc = fmt.PackedLinear(**{a: t.cuda() for a, t in p.tensors().items()}, shape=p.shape, bits=4, group_size=g)
+    ml = mma_layout.build_mma_layout(block_of(pc))
+    for m in (1, 3, 8, 9, 16, 32):
+        for split, smem in ((0, True), (1, True), (3, True), (0, False), (3, False)):
+            x = torch.randn(m, k, device="cuda").half()
+            bias = torch.randn(n, device="cuda").half() if m % 2 else None
+            y = torch.full((m, n), float("nan"), device="cuda", dtype=torch.float16)
+            mma_gemm.launch_mma(x, ml, bias, y, mma_gemm.MmaConfig(split_k=split, smem=smem))
+            check(y.cpu(), x.cpu(), p, None if bias is None else bias.cpu())
