@@ -186,7 +186,7 @@ def run(args, bw, records):
                     traceback.print_exc()
                 for lay in layers:
                     ref = reference.linear(x.float(), lay.packed)
-                    variants = [("table", 0, None), ("mma", 0, None), ("mma-g", 0, None)]
+                    variants = [(kd, 0, None) for kd in args.kinds]
                     variants += [("mma", s, None) for s in args.splits] + [("mma", 0, w) for w in args.waves]
                     for kind, split, waves in variants:
                         name = f"{lay.name} {kind}" + (f" split{split}" if split else "")
@@ -239,10 +239,16 @@ def main(argv=None):
     ap.add_argument("--splits", default="", help="forced split-K factors to time as well, e.g. 1,4")
     ap.add_argument("--waves", default="", help="CTAs per SM to aim the split-K at [: fewest quads per CTA], timed "
                                                 "as well, e.g. 8,16:8")
+    ap.add_argument("--kinds", default="table,mma,mma-g", help="methods to time (table, mma, mma-g)")
+    ap.add_argument("--source", default=None, help="time another revision of mma_block.cu (an A/B in one run)")
     ap.add_argument("--rot-bytes", type=float, default=320e6)
     args = ap.parse_args(argv)
     args.splits = [int(s) for s in args.splits.split(",") if s]
     args.waves = [(float(w.split(":")[0]), int(w.split(":")[1]) if ":" in w else 0) for w in args.waves.split(",") if w]
+    args.kinds = [k for k in args.kinds.split(",") if k]
+    if args.source:
+        text = Path(args.source).read_text()
+        mma_gemm._source = lambda: text
     if not torch.cuda.is_available():
         sys.exit("benchmarks/mma.py needs a CUDA GPU")
     if not mma_gemm.available(DEV):
@@ -250,6 +256,8 @@ def main(argv=None):
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
     if args.check:
         sys.exit(0 if check() else 1)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
     bw = bg.copy_bandwidth(10, 50)
     print(f"# copy bandwidth {bw:.3f} TB/s", flush=True)
     records = []

@@ -192,12 +192,14 @@ H200_BLOCK_TABLE = BlockTable(
     # B = 2 600.1 against 560.7 tokens/s with the block kernel, B = 3 735.1 against 835.3 (so not at 3).
     dense_gemv_max_m=2,
     gemv_max_m=1,
-    # Tenth session: the hand-written kernel (mma_block.cu) for block64/128 layers at M = 2-8, where it beat the Triton
-    # block kernel on every 7B/70B shape timed (benchmarks/mma.py, RESULTS "Session 10": block64 W4 S50 G16, geometric
-    # mean over 6 shapes at M = 2 / 4 / 8: 15.4 / 16.7 / 19.7 µs against 25.7 / 26.1 / 26.7; cluster128 W4 S30 G64
-    # 19.0 / 20.2 / 23.0 against 22.3 / 23.0 / 24.3); at M = 16 it lost end to end (7B w4s50g16b64 B = 16 4818 against
-    # 4908 tokens/s) and at M = 1 to the GEMV (14.8 against 14.1 µs). Heights 16/32 were not measured: never.
-    mma_max_m=((64, 8), (128, 8)),
+    # Tenth session: the hand-written kernel (mma_block.cu) for block64 layers at M = 2-8 and block128 at M = 2-4, where
+    # it beat the Triton block kernel (benchmarks/mma.py, RESULTS "Session 10", 6 shapes of LLaMA-2-7B/70B: block64
+    # W4 S50 G16 geometric mean at M = 2 / 4 / 8 15.4 / 16.7 / 19.7 µs against 25.7 / 26.1 / 26.7, faster on every
+    # shape; cluster128 W4 S30 G64 at M = 2 / 4 19.0 / 20.2 against 22.3 / 23.0, faster or equal on every shape; at
+    # M = 8 it lost on three of the four 7B shapes and gained nothing end to end, 2889 against 2904 tokens/s). At
+    # M = 16 it lost end to end (7B w4s50g16b64 B = 16: 4818 against 4908 tokens/s), at M = 1 to the GEMV (geometric
+    # mean 14.8 against 14.1 µs). Heights 16/32 were not measured: never.
+    mma_max_m=((64, 8), (128, 4)),
     tile_min_m=((16, 17), (32, 1 << 62)),  # block32 and up: never
 )
 
@@ -447,7 +449,7 @@ class LinearPlan:
         """The hand-written kernel's call, or None (then for good) where a specialization does not compile."""
         try:
             return MmaCall(self.mma, MmaConfig(), m, has_bias, stride_x, self.packed.shape[0], self.sms)
-        except RuntimeError as e:
+        except (RuntimeError, ValueError) as e:
             warnings.warn(f"gqsa: the hand-written kernel failed ({str(e).splitlines()[0] if str(e) else e!r}); the "
                           "Triton block kernel serves this layer instead", stacklevel=3)
             self.mma_ok = False

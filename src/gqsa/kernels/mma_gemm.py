@@ -19,7 +19,7 @@ from importlib import resources
 import torch
 
 from .gemm import num_sms, workspace
-from .mma_layout import QUAD, STEP, MmaLayout
+from .mma_layout import STEP, MmaLayout
 
 MAX_M = 32  # largest batch the kernel takes (4 n-tiles of 8 tokens)
 _KERNEL = "gqsa_mma_block"
@@ -44,8 +44,7 @@ def available(device) -> bool:
 @functools.lru_cache(maxsize=None)
 def _compiles(index: int) -> bool:
     try:
-        with torch.cuda.device(index):
-            _kernel(1, 4, 1, False)
+        _kernel(1, 4, 1, False, True, index)  # the default (shared-memory) kernel
         return True
     except Exception as e:  # noqa: BLE001 - any failure means: use the Triton kernel
         warnings.warn(f"gqsa: the hand-written tensor-core kernel did not compile ({type(e).__name__}: "
@@ -54,9 +53,11 @@ def _compiles(index: int) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(nt: int, warps: int, sub: int, edge: bool, smem: bool = False):
+def _kernel(nt: int, warps: int, sub: int, edge: bool, smem: bool, index: int):
+    """One specialization, compiled and loaded for GPU ``index`` (a loaded kernel belongs to one device)."""
     name = f"{_KERNEL}{'_smem' if smem else ''}<{nt}, {warps}, {sub}, {'true' if edge else 'false'}>"
-    return torch.cuda._compile_kernel(_source(), name, nvcc_options=["-std=c++17"])
+    with torch.cuda.device(index):
+        return torch.cuda._compile_kernel(_source(), name, nvcc_options=["-std=c++17"])
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,8 @@ class MmaCall:
         self.split, self.qps = split, qps
         self.smem = cfg.smem and k % 8 == 0
         self.align = 16 if self.smem else 4  # bytes of x per copy / load
-        self.kern = _kernel(nt, layout.rows // 16, layout.group_size // STEP, layout.edge, self.smem)
+        self.index = dev.index if dev.index is not None else torch.cuda.current_device()
+        self.kern = _kernel(nt, layout.rows // 16, layout.group_size // STEP, layout.edge, self.smem, self.index)
         self.grid = (layout.n_blocks, split, 1)
         self.block = (32 * (layout.rows // 16), 1, 1)
         self.ld_ws = layout.n_blocks * layout.rows
@@ -127,7 +129,11 @@ class MmaCall:
         n, k = self.layout.shape
         args = [x2, *self.weights, bias if bias is not None else y, y, ws, cnt, self.m, n, k, x2.stride(0),
                 y.stride(0), *self.ints]
-        self.kern(grid=self.grid, block=self.block, args=args)
+        if torch.cuda.current_device() == self.index:
+            self.kern(grid=self.grid, block=self.block, args=args)
+        else:  # a model on another GPU than the current one: launch in its context, on its stream
+            with torch.cuda.device(self.index):
+                self.kern(grid=self.grid, block=self.block, args=args)
         return y
 
 
@@ -155,4 +161,4 @@ def launch_mma(x2: torch.Tensor, layout: MmaLayout, bias: torch.Tensor | None, y
     return call(x2, bias, y)
 
 
-__all__ = ["MAX_M", "MmaCall", "MmaConfig", "available", "check_args", "launch_mma", "QUAD"]
+__all__ = ["MAX_M", "MmaCall", "MmaConfig", "available", "check_args", "launch_mma"]
