@@ -92,6 +92,19 @@ def test_layout_holds_the_canonical_weights_and_its_twin_matches_the_reference(c
         check(mma_layout.linear(x, ml, bias), x, p, bias)
 
 
+def test_the_layout_built_in_chunks_is_the_same(monkeypatch):
+    """Large layers are repacked a few million codes at a time (bounded temporaries): the same words."""
+    for case in (CASES[1], CASES[4], CASES[5]):
+        n, k, g, rows, sp, uneven, cluster = case
+        bl = block_of(make_layer(n, k, g, rows, sp, uneven, cluster))
+        whole = mma_layout.build_mma_layout(bl)
+        monkeypatch.setattr(mma_layout, "BUILD_CHUNK", 1)  # 4 slots a chunk
+        chunked = mma_layout.build_mma_layout(bl)
+        monkeypatch.undo()
+        for a in ("qw", "kofs", "sz", "qptr"):
+            assert torch.equal(getattr(whole, a), getattr(chunked, a)), a
+
+
 def test_fragment_order_of_the_words():
     """The nibble order is the contract with the CUDA kernel: nibble j of lane (g, t) is the code at tile row
     g + 8·(j&1), column 2t + 8·((j>>1)&1) + (j>>2), so that (word >> 4j) & 0x000F000F holds the two codes of

@@ -30,12 +30,12 @@ from dataclasses import dataclass
 
 import torch
 
-from . import block_layout as bl
 from .block_layout import BlockLayout
 
 MMA_LAYOUT_VERSION = 1
 STEP = 16  # features per mma step (the k of m16n8k16)
 QUAD = 4  # steps per 16-byte load of a lane
+BUILD_CHUNK = 1 << 22  # codes repacked at a time (the int64 temporaries: 8 bytes a code)
 
 # nibble j of a lane's word: its row and column in the 16×16 tile, for lane (g, t)
 _J = torch.arange(8)
@@ -116,20 +116,17 @@ def build_mma_layout(layout: BlockLayout) -> MmaLayout:
     is_real = j < count[nblk]
     # padding slots repeat the block's last real slot's column (weights 0): a valid read, no predicate
     src = bp[nblk] + torch.minimum(j, (count[nblk] - 1).clamp(min=0))
-    codes = bl.codes(layout)[src] if t_all else torch.zeros(0, r, g, dtype=torch.uint8, device=dev)
-    codes = torch.where(is_real[:, None, None], codes, 0)
     sz = torch.where(is_real[:, None], layout.sz[src], 0) if t_all else torch.zeros(0, r, dtype=torch.int32,
                                                                                     device=dev)
     cols = layout.cols[src].to(torch.int64) if t_all else torch.zeros(0, dtype=torch.int64, device=dev)
-    # steps: [T·sub, R/16, 16, 16] tiles, then each lane's 8 nibbles in fragment order
     steps = t_all * sub
-    tiles = codes.reshape(t_all, r // 16, 16, sub, STEP).permute(0, 3, 1, 2, 4).reshape(steps, r // 16, 16, STEP)
-    rows_i, cols_i = _ROWS.to(dev), _COLS.to(dev)
-    nib = tiles[:, :, rows_i, cols_i].to(torch.int64)  # [S, R/16, 32, 8]
-    word = (nib << (4 * torch.arange(8, device=dev))).sum(-1)
-    word = torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
     quads = steps // QUAD
-    qw = word.reshape(quads, QUAD, r // 16, 32).permute(0, 2, 3, 1).contiguous()
+    qw = torch.empty(quads, r // 16, 32, QUAD, dtype=torch.int32, device=dev)
+    # the codes in chunks of slots (whole quads), so that the temporaries stay near BUILD_CHUNK codes
+    chunk = max(QUAD, BUILD_CHUNK // (r * g) // QUAD * QUAD)
+    for t0 in range(0, t_all, chunk):
+        t1 = min(t_all, t0 + chunk)
+        qw[t0 * sub // QUAD:t1 * sub // QUAD] = _fragment_words(layout, src[t0:t1], is_real[t0:t1])
     kofs = (cols[:, None] * g + STEP * torch.arange(sub, device=dev)[None, :]).reshape(-1) // 2
     kofs = kofs.reshape(quads, QUAD).to(torch.int32).contiguous()
     sz4 = sz.reshape(t_all, r // 16, 2, 8).permute(0, 1, 3, 2).contiguous()
@@ -137,6 +134,26 @@ def build_mma_layout(layout: BlockLayout) -> MmaLayout:
     max_q = int((padded * sub // QUAD).max()) if nb else 0
     return MmaLayout(qw=qw, kofs=kofs, sz=sz4, qptr=qptr, shape=layout.shape, rows=r, group_size=g,
                      max_quads=max_q, row_map=layout.row_map)
+
+
+def _fragment_words(layout: BlockLayout, src: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """The ``[quads, R/16, 32, 4]`` fragment words of the slots ``src`` of ``layout`` (a whole number of quads;
+    slots with ``real`` False get codes 0)."""
+    r, g, bits = layout.rows, layout.group_size, layout.bits
+    dev = layout.device
+    sub = g // STEP
+    cpb = 8 // bits
+    # slot s sits at bits (s % cpb)·bits of byte tile s // cpb (uint8 all along)
+    shift = ((src % cpb) * bits).to(torch.uint8)[:, None, None]
+    codes = (layout.qweight[src // cpb] >> shift) & ((1 << bits) - 1)  # [T, R, G] uint8
+    codes = torch.where(real[:, None, None], codes, 0)
+    t = src.numel()
+    steps = t * sub
+    tiles = codes.reshape(t, r // 16, 16, sub, STEP).permute(0, 3, 1, 2, 4).reshape(steps, r // 16, 16, STEP)
+    nib = tiles[:, :, _ROWS.to(dev), _COLS.to(dev)].to(torch.int64)  # [S, R/16, 32, 8]: each lane's 8 nibbles
+    word = (nib << (4 * torch.arange(8, device=dev))).sum(-1)
+    word = torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
+    return word.reshape(steps // QUAD, QUAD, r // 16, 32).permute(0, 2, 3, 1)
 
 
 def _step_weights(ml: MmaLayout, dtype: torch.dtype) -> torch.Tensor:
