@@ -8,7 +8,6 @@ Shapes are small; outputs are poisoned with NaN before every launch. Tolerances 
 """
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
@@ -19,38 +18,14 @@ from gqsa import format as fmt  # noqa: E402
 from gqsa import quant  # noqa: E402
 from gqsa.kernels import block_gemm, block_layout, dispatch, gemm, reference  # noqa: E402
 
-from test_gemv import check  # noqa: E402  (same folder, on sys.path under pytest)
+from block_layers import make_block_packed  # noqa: E402  (same folder, on sys.path under pytest)
+from test_gemv import check  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
 def interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     yield
-
-
-def make_block_packed(n, k, g, bits=4, sparsity=0.5, float_zeros=False, rows=16, uneven=False, seed=0):
-    """A packed layer whose every ``rows``-row block keeps the same group columns; ``uneven``: blocks
-    keep different numbers of groups (one block none at all)."""
-    gen = torch.Generator().manual_seed(seed)
-    c = math.ceil(k / g)
-    w = torch.randn(n, c, g, generator=gen)
-    valid = (torch.arange(c * g).reshape(c, g) < k)[None]
-    s, z = quant.minmax_params(w, bits, valid=valid)
-    if float_zeros:
-        z = z + torch.rand(z.shape, generator=gen) * 0.8 - 0.4
-    q = quant.quantize(w, s, z, bits)
-    nb = -(-n // rows)
-    if uneven:
-        bmask = torch.rand(nb, c, generator=gen) < torch.linspace(0.1, 0.95, nb)[:, None]
-        bmask[nb // 2] = False
-    else:
-        keep = max(1, round((1 - sparsity) * c))
-        bmask = torch.zeros(nb, c, dtype=torch.bool)
-        bmask.scatter_(1, torch.rand(nb, c, generator=gen).argsort(1)[:, :keep], True)
-    mask = bmask.repeat_interleave(rows, 0)[:n]
-    p = fmt.pack(q, s, z, mask, (n, k), bits, g, float_zeros=float_zeros)
-    p.validate()
-    return p
 
 
 def launch(x, layout, cfg, bias=None):

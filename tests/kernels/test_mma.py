@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from gqsa import format as fmt
-from gqsa import quant
 from gqsa.kernels import block_layout, dispatch, mma_gemm, mma_layout, reference
+
+from block_layers import make_block_packed  # (same folder, on sys.path under pytest)
 
 
 
@@ -25,30 +26,7 @@ def check(y, x, p, bias=None):
 
 
 def make_layer(n, k, g, rows, sparsity=0.5, uneven=False, cluster=False, bits=4, float_zeros=False, seed=0):
-    """A packed layer whose ``rows``-row blocks keep the same group columns (``uneven``: different counts per
-    block, one block none; ``cluster``: the blocks' rows shuffled, served through a row map)."""
-    gen = torch.Generator().manual_seed(seed)
-    c = math.ceil(k / g)
-    w = torch.randn(n, c, g, generator=gen)
-    valid = (torch.arange(c * g).reshape(c, g) < k)[None]
-    s, z = quant.minmax_params(w, bits, valid=valid)
-    if float_zeros:
-        z = z + 0.25
-    q = quant.quantize(w, s, z, bits)
-    nb = -(-n // rows)
-    if uneven:
-        bmask = torch.rand(nb, c, generator=gen) < torch.linspace(0.1, 0.95, nb)[:, None]
-        bmask[nb // 2] = False
-    else:
-        keep = max(0, round((1 - sparsity) * c))
-        bmask = torch.zeros(nb, c, dtype=torch.bool)
-        bmask.scatter_(1, torch.rand(nb, c, generator=gen).argsort(1)[:, :keep], True)
-    mask = bmask.repeat_interleave(rows, 0)[:n]
-    if cluster:
-        mask = mask[torch.randperm(n, generator=gen)]
-    p = fmt.pack(q, s, z, mask, (n, k), bits, g, float_zeros=float_zeros)
-    p.validate()
-    return p
+    return make_block_packed(n, k, g, bits, sparsity, float_zeros, rows, uneven, seed, cluster, min_keep=0)
 
 
 def block_of(p):

@@ -49,11 +49,20 @@ __device__ __forceinline__ u32 hsubmul(u32 w, u32 z, u32 s) {
     return r;
 }
 
-__device__ __forceinline__ void mma(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+__device__ __forceinline__ void mma(float* c, const u32 (&a)[4], u32 b0, u32 b1) {
     asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
                  "{%0,%1,%2,%3};"
                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// the A fragment of one step from the lane's code word: registers 0 and 2 hold row g (scale pair s0, zero pair z0),
+// 1 and 3 row g + 8 (s1, z1); register j's two codes are nibbles j and j + 4
+__device__ __forceinline__ void dequant(u32 (&a)[4], u32 w, u32 s0, u32 z0, u32 s1, u32 z1) {
+    a[0] = hsubmul(lop(w), z0, s0);
+    a[1] = hsubmul(lop(w >> 4), z1, s1);
+    a[2] = hsubmul(lop(w >> 8), z0, s0);
+    a[3] = hsubmul(lop(w >> 12), z1, s1);
 }
 
 __device__ __forceinline__ u16 f2h(float v) {
@@ -223,13 +232,10 @@ __global__ void __launch_bounds__(WARPS * 32) gqsa_mma_block(
                 sz_pairs(sw[i].x, s0, z0);
                 sz_pairs(sw[i].y, s1, z1);
             }
-            const u32 w = cw[i];
-            const u32 a0 = hsubmul(lop(w), z0, s0);
-            const u32 a1 = hsubmul(lop(w >> 4), z1, s1);
-            const u32 a2 = hsubmul(lop(w >> 8), z0, s0);
-            const u32 a3 = hsubmul(lop(w >> 12), z1, s1);
+            u32 a[4];
+            dequant(a, cw[i], s0, z0, s1, z1);
 #pragma unroll
-            for (int n = 0; n < NT; ++n) mma(acc[n], a0, a1, a2, a3, bx[i][n][0], bx[i][n][1]);
+            for (int n = 0; n < NT; ++n) mma(acc[n], a, bx[i][n][0], bx[i][n][1]);
         }
     }
     store_y<NT, WARPS>(acc, b, row0, t, rmap, bias, y, ws, cnt, M, N, stride_y, split, has_bias, has_rmap, ld_ws);
@@ -338,16 +344,13 @@ __global__ void __launch_bounds__(WARPS * 32) gqsa_mma_block_smem(
                 sz_pairs(w0, s0, z0);
                 sz_pairs(w1, s1, z1);
             }
-            const u32 w = cw[i];
-            const u32 a0 = hsubmul(lop(w), z0, s0);
-            const u32 a1 = hsubmul(lop(w >> 4), z1, s1);
-            const u32 a2 = hsubmul(lop(w >> 8), z0, s0);
-            const u32 a3 = hsubmul(lop(w >> 12), z1, s1);
+            u32 a[4];
+            dequant(a, cw[i], s0, z0, s1, z1);
 #pragma unroll
             for (int n = 0; n < NT; ++n) {
                 u32 b0, b1;
                 ldsm_x2(b0, b1, st + lrow + i * (2 * NT * 8 * 16) + n * 8 * 16);
-                mma(acc[n], a0, a1, a2, a3, b0, b1);
+                mma(acc[n], a, b0, b1);
             }
         }
     }
