@@ -4,9 +4,9 @@ against what serves those layers today and cuBLAS fp16, side by side in one proc
 
 Methods per shape and M: cuBLAS fp16; ``table`` = :class:`gqsa.kernels.dispatch.LinearPlan` with the mma kernel
 switched off (the GEMV at M = 1, the Triton block kernel above: what a block/cluster layer ran before);
-``mma`` = the hand-written kernel (split-K chosen from the grid; ``--splits`` adds forced ones), ``mma-g`` = the
-same with every warp reading its activations from global memory instead of the CTA staging them in shared memory. Random
-block-uniform W4 layers (``benchmarks/gemv.py`` ``random_block_packed``), weights rotated beyond the L2,
+``mma`` = the hand-written kernel (split-K chosen from the grid; ``--splits`` adds forced ones). Random
+block-uniform W4 layers (``gqsa.bench.synthetic.random_packed``, as ``gqsa bench --synthetic`` builds them), weights
+rotated beyond the L2,
 CUDA-graph timing (µs per call, median of 15 replays); roofline = (packed bytes + x + y) / the copy
 bandwidth measured in the same run.
 
@@ -32,6 +32,7 @@ sys.path.insert(0, str(HERE))
 import gemv as bg  # noqa: E402  (shapes, random layers, timing helpers)
 from gemm import layer_for_check  # noqa: E402
 
+from gqsa.bench.synthetic import random_packed  # noqa: E402
 from gqsa.kernels import dispatch, gemm, mma_gemm, reference  # noqa: E402
 from gqsa.kernels.block_layout import build_block_layout, detect_block_rows, detect_row_clusters  # noqa: E402
 from gqsa.kernels.mma_layout import build_mma_layout  # noqa: E402
@@ -64,13 +65,13 @@ def check() -> bool:
         ml = build_mma_layout(_layout(p))
         w_ref = reference.dequantize(p, torch.float16).float()
         for m in (1, 2, 3, 8, 9, 16, 17, 32):
-            for split, smem in ((0, True), (1, True), (3, True), (0, False), (3, False)):
+            for split in (0, 1, 3):
                 x = torch.randn(m, k, device=DEV).half()
                 bias = torch.randn(n, device=DEV).half() if m % 2 else None
                 ref = x.float() @ w_ref.t() + (bias.float() if bias is not None else 0)
                 y = torch.full((m, n), float("nan"), device=DEV, dtype=torch.float16)
                 try:
-                    mma_gemm.launch_mma(x, ml, bias, y, mma_gemm.MmaConfig(split_k=split, smem=smem))
+                    mma_gemm.launch_mma(x, ml, bias, y, mma_gemm.MmaConfig(split_k=split))
                     torch.cuda.synchronize()
                     err = float((y.float() - ref).norm() / ref.norm().clamp_min(1e-12))
                     good = bool(torch.isfinite(y).all()) and err < 2e-3 if ref.norm() > 0 else bool((y == 0).all())
@@ -78,8 +79,7 @@ def check() -> bool:
                     good, err = False, repr(e)[:300]
                 if not good:
                     ok = False
-                    print(f"MMA CHECK FAIL {n}x{k} G{g} R{rows} {special} M={m} split={split} smem={smem}: {err}",
-                          flush=True)
+                    print(f"MMA CHECK FAIL {n}x{k} G{g} R{rows} {special} M={m} split={split}: {err}", flush=True)
         if bool(ws.partial.any()) or bool(ws.counters.any()):
             ok = False
             print(f"MMA CHECK FAIL {n}x{k}: split-K workspace not clean", flush=True)
@@ -102,10 +102,7 @@ class Gqsa:
 
     def __init__(self, n, k, sparsity, g, rows, rot, cluster=False, seed=0):
         gen = torch.Generator(device=DEV).manual_seed(seed)
-        p0 = bg.random_block_packed(n, k, sparsity, g, rows, gen=gen)
-        if cluster:  # the same blocks with their rows shuffled: a row map
-            perm = torch.randperm(n, device=DEV, generator=gen)
-            p0 = _shuffle_rows(p0, perm)
+        p0 = random_packed(n, k, sparsity, 4, g, DEV, gen, block_rows=rows, clustered=cluster)  # clustered: a row map
         nb = p0.nbytes()
         packs = [p0] + [bg.clone_packed(p0) for _ in range(bg.n_copies(nb, rot) - 1)]
         table = dataclasses.replace(dispatch.default_table(), block=dataclasses.replace(
@@ -122,25 +119,11 @@ class Gqsa:
         if kind == "table":
             return [lambda pl=pl: pl(x) for pl in self.plans]
         y = torch.empty(x.shape[0], self.n, device=DEV, dtype=x.dtype)
-        cfg = mma_gemm.MmaConfig(split_k=split, smem=kind == "mma")  # "mma-g": activations from global memory
+        cfg = mma_gemm.MmaConfig(split_k=split)
         if waves:
             cfg = dataclasses.replace(cfg, waves=waves[0], min_quads=waves[1] or cfg.min_quads)
         calls = [mma_gemm.MmaCall(ml, cfg, x.shape[0], False, x.stride(0), y.stride(0)) for ml in self.mls]
         return [lambda c=c: c(x, None, y) for c in calls]
-
-
-def _shuffle_rows(p, perm):
-    """The packed layer with its rows permuted (row i of the result is row perm[i])."""
-    from gqsa import format as fmt
-    rp = p.row_ptr.long()
-    counts = (rp[1:] - rp[:-1])[perm]
-    starts = rp[:-1][perm]
-    idx = torch.cat([torch.arange(int(s), int(s) + int(c), device=rp.device) for s, c in
-                     zip(starts.tolist(), counts.tolist())]) if p.nnz else rp[:0]
-    row_ptr = torch.zeros_like(p.row_ptr)
-    row_ptr[1:] = torch.cumsum(counts, 0).to(row_ptr.dtype)
-    return fmt.PackedLinear(row_ptr=row_ptr, col_idx=p.col_idx[idx], qweight=p.qweight[idx], scales=p.scales[idx],
-                            zeros=p.zeros[idx], shape=p.shape, bits=p.bits, group_size=p.group_size)
 
 
 def measure(name, fns, x, n, nbytes_w, bw):
@@ -231,7 +214,7 @@ def main(argv=None):
     ap.add_argument("--splits", default="", help="forced split-K factors to time as well, e.g. 1,4")
     ap.add_argument("--waves", default="", help="CTAs per SM to aim the split-K at [: fewest quads per CTA], timed "
                                                 "as well, e.g. 8,16:8")
-    ap.add_argument("--kinds", default="table,mma,mma-g", help="methods to time (table, mma, mma-g)")
+    ap.add_argument("--kinds", default="table,mma", help="methods to time (table, mma)")
     ap.add_argument("--source", default=None, help="time another revision of mma_block.cu (an A/B in one run)")
     ap.add_argument("--rot-bytes", type=float, default=320e6)
     args = ap.parse_args(argv)

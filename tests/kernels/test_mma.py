@@ -41,7 +41,6 @@ CASES = [  # n, k, G, rows, sparsity, uneven, cluster
     (64, 256, 16, 16, 0.5, False, False), (100, 520, 16, 32, 0.5, True, False), (130, 1000, 32, 64, 0.4, False, False),
     (96, 776, 64, 64, 0.3, False, False), (256, 1024, 128, 128, 0.5, True, False), (200, 512, 16, 64, 0.5, False, True),
     (300, 1000, 64, 128, 0.3, False, True), (64, 256, 16, 64, 1.0, False, False), (48, 96, 32, 16, 0.0, False, False),
-    (40, 202, 16, 16, 0.5, False, False),  # K % 8 != 0: the kernel reads x from global memory (no 16-byte copies)
 ]
 
 
@@ -114,10 +113,11 @@ def test_scale_words_per_mtile_rows_g_and_g_plus_8():
             assert int(ml.sz[0, warp, gg, 1]) == int(bl.sz[0, warp * 16 + gg + 8])
 
 
-@pytest.mark.parametrize("kwargs,why", [(dict(bits=2), "2-bit"), (dict(bits=8), "8-bit"),
-                                        (dict(float_zeros=True), "float zero points")])
-def test_layers_the_kernel_cannot_take_say_why(kwargs, why):
-    p = make_layer(32, 128, 16, 16, **kwargs)
+@pytest.mark.parametrize("k,kwargs,why", [(128, dict(bits=2), "2-bit"), (128, dict(bits=8), "8-bit"),
+                                          (128, dict(float_zeros=True), "float zero points"),
+                                          (202, {}, "202 input features")])
+def test_layers_the_kernel_cannot_take_say_why(k, kwargs, why):
+    p = make_layer(32, k, 16, 16, **kwargs)
     bl = block_of(p)
     assert why in mma_layout.unsupported(bl)
     with pytest.raises(ValueError, match=why):
@@ -141,7 +141,42 @@ def test_dispatch_without_the_kernel_keeps_the_triton_block_path(monkeypatch):
 def test_the_cuda_source_ships_with_the_package():
     """The kernel is compiled from the installed package's ``mma_block.cu`` (package data in pyproject.toml)."""
     src = mma_gemm._source()
-    assert "gqsa_mma_block_smem" in src and "mma.sync.aligned.m16n8k16" in src
+    assert "gqsa_mma_block" in src and "mma.sync.aligned.m16n8k16" in src
+
+
+def test_launch_arguments_follow_the_kernel_signature(monkeypatch):
+    """The launcher's argument list against the parameter list of ``gqsa_mma_block`` in the CUDA source (the
+    ABI between them, which no CPU run of the kernel can check), with the compilation stubbed out; an x whose
+    rows are not 16-byte aligned is copied before the launch."""
+    import re
+
+    params = re.search(r"gqsa_mma_block\(([^)]*)\)", mma_gemm._source()).group(1)
+    names = [p.split()[-1].lstrip("*") for p in params.replace("\n", " ").split(",")]
+    assert names == ["x", "qw", "kofs1", "sz2", "qptr", "rmap", "bias", "y", "ws", "cnt", "M", "N", "K", "stride_x",
+                     "stride_y", "qps", "split", "has_bias", "has_rmap", "ld_ws"]
+    launches = []
+
+    class Kernel:
+        def __call__(self, grid, block, args):
+            launches.append((grid, block, args))
+
+    monkeypatch.setattr(mma_gemm, "_kernel", lambda *a: Kernel())
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    p = make_layer(200, 512, 16, 64, cluster=True)
+    ml = mma_layout.build_mma_layout(block_of(p))
+    call = mma_gemm.MmaCall(ml, mma_gemm.MmaConfig(split_k=2), 5, True, 512, 200, sms=4)
+    big = torch.zeros(5, 520, dtype=torch.float16)
+    x, bias, y = big[:, 1:513], torch.zeros(200, dtype=torch.float16), torch.empty(5, 200, dtype=torch.float16)
+    call(x, bias, y)
+    (grid, block, args), = launches
+    assert grid == (ml.n_blocks, 2, 1) and block == (32 * ml.rows // 16, 1, 1) and call.split == 2
+    got = dict(zip(names, args))
+    assert got["x"].data_ptr() % 16 == 0 and torch.equal(got["x"], x) and got["stride_x"] == 512  # the aligned copy
+    assert got["qw"] is ml.qw and got["kofs1"] is ml.kofs and got["sz2"] is ml.sz and got["qptr"] is ml.qptr
+    assert got["rmap"] is ml.row_map and got["bias"] is bias and got["y"] is y
+    assert (got["M"], got["N"], got["K"], got["stride_y"]) == (5, 200, 512, 200)
+    assert (got["qps"], got["split"], got["has_bias"], got["has_rmap"]) == (call.qps, 2, 1, 1)
+    assert got["ld_ws"] == ml.n_blocks * ml.rows and got["ws"].numel() >= 5 * got["ld_ws"]
 
 
 def test_mma_config_and_split():
@@ -168,9 +203,9 @@ def test_kernel_matches_the_reference_on_the_gpu(case):  # pragma: no cover - GP
     pc = fmt.PackedLinear(**{a: t.cuda() for a, t in p.tensors().items()}, shape=p.shape, bits=4, group_size=g)
     ml = mma_layout.build_mma_layout(block_of(pc))
     for m in (1, 3, 8, 9, 16, 32):
-        for split, smem in ((0, True), (1, True), (3, True), (0, False), (3, False)):
+        for split in (0, 1, 3):
             x = torch.randn(m, k, device="cuda").half()
             bias = torch.randn(n, device="cuda").half() if m % 2 else None
             y = torch.full((m, n), float("nan"), device="cuda", dtype=torch.float16)
-            mma_gemm.launch_mma(x, ml, bias, y, mma_gemm.MmaConfig(split_k=split, smem=smem))
+            mma_gemm.launch_mma(x, ml, bias, y, mma_gemm.MmaConfig(split_k=split))
             check(y.cpu(), x.cpu(), p, None if bias is None else bias.cpu())

@@ -9,7 +9,7 @@
 //         the lane's A fragment of mma.m16n8k16 (nibble j = row g + 8·(j&1), column 2t + 8·((j>>1)&1) + (j>>2)
 //         of the 16×16 tile, g = lane/4, t = lane%4), so that (w >> 4j) & 0x000F000F | 0x64006400 is the
 //         fp16 pair 1024 + q of fragment register j, exactly.
-//   kofs  int4 [n_quads]: each step's first feature / 2 (x is read in 4-byte words); padding steps (codes and
+//   kofs  int4 [n_quads]: each step's first feature / 2; padding steps (codes and
 //         scales 0) repeat the block's last real column.
 //   sz    int2 [n_slots][WARPS][8]: scale bits | zero point << 16 of rows g and g + 8 of an m-tile per kept group
 //         (slot = step / SUB).
@@ -17,12 +17,10 @@
 //
 // One CTA = one row block (R = 16·WARPS rows, one warp per 16-row m-tile) and one split-K range of its
 // quads; NT n-tiles of 8 tokens (M ≤ 8·NT). Per step and warp: one dequantization of 256 weights in
-// registers (the fragment order needs no shuffle), then NT mma.sync. Two kernels:
-//   gqsa_mma_block_smem (the default): a 4-stage cp.async pipeline brings each quad's codes, scale words and
-//     activations (copied once per CTA, 16 bytes at a time; read by ldmatrix) into shared memory 3 quads ahead;
-//   gqsa_mma_block: every warp reads its activations straight from global memory, two 4-byte loads per lane,
-//     step and n-tile, codes and scales one quad ahead in registers (layers with K % 8 != 0; measured slower
-//     from M = 8 on: each lane's loads touch 8 rows of x).
+// registers (the fragment order needs no shuffle), then NT mma.sync; a 4-stage cp.async pipeline brings each
+// quad's codes, scale words and activations (copied once per CTA, 16 bytes at a time, read by ldmatrix) into shared
+// memory 3 quads ahead. (A first revision read x per warp from global memory: 1.4× slower at M = 16, RESULTS
+// "Session 10"; layers with K % 8 != 0, which the 16-byte copies cannot read, take the Triton kernel.)
 // Each weight is rounded to fp16 as the reference does: ((1024+q) − (1024+z)) exact, times the scale,
 // rounded once. Accumulation in fp32. Split-K: partial sums to a float32 workspace with atomics; the last
 // CTA of a row block (an atomic counter) reads the sums, zeroes the workspace and the counter, adds the
@@ -30,12 +28,6 @@
 
 typedef unsigned int u32;
 typedef unsigned short u16;
-
-// 4 bytes of x at word ``off`` (two features) past ``x``; ``ok`` false (features past K): 0.
-__device__ __forceinline__ u32 ldx(const u32* __restrict__ x, int off, bool ok) {
-    const u32 v = __ldg(x + (ok ? off : 0));
-    return ok ? v : 0u;
-}
 
 __device__ __forceinline__ u32 lop(u32 q) {
     u32 r;
@@ -82,35 +74,6 @@ __device__ __forceinline__ void sz_pairs(int w, u32& s, u32& z) {
     const u32 u = static_cast<u32>(w) | 0x64000000u;  // high half: 1024 + z as fp16 (z < 1024)
     asm("{\n.reg .b16 lo, hi;\nmov.b32 {lo, hi}, %2;\nmov.b32 %0, {lo, lo};\nmov.b32 %1, {hi, hi};\n}"
         : "=r"(s), "=r"(z) : "r"(u));
-}
-
-template <int NT, bool EDGE>
-__device__ __forceinline__ void load_x(u32 (&bx)[4][NT][2], const u32* const (&xp)[NT], const int4 kq, int kw, int t) {
-    const int ko[4] = {kq.x, kq.y, kq.z, kq.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        const bool k0 = !EDGE || ko[i] + t < kw;
-        const bool k1 = !EDGE || ko[i] + 4 + t < kw;
-#pragma unroll
-        for (int n = 0; n < NT; ++n) {
-            if (EDGE) {
-                bx[i][n][0] = ldx(xp[n], ko[i], k0);
-                bx[i][n][1] = ldx(xp[n], ko[i] + 4, k1);
-            } else {  // one 64-bit address per step, the second load at an immediate offset
-                const u32* p = xp[n] + static_cast<unsigned>(ko[i]);
-                asm("ld.global.nc.b32 %0, [%2];\nld.global.nc.b32 %1, [%2+16];"
-                    : "=r"(bx[i][n][0]), "=r"(bx[i][n][1]) : "l"(p));
-            }
-        }
-    }
-}
-
-// the scale/zero words of a quad's kept groups for rows g and g + 8 of the warp's m-tile (one 8-byte load each)
-template <int SUB>
-__device__ __forceinline__ void load_sz(int2 (&sw)[4], const int2* __restrict__ sz2, long q, int R, int warp, int g) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-        if (i % SUB == 0) sw[i] = __ldg(sz2 + ((4 * q + i) / SUB) * (R / 2) + warp * 8 + g);
 }
 
 // acc[n][j]: row row0 + 8·(j >> 1) of the block, token 8n + 2t + (j & 1). Split-K: partial sums to the
@@ -166,82 +129,7 @@ __device__ __forceinline__ void store_y(float (&acc)[NT][4], int b, int row0, in
     if (threadIdx.x == 0) cnt[b] = 0;
 }
 
-template <int NT, int WARPS, int SUB, bool EDGE>
-__global__ void __launch_bounds__(WARPS * 32) gqsa_mma_block(
-    const u16* __restrict__ x, const uint4* __restrict__ qw, const int4* __restrict__ kofs,
-    const int2* __restrict__ sz2, const int* __restrict__ qptr, const int* __restrict__ rmap,
-    const u16* __restrict__ bias, u16* __restrict__ y, float* __restrict__ ws, int* __restrict__ cnt,
-    int M, int N, int K, int stride_x, int stride_y, int qps, int split, int has_bias, int has_rmap, int ld_ws) {
-    constexpr int R = WARPS * 16;
-    const int b = blockIdx.x, ks = blockIdx.y;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    const int q1 = qptr[b + 1];
-    const int qa = qptr[b] + ks * qps;
-    const int qb = min(q1, qa + qps);
-    const int row0 = warp * 16 + g;  // rows row0 and row0 + 8 of the block (fragment rows)
-
-    float acc[NT][4];
-#pragma unroll
-    for (int n = 0; n < NT; ++n)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) acc[n][j] = 0.f;
-
-    // the lane's token rows of x: n-tile n covers tokens 8n .. 8n+7, the lane reads token 8n + g
-    const u32* xp[NT];
-#pragma unroll
-    for (int n = 0; n < NT; ++n)
-        xp[n] = reinterpret_cast<const u32*>(x + static_cast<long>(8 * n + g < M ? 8 * n + g : 0) * stride_x) + t;
-    const int kw = K >> 1;
-
-    // software pipeline: codes, scales and activations one quad ahead, the offsets two quads ahead
-    uint4 c_nx = make_uint4(0, 0, 0, 0);
-    int2 s_nx[4];
-    u32 bx_nx[4][NT][2];
-    int4 k_nn = make_int4(0, 0, 0, 0);
-    if (qa < qb) {
-        c_nx = __ldg(qw + (static_cast<long>(qa) * WARPS + warp) * 32 + lane);
-        load_sz<SUB>(s_nx, sz2, qa, R, warp, g);
-        load_x<NT, EDGE>(bx_nx, xp, __ldg(kofs + qa), kw, t);
-        k_nn = __ldg(kofs + min(qa + 1, qb - 1));
-    }
-    for (int q = qa; q < qb; ++q) {
-        const uint4 c = c_nx;
-        int2 sw[4];
-        u32 bx[4][NT][2];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            sw[i] = s_nx[i];
-#pragma unroll
-            for (int n = 0; n < NT; ++n) {
-                bx[i][n][0] = bx_nx[i][n][0];
-                bx[i][n][1] = bx_nx[i][n][1];
-            }
-        }
-        {  // (past the last quad: the last one again, harmless and branch-free)
-            const int q_1 = min(q + 1, qb - 1);
-            c_nx = __ldg(qw + (static_cast<long>(q_1) * WARPS + warp) * 32 + lane);
-            load_sz<SUB>(s_nx, sz2, q_1, R, warp, g);
-            load_x<NT, EDGE>(bx_nx, xp, k_nn, kw, t);
-            k_nn = __ldg(kofs + min(q + 2, qb - 1));
-        }
-        const u32 cw[4] = {c.x, c.y, c.z, c.w};
-        u32 s0 = 0, s1 = 0, z0 = 0, z1 = 0;
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            if (i % SUB == 0) {  // a new kept group: scales and zero points of the two rows
-                sz_pairs(sw[i].x, s0, z0);
-                sz_pairs(sw[i].y, s1, z1);
-            }
-            u32 a[4];
-            dequant(a, cw[i], s0, z0, s1, z1);
-#pragma unroll
-            for (int n = 0; n < NT; ++n) mma(acc[n], a, bx[i][n][0], bx[i][n][1]);
-        }
-    }
-    store_y<NT, WARPS>(acc, b, row0, t, rmap, bias, y, ws, cnt, M, N, stride_y, split, has_bias, has_rmap, ld_ws);
-}
-
-// --- activations staged in shared memory (``SMEM``): per quad the CTA copies its 4 steps × 16 features × 8·NT tokens
+// --- activations staged in shared memory: per quad the CTA copies its 4 steps × 16 features × 8·NT tokens
 // once (cp.async, 16 bytes a copy) and every warp reads its B fragments with ldmatrix; layout per stage
 // [step][half of the 16 features][token][8 features] (each 8×8 matrix one contiguous 128-byte run: no conflicts).
 __device__ __forceinline__ void cp_async16(u32 dst, const void* src, bool ok) {
@@ -288,7 +176,7 @@ __device__ __forceinline__ void stage_quad(u32 st, const u16* __restrict__ x, co
 }
 
 template <int NT, int WARPS, int SUB, bool EDGE>
-__global__ void __launch_bounds__(WARPS * 32) gqsa_mma_block_smem(
+__global__ void __launch_bounds__(WARPS * 32) gqsa_mma_block(
     const u16* __restrict__ x, const uint4* __restrict__ qw, const int* __restrict__ kofs1,
     const int2* __restrict__ sz2, const int* __restrict__ qptr, const int* __restrict__ rmap,
     const u16* __restrict__ bias, u16* __restrict__ y, float* __restrict__ ws, int* __restrict__ cnt,

@@ -44,7 +44,7 @@ def available(device) -> bool:
 @functools.lru_cache(maxsize=None)
 def _compiles(index: int) -> bool:
     try:
-        _kernel(1, 4, 1, False, True, index)  # the default (shared-memory) kernel
+        _kernel(1, 4, 1, False, index)
         return True
     except Exception as e:  # noqa: BLE001 - any failure means: use the Triton kernel
         warnings.warn(f"gqsa: the hand-written tensor-core kernel did not compile ({type(e).__name__}: "
@@ -53,9 +53,9 @@ def _compiles(index: int) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(nt: int, warps: int, sub: int, edge: bool, smem: bool, index: int):
+def _kernel(nt: int, warps: int, sub: int, edge: bool, index: int):
     """One specialization, compiled and loaded for GPU ``index`` (a loaded kernel belongs to one device)."""
-    name = f"{_KERNEL}{'_smem' if smem else ''}<{nt}, {warps}, {sub}, {'true' if edge else 'false'}>"
+    name = f"{_KERNEL}<{nt}, {warps}, {sub}, {'true' if edge else 'false'}>"
     with torch.cuda.device(index):
         return torch.cuda._compile_kernel(_source(), name, nvcc_options=["-std=c++17"])
 
@@ -63,13 +63,11 @@ def _kernel(nt: int, warps: int, sub: int, edge: bool, smem: bool, index: int):
 @dataclass(frozen=True)
 class MmaConfig:
     """Knobs of one launch: ``split_k`` 0 = enough CTAs for ``waves`` per SM (each keeping ≥ ``min_quads``
-    quads of 4 steps); ``smem``: the activations staged in shared memory by the CTA (16-byte asynchronous
-    copies, read by ldmatrix) instead of read by every warp from global memory (needs K % 8 == 0)."""
+    quads of 4 steps)."""
 
     split_k: int = 0
     waves: float = 8.0  # measured best of 4, 8 (q2/q16), 16 at M = 2-8 (benchmarks/RESULTS.md "Session 10")
     min_quads: int = 2
-    smem: bool = True
 
     def __post_init__(self):
         if self.split_k < 0 or self.waves <= 0 or self.min_quads < 1:
@@ -86,8 +84,8 @@ def auto_split(layout: MmaLayout, cfg: MmaConfig, sms: int) -> int:
 class MmaCall:
     """The kernel's launch for one layout, configuration and call shape (``m`` rows of fp16 x, bias or
     none), everything fixed once; ``call(x2, bias, y)`` launches it. Arguments are trusted (the dispatch checks
-    them: fp16, unit inner strides); an x whose rows are not aligned for the kernel's loads (4 bytes, or 16 with
-    ``smem``) is copied first."""
+    them: fp16, unit inner strides); an x whose rows are not 16-byte aligned (the kernel copies 16 bytes at a time)
+    is copied first."""
 
     def __init__(self, layout: MmaLayout, cfg: MmaConfig, m: int, has_bias: bool, stride_x: int, stride_y: int,
                  sms: int | None = None):
@@ -104,10 +102,8 @@ class MmaCall:
         qps = max(1, math.ceil(layout.max_quads / split)) if layout.max_quads else 1
         split = max(1, math.ceil(layout.max_quads / qps)) if layout.max_quads else 1
         self.split, self.qps = split, qps
-        self.smem = cfg.smem and k % 8 == 0
-        self.align = 16 if self.smem else 4  # bytes of x per copy / load
         self.index = dev.index if dev.index is not None else torch.cuda.current_device()
-        self.kern = _kernel(nt, layout.rows // 16, layout.group_size // STEP, layout.edge, self.smem, self.index)
+        self.kern = _kernel(nt, layout.rows // 16, layout.group_size // STEP, layout.edge, self.index)
         self.grid = (layout.n_blocks, split, 1)
         self.block = (32 * (layout.rows // 16), 1, 1)
         self.ld_ws = layout.n_blocks * layout.rows
@@ -120,7 +116,7 @@ class MmaCall:
         self.ints = (qps, split, int(has_bias), int(layout.row_map is not None), self.ld_ws)
 
     def __call__(self, x2: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
-        if x2.data_ptr() % self.align or x2.stride(0) % (self.align // 2):  # x in 4- or 16-byte pieces: an aligned copy
+        if x2.data_ptr() % 16 or x2.stride(0) % 8:  # x is copied 16 bytes at a time: an aligned copy
             x2 = x2.clone(memory_format=torch.contiguous_format)
         if self.ws_size is not None:
             ws, cnt = workspace(y.device).get(*self.ws_size)

@@ -12,7 +12,7 @@ of 4 steps, the unit of one 16-byte load per lane:
   ``4q + i`` for ``lane``: 8 nibbles, nibble ``j`` the code of tile row ``g + 8·(j&1)`` and tile column
   ``2t + 8·((j>>1)&1) + (j>>2)`` (``g = lane // 4``, ``t = lane % 4``) — the order of the fragment's
   registers, so ``(word >> 4j) & 0x000F000F`` holds both codes of register ``j``;
-* ``kofs`` int32 ``[n_quads, 4]``: the step's first feature / 2 (the kernel reads x in 4-byte words);
+* ``kofs`` int32 ``[n_quads, 4]``: the step's first feature / 2;
 * ``sz`` int32 ``[n_slots, R/16, 8, 2]``: the block layout's ``scale | zero << 16`` words, per m-tile the
   rows ``g`` and ``g + 8`` side by side (one 8-byte load per lane and kept group); slot = step // (G/16);
 * ``qptr`` int32 ``[n_blocks + 1]``: the quads of row block ``b``;
@@ -84,10 +84,8 @@ def unsupported(layout: BlockLayout) -> str | None:
         return "float zero points"
     if layout.group_size % STEP:
         return f"group size {layout.group_size} (a multiple of {STEP} is needed)"
-    if layout.rows % 16:
-        return f"block height {layout.rows}"
-    if layout.shape[1] % 2:
-        return "an odd number of input features"
+    if layout.shape[1] % 8:
+        return f"{layout.shape[1]} input features (the kernel copies x 8 features at a time: a multiple of 8 is needed)"
     return None
 
 
