@@ -179,6 +179,20 @@ def test_launch_arguments_follow_the_kernel_signature(monkeypatch):
     assert got["ld_ws"] == ml.n_blocks * ml.rows and got["ws"].numel() >= 5 * got["ld_ws"]
 
 
+def test_launch_rejects_bad_arguments_with_one_line():
+    ml = mma_layout.build_mma_layout(block_of(make_layer(64, 256, 16, 64)))
+    x, y = torch.zeros(2, 256, dtype=torch.float16), torch.zeros(2, 64, dtype=torch.float16)
+    with pytest.raises(ValueError, match="float16 activations, got torch.bfloat16"):
+        mma_gemm.launch_mma(x.bfloat16(), ml, None, y.bfloat16())
+    with pytest.raises(ValueError, match="y must be"):
+        mma_gemm.launch_mma(x, ml, None, y[:, :10])
+    with pytest.raises(ValueError, match="x has 128 features"):
+        mma_gemm.launch_mma(x[:, :128], ml, None, y)
+    with pytest.raises(ValueError, match="1 to 32 rows"):
+        mma_gemm.launch_mma(torch.zeros(40, 256, dtype=torch.float16), ml, None, torch.zeros(40, 64,
+                                                                                                dtype=torch.float16))
+
+
 def test_mma_config_and_split():
     with pytest.raises(ValueError):
         mma_gemm.MmaConfig(split_k=-1)

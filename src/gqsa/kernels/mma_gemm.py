@@ -18,7 +18,7 @@ from importlib import resources
 
 import torch
 
-from .gemm import num_sms, workspace
+from .gemm import check_io, num_sms, workspace
 from .mma_layout import STEP, MmaLayout
 
 MAX_M = 32  # largest batch the kernel takes (4 n-tiles of 8 tokens)
@@ -133,28 +133,15 @@ class MmaCall:
         return y
 
 
-def check_args(x2: torch.Tensor, layout: MmaLayout, y: torch.Tensor, bias: torch.Tensor | None) -> str | None:
-    """Why the kernel cannot take these arguments (None: it can)."""
-    n, k = layout.shape
-    if x2.dtype != torch.float16:
-        return f"{x2.dtype} activations (the kernel reads float16)"
-    if x2.shape[1] != k or x2.stride(1) != 1 or y.stride(1) != 1 or tuple(y.shape) != (x2.shape[0], n):
-        return "shapes or strides"
-    if bias is not None and (bias.dtype != torch.float16 or not bias.is_contiguous()):
-        return "bias"
-    if not 1 <= x2.shape[0] <= MAX_M:
-        return f"{x2.shape[0]} rows"
-    return None
-
-
 def launch_mma(x2: torch.Tensor, layout: MmaLayout, bias: torch.Tensor | None, y: torch.Tensor,
                cfg: MmaConfig = MmaConfig(), sms: int | None = None) -> torch.Tensor:
-    """``y[M, N] = x2[M, K] @ Ŵᵀ (+ bias)`` with the hand-written kernel (see :func:`check_args`)."""
-    why = check_args(x2, layout, y, bias)
-    if why is not None:
-        raise ValueError(f"the hand-written tensor-core kernel cannot take these arguments: {why}")
+    """``y[M, N] = x2[M, K] @ Ŵᵀ (+ bias)`` with the hand-written kernel: the arguments of the other launchers
+    (:func:`gqsa.kernels.gemm.check_io`), in float16, 1 to ``MAX_M`` rows."""
+    check_io(x2, layout.shape, y, bias, "the hand-written tensor-core kernel")
+    if x2.dtype != torch.float16:
+        raise ValueError(f"the hand-written tensor-core kernel reads float16 activations, got {x2.dtype}")
     call = MmaCall(layout, cfg, x2.shape[0], bias is not None, x2.stride(0), y.stride(0), sms)
     return call(x2, bias, y)
 
 
-__all__ = ["MAX_M", "MmaCall", "MmaConfig", "available", "check_args", "launch_mma"]
+__all__ = ["MAX_M", "MmaCall", "MmaConfig", "available", "launch_mma"]
