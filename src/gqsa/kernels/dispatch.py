@@ -199,7 +199,11 @@ H200_BLOCK_TABLE = BlockTable(
     # M = 8 it lost on three of the four 7B shapes and gained nothing end to end, 2889 against 2904 tokens/s). At
     # M = 16 it lost end to end (7B w4s50g16b64 B = 16: 4818 against 4908 tokens/s), at M = 1 to the GEMV (geometric
     # mean 14.8 against 14.1 µs). Heights 16/32 were not measured: never.
-    mma_max_m=((64, 8), (128, 4)),
+    # Eleventh session: block64 up to M = 12 (RESULTS "Session 11"): at M = 10 the kernel beat the Triton block kernel
+    # on all 6 shapes, at M = 12 on 4 (4096²: 10.82 against 10.10 µs; 22016×4096 a tie); 7B synthetic end to end,
+    # w4s50g16b64 B = 10 / 12: 3292.7 / 3893.5 → 3652.1 / 4044.8 tokens/s, w4s30g64c64 2615.2 / 3098.8 → 3104.7 /
+    # 3428.8. At M = 16 cluster64 lost (3928.4 → 3846.2), as block64 did in session 10.
+    mma_max_m=((64, 12), (128, 4)),
     tile_min_m=((16, 17), (32, 1 << 62)),  # block32 and up: never
 )
 
