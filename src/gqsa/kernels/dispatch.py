@@ -165,12 +165,19 @@ _P = functools.partial(BlockConfig, scale_after=False, pre=True)
 # Tenth session: block_out on the two ``pre`` buckets of block128 too (clusterR layers at M ≥ 65): the 7B synthetic
 # w4s30g64c128 prefill of 64 × 32 tokens 120.4 → 58.3 ms (fp16 44.5), of 512 tokens 27.5 → 22.7 ms (fp16 29.9 in another
 # process), benchmarks/RESULTS.md "Session 10". (block128 layers without a row map ignore block_out.)
+# Eleventh session: the block64 M ≤ 16 bucket (M = 9-16: the hand-written kernel takes M = 2-8, the GEMV M = 1)
+# from 4 warps / np 2 / 3 stages to 1 warp / np 4 / 4 stages, the best of `benchmarks/gemm.py --block-sweep --block-cluster
+# --block-rows 64 --block-group 64 --block-sparsity 0.3 --sweep-batches 12,16` (28672×8192 cluster64 G64 at M = 16: 59.19
+# against 84.49 µs); 7B synthetic end to end at B = 16: w4s50g16b64 4921.3 → 5747.9 tokens/s, w4s30g64c64 3935.3 →
+# 4530.0 (benchmarks/RESULTS.md "Session 11", call 5); per layer at M = 16, block64 W4 S50 G16, µs: 4096² 10.04 → 8.44,
+# 12288×4096 20.13 → 17.20, 22016×4096 30.07 → 22.63, 4096×11008 18.43 → 15.09, 28672×8192 62.06 → 41.64, 8192×28672
+# 67.55 → 52.43 (calls 5 and 6).
 H200_BLOCK_TABLE = BlockTable(
     buckets=(
         (16, ((16, _B(block_m=16, np=4, num_warps=1, num_stages=3, waves=4.0, scale_after=False)),
               (64, _B(block_m=64, np=2, num_warps=4, num_stages=3, waves=2.0)),
               (1 << 62, _B(block_m=128, np=1, num_warps=4, num_stages=3, waves=1.0, scale_after=False)))),
-        (64, ((16, _W(block_m=16, np=2, num_warps=4, num_stages=3, waves=4.0)),
+        (64, ((16, _W(block_m=16, np=4, num_warps=1, num_stages=4, waves=4.0)),
               (32, _W(block_m=32, np=4, num_warps=1, num_stages=3, waves=4.0)),
               (64, _W(block_m=64, np=2, num_warps=1, num_stages=3, waves=4.0)),
               (256, _B(block_m=128, np=2, num_warps=4, num_stages=3, waves=1.0, scale_after=False)),
@@ -199,11 +206,12 @@ H200_BLOCK_TABLE = BlockTable(
     # M = 8 it lost on three of the four 7B shapes and gained nothing end to end, 2889 against 2904 tokens/s). At
     # M = 16 it lost end to end (7B w4s50g16b64 B = 16: 4818 against 4908 tokens/s), at M = 1 to the GEMV (geometric
     # mean 14.8 against 14.1 µs). Heights 16/32 were not measured: never.
-    # Eleventh session: block64 up to M = 12 (RESULTS "Session 11"): at M = 10 the kernel beat the Triton block kernel
-    # on all 6 shapes, at M = 12 on 4 (4096²: 10.82 against 10.10 µs; 22016×4096 a tie); 7B synthetic end to end,
-    # w4s50g16b64 B = 10 / 12: 3292.7 / 3893.5 → 3652.1 / 4044.8 tokens/s, w4s30g64c64 2615.2 / 3098.8 → 3104.7 /
-    # 3428.8. At M = 16 cluster64 lost (3928.4 → 3846.2), as block64 did in session 10.
-    mma_max_m=((64, 12), (128, 4)),
+    # Eleventh session: with the 1-warp M ≤ 16 bucket above, the Triton kernel beats this one again from M = 9 on most
+    # shapes (block64 W4 S50 G16 at M = 13, µs: 4096² 8.30, 12288×4096 17.22, 22016×4096 22.28, 28672×8192 41.64 against
+    # the hand-written kernel's 10.82, 19.63, 30.01, 56.65 at M = 12), so the limit stays 8: 7B synthetic w4s50g16b64
+    # B = 12 4549.6 tokens/s against 4051.8 with the kernel up to 12, w4s30g64c64 3603.7 against 3376.7
+    # (benchmarks/RESULTS.md "Session 11", calls 6 and 7).
+    mma_max_m=((64, 8), (128, 4)),
     tile_min_m=((16, 17), (32, 1 << 62)),  # block32 and up: never
 )
 
