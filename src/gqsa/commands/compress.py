@@ -41,7 +41,7 @@ def add_arguments(p) -> None:
                         "ranked per layer; blockR: the same kept columns in every R consecutive rows, and clusterR: "
                         "the same in clusters of R rows chosen to keep the most — both feed the block kernels, "
                         "faster than row from batch 2 on (a GPU), at an accuracy cost that grows with R and "
-                        "with the sparsity (for batch serving, e.g. cluster128 with --sparsity 0.3 --group-size 64: "
+                        "with the sparsity (for batch serving, e.g. cluster64 with --sparsity 0.3 --group-size 64: "
                         "README, benchmarks/RESULTS.md) (default row)")
     g.add_argument("--quant-init", default="mse", choices=("minmax", "mse"),
                    help="scale/zero init: min-max or clipping search (default mse)")
