@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -24,6 +23,8 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
+sys.path.insert(0, str(HERE))
+import gemv as bg  # noqa: E402  (the CUDA-graph timing)
 
 from gqsa.bench.synthetic import parse_setting, random_packed  # noqa: E402
 from gqsa.kernels import dispatch  # noqa: E402
@@ -155,27 +156,8 @@ def step_fn(plans, xs, spin, fill, pfs, side):
 
 
 def t_step(run, replays=20):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        run()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        run()
-    for _ in range(3):
-        g.replay()
-    ts = []
-    for _ in range(replays):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b) * 1e3)
-    del g
-    return statistics.median(ts)
+    """µs per step: one CUDA graph of ``run``, median of ``replays`` replays (``gemv.t_graph`` of one call)."""
+    return bg.t_graph([run], min_calls=1, replays=replays)
 
 
 def main(argv=None):
