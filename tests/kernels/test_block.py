@@ -231,6 +231,34 @@ def test_dispatch_dense_block_layers_take_the_gemv_and_the_expansion():
     assert dispatch.table_from_json(dispatch.table_to_json(dispatch.H200_TABLE)) == dispatch.H200_TABLE
 
 
+def test_dispatch_wide_group_block_layers_take_the_expansion_from_group_expand_min_m():
+    """Block and cluster layers of groups of 64 take the dense expansion from ``group_expand_min_m`` whatever their
+    height (their ``pre`` kernels lost to it); G16 layers keep their height's rule (never for block64/128); a table
+    without the entry keeps the block kernels; the entry survives the JSON round trip."""
+    import dataclasses
+
+    tb = dispatch.H200_TABLE.block
+    (g_min, m_exp), = tb.group_expand_min_m
+    never = 1 << 62  # the height's value for block64/128
+    assert g_min == 64 and tb.expand_from(64) == never and tb.expand_from(128) == never
+    for rows, cluster in ((64, False), (128, True)):
+        p = make_block_packed(rows + 36, 320, 64, rows=rows, sparsity=0.3, cluster=cluster)
+        plan = dispatch.LinearPlan(p)
+        assert plan.block_rows == rows and not plan.block_dense
+        assert plan.path(m_exp - 1) == "block" and plan.path(m_exp) == "expand" and plan.path(1 << 20) == "expand"
+        x = torch.randn(m_exp, 320).half()
+        check(plan(x), x, p)
+        assert tb.expand_for(rows, 128) == m_exp and tb.expand_for(rows, 32) == never
+    g16 = dispatch.LinearPlan(make_block_packed(64, 256, 16, rows=64, sparsity=0.3))
+    assert g16.path(m_exp) == "block" and g16.path(1 << 20) == "block"
+    off = dataclasses.replace(dispatch.H200_TABLE, block=dataclasses.replace(tb, group_expand_min_m=()))
+    p64 = make_block_packed(64, 256, 64, rows=64, sparsity=0.3)
+    assert dispatch.LinearPlan(p64, table=off).path(1 << 20) == "block"
+    assert dispatch.table_from_json(dispatch.table_to_json(off)) == off
+    assert dispatch.table_from_json(dispatch.table_to_json(dispatch.H200_TABLE)).block.group_expand_min_m == \
+        tb.group_expand_min_m
+
+
 def test_dispatch_prepared_block_calls_with_the_pre_pass_and_block_order_stores():
     """The prepared calls of a clusterR layer (row map): the ``pre`` pass with split-K at M ≤ 4, block-order
     stores + the gather above; every batch shape, with and without a bias, prepared once and right each

@@ -22,7 +22,8 @@ of the table, ``table.block`` (:class:`BlockTable`): the GEMV up to ``block.gemv
 block tensor-core kernel (:mod:`gqsa.kernels.block_gemm`, on a
 :class:`~gqsa.kernels.block_layout.BlockLayout` built instead of the TileLayout) above, and the dense
 expansion from ``block.expand_min_m`` of their height on (from ``block.dense_expand_min_m`` for layers that keep
-nearly every group, such as sparsity 0). Other layers keep the table above.
+nearly every group, such as sparsity 0; from ``block.group_expand_min_m`` for layers of wide groups, G ≥ 64, whose
+``pre`` kernels run at a third of cuBLAS's speed). Other layers keep the table above.
 
 **Prepared calls.** The first call of a batch shape (x's shape, strides and dtype, bias or none) on the
 v2 GEMV, the block kernel, the irregular GEMM or the dense expansion keeps its launch
@@ -76,7 +77,9 @@ class BlockTable:
     to ``dense_gemv_max_m`` rows (0: ``gemv_max_m``). ``mma_max_m``: ``((rows, m), ...)``, above the GEMV and up to
     ``m`` rows the hand-written tensor-core kernel (:mod:`gqsa.kernels.mma_gemm`) for the layers and calls it takes
     (4-bit codes, integer zero points, fp16 activations, a GPU where it compiles; heights below the smallest listed:
-    never); the Triton block kernel otherwise."""
+    never); the Triton block kernel otherwise. ``group_expand_min_m``: ``((G, m), ...)``, layers whose groups are at
+    least ``G`` columns wide take the expansion from ``m`` rows on whatever their height (the smaller of this and
+    the height's value; group sizes below the smallest listed: the height's value)."""
 
     buckets: tuple = field(default_factory=tuple)
     expand_min_m: tuple = field(default_factory=tuple)
@@ -86,6 +89,7 @@ class BlockTable:
     dense_expand_min_m: int | None = None  # layers keeping ≥ DENSE_KEEP of their groups: the expansion from here
     dense_gemv_max_m: int = 0  # ... and the GEMV up to here (0: gemv_max_m)
     mma_max_m: tuple = field(default_factory=tuple)  # ((rows, m), ...): the hand-written kernel up to m rows
+    group_expand_min_m: tuple = field(default_factory=tuple)  # ((G, m), ...): groups ≥ G wide: the expansion from m
 
     @staticmethod
     def _for(pairs, rows, below_all=True):
@@ -111,6 +115,15 @@ class BlockTable:
 
     def mma_upto(self, rows: int) -> int:
         return self._for(self.mma_max_m, rows, below_all=False) or 0
+
+    def expand_for(self, rows: int, group_size: int, dense: bool = False) -> int | None:
+        """From how many rows a layer of this height and group size takes the dense expansion (None: never);
+        ``dense``: it keeps at least ``DENSE_KEEP`` of its groups."""
+        cands = [self.expand_from(rows), self._for(self.group_expand_min_m, group_size, below_all=False)]
+        if dense:
+            cands.append(self.dense_expand_min_m)
+        cands = [c for c in cands if c is not None]
+        return min(cands) if cands else None
 
 
 DENSE_KEEP = 0.9  # a block layer keeping this share of its groups or more takes BlockTable.dense_expand_min_m
@@ -172,16 +185,22 @@ _P = functools.partial(BlockConfig, scale_after=False, pre=True)
 # 4530.0 (benchmarks/RESULTS.md "Session 11", call 5); per layer at M = 16, block64 W4 S50 G16, µs: 4096² 10.04 → 8.44,
 # 12288×4096 20.13 → 17.20, 22016×4096 30.07 → 22.63, 4096×11008 18.43 → 15.09, 28672×8192 62.06 → 41.64, 8192×28672
 # 67.55 → 52.43 (calls 5 and 6).
+# Twelfth session: block_out on block64's buckets from M = 17 (cluster64 layers; block64 layers ignore it), as block128
+# has had since the fourth/tenth sessions: `GQSA_BLOCK_AB=block_out benchmarks/gemm.py --block-sweep --block-cluster
+# --block-rows 64 --block-group 64 --block-sparsity 0.3 --sweep-batches 8,16,32,64,256,2048`: block-order stores won the
+# sum of the three shapes at M = 32, 64, 256, 2048 and lost at 8 and 16; 7B synthetic w4s30g64c64 end to end, tokens/s
+# at B = 12 / 16 / 32 / 64: 3612.6 / 4540.5 / 6562.1 / 7464.8 without, 3136.8 / 4030.2 / 6599.3 / 8437.2 with (prefill
+# of 64 × 32 tokens 141.7 → 71.7 ms), so from M = 17 only (benchmarks/RESULTS.md "Session 12").
 H200_BLOCK_TABLE = BlockTable(
     buckets=(
         (16, ((16, _B(block_m=16, np=4, num_warps=1, num_stages=3, waves=4.0, scale_after=False)),
               (64, _B(block_m=64, np=2, num_warps=4, num_stages=3, waves=2.0)),
               (1 << 62, _B(block_m=128, np=1, num_warps=4, num_stages=3, waves=1.0, scale_after=False)))),
         (64, ((16, _W(block_m=16, np=4, num_warps=1, num_stages=4, waves=4.0)),
-              (32, _W(block_m=32, np=4, num_warps=1, num_stages=3, waves=4.0)),
-              (64, _W(block_m=64, np=2, num_warps=1, num_stages=3, waves=4.0)),
-              (256, _B(block_m=128, np=2, num_warps=4, num_stages=3, waves=1.0, scale_after=False)),
-              (1 << 62, _P(block_m=256, np=4, num_warps=4, num_stages=3, split_k=1)))),
+              (32, _W(block_m=32, np=4, num_warps=1, num_stages=3, waves=4.0, block_out=True)),
+              (64, _W(block_m=64, np=2, num_warps=1, num_stages=3, waves=4.0, block_out=True)),
+              (256, _B(block_m=128, np=2, num_warps=4, num_stages=3, waves=1.0, scale_after=False, block_out=True)),
+              (1 << 62, _P(block_m=256, np=4, num_warps=4, num_stages=3, split_k=1, block_out=True)))),
         (128, ((16, _W(block_m=16, np=4, num_warps=2, num_stages=3, waves=4.0)),
                (32, _W(block_m=32, np=4, num_warps=2, num_stages=3, waves=2.0, block_out=True)),
                (64, _W(block_m=64, np=2, num_warps=2, num_stages=3, waves=2.0, block_out=True)),
@@ -213,6 +232,14 @@ H200_BLOCK_TABLE = BlockTable(
     # (benchmarks/RESULTS.md "Session 11", calls 6 and 7).
     mma_max_m=((64, 8), (128, 4)),
     tile_min_m=((16, 17), (32, 1 << 62)),  # block32 and up: never
+    # Twelfth session: layers of groups of 64 (cluster64/128 W4 S30 G64) ran the `pre` kernels at M ≥ 257 at 0.3-0.7×
+    # cuBLAS fp16, where the expansion ran at 0.63-1.06× (tuned on G16, the pre kernels take one group per step at G64):
+    # `benchmarks/gemm.py --block-sweep --block-cluster --block-kinds table --block-rows 64,128 --block-group 64
+    # --block-sparsity 0.3 --sweep-batches 512,1024,2048`, µs pre / expansion on 4096², 11008×4096, 28672×8192: height 128
+    # M = 512 55.2 / 39.8, 138.2 / 99.9, 570.9 / 512.4; M = 2048 137.1 / 102.4, 374.1 / 287.6, 1809.2 / 1507.4; height
+    # 64 (block-order stores) M = 2048 162.5 / 100.4, 469.6 / 280.6, 2244.9 / 1386.3; at M = 256 the pre kernels still
+    # won on two of three (benchmarks/RESULTS.md "Session 12").
+    group_expand_min_m=((64, 512),),
 )
 
 
@@ -252,6 +279,7 @@ def table_to_json(table: DispatchTable) -> dict:
                         "expand_min_m": [list(p) for p in b.expand_min_m],
                         "dense_expand_min_m": b.dense_expand_min_m, "dense_gemv_max_m": b.dense_gemv_max_m,
                         "mma_max_m": [list(p) for p in b.mma_max_m],
+                        "group_expand_min_m": [list(p) for p in b.group_expand_min_m],
                         "buckets": [[r, [[m, dict(c.__dict__)] for m, c in bk]] for r, bk in b.buckets]}
     return out
 
@@ -270,7 +298,8 @@ def table_from_json(obj: dict) -> DispatchTable:
                 tile_min_m=tuple((int(r), int(m)) for r, m in b.get("tile_min_m", ())),
                 dense_expand_min_m=None if b.get("dense_expand_min_m") is None else int(b["dense_expand_min_m"]),
                 dense_gemv_max_m=int(b.get("dense_gemv_max_m", 0)),
-                mma_max_m=tuple((int(r), int(m)) for r, m in b.get("mma_max_m", ())))
+                mma_max_m=tuple((int(r), int(m)) for r, m in b.get("mma_max_m", ())),
+                group_expand_min_m=tuple((int(g), int(m)) for g, m in b.get("group_expand_min_m", ())))
             if not block.buckets or not all(bk for _, bk in block.buckets):
                 raise ValueError("empty block buckets")
         return DispatchTable(gemv_max_m=int(obj["gemv_max_m"]), buckets=buckets,
@@ -381,9 +410,7 @@ class LinearPlan:
         if self.dense_min_m is not None and m >= self.dense_min_m:
             return "dense-cache"
         if self.block is not None:
-            exp = self.table.block.expand_from(self.block.rows)
-            if self.block_dense and self.table.block.dense_expand_min_m is not None:
-                exp = min(exp if exp is not None else 1 << 62, self.table.block.dense_expand_min_m)
+            exp = self.table.block.expand_for(self.block.rows, self.packed.group_size, self.block_dense)
             if exp is not None and m >= exp:
                 return "expand"
             tile = self.table.block.tile_from(self.block.rows)
