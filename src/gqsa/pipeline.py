@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed
-from .blockwise import replace_linears
+from .blockwise import block_linear_groups, layers_prefix, replace_linears
 from .config import GQSAConfig
 from .format import PackedLinear
 from .models.adapters import get_adapter
@@ -95,6 +95,42 @@ def _with_head(model, packed: dict, config: GQSAConfig, tokens, device, batch_si
     return {**packed, name: p}
 
 
+SPARSITY_SLACK = 0.05  # warn when whole groups per row put the model this far from --sparsity
+
+
+def sparsity_warning(model, config: GQSAConfig) -> str | None:
+    """One line when the row-balanced masks cannot come near ``config.sparsity``: every row keeps
+    ``round((1 − S)·C)`` of its ``C = ⌈K/G⌉`` groups, at least one, so rows of few groups (K near G) are pruned far
+    less or far more than asked. None when the share of weights removed is within ``SPARSITY_SLACK`` of it, for
+    ``--allocation layer`` (one global ranking) and for per-layer sparsities (``--target-bits``)."""
+    if config.allocation == "layer" or config.layer_sparsity or config.target_bits is not None \
+            or config.sparsity == 0:
+        return None
+    adapter = get_adapter(model)
+    prefix = layers_prefix(model, adapter)
+    g, s = config.group_size, config.sparsity
+    total = removed = 0
+    worst = {}  # C -> (removed share, linears)
+    for i, block in enumerate(adapter.blocks(model)):
+        linears = adapter.linears(block)
+        for group in block_linear_groups(adapter, block, prefix, i, config):
+            for name in group:
+                n, k = linears[name].weight.shape
+                c = math.ceil(k / g)
+                keep = min(c, max(1, round((1 - s) * c)))
+                total += n * c
+                removed += n * (c - keep)
+                kept, count = worst.get(c, (keep, 0))
+                worst[c] = (kept, count + 1)
+    if not total or abs(removed / total - s) <= SPARSITY_SLACK:
+        return None
+    far = [c for c in sorted(worst) if abs(1 - worst[c][0] / c - s) > SPARSITY_SLACK]
+    detail = "; ".join(f"{worst[c][1]} linear{'s' if worst[c][1] > 1 else ''} of {c} group{'s' if c > 1 else ''} "
+                       f"per row keep{'s' if worst[c][1] == 1 else ''} {worst[c][0]}" for c in far[:3])
+    return (f"GQSA: warning: --sparsity {s:g} in groups of {g} will remove {removed / total:.0%} of the groups: every "
+            f"row keeps whole groups, at least one ({detail}); a smaller --group-size comes closer")
+
+
 class _Plan:
     """Says up front what a run will do (blocks × stages × epochs, windows, device, threads), and after
     the first block an estimate of the time left, from that block's time."""
@@ -118,6 +154,9 @@ class _Plan:
         threads = f", {torch.get_num_threads()} CPU threads" if device.type == "cpu" else ""
         log(f"GQSA: {self.n_blocks} blocks × {work}; {n} calibration windows of {t} tokens; "
             f"on {device}{threads}")
+        warning = sparsity_warning(model, config)
+        if warning:
+            log(warning)
         self.t0 = time.perf_counter()
         self.first = None
 
