@@ -23,7 +23,7 @@ block tensor-core kernel (:mod:`gqsa.kernels.block_gemm`, on a
 :class:`~gqsa.kernels.block_layout.BlockLayout` built instead of the TileLayout) above, and the dense
 expansion from ``block.expand_min_m`` of their height on (from ``block.dense_expand_min_m`` for layers that keep
 nearly every group, such as sparsity 0; from ``block.group_expand_min_m`` for layers of wide groups, G ≥ 64, whose
-``pre`` kernels run at a third of cuBLAS's speed). Other layers keep the table above.
+``pre`` kernels ran at 0.3–0.7× cuBLAS's speed there). Other layers keep the table above.
 
 **Prepared calls.** The first call of a batch shape (x's shape, strides and dtype, bias or none) on the
 v2 GEMV, the block kernel, the irregular GEMM or the dense expansion keeps its launch
