@@ -123,14 +123,18 @@ def test_a_run_says_its_plan_and_an_estimate_after_the_first_block(tiny_llama, c
     assert "GQSA: first block took" in text and "for the other 1 blocks" in text
 
 
-def test_sparsity_warning_when_whole_groups_per_row_miss_the_target(tiny_llama, capsys):
-    """Rows of one or two groups cannot be pruned near --sparsity: the plan says so in one line, before the work;
-    a group size that divides the rows finely, per-layer sparsities and the global ranking say nothing."""
+def test_sparsity_warning_when_whole_groups_per_row_miss_the_target(tiny_llama):
+    """Rows of one or two groups cannot be pruned near --sparsity: compress_model warns in one line before the work
+    (the CLI prints it as ``gqsa compress: warning: …``); a group size that divides the rows finely, per-layer
+    sparsities and the global ranking say nothing."""
+    import copy
+    import warnings
+
     from gqsa.pipeline import sparsity_warning
 
     # K = 64 (attention, gate/up): 1 group of 64 per row, always kept; K = 88 (down): 2 groups, one kept (50 %)
     line = sparsity_warning(tiny_llama, GQSAConfig(sparsity=0.3, group_size=64))
-    assert line.startswith("GQSA: warning: --sparsity 0.3 in groups of 64 will remove 13% of the groups")
+    assert line.startswith("--sparsity 0.3 in groups of 64 will remove 13% of the groups")
     assert "12 linears of 1 group per row keep 1" in line and "2 linears of 2 groups per row keep 1" in line
     assert sparsity_warning(tiny_llama, GQSAConfig(sparsity=0.5, group_size=16)) is None
     assert sparsity_warning(tiny_llama, GQSAConfig(sparsity=0.3, group_size=64, allocation="layer")) is None
@@ -138,5 +142,11 @@ def test_sparsity_warning_when_whole_groups_per_row_miss_the_target(tiny_llama, 
     # skipped linears do not count: without the down projections every row keeps its one group
     only_one = sparsity_warning(tiny_llama, GQSAConfig(sparsity=0.3, group_size=64, skip=["mlp.down_proj"]))
     assert "will remove 0% of the groups" in only_one and "2 groups" not in only_one
-    compress_model(tiny_llama, GQSAConfig(sparsity=0.3, group_size=64, stages="oneshot"), tokens(), "cpu", 4)
-    assert "will remove 13% of the groups" in capsys.readouterr().out
+    fresh = copy.deepcopy(tiny_llama)
+    with pytest.warns(UserWarning, match="will remove 13% of the groups"):
+        compress_model(tiny_llama, GQSAConfig(sparsity=0.3, group_size=64, stages="oneshot"), tokens(), "cpu", 4,
+                       progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compress_model(fresh, GQSAConfig(sparsity=0.5, group_size=16, stages="oneshot"), tokens(), "cpu", 4,
+                       progress=False)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from typing import Callable
 
 import torch
@@ -56,6 +57,10 @@ def compress_model(model, config: GQSAConfig, tokens: torch.Tensor, device=None,
     config = config.for_windows(tokens.shape[0])  # the training batch sizes not given (a copy)
     if not distributed.is_main():  # under torchrun: rank 0 alone shows progress and logs
         progress, log = False, (lambda line: None)
+    else:
+        far = sparsity_warning(model, config)
+        if far:
+            warnings.warn(far, stacklevel=2)
     # the plan and the estimate go with the progress bar (``log`` keeps its one line per block / epoch)
     eta = _Plan(model, config, tokens, device, tqdm.write if progress else (lambda line: None), on_block_done)
     if not config.trained:
@@ -99,9 +104,9 @@ SPARSITY_SLACK = 0.05  # warn when whole groups per row put the model this far f
 
 
 def sparsity_warning(model, config: GQSAConfig) -> str | None:
-    """One line when the row-balanced masks cannot come near ``config.sparsity``: every row keeps
-    ``round((1 − S)·C)`` of its ``C = ⌈K/G⌉`` groups, at least one, so rows of few groups (K near G) are pruned far
-    less or far more than asked. None when the share of groups removed is within ``SPARSITY_SLACK`` of it, for
+    """One line (a warning of :func:`compress_model`) when the row-balanced masks cannot come near
+    ``config.sparsity``: every row keeps ``round((1 − S)·C)`` of its ``C = ⌈K/G⌉`` groups, at least one, so rows of
+    few groups (K near G) are pruned far less or far more than asked. None when the share of groups removed is within ``SPARSITY_SLACK`` of it, for
     ``--allocation layer`` (one global ranking) and for per-layer sparsities (``--target-bits``)."""
     if config.allocation == "layer" or config.layer_sparsity or config.target_bits is not None \
             or config.sparsity == 0:
@@ -127,7 +132,7 @@ def sparsity_warning(model, config: GQSAConfig) -> str | None:
     far = [c for c in sorted(worst) if abs(1 - worst[c][0] / c - s) > SPARSITY_SLACK]
     detail = "; ".join(f"{worst[c][1]} linear{'s' if worst[c][1] > 1 else ''} of {c} group{'s' if c > 1 else ''} "
                        f"per row keep{'s' if worst[c][1] == 1 else ''} {worst[c][0]}" for c in far[:3])
-    return (f"GQSA: warning: --sparsity {s:g} in groups of {g} will remove {removed / total:.0%} of the groups: every "
+    return (f"--sparsity {s:g} in groups of {g} will remove {removed / total:.0%} of the groups: every "
             f"row keeps whole groups, at least one ({detail}); a smaller --group-size comes closer")
 
 
@@ -154,9 +159,6 @@ class _Plan:
         threads = f", {torch.get_num_threads()} CPU threads" if device.type == "cpu" else ""
         log(f"GQSA: {self.n_blocks} blocks × {work}; {n} calibration windows of {t} tokens; "
             f"on {device}{threads}")
-        warning = sparsity_warning(model, config)
-        if warning:
-            log(warning)
         self.t0 = time.perf_counter()
         self.first = None
 

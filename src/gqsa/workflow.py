@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 
 # the stage options that take the --preset's value unless given (None = not given)
@@ -13,6 +14,7 @@ STAGE_OPTIONS = ("val_fraction", "bqpo_epochs", "bqpo_batch_size", "bqpo_lr_weig
                  "bqpo_lr_zero", "bqpo_patience", "bqpo_gradual", "bqpo_learn_mask", "bqpo_lr_mask", "bqpo_target",
                  "e2e_epochs", "e2e_batch_size",
                  "e2e_grad_accum", "e2e_lr", "e2e_loss", "amp", "activation_dtype")
+DEFAULT_SEQLEN = 2048  # calibration window length when none is given (capped at the model's context)
 
 
 def gqsa_config(*, bits: int = 4, group_size: int = 16, sparsity: float = 0.5, saliency: str = "hessian",
@@ -53,11 +55,12 @@ def compress_to_folder(model: str, out, *, calib: str, tokenizer: str | None = N
                        offload_activations: bool = False, quantize_lm_head: int | None = None,
                        pattern: str = "2:4", act_order: bool = False,
                        clip_search: bool = False, prune_bits: int | None = None, blocksize: int = 128,
-                       nsamples: int = 128, seqlen: int = 2048, batch_size: int = 8, seed: int = 0,
+                       nsamples: int = 128, seqlen: int | None = None, batch_size: int = 8, seed: int = 0,
                        device: str | None = None, dtype: str = "float32", dense_dtype: str = "auto",
                        before_load=None, **stage_options) -> int:
     """Compress ``model`` (hub id, folder, llama2.c ``.bin`` or ``.gguf``) calibrated on ``calib`` and write
-    the folder ``out``; the keyword arguments are those of ``gqsa compress`` (``gqsa compress --help``; the
+    the folder ``out``; the keyword arguments are those of ``gqsa compress`` (``gqsa compress --help``; ``seqlen``
+    None: ``DEFAULT_SEQLEN`` capped at the model's context, a longer one given is capped with a warning; the
     stage options of :data:`STAGE_OPTIONS` are ``None`` unless given). ``before_load()`` runs after the
     settings are checked, before the model is read. Returns 0 (the exit status)."""
     import torch
@@ -72,7 +75,7 @@ def compress_to_folder(model: str, out, *, calib: str, tokenizer: str | None = N
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite")
     for name, value in (("nsamples", nsamples), ("seqlen", seqlen), ("batch_size", batch_size)):
-        if value <= 0:
+        if value is not None and value <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive")
     if quantize_lm_head is not None and method != "gqsa":
         raise ValueError(f"--quantize-lm-head applies to --method gqsa, not {method}")
@@ -87,7 +90,13 @@ def compress_to_folder(model: str, out, *, calib: str, tokenizer: str | None = N
     torch.manual_seed(seed)
     loaded, tok = load_model(model, tokenizer, dtype=getattr(torch, dtype))
     source_dtype = stored_dtype(loaded)
-    seqlen = min(seqlen, getattr(loaded.config, "max_position_embeddings", seqlen) or seqlen)
+    context = getattr(loaded.config, "max_position_embeddings", None)
+    if seqlen is None:  # the default: DEFAULT_SEQLEN, capped at the model's context without a word
+        seqlen = min(DEFAULT_SEQLEN, context) if context else DEFAULT_SEQLEN
+    elif context and seqlen > context:
+        warnings.warn(f"--seqlen {seqlen} is longer than the model's context ({context} positions): calibrating on "
+                      f"windows of {context} tokens", stacklevel=2)
+        seqlen = context
     if calib == calib_mod.SELF:
         print(f"sampling {nsamples} calibration windows of {seqlen} tokens from the model itself",
               file=sys.stderr, flush=True)

@@ -44,6 +44,20 @@ def test_compress_says_in_one_line_when_calibration_windows_overlap(stories260k,
     assert "calib.py" not in err and (out / "model.safetensors").is_file()
 
 
+def test_compress_says_when_seqlen_is_longer_than_the_models_context(stories260k, asset, run_dir, capsys):
+    """--seqlen beyond max_position_embeddings (512 for stories260K): one warning line, windows of the context."""
+    model, tok = stories260k
+    out = run_dir / "s260-long"
+    assert main(["compress", str(model), "--tokenizer", str(tok), "--calib", str(asset("data/wikitext2/wiki.valid.tokens")),
+                 "--nsamples", "2", "--seqlen", "4096", "--stages", "oneshot", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if "warning" in ln]
+    want = ("gqsa compress: warning: --seqlen 4096 is longer than the model's context (512 positions): "
+            "calibrating on windows of 512 tokens")
+    assert lines == [want], err
+    assert json.loads((out / "gqsa_report.json").read_text())["calibration"]["seqlen"] == 512
+
+
 def test_compress_writes_a_complete_folder(folder):
     names = {p.name for p in folder.iterdir()}
     assert {"config.json", "model.safetensors", "gqsa_report.json", "tokenizer.json"} <= names

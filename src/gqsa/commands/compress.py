@@ -139,8 +139,9 @@ def add_arguments(p) -> None:
                         "W4 S50 G16 went from 86.4 perplexity (128) to 76.6 (512), 73.8 (1024) and 72.4 (2048); "
                         "from 1024 on the training steps grow with the windows (--bqpo-batch-size), so 1024 train in "
                         "about the time of 512")
-    c.add_argument("--seqlen", type=int, default=2048,
-                   help="tokens per window, capped at the model's context (default 2048)")
+    c.add_argument("--seqlen", type=int, default=None,
+                   help="tokens per window (default 2048, or the model's context if shorter; a longer --seqlen than "
+                        "the context is capped to it with a warning)")
     c.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
     c.add_argument("--seed", type=int, default=0, help="seed of the window sampling (default 0)")
     r = p.add_argument_group("runtime")
