@@ -46,7 +46,8 @@ def allocate(layers: dict[str, tuple[int, int, torch.Tensor]], bits: int, group_
     ``layers``: ``{name: (rows, k, cost)}`` with ``cost[m]`` the error of keeping ``m`` groups per
     row (``m = 0 … C``, non-increasing in ``m``). ``max_deviation``: every layer's sparsity stays
     within this distance of the uniform sparsity of the same size (OWL bounds its layer sparsities the
-    same way: the first measurement without a bound sent some layers to 98%; None = unbounded).
+    same way: the first measurement without a bound sent some layers to 98%; None = unbounded) unless the
+    bounded layers cannot reach the budget: then the greedy goes on without the bound.
     Raises ``ValueError`` when ``target_bits`` is below
     what ``min_keep`` groups per row take, or above the dense packed size (nothing to remove).
     """
@@ -81,16 +82,20 @@ def allocate(layers: dict[str, tuple[int, int, torch.Tensor]], bits: int, group_
         m = keep[n]
         return (float(cost[m - 1] - cost[m]) / (r * (bits * group_size + 40)), n)
 
-    heap = [step(n) for n in layers if keep[n] > lo[n]]
-    heapq.heapify(heap)
     current = total()
-    while current > budget and heap:
-        _, n = heapq.heappop(heap)
-        r, _, _ = layers[n]
-        keep[n] -= 1
-        current -= r * (bits * group_size + 40)
-        if keep[n] > lo[n]:
-            heapq.heappush(heap, step(n))
+    for bounds in (lo, {n: min_keep for n in layers}):
+        # the second pass without the deviation bound: where every layer is narrow, the int32 row pointers weigh
+        # more than the bound's design formula counts (stories260K, K = 64: half a bit per weight), and the
+        # bounded layers alone cannot reach the budget, which is above the floor (checked) — the budget wins
+        heap = [step(n) for n in layers if keep[n] > bounds[n]]
+        heapq.heapify(heap)
+        while current > budget and heap:
+            _, n = heapq.heappop(heap)
+            r, _, _ = layers[n]
+            keep[n] -= 1
+            current -= r * (bits * group_size + 40)
+            if keep[n] > bounds[n]:
+                heapq.heappush(heap, step(n))
     # the last removal may overshoot the budget: give back the groups that buy the most error per bit
     # while they still fit
     while True:
