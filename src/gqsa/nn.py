@@ -10,6 +10,11 @@ from .format import TENSOR_NAMES, FormatError, PackedLinear
 from .kernels import reference
 
 
+def cpu_weight_cache_default() -> bool:
+    """Whether new layers cache their dequantized weight off CUDA (``GQSA_CPU_WEIGHT_CACHE``, on by default)."""
+    return os.environ.get("GQSA_CPU_WEIGHT_CACHE", "1") not in ("0", "false", "no", "off")
+
+
 class GQSALinear(nn.Module):
     """A linear layer stored in the packed BSR format (see :mod:`gqsa.format`).
 
@@ -45,7 +50,7 @@ class GQSALinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
         self.backend = "auto"
         self._plan = None
-        self.cpu_weight_cache = os.environ.get("GQSA_CPU_WEIGHT_CACHE", "1") not in ("0", "false", "no", "off")
+        self.cpu_weight_cache = cpu_weight_cache_default()
         self._dense = None  # (dtype, weight, buffer state): the cached dequantized weight of the CPU path
 
     @classmethod

@@ -100,3 +100,25 @@ def test_synthetic_quantized_head_setting():
     hf = model.generate(torch.tensor([[3, 4, 5]]), max_new_tokens=4, do_sample=False, eos_token_id=None,
                         pad_token_id=0)[0, 3:].tolist()
     assert out == [hf]
+
+
+def test_memory_needed_counts_what_the_build_allocates(monkeypatch):
+    """The estimate ``gqsa bench`` checks: on a GPU the weights as built plus one copy of the packed bytes per
+    kernel layout (a tile copy for row masks, block and mma layouts for clusters); on a CPU float32 (twice the fp16
+    build) and the float32 weight cache of every GQSA layer, unless it is switched off."""
+    from gqsa.bench.synthetic import MEMORY_OVERHEAD, memory_needed
+
+    fp16 = weight_bytes(build_synthetic("tiny", "fp16", "cpu"))
+    assert memory_needed("tiny", "fp16", "cuda") == fp16 + MEMORY_OVERHEAD
+    assert memory_needed("tiny", "fp16", "cpu") == 2 * fp16 + MEMORY_OVERHEAD
+    for name, copies in (("w4s50g16", 1), ("w4s30g16c64", 2)):
+        model = build_synthetic("tiny", name, "cpu")
+        layers = [m for m in model.modules() if isinstance(m, GQSALinear)]
+        packed = sum(b.numel() * b.element_size() for m in layers for b in m.buffers())
+        dense = sum(m.in_features * m.out_features for m in layers)
+        assert memory_needed("tiny", name, "cuda") == weight_bytes(model) + copies * packed + MEMORY_OVERHEAD
+        cached = memory_needed("tiny", name, "cpu")
+        monkeypatch.setenv("GQSA_CPU_WEIGHT_CACHE", "0")
+        assert cached - memory_needed("tiny", name, "cpu") == 4 * dense
+        monkeypatch.delenv("GQSA_CPU_WEIGHT_CACHE")
+    assert memory_needed("llama-2-7b", "fp16", "cpu") > 26e9  # float32 on a CPU: more than a 24 GB machine holds

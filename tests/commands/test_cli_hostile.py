@@ -212,3 +212,20 @@ def test_every_transformers_auto_call_passes_trust_remote_code_false():
                 calls.append((f"{path.name}:{node.lineno}", ok))
     assert len(calls) >= 6, calls
     assert all(ok for _, ok in calls), [c for c, ok in calls if not ok]
+
+
+def test_bench_refuses_a_synthetic_model_that_does_not_fit(monkeypatch, capsys):
+    """A synthetic model larger than the free memory (a 7B in float32 on a CPU): one line before anything is
+    built, instead of the out-of-memory killer; the same model runs where it fits."""
+    from gqsa.bench import synthetic
+
+    monkeypatch.setattr(synthetic, "available_memory", lambda device: 2 << 30)
+    args = ["bench", "--synthetic", "llama-2-7b", "--device", "cpu", "--settings", "fp16", "--batch", "1"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("gqsa bench: error: --synthetic llama-2-7b with fp16 needs about 28.0 "
+                                               "GB on cpu (a CPU computes in float32); 2.1 GB are free"), err
+    assert "llama-2-7b-layers=N" in err[0]
+    small = ["bench", "--synthetic", "tiny", "--device", "cpu", "--settings", "fp16", "--batch", "1",
+             "--prompt-len", "2", "--new-tokens", "2", "--repeats", "1"]
+    assert main(small) == 0

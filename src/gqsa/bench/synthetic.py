@@ -21,7 +21,7 @@ from torch import nn
 from ..config import LM_HEAD_BITS
 from ..format import PackedLinear
 from ..head import HEAD_GROUP
-from ..nn import GQSALinear
+from ..nn import GQSALinear, cpu_weight_cache_default
 
 ARCHS = {
     "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -155,6 +155,56 @@ def _block_linears(model):
         for parent, name in ((a, "q_proj"), (a, "k_proj"), (a, "v_proj"), (a, "o_proj"), (m, "gate_proj"),
                              (m, "up_proj"), (m, "down_proj")):
             yield parent, name, getattr(parent, name)
+
+
+MEMORY_OVERHEAD = 1 << 30  # the runtime, activations, caches and a layer's temporaries, on top of the weights
+
+
+def memory_needed(arch: str, setting: Setting | str, device) -> int:
+    """Bytes a benchmark of ``setting`` on ``arch`` takes on ``device`` at its peak, roughly: on a GPU the
+    weights as built (fp16; a GQSA layer's packed bytes with its kernels' layouts: twice for row masks, canonical
+    and tile layout; three times for block and cluster masks, canonical, block-kernel and hand-written-kernel
+    layouts); on a CPU the float32 model the benchmark computes in (4 bytes per
+    weight; GQSA layers cache their dequantized float32 weight there, unless ``GQSA_CPU_WEIGHT_CACHE=0``), plus
+    ``MEMORY_OVERHEAD``. What :func:`gqsa.commands.bench` checks before building anything."""
+    from transformers import LlamaForCausalLM
+
+    setting = parse_setting(setting) if isinstance(setting, str) else setting
+    cuda = torch.device(device).type == "cuda"
+    with torch.device("meta"):
+        model = LlamaForCausalLM(arch_config(arch))
+    total = sum(p.numel() for p in model.parameters())
+    shapes = [(lin.out_features, lin.in_features) for _, _, lin in _block_linears(model)]
+    linear = sum(n * k for n, k in shapes)
+    if setting.kind == "dense":
+        return (2 if cuda else 4) * total + MEMORY_OVERHEAD
+    if setting.kind == "tinygemm":  # CUDA only: 4 bits and a bf16 scale and zero per 128 weights
+        return 2 * (total - linear) + linear // 2 + linear // 32 + MEMORY_OVERHEAD
+    g = setting.group_size
+    packed = 0
+    for n, k in shapes:
+        c = math.ceil(k / g)
+        keep = max(1, min(c, round((1 - setting.sparsity) * c)))
+        packed += 4 * (n + 1) + n * keep * (g * setting.bits // 8 + 5)  # codes, int16 column, fp16 scale, zero
+    if cuda:
+        return 2 * (total - linear) + (3 if setting.block_rows else 2) * packed + MEMORY_OVERHEAD
+    return 4 * (total - linear) + packed + (4 * linear if cpu_weight_cache_default() else 0) + MEMORY_OVERHEAD
+
+
+def available_memory(device) -> int | None:
+    """Bytes free for a new model on ``device``: the GPU's free memory, or the host's ``MemAvailable``
+    (Linux); None where it cannot be told."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 @torch.no_grad()

@@ -60,6 +60,23 @@ def _int_list(text: str, flag: str) -> list[int]:
     return values
 
 
+def _check_memory(arch: str, settings: list[str], device) -> None:
+    """One line instead of the out-of-memory killer: the largest setting's estimate against what is free."""
+    from ..bench.synthetic import available_memory, memory_needed
+    from ..modules import default_device
+
+    device = default_device(device)
+    free = available_memory(device)
+    if free is None:
+        return
+    need, name = max((memory_needed(arch, s, device), s) for s in settings)
+    if need > free:
+        where = "a CPU computes in float32" if device.type != "cuda" else "its weights and kernel layouts"
+        raise CLIError(f"--synthetic {arch} with {name} needs about {need / 1e9:.1f} GB on {device} ({where}); "
+                       f"{free / 1e9:.1f} GB are free: use fewer layers ({arch.split('-layers=')[0]}-layers=N) or "
+                       f"{'a GPU' if device.type != 'cuda' else 'a smaller architecture'}")
+
+
 def run(args) -> int:
     from .. import checkpoint
     from ..bench import runner as bench
@@ -88,6 +105,7 @@ def run(args) -> int:
         arch_config(args.synthetic)  # unknown names fail here, before anything is built
         for s in settings:
             parse_setting(s)
+        _check_memory(args.synthetic, settings, args.device)
     else:
         bad = [s for s in settings if s not in ("gqsa", "fp16")]
         if bad:
