@@ -1,6 +1,7 @@
 """End to end through the command line on the real stories260K checkpoint, and the bad-input matrix:
 one clear error line, exit status 2, no partial output folder."""
 import json
+import re
 import subprocess
 import sys
 
@@ -256,3 +257,22 @@ def test_a_normal_run_prints_no_library_warnings(s260k_folder, asset, tmp_path):
         assert run.returncode == 0, run.stderr[-2000:]
         noise = [l for l in run.stderr.splitlines() if "Warning" in l or "deprecated" in l or l.startswith("[transformers]")]
         assert not noise, noise
+
+
+def test_generate_stays_inside_the_models_context(s260k_folder, capsys):
+    """stories260K has 512 positions: more new tokens than fit are cut to the room left, with one warning; a
+    prompt that fills the context is one error line."""
+    assert main(["generate", str(s260k_folder), "--prompt", "Once", "--max-new-tokens", "600", "--temperature",
+                 "0"]) == 0
+    out = capsys.readouterr()
+    warn = [ln for ln in out.err.splitlines() if "warning" in ln]
+    assert len(warn) == 1 and re.fullmatch(r"gqsa generate: warning: --max-new-tokens 600: the prompt \((\d+) tokens\) "
+                                           r"leaves room for (\d+) in the model's context \(512 positions\); "
+                                           r"generating at most \2", warn[0]), out.err
+    prompt_len = int(re.search(r"prompt \((\d+) tokens", warn[0])[1])
+    made = int(re.search(r"\[(\d+) tokens;", out.err + out.out)[1])
+    assert 0 < made <= 512 - prompt_len
+    assert main(["generate", str(s260k_folder), "--prompt", "Once upon a time " * 200]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.fullmatch(r"gqsa generate: error: the prompt takes \d+ tokens, the model's whole "
+                                          r"context \(512 positions\) or more: shorten it", err[0]), err

@@ -42,6 +42,22 @@ def test_context_is_capped_by_the_model(tiny_llama):
     assert model_context(tiny_llama) == 2048
 
 
+def test_a_context_beyond_the_models_is_refused(tiny_llama, tmp_path):
+    """--context longer than max_position_embeddings (128 here) is one clear error, not an hour of quadratic
+    attention over positions the model was not made for; the maximum itself is fine."""
+    from gqsa.eval.fidelity import evaluate_fidelity
+
+    (tmp_path / "t.txt").write_text("abcdefgh " * 200)
+    for bad in (129, 100000, 0):
+        with pytest.raises(ValueError, match=f"--context {bad}: use 1 to 128, the model's maximum context"):
+            perplexity(tiny_llama, CharTokenizer(), str(tmp_path / "t.txt"), context=bad, progress=False)
+        with pytest.raises(ValueError, match="use 1 to 128"):
+            evaluate_fidelity(tiny_llama, tiny_llama, CharTokenizer(), str(tmp_path / "t.txt"), context=bad,
+                              progress=False)
+    r = perplexity(tiny_llama, CharTokenizer(), str(tmp_path / "t.txt"), context=128, max_windows=1, progress=False)
+    assert r["context"] == 128 and r["windows"] == 1
+
+
 def test_too_short_text_is_refused(tiny_llama, tmp_path):
     (tmp_path / "short.txt").write_text("hi")
     with pytest.raises(ValueError, match="fewer than one window"):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from . import common
 from .common import CLIError, add_threads
@@ -48,6 +49,17 @@ def run(args) -> int:
     model, tok = load_any(args.model, args.tokenizer, dtype=dtype, device=device, verify=not args.no_verify)
     engine = Engine(model)
     ids = [tok(p).input_ids for p in args.prompt]
+    max_new = args.max_new_tokens
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context:  # positions beyond the model's context: refused (the prompt) or cut (the new tokens), said once
+        longest = max(len(i) for i in ids)
+        if longest >= context:
+            raise CLIError(f"the prompt takes {longest} tokens, the model's whole context ({context} positions) or "
+                           f"more: shorten it")
+        if longest + max_new > context:
+            max_new = context - longest
+            warnings.warn(f"--max-new-tokens {args.max_new_tokens}: the prompt ({longest} tokens) leaves room for "
+                          f"{max_new} in the model's context ({context} positions); generating at most {max_new}")
     eos = model.generation_config.eos_token_id if model.generation_config is not None else None
     eos = eos if eos is not None else tok.eos_token_id
     single = len(ids) == 1
@@ -70,7 +82,7 @@ def run(args) -> int:
     if single:
         sys.stdout.write(args.prompt[0])
         sys.stdout.flush()
-    out = engine.generate(ids, args.max_new_tokens, sampling, eos_token_id=eos, stream=stream if single else None)
+    out = engine.generate(ids, max_new, sampling, eos_token_id=eos, stream=stream if single else None)
     if single:
         sys.stdout.write("\n")
     else:

@@ -9,7 +9,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from .ppl import model_context, text_windows
+from .ppl import text_windows, window_length
 
 
 @torch.no_grad()
@@ -23,7 +23,7 @@ def evaluate_fidelity(model, reference, tokenizer, source: str, context: int | N
     must share the tokenizer; each runs on its own device.
     """
     t0 = time.perf_counter()
-    context = context or min(model_context(model), model_context(reference))
+    context = min(window_length(model, context), window_length(reference, context))
     v_ref = reference.get_output_embeddings().weight.shape[0]
     v_cmp = model.get_output_embeddings()
     v_cmp = v_cmp.weight.shape[0] if hasattr(v_cmp, "weight") else v_ref

@@ -19,6 +19,18 @@ def model_context(model, cap: int = 2048) -> int:
     return min(cap, int(limit))
 
 
+def window_length(model, context: int | None) -> int:
+    """``context``, or :func:`model_context` when None; ``ValueError`` when it is not positive or longer than
+    the model's maximum context (positions it was not made for: an extrapolation, and attention quadratic in a
+    window that long)."""
+    if context is None:
+        return model_context(model)
+    limit = model_context(model, cap=1 << 62)
+    if context < 1 or context > limit:
+        raise ValueError(f"--context {context}: use 1 to {limit}, the model's maximum context")
+    return context
+
+
 def text_windows(source: str, tokenizer, context: int, max_windows: int | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """(all token ids of ``source``, its first ``max_windows`` non-overlapping ``[n, context]`` windows)."""
@@ -39,7 +51,7 @@ def perplexity(model, tokenizer, source: str, context: int | None = None, batch_
     context``), the window count, and seconds. ``max_windows`` evaluates only the first windows
     (quick checks; the count is in the result)."""
     t0 = time.perf_counter()
-    context = context or model_context(model)
+    context = window_length(model, context)
     ids, windows = text_windows(source, tokenizer, context, max_windows)
     n = windows.shape[0]
     device = device or next(model.parameters()).device
