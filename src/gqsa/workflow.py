@@ -17,6 +17,19 @@ STAGE_OPTIONS = ("val_fraction", "bqpo_epochs", "bqpo_batch_size", "bqpo_lr_weig
 DEFAULT_SEQLEN = 2048  # calibration window length when none is given (capped at the model's context)
 
 
+def _refuse_out_over_inputs(out: Path, inputs: dict) -> None:
+    """``ValueError`` when ``out`` is, or holds, a local input of the run: the folder is written as a whole (with
+    ``--overwrite``, replaced), so the model being compressed or its data would be destroyed."""
+    target = out.resolve()
+    for what, path in inputs.items():
+        if not path or not Path(path).exists():
+            continue  # hub ids, dataset names, "self"
+        src = Path(path).resolve()
+        if src == target or target in src.parents:
+            raise ValueError(f"--out {out} {'is' if src == target else 'holds'} {what} ({path}): writing the "
+                             f"compressed folder there would destroy it; choose another --out")
+
+
 def gqsa_config(*, bits: int = 4, group_size: int = 16, sparsity: float = 0.5, saliency: str = "hessian",
                 allocation: str = "row", quant_init: str = "mse", damp: float = 0.01, mask: str | None = None,
                 target_bits: float | None = None, skip=(), seed: int = 0, stages: str = "bqpo+e2e",
@@ -72,6 +85,7 @@ def compress_to_folder(model: str, out, *, calib: str, tokenizer: str | None = N
     from .modules import default_device
 
     out = Path(out)
+    _refuse_out_over_inputs(out, {"the model": model, "the calibration text": calib, "the tokenizer": tokenizer})
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite")
     for name, value in (("nsamples", nsamples), ("seqlen", seqlen), ("batch_size", batch_size)):

@@ -229,3 +229,25 @@ def test_bench_refuses_a_synthetic_model_that_does_not_fit(monkeypatch, capsys):
     small = ["bench", "--synthetic", "tiny", "--device", "cpu", "--settings", "fp16", "--batch", "1",
              "--prompt-len", "2", "--new-tokens", "2", "--repeats", "1"]
     assert main(small) == 0
+
+
+def test_compress_never_writes_over_its_own_inputs(tmp_path, capsys):
+    """--out naming the model folder, a folder that holds it, or one that holds the calibration text: one error
+    line before anything is read, and the inputs untouched (with --overwrite the folder would be replaced whole;
+    this once destroyed a source model)."""
+    model = tmp_path / "models" / "m"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    calib = tmp_path / "data" / "calib.txt"
+    calib.parent.mkdir()
+    calib.write_text("some text " * 100)
+    cases = ((model, "is the model"), (tmp_path / "models", "holds the model"), (tmp_path, "holds the model"),
+             (tmp_path / "data", "holds the calibration text"))
+    for out, says in cases:
+        argv = ["compress", str(model), "--calib", str(calib), "--out", str(out), "--overwrite", "--stages", "oneshot"]
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"gqsa compress: error: --out {out} {says}"), err
+        assert err[0].endswith("writing the compressed folder there would destroy it; choose another --out")
+    assert (model / "config.json").read_text() == "{}" and calib.read_text() == "some text " * 100
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["calib.txt", "config.json", "data", "m", "models"]
