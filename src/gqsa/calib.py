@@ -19,7 +19,11 @@ def read_text(source: str, purpose: str = "calibration") -> str:
     :data:`HF_DATASETS` (train split for calibration, test split for evaluation)."""
     path = Path(source).expanduser()
     if path.is_file():
-        return path.read_text(encoding="utf-8", errors="replace")
+        data = path.read_bytes()
+        if b"\x00" in data[:1 << 16]:  # text never holds NUL bytes; a model or archive file does
+            raise ValueError(f"{source} is not a text file (it holds binary data); pass a text file or a dataset "
+                             f"name ({', '.join(HF_DATASETS)})")
+        return data.decode("utf-8", errors="replace")
     if path.exists():
         raise ValueError(f"{source} is a folder; pass a text file or a dataset name ({', '.join(HF_DATASETS)})")
     if source not in HF_DATASETS:

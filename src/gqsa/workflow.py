@@ -86,6 +86,11 @@ def compress_to_folder(model: str, out, *, calib: str, tokenizer: str | None = N
 
     out = Path(out)
     _refuse_out_over_inputs(out, {"the model": model, "the calibration text": calib, "the tokenizer": tokenizer})
+    from .checkpoint import is_gqsa_folder
+
+    if Path(model).is_dir() and is_gqsa_folder(model):
+        raise ValueError(f"{model} is a compressed checkpoint already (config.json has a quantization_config): "
+                         f"compress the original model it was made from")
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite")
     for name, value in (("nsamples", nsamples), ("seqlen", seqlen), ("batch_size", batch_size)):

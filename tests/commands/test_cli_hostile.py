@@ -251,3 +251,24 @@ def test_compress_never_writes_over_its_own_inputs(tmp_path, capsys):
         assert err[0].endswith("writing the compressed folder there would destroy it; choose another --out")
     assert (model / "config.json").read_text() == "{}" and calib.read_text() == "some text " * 100
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["calib.txt", "config.json", "data", "m", "models"]
+
+
+def test_compress_refuses_a_compressed_model_and_a_binary_calibration_file(tmp_path, capsys):
+    """A GQSA (or any quantized) checkpoint as the model, and a binary file as the calibration text (a model
+    file passed by mistake: it tokenized 98 MB of bytes for minutes): one error line each, nothing written."""
+    packed = tmp_path / "packed"
+    packed.mkdir()
+    (packed / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": {"quant_method": "gqsa"}}))
+    assert main(["compress", str(packed), "--calib", "self", "--out", str(tmp_path / "o1")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"gqsa compress: error: {packed} is a compressed checkpoint already (config.json has a "
+                   f"quantization_config): compress the original model it was made from"], err
+    binary = tmp_path / "weights.bin"
+    binary.write_bytes(b"GGUF\x03\x00\x00\x00" + bytes(range(256)) * 64)
+    from gqsa import calib
+
+    with pytest.raises(ValueError, match="is not a text file"):
+        calib.read_text(str(binary))
+    (tmp_path / "ok.txt").write_bytes("caf\xe9 text".encode("latin-1"))  # stray non-UTF-8 bytes stay readable
+    assert calib.read_text(str(tmp_path / "ok.txt")) == "caf\ufffd text"
+    assert not (tmp_path / "o1").exists()
