@@ -237,13 +237,13 @@ def run_report(model: str, calib: str, eval_text: str, out, *, tokenizer: str | 
     from .models import load_model
 
     out = Path(out)
-    (out / "rows").mkdir(parents=True, exist_ok=True)
-    (out / "checkpoints").mkdir(exist_ok=True)
     rows = rows if rows is not None else default_rows()
     names = [r.name for r in rows]
     if len(set(names)) != len(names):
         raise ValueError(f"row names must be unique: {names}")
-    dev = default_device(device)
+    dev = default_device(device)  # before anything is written
+    (out / "rows").mkdir(parents=True, exist_ok=True)
+    (out / "checkpoints").mkdir(exist_ok=True)
     reference, tok = load_model(model, tokenizer, dtype=dtype, device=dev)
     context = context or model_context(reference)
     settings = {

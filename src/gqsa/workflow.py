@@ -84,6 +84,7 @@ def compress_to_folder(model: str, out, *, calib: str, tokenizer: str | None = N
     from .models.loader import stored_dtype
     from .modules import default_device
 
+    default_device(device)  # a device this machine cannot use: said before the model is read
     out = Path(out)
     _refuse_out_over_inputs(out, {"the model": model, "the calibration text": calib, "the tokenizer": tokenizer})
     from .checkpoint import is_gqsa_folder

@@ -272,3 +272,27 @@ def test_compress_refuses_a_compressed_model_and_a_binary_calibration_file(tmp_p
     (tmp_path / "ok.txt").write_bytes("caf\xe9 text".encode("latin-1"))  # stray non-UTF-8 bytes stay readable
     assert calib.read_text(str(tmp_path / "ok.txt")) == "caf\ufffd text"
     assert not (tmp_path / "o1").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine whose PyTorch has no CUDA")
+def test_a_device_this_machine_cannot_use_is_one_line_before_anything_runs(tmp_path, capsys):
+    """--device cuda on a CPU-only PyTorch, a misspelt device: one line naming the device (was "internal error:
+    AssertionError: Torch not compiled with CUDA enabled", reported as a gqsa bug), no folder written."""
+    from gqsa.modules import default_device
+
+    assert default_device(None) == torch.device("cpu") and default_device("cpu") == torch.device("cpu")
+    text = tmp_path / "t.txt"
+    text.write_text("text " * 50)
+    runs = {
+        "compress": ["compress", str(tmp_path / "m"), "--calib", str(text), "--out", str(tmp_path / "o"), "--device",
+                     "cuda"],
+        "report": ["report", str(tmp_path / "m"), "--calib", str(text), "--eval", str(text), "--out",
+                   str(tmp_path / "r"), "--device", "cuda:1"],
+        "bench": ["bench", "--synthetic", "tiny", "--device", "cdua", "--batch", "1"],
+    }
+    for command, argv in runs.items():
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"gqsa {command}: error: device "), err
+        assert ("has no CUDA GPU to use; use cpu (--device cpu)" in err[0]) != (command == "bench"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.txt"]
