@@ -258,11 +258,13 @@ def test_compress_refuses_a_compressed_model_and_a_binary_calibration_file(tmp_p
     file passed by mistake: it tokenized 98 MB of bytes for minutes): one error line each, nothing written."""
     packed = tmp_path / "packed"
     packed.mkdir()
-    (packed / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": {"quant_method": "gqsa"}}))
+    config = {"model_type": "llama", "quantization_config": {"quant_method": "gqsa"}}
+    (packed / "config.json").write_text(json.dumps(config))
     assert main(["compress", str(packed), "--calib", "self", "--out", str(tmp_path / "o1")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"gqsa compress: error: {packed} is a compressed checkpoint already (config.json has a "
-                   f"quantization_config): compress the original model it was made from"], err
+    want = (f"gqsa compress: error: {packed} is a compressed checkpoint already (config.json has a "
+            f"quantization_config): compress the original model it was made from")
+    assert err == [want], err
     binary = tmp_path / "weights.bin"
     binary.write_bytes(b"GGUF\x03\x00\x00\x00" + bytes(range(256)) * 64)
     from gqsa import calib
