@@ -150,3 +150,18 @@ def test_sparsity_warning_when_whole_groups_per_row_miss_the_target(tiny_llama):
         warnings.simplefilter("error")
         compress_model(fresh, GQSAConfig(sparsity=0.5, group_size=16, stages="oneshot"), tokens(), "cpu", 4,
                        progress=False)
+
+
+def test_skip_warning_names_suffixes_that_match_no_linear(tiny_llama):
+    """A misspelt --skip suffix would compress the layer meant to stay dense: compress_model says so in one line."""
+    from gqsa.pipeline import skip_warning
+
+    assert skip_warning(tiny_llama, GQSAConfig(skip=["mlp.down_proj", "self_attn.o_proj"])) is None
+    assert skip_warning(tiny_llama, GQSAConfig()) is None
+    line = skip_warning(tiny_llama, GQSAConfig(skip=["mlp.down_prj", "mlp.down_proj"]))
+    assert line == ("--skip mlp.down_prj: no compressible linear's name ends with it (names look like "
+                    "model.layers.1.mlp.down_proj); nothing is skipped for it")
+    with pytest.warns(UserWarning, match="--skip mlp.down_prj: no compressible"):
+        compress_model(tiny_llama, GQSAConfig(skip=["mlp.down_prj"], stages="oneshot"), tokens(), "cpu", 4,
+                       progress=False)
+    assert skip_warning(tiny_llama, GQSAConfig(skip=["down_proj"])) is None  # a suffix of a name, not a path part

@@ -58,9 +58,9 @@ def compress_model(model, config: GQSAConfig, tokens: torch.Tensor, device=None,
     if not distributed.is_main():  # under torchrun: rank 0 alone shows progress and logs
         progress, log = False, (lambda line: None)
     else:
-        far = sparsity_warning(model, config)
-        if far:
-            warnings.warn(far, stacklevel=2)
+        for line in (sparsity_warning(model, config), skip_warning(model, config)):
+            if line:
+                warnings.warn(line, stacklevel=2)
     # the plan and the estimate go with the progress bar (``log`` keeps its one line per block / epoch)
     eta = _Plan(model, config, tokens, device, tqdm.write if progress else (lambda line: None), on_block_done)
     if not config.trained:
@@ -134,6 +134,22 @@ def sparsity_warning(model, config: GQSAConfig) -> str | None:
                        f"per row keep{'s' if worst[c][1] == 1 else ''} {worst[c][0]}" for c in far[:3])
     return (f"--sparsity {s:g} in groups of {g} will remove {removed / total:.0%} of the groups: every "
             f"row keeps whole groups, at least one ({detail}); a smaller --group-size comes closer")
+
+
+def skip_warning(model, config: GQSAConfig) -> str | None:
+    """One line when a ``config.skip`` suffix matches none of the compressible linears (a misspelt name would
+    otherwise compress the layer meant to stay dense, without a word)."""
+    if not config.skip:
+        return None
+    adapter = get_adapter(model)
+    prefix = layers_prefix(model, adapter)
+    names = [f"{prefix}.{i}.{n}" for i, block in enumerate(adapter.blocks(model)) for n in adapter.linears(block)]
+    unmatched = [s for s in config.skip if not any(n.endswith(s) for n in names)]
+    if not unmatched or not names:
+        return None
+    return (f"--skip {' '.join(unmatched)}: no compressible linear's name ends with "
+            f"{'it' if len(unmatched) == 1 else 'them'} (names look like {names[-1]}); nothing is skipped for "
+            f"{'it' if len(unmatched) == 1 else 'them'}")
 
 
 class _Plan:

@@ -85,6 +85,8 @@ def compress_to_folder(model: str, out, *, calib: str, tokenizer: str | None = N
     from .modules import default_device
 
     default_device(device)  # a device this machine cannot use: said before the model is read
+    if not str(out).strip():
+        raise ValueError("--out is empty: name the folder to write")
     out = Path(out)
     _refuse_out_over_inputs(out, {"the model": model, "the calibration text": calib, "the tokenizer": tokenizer})
     from .checkpoint import is_gqsa_folder

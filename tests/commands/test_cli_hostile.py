@@ -298,3 +298,8 @@ def test_a_device_this_machine_cannot_use_is_one_line_before_anything_runs(tmp_p
         assert len(err) == 1 and err[0].startswith(f"gqsa {command}: error: device "), err
         assert ("has no CUDA GPU to use; use cpu (--device cpu)" in err[0]) != (command == "bench"), err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.txt"]
+
+
+def test_compress_refuses_an_empty_out(tmp_path, capsys):
+    assert main(["compress", str(tmp_path / "m"), "--calib", "self", "--out", " "]) == 2
+    assert capsys.readouterr().err.strip() == "gqsa compress: error: --out is empty: name the folder to write"
