@@ -80,6 +80,7 @@ def compress_to_folder(model: str, out, *, calib: str, tokenizer: str | None = N
 
     from . import calib as calib_mod
     from . import distributed
+    from .checkpoint import is_gqsa_folder
     from .models import load_model
     from .models.loader import stored_dtype
     from .modules import default_device
@@ -89,8 +90,6 @@ def compress_to_folder(model: str, out, *, calib: str, tokenizer: str | None = N
         raise ValueError("--out is empty: name the folder to write")
     out = Path(out)
     _refuse_out_over_inputs(out, {"the model": model, "the calibration text": calib, "the tokenizer": tokenizer})
-    from .checkpoint import is_gqsa_folder
-
     if Path(model).is_dir() and is_gqsa_folder(model):
         raise ValueError(f"{model} is a compressed checkpoint already (config.json has a quantization_config): "
                          f"compress the original model it was made from")
