@@ -303,3 +303,18 @@ def test_a_device_this_machine_cannot_use_is_one_line_before_anything_runs(tmp_p
 def test_compress_refuses_an_empty_out(tmp_path, capsys):
     assert main(["compress", str(tmp_path / "m"), "--calib", "self", "--out", " "]) == 2
     assert capsys.readouterr().err.strip() == "gqsa compress: error: --out is empty: name the folder to write"
+
+
+def test_counts_below_one_are_one_error_line(s260k_folder, asset, tmp_path, capsys):
+    """eval --max-windows 0 / --batch-size 0 were internal errors from inside the model (a reshape of 0 elements,
+    a split of size 0); report --max-windows 0 and negative --limit / --kl-windows likewise refused up front."""
+    text = str(asset("data/wikitext2/wiki.test.raw"))
+    for flag, value, want in (("--max-windows", "0", ">= 1"), ("--batch-size", "0", ">= 1"), ("--limit", "-1", ">= 1"),
+                              ("--zeroshot-batch-size", "0", ">= 1"), ("--kl-windows", "0", ">= 1")):
+        assert main(["eval", str(s260k_folder), "--ppl", text, flag, value]) == 2
+        assert capsys.readouterr().err.strip() == f"gqsa eval: error: {flag} must be {want}"
+    for flag, value, want in (("--max-windows", "0", ">= 1"), ("--limit", "-1", ">= 0"), ("--kl-windows", "-2", ">= 0")):
+        assert main(["report", str(s260k_folder), "--calib", text, "--eval", text, "--out", str(tmp_path / "r"),
+                     flag, value]) == 2
+        assert capsys.readouterr().err.strip() == f"gqsa report: error: {flag} must be {want}"
+    assert not (tmp_path / "r").exists()

@@ -52,6 +52,9 @@ def run(args) -> int:
     from ..models.loader import load_any
 
     device = common.device(args.device)
+    for name in ("max_windows", "batch_size", "limit", "zeroshot_batch_size", "kl_windows"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise CLIError(f"--{name.replace('_', '-')} must be >= 1")
     if not args.ppl and args.tasks is None and not args.kl_reference:
         raise CLIError("nothing to evaluate: pass --ppl TEXT, --tasks and/or --kl-reference MODEL")
     if args.kl_reference and not (args.kl_text or args.ppl):

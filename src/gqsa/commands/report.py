@@ -119,6 +119,11 @@ def run(args) -> int:
     for name in ("nsamples", "batch_size"):
         if getattr(args, name) <= 0:
             raise CLIError(f"--{name.replace('_', '-')} must be positive")
+    if args.max_windows is not None and args.max_windows < 1:
+        raise CLIError("--max-windows must be >= 1")
+    for name in ("limit", "kl_windows"):  # 0: all documents / no KL
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            raise CLIError(f"--{name.replace('_', '-')} must be >= 0")
     rows = rows_from_cli(args.rows, args.add_row, args.gqsa_stage, shlex.split(args.gqsa_args))
     common.apply_threads(args)
     command = "gqsa " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["report"] else None
