@@ -106,8 +106,9 @@ SPARSITY_SLACK = 0.05  # warn when whole groups per row put the model this far f
 def sparsity_warning(model, config: GQSAConfig) -> str | None:
     """One line (a warning of :func:`compress_model`) when the row-balanced masks cannot come near
     ``config.sparsity``: every row keeps ``round((1 − S)·C)`` of its ``C = ⌈K/G⌉`` groups, at least one, so rows of
-    few groups (K near G) are pruned far less or far more than asked. None when the share of groups removed is within ``SPARSITY_SLACK`` of it, for
-    ``--allocation layer`` (one global ranking) and for per-layer sparsities (``--target-bits``)."""
+    few groups (K near G) are pruned far less or far more than asked. None when the share of groups removed is
+    within ``SPARSITY_SLACK`` of it, for ``--allocation layer`` (one global ranking) and for per-layer sparsities
+    (``--target-bits``)."""
     if config.allocation == "layer" or config.layer_sparsity or config.target_bits is not None \
             or config.sparsity == 0:
         return None

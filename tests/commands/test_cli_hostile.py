@@ -313,7 +313,8 @@ def test_counts_below_one_are_one_error_line(s260k_folder, asset, tmp_path, caps
                               ("--zeroshot-batch-size", "0", ">= 1"), ("--kl-windows", "0", ">= 1")):
         assert main(["eval", str(s260k_folder), "--ppl", text, flag, value]) == 2
         assert capsys.readouterr().err.strip() == f"gqsa eval: error: {flag} must be {want}"
-    for flag, value, want in (("--max-windows", "0", ">= 1"), ("--limit", "-1", ">= 0"), ("--kl-windows", "-2", ">= 0")):
+    for flag, value, want in (("--max-windows", "0", ">= 1"), ("--limit", "-1", ">= 0"),
+                              ("--kl-windows", "-2", ">= 0")):
         assert main(["report", str(s260k_folder), "--calib", text, "--eval", text, "--out", str(tmp_path / "r"),
                      flag, value]) == 2
         assert capsys.readouterr().err.strip() == f"gqsa report: error: {flag} must be {want}"
