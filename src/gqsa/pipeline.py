@@ -27,6 +27,7 @@ from .format import PackedLinear
 from .models.adapters import get_adapter
 from .modules import default_device
 from .oneshot import compress_oneshot
+from .prune import kept_groups
 
 
 def compress_model(model, config: GQSAConfig, tokens: torch.Tensor, device=None, batch_size: int = 8,
@@ -100,6 +101,19 @@ def _with_head(model, packed: dict, config: GQSAConfig, tokens, device, batch_si
     return {**packed, name: p}
 
 
+def block_linears(model, config: GQSAConfig | None = None):
+    """``(module name, linear)`` of the decoder blocks' compressible linears, in block order; without the
+    ``config.skip`` ones when ``config`` is given."""
+    adapter = get_adapter(model)
+    prefix = layers_prefix(model, adapter)
+    for i, block in enumerate(adapter.blocks(model)):
+        linears = adapter.linears(block)
+        names = ([n for group in block_linear_groups(adapter, block, prefix, i, config) for n in group]
+                 if config is not None else list(linears))
+        for n in names:
+            yield f"{prefix}.{i}.{n}", linears[n]
+
+
 SPARSITY_SLACK = 0.05  # warn when whole groups per row put the model this far from --sparsity
 
 
@@ -112,22 +126,16 @@ def sparsity_warning(model, config: GQSAConfig) -> str | None:
     if config.allocation == "layer" or config.layer_sparsity or config.target_bits is not None \
             or config.sparsity == 0:
         return None
-    adapter = get_adapter(model)
-    prefix = layers_prefix(model, adapter)
     g, s = config.group_size, config.sparsity
     total = removed = 0
     worst = {}  # groups per row C -> (groups each row keeps, linears)
-    for i, block in enumerate(adapter.blocks(model)):
-        linears = adapter.linears(block)
-        for group in block_linear_groups(adapter, block, prefix, i, config):
-            for name in group:
-                n, k = linears[name].weight.shape
-                c = math.ceil(k / g)
-                keep = min(c, max(1, round((1 - s) * c)))
-                total += n * c
-                removed += n * (c - keep)
-                kept, count = worst.get(c, (keep, 0))
-                worst[c] = (kept, count + 1)
+    for _, linear in block_linears(model, config):
+        n, k = linear.weight.shape
+        c = math.ceil(k / g)
+        keep = kept_groups(c, s)
+        total += n * c
+        removed += n * (c - keep)
+        worst[c] = (keep, worst.get(c, (keep, 0))[1] + 1)
     if not total or abs(removed / total - s) <= SPARSITY_SLACK:
         return None
     far = [c for c in sorted(worst) if abs(1 - worst[c][0] / c - s) > SPARSITY_SLACK]
@@ -142,9 +150,7 @@ def skip_warning(model, config: GQSAConfig) -> str | None:
     otherwise compress the layer meant to stay dense, without a word)."""
     if not config.skip:
         return None
-    adapter = get_adapter(model)
-    prefix = layers_prefix(model, adapter)
-    names = [f"{prefix}.{i}.{n}" for i, block in enumerate(adapter.blocks(model)) for n in adapter.linears(block)]
+    names = [name for name, _ in block_linears(model)]
     unmatched = [s for s in config.skip if not any(n.endswith(s) for n in names)]
     if not unmatched or not names:
         return None

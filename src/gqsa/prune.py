@@ -75,6 +75,12 @@ def quant_aware_saliency(w: torch.Tensor, hessian: torch.Tensor, group_size: int
     return both[:n] - both[n:]
 
 
+def kept_groups(c: int, sparsity: float) -> int:
+    """Groups a row of ``c`` keeps at ``sparsity`` under the row-balanced allocations: ``round((1−S)·C)``, at
+    least one."""
+    return min(c, max(1, round((1 - sparsity) * c)))
+
+
 def select_mask(score: torch.Tensor, sparsity: float, allocation: str = "row") -> torch.Tensor:
     """Keep the highest-scoring groups: ``row`` keeps ``round((1−S)·C)`` groups in every row,
     ``layer`` keeps ``round((1−S)·N·C)`` groups anywhere in the layer (at least one per layer),
@@ -84,7 +90,7 @@ def select_mask(score: torch.Tensor, sparsity: float, allocation: str = "row") -
     ``clusterR`` the same for clusters of any ``R`` rows (:func:`cluster_assignment`)."""
     n, c = score.shape
     if allocation == "row":
-        keep = min(c, max(1, round((1 - sparsity) * c)))
+        keep = kept_groups(c, sparsity)
         idx = score.topk(keep, dim=1).indices
         return torch.zeros_like(score, dtype=torch.bool).scatter_(1, idx, True)
     if allocation == "layer":
@@ -132,7 +138,7 @@ def cluster_assignment(score: torch.Tensor, sparsity: float, rows: int, rounds: 
     score than ``blockR``."""
     n, c = score.shape
     nb = math.ceil(n / rows)
-    keep = min(c, max(1, round((1 - sparsity) * c)))
+    keep = kept_groups(c, sparsity)
     capacity = torch.full((nb,), rows, dtype=torch.long)
     capacity[-1] = n - rows * (nb - 1)
 
@@ -407,7 +413,7 @@ def iterative_group_prune(w: torch.Tensor, hessian: torch.Tensor, g: int, sparsi
     H = prepare_hessian(hessian, g, damp)
     dead = hessian.diagonal()[:k] <= 0
     W[:, :k][:, dead] = 0
-    target = min(c, max(1, round((1 - sparsity) * c)))
+    target = kept_groups(c, sparsity)
     mask = torch.ones(n, c, dtype=torch.bool, device=w.device)
     score = saliency(W[:, :k], g, "hessian", hessian, damp)
     for step in range(1, steps + 1):

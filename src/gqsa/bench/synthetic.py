@@ -11,6 +11,7 @@ Settings (``parse_setting``): ``fp16`` / ``bf16`` (dense), ``w{b}s{S}g{G}`` (GQS
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -18,10 +19,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..allocation import packed_bits
 from ..config import LM_HEAD_BITS
 from ..format import PackedLinear
 from ..head import HEAD_GROUP
 from ..nn import GQSALinear, cpu_weight_cache_default
+from ..prune import kept_groups
 
 ARCHS = {
     "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -105,7 +108,7 @@ def random_packed(n: int, k: int, sparsity: float, bits: int, group_size: int, d
     (``block_rows`` > 0: the same columns in every block of that many rows; ``clustered``: those blocks'
     rows shuffled, so that the R rows sharing their columns are not consecutive)."""
     c = math.ceil(k / group_size)
-    keep = max(1, min(c, round((1 - sparsity) * c)))
+    keep = kept_groups(c, sparsity)
     dev = torch.device(device)
     r = block_rows or 1
     cols = torch.rand(-(-n // r), c, device=dev, generator=generator).argsort(dim=1)[:, :keep].sort(dim=1).values
@@ -160,6 +163,17 @@ def _block_linears(model):
 MEMORY_OVERHEAD = 1 << 30  # the runtime, activations, caches and a layer's temporaries, on top of the weights
 
 
+@functools.lru_cache(maxsize=None)
+def _parameter_shapes(arch: str) -> tuple[int, tuple]:
+    """(parameters of ``arch``, ``(N, K)`` of its block linears), from a model on the meta device."""
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(arch_config(arch))
+    return (sum(p.numel() for p in model.parameters()),
+            tuple((lin.out_features, lin.in_features) for _, _, lin in _block_linears(model)))
+
+
 def memory_needed(arch: str, setting: Setting | str, device) -> int:
     """Bytes a benchmark of ``setting`` on ``arch`` takes on ``device`` at its peak, roughly: on a GPU the
     weights as built (fp16; a GQSA layer's packed bytes with its kernels' layouts: twice for row masks, canonical
@@ -167,25 +181,17 @@ def memory_needed(arch: str, setting: Setting | str, device) -> int:
     layouts); on a CPU the float32 model the benchmark computes in (4 bytes per
     weight; GQSA layers cache their dequantized float32 weight there, unless ``GQSA_CPU_WEIGHT_CACHE=0``), plus
     ``MEMORY_OVERHEAD``. What :func:`gqsa.commands.bench` checks before building anything."""
-    from transformers import LlamaForCausalLM
-
     setting = parse_setting(setting) if isinstance(setting, str) else setting
     cuda = torch.device(device).type == "cuda"
-    with torch.device("meta"):
-        model = LlamaForCausalLM(arch_config(arch))
-    total = sum(p.numel() for p in model.parameters())
-    shapes = [(lin.out_features, lin.in_features) for _, _, lin in _block_linears(model)]
+    total, shapes = _parameter_shapes(arch)
     linear = sum(n * k for n, k in shapes)
     if setting.kind == "dense":
         return (2 if cuda else 4) * total + MEMORY_OVERHEAD
     if setting.kind == "tinygemm":  # CUDA only: 4 bits and a bf16 scale and zero per 128 weights
         return 2 * (total - linear) + linear // 2 + linear // 32 + MEMORY_OVERHEAD
     g = setting.group_size
-    packed = 0
-    for n, k in shapes:
-        c = math.ceil(k / g)
-        keep = max(1, min(c, round((1 - setting.sparsity) * c)))
-        packed += 4 * (n + 1) + n * keep * (g * setting.bits // 8 + 5)  # codes, int16 column, fp16 scale, zero
+    packed = sum(packed_bits(n, k, kept_groups(math.ceil(k / g), setting.sparsity), setting.bits, g)
+                 for n, k in shapes) // 8
     if cuda:
         return 2 * (total - linear) + (3 if setting.block_rows else 2) * packed + MEMORY_OVERHEAD
     return 4 * (total - linear) + packed + (4 * linear if cpu_weight_cache_default() else 0) + MEMORY_OVERHEAD
