@@ -64,14 +64,14 @@ def check() -> bool:
         p = layer_for_check(n, k, g, 4, sp, False, special, rows=rows)
         ml = build_mma_layout(_layout(p))
         w_ref = reference.dequantize(p, torch.float16).float()
-        for m in (1, 2, 3, 8, 9, 16, 17, 32):
-            for split in (0, 1, 3):
+        for m in (1, 2, 3, 8, 9, 16, 17, 32, 33, 47, 64):
+            for split, mt in ((0, 1), (1, 1), (3, 1), (0, 2), (3, 4), (1, 8)):
                 x = torch.randn(m, k, device=DEV).half()
                 bias = torch.randn(n, device=DEV).half() if m % 2 else None
                 ref = x.float() @ w_ref.t() + (bias.float() if bias is not None else 0)
                 y = torch.full((m, n), float("nan"), device=DEV, dtype=torch.float16)
                 try:
-                    mma_gemm.launch_mma(x, ml, bias, y, mma_gemm.MmaConfig(split_k=split))
+                    mma_gemm.launch_mma(x, ml, bias, y, mma_gemm.MmaConfig(split_k=split, m_tiles=mt))
                     torch.cuda.synchronize()
                     err = float((y.float() - ref).norm() / ref.norm().clamp_min(1e-12))
                     good = bool(torch.isfinite(y).all()) and err < 2e-3 if ref.norm() > 0 else bool((y == 0).all())
@@ -79,7 +79,8 @@ def check() -> bool:
                     good, err = False, repr(e)[:300]
                 if not good:
                     ok = False
-                    print(f"MMA CHECK FAIL {n}x{k} G{g} R{rows} {special} M={m} split={split}: {err}", flush=True)
+                    print(f"MMA CHECK FAIL {n}x{k} G{g} R{rows} {special} M={m} split={split} m_tiles={mt}: {err}",
+                          flush=True)
         if bool(ws.partial.any()) or bool(ws.counters.any()):
             ok = False
             print(f"MMA CHECK FAIL {n}x{k}: split-K workspace not clean", flush=True)
@@ -115,11 +116,11 @@ class Gqsa:
         self.packed = p0
         self.name = f"W4 S{round(sparsity * 100)} G{g} {'cluster' if cluster else 'block'}{rows}"
 
-    def fns(self, kind, x, split=0, waves=None):  # waves: (CTAs per SM, fewest quads per CTA) or None
+    def fns(self, kind, x, split=0, waves=None, m_tiles=1):  # waves: (CTAs per SM, fewest quads per CTA) or None
         if kind == "table":
             return [lambda pl=pl: pl(x) for pl in self.plans]
         y = torch.empty(x.shape[0], self.n, device=DEV, dtype=x.dtype)
-        cfg = mma_gemm.MmaConfig(split_k=split)
+        cfg = mma_gemm.MmaConfig(split_k=split, m_tiles=m_tiles)
         if waves:
             cfg = dataclasses.replace(cfg, waves=waves[0], min_quads=waves[1] or cfg.min_quads)
         calls = [mma_gemm.MmaCall(ml, cfg, x.shape[0], False, x.stride(0), y.stride(0)) for ml in self.mls]
@@ -161,13 +162,17 @@ def run(args, bw, records):
                     traceback.print_exc()
                 for lay in layers:
                     ref = reference.linear(x.float(), lay.packed)
-                    variants = [(kd, 0, None) for kd in args.kinds]
-                    variants += [("mma", s, None) for s in args.splits] + [("mma", 0, w) for w in args.waves]
-                    for kind, split, waves in variants:
-                        name = f"{lay.name} {kind}" + (f" split{split}" if split else "")
+                    variants = [(kd, 0, None, 1) for kd in args.kinds]
+                    for mt in args.m_tiles:
+                        variants += [("mma", 0, None, mt)] if mt != 1 else []
+                        variants += [("mma", s, None, mt) for s in args.splits]
+                        variants += [("mma", 0, w, mt) for w in args.waves]
+                    for kind, split, waves, mt in variants:
+                        name = f"{lay.name} {kind}" + (f" mt{mt}" if mt != 1 else "")
+                        name += f" split{split}" if split else ""
                         name += f" w{waves[0]:g}" + (f"q{waves[1]}" if waves[1] else "") if waves else ""
                         try:
-                            fns = lay.fns(kind, x, split, waves)
+                            fns = lay.fns(kind, x, split, waves, mt)
                             err = bg.rel_err(fns[0](), ref)
                             r = measure(name, fns, x, n, lay.nbytes_w, bw)
                             r["rel_err"] = err
@@ -215,12 +220,15 @@ def main(argv=None):
     ap.add_argument("--waves", default="", help="CTAs per SM to aim the split-K at [: fewest quads per CTA], timed "
                                                 "as well, e.g. 8,16:8")
     ap.add_argument("--kinds", default="table,mma", help="methods to time (table, mma)")
+    ap.add_argument("--m-tiles", default="1", help="m-tiles per warp of the mma variants (--splits, --waves and, "
+                    "for values other than 1, the default split), e.g. 1,2,4")
     ap.add_argument("--source", default=None, help="time another revision of mma_block.cu (an A/B in one run)")
     ap.add_argument("--rot-bytes", type=float, default=320e6)
     args = ap.parse_args(argv)
     args.splits = [int(s) for s in args.splits.split(",") if s]
     args.waves = [(float(w.split(":")[0]), int(w.split(":")[1]) if ":" in w else 0) for w in args.waves.split(",") if w]
     args.kinds = [k for k in args.kinds.split(",") if k]
+    args.m_tiles = [int(t) for t in args.m_tiles.split(",") if t]
     if args.source:
         text = Path(args.source).read_text()
         mma_gemm._source = lambda: text

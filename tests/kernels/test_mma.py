@@ -160,7 +160,8 @@ def test_launch_arguments_follow_the_kernel_signature(monkeypatch):
         def __call__(self, grid, block, args):
             launches.append((grid, block, args))
 
-    monkeypatch.setattr(mma_gemm, "_kernel", lambda *a: Kernel())
+    specs = []
+    monkeypatch.setattr(mma_gemm, "_kernel", lambda *a: specs.append(a) or Kernel())
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     p = make_layer(200, 512, 16, 64, cluster=True)
     ml = mma_layout.build_mma_layout(block_of(p))
@@ -177,6 +178,14 @@ def test_launch_arguments_follow_the_kernel_signature(monkeypatch):
     assert (got["M"], got["N"], got["K"], got["stride_y"]) == (5, 200, 512, 200)
     assert (got["qps"], got["split"], got["has_bias"], got["has_rmap"]) == (call.qps, 2, 1, 1)
     assert got["ld_ws"] == ml.n_blocks * ml.rows and got["ws"].numel() >= 5 * got["ld_ws"]
+    # the specialization: (n-tiles, warps, m-tiles per warp, steps per group, edge, device); m-tiles per warp make
+    # fewer warps (and are capped at the block's m-tiles)
+    assert specs == [(1, ml.rows // 16, 1, 1, False, 0)]
+    for m_tiles, m, nt in ((2, 40, 8), (8, 17, 4)):
+        call = mma_gemm.MmaCall(ml, mma_gemm.MmaConfig(m_tiles=m_tiles), m, False, 512, 200, sms=4)
+        mt = min(m_tiles, ml.rows // 16)
+        warps = ml.rows // 16 // mt
+        assert specs[-1] == (nt, warps, mt, 1, False, 0) and call.block == (32 * warps, 1, 1)
 
 
 def test_launch_rejects_bad_arguments_with_one_line():
@@ -188,14 +197,16 @@ def test_launch_rejects_bad_arguments_with_one_line():
         mma_gemm.launch_mma(x, ml, None, y[:, :10])
     with pytest.raises(ValueError, match="x has 128 features"):
         mma_gemm.launch_mma(x[:, :128], ml, None, y)
-    with pytest.raises(ValueError, match="1 to 32 rows"):
-        mma_gemm.launch_mma(torch.zeros(40, 256, dtype=torch.float16), ml, None, torch.zeros(40, 64,
+    with pytest.raises(ValueError, match="1 to 64 rows"):
+        mma_gemm.launch_mma(torch.zeros(65, 256, dtype=torch.float16), ml, None, torch.zeros(65, 64,
                                                                                                 dtype=torch.float16))
 
 
 def test_mma_config_and_split():
     with pytest.raises(ValueError):
         mma_gemm.MmaConfig(split_k=-1)
+    with pytest.raises(ValueError):
+        mma_gemm.MmaConfig(m_tiles=3)
     p = make_layer(128, 1024, 16, 64)
     ml = mma_layout.build_mma_layout(block_of(p))
     # enough CTAs for the waves, each keeping ≥ min_quads quads
@@ -216,10 +227,10 @@ def test_kernel_matches_the_reference_on_the_gpu(case):  # pragma: no cover - GP
     p = make_layer(n, k, g, rows, sp, uneven, cluster)
     pc = fmt.PackedLinear(**{a: t.cuda() for a, t in p.tensors().items()}, shape=p.shape, bits=4, group_size=g)
     ml = mma_layout.build_mma_layout(block_of(pc))
-    for m in (1, 3, 8, 9, 16, 32):
-        for split in (0, 1, 3):
+    for m in (1, 3, 8, 9, 16, 32, 33, 47, 64):
+        for split, m_tiles in ((0, 1), (1, 1), (3, 1), (0, 2), (3, 4), (1, 8)):  # (m-tiles beyond the block's: all)
             x = torch.randn(m, k, device="cuda").half()
             bias = torch.randn(n, device="cuda").half() if m % 2 else None
             y = torch.full((m, n), float("nan"), device="cuda", dtype=torch.float16)
-            mma_gemm.launch_mma(x, ml, bias, y, mma_gemm.MmaConfig(split_k=split))
+            mma_gemm.launch_mma(x, ml, bias, y, mma_gemm.MmaConfig(split_k=split, m_tiles=m_tiles))
             check(y.cpu(), x.cpu(), p, None if bias is None else bias.cpu())

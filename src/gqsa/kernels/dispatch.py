@@ -230,7 +230,13 @@ H200_BLOCK_TABLE = BlockTable(
     # the hand-written kernel's 10.82, 19.63, 30.01, 56.65 at M = 12), so the limit stays 8: 7B synthetic w4s50g16b64
     # B = 12 4549.6 tokens/s against 4051.8 with the kernel up to 12, w4s30g64c64 3603.7 against 3376.7
     # (benchmarks/RESULTS.md "Session 11", calls 6 and 7).
-    mma_max_m=((64, 8), (128, 4)),
+    # Thirteenth session: the kernel's revision 2 (the quads' feature offsets loaded a quad ahead, the activations
+    # copied as whole 32-byte sectors into a swizzled [token][half] tile, ldmatrix.x4 for two n-tiles) is 5-30 % faster
+    # at M = 4-16; block128/cluster128 W4 S30 G64 at M = 8, µs, mma against the Triton kernel on 4096², 22016×4096,
+    # 28672×8192, 8192×28672: 9.97 / 24.65 / 43.27 / 38.21 against 10.21 / 26.28 / 51.64 / 53.91 (benchmarks/mma.py,
+    # RESULTS "Session 13"), end to end w4s30g64c128 B = 8 2909.0 → 2967.8 tokens/s; with the kernel up to M = 16 on
+    # both heights B = 12/16 lost (w4s50g16b64 4563.6 / 5746.7 → 4381.0 / 5185.3), so 8.
+    mma_max_m=((64, 8), (128, 8)),
     tile_min_m=((16, 17), (32, 1 << 62)),  # block32 and up: never
     # Twelfth session: layers of groups of 64 (cluster64/128 W4 S30 G64) ran the `pre` kernels at M ≥ 257 at 0.3-0.7×
     # cuBLAS fp16, where the expansion ran at 0.63-1.06× (tuned on G16, the pre kernels take one group per step at G64):

@@ -3,8 +3,9 @@
 
 The CUDA source is compiled at first use by NVRTC through PyTorch (``torch.cuda._compile_kernel``; no
 compiler or extra package is needed beyond a CUDA build of PyTorch), one specialization per (n-tiles of 8
-tokens, warps, steps per kept group, edge). :func:`available` says whether it can run here; where it cannot
-(no CUDA, an older GPU, a PyTorch without NVRTC, ``GQSA_MMA=0``) the dispatch keeps the Triton block kernel.
+tokens, warps, m-tiles per warp, steps per kept group, edge). :func:`available` says whether it can run here;
+where it cannot (no CUDA, an older GPU, a PyTorch without NVRTC, ``GQSA_MMA=0``) the dispatch keeps the Triton
+block kernel.
 The kernel is CUDA-graph capturable after one call of the same shape (the split-K workspace).
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from .gemm import check_io, num_sms, workspace
 from .mma_layout import STEP, MmaLayout
 
-MAX_M = 32  # largest batch the kernel takes (4 n-tiles of 8 tokens)
+MAX_M = 64  # largest batch the kernel takes (8 n-tiles of 8 tokens)
 _KERNEL = "gqsa_mma_block"
 
 
@@ -44,7 +45,7 @@ def available(device) -> bool:
 @functools.lru_cache(maxsize=None)
 def _compiles(index: int) -> bool:
     try:
-        _kernel(1, 4, 1, False, index)
+        _kernel(1, 4, 1, 1, False, index)
         return True
     except Exception as e:  # noqa: BLE001 - any failure means: use the Triton kernel
         warnings.warn(f"gqsa: the hand-written tensor-core kernel did not compile ({type(e).__name__}: "
@@ -53,9 +54,9 @@ def _compiles(index: int) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(nt: int, warps: int, sub: int, edge: bool, index: int):
+def _kernel(nt: int, warps: int, m_tiles: int, sub: int, edge: bool, index: int):
     """One specialization, compiled and loaded for GPU ``index`` (a loaded kernel belongs to one device)."""
-    name = f"{_KERNEL}<{nt}, {warps}, {sub}, {'true' if edge else 'false'}>"
+    name = f"{_KERNEL}<{nt}, {warps}, {m_tiles}, {sub}, {'true' if edge else 'false'}>"
     with torch.cuda.device(index):
         return torch.cuda._compile_kernel(_source(), name, nvcc_options=["-std=c++17"])
 
@@ -63,14 +64,18 @@ def _kernel(nt: int, warps: int, sub: int, edge: bool, index: int):
 @dataclass(frozen=True)
 class MmaConfig:
     """Knobs of one launch: ``split_k`` 0 = enough CTAs for ``waves`` per SM (each keeping ≥ ``min_quads``
-    quads of 4 steps)."""
+    quads of 4 steps); ``m_tiles``: 16-row m-tiles per warp (1, 2, 4 or 8; at most the block's), so a CTA has
+    rows / 16 / m_tiles warps and each warp reuses its activation fragments for that many m-tiles (slower than 1 at
+    every M = 16-64 measured: fewer warps per SM, each issuing all the CTA's copies; benchmarks/RESULTS.md "Session
+    13")."""
 
     split_k: int = 0
     waves: float = 8.0  # measured best of 4, 8 (q2/q16), 16 at M = 2-8 (benchmarks/RESULTS.md "Session 10")
     min_quads: int = 2
+    m_tiles: int = 1
 
     def __post_init__(self):
-        if self.split_k < 0 or self.waves <= 0 or self.min_quads < 1:
+        if self.split_k < 0 or self.waves <= 0 or self.min_quads < 1 or self.m_tiles not in (1, 2, 4, 8):
             raise ValueError(f"bad MmaConfig {self}")
 
 
@@ -97,15 +102,17 @@ class MmaCall:
             raise ValueError(f"M={m} rows are too many for the kernel's 32-bit offsets")
         self.layout, self.m = layout, m
         dev = layout.qw.device
-        nt = 1 if m <= 8 else 2 if m <= 16 else 4
+        nt = 1 if m <= 8 else 2 if m <= 16 else 4 if m <= 32 else 8
         split = auto_split(layout, cfg, sms or num_sms(dev))
         qps = max(1, math.ceil(layout.max_quads / split)) if layout.max_quads else 1
         split = max(1, math.ceil(layout.max_quads / qps)) if layout.max_quads else 1
         self.split, self.qps = split, qps
         self.index = dev.index if dev.index is not None else torch.cuda.current_device()
-        self.kern = _kernel(nt, layout.rows // 16, layout.group_size // STEP, layout.edge, self.index)
+        mt = min(cfg.m_tiles, layout.rows // 16)
+        warps = layout.rows // 16 // mt
+        self.kern = _kernel(nt, warps, mt, layout.group_size // STEP, layout.edge, self.index)
         self.grid = (layout.n_blocks, split, 1)
-        self.block = (32 * (layout.rows // 16), 1, 1)
+        self.block = (32 * warps, 1, 1)
         self.ld_ws = layout.n_blocks * layout.rows
         self.ws_size = (m * self.ld_ws, layout.n_blocks) if split > 1 else None
         rmap = layout.row_map if layout.row_map is not None else layout.qptr  # (unused without a map)
