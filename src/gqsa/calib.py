@@ -43,11 +43,13 @@ def read_text(source: str, purpose: str = "calibration") -> str:
     return joiner.join(rows)
 
 
-def tokenize(text: str, tokenizer) -> torch.Tensor:
-    """Tokenize a whole text once (one BOS at the start if the tokenizer adds one): ``[T]`` int64."""
+def tokenize(text: str, tokenizer, source: str | None = None) -> torch.Tensor:
+    """Tokenize a whole text once (one BOS at the start if the tokenizer adds one): ``[T]`` int64. ``source``
+    (the file or dataset name) is named in the error for a text without tokens."""
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=True).input_ids[0]
     if ids.numel() < 2:
-        raise ValueError("the text is empty after tokenization")
+        raise ValueError(f"{source + ': ' if source else ''}the text is empty after tokenization: pass a file with "
+                         "some text in it")
     return ids
 
 
@@ -77,7 +79,7 @@ def calibration_tokens(source: str, tokenizer, nsamples: int = 128, seqlen: int 
         if model is None:
             raise ValueError("--calib self samples the calibration text from the model: pass model=")
         return self_tokens(model, tokenizer, nsamples, seqlen, seed)
-    return sample_windows(tokenize(read_text(source, "calibration"), tokenizer), nsamples, seqlen, seed)
+    return sample_windows(tokenize(read_text(source, "calibration"), tokenizer, source), nsamples, seqlen, seed)
 
 
 SELF = "self"

@@ -274,6 +274,20 @@ def test_compress_refuses_a_compressed_model_and_a_binary_calibration_file(tmp_p
     (tmp_path / "ok.txt").write_bytes("caf\xe9 text".encode("latin-1"))  # stray non-UTF-8 bytes stay readable
     assert calib.read_text(str(tmp_path / "ok.txt")) == "caf\ufffd text"
     assert not (tmp_path / "o1").exists()
+    # a blank text file (calibration or evaluation): the error names it
+    from types import SimpleNamespace
+
+    from gqsa.eval.ppl import text_windows
+
+    def words(text, **kw):  # a tokenizer without BOS: one token per word
+        return SimpleNamespace(input_ids=torch.ones(1, len(text.split()), dtype=torch.long))
+
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n \n")
+    for read in (lambda: calib.calibration_tokens(str(blank), words, nsamples=2, seqlen=4),
+                 lambda: text_windows(str(blank), words, 4)):
+        with pytest.raises(ValueError, match=f"^{blank}: the text is empty after tokenization"):
+            read()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine whose PyTorch has no CUDA")

@@ -26,6 +26,12 @@ def setup(tmp_path, asset):
     return tmp_path, args
 
 
+def _gqsa_lines(capsys):
+    """gqsa's own stderr lines (the progress bars' lines aside)."""
+    err = capsys.readouterr().err.replace("\r", "\n")
+    return [line.strip() for line in err.splitlines() if line.strip().startswith("gqsa ")]
+
+
 def test_interrupted_compress_resumes_to_the_same_checkpoint(setup, monkeypatch, capsys):
     tmp, args = setup
     assert cli.main(args + ["--out", str(tmp / "a")]) == 0
@@ -45,10 +51,13 @@ def test_interrupted_compress_resumes_to_the_same_checkpoint(setup, monkeypatch,
 
     monkeypatch.setattr(wd.BlockStore, "save", save_then_interrupt)
     out = str(tmp / "b")
+    capsys.readouterr()
     assert cli.main(args + ["--out", out]) == 130
     assert not (tmp / "b").exists() and (tmp / "b.partial" / "block_0000.safetensors").is_file()
+    # one line that says what was kept and how to go on
+    assert _gqsa_lines(capsys) == [f"gqsa compress: interrupted; 1 finished block kept in {out}.partial: the same "
+                                   "command with --resume continues from there"]
     monkeypatch.setattr(wd.BlockStore, "save", save)
-    capsys.readouterr()
     assert cli.main(args + ["--out", out]) == 2
     assert "--resume" in capsys.readouterr().err
     assert cli.main(args + ["--out", out, "--resume"]) == 0
@@ -65,8 +74,9 @@ def test_resume_with_other_settings_is_refused_with_a_clear_message(setup, monke
     tmp, args = setup
     monkeypatch.setattr(wd.BlockStore, "save", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
     out = ["--out", str(tmp / "c"), "--stages", "bqpo"]
-    assert cli.main(args + out) == 130
     capsys.readouterr()
+    assert cli.main(args + out) == 130
+    assert _gqsa_lines(capsys) == ["gqsa compress: interrupted"]  # nothing kept: nothing to say
     assert cli.main(args + out + ["--resume", "--sparsity", "0.3"]) == 2
     err = capsys.readouterr().err
     assert "cannot resume" in err and "config.sparsity: was 0.5, now 0.3" in err

@@ -64,6 +64,15 @@ def _one_line_warning(command: str, show):
     return showwarning
 
 
+def _close_progress_bars() -> None:
+    """Close the progress bars a failed or interrupted command left open, so that its message is a line of its
+    own (not glued to the end of a bar)."""
+    tqdm = sys.modules.get("tqdm")
+    if tqdm is not None:
+        for bar in list(getattr(tqdm.tqdm, "_instances", ())):
+            bar.close()
+
+
 def main(argv=None) -> int:
     if "torch" not in sys.modules:  # see gqsa.runtime: idle OpenMP threads sleep instead of spinning
         OWN_PROCESS["value"] = True
@@ -81,15 +90,18 @@ def main(argv=None) -> int:
         if debug:
             raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        _close_progress_bars()
         print(f"gqsa {args.command}: error: {msg}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"gqsa {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # (a command may say what was kept: compress's finished blocks)
+        _close_progress_bars()
+        print(f"gqsa {args.command}: interrupted" + (f"; {e}" if str(e) else ""), file=sys.stderr)
         return 130
     except Exception as e:  # a bug in gqsa (or a library): one line; GQSA_DEBUG=1 shows the traceback
         if debug:
             raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        _close_progress_bars()
         print(f"gqsa {args.command}: internal error: {type(e).__name__}: {msg[:300]} (a bug? rerun with "
               f"GQSA_DEBUG=1 for the traceback and report it)", file=sys.stderr)
         return 2

@@ -183,5 +183,20 @@ def given_options(argv: list[str]) -> dict:
 def run(args) -> int:
     from ..workflow import compress_to_folder
 
-    return compress_to_folder(args.model, args.out, **options(args),
-                              before_load=lambda: apply_threads(args, default=False))
+    try:
+        return compress_to_folder(args.model, args.out, **options(args),
+                                  before_load=lambda: apply_threads(args, default=False))
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(resume_hint(args.out)) from None
+
+
+def resume_hint(out) -> str:
+    """What an interrupted run left to resume from: its finished blocks in ``OUT.partial`` (or nothing)."""
+    from pathlib import Path
+
+    work = Path(out).with_name(Path(out).name + ".partial")
+    n = len(list(work.glob("block_*.safetensors"))) if work.is_dir() else 0
+    if not n:
+        return ""
+    return (f"{n} finished block{'s' if n > 1 else ''} kept in {work}: the same command with --resume continues "
+            "from there")

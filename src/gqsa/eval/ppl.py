@@ -34,7 +34,7 @@ def window_length(model, context: int | None) -> int:
 def text_windows(source: str, tokenizer, context: int, max_windows: int | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """(all token ids of ``source``, its first ``max_windows`` non-overlapping ``[n, context]`` windows)."""
-    ids = calib.tokenize(calib.read_text(source, purpose="evaluation"), tokenizer)
+    ids = calib.tokenize(calib.read_text(source, purpose="evaluation"), tokenizer, str(source))
     n = ids.numel() // context
     if n == 0:
         raise ValueError(f"{source}: {ids.numel()} tokens are fewer than one window of {context}")
