@@ -165,3 +165,14 @@ def test_skip_warning_names_suffixes_that_match_no_linear(tiny_llama):
         compress_model(tiny_llama, GQSAConfig(skip=["mlp.down_prj"], stages="oneshot"), tokens(), "cpu", 4,
                        progress=False)
     assert skip_warning(tiny_llama, GQSAConfig(skip=["down_proj"])) is None  # a suffix of a name, not a path part
+
+
+def test_a_skip_that_leaves_nothing_to_compress_is_refused(tiny_llama):
+    """--skip '' (every name ends with it) or a suffix every linear shares: one clear error before any work
+    (was a ZeroDivisionError in the report after the run)."""
+    with pytest.raises(ValueError, match="an empty suffix matches every layer's name"):
+        GQSAConfig(skip=["mlp.down_proj", " "])
+    with pytest.raises(ValueError, match=r"^--skip proj skips every compressible linear \(14 of 14, e\.g\. "
+                                         r"model\.layers\.1\.mlp\.down_proj\): nothing would be compressed"):
+        compress_model(tiny_llama, GQSAConfig(skip=["proj"], stages="oneshot"), tokens(), "cpu", 4, progress=False)
+    assert not any(isinstance(m, GQSALinear) for m in tiny_llama.modules())

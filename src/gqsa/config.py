@@ -169,6 +169,9 @@ class GQSAConfig:
         quant.check_group_size(self.group_size)
         if not 0.0 <= self.sparsity < 1.0:
             raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
+        if any(not isinstance(s, str) or not s.strip() for s in self.skip):
+            raise ValueError(f"skip: an empty suffix matches every layer's name, got {self.skip!r}; give suffixes "
+                             "such as mlp.down_proj")
         for name, value, allowed in (("saliency", self.saliency, SALIENCIES),
                                      ("allocation", self.allocation, ALLOCATIONS),
                                      ("quant_init", self.quant_init, QUANT_INITS)):

@@ -51,6 +51,7 @@ def compress_model(model, config: GQSAConfig, tokens: torch.Tensor, device=None,
     are data-parallel and rank 0 alone writes ``workdir`` (:mod:`gqsa.distributed`).
     """
     device = default_device(device)
+    check_skip(model, config)
     if config.target_bits is not None:  # per-layer sparsity under the budget, recorded in the caller's config
         from .allocation import apply_target_bits
 
@@ -143,6 +144,16 @@ def sparsity_warning(model, config: GQSAConfig) -> str | None:
                        f"per row keep{'s' if worst[c][1] == 1 else ''} {worst[c][0]}" for c in far[:3])
     return (f"--sparsity {s:g} in groups of {g} will remove {removed / total:.0%} of the groups: every "
             f"row keeps whole groups, at least one ({detail}); a smaller --group-size comes closer")
+
+
+def check_skip(model, config: GQSAConfig) -> None:
+    """A ``ValueError`` when ``config.skip`` leaves no compressible linear to compress (a suffix as short as
+    ``proj`` matches them all): there would be nothing to write but the model itself."""
+    names = [name for name, _ in block_linears(model)]
+    if config.skip and names and all(any(n.endswith(s) for s in config.skip) for n in names):
+        raise ValueError(f"--skip {' '.join(config.skip)} skips every compressible linear ({len(names)} of "
+                         f"{len(names)}, e.g. {names[-1]}): nothing would be compressed; skip whole names' suffixes "
+                         "such as mlp.down_proj")
 
 
 def skip_warning(model, config: GQSAConfig) -> str | None:
