@@ -39,6 +39,11 @@ def test_bench_a_checkpoint_folder_as_stored_and_dequantized(s260k_folder):
         bench.run(["w4s50g16"], [1], folder=s260k_folder, device="cpu")
     with pytest.raises(ValueError, match="not both"):
         bench.run(["fp16"], [1], device="cpu")
+    # more positions than the model has (stories260K: 512): refused before any timing (was killed for memory)
+    with pytest.raises(ValueError, match=r"^--prompt-len 500 \+ --new-tokens 13 = 513 positions, beyond the model's "
+                                         r"context of 512: ask for at most 512 in all$"):
+        bench.run(["gqsa"], [1], folder=s260k_folder, device="cpu", prompt_len=500, new_tokens=13, repeats=1,
+                  log=lambda m: None)
 
 
 def test_dense_from_gqsa_matches_logits(s260k_folder):

@@ -209,6 +209,10 @@ def run(settings: list[str], batches: list[int], synthetic: str | None = None, f
             model = build_synthetic(synthetic, setting, device, seed=seed)
             if not cuda and isinstance(setting, Setting) and setting.kind != "tinygemm":
                 model = model.float()  # CPU: float32 compute (fp16 matmuls are slow or missing there)
+        limit = getattr(model.config, "max_position_embeddings", None)
+        if limit and prompt_len + new_tokens > limit:  # (positions it was not made for; attention past them blew up)
+            raise ValueError(f"--prompt-len {prompt_len} + --new-tokens {new_tokens} = {prompt_len + new_tokens} "
+                             f"positions, beyond the model's context of {limit}: ask for at most {limit} in all")
         size = weight_bytes(model)
         engine = Engine(model, compile_ops=compile_ops, fuse_projections=fuse, cuda_graphs=cuda_graphs,
                         decode_kernels=decode_kernels)
