@@ -167,6 +167,27 @@ def test_skip_warning_names_suffixes_that_match_no_linear(tiny_llama):
     assert skip_warning(tiny_llama, GQSAConfig(skip=["down_proj"])) is None  # a suffix of a name, not a path part
 
 
+def test_arguments_compress_cannot_take_are_one_clear_error(tiny_llama):
+    """What a Python user may pass by mistake — float ids, one flat window, a list, ids past the vocabulary, a
+    dict of settings — is one TypeError/ValueError naming the problem (each failed deep inside the model), and the
+    model is untouched."""
+    cfg = GQSAConfig(stages="oneshot")
+    good = tokens()
+    cases = [
+        (cfg, good.float(), ValueError, "must be integer token ids, got torch.float32"),
+        (cfg, good[0], ValueError, r"must be \[windows, tokens\] .* got shape \[32\]"),
+        (cfg, good[:, :1], ValueError, r"got shape \[10, 1\]"),
+        (cfg, good.tolist(), TypeError, "must be a torch.Tensor of token ids"),
+        (cfg, good + 10_000, ValueError, "outside the model's vocabulary"),
+        (cfg, good - 10_000, ValueError, "outside the model's vocabulary"),
+        ({"bits": 4}, good, TypeError, r"config must be a GQSAConfig, got dict \(GQSAConfig\(\*\*settings\)"),
+    ]
+    for config, toks, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            gqsa.compress(tiny_llama, config, toks, progress=False)
+    assert not any(isinstance(m, GQSALinear) for m in tiny_llama.modules())
+
+
 def test_a_skip_that_leaves_nothing_to_compress_is_refused(tiny_llama):
     """--skip '' (every name ends with it) or a suffix every linear shares: one clear error before any work
     (was a ZeroDivisionError in the report after the run)."""

@@ -50,6 +50,7 @@ def compress_model(model, config: GQSAConfig, tokens: torch.Tensor, device=None,
     Inside a ``torch.distributed`` process group of several ranks (``torchrun``), the trained stages
     are data-parallel and rank 0 alone writes ``workdir`` (:mod:`gqsa.distributed`).
     """
+    check_arguments(model, config, tokens)
     device = default_device(device)
     check_skip(model, config)
     if config.target_bits is not None:  # per-layer sparsity under the budget, recorded in the caller's config
@@ -144,6 +145,29 @@ def sparsity_warning(model, config: GQSAConfig) -> str | None:
                        f"per row keep{'s' if worst[c][1] == 1 else ''} {worst[c][0]}" for c in far[:3])
     return (f"--sparsity {s:g} in groups of {g} will remove {removed / total:.0%} of the groups: every "
             f"row keeps whole groups, at least one ({detail}); a smaller --group-size comes closer")
+
+
+def check_arguments(model, config, tokens) -> None:
+    """One clear ``TypeError``/``ValueError`` for arguments :func:`compress_model` cannot take (they failed deep
+    inside the model before: an embedding lookup of float ids, an index past the vocabulary, a dict's missing
+    attribute): ``config`` a :class:`GQSAConfig`, ``tokens`` an integer tensor ``[n, T]`` (n ≥ 1, T ≥ 2) of ids
+    below the model's vocabulary size."""
+    if not isinstance(config, GQSAConfig):
+        raise TypeError(f"config must be a GQSAConfig, got {type(config).__name__} (GQSAConfig(**settings) makes one)")
+    if not isinstance(tokens, torch.Tensor):
+        raise TypeError(f"the calibration tokens must be a torch.Tensor of token ids [windows, tokens], got "
+                        f"{type(tokens).__name__} (torch.tensor(ids) makes one; gqsa.calib.calibration_tokens cuts a "
+                        "text into windows)")
+    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+        raise ValueError(f"the calibration tokens must be integer token ids, got {tokens.dtype}")
+    if tokens.dim() != 2 or tokens.shape[0] < 1 or tokens.shape[1] < 2:
+        raise ValueError(f"the calibration tokens must be [windows, tokens] with at least 1 window of 2 tokens, got "
+                         f"shape {list(tokens.shape)}")
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if tokens.numel() and (int(tokens.min()) < 0 or (vocab and int(tokens.max()) >= vocab)):
+        raise ValueError(f"the calibration tokens hold ids from {int(tokens.min())} to {int(tokens.max())}, outside "
+                         f"the model's vocabulary (0 to {vocab - 1 if vocab else '?'}): tokenize with the model's own "
+                         "tokenizer")
 
 
 def check_skip(model, config: GQSAConfig) -> None:
