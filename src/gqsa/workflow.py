@@ -98,6 +98,8 @@ def compress_to_folder(model: str, out, *, calib: str, tokenizer: str | None = N
     for name, value in (("nsamples", nsamples), ("seqlen", seqlen), ("batch_size", batch_size)):
         if value is not None and value <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive")
+    if seqlen == 1:
+        raise ValueError("--seqlen must be at least 2: a calibration window of one token has nothing to predict")
     if quantize_lm_head is not None and method != "gqsa":
         raise ValueError(f"--quantize-lm-head applies to --method gqsa, not {method}")
     config = gqsa_config(bits=bits, group_size=group_size, sparsity=sparsity, saliency=saliency,

@@ -319,6 +319,15 @@ def test_compress_refuses_an_empty_out(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == "gqsa compress: error: --out is empty: name the folder to write"
 
 
+def test_compress_refuses_one_token_windows_before_loading(tmp_path, capsys):
+    """--seqlen 1 failed only after the model was loaded and sampling had begun, in the sampler's words."""
+    assert main(["compress", str(tmp_path / "no-model"), "--calib", "self", "--seqlen", "1", "--out",
+                 str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.strip() == ("gqsa compress: error: --seqlen must be at least 2: a calibration "
+                                               "window of one token has nothing to predict")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_counts_below_one_are_one_error_line(s260k_folder, asset, tmp_path, capsys):
     """eval --max-windows 0 / --batch-size 0 were internal errors from inside the model (a reshape of 0 elements,
     a split of size 0); report --max-windows 0 and negative --limit / --kl-windows likewise refused up front."""
