@@ -83,16 +83,20 @@ def test_the_stages_train_with_the_batch_size_of_the_windows(tiny_llama, monkeyp
     assert "up to 1 epochs of 8-window steps" in out.out + out.err
 
 
-def test_self_calibration_samples_full_windows_from_the_model(tiny_llama):
+def test_self_calibration_samples_full_windows_from_the_model(tiny_llama, capsys):
     from gqsa import calib
 
     class Tok:
         bos_token_id, eos_token_id = 1, 2
 
+    capsys.readouterr()
     a = calib.calibration_tokens("self", Tok(), nsamples=5, seqlen=12, seed=3, model=tiny_llama)
+    # a progress bar over the decoding steps (one batch of 5 windows: 11 steps), with its time estimate
+    assert "sampling calibration text: 100%" in capsys.readouterr().err.replace("\r", "\n")
     assert a.shape == (5, 12) and a.dtype == torch.long and (a[:, 0] == 1).all()
     assert 0 <= int(a.min()) and int(a.max()) < tiny_llama.config.vocab_size
-    assert torch.equal(a, calib.self_tokens(tiny_llama, Tok(), 5, 12, seed=3))  # seeded
+    assert torch.equal(a, calib.self_tokens(tiny_llama, Tok(), 5, 12, seed=3, progress=False))  # seeded
+    assert capsys.readouterr().err == ""
     assert not torch.equal(a, calib.self_tokens(tiny_llama, Tok(), 5, 12, seed=4))
     with pytest.raises(ValueError, match="pass model="):
         calib.calibration_tokens("self", Tok(), 5, 12)

@@ -72,13 +72,14 @@ def sample_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int = 0)
 
 
 def calibration_tokens(source: str, tokenizer, nsamples: int = 128, seqlen: int = 2048, seed: int = 0,
-                       model=None):
+                       model=None, progress: bool = True):
     """``[nsamples, seqlen]`` calibration windows of a text file or dataset name, or, for ``source ==
-    "self"``, sampled from ``model`` itself (:func:`self_tokens`: for a model without data of its domain)."""
+    "self"``, sampled from ``model`` itself (:func:`self_tokens`: for a model without data of its domain;
+    ``progress``: its bar)."""
     if source == SELF:
         if model is None:
             raise ValueError("--calib self samples the calibration text from the model: pass model=")
-        return self_tokens(model, tokenizer, nsamples, seqlen, seed)
+        return self_tokens(model, tokenizer, nsamples, seqlen, seed, progress=progress)
     return sample_windows(tokenize(read_text(source, "calibration"), tokenizer, source), nsamples, seqlen, seed)
 
 
@@ -86,10 +87,12 @@ SELF = "self"
 
 
 @torch.no_grad()
-def self_tokens(model, tokenizer, nsamples: int, seqlen: int, seed: int = 0, batch_size: int = 32) -> torch.Tensor:
+def self_tokens(model, tokenizer, nsamples: int, seqlen: int, seed: int = 0, batch_size: int = 32,
+                progress: bool = True) -> torch.Tensor:
     """``[nsamples, seqlen]`` windows sampled from ``model`` (temperature 1, the full distribution), each
     starting at the tokenizer's BOS; seeded, so the same call gives the same windows. Sampling goes on
-    through end-of-sequence tokens (the model starts a new text), so every window is full length."""
+    through end-of-sequence tokens (the model starts a new text), so every window is full length. ``progress``:
+    a bar of the decoding steps, with its estimate of the time left (minutes for a large model at long windows)."""
     if nsamples <= 0 or seqlen <= 1:
         raise ValueError(f"nsamples must be positive and seqlen > 1, got {nsamples} and {seqlen}")
     bos = getattr(tokenizer, "bos_token_id", None)
@@ -102,8 +105,12 @@ def self_tokens(model, tokenizer, nsamples: int, seqlen: int, seed: int = 0, bat
     device = next(model.parameters()).device
     # transformers >= 5.2x names the KV cache argument and output `cache` (`past_key_values` before)
     key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    from tqdm.auto import tqdm
+
     g = torch.Generator().manual_seed(seed)
     out = []
+    bar = tqdm(total=-(-nsamples // batch_size) * (seqlen - 1), desc="sampling calibration text", unit="step",
+               disable=not progress)
     for start in range(0, nsamples, batch_size):
         b = min(batch_size, nsamples - start)
         ids = torch.full((b, 1), int(bos), dtype=torch.long)
@@ -114,7 +121,9 @@ def self_tokens(model, tokenizer, nsamples: int, seqlen: int, seed: int = 0, bat
             probs = torch.softmax(o.logits[:, -1].float().cpu(), -1)
             ids = torch.multinomial(probs, 1, generator=g)
             seq.append(ids)
+            bar.update()
         out.append(torch.cat(seq, 1))
+    bar.close()
     return torch.cat(out)
 
 
