@@ -41,6 +41,26 @@ def test_saved_folder_loads_back_with_bitwise_equal_logits(compressed, tmp_path)
     assert gen.shape == (1, 9)
 
 
+def test_load_arguments_are_checked_first(compressed, tmp_path):
+    """gqsa.load(folder, device=…, dtype=…) from Python: a device this PyTorch cannot use was an AssertionError from
+    inside torch after the folder was read, a dtype name an "Invalid device string"; now one ValueError each, and a
+    dtype may be given by name."""
+    model, tokens = compressed
+    out = gqsa.save(model, tmp_path / "ck")
+    with pytest.raises(ValueError, match="^device 'cdua': not a device name"):
+        gqsa.load(out, device="cdua")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="^device 'cuda': this PyTorch .* has no CUDA GPU to use"):
+            gqsa.load(out, device="cuda")
+    with pytest.raises(ValueError, match=r"^dtype 'float64': the dense tensors load as one of float32, float16, "
+                                         r"bfloat16 \(or None: as stored\)$"):
+        gqsa.load(out, dtype="float64")
+    loaded, _ = gqsa.load(out, dtype="bfloat16")
+    assert loaded.get_input_embeddings().weight.dtype == torch.bfloat16
+    with pytest.raises(FileExistsError, match=r"already exists; choose another folder or overwrite it \(overwrite=True"):
+        gqsa.save(model, out)  # (the API's words, not the command line's)
+
+
 def test_sharded_checkpoint(compressed, tmp_path):
     model, tokens = compressed
     out = gqsa.save(model, tmp_path / "ck", max_shard_size="20KB")

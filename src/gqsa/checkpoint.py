@@ -47,7 +47,7 @@ from .checkpoint_checks import (  # noqa: F401  (public names of the folder chec
 from .folder_io import (  # noqa: F401  (re-exported)
     INCOMPLETE, REPORT, UNCHECKED, atomic_folder, checksummed_files, remove_stale_temporaries, sha256, write_json_atomic, write_report)
 from .format import TENSOR_NAMES, FormatError, PackedLinear
-from .modules import replace_submodule
+from .modules import default_device, replace_submodule
 from .nn import GQSALinear
 
 
@@ -163,16 +163,31 @@ def packed_layers(folder, verify: bool = True) -> dict[str, PackedLinear]:
     return layers
 
 
+def _dense_dtype_arg(dtype):
+    """``dtype`` of :func:`load` as a torch dtype among ``DENSE_DTYPES`` (a name such as ``"bfloat16"`` too), or
+    None."""
+    if dtype is None:
+        return None
+    resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if resolved not in DENSE_DTYPES:
+        names = ", ".join(str(d).removeprefix("torch.") for d in DENSE_DTYPES)
+        raise ValueError(f"dtype {dtype!r}: the dense tensors load as one of {names} (or None: as stored)")
+    return resolved
+
+
 def load(folder, device="cpu", dtype: torch.dtype | None = None, verify: bool = True):
     """Load a GQSA checkpoint folder into a transformers model with :class:`GQSALinear` layers.
 
     Returns ``(model, tokenizer)`` (tokenizer ``None`` if the folder has none). Everything is checked
     (see the module's docstring) before the model is built on the meta device, so nothing dense is
     allocated for the compressed linears and nothing at all for a folder that is refused. ``dtype``:
-    the dense tensors' dtype (default: as stored); the packed tensors keep theirs.
+    the dense tensors' dtype (a ``torch.dtype`` or its name; default: as stored); the packed tensors keep theirs.
+    ``device`` is checked first (one ``ValueError`` for a device this machine has not got).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+    device = default_device(device) if device is not None else None  # (None: where it is built, the CPU)
+    dtype = _dense_dtype_arg(dtype)
     folder = Path(folder)
     config_dict, qc = read_quantization_config(folder)
     origin: dict = {}

@@ -75,7 +75,8 @@ def atomic_folder(folder, overwrite: bool = False):
     process is killed; the next save to the same ``folder`` removes such leftovers."""
     folder = Path(folder)
     if folder.exists() and not overwrite:
-        raise FileExistsError(f"{folder} already exists; choose another --out or pass --overwrite")
+        raise FileExistsError(f"{folder} already exists; choose another folder or overwrite it (overwrite=True; "
+                              "--overwrite on the command line)")
     folder.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(folder)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.{os.getpid()}.", suffix=".tmp", dir=folder.parent))
