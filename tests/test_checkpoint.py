@@ -57,7 +57,7 @@ def test_load_arguments_are_checked_first(compressed, tmp_path):
         gqsa.load(out, dtype="float64")
     loaded, _ = gqsa.load(out, dtype="bfloat16")
     assert loaded.get_input_embeddings().weight.dtype == torch.bfloat16
-    with pytest.raises(FileExistsError, match=r"already exists; choose another folder or overwrite it \(overwrite=True"):
+    with pytest.raises(FileExistsError, match=r"already exists; choose another folder or overwrite it \(overwrite="):
         gqsa.save(model, out)  # (the API's words, not the command line's)
 
 
