@@ -103,20 +103,22 @@ def test_synthetic_quantized_head_setting():
 
 
 def test_memory_needed_counts_what_the_build_allocates(monkeypatch):
-    """The estimate ``gqsa bench`` checks: on a GPU the weights as built plus one copy of the packed bytes per
-    kernel layout (a tile copy for row masks, block and mma layouts for clusters); on a CPU float32 (twice the fp16
+    """The estimate ``gqsa bench`` checks: on a GPU the dense weights as built and the packed bytes with their
+    kernels' layouts (``block_layout.resident_bytes``: the measured factors); on a CPU float32 (twice the fp16
     build) and the float32 weight cache of every GQSA layer, unless it is switched off."""
     from gqsa.bench.synthetic import MEMORY_OVERHEAD, memory_needed
+    from gqsa.kernels.block_layout import resident_bytes
 
     fp16 = weight_bytes(build_synthetic("tiny", "fp16", "cpu"))
     assert memory_needed("tiny", "fp16", "cuda") == fp16 + MEMORY_OVERHEAD
     assert memory_needed("tiny", "fp16", "cpu") == 2 * fp16 + MEMORY_OVERHEAD
-    for name, copies in (("w4s50g16", 1), ("w4s30g16c64", 2)):
+    for name, kind in (("w4s50g16", "irregular"), ("w4s30g16c64", "block")):
         model = build_synthetic("tiny", name, "cpu")
         layers = [m for m in model.modules() if isinstance(m, GQSALinear)]
         packed = sum(b.numel() * b.element_size() for m in layers for b in m.buffers())
         dense = sum(m.in_features * m.out_features for m in layers)
-        assert memory_needed("tiny", name, "cuda") == weight_bytes(model) + copies * packed + MEMORY_OVERHEAD
+        assert memory_needed("tiny", name, "cuda") == (weight_bytes(model) - packed + resident_bytes(packed, kind)
+                                                       + MEMORY_OVERHEAD)
         cached = memory_needed("tiny", name, "cpu")
         monkeypatch.setenv("GQSA_CPU_WEIGHT_CACHE", "0")
         assert cached - memory_needed("tiny", name, "cpu") == 4 * dense

@@ -90,9 +90,18 @@ def test_inspect_bits_per_weight_matches_the_design_formula(folder, capsys):
     layouts = [row["kernel_layout"] for row in info["layers"]]
     assert set(layouts) <= {"irregular"} | {f"cluster{r}" for r in (16, 32, 64, 128)} and "irregular" in layouts
     assert sum(info["totals"]["kernel_layouts"].values()) == len(layouts)
+    # the GPU estimate: the dense tensors as stored, each compressed layer's bytes times its layouts' factor
+    from gqsa.kernels.block_layout import RESIDENT_PER_PACKED_BYTE as f
+
+    packed = sum(row["bytes"] for row in info["layers"])
+    gpu = info["totals"]["gpu_bytes_estimate"]
+    dense = gpu - sum(int(f["irregular" if row["kernel_layout"] == "irregular" else "block"] * row["bytes"])
+                      for row in info["layers"])
+    assert 0 < dense < info["totals"]["safetensors_bytes"] - packed + 4096  # (the header and indices aside)
     assert main(["inspect", str(folder)]) == 0
     out = capsys.readouterr().out
     assert "bits/weight" in out and f"{layouts.count('irregular')} irregular" in out
+    assert f"on a GPU, with the kernels' layouts: about {gpu:,} bytes of weights" in out
 
 
 def _err(capsys):

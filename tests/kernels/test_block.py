@@ -398,3 +398,43 @@ def test_cluster128_layers_take_the_block_order_store_from_17_rows():
         x = torch.randn(m, k, generator=gen).half()
         assert plan.path(m) == "block"
         check(plan(x), x, p, None)
+
+
+def _device_bytes(*objects) -> int:
+    """Bytes of the distinct tensor storages held by ``objects`` (their attributes, three levels down)."""
+    seen = {}
+
+    def walk(obj, depth=0):
+        if isinstance(obj, torch.Tensor):
+            seen.setdefault(obj.untyped_storage().data_ptr(), obj.untyped_storage().nbytes())
+        elif depth <= 3 and hasattr(obj, "__dict__"):
+            for v in vars(obj).values():
+                for e in v if isinstance(v, (list, tuple)) else (v,):
+                    walk(e, depth + 1)
+
+    for o in objects:
+        walk(o)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("kind", ["row", "block64", "cluster64"])
+def test_resident_factors_match_what_the_plans_hold(kind):
+    """block_layout.RESIDENT_PER_PACKED_BYTE (what `gqsa inspect` and `gqsa bench`'s memory check count) against
+    what a layer's plan holds: its packed tensors, the GEMV's, the block kernel's or tile GEMM's layout and, for
+    block layers, the hand-written kernel's. Within 0.25 below the factor: a layout change that moves them fails."""
+    from gqsa.bench.synthetic import random_packed
+    from gqsa.kernels.mma_layout import build_mma_layout
+
+    gen = torch.Generator().manual_seed(0)
+    sparsity, g = (0.3, 64) if kind == "cluster64" else (0.5, 16)
+    p = random_packed(1024, 2048, sparsity, 4, g, "cpu", gen, block_rows=64 if kind != "row" else 0,
+                      clustered=kind == "cluster64")
+    plan = dispatch.LinearPlan(p)
+    plan.gemv  # (built on first use for block layers)
+    layout = block_layout.kernel_layout(p)
+    assert (layout == "irregular") == (kind == "row")
+    held = [p, plan] + ([build_mma_layout(plan.block)] if plan.block is not None else [])
+    ratio = _device_bytes(*held) / p.nbytes()
+    factor = block_layout.RESIDENT_PER_PACKED_BYTE["irregular" if kind == "row" else "block"]
+    assert factor - 0.25 <= ratio <= factor, ratio
+    assert block_layout.resident_bytes(p.nbytes(), layout) == int(factor * p.nbytes())

@@ -22,6 +22,7 @@ from torch import nn
 from ..allocation import packed_bits
 from ..config import LM_HEAD_BITS
 from ..format import PackedLinear
+from ..kernels.block_layout import resident_bytes
 from ..head import HEAD_GROUP
 from ..nn import GQSALinear, cpu_weight_cache_default
 from ..prune import kept_groups
@@ -176,9 +177,8 @@ def _parameter_shapes(arch: str) -> tuple[int, tuple]:
 
 def memory_needed(arch: str, setting: Setting | str, device) -> int:
     """Bytes a benchmark of ``setting`` on ``arch`` takes on ``device`` at its peak, roughly: on a GPU the
-    weights as built (fp16; a GQSA layer's packed bytes with its kernels' layouts: twice for row masks, canonical
-    and tile layout; three times for block and cluster masks, canonical, block-kernel and hand-written-kernel
-    layouts); on a CPU the float32 model the benchmark computes in (4 bytes per
+    weights as built (fp16; a GQSA layer's packed bytes with its kernels' layouts,
+    :func:`gqsa.kernels.block_layout.resident_bytes`); on a CPU the float32 model the benchmark computes in (4 bytes per
     weight; GQSA layers cache their dequantized float32 weight there, unless ``GQSA_CPU_WEIGHT_CACHE=0``), plus
     ``MEMORY_OVERHEAD``. What :func:`gqsa.commands.bench` checks before building anything."""
     setting = parse_setting(setting) if isinstance(setting, str) else setting
@@ -193,7 +193,8 @@ def memory_needed(arch: str, setting: Setting | str, device) -> int:
     packed = sum(packed_bits(n, k, kept_groups(math.ceil(k / g), setting.sparsity), setting.bits, g)
                  for n, k in shapes) // 8
     if cuda:
-        return 2 * (total - linear) + (3 if setting.block_rows else 2) * packed + MEMORY_OVERHEAD
+        return 2 * (total - linear) + resident_bytes(packed, "block" if setting.block_rows else "irregular") \
+            + MEMORY_OVERHEAD
     return 4 * (total - linear) + packed + (4 * linear if cpu_weight_cache_default() else 0) + MEMORY_OVERHEAD
 
 

@@ -19,19 +19,22 @@ def add_parser(sub):
 
 def run(args) -> int:
     from .. import checkpoint, report
-    from ..kernels.block_layout import kernel_layout
+    from ..kernels.block_layout import kernel_layout, resident_bytes
 
     packed = checkpoint.packed_layers(args.folder, verify=not args.no_verify)
     tensors = checkpoint.read_tensors(args.folder, verify=False)
     packed_names = {f"{n}.{t}" for n in packed for t in ("row_ptr", "col_idx", "qweight", "scales", "zeros", "bias")}
     dense = sum(t.numel() for n, t in tensors.items() if n not in packed_names)
+    dense_bytes = sum(t.numel() * t.element_size() for n, t in tensors.items() if n not in packed_names)
     rows = report.layer_rows(packed)
     for row in rows:
         row["kernel_layout"] = kernel_layout(packed[row["name"]])
     tot = report.totals(packed, dense, Path(args.folder))
     layouts = Counter(row["kernel_layout"] for row in rows)
+    gpu = dense_bytes + sum(resident_bytes(r["bytes"], r["kernel_layout"]) for r in rows)
     if args.json:
-        print(json.dumps({"layers": rows, "totals": {**tot, "kernel_layouts": dict(layouts)}}, indent=2))
+        print(json.dumps({"layers": rows, "totals": {**tot, "kernel_layouts": dict(layouts),
+                                                      "gpu_bytes_estimate": gpu}}, indent=2))
         return 0
     w = max(len(r["name"]) for r in rows)
     print(f"{'layer':<{w}}  {'shape':>12}  {'bits':>4}  {'G':>3}  {'sparsity':>8}  {'bytes':>10}  "
@@ -47,4 +50,7 @@ def run(args) -> int:
           + " (blockR/clusterR: the block tensor-core kernel from batch 2; irregular: the GEMV and tile GEMM)")
     print(f"whole model on disk: {tot['safetensors_bytes']:,} bytes = {tot['size_vs_fp16']:.3f} x fp16 "
           f"({tot['model_fp16_bytes']:,} bytes; dense tensors: {dense:,} values)")
+    print(f"on a GPU, with the kernels' layouts: about {gpu:,} bytes of weights ({gpu / 2**30:.2f} GiB: a compressed "
+          "layer holds about 2.3x its bytes with row masks, up to 3.2x with block/cluster masks; the KV cache and "
+          "activations come on top)")
     return 0

@@ -124,6 +124,21 @@ def detect_block_rows(packed: PackedLinear, candidates=BLOCK_ROWS) -> int | None
     return best
 
 
+# On a GPU a layer's plan (gqsa.kernels.dispatch.LinearPlan) holds its canonical tensors and its kernels' layouts;
+# per packed byte, measured on 4096×4096 W4 layers (session 13; tests/kernels/test_block.py checks them on smaller
+# ones): row masks 2.30 (the tile GEMM's permuted copy, the GEMV's scale words), block and cluster masks 2.23, and
+# 3.16 once the hand-written kernel's layout is built (the first batch of 2-8 rows).
+RESIDENT_PER_PACKED_BYTE = {"irregular": 2.35, "block": 3.2}  # (upper bounds of those figures)
+
+
+def resident_bytes(packed_bytes: int, layout: str) -> int:
+    """About how many bytes of GPU memory a layer of ``packed_bytes`` with kernel ``layout`` (as
+    :func:`kernel_layout` names it) takes once its plan is built (at most: the block layers' hand-written-kernel
+    layout is built at the first batch of 2-8 rows)."""
+    kind = "irregular" if layout == "irregular" else "block"
+    return int(RESIDENT_PER_PACKED_BYTE[kind] * packed_bytes)
+
+
 def kernel_layout(packed: PackedLinear) -> str:
     """Which kernels a packed layer can use, as ``gqsa inspect`` prints it: ``blockR`` (block-uniform with
     R rows: the block kernel), ``clusterR`` (R-row clusters through a row map: the block kernel) or
