@@ -50,7 +50,8 @@ def run(args) -> int:
           + " (blockR/clusterR: the block tensor-core kernel from batch 2; irregular: the GEMV and tile GEMM)")
     print(f"whole model on disk: {tot['safetensors_bytes']:,} bytes = {tot['size_vs_fp16']:.3f} x fp16 "
           f"({tot['model_fp16_bytes']:,} bytes; dense tensors: {dense:,} values)")
-    print(f"on a GPU, with the kernels' layouts: about {gpu:,} bytes of weights ({gpu / 2**30:.2f} GiB: a compressed "
+    size = f"{gpu / 2**30:.2f} GiB" if gpu >= 2**30 else f"{gpu / 2**20:.1f} MiB"
+    print(f"on a GPU, with the kernels' layouts: about {gpu:,} bytes of weights ({size}: a compressed "
           "layer holds about 2.3x its bytes with row masks, up to 3.2x with block/cluster masks; the KV cache and "
           "activations come on top)")
     return 0
