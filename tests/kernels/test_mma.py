@@ -138,6 +138,27 @@ def test_dispatch_without_the_kernel_keeps_the_triton_block_path(monkeypatch):
     assert plan.path(4) == "block"
 
 
+def test_building_a_plan_compiles_nothing_and_a_failed_probe_falls_back_once(monkeypatch):
+    """Loading a model builds every layer's plan: the probe compilation of the hand-written kernel waits for the
+    first call in its range (was at the first block layer's plan, on every load). Where the probe fails there, the
+    layer falls back to the Triton block kernel for good, with the right result; the probe runs once per device."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    probes = []
+    monkeypatch.setattr(mma_gemm, "may_run", lambda device: True)
+    monkeypatch.setattr(dispatch, "mma_may_run", lambda device: True)
+    monkeypatch.setattr(mma_gemm, "_compiles", lambda index: probes.append(index) or False)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    p = make_layer(64, 256, 16, 64)
+    plan = dispatch.LinearPlan(p)
+    assert plan.mma_ok and plan.path(4) == "mma" and probes == []  # the plan says mma; nothing compiled yet
+    x = torch.randn(4, 256).half()
+    check(plan(x), x, p)  # the first call: the probe fails, the Triton kernel serves
+    assert probes == [0] and not plan.mma_ok and plan.path(4) == "block"
+    check(plan(x), x, p)
+    assert probes == [0]  # (the plan remembers)
+
+
 def test_the_cuda_source_ships_with_the_package():
     """The kernel is compiled from the installed package's ``mma_block.cu`` (package data in pyproject.toml)."""
     src = mma_gemm._source()

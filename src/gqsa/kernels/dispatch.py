@@ -56,7 +56,7 @@ from .block_layout import BLOCK_ROWS, build_block_layout, detect_block_rows, det
 from .gemm import GemmCall, GemmConfig, num_sms
 from .layout import build_tile_layout
 from .mma_gemm import MmaCall, MmaConfig
-from .mma_gemm import available as mma_available
+from .mma_gemm import available as mma_available, may_run as mma_may_run
 from .mma_layout import build_mma_layout, unsupported as mma_unsupported
 
 
@@ -385,9 +385,10 @@ class LinearPlan:
         if self.kernel_ok and self._gemv is None and (self.block is None or self.table.block.gemv_max_m > 0):
             self._gemv = gemv.prepare(packed)
         self.sms = num_sms(self.device)
-        # the hand-written kernel (block layers it takes, on a GPU where it compiles); its layout on first use
+        # the hand-written kernel (block layers it takes, on a GPU where it may run): compiled, and its layout built, at
+        # the first call in its range (loading a model compiles nothing)
         self.mma_ok = (self.block is not None and self.table.block.mma_upto(self.block.rows) > 0
-                       and mma_unsupported(self.block) is None and mma_available(self.device))
+                       and mma_unsupported(self.block) is None and mma_may_run(self.device))
         self._mma = None
         self.dense_min_m = dense_min_m
         self._dense = None
@@ -491,7 +492,11 @@ class LinearPlan:
         return y
 
     def _mma_call(self, m: int, has_bias: bool, stride_x: int):
-        """The hand-written kernel's call, or None (then for good) where a specialization does not compile."""
+        """The hand-written kernel's call, or None (then for good) where it does not compile: the probe compilation
+        of :func:`~gqsa.kernels.mma_gemm.available` (once per device) at the first call, then this specialization."""
+        if not mma_available(self.device):
+            self.mma_ok = False
+            return None
         try:
             return MmaCall(self.mma, MmaConfig(), m, has_bias, stride_x, self.packed.shape[0], self.sms)
         except (RuntimeError, ValueError) as e:

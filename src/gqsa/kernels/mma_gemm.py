@@ -30,15 +30,22 @@ def _source() -> str:
     return resources.files("gqsa.kernels").joinpath("mma_block.cu").read_text()
 
 
-def available(device) -> bool:
-    """Whether the hand-written kernel can run on ``device``: CUDA, compute capability ≥ 8.0 (mma.sync
-    m16n8k16), PyTorch's NVRTC helper present, not switched off by ``GQSA_MMA=0``, and a first compilation
-    that worked (a failure is reported once, as a warning, and the Triton kernel serves)."""
+def may_run(device) -> bool:
+    """Whether the hand-written kernel may run on ``device``, without compiling anything: CUDA, compute
+    capability ≥ 8.0 (mma.sync m16n8k16), PyTorch's NVRTC helper present, not switched off by ``GQSA_MMA=0``."""
     device = torch.device(device)
     if device.type != "cuda" or os.environ.get("GQSA_MMA", "1").strip() in ("0", "off", "false", "no"):
         return False
-    if torch.cuda.get_device_capability(device) < (8, 0) or not hasattr(torch.cuda, "_compile_kernel"):
+    return torch.cuda.get_device_capability(device) >= (8, 0) and hasattr(torch.cuda, "_compile_kernel")
+
+
+def available(device) -> bool:
+    """:func:`may_run`, and a first compilation on the device that worked (once per device; a failure is
+    reported once, as a warning, and the Triton kernel serves). The dispatch asks this at a layer's first call
+    in the kernel's range, not when it builds the layer's plan (loading a model compiles nothing)."""
+    if not may_run(device):
         return False
+    device = torch.device(device)
     return _compiles(device.index if device.index is not None else torch.cuda.current_device())
 
 
@@ -151,4 +158,4 @@ def launch_mma(x2: torch.Tensor, layout: MmaLayout, bias: torch.Tensor | None, y
     return call(x2, bias, y)
 
 
-__all__ = ["MAX_M", "MmaCall", "MmaConfig", "available", "launch_mma"]
+__all__ = ["MAX_M", "MmaCall", "MmaConfig", "available", "launch_mma", "may_run"]
