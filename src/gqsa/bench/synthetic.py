@@ -22,8 +22,8 @@ from torch import nn
 from ..allocation import packed_bits
 from ..config import LM_HEAD_BITS
 from ..format import PackedLinear
-from ..kernels.block_layout import resident_bytes
 from ..head import HEAD_GROUP
+from ..kernels.block_layout import resident_bytes
 from ..nn import GQSALinear, cpu_weight_cache_default
 from ..prune import kept_groups
 
