@@ -28,7 +28,8 @@ def test_given_options_are_only_those_on_the_command_line():
                                                                                  "grad_checkpointing": False}
     assert compress.given_options(["--stages", "bqpo+e2e"]) == {"stages": "bqpo+e2e"}  # given, though the default
     assert compress.given_options([]) == {}
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^not gqsa compress arguments \(argument --bits: invalid choice: 5 "
+                                         r"\(choose from 2, 3, 4, 8\)\): --bits 5$"):
         compress.given_options(["--bits", "5"])
 
 

@@ -41,3 +41,14 @@ def test_parse_row():
     for bad in ("noequals", "=--method gqsa", "a b=--bits 4"):
         with pytest.raises(ValueError):
             report.parse_row(bad)
+    # refused when the rows are read, before any row runs, saying why (an unparsable row failed only when its turn
+    # came; an --out in a row was ignored without a word)
+    with pytest.raises(ValueError, match=r"^row x: not gqsa compress arguments \(argument --bits: invalid choice: 5"):
+        report.parse_row("x=--bits 5")
+    with pytest.raises(ValueError, match=r"^row y: --out is the report's to choose"):
+        report.parse_row("y=--sparsity 0.3 --out elsewhere")
+    with pytest.raises(ValueError, match=r"^--gqsa-args: --out is the report's to choose"):
+        report.rows_from_cli(["gqsa-w4s50g16"], None, gqsa_args=["--out=elsewhere"])
+    with pytest.raises(ValueError, match=r"^--gqsa-args, row gqsa-w4s50g16: not gqsa compress arguments \(argument "
+                                         r"--mask: expected one argument\)"):
+        report.rows_from_cli(["gqsa-w4s50g16"], None, gqsa_args=["--mask"])

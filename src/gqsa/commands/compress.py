@@ -165,17 +165,24 @@ def options(args) -> dict:
 _UNSET = object()
 
 
+class _RaisingParser(argparse.ArgumentParser):
+    """A parser whose errors are a ``ValueError`` with argparse's message (not a usage text and an exit)."""
+
+    def error(self, message):
+        raise ValueError(message)
+
+
 def given_options(argv: list[str]) -> dict:
     """The options ``gqsa compress`` arguments ``argv`` give (the model and --out apart), as keyword
-    arguments of :func:`gqsa.workflow.compress_to_folder`; ``ValueError`` when they do not parse."""
-    parser = argparse.ArgumentParser(prog="gqsa compress", add_help=False)
+    arguments of :func:`gqsa.workflow.compress_to_folder`; ``ValueError`` (saying why) when they do not parse."""
+    parser = _RaisingParser(prog="gqsa compress", add_help=False)
     add_arguments(parser)
     base = ["\0MODEL", "--calib", "\0CALIB", "--out", "\0OUT"]  # (a --calib in argv wins, as on a command line)
     try:
         full = parser.parse_args([*base, *argv])
         given = parser.parse_args([*base, *argv], namespace=argparse.Namespace(**{k: _UNSET for k in vars(full)}))
-    except SystemExit:
-        raise ValueError(f"not gqsa compress arguments: {' '.join(argv)}") from None
+    except ValueError as e:
+        raise ValueError(f"not gqsa compress arguments ({e}): {' '.join(argv)}") from None
     return options(argparse.Namespace(**{k: getattr(full, k) for k, v in vars(given).items()
                                          if v is not _UNSET and not (k == "calib" and v == "\0CALIB")}))
 

@@ -37,7 +37,8 @@ def add_parser(sub):
     p.add_argument("--gqsa-stage", default="oneshot",
                    help="training stages of the default GQSA rows (passed as --stages when compress has it; "
                         "default oneshot)")
-    p.add_argument("--gqsa-args", default="", help="further `gqsa compress` arguments for every GQSA row (one string)")
+    p.add_argument("--gqsa-args", default="", help="further `gqsa compress` arguments for every GQSA row (one string, "
+                   "given with '=' since it starts with a dash: --gqsa-args='--mask rerank4')")
     p.add_argument("--context", type=int, default=None, help="perplexity window (default min(2048, model max))")
     p.add_argument("--max-windows", type=int, default=None, help="perplexity on the first N windows only")
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
@@ -67,11 +68,17 @@ def parse_row(spec: str):
     if not all(c.isalnum() or c in "-_." for c in name):
         raise ValueError(f"row name '{name}' may hold only letters, digits, '-', '_' and '.'")
     args = shlex.split(rest)
+    _refuse_out(args, f"row {name}")
     try:
         options = given_options(args)
-    except ValueError:
-        return Row(name, name, args, family_of(args), None)
+    except ValueError as e:  # (before any row runs: a typo in the last row would waste the hours of the others)
+        raise ValueError(f"row {name}: {e}") from None
     return Row(name, label(options) or name, args, family_of(args), options)
+
+
+def _refuse_out(args: list[str], who: str) -> None:
+    if any(a == "--out" or a.startswith("--out=") for a in args):
+        raise ValueError(f"{who}: --out is the report's to choose (it writes OUT/checkpoints/NAME); leave it out")
 
 
 def auto_label(args: list[str]) -> str | None:
@@ -92,8 +99,12 @@ def row_args(row, gqsa_stage: str = "oneshot", gqsa_args: list[str] | None = Non
     row = with_stage(row, gqsa_stage)
     if row.family != "gqsa" or not gqsa_args:
         return row
+    _refuse_out(list(gqsa_args), "--gqsa-args")
     args = row.args + list(gqsa_args)
-    return Row(row.name, row.label, args, row.family, given_options(args))
+    try:
+        return Row(row.name, row.label, args, row.family, given_options(args))
+    except ValueError as e:
+        raise ValueError(f"--gqsa-args, row {row.name}: {e}") from None
 
 
 def rows_from_cli(only: list[str] | None, extra: list[str] | None, gqsa_stage: str = "oneshot",
