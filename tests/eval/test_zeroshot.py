@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -154,8 +155,23 @@ def test_real_task_files_parse(asset):
     folder = asset("data/zeroshot")
     for name in zs.TASKS:
         _, path, kind = zs.resolve_task(name, folder)
-        docs = zs.load_docs(path, limit=5)
+        docs = zs.load_docs(path, limit=5, kind=kind)
         assert len(docs) == 5 and all(zs.requests_for(d, kind) for d in docs)
+
+
+def test_a_broken_task_file_is_one_error_naming_the_file_and_line(tmp_path):
+    """A line that is not JSON was a bare "Expecting value: line 1 column 1" (no file named), a document without
+    the task's fields a KeyError inside the scoring, an empty file an average accuracy of nan with exit status 0."""
+    bad = tmp_path / "piqa.jsonl"
+    cases = [('{"query": "q", "choices": ["a", "b"], "gold": 0}\n\nnot json\n', "line 3: not JSON"),
+             ('["a list"]\n', "line 1: not a JSON object"),
+             ('{"query": "q", "gold": 0}\n', "line 1: a document of this task needs query, choices; choices missing"),
+             ("\n", "no documents in the task file")]
+    for text, want in cases:
+        bad.write_text(text)
+        sep = " " if want.startswith("line") else ": "
+        with pytest.raises(ValueError, match="^" + re.escape(f"{bad}{sep}{want}")):
+            zs.load_docs(bad, kind="mc")
 
 
 def test_lm_eval_harness_scores_agree_with_ours(stories260k):

@@ -82,15 +82,33 @@ def resolve_task(task: str, tasks_dir=None) -> tuple[str, Path, str]:
     return name, path, TASKS[name][1]
 
 
-def load_docs(path, limit: int | None = None) -> list[dict]:
-    """The first ``limit`` rows of a task file (all when None)."""
+# the fields a document of each kind needs (requests_for)
+FIELDS = {"mc": ("query", "choices"), "schema": ("context_options", "continuation"), "lm": ("context", "continuation")}
+
+
+def load_docs(path, limit: int | None = None, kind: str | None = None) -> list[dict]:
+    """The first ``limit`` rows of a task file (all when None); ``ValueError`` naming the file and line for a line
+    that is not a JSON object (with ``kind``'s fields, when given), and for a file without documents."""
     docs = []
     with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                docs.append(json.loads(line))
-                if limit is not None and len(docs) >= limit:
-                    break
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                doc = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} line {number}: not JSON ({e})") from None
+            if not isinstance(doc, dict):
+                raise ValueError(f"{path} line {number}: not a JSON object")
+            missing = [k for k in FIELDS.get(kind, ()) if k not in doc]
+            if missing:
+                raise ValueError(f"{path} line {number}: a document of this task needs {', '.join(FIELDS[kind])}; "
+                                 f"{', '.join(missing)} missing")
+            docs.append(doc)
+            if limit is not None and len(docs) >= limit:
+                break
+    if not docs:
+        raise ValueError(f"{path}: no documents in the task file")
     return docs
 
 
@@ -205,7 +223,7 @@ def evaluate_task(model, tokenizer, task: str, tasks_dir=None, limit: int | None
     """Metrics of one task (``acc``, plus ``acc_norm`` for multiple choice, ``ppl`` for LAMBADA)."""
     t0 = time.perf_counter()
     name, path, kind = resolve_task(task, tasks_dir)
-    docs = load_docs(path, limit)
+    docs = load_docs(path, limit, kind)
     pairs_per_doc = [requests_for(d, kind) for d in docs]
     flat = [p for pairs in pairs_per_doc for p in pairs]
     lls = loglikelihoods(model, tokenizer, flat, batch_size=batch_size, progress=progress, desc=name)
