@@ -342,3 +342,16 @@ def test_counts_below_one_are_one_error_line(s260k_folder, asset, tmp_path, caps
                      flag, value]) == 2
         assert capsys.readouterr().err.strip() == f"gqsa report: error: {flag} must be {want}"
     assert not (tmp_path / "r").exists()
+
+
+def test_a_wrong_kl_reference_is_refused_before_any_evaluation(s260k_folder, asset, tmp_path, capsys):
+    """--kl-reference was loaded after the perplexity (and zero-shot) runs: a missing path or a model of another
+    vocabulary threw their minutes away, and the results with them. Now it is loaded and checked first."""
+    text = str(asset("data/wikitext2/wiki.test.raw"))
+    report = (s260k_folder / "gqsa_report.json").read_text()
+    for ref, says in ((str(tmp_path / "nope"), "no such file or folder"),
+                      (str(asset("models/gutenberg-llama-22m")), "they must share a vocabulary")):
+        assert main(["eval", str(s260k_folder), "--ppl", text, "--max-windows", "1", "--kl-reference", ref]) == 2
+        out = capsys.readouterr()
+        assert "perplexity" not in out.out and says in out.err
+    assert (s260k_folder / "gqsa_report.json").read_text() == report

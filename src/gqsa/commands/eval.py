@@ -66,6 +66,8 @@ def run(args) -> int:
     else:
         dtype = getattr(torch, args.dtype)
     model, tok = load_any(args.model, args.tokenizer, dtype=dtype, device=device, verify=not args.no_verify)
+    # the KL reference before any evaluation: a wrong one is refused before minutes of perplexity are spent
+    reference = _load_reference(args, model, dtype, device) if args.kl_reference else None
     results = []
     for text in args.ppl:
         r = perplexity(model, tok, text, context=args.context, batch_size=args.batch_size,
@@ -77,8 +79,8 @@ def run(args) -> int:
               f"{r['evaluated_tokens']} tokens evaluated of the text's {r['tokens']}, {r['seconds']:.0f} s)")
     if args.tasks is not None:
         results.append(_eval_zeroshot(args, model, tok, dtype, device))
-    if args.kl_reference:
-        results.append(_eval_fidelity(args, model, tok, dtype, device))
+    if reference is not None:
+        results.append(_eval_fidelity(args, model, reference, tok, dtype, device))
     bad = [r.get("ppl") for r in results if "ppl" in r and not math.isfinite(r["ppl"])]
     if bad:  # not recorded either
         raise CLIError(f"perplexity is {bad[0]}: the model's outputs are not finite (damaged weights, or a dtype "
@@ -112,13 +114,21 @@ def _eval_zeroshot(args, model, tok, dtype, device) -> dict:
     return r
 
 
-def _eval_fidelity(args, model, tok, dtype, device) -> dict:
+def _load_reference(args, model, dtype, device):
+    """The uncompressed model of ``--kl-reference``, checked to share the model's vocabulary."""
     from .. import checkpoint
-    from ..eval.fidelity import evaluate_fidelity
+    from ..eval.fidelity import check_vocabularies
     from ..models import load_model
 
     reference, _ = load_model(args.kl_reference, args.tokenizer if not checkpoint.is_gqsa_folder(args.model) else None,
                               dtype=dtype, device=device)
+    check_vocabularies(model, reference)
+    return reference
+
+
+def _eval_fidelity(args, model, reference, tok, dtype, device) -> dict:
+    from ..eval.fidelity import evaluate_fidelity
+
     text = args.kl_text or args.ppl[0]
     windows = args.kl_windows if args.kl_windows is not None else args.max_windows
     r = evaluate_fidelity(model, reference, tok, text, context=args.context, batch_size=args.batch_size, max_windows=windows)

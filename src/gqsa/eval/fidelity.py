@@ -13,6 +13,16 @@ from .ppl import text_windows, window_length
 
 
 @torch.no_grad()
+def check_vocabularies(model, reference) -> None:
+    """``ValueError`` unless the two models predict the same number of tokens (a quantized output layer, which has
+    no dense weight, is taken to match)."""
+    v_ref = reference.get_output_embeddings().weight.shape[0]
+    v_cmp = model.get_output_embeddings()
+    v_cmp = v_cmp.weight.shape[0] if hasattr(v_cmp, "weight") else v_ref
+    if v_ref != v_cmp:
+        raise ValueError(f"the reference has {v_ref} output tokens and the model {v_cmp}: they must share a vocabulary")
+
+
 def evaluate_fidelity(model, reference, tokenizer, source: str, context: int | None = None, batch_size: int = 4,
              max_windows: int | None = None, progress: bool = True) -> dict:
     """``{"kl", "top1_agreement", "ppl", "ppl_reference", "tokens", "windows", …}`` on the first
@@ -24,11 +34,7 @@ def evaluate_fidelity(model, reference, tokenizer, source: str, context: int | N
     """
     t0 = time.perf_counter()
     context = min(window_length(model, context), window_length(reference, context))
-    v_ref = reference.get_output_embeddings().weight.shape[0]
-    v_cmp = model.get_output_embeddings()
-    v_cmp = v_cmp.weight.shape[0] if hasattr(v_cmp, "weight") else v_ref
-    if v_ref != v_cmp:
-        raise ValueError(f"the reference has {v_ref} output tokens and the model {v_cmp}: they must share a vocabulary")
+    check_vocabularies(model, reference)
     _, windows = text_windows(source, tokenizer, context, max_windows)
     n = windows.shape[0]
     dev_m = next(model.parameters()).device
