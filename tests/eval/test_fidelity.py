@@ -37,7 +37,11 @@ def _perturbed(model, scale=0.05):
 
 
 def test_identical_models_have_zero_kl(tiny_llama, text):
+    grad = []  # the forward passes run without autograd (no graph kept of two models' logits)
+    hook = tiny_llama.register_forward_hook(lambda *a: grad.append(torch.is_grad_enabled()))
     r = fidelity(tiny_llama, tiny_llama, CharTokenizer(), text, context=64, batch_size=2, progress=False)
+    hook.remove()
+    assert grad and not any(grad)
     assert r["kl"] == 0.0 and r["top1_agreement"] == 1.0 and r["ppl"] == r["ppl_reference"]
     assert r["windows"] == 361 // 64 and r["tokens"] == r["windows"] * 64
 

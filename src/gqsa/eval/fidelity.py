@@ -12,7 +12,6 @@ from tqdm.auto import tqdm
 from .ppl import text_windows, window_length
 
 
-@torch.no_grad()
 def check_vocabularies(model, reference) -> None:
     """``ValueError`` unless the two models predict the same number of tokens (a quantized output layer, which has
     no dense weight, is taken to match)."""
@@ -23,6 +22,7 @@ def check_vocabularies(model, reference) -> None:
         raise ValueError(f"the reference has {v_ref} output tokens and the model {v_cmp}: they must share a vocabulary")
 
 
+@torch.no_grad()
 def evaluate_fidelity(model, reference, tokenizer, source: str, context: int | None = None, batch_size: int = 4,
              max_windows: int | None = None, progress: bool = True) -> dict:
     """``{"kl", "top1_agreement", "ppl", "ppl_reference", "tokens", "windows", …}`` on the first
