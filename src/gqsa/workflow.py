@@ -17,6 +17,12 @@ STAGE_OPTIONS = ("val_fraction", "bqpo_epochs", "bqpo_batch_size", "bqpo_lr_weig
 DEFAULT_SEQLEN = 2048  # calibration window length when none is given (capped at the model's context)
 
 
+def work_folder(out) -> Path:
+    """The work folder of a trained run writing ``out``: ``OUT.partial`` (its finished BQPO blocks, for --resume)."""
+    out = Path(out)
+    return out.with_name(out.name + ".partial")
+
+
 def _refuse_out_over_inputs(out: Path, inputs: dict) -> None:
     """``ValueError`` when ``out`` is, or holds, a local input of the run: the folder is written as a whole (with
     ``--overwrite``, replaced), so the model being compressed or its data would be destroyed."""
@@ -150,7 +156,7 @@ def _gqsa_to_folder(model, tok, tokens, device, config, out: Path, about: dict, 
     from .pipeline import compress_model
 
     config = config.for_windows(tokens.shape[0])  # the batch sizes the run uses, recorded in its report
-    workdir = out.with_name(out.name + ".partial")
+    workdir = work_folder(out)
     if config.trained and workdir.exists() and about["overwrite"] and not about["resume"] and distributed.is_main():
         shutil.rmtree(workdir)
     distributed.barrier()

@@ -188,21 +188,20 @@ def given_options(argv: list[str]) -> dict:
 
 
 def run(args) -> int:
-    from ..workflow import compress_to_folder
+    from ..workflow import compress_to_folder, work_folder
 
     try:
         return compress_to_folder(args.model, args.out, **options(args),
                                   before_load=lambda: apply_threads(args, default=False))
     except KeyboardInterrupt:
-        raise KeyboardInterrupt(resume_hint(args.out)) from None
+        raise KeyboardInterrupt(resume_hint(work_folder(args.out))) from None
 
 
-def resume_hint(out) -> str:
-    """What an interrupted run left to resume from: its finished blocks in ``OUT.partial`` (or nothing)."""
-    from pathlib import Path
+def resume_hint(work) -> str:
+    """What an interrupted run left to resume from: its finished blocks in its work folder ``work`` (or nothing)."""
+    from ..stages.workdir import finished_blocks
 
-    work = Path(out).with_name(Path(out).name + ".partial")
-    n = len(list(work.glob("block_*.safetensors"))) if work.is_dir() else 0
+    n = finished_blocks(work)
     if not n:
         return ""
     return (f"{n} finished block{'s' if n > 1 else ''} kept in {work}: the same command with --resume continues "

@@ -34,6 +34,20 @@ def tensor_sha256(*tensors: torch.Tensor) -> str:
     return h.hexdigest()
 
 
+def block_path(folder, index: int) -> Path:
+    """The file of finished block ``index`` in the work folder ``folder``."""
+    return Path(folder) / f"block_{index:04d}.safetensors"
+
+
+def finished_blocks(folder, n_blocks: int | None = None) -> int:
+    """How many leading blocks of the work folder ``folder`` are finished (at most ``n_blocks``; a later block
+    after a gap is not trusted)."""
+    k = 0
+    while (n_blocks is None or k < n_blocks) and block_path(folder, k).is_file():
+        k += 1
+    return k
+
+
 class BlockStore:
     """Finished blocks of one run in ``folder``.
 
@@ -73,14 +87,11 @@ class BlockStore:
             _write_atomic(state, json.dumps({**self.fingerprint, "notes": self.notes}, indent=2).encode())
 
     def path(self, index: int) -> Path:
-        return self.folder / f"block_{index:04d}.safetensors"
+        return block_path(self.folder, index)
 
     def finished(self, n_blocks: int) -> int:
         """How many leading blocks are finished (a later block after a gap is not trusted)."""
-        k = 0
-        while k < n_blocks and self.path(k).is_file():
-            k += 1
-        return k
+        return finished_blocks(self.folder, n_blocks)
 
     def save(self, index: int, packed: dict[str, PackedLinear], stats: dict) -> None:
         tensors, meta = {}, {}
