@@ -711,6 +711,7 @@ V2_CONFIGS = {  # name -> (kernel, gemv_layout.launch arguments); "fp16" / "tg12
     "v2 uc8": ("v2", dict(pipeline=False, unit_codes=8, units_per_thread=4)),
     "v2 upt2": ("v2", dict(pipeline=False, units_per_thread=2)),
     "auto": ("auto", None),  # what gemv.prepare picks by default (kernel and launch defaults)
+    "auto rowptr": ("auto", dict(uniform=False)),  # the default loading the row pointers (before session 14)
     "auto f32": ("auto", dict(half_dot=False)),  # the default without the packed-fp16 dot (the opt-out; the default
     # before session 5)
     # pipelined: u = units per thread, r = register double-buffering, pf = L2 prefetch distance (steps),

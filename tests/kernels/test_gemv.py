@@ -321,6 +321,45 @@ def test_v2_matches_reference(case):
     check(plan(x, bias), x, p, bias)
 
 
+def balanced_packed(n, k, g, keep, seed=0):
+    """Like :func:`make_packed`, every row keeping exactly ``keep`` groups (what the row allocation gives)."""
+    gen = torch.Generator().manual_seed(seed)
+    c = math.ceil(k / g)
+    w = torch.randn(n, c, g, generator=gen)
+    s, z = quant.minmax_params(w, 4)
+    q = quant.quantize(w, s, z, 4)
+    mask = torch.zeros(n, c, dtype=torch.bool)
+    mask.scatter_(1, torch.rand(n, c, generator=gen).argsort(dim=1)[:, :keep], True)
+    return fmt.pack(q, s, z, mask, (n, k), 4, g)
+
+
+@pytest.mark.parametrize("mrows", [1, 3])
+def test_v2_uniform_rows_need_no_row_pointers(mrows):
+    """Where every row keeps the same number of groups the layout says so (``keep``) and the kernels compute the
+    rows' ends instead of loading the row pointers: the same outputs as with the loads, bit for bit, for both
+    kernels, short and long rows, the packed-fp16 dot; uneven or empty layers get ``keep = 0``."""
+    assert gemv_layout.build_layout(make_packed(23, 16 * 30, 16, 4, 0.5, seed=1)).keep == 0  # uneven rows
+    assert gemv_layout.build_layout(make_packed(23, 16 * 30, 16, 4, 0.5, special="empty")).keep == 0
+    gen = torch.Generator().manual_seed(40)
+    for n, k, g, keep in ((37, 16 * 30 + 3, 16, 14), (4, 16 * 360, 16, 330), (29, 64 * 12, 64, 7)):
+        p = balanced_packed(n, k, g, keep, seed=n)
+        lay = gemv_layout.build_layout(p)
+        assert lay.keep == keep
+        for uniform in (True, False):  # what the launch compiles in
+            call = gemv_layout.V2Call(p, lay, mrows, torch.float16, True, k, n, torch.device("cpu"), uniform=uniform)
+            assert call.consts["KEEP"] == (keep if uniform else 0)
+        x = torch.randn(mrows, k, generator=gen).half()
+        bias = torch.randn(n, generator=gen).half()
+        for opts in (dict(pipeline=True), dict(pipeline=False), dict(half_dot=True, pipeline=True)):
+            ys = []
+            for uniform in (True, False):
+                y = torch.full((mrows, n), float("nan"), dtype=torch.float16)
+                gemv_layout.launch(x, p, lay, bias, y, uniform=uniform, **opts)
+                ys.append(y)
+            assert torch.equal(ys[0], ys[1]), (n, k, g, opts)
+            check(ys[0], x, p, bias)
+
+
 def test_v2_layout_words_and_padding():
     p = make_packed(21, 200, 16, 4, 0.5, seed=3)
     lay = gemv_layout.build_layout(p)

@@ -41,6 +41,11 @@ out; under the interpreter the same math runs as plain Triton code, :func:`_hd_m
 :func:`launch` picks the kernel by row length (``LONG_ROW_GROUPS``) and holds every setting as a launch argument
 (``GemvPlan(v2_opts=...)`` carries them).
 
+Uniform rows (session 14): where every row keeps the same number of groups (row-balanced masks, what the row
+allocation writes), :func:`build_layout` records it (``GemvLayout.keep``) and both kernels take it as the constexpr
+``KEEP``: a row's groups start at ``row · KEEP``, so no program waits for a row-pointer load before its first weight
+load (``row_ptr`` is still read by the rare fp32 redo of an overflowed row).
+
 Several rows of x (issue gemvb): both kernels take a constexpr ``MB`` (1 … ``MAX_MB`` = 4) and serve ``MB`` rows
 of x in one launch: a step's metadata and codes are loaded and dequantized once (:data:`_PTX_DEQ4B`), the
 activation loads and the dot run per row of x, into one accumulator per row (a tuple of ``MB`` tensors,
@@ -130,6 +135,9 @@ HALF_WIDE_U4_ROW_CODES = 4096  # G32 / G64 / G128: 4 units per thread, maxnreg H
 HALF_MAXNREG = 80
 HALF_WIDE_BATCH_GROUPS = (64, 128)  # "auto": the half dot at 2 … HALF_WIDE_BATCH_MAX_M rows of x for these G
 HALF_WIDE_BATCH_MAX_M = 3
+# Rows that all keep the same number of groups (row allocation) get their ends computed, not loaded (GemvLayout.keep,
+# the kernels' KEEP); GQSA_GEMV_UNIFORM=0 loads the row pointers everywhere (for A/B timing)
+UNIFORM_DEFAULT = os.environ.get("GQSA_GEMV_UNIFORM", "1").strip() not in ("0", "off", "false", "no")
 MAX_MB = 4  # rows of x one launch of the v2 kernels serves (the constexpr MB: weights read once for all)
 # M = 2-4 rows of x run the pipelined kernel whatever the row length: on the long-row shapes it beat the
 # one-program-per-row kernel at every M ≥ 2 (H200, 2026-12-01, benchmarks/RESULTS.md "GEMV v2 at M = 2-4":
@@ -160,6 +168,19 @@ class GemvLayout:
     version: int
     shape: tuple
     nnz: int
+    keep: int = 0  # kept groups of every row where all rows keep the same number (row allocation), else 0
+
+
+def uniform_keep(packed: PackedLinear) -> int:
+    """The number of kept groups of every row where all rows keep the same number (what row-balanced masks give),
+    else 0: the v2 kernels then find a row's groups at ``row · keep`` without loading the row pointers (the load
+    every program waits for before its first weight load)."""
+    n = packed.shape[0]
+    if not n or not packed.nnz or packed.nnz % n:
+        return 0
+    counts = packed.row_ptr[1:] - packed.row_ptr[:-1]
+    keep = packed.nnz // n
+    return keep if bool((counts == keep).all()) else 0
 
 
 def build_layout(packed: PackedLinear) -> GemvLayout | None:
@@ -181,7 +202,8 @@ def build_layout(packed: PackedLinear) -> GemvLayout | None:
         codes = torch.zeros(rows * g * b // 32, dtype=torch.int32, device=dev)
         if nnz:
             codes[: nnz * g * b // 32] = q.reshape(-1).view(torch.int32)
-    return GemvLayout(meta=meta, codes=codes, version=LAYOUT_VERSION, shape=tuple(packed.shape), nnz=nnz)
+    return GemvLayout(meta=meta, codes=codes, version=LAYOUT_VERSION, shape=tuple(packed.shape), nnz=nnz,
+                      keep=uniform_keep(packed))
 
 
 _LAYOUT_CACHE: dict = {}
@@ -191,7 +213,8 @@ def cached_layout(packed: PackedLinear) -> GemvLayout | None:
     """:func:`build_layout`, memoized on the identity (and in-place versions) of the layer's tensors.
     The memo holds the metadata stream but no view of ``qweight`` (it would keep the weights alive)."""
     q = packed.qweight
-    versions = (q._version, packed.scales._version, packed.zeros._version, packed.col_idx._version)
+    versions = (q._version, packed.scales._version, packed.zeros._version, packed.col_idx._version,
+                packed.row_ptr._version)
     hit = _LAYOUT_CACHE.get(id(q))
     if hit is not None and hit[0]() is q and hit[1] == versions:
         lay = hit[2]
@@ -200,12 +223,12 @@ def cached_layout(packed: PackedLinear) -> GemvLayout | None:
         if lay.nnz == packed.nnz and lay.shape == tuple(packed.shape):
             if lay.codes is None:
                 return GemvLayout(meta=lay.meta, codes=q.reshape(-1).view(torch.int32), version=lay.version,
-                                  shape=lay.shape, nnz=lay.nnz)
+                                  shape=lay.shape, nnz=lay.nnz, keep=lay.keep)
             return lay
     lay = build_layout(packed)
     memo = lay
     if lay is not None and lay.codes.data_ptr() == q.data_ptr():  # a view: rebuilt on every hit
-        memo = GemvLayout(meta=lay.meta, codes=None, version=lay.version, shape=lay.shape, nnz=lay.nnz)
+        memo = GemvLayout(meta=lay.meta, codes=None, version=lay.version, shape=lay.shape, nnz=lay.nnz, keep=lay.keep)
     _LAYOUT_CACHE[id(q)] = (weakref.ref(q), versions, memo)
     if len(_LAYOUT_CACHE) > 1024:
         for k in [k for k, v in _LAYOUT_CACHE.items() if v[0]() is None]:
@@ -452,7 +475,7 @@ def _gemv2_kernel(
     x_ptr, x8_ptr, cw_ptr, meta_ptr, rp_ptr, bias_ptr, y_ptr, XS, YS, one,
     G: tl.constexpr, BITS: tl.constexpr, UC: tl.constexpr, UPT: tl.constexpr, X_BF16: tl.constexpr,
     HAS_BIAS: tl.constexpr, ASM: tl.constexpr, DOT: tl.constexpr, NUM_THREADS: tl.constexpr, PDL: tl.constexpr,
-    MB: tl.constexpr = 1,
+    MB: tl.constexpr = 1, KEEP: tl.constexpr = 0,
 ):
     """y[i, r] = Σ over the kept groups of row r of s·Σ x[i]·(q − z) (+ bias[r]) for the ``MB`` rows ``i`` of x
     (1 … 4); one program per output row.
@@ -472,8 +495,12 @@ def _gemv2_kernel(
     QM: tl.constexpr = (1 << BITS) - 1
     OFFM: tl.constexpr = 0xFFFF ^ (2 * G - 1)  # the byte-offset bits of a metadata word
     r = tl.program_id(0)
-    rs = tl.load(rp_ptr + r)
-    re = tl.load(rp_ptr + r + 1)
+    if KEEP:  # every row keeps KEEP groups: no row-pointer load ahead of the weights'
+        rs = r * KEEP
+        re = rs + KEEP
+    else:
+        rs = tl.load(rp_ptr + r)
+        re = tl.load(rp_ptr + r + 1)
     STEP: tl.constexpr = SLOT * UPT  # groups per step
     t = tl.arange(0, NUM_THREADS) * one
     h = t % TPG  # which unit of its group
@@ -602,6 +629,7 @@ def _gemv2p_kernel(
     G: tl.constexpr, BITS: tl.constexpr, UC: tl.constexpr, UPT: tl.constexpr, X_BF16: tl.constexpr,
     HAS_BIAS: tl.constexpr, ASM: tl.constexpr, DOT: tl.constexpr, NUM_THREADS: tl.constexpr,
     REG: tl.constexpr, PF: tl.constexpr, HALF: tl.constexpr, PDL: tl.constexpr, MB: tl.constexpr = 1,
+    KEEP: tl.constexpr = 0,
 ):
     """The v2 step over the steps of ``RPP`` consecutive rows (rows ``p·RPP`` …) in one flat loop,
     pipelined: every row is ≥ 1 step (a row's partial last step moved back to end at the row's end as
@@ -654,9 +682,14 @@ def _gemv2p_kernel(
     for mb in tl.static_range(MB):
         accs = accs + (tl.full([NUM_THREADS], 0.0, tl.float32),)
     # c = the current step's first group to count, re = its row's end, nre = the next row's end
-    c = tl.load(rp_ptr + r)
-    re = tl.load(rp_ptr + r + 1)
-    nre = tl.load(rp_ptr + tl.minimum(r + 2, N))
+    if KEEP:  # every row keeps KEEP groups (GemvLayout.keep): row ends without loads
+        c = r * KEEP
+        re = c + KEEP
+        nre = tl.minimum(r + 2, N) * KEEP
+    else:
+        c = tl.load(rp_ptr + r)
+        re = tl.load(rp_ptr + r + 1)
+        nre = tl.load(rp_ptr + tl.minimum(r + 2, N))
     b = tl.where(c + STEP <= re, c, tl.maximum(re - STEP, 0))
     if REG:  # the first step's loads
         metas = ()
@@ -698,7 +731,10 @@ def _gemv2p_kernel(
         nr = tl.where(ends, r + 1, r)
         nc = tl.where(ends, re, c + STEP)
         nre_ = tl.where(ends, nre, re)
-        nnre = tl.load(rp_ptr + tl.minimum(nr + 2, N))  # used one iteration later
+        if KEEP:
+            nnre = tl.minimum(nr + 2, N) * KEEP
+        else:
+            nnre = tl.load(rp_ptr + tl.minimum(nr + 2, N))  # used one iteration later
         nb = tl.where(nc + STEP <= nre_, nc, tl.maximum(nre_ - STEP, 0))
         if REG:
             lb = nb
@@ -855,7 +891,7 @@ def _gemv2p_kernel(
 
 
 def kernel_constexprs(G=16, BITS=4, UC=None, UPT=None, X_BF16=False, HAS_BIAS=False, ASM=True, NUM_THREADS=32,
-                      REG=None, PF=None, HALF=False, PDL=False, MB=1, **_):
+                      REG=None, PF=None, HALF=False, PDL=False, MB=1, KEEP=0, **_):
     """The constexprs of :func:`_gemv2_kernel`, or of :func:`_gemv2p_kernel` where ``REG`` / ``PF`` are given
     (``MB``: rows of x, 1 … ``MAX_MB``)."""
     duc, dupt = default_unit(G, BITS)
@@ -866,6 +902,7 @@ def kernel_constexprs(G=16, BITS=4, UC=None, UPT=None, X_BF16=False, HAS_BIAS=Fa
         d.update(REG=bool(REG), PF=int(PF or 0), HALF=bool(HALF))
     d["PDL"] = bool(PDL)  # (the launcher sets it: gqsa.kernels.jit.launch)
     d["MB"] = int(MB)
+    d["KEEP"] = int(KEEP)
     return d
 
 
@@ -943,7 +980,7 @@ def launch(x2: torch.Tensor, packed: PackedLinear, layout: GemvLayout, bias: tor
            num_warps: int | None = None, unit_codes: int | None = None, units_per_thread: int | None = None,
            asm: bool = True, pipeline: bool | None = None, rows_per_prog: int | None = None,
            programs_per_sm: int | None = None, reg_pipeline: bool | None = None, prefetch: int | None = None,
-           maxnreg: int | None = None, half_dot: bool | None = None) -> None:
+           maxnreg: int | None = None, half_dot: bool | None = None, uniform: bool | None = None) -> None:
     """``y = x2 @ Ŵᵀ (+ bias)`` through the v2 kernel (``layout`` from :func:`build_layout` of ``packed``;
     ``x2``: ``[M, K]``, ``y``: ``[M, N]`` with unit column stride; up to ``MAX_MB`` rows of x in one launch,
     the weights read once for all of them, more in launches of ``MAX_MB``); ``asm``: the inline-PTX
@@ -961,12 +998,14 @@ def launch(x2: torch.Tensor, packed: PackedLinear, layout: GemvLayout, bias: tor
     rows spread over ``V2P_PROGRAMS_PER_SM`` programs per SM, ``HALF_UNITS_PER_THREAD`` units per thread (from
     ``HALF_U4_MIN_CODES`` kept codes 4 units and ``maxnreg=HALF_MAXNREG``), each where not given. Under the
     interpreter ``half_dot=True`` runs the same math in plain Triton code (:func:`_hdot16_emu`); compiled without
-    inline PTX (``asm=False``) it is ignored."""
+    inline PTX (``asm=False``) it is ignored. ``uniform``: where every row keeps the same number of groups
+    (``layout.keep``), the kernels compute the rows' ends instead of loading the row pointers (False: load them;
+    None: ``UNIFORM_DEFAULT``)."""
     mrows, k = x2.shape
     if mrows > MAX_MB:
         for s in range(0, mrows, MAX_MB):
             launch(x2[s:s + MAX_MB], packed, layout, bias, y[s:s + MAX_MB], num_warps, unit_codes, units_per_thread,
-                   asm, pipeline, rows_per_prog, programs_per_sm, reg_pipeline, prefetch, maxnreg, half_dot)
+                   asm, pipeline, rows_per_prog, programs_per_sm, reg_pipeline, prefetch, maxnreg, half_dot, uniform)
         return
     if mrows == 0:
         return
@@ -976,7 +1015,7 @@ def launch(x2: torch.Tensor, packed: PackedLinear, layout: GemvLayout, bias: tor
         x2 = V2Call.padded(packed, x2)
     call = V2Call(packed, layout, mrows, x2.dtype, bias is not None, x2.stride(0), y.stride(0), y.device, num_warps,
                   unit_codes, units_per_thread, asm, pipeline, rows_per_prog, programs_per_sm, reg_pipeline, prefetch,
-                  maxnreg, half_dot)
+                  maxnreg, half_dot, uniform)
     call(x2, bias, y)
 
 
@@ -1006,12 +1045,13 @@ class V2Call:
     def __init__(self, packed: PackedLinear, layout: GemvLayout, mrows: int, dtype: torch.dtype, has_bias: bool,
                  stride_x: int, stride_y: int, device: torch.device, num_warps=None, unit_codes=None,
                  units_per_thread=None, asm=True, pipeline=None, rows_per_prog=None, programs_per_sm=None,
-                 reg_pipeline=None, prefetch=None, maxnreg=None, half_dot=None):
+                 reg_pipeline=None, prefetch=None, maxnreg=None, half_dot=None, uniform=None):
         kp = packed.n_group_cols * packed.group_size
         self.mrows, self.kp, self.packed, self.layout = mrows, kp, packed, layout
         self.opts = dict(num_warps=num_warps, unit_codes=unit_codes, units_per_thread=units_per_thread, asm=asm,
                          pipeline=pipeline, rows_per_prog=rows_per_prog, programs_per_sm=programs_per_sm,
-                         reg_pipeline=reg_pipeline, prefetch=prefetch, maxnreg=maxnreg, half_dot=half_dot)
+                         reg_pipeline=reg_pipeline, prefetch=prefetch, maxnreg=maxnreg, half_dot=half_dot,
+                         uniform=uniform)
         self.xs = stride_x // 2 if mrows > 1 else 0  # int32 words between rows of x
         ys = stride_y if mrows > 1 else 0
         interp = _interpret() or device.type != "cuda"
@@ -1038,7 +1078,8 @@ class V2Call:
             ASM=not interp and asm, NUM_THREADS=32 * self.nw,
             REG=(V2P_REG if reg_pipeline is None else reg_pipeline) if pipe else None,
             PF=(V2P_PREFETCH if prefetch is None else prefetch) if pipe else None,
-            HALF=bool(half_dot) and pipe and (interp or asm), MB=mrows)
+            HALF=bool(half_dot) and pipe and (interp or asm), MB=mrows,
+            KEEP=layout.keep if (UNIFORM_DEFAULT if uniform is None else uniform) else 0)
         self.n = n
         step = self.consts["NUM_THREADS"] // (packed.group_size // self.consts["UC"]) * self.consts["UPT"]
         if n and step > min(layout.meta.numel(), MIN_GROUPS):
