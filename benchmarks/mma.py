@@ -33,7 +33,7 @@ import gemv as bg  # noqa: E402  (shapes, random layers, timing helpers)
 from gemm import layer_for_check  # noqa: E402
 
 from gqsa.bench.synthetic import random_packed  # noqa: E402
-from gqsa.kernels import dispatch, gemm, mma_gemm, reference  # noqa: E402
+from gqsa.kernels import dispatch, gemm, jit, mma_gemm, reference  # noqa: E402
 from gqsa.kernels.block_layout import build_block_layout, detect_block_rows, detect_row_clusters  # noqa: E402
 from gqsa.kernels.mma_layout import build_mma_layout  # noqa: E402
 
@@ -109,6 +109,7 @@ class Gqsa:
         table = dataclasses.replace(dispatch.default_table(), block=dataclasses.replace(
             dispatch.default_table().block, mma_max_m=()))
         self.plans = [dispatch.LinearPlan(p, table) for p in packs]
+        self.packs, self.table = packs, table
         assert self.plans[0].block is not None
         self.mls = [build_mma_layout(pl.block) for pl in self.plans]
         self.nbytes_w = nb
@@ -117,6 +118,17 @@ class Gqsa:
         self.name = f"W4 S{round(sparsity * 100)} G{g} {'cluster' if cluster else 'block'}{rows}"
 
     def fns(self, kind, x, split=0, waves=None, m_tiles=1):  # waves: (CTAs per SM, fewest quads per CTA) or None
+        if kind.endswith("-ptr"):  # the kernels loading their block pointers (GQSA_UNIFORM=0), same process
+            saved, jit.UNIFORM = jit.UNIFORM, False
+            try:
+                if kind == "table-ptr":  # fresh plans: their prepared calls are made (without SPB) by a first call
+                    plans = [dispatch.LinearPlan(p, self.table) for p in self.packs]
+                    for pl in plans:
+                        pl(x)
+                    return [lambda pl=pl: pl(x) for pl in plans]
+                return self.fns(kind[:-4], x, split, waves, m_tiles)
+            finally:
+                jit.UNIFORM = saved
         if kind == "table":
             return [lambda pl=pl: pl(x) for pl in self.plans]
         y = torch.empty(x.shape[0], self.n, device=DEV, dtype=x.dtype)
@@ -219,7 +231,8 @@ def main(argv=None):
     ap.add_argument("--splits", default="", help="forced split-K factors to time as well, e.g. 1,4")
     ap.add_argument("--waves", default="", help="CTAs per SM to aim the split-K at [: fewest quads per CTA], timed "
                                                 "as well, e.g. 8,16:8")
-    ap.add_argument("--kinds", default="table,mma", help="methods to time (table, mma)")
+    ap.add_argument("--kinds", default="table,mma", help="methods to time (table, mma; table-ptr, mma-ptr: the same "
+                    "loading their block pointers, as with GQSA_UNIFORM=0)")
     ap.add_argument("--m-tiles", default="1", help="m-tiles per warp of the mma variants (--splits, --waves and, "
                     "for values other than 1, the default split), e.g. 1,2,4")
     ap.add_argument("--source", default=None, help="time another revision of mma_block.cu (an A/B in one run)")

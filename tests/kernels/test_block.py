@@ -16,7 +16,7 @@ pytest.importorskip("triton")
 
 from gqsa import format as fmt  # noqa: E402
 from gqsa import quant  # noqa: E402
-from gqsa.kernels import block_gemm, block_layout, dispatch, gemm, reference  # noqa: E402
+from gqsa.kernels import block_gemm, block_layout, dispatch, gemm, jit, reference  # noqa: E402
 
 from block_layers import make_block_packed  # noqa: E402  (same folder, on sys.path under pytest)
 from test_gemv import check  # noqa: E402
@@ -131,6 +131,29 @@ def test_block_kernel_matches_reference(case):
     check(launch(x, lay, cfg, bias), x, p, bias)
     ws = gemm.workspace(torch.device("cpu"))  # split-K leaves the workspace clean
     assert not bool(ws.partial.any()) and not bool(ws.counters.any())
+
+
+@pytest.mark.parametrize("idx", [0, 17, 21])  # (plain; wide, split-K 2; pre, split-K 2)
+def test_uniform_blocks_need_no_block_pointers(idx, monkeypatch):
+    """Blocks that all hold the same slots (row-balanced block masks) are launched with that count (``SPB``): the
+    kernel finds a block's slots at ``block · SPB`` instead of loading ``block_ptr``, with the same outputs bit for
+    bit; uneven blocks get ``uniform_slots = 0``."""
+    n, k, g, bits, fz, rows, uneven, m, dtype, has_bias, cfg = CASES[idx]
+    p = make_block_packed(n, k, g, bits, 0.5, fz, rows, False)
+    lay = block_layout.build_block_layout(p)
+    per_block = lay.block_ptr[1:] - lay.block_ptr[:-1]
+    assert lay.uniform_slots == int(per_block[0]) > 0 and bool((per_block == lay.uniform_slots).all())
+    assert block_layout.build_block_layout(make_block_packed(n, k, g, bits, 0.5, fz, rows, True)).uniform_slots == 0
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    ys = []
+    for uniform in (True, False):
+        monkeypatch.setattr(jit, "UNIFORM", uniform)
+        call = block_gemm.BlockCall(lay, cfg, m, dtype, False, k, n, 1)
+        assert call.consts["SPB"] == (lay.uniform_slots if uniform else 0)
+        ys.append(launch(x, lay, cfg))
+    assert torch.equal(ys[0], ys[1])
+    check(ys[0], x, p)
 
 
 def test_block_kernel_nothing_kept():

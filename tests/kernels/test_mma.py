@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from gqsa import format as fmt
-from gqsa.kernels import block_layout, dispatch, mma_gemm, mma_layout, reference
+from gqsa.kernels import block_layout, dispatch, jit, mma_gemm, mma_layout, reference
 
 from block_layers import make_block_packed  # (same folder, on sys.path under pytest)
 
@@ -59,6 +59,11 @@ def test_layout_holds_the_canonical_weights_and_its_twin_matches_the_reference(c
     # quads: every block's steps fill whole quads; offsets in 4-byte words, inside the row
     assert ml.qw.shape[1:] == (ml.rows // 16, 32, 4) and ml.rows >= rows
     assert int(ml.qptr[-1]) == ml.n_quads and ml.kofs.shape == (ml.n_quads, 4)
+    per_block = ml.qptr[1:] - ml.qptr[:-1]  # uniform_quads: the common count, else 0 (the kernel then reads qptr)
+    same = bool((per_block == per_block[0]).all()) and int(per_block[0]) > 0
+    assert ml.uniform_quads == (int(per_block[0]) if same else 0)
+    if not uneven and sp < 1:  # row-balanced block masks: the same quads in every block
+        assert ml.uniform_quads > 0
     if ml.n_quads:
         assert int(ml.kofs.min()) >= 0 and 2 * int(ml.kofs.max()) < math.ceil(k / g) * g
     # the twin, step by step, in fp16 and with a bias
@@ -174,7 +179,7 @@ def test_launch_arguments_follow_the_kernel_signature(monkeypatch):
     params = re.search(r"gqsa_mma_block\(([^)]*)\)", mma_gemm._source()).group(1)
     names = [p.split()[-1].lstrip("*") for p in params.replace("\n", " ").split(",")]
     assert names == ["x", "qw", "kofs1", "sz2", "qptr", "rmap", "bias", "y", "ws", "cnt", "M", "N", "K", "stride_x",
-                     "stride_y", "qps", "split", "has_bias", "has_rmap", "ld_ws"]
+                     "stride_y", "qps", "split", "has_bias", "has_rmap", "ld_ws", "uq"]
     launches = []
 
     class Kernel:
@@ -199,6 +204,7 @@ def test_launch_arguments_follow_the_kernel_signature(monkeypatch):
     assert (got["M"], got["N"], got["K"], got["stride_y"]) == (5, 200, 512, 200)
     assert (got["qps"], got["split"], got["has_bias"], got["has_rmap"]) == (call.qps, 2, 1, 1)
     assert got["ld_ws"] == ml.n_blocks * ml.rows and got["ws"].numel() >= 5 * got["ld_ws"]
+    assert got["uq"] == ml.uniform_quads > 0  # (GQSA_UNIFORM=0: 0, the kernel reads qptr)
     # the specialization: (n-tiles, warps, m-tiles per warp, steps per group, edge, device); m-tiles per warp make
     # fewer warps (and are capped at the block's m-tiles)
     assert specs == [(1, ml.rows // 16, 1, 1, False, 0)]
@@ -207,6 +213,8 @@ def test_launch_arguments_follow_the_kernel_signature(monkeypatch):
         mt = min(m_tiles, ml.rows // 16)
         warps = ml.rows // 16 // mt
         assert specs[-1] == (nt, warps, mt, 1, False, 0) and call.block == (32 * warps, 1, 1)
+    monkeypatch.setattr(jit, "UNIFORM", False)
+    assert mma_gemm.MmaCall(ml, mma_gemm.MmaConfig(split_k=2), 5, True, 512, 200, sms=4).ints[-1] == 0
 
 
 def test_launch_rejects_bad_arguments_with_one_line():
@@ -255,3 +263,26 @@ def test_kernel_matches_the_reference_on_the_gpu(case):  # pragma: no cover - GP
             y = torch.full((m, n), float("nan"), device="cuda", dtype=torch.float16)
             mma_gemm.launch_mma(x, ml, bias, y, mma_gemm.MmaConfig(split_k=split, m_tiles=m_tiles))
             check(y.cpu(), x.cpu(), p, None if bias is None else bias.cpu())
+
+
+@cuda
+@pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[5]], ids=case_id)
+def test_uniform_blocks_give_the_same_bits_as_read_block_pointers(case, monkeypatch):  # pragma: no cover - GPU only
+    """Blocks found at ``b · uniform_quads`` and blocks found through ``qptr``: the same y, bit for bit."""
+    if not mma_gemm.available("cuda"):
+        pytest.skip("the kernel does not compile here")
+    n, k, g, rows, sp, uneven, cluster = case
+    p = make_layer(n, k, g, rows, sp, uneven, cluster)
+    pc = fmt.PackedLinear(**{a: t.cuda() for a, t in p.tensors().items()}, shape=p.shape, bits=4, group_size=g)
+    ml = mma_layout.build_mma_layout(block_of(pc))
+    assert ml.uniform_quads > 0
+    for m, split in ((1, 0), (3, 1), (8, 3), (17, 0)):
+        x = torch.randn(m, k, device="cuda").half()
+        ys = []
+        for uniform in (True, False):
+            monkeypatch.setattr(jit, "UNIFORM", uniform)
+            y = torch.full((m, n), float("nan"), device="cuda", dtype=torch.float16)
+            mma_gemm.launch_mma(x, ml, None, y, mma_gemm.MmaConfig(split_k=split))
+            ys.append(y)
+        assert torch.equal(ys[0], ys[1])
+        check(ys[0].cpu(), x.cpu(), p)

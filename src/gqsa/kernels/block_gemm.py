@@ -17,6 +17,7 @@ import torch
 from .block_kernels import block_dequant_kernel, block_kernel
 from .block_layout import BlockLayout
 from .gemm import check_io, num_sms, workspace
+from . import jit
 from .jit import _interpret, aligned16, jitted, rebind
 
 
@@ -164,7 +165,8 @@ class BlockCall:
                            FLOAT_Z=layout.float_zeros, FP16=dtype == torch.float16,
                            ASM=cfg.asm and not interp and layout.bits == 4 and dtype == torch.float16
                            and not layout.float_zeros, COL_VEC=cfg.col_vec, ROW_MAP=layout.row_map is not None,
-                           WIDE=cfg.wide, PRE=cfg.pre, BLOCK_OUT=cfg.block_out and layout.row_map is not None)
+                           WIDE=cfg.wide, PRE=cfg.pre, BLOCK_OUT=cfg.block_out and layout.row_map is not None,
+                           SPB=layout.uniform_slots if jit.UNIFORM else 0)
         self.block_out = self.consts["BLOCK_OUT"]
         self.pre = _Dequant(layout, dtype) if cfg.pre and layout.n_slots else None
         stride_w = self.pre.stride if self.pre is not None else stride_y  # (unused without PRE: wd is y)

@@ -81,6 +81,7 @@ def block_kernel(
     STEPS: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, SCALE_AFTER: tl.constexpr,
     DOT_F32: tl.constexpr, FLOAT_Z: tl.constexpr, FP16: tl.constexpr, ASM: tl.constexpr, COL_VEC: tl.constexpr,
     ROW_MAP: tl.constexpr, WIDE: tl.constexpr, PRE: tl.constexpr, BLOCK_OUT: tl.constexpr, PDL: tl.constexpr,
+    SPB: tl.constexpr = 0,
 ):
     CPB: tl.constexpr = 8 // BITS  # slots per byte tile
     QM: tl.constexpr = (1 << BITS) - 1
@@ -91,8 +92,14 @@ def block_kernel(
     pid_m = tl.program_id(0)
     blk = tl.program_id(1)
     pid_k = tl.program_id(2)
-    u_lo = tl.load(bp_ptr + blk) // CPB
-    u_hi = tl.load(bp_ptr + blk + 1) // CPB
+    if SPB:  # every block has SPB slots (BlockLayout.uniform_slots): no block-pointer load ahead of the weights'
+        s_lo = blk * SPB
+        s_hi = s_lo + SPB
+    else:
+        s_lo = tl.load(bp_ptr + blk)
+        s_hi = tl.load(bp_ptr + blk + 1)
+    u_lo = s_lo // CPB
+    u_hi = s_hi // CPB
     ar_r = tl.arange(0, R)
     ar_t = tl.arange(0, G)
     tile_off = ar_r[:, None] * G + ar_t[None, :]  # [R, G] inside a byte tile
@@ -102,8 +109,6 @@ def block_kernel(
     acc = tl.full([R, BLOCK_M], 0.0, tl.float32)
     u_start = u_lo + pid_k * sps * NP
     if PRE:  # the kept weights were dequantized by block_dequant_kernel: a step is NP slots, one dot of K = NP·G
-        s_lo = tl.load(bp_ptr + blk)
-        s_hi = tl.load(bp_ptr + blk + 1)
         ar_j = tl.arange(0, NP * G)
         a_row = wd_ptr + (blk * R + ar_r)[:, None].to(tl.int64) * stride_wd  # [R, 1]
         xm_off = offs_m[None, :] * stride_xm

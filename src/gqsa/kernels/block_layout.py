@@ -63,6 +63,7 @@ class BlockLayout:
     row_map: torch.Tensor | None = None  # int32 [n_blocks · R]: output row of each block row (−1: padding)
     row_pos: torch.Tensor | None = None  # int64 [N]: the block row of each output row (row_map's inverse)
     version: int = BLOCK_LAYOUT_VERSION
+    uniform_slots: int = 0  # slots of every block where all blocks have the same number (> 0), else 0
 
     @property
     def scales(self) -> torch.Tensor:
@@ -269,7 +270,8 @@ def build_block_layout(packed: PackedLinear, rows: int | None = None, device=Non
                        bits=int(bits), group_size=int(g), rows=int(rows), float_zeros=bool(packed.float_zeros),
                        max_slots=int(padded.max()) if nb else 0,
                        row_map=None if row_map is None else vrow.reshape(-1).to(torch.int32).contiguous(),
-                       row_pos=row_pos)
+                       row_pos=row_pos, uniform_slots=int(padded[0]) if nb and int(padded[0]) and bool(
+                           (padded == padded[0]).all()) else 0)
 
 
 def codes(layout: BlockLayout) -> torch.Tensor:

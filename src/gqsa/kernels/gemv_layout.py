@@ -135,9 +135,6 @@ HALF_WIDE_U4_ROW_CODES = 4096  # G32 / G64 / G128: 4 units per thread, maxnreg H
 HALF_MAXNREG = 80
 HALF_WIDE_BATCH_GROUPS = (64, 128)  # "auto": the half dot at 2 … HALF_WIDE_BATCH_MAX_M rows of x for these G
 HALF_WIDE_BATCH_MAX_M = 3
-# Rows that all keep the same number of groups (row allocation) get their ends computed, not loaded (GemvLayout.keep,
-# the kernels' KEEP); GQSA_GEMV_UNIFORM=0 loads the row pointers everywhere (for A/B timing)
-UNIFORM_DEFAULT = os.environ.get("GQSA_GEMV_UNIFORM", "1").strip() not in ("0", "off", "false", "no")
 MAX_MB = 4  # rows of x one launch of the v2 kernels serves (the constexpr MB: weights read once for all)
 # M = 2-4 rows of x run the pipelined kernel whatever the row length: on the long-row shapes it beat the
 # one-program-per-row kernel at every M ≥ 2 (H200, 2026-12-01, benchmarks/RESULTS.md "GEMV v2 at M = 2-4":
@@ -1000,7 +997,7 @@ def launch(x2: torch.Tensor, packed: PackedLinear, layout: GemvLayout, bias: tor
     interpreter ``half_dot=True`` runs the same math in plain Triton code (:func:`_hdot16_emu`); compiled without
     inline PTX (``asm=False``) it is ignored. ``uniform``: where every row keeps the same number of groups
     (``layout.keep``), the kernels compute the rows' ends instead of loading the row pointers (False: load them;
-    None: ``UNIFORM_DEFAULT``)."""
+    None: ``gqsa.kernels.jit.UNIFORM``, i.e. unless ``GQSA_UNIFORM=0``)."""
     mrows, k = x2.shape
     if mrows > MAX_MB:
         for s in range(0, mrows, MAX_MB):
@@ -1079,7 +1076,7 @@ class V2Call:
             REG=(V2P_REG if reg_pipeline is None else reg_pipeline) if pipe else None,
             PF=(V2P_PREFETCH if prefetch is None else prefetch) if pipe else None,
             HALF=bool(half_dot) and pipe and (interp or asm), MB=mrows,
-            KEEP=layout.keep if (UNIFORM_DEFAULT if uniform is None else uniform) else 0)
+            KEEP=layout.keep if (jit.UNIFORM if uniform is None else uniform) else 0)
         self.n = n
         step = self.consts["NUM_THREADS"] // (packed.group_size // self.consts["UC"]) * self.consts["UPT"]
         if n and step > min(layout.meta.numel(), MIN_GROUPS):

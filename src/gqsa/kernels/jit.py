@@ -29,6 +29,11 @@ except Exception:  # pragma: no cover - depends on the environment
     triton = None
 
 _JITTED: dict = {}
+# Layers whose rows (GEMV) or blocks (block kernels, the hand-written kernel) all keep the same number of groups are
+# launched with that count, and the kernels compute where a row's or block's weights start instead of loading
+# row_ptr / block_ptr / qptr ahead of their first weight loads (GemvLayout.keep, BlockLayout.uniform_slots,
+# MmaLayout.uniform_quads). GQSA_UNIFORM=0 makes every kernel load the pointers (for A/B timing).
+UNIFORM = os.environ.get("GQSA_UNIFORM", "1").strip().lower() not in ("0", "off", "false", "no")
 _FAST: dict = {}  # (kernel, constexprs, options, device, specialization) -> compiled kernel
 _PDL_DEVICES: dict = {}
 

@@ -14,6 +14,7 @@
 //   sz    int2 [n_slots][R/16][8]: scale bits | zero point << 16 of rows g and g + 8 of an m-tile per kept group
 //         (slot = step / SUB).
 //   qptr  int32 [n_blocks + 1]: the quads of row block b are qptr[b] .. qptr[b+1]−1.
+//         (uq > 0, MmaLayout.uniform_quads: every block has uq quads, block b's start at b · uq, qptr unread)
 //
 // One CTA = one row block (R = 16·WARPS·MT rows, each warp MT m-tiles of 16 rows) and one split-K range of its
 // quads; NT n-tiles of 8 tokens (M ≤ 8·NT). Per step and warp: the NT n-tiles' B fragments by ldmatrix, then per
@@ -205,7 +206,8 @@ __global__ void __launch_bounds__(WARPS * 32) gqsa_mma_block(
     const u16* __restrict__ x, const uint4* __restrict__ qw, const int* __restrict__ kofs1,
     const int2* __restrict__ sz2, const int* __restrict__ qptr, const int* __restrict__ rmap,
     const u16* __restrict__ bias, u16* __restrict__ y, float* __restrict__ ws, int* __restrict__ cnt,
-    int M, int N, int K, int stride_x, int stride_y, int qps, int split, int has_bias, int has_rmap, int ld_ws) {
+    int M, int N, int K, int stride_x, int stride_y, int qps, int split, int has_bias, int has_rmap, int ld_ws,
+    int uq) {
     constexpr int R = WARPS * MT * 16;
     constexpr int SPQ = SUB >= 4 ? 1 : 4 / SUB;
     constexpr int STAGE_BYTES = X_BYTES(NT) + CODE_BYTES(R) + 4 * R * SPQ;
@@ -214,8 +216,10 @@ __global__ void __launch_bounds__(WARPS * 32) gqsa_mma_block(
     const int4* __restrict__ kofs = reinterpret_cast<const int4*>(kofs1);
     const int b = blockIdx.x, ks = blockIdx.y;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2;
-    const int q1 = qptr[b + 1];
-    const int qa = qptr[b] + ks * qps;
+    // uq > 0: every block has uq quads (row-balanced masks), found without waiting for a qptr load
+    const int q0 = uq ? b * uq : qptr[b];
+    const int q1 = uq ? q0 + uq : qptr[b + 1];
+    const int qa = q0 + ks * qps;
     const int qb = min(q1, qa + qps);
     const u32 s0_addr = static_cast<u32>(__cvta_generic_to_shared(smem));
     // this lane's ldmatrix row in a step's [token][half'] tile: x4 reads n-tiles n and n + 1 (lanes 0-7: tokens of

@@ -19,6 +19,7 @@ from importlib import resources
 
 import torch
 
+from . import jit
 from .gemm import check_io, num_sms, workspace
 from .mma_layout import STEP, MmaLayout
 
@@ -127,7 +128,8 @@ class MmaCall:
         if layout.n_quads == 0:  # nothing kept: the loop never runs, but the pointers must be real
             qw = kofs = sz = layout.qptr
         self.weights = (qw, kofs, sz, layout.qptr, rmap)
-        self.ints = (qps, split, int(has_bias), int(layout.row_map is not None), self.ld_ws)
+        uq = layout.uniform_quads if jit.UNIFORM else 0  # (0: the kernel loads qptr)
+        self.ints = (qps, split, int(has_bias), int(layout.row_map is not None), self.ld_ws, uq)
 
     def __call__(self, x2: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
         if x2.data_ptr() % 16 or x2.stride(0) % 8:  # x is copied 16 bytes at a time: an aligned copy

@@ -58,6 +58,7 @@ class MmaLayout:
     max_quads: int  # most quads of any block
     row_map: torch.Tensor | None = None
     version: int = MMA_LAYOUT_VERSION
+    uniform_quads: int = 0  # quads of every block where all blocks have the same number (> 0), else 0
 
     @property
     def n_blocks(self) -> int:
@@ -129,9 +130,13 @@ def build_mma_layout(layout: BlockLayout) -> MmaLayout:
     kofs = kofs.reshape(quads, QUAD).to(torch.int32).contiguous()
     sz4 = sz.reshape(t_all, r // 16, 2, 8).permute(0, 1, 3, 2).contiguous()
     qptr = (nptr * sub // QUAD).to(torch.int32)
-    max_q = int((padded * sub // QUAD).max()) if nb else 0
+    per_block = padded * sub // QUAD
+    max_q = int(per_block.max()) if nb else 0
+    # row-balanced block masks keep the same groups count in every block: the kernel then finds a block's quads at
+    # block · uniform_quads instead of loading qptr before its first copies
+    uq = max_q if nb and max_q and bool((per_block == max_q).all()) else 0
     return MmaLayout(qw=qw, kofs=kofs, sz=sz4, qptr=qptr, shape=layout.shape, rows=r, group_size=g,
-                     max_quads=max_q, row_map=layout.row_map)
+                     max_quads=max_q, row_map=layout.row_map, uniform_quads=uq)
 
 
 def _fragment_words(layout: BlockLayout, src: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
