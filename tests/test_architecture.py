@@ -16,7 +16,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "gqsa"
 
 # lowest first; a module may import its own layer and those below it
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("format", ("gqsa.quant", "gqsa.format", "gqsa.modules", "gqsa.runtime", "gqsa.folder_io")),
+    ("format", ("gqsa.quant", "gqsa.format", "gqsa.modules", "gqsa.runtime", "gqsa.folder_io", "gqsa.sources")),
     ("kernels", ("gqsa.kernels", "gqsa.nn")),
     ("models and storage", ("gqsa.checkpoint", "gqsa.checkpoint_checks", "gqsa.integrations", "gqsa.models",
                             "gqsa.report", "gqsa.config", "gqsa.calib", "gqsa.distributed")),

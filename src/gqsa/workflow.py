@@ -82,6 +82,24 @@ def compress_to_folder(model: str, out, *, calib: str, tokenizer: str | None = N
     None: ``DEFAULT_SEQLEN`` capped at the model's context, a longer one given is capped with a warning; the
     stage options of :data:`STAGE_OPTIONS` are ``None`` unless given). ``before_load()`` runs after the
     settings are checked, before the model is read. Returns 0 (the exit status)."""
+    from .sources import check_model_source
+
+    # the checks that need no torch first (a mistyped option or path fails at once, not after the imports)
+    if not str(out).strip():
+        raise ValueError("--out is empty: name the folder to write")
+    out = Path(out)
+    _refuse_out_over_inputs(out, {"the model": model, "the calibration text": calib, "the tokenizer": tokenizer})
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite")
+    for name, value in (("nsamples", nsamples), ("seqlen", seqlen), ("batch_size", batch_size)):
+        if value is not None and value <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive")
+    if seqlen == 1:
+        raise ValueError("--seqlen must be at least 2: a calibration window of one token has nothing to predict")
+    if quantize_lm_head is not None and method != "gqsa":
+        raise ValueError(f"--quantize-lm-head applies to --method gqsa, not {method}")
+    check_model_source(model)
+
     import torch
 
     from . import calib as calib_mod
@@ -92,22 +110,9 @@ def compress_to_folder(model: str, out, *, calib: str, tokenizer: str | None = N
     from .modules import default_device
 
     default_device(device)  # a device this machine cannot use: said before the model is read
-    if not str(out).strip():
-        raise ValueError("--out is empty: name the folder to write")
-    out = Path(out)
-    _refuse_out_over_inputs(out, {"the model": model, "the calibration text": calib, "the tokenizer": tokenizer})
     if Path(model).is_dir() and is_gqsa_folder(model):
         raise ValueError(f"{model} is a compressed checkpoint already (config.json has a quantization_config): "
                          f"compress the original model it was made from")
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite")
-    for name, value in (("nsamples", nsamples), ("seqlen", seqlen), ("batch_size", batch_size)):
-        if value is not None and value <= 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive")
-    if seqlen == 1:
-        raise ValueError("--seqlen must be at least 2: a calibration window of one token has nothing to predict")
-    if quantize_lm_head is not None and method != "gqsa":
-        raise ValueError(f"--quantize-lm-head applies to --method gqsa, not {method}")
     config = gqsa_config(bits=bits, group_size=group_size, sparsity=sparsity, saliency=saliency,
                          allocation=allocation, quant_init=quant_init, damp=damp, mask=mask, target_bits=target_bits,
                          skip=skip, seed=seed, stages=stages, preset=preset, resume=resume,

@@ -299,6 +299,8 @@ def test_a_device_this_machine_cannot_use_is_one_line_before_anything_runs(tmp_p
     assert default_device(None) == torch.device("cpu") and default_device("cpu") == torch.device("cpu")
     text = tmp_path / "t.txt"
     text.write_text("text " * 50)
+    (tmp_path / "m").mkdir()  # a model folder as far as the checks before the imports go (a missing one fails there)
+    (tmp_path / "m" / "config.json").write_text("{}")
     runs = {
         "compress": ["compress", str(tmp_path / "m"), "--calib", str(text), "--out", str(tmp_path / "o"), "--device",
                      "cuda"],
@@ -311,7 +313,7 @@ def test_a_device_this_machine_cannot_use_is_one_line_before_anything_runs(tmp_p
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(f"gqsa {command}: error: device "), err
         assert ("has no CUDA GPU to use; use cpu (--device cpu)" in err[0]) != (command == "bench"), err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "t.txt"]
 
 
 def test_compress_refuses_an_empty_out(tmp_path, capsys):

@@ -78,15 +78,15 @@ def main(argv=None) -> int:
         OWN_PROCESS["value"] = True
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
-    from ..format import FormatError
-
     debug = os.environ.get("GQSA_DEBUG", "") not in ("", "0")
     try:
         with warnings.catch_warnings():  # gqsa's own warnings as one line each (GQSA_DEBUG=1: Python's format)
             if not debug:
                 warnings.showwarning = _one_line_warning(args.command, warnings.showwarning)
+            if getattr(args, "threads", None) is not None and args.threads <= 0:  # (before any command's imports)
+                raise CLIError("--threads must be positive")
             return args.func(args)
-    except (CLIError, FormatError, FileNotFoundError, FileExistsError, ValueError, OSError) as e:
+    except (CLIError, FileNotFoundError, FileExistsError, ValueError, OSError) as e:  # (gqsa.FormatError: a ValueError)
         if debug:
             raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

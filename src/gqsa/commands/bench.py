@@ -78,14 +78,15 @@ def _check_memory(arch: str, settings: list[str], device) -> None:
 
 
 def run(args) -> int:
+    if (args.folder is None) == (args.synthetic is None):
+        raise CLIError("give a checkpoint FOLDER or --synthetic ARCH (one of them)")
+    if args.folder is not None and not Path(args.folder).exists():  # (before torch is imported: at once)
+        raise CLIError(f"{args.folder}: no such folder")
+
     from .. import checkpoint
     from ..bench import runner as bench
 
-    if (args.folder is None) == (args.synthetic is None):
-        raise CLIError("give a checkpoint FOLDER or --synthetic ARCH (one of them)")
     if args.folder is not None and not checkpoint.is_gqsa_folder(args.folder):
-        if not Path(args.folder).exists():
-            raise CLIError(f"{args.folder}: no such folder")
         raise CLIError(f"{args.folder} is not a GQSA checkpoint folder (config.json without quantization_config); "
                        f"compress it first, or use --synthetic ARCH")
     batches = _int_list(args.batch, "--batch")

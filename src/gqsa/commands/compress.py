@@ -188,7 +188,7 @@ def given_options(argv: list[str]) -> dict:
 
 
 def run(args) -> int:
-    from ..workflow import compress_to_folder, work_folder
+    from ..workflow import compress_to_folder, work_folder  # (torch-free until its argument checks have passed)
 
     try:
         return compress_to_folder(args.model, args.out, **options(args),

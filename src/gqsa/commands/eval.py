@@ -45,13 +45,9 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    import torch
+    from ..sources import check_model_source
 
-    from .. import checkpoint
-    from ..eval.ppl import perplexity
-    from ..models.loader import load_any
-
-    device = common.device(args.device)
+    # what needs no torch first: a mistyped path or option fails at once, not after the imports
     for name in ("max_windows", "batch_size", "limit", "zeroshot_batch_size", "kl_windows"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise CLIError(f"--{name.replace('_', '-')} must be >= 1")
@@ -59,6 +55,17 @@ def run(args) -> int:
         raise CLIError("nothing to evaluate: pass --ppl TEXT, --tasks and/or --kl-reference MODEL")
     if args.kl_reference and not (args.kl_text or args.ppl):
         raise CLIError("--kl-reference needs a text: pass --kl-text TEXT (or --ppl TEXT)")
+    check_model_source(args.model)
+    if args.kl_reference:
+        check_model_source(args.kl_reference)
+
+    import torch
+
+    from .. import checkpoint
+    from ..eval.ppl import perplexity
+    from ..models.loader import load_any
+
+    device = common.device(args.device)
     common.apply_threads(args)
     folder = Path(args.model)
     if args.dtype == "auto":

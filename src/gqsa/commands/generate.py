@@ -33,16 +33,21 @@ def add_parser(sub):
 
 
 def run(args) -> int:
+    from ..sources import check_model_source
+
+    # what needs no torch first: a mistyped path or option fails at once, not after the imports
+    if args.max_new_tokens < 1:
+        raise CLIError("--max-new-tokens must be >= 1")
+    if any(not p for p in args.prompt):
+        raise CLIError("--prompt is empty: give some text to continue")
+    check_model_source(args.model)
+
     import torch
 
     from ..engine import Engine, SamplingParams
     from ..models.loader import load_any
 
-    if args.max_new_tokens < 1:
-        raise CLIError("--max-new-tokens must be >= 1")
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    if any(not p for p in args.prompt):
-        raise CLIError("--prompt is empty: give some text to continue")
     common.apply_threads(args)
     device = common.device(args.device)
     dtype = torch.float32 if device.type == "cpu" else torch.float16

@@ -5,6 +5,8 @@ import json
 from collections import Counter
 from pathlib import Path
 
+from .common import CLIError
+
 
 def add_parser(sub):
     p = sub.add_parser("inspect", help="per-layer and whole-model storage of a GQSA checkpoint",
@@ -18,6 +20,9 @@ def add_parser(sub):
 
 
 def run(args) -> int:
+    if not Path(args.folder).is_dir():  # (before torch is imported: a mistyped path fails at once)
+        raise CLIError(f"{args.folder}: no such folder" if not Path(args.folder).exists()
+                       else f"{args.folder}: not a folder (gqsa inspect reads a GQSA checkpoint folder)")
     from .. import checkpoint, report
     from ..kernels.block_layout import kernel_layout, resident_bytes
 

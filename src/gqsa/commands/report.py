@@ -125,6 +125,9 @@ def rows_from_cli(only: list[str] | None, extra: list[str] | None, gqsa_stage: s
 
 
 def run(args) -> int:
+    from ..sources import check_model_source
+
+    check_model_source(args.model)  # (before torch is imported: a mistyped path fails at once)
     from ..report_matrix import run_report
 
     for name in ("nsamples", "batch_size"):

@@ -14,18 +14,17 @@ naming the path and what to do.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from ..sources import is_hub_id
 from .llama2c import load_llama2c, read_llama2c_header
 from .tokenizer import load_llama2c_tokenizer
 
 __all__ = ["load_model", "load_tokenizer", "resolve_dtype"]
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9]$")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -42,10 +41,6 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype | str:
         return _DTYPES[str(dtype).lower().removeprefix("torch.")]
     except KeyError:
         raise ValueError(f"unknown dtype {dtype!r}: use one of float32, float16, bfloat16, auto") from None
-
-
-def _is_hub_id(name: str) -> bool:
-    return bool(_HUB_ID.match(name)) and ".." not in name
 
 
 def load_tokenizer(source: str | Path) -> PreTrainedTokenizerBase:
@@ -65,7 +60,7 @@ def load_tokenizer(source: str | Path) -> PreTrainedTokenizerBase:
         if not any((path / f).is_file() for f in _TOKENIZER_FILES):
             raise ValueError(f"{path}: no tokenizer files (tokenizer.json, tokenizer.model): pass --tokenizer PATH")
         return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    if _is_hub_id(str(source)):
+    if is_hub_id(str(source)):
         try:
             return AutoTokenizer.from_pretrained(str(source), trust_remote_code=False)
         except OSError as e:
@@ -191,7 +186,7 @@ def load_model(
                 )
             _check_folder_config(path)
             source: str | Path = path
-        elif _is_hub_id(str(name_or_path)):
+        elif is_hub_id(str(name_or_path)):
             source = str(name_or_path)
         else:
             raise FileNotFoundError(
