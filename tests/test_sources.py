@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from gqsa.sources import check_model_source, is_hub_id
+from gqsa.sources import HF_DATASETS, check_model_source, check_text_source, is_hub_id
 
 
 def test_hub_ids():
@@ -25,6 +25,17 @@ def test_check_model_source(tmp_path):
         check_model_source(str(tmp_path / "empty"))
     with pytest.raises(FileNotFoundError, match="no such file or folder"):
         check_model_source(str(tmp_path / "missing"))
+
+
+def test_check_text_source(tmp_path):
+    (tmp_path / "t.txt").write_text("some text")
+    check_text_source(str(tmp_path / "t.txt"))
+    for name in HF_DATASETS:  # read from the hub later
+        check_text_source(name)
+    with pytest.raises(ValueError, match="is a folder"):
+        check_text_source(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="not a known dataset name"):
+        check_text_source(str(tmp_path / "missing.txt"))
 
 
 def test_the_module_imports_no_torch():

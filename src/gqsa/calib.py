@@ -6,12 +6,7 @@ from pathlib import Path
 
 import torch
 
-# Hub datasets by short name: (dataset, config, split for calibration, split for evaluation, field, joiner)
-HF_DATASETS = {
-    "wikitext2": ("wikitext", "wikitext-2-raw-v1", "train", "test", "text", "\n\n"),
-    "ptb": ("ptb_text_only", "penn_treebank", "train", "test", "sentence", " "),
-    "c4": ("allenai/c4", "en", "train", "validation", "text", " "),
-}
+from .sources import HF_DATASETS, check_text_source  # noqa: F401  (HF_DATASETS: part of this module's interface)
 
 
 def read_text(source: str, purpose: str = "calibration") -> str:
@@ -24,11 +19,7 @@ def read_text(source: str, purpose: str = "calibration") -> str:
             raise ValueError(f"{source} is not a text file (it holds binary data); pass a text file or a dataset "
                              f"name ({', '.join(HF_DATASETS)})")
         return data.decode("utf-8", errors="replace")
-    if path.exists():
-        raise ValueError(f"{source} is a folder; pass a text file or a dataset name ({', '.join(HF_DATASETS)})")
-    if source not in HF_DATASETS:
-        raise FileNotFoundError(
-            f"{source}: no such file, and not a known dataset name ({', '.join(HF_DATASETS)})")
+    check_text_source(source)  # a folder, or neither a file nor a dataset name: one line
     try:
         import datasets
     except ImportError as e:

@@ -237,14 +237,25 @@ def test_version_and_help_do_not_load_torch():
 
 
 def test_a_mistyped_path_or_option_fails_before_torch_is_imported(tmp_path):
-    """A missing model path, a folder without config.json and the option errors that need no model are one line and
-    exit status 2 before torch or transformers are imported (0.1 s instead of the ~10 s of the imports)."""
+    """A missing model path, a folder without config.json, a missing text and the option errors that need no model
+    are one line and exit status 2 before torch or transformers are imported (0.1 s instead of the ~10 s of the
+    imports, and before any model is loaded)."""
     code = ("import sys\nfrom gqsa.cli import main\nrc = main(sys.argv[1:])\n"
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'imported'\nsys.exit(rc)\n")
     missing = str(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
     (tmp_path / "file.txt").write_text("x")
+    (tmp_path / "m").mkdir()  # a model folder as far as these checks go
+    (tmp_path / "m" / "config.json").write_text("{}")
+    model = str(tmp_path / "m")
     cases = [
+        (["compress", model, "--calib", missing, "--out", str(tmp_path / "o")], "not a known dataset name"),
+        (["compress", model, "--calib", str(tmp_path / "empty"), "--out", str(tmp_path / "o")], "is a folder"),
+        (["eval", model, "--ppl", str(tmp_path / "file.txt"), missing], "not a known dataset name"),
+        (["eval", model, "--ppl", str(tmp_path / "file.txt"), "--kl-reference", model, "--kl-text", missing],
+         "not a known dataset name"),
+        (["report", model, "--calib", str(tmp_path / "file.txt"), "--eval", missing, "--out", str(tmp_path / "r")],
+         "not a known dataset name"),
         (["compress", missing, "--calib", "x.txt", "--out", str(tmp_path / "o")], "no such file or folder"),
         (["compress", str(tmp_path / "empty"), "--calib", "x.txt", "--out", str(tmp_path / "o")], "no config.json"),
         (["eval", missing, "--ppl", "x.txt"], "no such file or folder"),

@@ -45,7 +45,7 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    from ..sources import check_model_source
+    from ..sources import check_model_source, check_text_source
 
     # what needs no torch first: a mistyped path or option fails at once, not after the imports
     for name in ("max_windows", "batch_size", "limit", "zeroshot_batch_size", "kl_windows"):
@@ -58,6 +58,8 @@ def run(args) -> int:
     check_model_source(args.model)
     if args.kl_reference:
         check_model_source(args.kl_reference)
+    for text in [*args.ppl, *([args.kl_text] if args.kl_text else [])]:
+        check_text_source(text)
 
     import torch
 

@@ -125,9 +125,12 @@ def rows_from_cli(only: list[str] | None, extra: list[str] | None, gqsa_stage: s
 
 
 def run(args) -> int:
-    from ..sources import check_model_source
+    from ..sources import check_model_source, check_text_source
 
     check_model_source(args.model)  # (before torch is imported: a mistyped path fails at once)
+    for text in (args.calib, args.eval_text):
+        if text != "self":
+            check_text_source(text)
     from ..report_matrix import run_report
 
     for name in ("nsamples", "batch_size"):
