@@ -211,7 +211,9 @@ def test_bad_checkpoints_are_refused(case, folder, run_dir, capsys):
         expect = "quant_method 'gptq'"
     assert main(["inspect", str(bad), *extra]) == 2
     assert expect in _err(capsys)
-    assert main(["eval", str(bad), "--ppl", "unused.txt", *extra]) == 2
+    text = run_dir / "unused.txt"  # (a text that exists: a missing one would be refused first, before the folder)
+    text.write_text("never read")
+    assert main(["eval", str(bad), "--ppl", str(text), *extra]) == 2
     assert expect in _err(capsys)
 
 
