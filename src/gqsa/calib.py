@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .sources import HF_DATASETS, check_text_source  # noqa: F401  (HF_DATASETS: part of this module's interface)
+from .sources import HF_DATASETS, SELF, check_text_source  # noqa: F401  (HF_DATASETS, SELF: this module's interface)
 
 
 def read_text(source: str, purpose: str = "calibration") -> str:
@@ -73,8 +73,6 @@ def calibration_tokens(source: str, tokenizer, nsamples: int = 128, seqlen: int 
         return self_tokens(model, tokenizer, nsamples, seqlen, seed, progress=progress)
     return sample_windows(tokenize(read_text(source, "calibration"), tokenizer, source), nsamples, seqlen, seed)
 
-
-SELF = "self"
 
 
 @torch.no_grad()

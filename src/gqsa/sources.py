@@ -15,6 +15,7 @@ HF_DATASETS = {
     "ptb": ("ptb_text_only", "penn_treebank", "train", "test", "sentence", " "),
     "c4": ("allenai/c4", "en", "train", "validation", "text", " "),
 }
+SELF = "self"  # the calibration "text" sampled from the model itself (gqsa.calib.self_tokens)
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9]$")
 
 

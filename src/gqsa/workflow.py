@@ -82,7 +82,7 @@ def compress_to_folder(model: str, out, *, calib: str, tokenizer: str | None = N
     None: ``DEFAULT_SEQLEN`` capped at the model's context, a longer one given is capped with a warning; the
     stage options of :data:`STAGE_OPTIONS` are ``None`` unless given). ``before_load()`` runs after the
     settings are checked, before the model is read. Returns 0 (the exit status)."""
-    from .sources import check_model_source, check_text_source
+    from .sources import SELF, check_model_source, check_text_source
 
     # the checks that need no torch first (a mistyped option or path fails at once, not after the imports)
     if not str(out).strip():
@@ -99,7 +99,7 @@ def compress_to_folder(model: str, out, *, calib: str, tokenizer: str | None = N
     if quantize_lm_head is not None and method != "gqsa":
         raise ValueError(f"--quantize-lm-head applies to --method gqsa, not {method}")
     check_model_source(model)
-    if calib != "self":  # (calib.SELF: sampled from the model itself)
+    if calib != SELF:
         check_text_source(calib)
 
     import torch

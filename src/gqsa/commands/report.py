@@ -125,12 +125,12 @@ def rows_from_cli(only: list[str] | None, extra: list[str] | None, gqsa_stage: s
 
 
 def run(args) -> int:
-    from ..sources import check_model_source, check_text_source
+    from ..sources import SELF, check_model_source, check_text_source
 
     check_model_source(args.model)  # (before torch is imported: a mistyped path fails at once)
-    for text in (args.calib, args.eval_text):
-        if text != "self":
-            check_text_source(text)
+    if args.calib != SELF:
+        check_text_source(args.calib)
+    check_text_source(args.eval_text)
     from ..report_matrix import run_report
 
     for name in ("nsamples", "batch_size"):
