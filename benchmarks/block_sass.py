@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from gqsa.kernels.block_kernels import block_kernel  # noqa: E402
 
 ARGS = ["x_ptr", "qb_ptr", "sz_ptr", "col_ptr", "bp_ptr", "rmap_ptr", "bias_ptr", "y_ptr", "ws_ptr", "cnt_ptr",
-        "wd_ptr", "M", "N", "K", "sps", "split_k", "stride_xm", "stride_ym", "n_blocks", "stride_wd"]
-TYPES = ["*fp16", "*u8", "*i32", "*i32", "*i32", "*i32", "*fp16", "*fp16", "*fp32", "*i32", "*fp16"] + ["i32"] * 9
+        "wd_ptr", "M", "N", "K", "sps", "split_k", "stride_xm", "stride_ym", "n_blocks", "stride_wd", "spb"]
+TYPES = ["*fp16", "*u8", "*i32", "*i32", "*i32", "*i32", "*fp16", "*fp16", "*fp32", "*i32", "*fp16"] + ["i32"] * 10
 DIV16 = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 16, 17, 18, 19}
 
 

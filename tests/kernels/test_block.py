@@ -135,7 +135,7 @@ def test_block_kernel_matches_reference(case):
 
 @pytest.mark.parametrize("idx", [0, 17, 21])  # (plain; wide, split-K 2; pre, split-K 2)
 def test_uniform_blocks_need_no_block_pointers(idx, monkeypatch):
-    """Blocks that all hold the same slots (row-balanced block masks) are launched with that count (``SPB``): the
+    """Blocks that all hold the same slots (row-balanced block masks) are launched with that count (``spb``): the
     kernel finds a block's slots at ``block · SPB`` instead of loading ``block_ptr``, with the same outputs bit for
     bit; uneven blocks get ``uniform_slots = 0``."""
     n, k, g, bits, fz, rows, uneven, m, dtype, has_bias, cfg = CASES[idx]
@@ -150,7 +150,7 @@ def test_uniform_blocks_need_no_block_pointers(idx, monkeypatch):
     for uniform in (True, False):
         monkeypatch.setattr(jit, "UNIFORM", uniform)
         call = block_gemm.BlockCall(lay, cfg, m, dtype, False, k, n, 1)
-        assert call.consts["SPB"] == (lay.uniform_slots if uniform else 0)
+        assert call.consts["UNI"] == uniform and call.ints[-1] == (lay.uniform_slots if uniform else 0)
         ys.append(launch(x, lay, cfg))
     assert torch.equal(ys[0], ys[1])
     check(ys[0], x, p)

@@ -345,9 +345,9 @@ def test_v2_uniform_rows_need_no_row_pointers(mrows):
         p = balanced_packed(n, k, g, keep, seed=n)
         lay = gemv_layout.build_layout(p)
         assert lay.keep == keep
-        for uniform in (True, False):  # what the launch compiles in
+        for uniform in (True, False):  # what the launch passes
             call = gemv_layout.V2Call(p, lay, mrows, torch.float16, True, k, n, torch.device("cpu"), uniform=uniform)
-            assert call.consts["KEEP"] == (keep if uniform else 0)
+            assert call.consts["UNI"] == uniform and call.ints[-1] == (keep if uniform else 0)
         x = torch.randn(mrows, k, generator=gen).half()
         bias = torch.randn(n, generator=gen).half()
         for opts in (dict(pipeline=True), dict(pipeline=False), dict(half_dot=True, pipeline=True)):

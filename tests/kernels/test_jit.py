@@ -31,9 +31,11 @@ def test_pdl_is_off_on_the_cpu_under_the_interpreter_and_by_request(monkeypatch)
 
 def test_pdl_families_from_the_environment(monkeypatch):
     monkeypatch.delenv("GQSA_PDL", raising=False)
-    assert jit.pdl_families() == frozenset()  # off unless asked for (measured: no net gain on the H200)
+    # by default the pipelined GEMV and the decode-step ops, on one-row launches only (batch-1 decoding: the one
+    # place it measured a gain on the H200)
+    assert jit.pdl_policy() == ({"gemv2p", "ops"}, True)
     monkeypatch.setenv("GQSA_PDL", "all")
-    assert jit.pdl_families() == frozenset(jit.PDL_FAMILIES)
+    assert jit.pdl_families() == frozenset(jit.PDL_FAMILIES) and not jit.pdl_policy()[1]
     monkeypatch.setenv("GQSA_PDL", "none")
     assert jit.pdl_families() == frozenset()
     monkeypatch.setenv("GQSA_PDL", " ops, block ")
@@ -41,6 +43,19 @@ def test_pdl_families_from_the_environment(monkeypatch):
     monkeypatch.setenv("GQSA_PDL", "ops,gemv3")
     with pytest.raises(ValueError, match="gemv3"):
         jit.pdl_families()
+
+
+def test_pdl_by_default_only_for_one_row_launches_of_the_gemv_and_the_decode_ops(monkeypatch):
+    monkeypatch.delenv("GQSA_PDL", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(jit, "_PDL_DEVICES", {0: True})  # as on a GPU of compute capability 9.0
+    assert jit.pdl_enabled("cuda:0", "gemv2p", 1) and jit.pdl_enabled("cuda:0", "ops", 1)
+    assert not jit.pdl_enabled("cuda:0", "gemv2p", 2) and not jit.pdl_enabled("cuda:0", "ops", 4)
+    assert not jit.pdl_enabled("cuda:0", "block", 1) and not jit.pdl_enabled("cuda:0", "gemm", 1)
+    monkeypatch.setenv("GQSA_PDL", "ops")  # an explicit family list: every launch of the family
+    assert jit.pdl_enabled("cuda:0", "ops", 4) and not jit.pdl_enabled("cuda:0", "gemv2p", 1)
+    monkeypatch.setattr(jit, "_PDL_DEVICES", {0: False})  # compute capability < 9.0: never
+    assert not jit.pdl_enabled("cuda:0", "ops", 1)
 
 
 def test_launch_runs_the_interpreter_and_passes_pdl_false(monkeypatch):
@@ -98,7 +113,7 @@ def test_launch_fast_path_on_a_gpu_caches_per_specialization(monkeypatch):
     jit.launch(k, (4,), (a, 16), {"BLOCK": 32}, dev, 4, 2, pdl="ops")
     jit.launch(k, (4,), (a, 16), {"BLOCK": 32}, dev, 4, 2, pdl="ops")
     assert [e[0] for e in k.log] == ["slow", "fast"]
-    assert k.log[0][3] == {"BLOCK": 32, "PDL": False, "num_warps": 4, "num_stages": 2}  # PDL off by default
+    assert k.log[0][3] == {"BLOCK": 32, "PDL": False, "num_warps": 4, "num_stages": 2}  # default: one-row launches only
     assert k.log[1][1] == (4, 1, 1) and k.log[1][2][:2] == (a, 16) and k.log[1][2][2:] == (32, False)
     jit.launch(k, (4,), (a[1:], 16), {"BLOCK": 32}, dev, 4, 2, pdl="ops")  # not 16-byte aligned
     jit.launch(k, (4,), (a, 2**31), {"BLOCK": 32}, dev, 4, 2, pdl="ops")  # a 64-bit int

@@ -166,7 +166,7 @@ class BlockCall:
                            ASM=cfg.asm and not interp and layout.bits == 4 and dtype == torch.float16
                            and not layout.float_zeros, COL_VEC=cfg.col_vec, ROW_MAP=layout.row_map is not None,
                            WIDE=cfg.wide, PRE=cfg.pre, BLOCK_OUT=cfg.block_out and layout.row_map is not None,
-                           SPB=layout.uniform_slots if jit.UNIFORM else 0)
+                           UNI=bool(layout.uniform_slots) and jit.UNIFORM)
         self.block_out = self.consts["BLOCK_OUT"]
         self.pre = _Dequant(layout, dtype) if cfg.pre and layout.n_slots else None
         stride_w = self.pre.stride if self.pre is not None else stride_y  # (unused without PRE: wd is y)
@@ -176,7 +176,9 @@ class BlockCall:
             qw, sz, cols = (t.new_zeros(layout.rows * layout.group_size) for t in (qw, sz, cols))
         rmap = layout.row_map if layout.row_map is not None else layout.block_ptr  # (unused without ROW_MAP)
         self.weights = (qw, sz, cols, layout.block_ptr, rmap)
-        self.ints = (m, n, k, sps, split, stride_x, stride_y, layout.n_blocks, stride_w)
+        # (spb: a runtime argument, not a constexpr: layers of other sparsities share one compiled kernel)
+        self.ints = (m, n, k, sps, split, stride_x, stride_y, layout.n_blocks, stride_w,
+                     layout.uniform_slots if self.consts["UNI"] else 0)
         self.grid = (tm, layout.n_blocks, split)
         self.launch = (cfg.num_warps, cfg.num_stages)
         self.kern, self._bound = _kernel(), None

@@ -76,12 +76,12 @@ NIB2H = tl.constexpr(_NIB2H) if HAS_TRITON else _NIB2H
 
 def block_kernel(
     x_ptr, qb_ptr, sz_ptr, col_ptr, bp_ptr, rmap_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, wd_ptr,
-    M, N, K, sps, split_k, stride_xm, stride_ym, n_blocks, stride_wd,
+    M, N, K, sps, split_k, stride_xm, stride_ym, n_blocks, stride_wd, spb,
     R: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr, NP: tl.constexpr,
     STEPS: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, SCALE_AFTER: tl.constexpr,
     DOT_F32: tl.constexpr, FLOAT_Z: tl.constexpr, FP16: tl.constexpr, ASM: tl.constexpr, COL_VEC: tl.constexpr,
     ROW_MAP: tl.constexpr, WIDE: tl.constexpr, PRE: tl.constexpr, BLOCK_OUT: tl.constexpr, PDL: tl.constexpr,
-    SPB: tl.constexpr = 0,
+    UNI: tl.constexpr = False,
 ):
     CPB: tl.constexpr = 8 // BITS  # slots per byte tile
     QM: tl.constexpr = (1 << BITS) - 1
@@ -92,9 +92,9 @@ def block_kernel(
     pid_m = tl.program_id(0)
     blk = tl.program_id(1)
     pid_k = tl.program_id(2)
-    if SPB:  # every block has SPB slots (BlockLayout.uniform_slots): no block-pointer load ahead of the weights'
-        s_lo = blk * SPB
-        s_hi = s_lo + SPB
+    if UNI:  # every block has `spb` slots (BlockLayout.uniform_slots): no block-pointer load ahead of the weights'
+        s_lo = blk * spb
+        s_hi = s_lo + spb
     else:
         s_lo = tl.load(bp_ptr + blk)
         s_hi = tl.load(bp_ptr + blk + 1)

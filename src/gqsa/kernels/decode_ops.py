@@ -420,7 +420,7 @@ def rope_kv_write(q, k, v, cos, sin, k_cache, v_cache, slots, positions=None):
         pos.stride(0) if table else 0, pos.stride(1) if table else 0,
         qo.stride(0), qo.stride(1), qo.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2)),
-        dict(HALF=d // 2, BLOCK=_pow2(d // 2), TABLE=table), q.device, 1, pdl="ops")
+        dict(HALF=d // 2, BLOCK=_pow2(d // 2), TABLE=table), q.device, 1, pdl="ops", rows=bsz * t)
     return qo
 
 
@@ -507,10 +507,10 @@ def _attention_launch(q, q_strides, rope, k_cache, v_cache, valid, slots, kv_len
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), val.stride(0), o3.stride(0), o3.stride(1),
         *rstrides), dict(G=g, GP=gp, D=d, BD=bd, BLOCK_N=block_n, F32DOT=q.dtype == torch.float32 or interp,
                          ISPAN=triton.cdiv(chunk, block_n) * block_n if interp else 0, ROPE=rope is not None),
-        q.device, ATTN_WARPS, pdl="ops")
+        q.device, ATTN_WARPS, pdl="ops", rows=bsz)
     if splits > 1:
         launch(jitted(_attn_merge_kernel, ("S",)), (bsz * h,), (po, pm, pl, o3, h, splits, o3.stride(0), o3.stride(1)),
-               dict(D=d, BD=bd, BS=max(16, _pow2(splits))), q.device, 4, pdl="ops")
+               dict(D=d, BD=bd, BS=max(16, _pow2(splits))), q.device, 4, pdl="ops", rows=bsz)
     return o
 
 
@@ -529,7 +529,8 @@ def add_rms_norm(x, delta, weight, eps: float):
     if x2.shape[0]:
         launch(jitted(_add_rms_norm_kernel), (x2.shape[0],),
                (x2, d2, weight, s2, y2, n, x2.stride(0), d2.stride(0), s2.stride(0), y2.stride(0), float(eps)),
-               dict(HAS_ADD=delta is not None, BLOCK=_pow2(n)), x.device, 4 if n <= 4096 else 8, pdl="ops")
+               dict(HAS_ADD=delta is not None, BLOCK=_pow2(n)), x.device, 4 if n <= 4096 else 8, pdl="ops",
+               rows=x2.shape[0])
     return s, y
 
 
@@ -551,7 +552,7 @@ def silu_mul(gate_up):
     blk = min(SILU_BLOCK, _pow2(n))
     if gu.shape[0]:
         launch(jitted(_silu_mul_kernel), (gu.shape[0], triton.cdiv(n, blk)), (gu, o2, n, gu.stride(0), o2.stride(0)),
-               dict(BLOCK=blk), gu.device, 4, pdl="ops")
+               dict(BLOCK=blk), gu.device, 4, pdl="ops", rows=gu.shape[0])
     return o
 
 
@@ -568,5 +569,5 @@ def greedy_advance(logits, done, pad, eos, out, tok, pos, counters):
     dn = done.view(torch.uint8) if done.dtype == torch.bool else done
     launch(jitted(_greedy_advance_kernel), (bsz,), (logits, v, logits.stride(0), dn, pad, eos, out, out.stride(0), tok,
                                                    pos, counters[1:]),
-           dict(NEOS=eos.shape[0], BLOCK_V=min(4096, _pow2(v))), logits.device, 8, pdl="ops")
+           dict(NEOS=eos.shape[0], BLOCK_V=min(4096, _pow2(v))), logits.device, 8, pdl="ops", rows=bsz)
     counters.add_(1)

@@ -43,7 +43,8 @@ out; under the interpreter the same math runs as plain Triton code, :func:`_hd_m
 
 Uniform rows (session 14): where every row keeps the same number of groups (row-balanced masks, what the row
 allocation writes), :func:`build_layout` records it (``GemvLayout.keep``) and both kernels take it as the constexpr
-``KEEP``: a row's groups start at ``row · KEEP``, so no program waits for a row-pointer load before its first weight
+``UNI`` with the count as the runtime argument ``keep`` (not a constexpr: layers of other sparsities share one compiled
+kernel): a row's groups start at ``row · keep``, so no program waits for a row-pointer load before its first weight
 load (``row_ptr`` is still read by the rare fp32 redo of an overflowed row).
 
 Several rows of x (issue gemvb): both kernels take a constexpr ``MB`` (1 … ``MAX_MB`` = 4) and serve ``MB`` rows
@@ -469,10 +470,10 @@ if tl is not None:  # called from the pipelined kernel (HALF only: compiled mode
 
 
 def _gemv2_kernel(
-    x_ptr, x8_ptr, cw_ptr, meta_ptr, rp_ptr, bias_ptr, y_ptr, XS, YS, one,
+    x_ptr, x8_ptr, cw_ptr, meta_ptr, rp_ptr, bias_ptr, y_ptr, XS, YS, one, keep,
     G: tl.constexpr, BITS: tl.constexpr, UC: tl.constexpr, UPT: tl.constexpr, X_BF16: tl.constexpr,
     HAS_BIAS: tl.constexpr, ASM: tl.constexpr, DOT: tl.constexpr, NUM_THREADS: tl.constexpr, PDL: tl.constexpr,
-    MB: tl.constexpr = 1, KEEP: tl.constexpr = 0,
+    MB: tl.constexpr = 1, UNI: tl.constexpr = False,
 ):
     """y[i, r] = Σ over the kept groups of row r of s·Σ x[i]·(q − z) (+ bias[r]) for the ``MB`` rows ``i`` of x
     (1 … 4); one program per output row.
@@ -492,9 +493,9 @@ def _gemv2_kernel(
     QM: tl.constexpr = (1 << BITS) - 1
     OFFM: tl.constexpr = 0xFFFF ^ (2 * G - 1)  # the byte-offset bits of a metadata word
     r = tl.program_id(0)
-    if KEEP:  # every row keeps KEEP groups: no row-pointer load ahead of the weights'
-        rs = r * KEEP
-        re = rs + KEEP
+    if UNI:  # every row keeps `keep` groups: no row-pointer load ahead of the weights'
+        rs = r * keep
+        re = rs + keep
     else:
         rs = tl.load(rp_ptr + r)
         re = tl.load(rp_ptr + r + 1)
@@ -622,11 +623,11 @@ def _gemv2_kernel(
 
 
 def _gemv2p_kernel(
-    x_ptr, x8_ptr, cw_ptr, meta_ptr, rp_ptr, bias_ptr, y_ptr, N, RPP, MAXG, XS, YS, one,
+    x_ptr, x8_ptr, cw_ptr, meta_ptr, rp_ptr, bias_ptr, y_ptr, N, RPP, MAXG, XS, YS, one, keep,
     G: tl.constexpr, BITS: tl.constexpr, UC: tl.constexpr, UPT: tl.constexpr, X_BF16: tl.constexpr,
     HAS_BIAS: tl.constexpr, ASM: tl.constexpr, DOT: tl.constexpr, NUM_THREADS: tl.constexpr,
     REG: tl.constexpr, PF: tl.constexpr, HALF: tl.constexpr, PDL: tl.constexpr, MB: tl.constexpr = 1,
-    KEEP: tl.constexpr = 0,
+    UNI: tl.constexpr = False,
 ):
     """The v2 step over the steps of ``RPP`` consecutive rows (rows ``p·RPP`` …) in one flat loop,
     pipelined: every row is ≥ 1 step (a row's partial last step moved back to end at the row's end as
@@ -679,10 +680,10 @@ def _gemv2p_kernel(
     for mb in tl.static_range(MB):
         accs = accs + (tl.full([NUM_THREADS], 0.0, tl.float32),)
     # c = the current step's first group to count, re = its row's end, nre = the next row's end
-    if KEEP:  # every row keeps KEEP groups (GemvLayout.keep): row ends without loads
-        c = r * KEEP
-        re = c + KEEP
-        nre = tl.minimum(r + 2, N) * KEEP
+    if UNI:  # every row keeps `keep` groups (GemvLayout.keep): row ends without loads
+        c = r * keep
+        re = c + keep
+        nre = tl.minimum(r + 2, N) * keep
     else:
         c = tl.load(rp_ptr + r)
         re = tl.load(rp_ptr + r + 1)
@@ -713,7 +714,18 @@ def _gemv2p_kernel(
                 for i in tl.static_range(WPU):
                     codes = codes + (tl.load(cp + i),)
     if PDL:  # programmatic dependent launch (gqsa.kernels.jit): x only after the wait (xz = 0 depends on it;
-        # ptxas issues the wait before the first step's weight loads all the same)
+        # ptxas issues the wait before the first step's weight loads all the same, so the weights of the first
+        # PF steps — which the loop's prefetch, PF steps ahead, never covers — are prefetched into L2 before it:
+        # prefetches are not pure, so they stay ahead of the wait)
+        if PF > 0 and ASM:
+            for s in tl.static_range(PF):
+                pg = tl.minimum(b + s * STEP, MAXG - STEP)
+                for q in tl.static_range(0, ML + CL, NUM_THREADS):
+                    ln = t + q
+                    pa = tl.where(ln < ML, (meta_ptr + pg + ln * 32).to(tl.pointer_type(tl.int8)),
+                                  (cw_ptr + pg * CWG + (ln - ML) * 32).to(tl.pointer_type(tl.int8)))
+                    tl.inline_asm_elementwise(PREFL2, "=r,l,r", [pa, (ln < ML + CL).to(tl.int32)], dtype=tl.int32,
+                                              is_pure=False, pack=1)
         xz = tl.inline_asm_elementwise(PDL_WAIT, "=r", [], dtype=tl.int32, is_pure=False, pack=1)
         tl.extra.cuda.gdc_launch_dependents()
         xb = xb + xz
@@ -728,8 +740,8 @@ def _gemv2p_kernel(
         nr = tl.where(ends, r + 1, r)
         nc = tl.where(ends, re, c + STEP)
         nre_ = tl.where(ends, nre, re)
-        if KEEP:
-            nnre = tl.minimum(nr + 2, N) * KEEP
+        if UNI:
+            nnre = tl.minimum(nr + 2, N) * keep
         else:
             nnre = tl.load(rp_ptr + tl.minimum(nr + 2, N))  # used one iteration later
         nb = tl.where(nc + STEP <= nre_, nc, tl.maximum(nre_ - STEP, 0))
@@ -888,7 +900,7 @@ def _gemv2p_kernel(
 
 
 def kernel_constexprs(G=16, BITS=4, UC=None, UPT=None, X_BF16=False, HAS_BIAS=False, ASM=True, NUM_THREADS=32,
-                      REG=None, PF=None, HALF=False, PDL=False, MB=1, KEEP=0, **_):
+                      REG=None, PF=None, HALF=False, PDL=False, MB=1, UNI=False, **_):
     """The constexprs of :func:`_gemv2_kernel`, or of :func:`_gemv2p_kernel` where ``REG`` / ``PF`` are given
     (``MB``: rows of x, 1 … ``MAX_MB``)."""
     duc, dupt = default_unit(G, BITS)
@@ -899,16 +911,16 @@ def kernel_constexprs(G=16, BITS=4, UC=None, UPT=None, X_BF16=False, HAS_BIAS=Fa
         d.update(REG=bool(REG), PF=int(PF or 0), HALF=bool(HALF))
     d["PDL"] = bool(PDL)  # (the launcher sets it: gqsa.kernels.jit.launch)
     d["MB"] = int(MB)
-    d["KEEP"] = int(KEEP)
+    d["UNI"] = bool(UNI)
     return d
 
 
 def sass_signature(consts, pipe=False):
     """(argument names, types, indices marked divisible by 16) for an offline compile (gemv_sass.py);
     ``pipe``: of :func:`_gemv2p_kernel`."""
-    args = ["x_ptr", "x8_ptr", "cw_ptr", "meta_ptr", "rp_ptr", "bias_ptr", "y_ptr"] + (["N", "RPP", "MAXG"] if pipe
-                                                                                       else []) + ["XS", "YS", "one"]
-    types = ["*i32", "*i8", "*i32", "*i32", "*i32", "*fp16", "*fp16"] + ["i32"] * (6 if pipe else 3)
+    ints = (["N", "RPP", "MAXG"] if pipe else []) + ["XS", "YS", "one", "keep"]
+    args = ["x_ptr", "x8_ptr", "cw_ptr", "meta_ptr", "rp_ptr", "bias_ptr", "y_ptr"] + ints
+    types = ["*i32", "*i8", "*i32", "*i32", "*i32", "*fp16", "*fp16"] + ["i32"] * (7 if pipe else 4)
     return args, types, {0, 1, 2, 3, 4, 5, 6}
 
 
@@ -1076,7 +1088,8 @@ class V2Call:
             REG=(V2P_REG if reg_pipeline is None else reg_pipeline) if pipe else None,
             PF=(V2P_PREFETCH if prefetch is None else prefetch) if pipe else None,
             HALF=bool(half_dot) and pipe and (interp or asm), MB=mrows,
-            KEEP=layout.keep if (jit.UNIFORM if uniform is None else uniform) else 0)
+            UNI=bool(layout.keep) and (jit.UNIFORM if uniform is None else uniform))
+        keep = layout.keep if self.consts["UNI"] else 0
         self.n = n
         step = self.consts["NUM_THREADS"] // (packed.group_size // self.consts["UC"]) * self.consts["UPT"]
         if n and step > min(layout.meta.numel(), MIN_GROUPS):
@@ -1085,12 +1098,12 @@ class V2Call:
         if pipe:
             rpp = rows_per_program(n, device, rows_per_prog, programs_per_sm)
             self.grid = (-(-n // rpp),)
-            self.ints = (n, rpp, layout.meta.numel(), self.xs, ys, 1)
-            self.kern = jitted(_gemv2p_kernel, ("N", "RPP", "MAXG", "XS", "YS", "one"))
+            self.ints = (n, rpp, layout.meta.numel(), self.xs, ys, 1, keep)
+            self.kern = jitted(_gemv2p_kernel, ("N", "RPP", "MAXG", "XS", "YS", "one", "keep"))
         else:
             self.grid = (n,)
-            self.ints = (self.xs, ys, 1)
-            self.kern = jitted(_gemv2_kernel, ("XS", "YS", "one"))
+            self.ints = (self.xs, ys, 1, keep)
+            self.kern = jitted(_gemv2_kernel, ("XS", "YS", "one", "keep"))
         self.extra = {"maxnreg": maxnreg} if maxnreg and not interp else {}
         self._bound = None
 
@@ -1107,4 +1120,4 @@ class V2Call:
                 *self.ints)
         aligned = not (y.data_ptr() | (0 if bias is None else bias.data_ptr())) & 15
         self._bound = jit.rebind(self._bound, aligned, self.kern, self.grid, args, self.consts, y.device, self.nw,
-                                 pdl="gemv2p" if self.pipe else "gemv2", **self.extra)
+                                 pdl="gemv2p" if self.pipe else "gemv2", rows=mrows, **self.extra)

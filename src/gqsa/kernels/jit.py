@@ -12,8 +12,9 @@ reads anything an earlier kernel may write (activations, caches, counters, split
 before it writes anything; before the wait it may only read weights and layout tensors, which no
 kernel writes. It then lets the next kernel start (``griddepcontrol.launch_dependents``). Under CUDA-
 graph capture the launch attribute becomes a programmatic edge of the graph. ``GQSA_PDL`` picks the
-kernel families that use it (:func:`pdl_families`; default none — every kernel then waits for the
-previous one to finish — since it measured no net gain).
+kernel families that use it (:func:`pdl_policy`; default ``decode1``: the pipelined GEMV and the decode-step
+ops when they run over one row of activations, i.e. batch-1 decoding, the one place it measured a gain;
+every other kernel waits for the previous one to finish).
 """
 from __future__ import annotations
 
@@ -53,40 +54,52 @@ def jitted(fn, do_not_specialize: tuple = ()):
 
 
 PDL_FAMILIES = ("ops", "gemv", "gemv2", "gemv2p", "block", "gemm")  # the kernels that can take PDL
-# Off by default: on the H200 (benchmarks/RESULTS.md, "Programmatic dependent launch") it bought ≤ 2.7 % end to
-# end (block kernels at batch 4–16) and cost up to 12 % elsewhere (the pipelined GEMV at batch 1: 1.87 → 2.13
-# ms a step; the decode-step ops alone: 1.87 → 1.94 ms; block kernels at batch 64: −5.5 %)
-PDL_DEFAULT = "0"
+# The default, "decode1": the pipelined GEMV and the decode-step ops, on launches over one row of activations
+# (batch-1 decoding, where the two alternate). On the H200 (benchmarks/RESULTS.md, "Session 15") that made the
+# 7B W4 S50 G16 batch-1 step 2.2 % faster (600.5 → 613.7 tokens/s), while either family alone made it slower
+# (gemv2p 579.9, ops 574.3) and PDL elsewhere bought ≤ 2.7 % (block kernels at batch 4–16) and cost up to
+# 12 % (session 4: block kernels at batch 64 −5.5 %), so no other launch takes it by default.
+PDL_DEFAULT = "decode1"
+PDL_DECODE1 = frozenset(("gemv2p", "ops"))
 _PDL_SETS: dict = {}
 
 
-def pdl_families() -> frozenset:
-    """The kernel families launched with PDL: ``GQSA_PDL`` — ``0``/``none``, ``all``, or a comma list of
-    :data:`PDL_FAMILIES` (decode-step ops, GEMV v1, GEMV v2 one row a program, GEMV v2 pipelined, block
-    kernels, irregular GEMM) — else :data:`PDL_DEFAULT`."""
+def pdl_policy() -> tuple[frozenset, bool]:
+    """(the kernel families launched with PDL, whether only on one-row launches): ``GQSA_PDL`` — ``decode1``
+    (:data:`PDL_DECODE1` on one-row launches), ``0``/``none``, ``all``, or a comma list of :data:`PDL_FAMILIES`
+    (decode-step ops, GEMV v1, GEMV v2 one row a program, GEMV v2 pipelined, block kernels, irregular GEMM) —
+    else :data:`PDL_DEFAULT`."""
     env = os.environ.get("GQSA_PDL", PDL_DEFAULT).strip().lower()
-    fam = _PDL_SETS.get(env)
-    if fam is None:
+    pol = _PDL_SETS.get(env)
+    if pol is None:
         if env in ("0", "none", "off", ""):
-            fam = frozenset()
+            pol = (frozenset(), False)
+        elif env == "decode1":
+            pol = (PDL_DECODE1, True)
         elif env in ("1", "all", "on"):
-            fam = frozenset(PDL_FAMILIES)
+            pol = (frozenset(PDL_FAMILIES), False)
         else:
             fam = frozenset(f.strip() for f in env.split(","))
             bad = sorted(fam - set(PDL_FAMILIES))
             if bad:
-                raise ValueError(f"GQSA_PDL: unknown kernel families {bad}; use 0, all or a comma list of "
+                raise ValueError(f"GQSA_PDL: unknown kernel families {bad}; use decode1, 0, all or a comma list of "
                                  f"{', '.join(PDL_FAMILIES)}")
-        _PDL_SETS[env] = fam
-    return fam
+            pol = (fam, False)
+        _PDL_SETS[env] = pol
+    return pol
 
 
-def pdl_enabled(device, family: str | None = None) -> bool:
-    """Whether kernels of ``family`` (any, when None) launched on ``device`` use programmatic dependent
-    launch: compiled kernels on a GPU of compute capability ≥ 9.0, for the families of
-    :func:`pdl_families` (see the module docstring)."""
-    fam = pdl_families()
-    if not fam or (family is not None and family not in fam):
+def pdl_families() -> frozenset:
+    """The kernel families that may be launched with PDL (:func:`pdl_policy`)."""
+    return pdl_policy()[0]
+
+
+def pdl_enabled(device, family: str | None = None, rows: int | None = None) -> bool:
+    """Whether kernels of ``family`` (any, when None) launched on ``device`` over ``rows`` rows of activations
+    use programmatic dependent launch: compiled kernels on a GPU of compute capability ≥ 9.0, for the families
+    of :func:`pdl_policy` (under ``decode1`` only launches that say they serve one row)."""
+    fam, one_row = pdl_policy()
+    if not fam or (family is not None and family not in fam) or (one_row and rows != 1):
         return False
     device = torch.device(device)
     if device.type != "cuda" or _interpret():
@@ -140,34 +153,35 @@ def _run(ck, grid, index, full) -> None:
 
 
 def launch(kern, grid, args: tuple, consts: dict, device, num_warps: int, num_stages: int | None = None,
-           pdl: str | None = None, **options) -> None:
+           pdl: str | None = None, rows: int | None = None, **options) -> None:
     """Launch ``kern`` (a :func:`jitted` kernel) on ``grid`` (1–3 ints) with positional ``args`` and
     constexprs ``consts``. After the first launch of a specialization the compiled kernel is called
     directly (Triton's Python launch path costs tens of µs a call; this one, ``benchmarks/launch_overhead.py``,
     is what bounds an eager prefill). ``pdl``: None for a kernel without a ``PDL`` constexpr; else the
-    kernel's family (:data:`PDL_FAMILIES`): the kernel gets ``PDL = pdl_enabled(device, pdl)`` and is
-    launched with the programmatic-dependent-launch attribute when that is true. ``options``: other
-    compile options of the compiled path (``maxnreg``)."""
-    _launch(kern, grid, args, consts, device, num_warps, num_stages, pdl, options, False)
+    kernel's family (:data:`PDL_FAMILIES`): the kernel gets ``PDL = pdl_enabled(device, pdl, rows)`` (``rows``:
+    the rows of activations the launch serves) and is launched with the programmatic-dependent-launch attribute
+    when that is true. ``options``: other compile options of the compiled path (``maxnreg``)."""
+    _launch(kern, grid, args, consts, device, num_warps, num_stages, pdl, rows, options, False)
 
 
 def bind(kern, grid, args: tuple, consts: dict, device, num_warps: int, num_stages: int | None = None,
-         pdl: str | None = None, **options) -> Bound | None:
+         pdl: str | None = None, rows: int | None = None, **options) -> Bound | None:
     """:func:`launch`, then the compiled kernel as a :class:`Bound` for later launches of the same
     specialization on the same grid (the constexprs, ``GQSA_PDL`` and the compile mode as they were now);
     None where there is none (the interpreter, a CPU device)."""
-    return _launch(kern, grid, args, consts, device, num_warps, num_stages, pdl, options, True)
+    return _launch(kern, grid, args, consts, device, num_warps, num_stages, pdl, rows, options, True)
 
 
 def rebind(bound: Bound | None, aligned: bool, kern, grid, args: tuple, consts: dict, device, num_warps: int,
-           num_stages: int | None = None, pdl: str | None = None, **options) -> Bound | None:
+           num_stages: int | None = None, pdl: str | None = None, rows: int | None = None,
+           **options) -> Bound | None:
     """One launch of a prepared call site: through ``bound`` when there is one and the call's changing
     pointers are 16-byte ``aligned`` (as they were when it was bound), else through :func:`bind`. Returns
     the :class:`Bound` to keep: the new one when ``aligned``, else ``bound``."""
     if bound is not None and aligned:
         bound(*args)
         return bound
-    new = bind(kern, grid, args, consts, device, num_warps, num_stages, pdl, **options)
+    new = bind(kern, grid, args, consts, device, num_warps, num_stages, pdl, rows, **options)
     return new if aligned else bound
 
 
@@ -176,13 +190,13 @@ def aligned16(x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None) -> bo
     return not (x.data_ptr() | y.data_ptr() | (0 if bias is None else bias.data_ptr())) & 15
 
 
-def _launch(kern, grid, args, consts, device, num_warps, num_stages, pdl, options, want_bound):
+def _launch(kern, grid, args, consts, device, num_warps, num_stages, pdl, rows, options, want_bound):
     if type(device) is not torch.device:
         device = torch.device(device)
     if len(grid) < 3:
         grid = (*grid, *(1,) * (3 - len(grid)))
     if pdl is not None:
-        on = pdl_enabled(device, pdl)
+        on = pdl_enabled(device, pdl, rows)
         consts = {**consts, "PDL": on}
         if on:
             options = {**options, "launch_pdl": True}
