@@ -194,7 +194,7 @@ class BlockCall:
         yk = torch.empty(self.m, lay.n_blocks * lay.rows, dtype=y.dtype, device=y.device) if self.block_out else y
         args = (x2, *self.weights, bias if bias is not None else y, yk, ws, cnt, wd, *self.ints)
         self._bound = rebind(self._bound, aligned16(x2, y, bias), self.kern, self.grid, args, self.consts, y.device,
-                             *self.launch, pdl="block")
+                             *self.launch, pdl="block", rows=self.m)
         if yk is not y:
             if y.is_contiguous():
                 torch.index_select(yk, 1, lay.row_pos, out=y)

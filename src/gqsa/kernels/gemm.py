@@ -400,6 +400,7 @@ class GemmCall:
     def __init__(self, layout: TileLayout, cfg: GemmConfig, m: int, dtype: torch.dtype, has_bias: bool,
                  stride_x: int, stride_y: int, sms: int):
         n, k = layout.shape
+        self.m = m
         interp = _interpret()
         split = auto_split(m, layout, cfg, sms)
         tiles_per_split = math.ceil(layout.n_ktiles / split)
@@ -438,7 +439,7 @@ class GemmCall:
             ws = cnt = y  # unused
         args = (x2, *self.weights, bias if bias is not None else y, y, ws, cnt, *self.ints)
         self._bound = rebind(self._bound, aligned16(x2, y, bias), self.kern, self.grid, args, self.consts, y.device,
-                             *self.launch, pdl="gemm", **self.options)
+                             *self.launch, pdl="gemm", rows=self.m, **self.options)
         return y
 
 

@@ -12,9 +12,9 @@ reads anything an earlier kernel may write (activations, caches, counters, split
 before it writes anything; before the wait it may only read weights and layout tensors, which no
 kernel writes. It then lets the next kernel start (``griddepcontrol.launch_dependents``). Under CUDA-
 graph capture the launch attribute becomes a programmatic edge of the graph. ``GQSA_PDL`` picks the
-kernel families that use it (:func:`pdl_policy`; default ``decode1``: the pipelined GEMV and the decode-step
-ops when they run over one row of activations, i.e. batch-1 decoding, the one place it measured a gain;
-every other kernel waits for the previous one to finish).
+kernel families that use it (:func:`pdl_policy`; default ``decode``: by the rows of activations a launch serves,
+the pipelined GEMV and the decode-step ops at one row — batch-1 decoding — and the decode-step ops, block kernels and
+irregular GEMM at 9-16 rows, where it measured gains; every other launch waits for the previous kernel to finish).
 """
 from __future__ import annotations
 
@@ -54,37 +54,39 @@ def jitted(fn, do_not_specialize: tuple = ()):
 
 
 PDL_FAMILIES = ("ops", "gemv", "gemv2", "gemv2p", "block", "gemm")  # the kernels that can take PDL
-# The default, "decode1": the pipelined GEMV and the decode-step ops, on launches over one row of activations
-# (batch-1 decoding, where the two alternate). On the H200 (benchmarks/RESULTS.md, "Session 15") that made the
-# 7B W4 S50 G16 batch-1 step 2.2 % faster (600.5 → 613.7 tokens/s), while either family alone made it slower
-# (gemv2p 579.9, ops 574.3) and PDL elsewhere bought ≤ 2.7 % (block kernels at batch 4–16) and cost up to
-# 12 % (session 4: block kernels at batch 64 −5.5 %), so no other launch takes it by default.
-PDL_DEFAULT = "decode1"
-PDL_DECODE1 = frozenset(("gemv2p", "ops"))
+# The default, "decode": by the rows of activations a launch serves (PDL_DECODE: first and last row count, the
+# families). Measured on the H200 (benchmarks/RESULTS.md, "Session 15"), 7B synthetic, decode tokens/s: at batch 1 the
+# pipelined GEMV and the decode-step ops together +2.2 % (W4 S50 G16 600.5 → 613.7), while either alone made the
+# step slower (gemv2p 579.9, ops 574.3); at batch 16 the ops, block kernels and irregular GEMM +2.4 % (block64
+# 5774 → 5914), +1.35 % (cluster64 4592 → 4654), +0.5 % (row masks 3794 → 3813). Not at 2-8 rows, where block
+# layers run the hand-written kernel, which has no PDL, and the ops alone lost (block64 at batch 4 −4 % with every
+# family on), nor above 16 (session 4: block kernels at batch 64 −5.5 %). 9-15 rows run the kernels measured at 16.
+PDL_DEFAULT = "decode"
+PDL_DECODE = ((1, 1, frozenset(("gemv2p", "ops"))), (9, 16, frozenset(("ops", "block", "gemm"))))
 _PDL_SETS: dict = {}
 
 
-def pdl_policy() -> tuple[frozenset, bool]:
-    """(the kernel families launched with PDL, whether only on one-row launches): ``GQSA_PDL`` — ``decode1``
-    (:data:`PDL_DECODE1` on one-row launches), ``0``/``none``, ``all``, or a comma list of :data:`PDL_FAMILIES`
-    (decode-step ops, GEMV v1, GEMV v2 one row a program, GEMV v2 pipelined, block kernels, irregular GEMM) —
-    else :data:`PDL_DEFAULT`."""
+def pdl_policy() -> tuple[frozenset, tuple | None]:
+    """(the kernel families that may be launched with PDL, the rows rule or None for every launch of them):
+    ``GQSA_PDL`` — ``decode`` (:data:`PDL_DECODE`: ``(first, last rows, families)`` ranges), ``0``/``none``,
+    ``all``, or a comma list of :data:`PDL_FAMILIES` (decode-step ops, GEMV v1, GEMV v2 one row a program, GEMV
+    v2 pipelined, block kernels, irregular GEMM) — else :data:`PDL_DEFAULT`."""
     env = os.environ.get("GQSA_PDL", PDL_DEFAULT).strip().lower()
     pol = _PDL_SETS.get(env)
     if pol is None:
         if env in ("0", "none", "off", ""):
-            pol = (frozenset(), False)
-        elif env == "decode1":
-            pol = (PDL_DECODE1, True)
+            pol = (frozenset(), None)
+        elif env == "decode":
+            pol = (frozenset().union(*(f for _, _, f in PDL_DECODE)), PDL_DECODE)
         elif env in ("1", "all", "on"):
-            pol = (frozenset(PDL_FAMILIES), False)
+            pol = (frozenset(PDL_FAMILIES), None)
         else:
             fam = frozenset(f.strip() for f in env.split(","))
             bad = sorted(fam - set(PDL_FAMILIES))
             if bad:
-                raise ValueError(f"GQSA_PDL: unknown kernel families {bad}; use decode1, 0, all or a comma list of "
+                raise ValueError(f"GQSA_PDL: unknown kernel families {bad}; use decode, 0, all or a comma list of "
                                  f"{', '.join(PDL_FAMILIES)}")
-            pol = (fam, False)
+            pol = (fam, None)
         _PDL_SETS[env] = pol
     return pol
 
@@ -97,9 +99,12 @@ def pdl_families() -> frozenset:
 def pdl_enabled(device, family: str | None = None, rows: int | None = None) -> bool:
     """Whether kernels of ``family`` (any, when None) launched on ``device`` over ``rows`` rows of activations
     use programmatic dependent launch: compiled kernels on a GPU of compute capability ≥ 9.0, for the families
-    of :func:`pdl_policy` (under ``decode1`` only launches that say they serve one row)."""
-    fam, one_row = pdl_policy()
-    if not fam or (family is not None and family not in fam) or (one_row and rows != 1):
+    of :func:`pdl_policy` (under ``decode`` by ``rows``; a launch that does not say its rows: none)."""
+    fam, by_rows = pdl_policy()
+    if not fam or (family is not None and family not in fam):
+        return False
+    if by_rows is not None and (rows is None or not any(lo <= rows <= hi and (family is None or family in f)
+                                                        for lo, hi, f in by_rows)):
         return False
     device = torch.device(device)
     if device.type != "cuda" or _interpret():
