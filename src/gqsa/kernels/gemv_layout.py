@@ -458,10 +458,23 @@ def _hdot16_emu(c0, c1, x0, x1, x2, x3, x4, x5, x6, x7, negc):
     return alo + ahi
 
 
-if tl is not None:  # called from the pipelined kernel (HALF only: compiled mode), so jitted once here
+def _prefetch_step(meta_ptr, cw_ptr, pg, t, ML: tl.constexpr, CL: tl.constexpr, CWG: tl.constexpr,
+                   NUM_THREADS: tl.constexpr):
+    """L2 prefetch of the step of groups from ``pg``: lanes 0 … ML−1 its metadata's 128-byte lines, ML … ML+CL−1 its
+    codes' (``prefetch.global.L2``; compiled mode only)."""
+    for q in tl.static_range(0, ML + CL, NUM_THREADS):
+        ln = t + q
+        pa = tl.where(ln < ML, (meta_ptr + pg + ln * 32).to(tl.pointer_type(tl.int8)),
+                      (cw_ptr + pg * CWG + (ln - ML) * 32).to(tl.pointer_type(tl.int8)))
+        tl.inline_asm_elementwise(PREFL2, "=r,l,r", [pa, (ln < ML + CL).to(tl.int32)], dtype=tl.int32,
+                                  is_pure=False, pack=1)
+
+
+if tl is not None:  # called from the pipelined kernel (HALF / ASM only: compiled mode), so jitted once here
     import triton as _triton
 
     hd_row_fp32 = _triton.jit(_hd_row_fp32)
+    prefetch_step = _triton.jit(_prefetch_step)
     FP32_MAX = tl.constexpr(3.4028234663852886e38)
     # the interpreter's half dot calls the plain functions (an interpreted kernel cannot call a compiled-mode
     # @triton.jit function); wrapped as constexprs, which the compiled kernel may reference (in branches it does not
@@ -719,13 +732,7 @@ def _gemv2p_kernel(
         # prefetches are not pure, so they stay ahead of the wait)
         if PF > 0 and ASM:
             for s in tl.static_range(PF):
-                pg = tl.minimum(b + s * STEP, MAXG - STEP)
-                for q in tl.static_range(0, ML + CL, NUM_THREADS):
-                    ln = t + q
-                    pa = tl.where(ln < ML, (meta_ptr + pg + ln * 32).to(tl.pointer_type(tl.int8)),
-                                  (cw_ptr + pg * CWG + (ln - ML) * 32).to(tl.pointer_type(tl.int8)))
-                    tl.inline_asm_elementwise(PREFL2, "=r,l,r", [pa, (ln < ML + CL).to(tl.int32)], dtype=tl.int32,
-                                              is_pure=False, pack=1)
+                prefetch_step(meta_ptr, cw_ptr, tl.minimum(b + s * STEP, MAXG - STEP), t, ML, CL, CWG, NUM_THREADS)
         xz = tl.inline_asm_elementwise(PDL_WAIT, "=r", [], dtype=tl.int32, is_pure=False, pack=1)
         tl.extra.cuda.gdc_launch_dependents()
         xb = xb + xz
@@ -776,14 +783,8 @@ def _gemv2p_kernel(
             metas = lmetas
             codes = lcodes
         if PF > 0:
-            if ASM:  # lanes 0 … ML−1: metadata lines, ML … ML+CL−1: code lines, PF steps ahead
-                pg = tl.minimum(b + PF * STEP, MAXG - STEP)
-                for q in tl.static_range(0, ML + CL, NUM_THREADS):
-                    ln = t + q
-                    pa = tl.where(ln < ML, (meta_ptr + pg + ln * 32).to(tl.pointer_type(tl.int8)),
-                                  (cw_ptr + pg * CWG + (ln - ML) * 32).to(tl.pointer_type(tl.int8)))
-                    tl.inline_asm_elementwise(PREFL2, "=r,l,r", [pa, (ln < ML + CL).to(tl.int32)], dtype=tl.int32,
-                                              is_pure=False, pack=1)
+            if ASM:  # the step PF steps ahead
+                prefetch_step(meta_ptr, cw_ptr, tl.minimum(b + PF * STEP, MAXG - STEP), t, ML, CL, CWG, NUM_THREADS)
         # the row the previous step ended: its sum goes out here
         if pend:
             naccs = ()
