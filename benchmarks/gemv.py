@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from gqsa.format import PackedLinear  # noqa: E402
-from gqsa.kernels import gemv, reference  # noqa: E402
+from gqsa.kernels import gemv, jit, reference  # noqa: E402
 
 MODELS = {
     "LLaMA-2-7B": [(4096, 4096), (11008, 4096), (4096, 11008)],
@@ -1093,7 +1093,9 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     meta = dict(gpu=torch.cuda.get_device_name(), sms=torch.cuda.get_device_properties(0).multi_processor_count,
                 torch=torch.__version__, triton=triton.__version__, warmup=args.warmup, rep=args.rep,
-                rot_mb=args.rot_bytes >> 20, argv=sys.argv, date=time.strftime("%Y-%m-%d %H:%M:%S"))
+                rot_mb=args.rot_bytes >> 20, argv=sys.argv, date=time.strftime("%Y-%m-%d %H:%M:%S"),
+                # back-to-back calls of one layer overlap under PDL (M = 1 by default since session 15)
+                pdl=os.environ.get("GQSA_PDL", jit.PDL_DEFAULT))
     print(meta, flush=True)
     t0 = time.time()
     ok = True

@@ -13,7 +13,9 @@ from .format import PackedLinear, design_bits_per_weight
 
 def environment(device=None) -> dict:
     """Versions and machine a result was produced on; with ``device`` (measurements) also that device's
-    details: the GPU's name, SMs and memory, or the CPU threads, and the Triton version."""
+    details: the GPU's name, SMs and memory, or the CPU threads, the Triton version, and the kernel settings a
+    timing depends on — every ``GQSA_*`` environment variable set, and the programmatic-dependent-launch policy
+    in force (``GQSA_PDL`` or its default)."""
     import transformers
 
     env = {"python": platform.python_version(), "torch": torch.__version__,
@@ -35,6 +37,10 @@ def environment(device=None) -> dict:
             env["triton"] = triton.__version__
         except Exception:  # pragma: no cover
             env["triton"] = None
+        from .kernels import jit
+
+        env["gqsa_settings"] = {k: v for k, v in sorted(os.environ.items()) if k.startswith("GQSA_")}
+        env["pdl"] = os.environ.get("GQSA_PDL", jit.PDL_DEFAULT)
         if torch.device(device).type == "cuda":
             p = torch.cuda.get_device_properties(device)
             env.update(gpu=p.name, sms=p.multi_processor_count, gpu_memory_gib=round(p.total_memory / 2**30, 1))

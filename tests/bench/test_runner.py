@@ -6,9 +6,13 @@ import torch
 from gqsa.bench import runner as bench
 
 
-def test_bench_runs_the_settings_side_by_side_on_cpu(tmp_path):
+def test_bench_runs_the_settings_side_by_side_on_cpu(tmp_path, monkeypatch):
+    monkeypatch.setenv("GQSA_UNIFORM", "1")
+    monkeypatch.delenv("GQSA_PDL", raising=False)
     r = bench.run(["fp16", "w4s50g16"], [1, 2], synthetic="tiny", device="cpu", prompt_len=3, new_tokens=3,
                   repeats=1, log=lambda m: None)
+    # the kernel settings a timing depends on travel with it
+    assert r["environment"]["gqsa_settings"].get("GQSA_UNIFORM") == "1" and r["environment"]["pdl"] == "decode"
     assert [(x["setting"], x["batch"]) for x in r["rows"]] == [("fp16", 1), ("fp16", 2), ("w4s50g16", 1),
                                                               ("w4s50g16", 2)]
     for x in r["rows"]:
