@@ -152,3 +152,24 @@ def test_only_the_faces_parse_arguments(name):
 def test_the_graph_sees_function_local_imports():
     graph = _graph()
     assert "gqsa.pipeline" in graph["gqsa"]  # gqsa.compress imports it inside the function
+
+
+def test_every_environment_variable_is_in_the_architecture_table():
+    """Each ``GQSA_*`` name the package reads (a string literal in ``src/gqsa``) has a row in docs/ARCHITECTURE.md's
+    "Environment variables" table, and the table names none the package no longer reads."""
+    import re
+
+    used = set()
+    for path in SRC.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                used.update(re.findall(r"\bGQSA_[A-Z0-9_]*[A-Z0-9]\b", node.value) if node.value.startswith("GQSA_")
+                            else ())
+    doc = (SRC.parents[1] / "docs" / "ARCHITECTURE.md").read_text()
+    table = doc[doc.index("## Environment variables"):]
+    rows = set(re.findall(r"^\| `(GQSA_[A-Z0-9_]+)` \|", table, flags=re.M))
+    assert used, "no GQSA_* variable found: the scan is broken"
+    assert not used - rows, f"read by the package but not in the table: {sorted(used - rows)}"
+    benchmark_only = {"GQSA_BLOCK_AB"}
+    assert not rows - used - benchmark_only, f"in the table but not read any more: {sorted(rows - used - benchmark_only)}"
+
