@@ -32,7 +32,7 @@ def test_pdl_is_off_on_the_cpu_under_the_interpreter_and_by_request(monkeypatch)
 def test_pdl_families_from_the_environment(monkeypatch):
     monkeypatch.delenv("GQSA_PDL", raising=False)
     # by default by the rows a launch serves (batch-1 and batch 9-16 decoding: where it measured gains on the H200)
-    assert jit.pdl_policy() == ({"gemv2p", "ops", "block", "gemm"}, jit.PDL_DECODE)
+    assert jit.pdl_policy() == ({"gemv", "gemv2", "gemv2p", "ops", "block", "gemm"}, jit.PDL_DECODE)
     monkeypatch.setenv("GQSA_PDL", "all")
     assert jit.pdl_families() == frozenset(jit.PDL_FAMILIES) and jit.pdl_policy()[1] is None
     monkeypatch.setenv("GQSA_PDL", "none")
@@ -45,18 +45,18 @@ def test_pdl_families_from_the_environment(monkeypatch):
 
 
 def test_pdl_by_default_by_the_rows_a_launch_serves(monkeypatch):
-    """The default: the pipelined GEMV and the decode-step ops at one row; the ops, block kernels and irregular GEMM
+    """The default: the GEMV kernels and the decode-step ops at one row; the ops, block kernels and irregular GEMM
     at 9-16 rows; nothing at 2-8 rows (the hand-written kernel there has no PDL), above 16, or where a launch does not
     say its rows."""
     monkeypatch.delenv("GQSA_PDL", raising=False)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setattr(jit, "_PDL_DEVICES", {0: True})  # as on a GPU of compute capability 9.0
-    assert jit.pdl_enabled("cuda:0", "gemv2p", 1) and jit.pdl_enabled("cuda:0", "ops", 1)
+    assert all(jit.pdl_enabled("cuda:0", f, 1) for f in ("gemv", "gemv2", "gemv2p", "ops"))
     assert not jit.pdl_enabled("cuda:0", "gemv2p", 2) and not jit.pdl_enabled("cuda:0", "ops", 4)
     assert not jit.pdl_enabled("cuda:0", "block", 1) and not jit.pdl_enabled("cuda:0", "gemm", 1)
     for rows in (9, 16):
         assert all(jit.pdl_enabled("cuda:0", f, rows) for f in ("ops", "block", "gemm"))
-        assert not jit.pdl_enabled("cuda:0", "gemv2p", rows)
+        assert not any(jit.pdl_enabled("cuda:0", f, rows) for f in ("gemv", "gemv2", "gemv2p"))
     for rows in (8, 17, 64, None):
         assert not any(jit.pdl_enabled("cuda:0", f, rows) for f in ("ops", "block", "gemm", "gemv2p"))
     monkeypatch.setenv("GQSA_PDL", "ops")  # an explicit family list: every launch of the family

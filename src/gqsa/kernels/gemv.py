@@ -745,7 +745,7 @@ def _launch_gemv(x2, packed, bias, y, tasks: TaskTable | None, block_g=None, num
     tensors = (xw, qw, packed.col_idx, packed.scales, packed.zeros, packed.row_ptr, tab, need, ws, cnt,
                bias if bias is not None else packed.row_ptr, y)
     ints = (n, packed.nnz, task_size, xw.stride(0), y.stride(0), bsz, 1)
-    launch(_kernel("gemv"), grid, (*tensors, *ints), consts, y.device, num_warps, pdl="gemv")
+    launch(_kernel("gemv"), grid, (*tensors, *ints), consts, y.device, num_warps, pdl="gemv", rows=bsz)
 
 
 def kernel_packed(packed: PackedLinear) -> PackedLinear:

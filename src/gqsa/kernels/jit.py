@@ -13,7 +13,7 @@ before it writes anything; before the wait it may only read weights and layout t
 kernel writes. It then lets the next kernel start (``griddepcontrol.launch_dependents``). Under CUDA-
 graph capture the launch attribute becomes a programmatic edge of the graph. ``GQSA_PDL`` picks the
 kernel families that use it (:func:`pdl_policy`; default ``decode``: by the rows of activations a launch serves,
-the pipelined GEMV and the decode-step ops at one row — batch-1 decoding — and the decode-step ops, block kernels and
+the GEMV kernels and the decode-step ops at one row — batch-1 decoding — and the decode-step ops, block kernels and
 irregular GEMM at 9-16 rows, where it measured gains; every other launch waits for the previous kernel to finish).
 """
 from __future__ import annotations
@@ -61,8 +61,11 @@ PDL_FAMILIES = ("ops", "gemv", "gemv2", "gemv2p", "block", "gemm")  # the kernel
 # 5774 → 5914), +1.35 % (cluster64 4592 → 4654), +0.5 % (row masks 3794 → 3813). Not at 2-8 rows, where block
 # layers run the hand-written kernel, which has no PDL, and the ops alone lost (block64 at batch 4 −4 % with every
 # family on), nor above 16 (session 4: block kernels at batch 64 −5.5 %). 9-15 rows run the kernels measured at 16.
+# At one row the other GEMV kernels (the one-program-per-row v2 kernel of long bf16 rows, v1 of 8-bit layers) take
+# it too, so that no decode-step op with PDL neighbours a GEMV without (not measured: no such layer in the 7B fp16
+# benchmark, where every GEMV is the pipelined one).
 PDL_DEFAULT = "decode"
-PDL_DECODE = ((1, 1, frozenset(("gemv2p", "ops"))), (9, 16, frozenset(("ops", "block", "gemm"))))
+PDL_DECODE = ((1, 1, frozenset(("gemv", "gemv2", "gemv2p", "ops"))), (9, 16, frozenset(("ops", "block", "gemm"))))
 _PDL_SETS: dict = {}
 
 
