@@ -162,9 +162,8 @@ def test_every_environment_variable_is_in_the_architecture_table():
     used = set()
     for path in SRC.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-            if isinstance(node, ast.Constant) and isinstance(node.value, str):
-                used.update(re.findall(r"\bGQSA_[A-Z0-9_]*[A-Z0-9]\b", node.value) if node.value.startswith("GQSA_")
-                            else ())
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("GQSA_"):
+                used.update(re.findall(r"\bGQSA_[A-Z0-9_]*[A-Z0-9]\b", node.value))
     doc = (SRC.parents[1] / "docs" / "ARCHITECTURE.md").read_text()
     table = doc[doc.index("## Environment variables"):]
     rows = set(re.findall(r"^\| `(GQSA_[A-Z0-9_]+)` \|", table, flags=re.M))

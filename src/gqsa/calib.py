@@ -74,7 +74,6 @@ def calibration_tokens(source: str, tokenizer, nsamples: int = 128, seqlen: int 
     return sample_windows(tokenize(read_text(source, "calibration"), tokenizer, source), nsamples, seqlen, seed)
 
 
-
 @torch.no_grad()
 def self_tokens(model, tokenizer, nsamples: int, seqlen: int, seed: int = 0, batch_size: int = 32,
                 progress: bool = True) -> torch.Tensor:

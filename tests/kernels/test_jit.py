@@ -34,14 +34,14 @@ def test_pdl_families_from_the_environment(monkeypatch):
     # by default by the rows a launch serves (batch-1 and batch 9-16 decoding: where it measured gains on the H200)
     assert jit.pdl_policy() == ({"gemv", "gemv2", "gemv2p", "ops", "block", "gemm"}, jit.PDL_DECODE)
     monkeypatch.setenv("GQSA_PDL", "all")
-    assert jit.pdl_families() == frozenset(jit.PDL_FAMILIES) and jit.pdl_policy()[1] is None
+    assert jit.pdl_policy() == (frozenset(jit.PDL_FAMILIES), None)
     monkeypatch.setenv("GQSA_PDL", "none")
-    assert jit.pdl_families() == frozenset()
+    assert jit.pdl_policy() == (frozenset(), None)
     monkeypatch.setenv("GQSA_PDL", " ops, block ")
-    assert jit.pdl_families() == {"ops", "block"}
+    assert jit.pdl_policy() == ({"ops", "block"}, None)
     monkeypatch.setenv("GQSA_PDL", "ops,gemv3")
     with pytest.raises(ValueError, match="gemv3"):
-        jit.pdl_families()
+        jit.pdl_policy()
 
 
 def test_pdl_by_default_by_the_rows_a_launch_serves(monkeypatch):

@@ -94,11 +94,6 @@ def pdl_policy() -> tuple[frozenset, tuple | None]:
     return pol
 
 
-def pdl_families() -> frozenset:
-    """The kernel families that may be launched with PDL (:func:`pdl_policy`)."""
-    return pdl_policy()[0]
-
-
 def pdl_enabled(device, family: str | None = None, rows: int | None = None) -> bool:
     """Whether kernels of ``family`` (any, when None) launched on ``device`` over ``rows`` rows of activations
     use programmatic dependent launch: compiled kernels on a GPU of compute capability ≥ 9.0, for the families
