@@ -47,6 +47,11 @@ def main(argv=None):
     ap.add_argument("--oneshot-ppl", type=float, default=None, help="the one-shot perplexity, if known (skips it)")
     ap.add_argument("--e2e-lr-sweep", default=None,
                     help="comma-separated E2E-OQP learning rates, each run from the same BQPO result (a table row each)")
+    ap.add_argument("--e2e-sweep", default=None,
+                    help="JSON list of GQSAConfig settings for E2E-OQP, each run from the same BQPO result (a row each), "
+                         "e.g. '[{\"e2e_lr_codes\": 0}, {\"e2e_lr_codes\": 0.003}]'")
+    ap.add_argument("--sweep-only", action="store_true",
+                    help="after the sweep, skip the final E2E-OQP run with the base settings")
     ap.add_argument("--save", default=None, help="write the three checkpoints under this folder")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)
@@ -117,17 +122,27 @@ def main(argv=None):
         if config.e2e_loss != "kd":
             return None
         return reference if reference is not None else load_model(args.model, args.tokenizer)[0]
-    if args.e2e_lr_sweep:
-        res["e2e_lr_sweep"] = {}
-        for lr in (float(x) for x in args.e2e_lr_sweep.split(",")):
+    sweep = [{"e2e_lr": float(x)} for x in args.e2e_lr_sweep.split(",")] if args.e2e_lr_sweep else []
+    sweep += json.loads(args.e2e_sweep) if args.e2e_sweep else []
+    if sweep:
+        res["e2e_sweep"] = []
+        for settings in sweep:
             t = time.time()
             m, stats = copy.deepcopy(model), {}
-            run_e2e(m, copy.deepcopy(packed), GQSAConfig(**{**config.to_dict(), "e2e_lr": lr}), train, val,
+            run_e2e(m, copy.deepcopy(packed), GQSAConfig(**{**config.to_dict(), **settings}), train, val,
                     args.device, False, stats=stats, teacher=teacher())
-            res["e2e_lr_sweep"][lr] = {"seconds": round(time.time() - t, 1), **_short(ppl(m)),
-                                       "best_epoch": stats["e2e"]["best_epoch"]}
-            print(f"e2e lr {lr:g}: {res['e2e_lr_sweep'][lr]}", flush=True)
+            row = {"settings": settings, "seconds": round(time.time() - t, 1), **_short(ppl(m)),
+                   "best_epoch": stats["e2e"]["best_epoch"], "val_loss_after": stats["e2e"]["val_loss_after"]}
+            res["e2e_sweep"].append(row)
+            print(f"e2e {json.dumps(settings)}: {row}", flush=True)
             del m
+            if args.json:  # after every row: a run cut short keeps what it measured
+                Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.json).write_text(json.dumps(res, indent=1))
+    if args.sweep_only:
+        print("RESULT " + json.dumps({k: v for k, v in res.items() if k not in ("config", "environment", "stages")}),
+              flush=True)
+        return
     t = time.time()
     stats = {}
     run_e2e(model, packed, config, train, val, args.device, False, stats=stats, log=lambda s: print(s, flush=True),

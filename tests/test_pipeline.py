@@ -127,6 +127,18 @@ def test_a_run_says_its_plan_and_an_estimate_after_the_first_block(tiny_llama, c
     assert "GQSA: first block took" in text and "for the other 1 blocks" in text
 
 
+def test_the_plan_says_what_training_the_codes_costs_in_memory(tiny_llama):
+    from gqsa.pipeline import _Plan, block_linears
+
+    lines = []
+    for lr_codes in (0.1, 0.0):
+        _Plan(tiny_llama, GQSAConfig(e2e_lr_codes=lr_codes), tokens(), torch.device("cpu"), lines.append)
+    kept = sum(lin.weight.numel() for _, lin in block_linears(tiny_llama)) * 0.5
+    assert (f"then E2E-OQP: 5 epochs over the whole model distilled from the uncompressed model, codes trained "
+            f"(about {kept * 16 / 2**30:.1f} GiB of training state; --e2e-lr-codes 0 freezes them)") in lines[0]
+    assert "codes trained" not in lines[1] and "distilled from the uncompressed model;" in lines[1]
+
+
 def test_sparsity_warning_when_whole_groups_per_row_miss_the_target(tiny_llama):
     """Rows of one or two groups cannot be pruned near --sparsity: compress_model warns in one line before the work
     (the CLI prints it as ``gqsa compress: warning: …``); a group size that divides the rows finely, per-layer

@@ -76,7 +76,7 @@ class GQSAConfig:
 
     stages: ``oneshot`` (saliency + mask + OBS/RTN quantization only), ``bqpo`` (then block-wise
         training of each block's latent weights and ``s, z`` through fake quantization, mask held) or
-        ``bqpo+e2e`` (then end-to-end training of the scales with codes and mask frozen; default).
+        ``bqpo+e2e`` (then end-to-end training of the scales and the kept codes with the mask frozen; default).
     val_fraction: fraction of the calibration windows held out (never trained on) for early stopping
         and best-epoch selection in both trained stages (at least one window when > 0; 0 = none:
         the last epoch is kept).
@@ -114,13 +114,23 @@ class GQSAConfig:
     e2e_epochs, e2e_batch_size, e2e_grad_accum: end-to-end passes, windows per micro-batch (``None``: as
         ``bqpo_batch_size``), micro-batches per optimizer step.
     e2e_lr: learning rate of the scales (multipliers of the BQPO scales, relative rate) and, with
-        ``e2e_train_zero``, of the zero points (code units; then stored as float16). 1e-3 by
-        default: the best of 1e-2…1e-4 on both local models at S30%/S50% (benchmarks/RESULTS.md); 1e-2
-        overfits the calibration text after one epoch.
-    e2e_loss: ``lm`` — the causal-LM loss on the calibration windows (default); ``kd`` — KL from the
-        uncompressed model's next-token distribution (distillation: fidelity to the original model
-        rather than fit to the calibration text; keeps a copy of the uncompressed model in CPU
-        memory during BQPO and on the device during E2E-OQP).
+        ``e2e_train_zero``, of the zero points (code units; then stored as float16). 1e-2 by default, with
+        the ``kd`` objective (the rate of every accuracy table since session 8); with ``lm``, 1e-3 was the best
+        of 1e-2…1e-4 on both local models at S30%/S50% (1e-2 overfits the calibration text after one epoch;
+        benchmarks/RESULTS.md).
+    e2e_lr_codes: learning rate of the kept weights' latent codes in E2E-OQP (code units per step;
+        straight-through rounding, the mask still frozen): end-to-end quantization-aware training of the kept
+        weights. 0.1 by default: on gutenberg-llama-22m with ``kd`` (2048 windows) perplexity fell with the rate
+        up to 0.1 (W4 S50 G16 72.00 → 65.64, W4 S30 G64 64.33 → 59.29) and rose at 0.3; with ``lm`` the codes
+        overfit the calibration text (75.67 → 105.25 at 0.03), so this default goes with ``kd``
+        (benchmarks/RESULTS.md, "Session 16"). 0 freezes the codes (the paper's E2E-OQP). Costs 16 bytes of
+        device memory per kept weight (latent code, gradient, two AdamW moments): when that does not fit, the
+        stage runs again with the codes frozen (:func:`gqsa.pipeline.compress_model`).
+    e2e_loss: ``kd`` — KL from the uncompressed model's next-token distribution (default; distillation:
+        fidelity to the original model rather than fit to the calibration text; keeps a copy of the
+        uncompressed model in CPU memory during BQPO and on the device during E2E-OQP; W4 S50 G16 on
+        gutenberg-llama-22m 72.00 against ``lm``'s 75.67 with codes frozen); ``lm`` — the causal-LM loss on
+        the calibration windows (no copy of the model; use ``e2e_lr`` 1e-3 and ``e2e_lr_codes`` 0 with it).
     e2e_grad_checkpointing: recompute each decoder block in the backward pass (memory ≈ one block's
         activations instead of all of them).
     """
@@ -156,9 +166,10 @@ class GQSAConfig:
     e2e_epochs: int = 5
     e2e_batch_size: int | None = None
     e2e_grad_accum: int = 1
-    e2e_lr: float = 1e-3
+    e2e_lr: float = 1e-2
     e2e_train_zero: bool = False
-    e2e_loss: str = "lm"
+    e2e_lr_codes: float = 0.1
+    e2e_loss: str = "kd"
     e2e_grad_checkpointing: bool = True
 
     def __post_init__(self):
@@ -213,7 +224,7 @@ class GQSAConfig:
                 continue  # chosen from the calibration windows (auto_batch_size)
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
-        for name in ("bqpo_lr_weight", "bqpo_lr_scale", "bqpo_lr_zero", "bqpo_lr_mask", "e2e_lr"):
+        for name in ("bqpo_lr_weight", "bqpo_lr_scale", "bqpo_lr_zero", "bqpo_lr_mask", "e2e_lr", "e2e_lr_codes"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
                 raise ValueError(f"{name} must be in [0, 1) (0 freezes those parameters), got {value}")

@@ -15,6 +15,7 @@ import copy
 import math
 import time
 import warnings
+from dataclasses import replace
 from typing import Callable
 
 import torch
@@ -83,9 +84,31 @@ def compress_model(model, config: GQSAConfig, tokens: torch.Tensor, device=None,
     replace_linears(model, packed)
     packed = _with_head(model, packed, config, tokens, device, batch_size, log)
     if config.stages == "bqpo+e2e":
-        packed = e2e.run_e2e(model, packed, config, train_tokens, val_tokens, device, progress, stats=stats, log=log,
-                             teacher=teacher)
+        try:
+            packed = e2e.run_e2e(model, packed, config, train_tokens, val_tokens, device, progress, stats=stats,
+                                 log=log, teacher=teacher)
+        except torch.OutOfMemoryError:
+            if config.e2e_lr_codes <= 0:
+                raise
+            # the codes' training state (16 B per kept weight) did not fit: the stage again, codes frozen
+            line = (f"E2E-OQP: out of {torch.device(device).type} memory training the kept codes "
+                    f"({kept_weights(packed) * CODE_STATE_BYTES / 2**30:.1f} GiB of state); running it again with the codes "
+                    f"frozen (--e2e-lr-codes 0 skips this attempt)")
+            warnings.warn(line, stacklevel=2)
+            stats["e2e_codes_out_of_memory"] = True
+            if torch.device(device).type == "cuda":
+                torch.cuda.empty_cache()
+            packed = e2e.run_e2e(model, packed, replace(config, e2e_lr_codes=0.0), train_tokens, val_tokens, device,
+                                 progress, stats=stats, log=log, teacher=teacher)
     return packed
+
+
+CODE_STATE_BYTES = 16  # E2E-OQP's training state per kept weight with e2e_lr_codes: latent, gradient, 2 moments
+
+
+def kept_weights(packed: dict) -> int:
+    """The kept (stored) weights of the packed layers ``packed`` (name → PackedLinear)."""
+    return sum(int(p.col_idx.numel()) * p.group_size for p in packed.values())
 
 
 def _with_head(model, packed: dict, config: GQSAConfig, tokens, device, batch_size: int, log) -> dict:
@@ -208,6 +231,12 @@ class _Plan:
                     f"early stop after {config.bqpo_patience})")
             if config.stages == "bqpo+e2e":
                 work += f" per block, then E2E-OQP: {config.e2e_epochs} epochs over the whole model"
+                if config.e2e_loss == "kd":
+                    work += " distilled from the uncompressed model"
+                if config.e2e_lr_codes > 0:  # the largest memory item of the stage: say it up front
+                    kept = sum(lin.weight.numel() for _, lin in block_linears(model, config)) * (1 - config.sparsity)
+                    work += (f", codes trained (about {kept * CODE_STATE_BYTES / 2**30:.1f} GiB of training state; "
+                             f"--e2e-lr-codes 0 freezes them)")
             else:
                 work += " per block"
         else:

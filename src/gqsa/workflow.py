@@ -13,7 +13,7 @@ from pathlib import Path
 STAGE_OPTIONS = ("val_fraction", "bqpo_epochs", "bqpo_batch_size", "bqpo_lr_weight", "bqpo_lr_scale",
                  "bqpo_lr_zero", "bqpo_patience", "bqpo_gradual", "bqpo_learn_mask", "bqpo_lr_mask", "bqpo_target",
                  "e2e_epochs", "e2e_batch_size",
-                 "e2e_grad_accum", "e2e_lr", "e2e_loss", "amp", "activation_dtype")
+                 "e2e_grad_accum", "e2e_lr", "e2e_lr_codes", "e2e_loss", "amp", "activation_dtype")
 DEFAULT_SEQLEN = 2048  # calibration window length when none is given (capped at the model's context)
 
 

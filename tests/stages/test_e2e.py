@@ -1,8 +1,9 @@
-"""E2E-OQP: codes and mask frozen, only scales (and optionally zeros) trained; what is trained is what is packed."""
+"""E2E-OQP: the mask frozen; scales (and optionally zeros) trained, the codes too unless ``e2e_lr_codes`` is 0;
+what is trained is what is packed."""
 import pytest
 import torch
 
-from gqsa import GQSAConfig, GQSALinear, prune
+from gqsa import GQSAConfig, GQSALinear, prune, quant
 from gqsa.oneshot import pack_weight
 from gqsa.pipeline import compress_model
 from gqsa.kernels import reference
@@ -35,6 +36,32 @@ def test_trainable_scales_start_at_and_export_to_the_packed_weight_bitwise(train
     torch.testing.assert_close(m(x), GQSALinear.from_packed(out, m.bias)(x))
 
 
+def test_trainable_codes_start_at_and_export_to_the_packed_weight_bitwise():
+    p = packed_layer()
+    m = ScaleTrainableLinear(p, None, train_codes=True)
+    with torch.no_grad():
+        assert torch.equal(m.weight(), reference.dequantize(p))
+        m.codes_latent.add_(0.8 * torch.randn(m.codes_latent.shape, generator=torch.Generator().manual_seed(1)))
+        m.codes_latent[0, 0] = -3.0  # below the grid: clamped to 0
+        m.codes_latent[0, 1] = 40.0  # above it: clamped to 15
+        out = m.export()
+        out.validate()
+        assert torch.equal(reference.dequantize(out), m.weight())  # what trained is what is stored
+        for t in ("row_ptr", "col_idx"):  # the mask frozen
+            assert torch.equal(getattr(out, t), getattr(p, t))
+        assert not torch.equal(out.qweight, p.qweight)
+        codes = quant.unpack_codes(out.qweight, 4, 16)
+        assert codes[0, 0] == 0 and codes[0, 1] == 15
+        assert torch.equal(codes.float(), torch.clamp(torch.round(m.codes_latent), 0, 15))
+
+
+def test_trained_codes_receive_straight_through_gradients():
+    m = ScaleTrainableLinear(packed_layer(), None, train_codes=True)
+    m(torch.randn(5, 40)).square().sum().backward()
+    assert [n for n, q in m.named_parameters()] == ["gamma", "codes_latent"]
+    assert m.codes_latent.grad.shape == m.codes_latent.shape and m.codes_latent.grad.abs().sum() > 0
+
+
 def test_only_scales_receive_gradients():
     m = ScaleTrainableLinear(packed_layer(), None, train_zero=True)
     m(torch.randn(5, 40)).square().sum().backward()
@@ -50,7 +77,7 @@ def test_e2e_keeps_codes_and_mask_and_never_worsens_the_heldout_loss(llama_facto
     stats, model = {}, llama_factory()
     got = compress_model(model, GQSAConfig(stages="bqpo+e2e", e2e_epochs=3, e2e_lr=1e-2, e2e_train_zero=train_zero,
                                            e2e_grad_accum=accum, e2e_batch_size=2, e2e_grad_checkpointing=ckpt,
-                                           **base),
+                                           e2e_lr_codes=0.0, **base),
                          calib_tokens, "cpu", 4, False, stats=stats)
     e2e = stats["e2e"]
     assert len(e2e["epochs"]) == 3 and e2e["val_loss_after"] <= e2e["val_loss_before"]
@@ -104,3 +131,53 @@ def test_distillation_without_a_teacher_is_refused(llama_factory, calib_tokens):
         run_e2e(model, packed, cfg, calib_tokens[:16], calib_tokens[16:], "cpu", False)
     with pytest.raises(ValueError, match="e2e_loss"):
         GQSAConfig(e2e_loss="mse")
+
+
+def test_e2e_with_trained_codes_keeps_the_mask_moves_codes_and_never_worsens_the_heldout_loss(llama_factory,
+                                                                                             calib_tokens):
+    base = dict(bits=3, bqpo_epochs=2, bqpo_lr_weight=0.1, val_fraction=0.2)
+    bqpo = compress_model(llama_factory(), GQSAConfig(stages="bqpo", **base), calib_tokens, "cpu", 4, False)
+    stats, model = {}, llama_factory()
+    # the causal-LM objective: on this tiny model the distilled student is at KL ≈ 1e-3 already, too close for a
+    # clear signal; the codes' mechanics are the same under both objectives
+    got = compress_model(model, GQSAConfig(stages="bqpo+e2e", e2e_epochs=3, e2e_lr=1e-2, e2e_lr_codes=0.2,
+                                           e2e_loss="lm", e2e_batch_size=2, **base), calib_tokens, "cpu", 4, False,
+                         stats=stats)
+    e2e = stats["e2e"]
+    assert e2e["best_epoch"] > 0 and e2e["val_loss_after"] < e2e["val_loss_before"]
+    moved = 0
+    for name, p in got.items():
+        for t in ("row_ptr", "col_idx"):
+            assert torch.equal(getattr(p, t), getattr(bqpo[name], t)), f"{name}.{t}"
+        moved += int(not torch.equal(p.qweight, bqpo[name].qweight))
+        assert torch.equal(model.get_submodule(name).dequantize(), reference.dequantize(p))
+    assert moved == len(got)  # every layer's codes trained
+    with pytest.raises(ValueError, match="e2e_lr_codes"):
+        GQSAConfig(e2e_lr_codes=-0.1)
+
+
+def test_e2e_runs_again_with_the_codes_frozen_when_their_training_state_does_not_fit(llama_factory, calib_tokens,
+                                                                                      monkeypatch):
+    from gqsa.stages import e2e
+
+    real, seen = e2e.run_e2e, []
+
+    def run_e2e(model, packed, config, *args, **kwargs):
+        seen.append(config.e2e_lr_codes)
+        if config.e2e_lr_codes > 0:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(model, packed, config, *args, **kwargs)
+
+    monkeypatch.setattr(e2e, "run_e2e", run_e2e)
+    stats, model = {}, llama_factory()
+    cfg = GQSAConfig(stages="bqpo+e2e", bits=3, bqpo_epochs=1, e2e_epochs=1, e2e_batch_size=2)
+    assert cfg.e2e_lr_codes > 0 and cfg.e2e_loss == "kd"  # the defaults this fallback protects
+    with pytest.warns(UserWarning, match=r"out of cpu memory training the kept codes .*codes frozen"):
+        got = compress_model(model, cfg, calib_tokens, "cpu", 4, False, stats=stats)
+    assert seen == [cfg.e2e_lr_codes, 0.0] and stats["e2e_codes_out_of_memory"] and stats["e2e"]["epochs"]
+    for name, p in got.items():  # the second attempt's result is the model's
+        assert torch.equal(model.get_submodule(name).dequantize(), reference.dequantize(p))
+    monkeypatch.setattr(e2e, "run_e2e", lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("again")))
+    with pytest.raises(torch.OutOfMemoryError):  # codes frozen already: nothing to fall back to
+        compress_model(llama_factory(), GQSAConfig(stages="bqpo+e2e", bits=3, bqpo_epochs=0, e2e_lr_codes=0.0),
+                       calib_tokens, "cpu", 4, False)

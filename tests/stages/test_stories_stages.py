@@ -30,7 +30,8 @@ def test_oneshot_then_bqpo_then_e2e_each_lower_the_perplexity(stories260k, asset
     p_one = ppl(one)
     packed = compress_model(model, GQSAConfig(**{**config.to_dict(), "stages": "bqpo"}), tokens, "cpu", 8, False)
     p_bqpo = ppl(model)
-    run_e2e(model, packed, config, *split_calibration(tokens, config.val_fraction), "cpu", False)
+    run_e2e(model, packed, config, *split_calibration(tokens, config.val_fraction), "cpu", False,
+            teacher=load_model(*map(str, stories260k))[0])  # the default objective distils from the original
     p_e2e = ppl(model)
     assert p_e2e < p_bqpo < p_one, (fp, p_one, p_bqpo, p_e2e)
     assert (p_one - p_e2e) / (p_one - fp) > 0.6, (fp, p_one, p_bqpo, p_e2e)

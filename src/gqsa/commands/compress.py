@@ -64,7 +64,8 @@ def add_arguments(p) -> None:
     t = p.add_argument_group(
         "GQSA training stages",
         "BQPO trains each block's latent weights and s, z through fake quantization (mask held) to match the "
-        "uncompressed block; E2E-OQP then trains the scales end to end with the codes and mask frozen. Unset "
+        "uncompressed block; E2E-OQP then trains the scales and the kept codes end to end (mask frozen) by "
+        "distillation from the uncompressed model. Unset "
         "options take the --preset's value (see gqsa.config.PRESETS); all are recorded in gqsa_report.json")
     t.add_argument("--stages", default="bqpo+e2e", choices=("oneshot", "bqpo", "bqpo+e2e"),
                    help="oneshot: no training; bqpo: block-wise; bqpo+e2e: then end to end (default)")
@@ -99,10 +100,16 @@ def add_arguments(p) -> None:
     t.add_argument("--e2e-batch-size", type=int, help="E2E-OQP windows per micro-batch (default: as "
                    "--bqpo-batch-size's)")
     t.add_argument("--e2e-grad-accum", type=int, help="E2E-OQP micro-batches per optimizer step (default 1)")
-    t.add_argument("--e2e-lr", type=float, help="E2E-OQP lr of the scales, relative (default 1e-3)")
+    t.add_argument("--e2e-lr", type=float, help="E2E-OQP lr of the scales, relative (default 1e-2; with "
+                   "--e2e-loss lm use 1e-3)")
+    t.add_argument("--e2e-lr-codes", type=float,
+                   help="E2E-OQP lr of the kept weights' codes (code units per step, rounded straight-through; the "
+                        "mask stays frozen): end-to-end quantization-aware training, 16 bytes of device memory per "
+                        "kept weight. Default 0.1 (measured best with kd); 0 freezes the codes (use 0 with "
+                        "--e2e-loss lm, which overfits them to the calibration text)")
     t.add_argument("--e2e-loss", choices=("lm", "kd"),
-                   help="E2E-OQP objective: lm = causal-LM loss on the calibration text (default); kd = KL to the "
-                        "uncompressed model (fidelity; holds a copy of it)")
+                   help="E2E-OQP objective: kd = KL to the uncompressed model (default; holds a copy of it); "
+                        "lm = causal-LM loss on the calibration text (no copy)")
     t.add_argument("--e2e-train-zero", action="store_true",
                    help="E2E-OQP also trains the zero points (then stored as float16)")
     t.add_argument("--no-grad-checkpointing", action="store_true",

@@ -2,8 +2,9 @@
 
 * :mod:`gqsa.stages.bqpo` — BQPO, block-wise training of latent weights and ``s, z`` through fake
   quantization with the mask held, one block on the device at a time, resumable per block;
-* :mod:`gqsa.stages.e2e` — E2E-OQP, end-to-end training of the scales (and optionally the zero
-  points) with the integer codes and the mask frozen.
+* :mod:`gqsa.stages.e2e` — E2E-OQP, end-to-end training of the scales, the kept weights' integer codes
+  (straight-through rounding; ``e2e_lr_codes``, 0 freezes them) and optionally the zero points, with the
+  mask frozen.
 
 Their training-time linears live in :mod:`gqsa.stages.trainable`, what both share in
 :mod:`gqsa.stages.common`, the per-block work folder in :mod:`gqsa.stages.workdir`. Both are driven by

@@ -1,8 +1,9 @@
-"""E2E-OQP — end-to-end optimized quantization-pruning: the integer codes and the mask are frozen
-(the packed ``row_ptr``, ``col_idx`` and ``qweight`` never change); only the scales (and, with
+"""E2E-OQP — end-to-end optimized quantization-pruning: the mask is frozen (the packed ``row_ptr`` and
+``col_idx`` never change) and so, by default, are the integer codes (``qweight``); the scales (and, with
 ``e2e_train_zero``, the zero points, then stored as float16) are trained with the causal-LM loss on
 the calibration windows, or (``e2e_loss="kd"``) with the KL from the uncompressed model's next-token
-distribution.
+distribution. ``e2e_lr_codes`` > 0 trains the kept weights' codes too (a real latent value per kept
+weight, rounded with a straight-through gradient: end-to-end quantization-aware training at the frozen mask).
 
 Each packed layer becomes a :class:`ScaleTrainableLinear` whose forward weight is, bit for bit, the
 weight its exported :class:`~gqsa.format.PackedLinear` dequantizes to: the scale is rounded to
@@ -12,7 +13,7 @@ result itself when no epoch beats it).
 
 Device memory: the whole packed model (codes stay packed; a layer's dense weight exists only while
 it runs) + per kept group 16 B (fp32 scale multiplier, its gradient, two AdamW moments; twice that
-with zero points) + the activations of one micro-batch: with gradient checkpointing one block's
+with zero points; with ``e2e_lr_codes``, 16 B per kept *weight* more) + the activations of one micro-batch: with gradient checkpointing one block's
 intermediates plus each block's input (``L · b · T · d``), and the logits ``b · T · vocab``.
 """
 from __future__ import annotations
@@ -91,13 +92,13 @@ def distributed_backward(trained, tokens: torch.Tensor, idx: torch.Tensor, windo
 def run_e2e(model, packed: dict[str, PackedLinear], config: GQSAConfig, train_tokens: torch.Tensor,
             val_tokens: torch.Tensor, device, progress: bool = True, *, stats: dict | None = None,
             log: Callable[[str], None] | None = None, teacher=None) -> dict[str, PackedLinear]:
-    """Train the scales of the packed layers of ``model`` (the names of ``packed``, currently
-    :class:`GQSALinear` or ``nn.Linear`` modules) end to end; they end as :class:`GQSALinear` modules
-    holding the trained layers, which are returned.
+    """Train the scales (and, ``config.e2e_lr_codes`` > 0, the codes) of the packed layers of ``model`` (the
+    names of ``packed``, currently :class:`GQSALinear` or ``nn.Linear`` modules) end to end; they end as
+    :class:`GQSALinear` modules holding the trained layers, which are returned.
 
-    ``config.e2e_loss``: ``lm`` — the causal-LM loss of the calibration windows (default); ``kd`` —
-    KL(``teacher`` ‖ model) per token, ``teacher`` being the uncompressed model (moved to ``device``
-    for the stage: its memory comes on top). Held-out selection uses the same objective.
+    ``config.e2e_loss``: ``kd`` (default) — KL(``teacher`` ‖ model) per token, ``teacher`` being the
+    uncompressed model (moved to ``device`` for the stage: its memory comes on top); ``lm`` — the causal-LM
+    loss of the calibration windows. Held-out selection uses the same objective.
     """
     device = torch.device(device)
     config = config.for_windows(train_tokens.shape[0] + val_tokens.shape[0])
@@ -124,7 +125,7 @@ def run_e2e(model, packed: dict[str, PackedLinear], config: GQSAConfig, train_to
     for name, p in packed.items():
         old = model.get_submodule(name)
         bias = old.bias.detach() if getattr(old, "bias", None) is not None else None
-        mods[name] = ScaleTrainableLinear(p, bias, config.e2e_train_zero)
+        mods[name] = ScaleTrainableLinear(p, bias, config.e2e_train_zero, train_codes=config.e2e_lr_codes > 0)
     try:
         with common.training_swap(model, mods):
             if config.e2e_grad_checkpointing:
@@ -132,9 +133,15 @@ def run_e2e(model, packed: dict[str, PackedLinear], config: GQSAConfig, train_to
                     block.forward = _checkpointed(block.forward)
             model.to(device)
             model.eval()  # no dropout: the loss is the deterministic calibration loss
-            params = [m.gamma for m in mods.values()] + ([m.zero for m in mods.values()] if config.e2e_train_zero else [])
-            for q in params:
-                q.requires_grad_(config.e2e_lr > 0)
+            groups = [{"params": [m.gamma for m in mods.values()]
+                       + ([m.zero for m in mods.values()] if config.e2e_train_zero else []), "lr": config.e2e_lr}]
+            if config.e2e_lr_codes > 0:  # the kept weights' latent codes, in code units
+                groups.append({"params": [m.codes_latent for m in mods.values()], "lr": config.e2e_lr_codes})
+            groups = [g for g in groups if g["lr"] > 0]
+            params = [q for g in groups for q in g["params"]]
+            for m in mods.values():
+                for q in m.parameters():
+                    q.requires_grad_(any(q is t for t in params))
             bs, accum = config.e2e_batch_size, config.e2e_grad_accum
             e2e["batch_size"] = bs
             n_val = val_tokens.shape[0]
@@ -146,8 +153,8 @@ def run_e2e(model, packed: dict[str, PackedLinear], config: GQSAConfig, train_to
             total = steps_per_epoch * config.e2e_epochs
             if before is not None:
                 log(f"E2E-OQP: held-out {what} {before:.4f}{_ppl(before, config)} before training")
-            if total and config.e2e_lr > 0:
-                trainer = common.Trainer([{"params": params, "lr": config.e2e_lr}], total, before,
+            if total and params:
+                trainer = common.Trainer(groups, total, before,
                                          lambda: [q.detach().to("cpu", copy=True) for q in params], _restore(params))
                 gen = torch.Generator().manual_seed(config.seed * 1_000_003 + 999_983)
                 bar = tqdm(total=total, desc="GQSA E2E-OQP", unit="step", disable=not progress)

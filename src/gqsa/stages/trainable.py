@@ -1,6 +1,6 @@
 """The training-time linears of the trained stages, apart from the deployed :class:`gqsa.nn.GQSALinear`:
 :class:`FakeQuantLinear` (BQPO: latent weights, scales and zero points through fake quantization, mask held)
-and :class:`ScaleTrainableLinear` (E2E-OQP: trainable scales, codes and mask frozen)."""
+and :class:`ScaleTrainableLinear` (E2E-OQP: trainable scales, optionally the kept codes; the mask frozen)."""
 from __future__ import annotations
 
 import torch
@@ -92,9 +92,14 @@ class FakeQuantLinear(nn.Module):
 
 
 class ScaleTrainableLinear(nn.Module):
-    """A packed layer with trainable scales (and optionally real zero points); codes and mask frozen."""
+    """A packed layer with trainable scales (and optionally real zero points); the mask frozen, and the codes
+    too unless ``train_codes``: then every kept weight's code has a real latent value ``v`` ``[nnz, G]``
+    (started at the stored integer code) and the forward code is ``clamp(round(v), 0, 2^b − 1)`` with a
+    straight-through gradient — end-to-end quantization-aware training of the kept weights, still exported
+    bit for bit as the weight the forward pass used."""
 
-    def __init__(self, packed: PackedLinear, bias: torch.Tensor | None = None, train_zero: bool = False):
+    def __init__(self, packed: PackedLinear, bias: torch.Tensor | None = None, train_zero: bool = False,
+                 train_codes: bool = False):
         super().__init__()
         n, k = packed.shape
         self.shape, self.bits, self.group_size, self.train_zero = (n, k), packed.bits, packed.group_size, train_zero
@@ -108,6 +113,8 @@ class ScaleTrainableLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.gamma = nn.Parameter(torch.ones_like(self.s0))
         self.zero = nn.Parameter(packed.zeros.float().clone()) if train_zero else None
+        self.codes_latent = (nn.Parameter(quant.unpack_codes(packed.qweight, packed.bits, packed.group_size).float())
+                             if train_codes else None)
 
     def scales(self) -> torch.Tensor:
         return common.round_scale_ste(self.s0 * self.gamma)
@@ -115,11 +122,16 @@ class ScaleTrainableLinear(nn.Module):
     def zeros(self) -> torch.Tensor:
         return common.round_half_ste(self.zero) if self.train_zero else self.zeros_int.float()
 
+    def codes(self) -> torch.Tensor:
+        """The kept weights' integer codes ``[nnz, G]`` (float; straight-through rounding when trained)."""
+        if self.codes_latent is None:
+            return quant.unpack_codes(self.qweight, self.bits, self.group_size).float()
+        return torch.clamp(quant.round_ste(self.codes_latent), 0, quant.qmax(self.bits))
+
     def weight(self) -> torch.Tensor:
         """Dense ``[N, K]`` float32 weight: the formula of :func:`gqsa.kernels.reference.dequantize`."""
         n, k = self.shape
-        codes = quant.unpack_codes(self.qweight, self.bits, self.group_size)
-        w = quant.dequantize(codes, self.scales(), self.zeros())  # [nnz, G]
+        w = quant.dequantize(self.codes(), self.scales(), self.zeros())  # [nnz, G]
         dense = w.new_zeros(n * self.n_group_cols, self.group_size).index_copy(0, self.flat, w)
         return dense.reshape(n, -1)[:, :k]
 
@@ -130,5 +142,7 @@ class ScaleTrainableLinear(nn.Module):
     def export(self) -> PackedLinear:
         scales = quant.round_scale(self.s0 * self.gamma).to(torch.float16)
         zeros = self.zero.to(torch.float16) if self.train_zero else self.zeros_int.clone()
-        return PackedLinear(row_ptr=self.row_ptr.clone(), col_idx=self.col_idx.clone(), qweight=self.qweight.clone(),
+        qweight = (self.qweight.clone() if self.codes_latent is None
+                   else quant.pack_codes(self.codes().to(torch.uint8), self.bits))
+        return PackedLinear(row_ptr=self.row_ptr.clone(), col_idx=self.col_idx.clone(), qweight=qweight,
                             scales=scales, zeros=zeros, shape=self.shape, bits=self.bits, group_size=self.group_size)
