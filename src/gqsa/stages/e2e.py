@@ -1,9 +1,9 @@
 """E2E-OQP — end-to-end optimized quantization-pruning: the mask is frozen (the packed ``row_ptr`` and
-``col_idx`` never change) and so, by default, are the integer codes (``qweight``); the scales (and, with
-``e2e_train_zero``, the zero points, then stored as float16) are trained with the causal-LM loss on
-the calibration windows, or (``e2e_loss="kd"``) with the KL from the uncompressed model's next-token
-distribution. ``e2e_lr_codes`` > 0 trains the kept weights' codes too (a real latent value per kept
-weight, rounded with a straight-through gradient: end-to-end quantization-aware training at the frozen mask).
+``col_idx`` never change); the scales (and, with ``e2e_train_zero``, the zero points, then stored as
+float16) and, unless ``e2e_lr_codes`` is 0, the kept weights' integer codes (a real latent value per kept
+weight, rounded with a straight-through gradient: end-to-end quantization-aware training at the frozen
+mask) are trained with the KL from the uncompressed model's next-token distribution (``e2e_loss="kd"``,
+the default) or the causal-LM loss on the calibration windows (``"lm"``).
 
 Each packed layer becomes a :class:`ScaleTrainableLinear` whose forward weight is, bit for bit, the
 weight its exported :class:`~gqsa.format.PackedLinear` dequantizes to: the scale is rounded to
