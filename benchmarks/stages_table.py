@@ -48,7 +48,8 @@ def main(argv=None):
     ap.add_argument("--e2e-lr-sweep", default=None,
                     help="comma-separated E2E-OQP learning rates, each run from the same BQPO result (a table row each)")
     ap.add_argument("--e2e-sweep", default=None,
-                    help="JSON list of GQSAConfig settings for E2E-OQP, each run from the same BQPO result (a row each), "
+                    help="JSON list of GQSAConfig settings for E2E-OQP, each run from the same BQPO result "
+                         "(a row each), "
                          "e.g. '[{\"e2e_lr_codes\": 0}, {\"e2e_lr_codes\": 0.003}]'")
     ap.add_argument("--sweep-only", action="store_true",
                     help="after the sweep, skip the final E2E-OQP run with the base settings")

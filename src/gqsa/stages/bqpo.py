@@ -55,8 +55,9 @@ from .trainable import FakeQuantLinear
 from .workdir import BlockStore, tensor_sha256
 
 # Settings that do not change BQPO's result (a run may resume with other values of these).
-_NOT_BQPO = ("e2e_epochs", "e2e_batch_size", "e2e_grad_accum", "e2e_lr", "e2e_lr_codes", "e2e_train_zero", "e2e_loss",
-             "e2e_grad_checkpointing", "stages", "offload_activations", "lm_head_bits")  # (the head comes after)
+_NOT_BQPO = ("e2e_epochs", "e2e_batch_size", "e2e_grad_accum", "e2e_lr", "e2e_lr_codes", "e2e_train_zero",
+             "e2e_loss", "e2e_grad_checkpointing", "stages", "offload_activations",
+             "lm_head_bits")  # (the head comes after)
 
 
 class _Batches:

@@ -13,8 +13,9 @@ result itself when no epoch beats it).
 
 Device memory: the whole packed model (codes stay packed; a layer's dense weight exists only while
 it runs) + per kept group 16 B (fp32 scale multiplier, its gradient, two AdamW moments; twice that
-with zero points; with ``e2e_lr_codes``, 16 B per kept *weight* more) + the activations of one micro-batch: with gradient checkpointing one block's
-intermediates plus each block's input (``L · b · T · d``), and the logits ``b · T · vocab``.
+with zero points) + with ``e2e_lr_codes``, 16 B per kept *weight* (the same for its latent code) + with
+``kd``, the uncompressed model + the activations of one micro-batch: with gradient checkpointing one
+block's intermediates plus each block's input (``L · b · T · d``), and the logits ``b · T · vocab``.
 """
 from __future__ import annotations
 
