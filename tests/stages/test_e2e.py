@@ -156,6 +156,21 @@ def test_e2e_with_trained_codes_keeps_the_mask_moves_codes_and_never_worsens_the
         GQSAConfig(e2e_lr_codes=-0.1)
 
 
+def test_the_rates_not_given_follow_the_objective():
+    """kd: scales at 1e-2 and codes at 0.1; lm: 1e-3 and codes frozen (the codes overfit the calibration text under
+    lm, RESULTS "Session 16"); a rate given is kept, and a config read back keeps its rates."""
+    kd, lm = GQSAConfig(), GQSAConfig(e2e_loss="lm")
+    assert (kd.e2e_loss, kd.e2e_lr, kd.e2e_lr_codes) == ("kd", 1e-2, 0.1)
+    assert (lm.e2e_lr, lm.e2e_lr_codes) == (1e-3, 0.0)
+    given = GQSAConfig(e2e_loss="lm", e2e_lr=0.005, e2e_lr_codes=0.02)
+    assert (given.e2e_lr, given.e2e_lr_codes) == (0.005, 0.02)
+    assert GQSAConfig.from_dict(lm.to_dict()) == lm and GQSAConfig.from_dict(kd.to_dict()) == kd
+    old = {k: v for k, v in kd.to_dict().items() if k != "e2e_lr_codes"}  # a record from before the codes trained
+    assert GQSAConfig.from_dict(old).e2e_lr_codes == 0.0
+    with pytest.raises(ValueError, match="e2e_loss must be one of"):  # the objective named, not a rate
+        GQSAConfig(e2e_loss="mse")
+
+
 def test_e2e_runs_again_with_the_codes_frozen_when_their_training_state_does_not_fit(llama_factory, calib_tokens,
                                                                                       monkeypatch):
     from gqsa.stages import e2e

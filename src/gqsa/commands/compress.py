@@ -100,13 +100,13 @@ def add_arguments(p) -> None:
     t.add_argument("--e2e-batch-size", type=int, help="E2E-OQP windows per micro-batch (default: as "
                    "--bqpo-batch-size's)")
     t.add_argument("--e2e-grad-accum", type=int, help="E2E-OQP micro-batches per optimizer step (default 1)")
-    t.add_argument("--e2e-lr", type=float, help="E2E-OQP lr of the scales, relative (default 1e-2; with "
-                   "--e2e-loss lm use 1e-3)")
+    t.add_argument("--e2e-lr", type=float, help="E2E-OQP lr of the scales, relative (default 1e-2 with "
+                   "--e2e-loss kd, 1e-3 with lm)")
     t.add_argument("--e2e-lr-codes", type=float,
                    help="E2E-OQP lr of the kept weights' codes (code units per step, rounded straight-through; the "
                         "mask stays frozen): end-to-end quantization-aware training, 16 bytes of device memory per "
-                        "kept weight. Default 0.1 (measured best with kd); 0 freezes the codes (use 0 with "
-                        "--e2e-loss lm, which overfits them to the calibration text)")
+                        "kept weight. Default 0.1 with --e2e-loss kd (measured best), 0 with lm (it overfits "
+                        "them to the calibration text); 0 freezes the codes")
     t.add_argument("--e2e-loss", choices=("lm", "kd"),
                    help="E2E-OQP objective: kd = KL to the uncompressed model (default; holds a copy of it); "
                         "lm = causal-LM loss on the calibration text (no copy)")
