@@ -133,9 +133,9 @@ def test_the_plan_says_what_training_the_codes_costs_in_memory(tiny_llama):
     lines = []
     for lr_codes in (0.1, 0.0):
         _Plan(tiny_llama, GQSAConfig(e2e_lr_codes=lr_codes), tokens(), torch.device("cpu"), lines.append)
-    kept = sum(lin.weight.numel() for _, lin in block_linears(tiny_llama)) * 0.5
+    kept = sum(lin.weight.numel() for _, lin in block_linears(tiny_llama)) // 2
     assert (f"then E2E-OQP: 5 epochs over the whole model distilled from the uncompressed model, codes trained "
-            f"(about {kept * 16 / 2**30:.1f} GiB of training state; --e2e-lr-codes 0 freezes them)") in lines[0]
+            f"(about {kept * 16 / 1024:.1f} KiB of training state; --e2e-lr-codes 0 freezes them)") in lines[0]
     assert "codes trained" not in lines[1] and "distilled from the uncompressed model;" in lines[1]
 
 

@@ -30,6 +30,7 @@ from .models.adapters import get_adapter
 from .modules import default_device
 from .oneshot import compress_oneshot
 from .prune import kept_groups
+from .stages.common import fmt_bytes
 
 
 def compress_model(model, config: GQSAConfig, tokens: torch.Tensor, device=None, batch_size: int = 8,
@@ -96,7 +97,7 @@ def compress_model(model, config: GQSAConfig, tokens: torch.Tensor, device=None,
         # (outside the handler: the failed attempt's frames, and the codes' training state they hold, are freed)
         if out_of_memory:  # the codes' training state did not fit: the stage again, codes frozen
             warnings.warn(f"E2E-OQP: out of {torch.device(device).type} memory training the kept codes "
-                          f"({kept_weights(packed) * CODE_STATE_BYTES / 2**30:.1f} GiB of state); running it again "
+                          f"({fmt_bytes(kept_weights(packed) * CODE_STATE_BYTES)} of state); running it again "
                           f"with the codes frozen (--e2e-lr-codes 0 skips this attempt)", stacklevel=2)
             stats["e2e_codes_out_of_memory"] = True
             gc.collect()
@@ -239,7 +240,7 @@ class _Plan:
                     work += " distilled from the uncompressed model"
                 if config.e2e_lr_codes > 0:  # the largest memory item of the stage: say it up front
                     kept = sum(lin.weight.numel() for _, lin in block_linears(model, config)) * (1 - config.sparsity)
-                    work += (f", codes trained (about {kept * CODE_STATE_BYTES / 2**30:.1f} GiB of training state; "
+                    work += (f", codes trained (about {fmt_bytes(int(kept * CODE_STATE_BYTES))} of training state; "
                              f"--e2e-lr-codes 0 freezes them)")
             else:
                 work += " per block"
