@@ -86,25 +86,23 @@ def compress_model(model, config: GQSAConfig, tokens: torch.Tensor, device=None,
     replace_linears(model, packed)
     packed = _with_head(model, packed, config, tokens, device, batch_size, log)
     if config.stages == "bqpo+e2e":
-        out_of_memory = False
         try:
             return e2e.run_e2e(model, packed, config, train_tokens, val_tokens, device, progress, stats=stats, log=log,
                                teacher=teacher)
         except torch.OutOfMemoryError:
             if config.e2e_lr_codes <= 0:
                 raise
-            out_of_memory = True
-        # (outside the handler: the failed attempt's frames, and the codes' training state they hold, are freed)
-        if out_of_memory:  # the codes' training state did not fit: the stage again, codes frozen
-            warnings.warn(f"E2E-OQP: out of {torch.device(device).type} memory training the kept codes "
-                          f"({fmt_bytes(kept_weights(packed) * CODE_STATE_BYTES)} of state); running it again "
-                          f"with the codes frozen (--e2e-lr-codes 0 skips this attempt)", stacklevel=2)
-            stats["e2e_codes_out_of_memory"] = True
-            gc.collect()
-            if torch.device(device).type == "cuda":
-                torch.cuda.empty_cache()
-            packed = e2e.run_e2e(model, packed, replace(config, e2e_lr_codes=0.0), train_tokens, val_tokens, device,
-                                 progress, stats=stats, log=log, teacher=teacher)
+        # here only when training the codes ran out of memory: the stage again with the codes frozen, outside the
+        # handler, so that the failed attempt's frames (and the codes' training state they hold) are freed first
+        warnings.warn(f"E2E-OQP: out of {device.type} memory training the kept codes "
+                      f"({fmt_bytes(kept_weights(packed) * CODE_STATE_BYTES)} of state); running it again with the "
+                      f"codes frozen (--e2e-lr-codes 0 skips this attempt)", stacklevel=2)
+        stats["e2e_codes_out_of_memory"] = True
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        packed = e2e.run_e2e(model, packed, replace(config, e2e_lr_codes=0.0), train_tokens, val_tokens, device,
+                             progress, stats=stats, log=log, teacher=teacher)
     return packed
 
 
