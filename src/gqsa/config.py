@@ -130,8 +130,9 @@ class GQSAConfig:
         device memory per kept weight (latent code, gradient, two AdamW moments): when that does not fit, the
         stage runs again with the codes frozen (:func:`gqsa.pipeline.compress_model`).
     e2e_loss: ``kd`` — KL from the uncompressed model's next-token distribution (default; distillation:
-        fidelity to the original model rather than fit to the calibration text; keeps a copy of the
-        uncompressed model in CPU memory during BQPO and on the device during E2E-OQP; W4 S50 G16 on
+        fidelity to the original model rather than fit to the calibration text; needs the uncompressed model
+        on the device during E2E-OQP — ``gqsa compress`` reads it again from its source when the stage starts,
+        :func:`gqsa.pipeline.compress_model` without ``teacher=`` holds a copy through BQPO; W4 S50 G16 on
         gutenberg-llama-22m 72.00 against ``lm``'s 75.67 with codes frozen); ``lm`` — the causal-LM loss on
         the calibration windows (no copy of the model). ``e2e_lr`` and ``e2e_lr_codes`` not given follow it.
     e2e_grad_checkpointing: recompute each decoder block in the backward pass (memory ≈ one block's

@@ -35,8 +35,8 @@ from .stages.common import fmt_bytes
 
 def compress_model(model, config: GQSAConfig, tokens: torch.Tensor, device=None, batch_size: int = 8,
                    progress: bool = True, *, workdir=None, resume: bool = False, stats: dict | None = None,
-                   log: Callable[[str], None] | None = None, on_block_done: Callable[[int], None] | None = None
-                   ) -> dict[str, PackedLinear]:
+                   log: Callable[[str], None] | None = None, on_block_done: Callable[[int], None] | None = None,
+                   teacher: Callable[[], torch.nn.Module] | None = None) -> dict[str, PackedLinear]:
     """Compress every adapter-listed linear of ``model`` in place with GQSA, through the stages of
     ``config.stages`` (``oneshot``, ``bqpo`` or ``bqpo+e2e``).
 
@@ -48,7 +48,9 @@ def compress_model(model, config: GQSAConfig, tokens: torch.Tensor, device=None,
     killed mid-way continues with ``resume=True`` and ends bitwise as an uninterrupted one;
     ``stats`` (a dict) receives the per-block and per-epoch losses, times and memory; ``log``
     receives one line per block / epoch (default: printed above the progress bar);
-    ``on_block_done(i)`` is called after block ``i`` is written.
+    ``on_block_done(i)`` is called after block ``i`` is written. ``teacher``: for ``e2e_loss="kd"``, a
+    function returning the uncompressed model again (e.g. loading it from its source), called when E2E-OQP
+    starts; without it a copy of ``model`` is made before BQPO, and held through it (twice the model's memory).
 
     Inside a ``torch.distributed`` process group of several ranks (``torchrun``), the trained stages
     are data-parallel and rank 0 alone writes ``workdir`` (:mod:`gqsa.distributed`).
@@ -78,14 +80,19 @@ def compress_model(model, config: GQSAConfig, tokens: torch.Tensor, device=None,
     log = log or (tqdm.write if progress else (lambda line: None))
     on_block_done = eta.block_done
     train_tokens, val_tokens = split_calibration(tokens, config.val_fraction)
-    # E2E-OQP distillation needs the uncompressed model: a copy before BQPO changes it in place
-    teacher = copy.deepcopy(model) if config.stages == "bqpo+e2e" and config.e2e_loss == "kd" else None
+    # E2E-OQP distillation needs the uncompressed model: loaded again when the stage starts, or a copy made
+    # before BQPO changes the model in place
+    distil = config.stages == "bqpo+e2e" and config.e2e_loss == "kd"
+    copied = copy.deepcopy(model) if distil and teacher is None else None
     stats["calibration_split"] = {"train_windows": int(train_tokens.shape[0]), "val_windows": int(val_tokens.shape[0])}
     packed = bqpo.run_bqpo(model, config, tokens, int(train_tokens.shape[0]), device, batch_size, progress,
                            workdir=workdir, resume=resume, stats=stats, log=log, on_block_done=on_block_done)
     replace_linears(model, packed)
     packed = _with_head(model, packed, config, tokens, device, batch_size, log)
     if config.stages == "bqpo+e2e":
+        if distil and copied is None:
+            copied = teacher()
+        teacher = copied
         try:
             return e2e.run_e2e(model, packed, config, train_tokens, val_tokens, device, progress, stats=stats, log=log,
                                teacher=teacher)

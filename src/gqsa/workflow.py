@@ -152,8 +152,12 @@ def compress_to_folder(model: str, out, *, calib: str, tokenizer: str | None = N
         if not config.trained:
             raise ValueError("--stages oneshot has nothing to split across processes; run it without torchrun")
         dev = distributed.setup(device)
+    def reload():  # E2E-OQP's teacher, read again when the stage starts (not a copy held through BQPO)
+        return load_model(model, tokenizer, dtype=getattr(torch, dtype))[0]
+
     try:
-        return _gqsa_to_folder(loaded, tok, tokens, dev, config, out, dict(about, preset=preset, resume=resume), t0)
+        return _gqsa_to_folder(loaded, tok, tokens, dev, config, out,
+                               dict(about, preset=preset, resume=resume, reload=reload), t0)
     finally:
         distributed.teardown()
 
@@ -169,7 +173,8 @@ def _gqsa_to_folder(model, tok, tokens, device, config, out: Path, about: dict, 
     distributed.barrier()
     stats = {}
     packed = compress_model(model, config, tokens, device=device, batch_size=about["batch_size"],
-                            workdir=workdir if config.trained else None, resume=about["resume"], stats=stats)
+                            workdir=workdir if config.trained else None, resume=about["resume"], stats=stats,
+                            teacher=about.get("reload"))
     if not distributed.is_main():
         return 0
     model.to(about["dense_dtype"])

@@ -196,3 +196,23 @@ def test_e2e_runs_again_with_the_codes_frozen_when_their_training_state_does_not
     with pytest.raises(torch.OutOfMemoryError):  # codes frozen already: nothing to fall back to
         compress_model(llama_factory(), GQSAConfig(stages="bqpo+e2e", bits=3, bqpo_epochs=0, e2e_lr_codes=0.0),
                        calib_tokens, "cpu", 4, False)
+
+
+def test_a_teacher_loaded_when_e2e_starts_gives_the_result_of_a_copy_held_through_bqpo(llama_factory, calib_tokens):
+    """``compress_model(teacher=fn)`` (what ``gqsa compress`` passes: the model read again from its source) calls
+    ``fn`` once, after BQPO, instead of holding a copy of the uncompressed model through it; same result."""
+    cfg = GQSAConfig(stages="bqpo+e2e", bits=3, bqpo_epochs=1, e2e_epochs=1, e2e_batch_size=2)
+    assert cfg.e2e_loss == "kd"
+    copied = compress_model(llama_factory(), cfg, calib_tokens, "cpu", 4, False)
+    stats, calls = {}, []
+
+    def reload():
+        calls.append(len(stats.get("bqpo", [])))  # BQPO's blocks finished when the teacher is asked for
+        return llama_factory()
+
+    loaded = compress_model(llama_factory(), cfg, calib_tokens, "cpu", 4, False, stats=stats, teacher=reload)
+    assert calls == [2]  # once, after both blocks
+    assert copied.keys() == loaded.keys()
+    for name in copied:
+        for t in ("qweight", "scales", "zeros", "col_idx"):
+            assert torch.equal(getattr(copied[name], t), getattr(loaded[name], t)), f"{name}.{t}"
