@@ -130,7 +130,12 @@ def main(argv=None):
         for settings in sweep:
             t = time.time()
             m, stats = copy.deepcopy(model), {}
-            run_e2e(m, copy.deepcopy(packed), GQSAConfig(**{**config.to_dict(), **settings}), train, val,
+            base = config.to_dict()
+            if "e2e_loss" in settings:  # rates given neither here nor in --set follow the objective (E2E_RATES)
+                for k in ("e2e_lr", "e2e_lr_codes"):
+                    if k not in settings and k not in json.loads(args.set):
+                        base[k] = None
+            run_e2e(m, copy.deepcopy(packed), GQSAConfig(**{**base, **settings}), train, val,
                     args.device, False, stats=stats, teacher=teacher())
             row = {"settings": settings, "seconds": round(time.time() - t, 1), **_short(ppl(m)),
                    "best_epoch": stats["e2e"]["best_epoch"], "val_loss_after": stats["e2e"]["val_loss_after"]}
