@@ -131,10 +131,8 @@ def main(argv=None):
             t = time.time()
             m, stats = copy.deepcopy(model), {}
             base = config.to_dict()
-            if "e2e_loss" in settings:  # rates given neither here nor in --set follow the objective (E2E_RATES)
-                for k in ("e2e_lr", "e2e_lr_codes"):
-                    if k not in settings and k not in json.loads(args.set):
-                        base[k] = None
+            if "e2e_loss" in settings and "e2e_lr" not in settings and "e2e_lr" not in json.loads(args.set):
+                base["e2e_lr"] = None  # the objective's rate (config.E2E_LR)
             run_e2e(m, copy.deepcopy(packed), GQSAConfig(**{**base, **settings}), train, val,
                     args.device, False, stats=stats, teacher=teacher())
             row = {"settings": settings, "seconds": round(time.time() - t, 1), **_short(ppl(m)),

@@ -11,9 +11,8 @@ QUANT_INITS = ("minmax", "mse")
 STAGES = ("oneshot", "bqpo", "bqpo+e2e")
 BQPO_TARGETS = ("fp", "qinput")
 E2E_LOSSES = ("lm", "kd")
-# (e2e_lr, e2e_lr_codes) of each E2E-OQP objective when not given (benchmarks/RESULTS.md "Session 16": with kd the
-# codes gain up to a rate of 0.1; with lm they overfit the calibration text, and 1e-3 was lm's best scale rate)
-E2E_RATES = {"kd": (1e-2, 0.1), "lm": (1e-3, 0.0)}
+# e2e_lr of each E2E-OQP objective when not given (kd: the rate of every accuracy table since session 8; lm: its best)
+E2E_LR = {"kd": 1e-2, "lm": 1e-3}
 AMP_DTYPES = ("auto", "none", "bfloat16", "float16")
 ACTIVATION_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -79,7 +78,7 @@ class GQSAConfig:
 
     stages: ``oneshot`` (saliency + mask + OBS/RTN quantization only), ``bqpo`` (then block-wise
         training of each block's latent weights and ``s, z`` through fake quantization, mask held) or
-        ``bqpo+e2e`` (then end-to-end training of the scales and the kept codes with the mask frozen; default).
+        ``bqpo+e2e`` (then end-to-end training of the scales, optionally of the kept codes, mask frozen; default).
     val_fraction: fraction of the calibration windows held out (never trained on) for early stopping
         and best-epoch selection in both trained stages (at least one window when > 0; 0 = none:
         the last epoch is kept).
@@ -118,15 +117,16 @@ class GQSAConfig:
         ``bqpo_batch_size``), micro-batches per optimizer step.
     e2e_lr: learning rate of the scales (multipliers of the BQPO scales, relative rate) and, with
         ``e2e_train_zero``, of the zero points (code units; then stored as float16). ``None`` (default): the
-        objective's rate of :data:`E2E_RATES` — 1e-2 with ``kd`` (the rate of every accuracy table since
+        objective's rate of :data:`E2E_LR` — 1e-2 with ``kd`` (the rate of every accuracy table since
         session 8), 1e-3 with ``lm`` (the best of 1e-2…1e-4 on both local models at S30%/S50%; 1e-2 overfits the
         calibration text after one epoch; benchmarks/RESULTS.md).
     e2e_lr_codes: learning rate of the kept weights' latent codes in E2E-OQP (code units per step;
         straight-through rounding, the mask still frozen): end-to-end quantization-aware training of the kept
-        weights. ``None`` (default): 0.1 with ``kd`` — on gutenberg-llama-22m (2048 windows) perplexity fell with
-        the rate up to 0.1 (W4 S50 G16 72.00 → 65.64, W4 S30 G64 64.33 → 59.29) and rose at 0.3 — and 0 with
-        ``lm``, whose codes overfit the calibration text (75.67 → 105.25 at 0.03; benchmarks/RESULTS.md,
-        "Session 16"). 0 freezes the codes (the paper's E2E-OQP). Costs 16 bytes of
+        weights. 0 (default) freezes the codes (the paper's E2E-OQP). It pays with many training steps: with
+        ``kd`` and 2048 calibration windows (580 steps) perplexity fell with the rate up to 0.1 (W4 S50 G16 72.00
+        → 65.64, W4 S30 G64 64.33 → 59.29) and rose at 0.3; with 128 windows and the ``fast`` preset (58 steps)
+        0.1 lost (136.45 → 142.05 on the first 64 held-out windows), and with ``lm`` the codes overfit the
+        calibration text (75.67 → 105.25 at 0.03; benchmarks/RESULTS.md, "Session 16"). Costs 16 bytes of
         device memory per kept weight (latent code, gradient, two AdamW moments): when that does not fit, the
         stage runs again with the codes frozen (:func:`gqsa.pipeline.compress_model`).
     e2e_loss: ``kd`` — KL from the uncompressed model's next-token distribution (default; distillation:
@@ -134,7 +134,7 @@ class GQSAConfig:
         on the device during E2E-OQP — ``gqsa compress`` reads it again from its source when the stage starts,
         :func:`gqsa.pipeline.compress_model` without ``teacher=`` holds a copy through BQPO; W4 S50 G16 on
         gutenberg-llama-22m 72.00 against ``lm``'s 75.67 with codes frozen); ``lm`` — the causal-LM loss on
-        the calibration windows (no copy of the model). ``e2e_lr`` and ``e2e_lr_codes`` not given follow it.
+        the calibration windows (no copy of the model). ``e2e_lr`` not given follows it.
     e2e_grad_checkpointing: recompute each decoder block in the backward pass (memory ≈ one block's
         activations instead of all of them).
     """
@@ -172,17 +172,13 @@ class GQSAConfig:
     e2e_grad_accum: int = 1
     e2e_lr: float | None = None
     e2e_train_zero: bool = False
-    e2e_lr_codes: float | None = None
+    e2e_lr_codes: float = 0.0
     e2e_loss: str = "kd"
     e2e_grad_checkpointing: bool = True
 
     def __post_init__(self):
-        rates = E2E_RATES.get(self.e2e_loss)  # (an unknown objective: validate() names it)
-        if rates is not None:
-            if self.e2e_lr is None:
-                self.e2e_lr = rates[0]
-            if self.e2e_lr_codes is None:
-                self.e2e_lr_codes = rates[1]
+        if self.e2e_lr is None:  # the objective's rate (an unknown objective: validate() names it)
+            self.e2e_lr = E2E_LR.get(self.e2e_loss)
         self.validate()
 
     def validate(self) -> None:
@@ -279,6 +275,4 @@ class GQSAConfig:
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown GQSAConfig field(s): {', '.join(sorted(unknown))}")
-        if "e2e_loss" in d and "e2e_lr_codes" not in d:  # written before session 16, when the codes were frozen
-            d = {**d, "e2e_lr_codes": 0.0}
         return cls(**d)
