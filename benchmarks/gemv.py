@@ -1095,7 +1095,7 @@ def main(argv=None):
                 torch=torch.__version__, triton=triton.__version__, warmup=args.warmup, rep=args.rep,
                 rot_mb=args.rot_bytes >> 20, argv=sys.argv, date=time.strftime("%Y-%m-%d %H:%M:%S"),
                 # back-to-back calls of one layer overlap under PDL (M = 1 by default since session 15)
-                pdl=os.environ.get("GQSA_PDL", jit.PDL_DEFAULT))
+                pdl=jit.pdl_setting())
     print(meta, flush=True)
     t0 = time.time()
     ok = True

@@ -67,8 +67,9 @@ def main(argv=None):
     from gqsa.report import environment
     from gqsa.stages.e2e import run_e2e
 
+    given = json.loads(args.set)
     config = GQSAConfig.preset(args.preset, bits=args.bits, group_size=args.group_size, sparsity=args.sparsity,
-                               **json.loads(args.set))
+                               **given)
     model, tok = load_model(args.model, args.tokenizer)
     tokens = calib.calibration_tokens(args.calib, tok, args.nsamples, args.seqlen, config.seed)
 
@@ -131,7 +132,7 @@ def main(argv=None):
             t = time.time()
             m, stats = copy.deepcopy(model), {}
             base = config.to_dict()
-            if "e2e_loss" in settings and "e2e_lr" not in settings and "e2e_lr" not in json.loads(args.set):
+            if "e2e_loss" in settings and "e2e_lr" not in settings and "e2e_lr" not in given:
                 base["e2e_lr"] = None  # the objective's rate (config.E2E_LR)
             run_e2e(m, copy.deepcopy(packed), GQSAConfig(**{**base, **settings}), train, val,
                     args.device, False, stats=stats, teacher=teacher())

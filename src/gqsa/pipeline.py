@@ -83,19 +83,18 @@ def compress_model(model, config: GQSAConfig, tokens: torch.Tensor, device=None,
     # E2E-OQP distillation needs the uncompressed model: loaded again when the stage starts, or a copy made
     # before BQPO changes the model in place
     distil = config.stages == "bqpo+e2e" and config.e2e_loss == "kd"
-    copied = copy.deepcopy(model) if distil and teacher is None else None
+    uncompressed = copy.deepcopy(model) if distil and teacher is None else None
     stats["calibration_split"] = {"train_windows": int(train_tokens.shape[0]), "val_windows": int(val_tokens.shape[0])}
     packed = bqpo.run_bqpo(model, config, tokens, int(train_tokens.shape[0]), device, batch_size, progress,
                            workdir=workdir, resume=resume, stats=stats, log=log, on_block_done=on_block_done)
     replace_linears(model, packed)
     packed = _with_head(model, packed, config, tokens, device, batch_size, log)
     if config.stages == "bqpo+e2e":
-        if distil and copied is None:
-            copied = teacher()
-        teacher = copied
+        if distil and uncompressed is None:
+            uncompressed = teacher()
         try:
             return e2e.run_e2e(model, packed, config, train_tokens, val_tokens, device, progress, stats=stats, log=log,
-                               teacher=teacher)
+                               teacher=uncompressed)
         except torch.OutOfMemoryError:
             if config.e2e_lr_codes <= 0:
                 raise
@@ -109,7 +108,7 @@ def compress_model(model, config: GQSAConfig, tokens: torch.Tensor, device=None,
         if device.type == "cuda":
             torch.cuda.empty_cache()
         packed = e2e.run_e2e(model, packed, replace(config, e2e_lr_codes=0.0), train_tokens, val_tokens, device,
-                             progress, stats=stats, log=log, teacher=teacher)
+                             progress, stats=stats, log=log, teacher=uncompressed)
     return packed
 
 

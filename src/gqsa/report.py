@@ -40,7 +40,7 @@ def environment(device=None) -> dict:
         from .kernels import jit
 
         env["gqsa_settings"] = {k: v for k, v in sorted(os.environ.items()) if k.startswith("GQSA_")}
-        env["pdl"] = os.environ.get("GQSA_PDL", jit.PDL_DEFAULT)
+        env["pdl"] = jit.pdl_setting()
         if torch.device(device).type == "cuda":
             p = torch.cuda.get_device_properties(device)
             env.update(gpu=p.name, sms=p.multi_processor_count, gpu_memory_gib=round(p.total_memory / 2**30, 1))

@@ -156,13 +156,13 @@ def compress_to_folder(model: str, out, *, calib: str, tokenizer: str | None = N
         return load_model(model, tokenizer, dtype=getattr(torch, dtype))[0]
 
     try:
-        return _gqsa_to_folder(loaded, tok, tokens, dev, config, out,
-                               dict(about, preset=preset, resume=resume, reload=reload), t0)
+        return _gqsa_to_folder(loaded, tok, tokens, dev, config, out, dict(about, preset=preset, resume=resume), t0,
+                               reload)
     finally:
         distributed.teardown()
 
 
-def _gqsa_to_folder(model, tok, tokens, device, config, out: Path, about: dict, t0: float) -> int:
+def _gqsa_to_folder(model, tok, tokens, device, config, out: Path, about: dict, t0: float, reload=None) -> int:
     from . import checkpoint, distributed, report
     from .pipeline import compress_model
 
@@ -174,7 +174,7 @@ def _gqsa_to_folder(model, tok, tokens, device, config, out: Path, about: dict, 
     stats = {}
     packed = compress_model(model, config, tokens, device=device, batch_size=about["batch_size"],
                             workdir=workdir if config.trained else None, resume=about["resume"], stats=stats,
-                            teacher=about.get("reload"))
+                            teacher=reload)
     if not distributed.is_main():
         return 0
     model.to(about["dense_dtype"])

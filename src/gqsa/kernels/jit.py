@@ -69,12 +69,17 @@ PDL_DECODE = ((1, 1, frozenset(("gemv", "gemv2", "gemv2p", "ops"))), (9, 16, fro
 _PDL_SETS: dict = {}
 
 
+def pdl_setting() -> str:
+    """The programmatic-dependent-launch setting in force: ``GQSA_PDL`` or :data:`PDL_DEFAULT`."""
+    return os.environ.get("GQSA_PDL", PDL_DEFAULT)
+
+
 def pdl_policy() -> tuple[frozenset, tuple | None]:
     """(the kernel families that may be launched with PDL, the rows rule or None for every launch of them):
     ``GQSA_PDL`` — ``decode`` (:data:`PDL_DECODE`: ``(first, last rows, families)`` ranges), ``0``/``none``,
     ``all``, or a comma list of :data:`PDL_FAMILIES` (decode-step ops, GEMV v1, GEMV v2 one row a program, GEMV
     v2 pipelined, block kernels, irregular GEMM) — else :data:`PDL_DEFAULT`."""
-    env = os.environ.get("GQSA_PDL", PDL_DEFAULT).strip().lower()
+    env = pdl_setting().strip().lower()
     pol = _PDL_SETS.get(env)
     if pol is None:
         if env in ("0", "none", "off", ""):

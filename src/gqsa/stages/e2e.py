@@ -140,9 +140,10 @@ def run_e2e(model, packed: dict[str, PackedLinear], config: GQSAConfig, train_to
                 groups.append({"params": [m.codes_latent for m in mods.values()], "lr": config.e2e_lr_codes})
             groups = [g for g in groups if g["lr"] > 0]
             params = [q for g in groups for q in g["params"]]
+            trained = {id(q) for q in params}
             for m in mods.values():
                 for q in m.parameters():
-                    q.requires_grad_(any(q is t for t in params))
+                    q.requires_grad_(id(q) in trained)
             bs, accum = config.e2e_batch_size, config.e2e_grad_accum
             e2e["batch_size"] = bs
             n_val = val_tokens.shape[0]
