@@ -118,6 +118,26 @@ def test_bad_requests_are_refused(tiny_llama):
         Engine(tiny_llama, cuda_graphs=True)
 
 
+def test_prefill_runner_repeats_the_generation_prefill(tiny_gqsa):
+    """The benchmarks' prefill function computes what ``generate`` does first: the same first token per row
+    (left-padded batch), every time it runs; a graphed one needs CUDA graphs; bad prompts are refused."""
+    ids = [[1, 5, 9, 3, 11, 40], [7, 2, 4]]
+    eng = Engine(tiny_gqsa)
+    first = [t[0] for t in eng.generate(ids, 1).tokens]
+    run = eng.prefill_runner(ids)
+    s = next(iter(eng._sessions.values()))
+    for _ in range(2):
+        with torch.inference_mode():
+            s.out.fill_(-1)
+        run()
+        assert s.out[:, 0].tolist() == first
+        assert s.slot.item() == len(ids[0]) and s.pos[:, 0].tolist() == [6, 3]
+    with pytest.raises(ValueError, match="needs an engine with CUDA graphs"):
+        eng.prefill_runner(ids, graph=True)
+    with pytest.raises(ValueError, match="at least one token"):
+        eng.prefill_runner([[1], []])
+
+
 def test_non_llama_models_are_refused():
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
     with pytest.raises(ValueError, match="LLaMA-family"):

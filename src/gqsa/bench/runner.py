@@ -107,25 +107,32 @@ def _time_by_kind(events) -> dict:
     return by
 
 
+def kernel_breakdown(fn) -> tuple[dict, object, float]:
+    """Profile one call of ``fn`` (synchronized): ``({"kernels", "kernel_sum_ms", "kernel_ms"}, fn's result,
+    wall seconds)``, the device kernels' time summed by kind (:func:`_kind`), ms. Kernels replayed from a
+    CUDA graph are counted too."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        out = fn()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    ev = _device_events(prof)
+    by = _time_by_kind(ev)
+    return ({"kernels": len(ev), "kernel_sum_ms": round(sum(b - a for _, a, b in ev) / 1e3, 2),
+             "kernel_ms": {k: round(v / 1e3, 2) for k, v in sorted(by.items(), key=lambda kv: -kv[1])}}, out, wall)
+
+
 def profile_prefill(engine: Engine, prompts) -> dict:
     """Kernel-time breakdown of one prefill (a generation of 1 token: the prefill alone; until
     2026-12-01 it was 2 tokens, so earlier profiles include one decode step), against its wall time:
     where ``kernel_sum_ms`` is well below ``wall_ms`` the prefill waits on the CPU (kernel launches),
     not on the GPU."""
-    from torch.profiler import ProfilerActivity, profile
-
     engine.generate(prompts, 1)  # warm
-    torch.cuda.synchronize()
-    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        t0 = time.perf_counter()
-        out = engine.generate(prompts, 1)
-        torch.cuda.synchronize()
-        wall = time.perf_counter() - t0
-    ev = _device_events(prof)
-    by = _time_by_kind(ev)
-    return {"wall_ms": round(1e3 * wall, 2), "prefill_ms": round(1e3 * out.prefill_s, 2),
-            "kernels": len(ev), "kernel_sum_ms": round(sum(b - a for _, a, b in ev) / 1e3, 2),
-            "kernel_ms": {k: round(v / 1e3, 2) for k, v in sorted(by.items(), key=lambda kv: -kv[1])}}
+    kernels, out, wall = kernel_breakdown(lambda: engine.generate(prompts, 1))
+    return {"wall_ms": round(1e3 * wall, 2), "prefill_ms": round(1e3 * out.prefill_s, 2), **kernels}
 
 
 def profile_decode(engine: Engine, prompts, new_tokens: int, steps: int = 8) -> dict:

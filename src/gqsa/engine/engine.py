@@ -180,7 +180,79 @@ class Engine:
         torch.cuda.synchronize(self.device)
         s.warm = True
 
+    @torch.inference_mode()
+    def prefill_runner(self, prompts: Sequence[Sequence[int]] | torch.Tensor, graph: bool = False) -> Callable[[], None]:
+        """For benchmarks and profilers: a function that runs the prefill of ``prompts`` (the forward over
+        every prompt token and the greedy choice of the first new token) on a session's state, as often as
+        called. With ``graph`` (CUDA graphs on), it replays a CUDA graph of that prefill captured here after
+        one eager run: the prefill's device time without the host's kernel launches. Call it after a
+        ``generate`` of the same prompts (kernels compiled, launches prepared); it holds until the next
+        ``generate`` or ``prefill_runner`` (they reset the session's state)."""
+        prompts = self._check_prompts(prompts)
+        if graph and not self.cuda_graphs:
+            raise ValueError("a graphed prefill needs an engine with CUDA graphs (a CUDA model)")
+        plen = max(len(p) for p in prompts)
+        s = self._session(len(prompts), KV_BLOCK * math.ceil((plen + 1) / KV_BLOCK), 1)
+        tokens, positions = self._reset(s, prompts, 0, [])
+
+        @torch.inference_mode()
+        def run():
+            s.step.zero_()
+            self._advance(s, self._prefill(s, tokens, positions).argmax(-1))
+
+        if not graph:
+            return run
+        run()  # eager once: the prepared launches and the rope table of this session
+        torch.cuda.synchronize(self.device)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=s.pool):
+            run()
+        s.graphs[("prefill", plen)] = g  # released with the session
+        return g.replay
+
     # ------------------------------------------------------------------ generation
+    def _check_prompts(self, prompts) -> list[list[int]]:
+        if isinstance(prompts, torch.Tensor):
+            prompts = prompts.tolist() if prompts.dim() == 2 else [prompts.tolist()]
+        prompts = [list(map(int, p)) for p in prompts]
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token (an empty prompt: start it with BOS)")
+        bad = [t for p in prompts for t in p if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        return prompts
+
+    def _reset(self, s: _Session, prompts: list[list[int]], pad: int, eos: list[int]):
+        """Reset the session state for ``prompts`` (left-padded with ``pad``); returns (tokens, positions)
+        ``[B, T]`` on the device."""
+        bsz, plen = len(prompts), max(len(p) for p in prompts)
+        tokens = torch.full((bsz, plen), pad, dtype=torch.long)
+        real = torch.zeros(bsz, plen, dtype=torch.bool)
+        for b, p in enumerate(prompts):
+            tokens[b, plen - len(p):] = torch.tensor(p)
+            real[b, plen - len(p):] = True
+        positions = (real.long().cumsum(-1) - 1).clamp_min(0)
+        dev = self.device
+        tokens, real, positions = tokens.to(dev), real.to(dev), positions.to(dev)
+        s.cache.reset()
+        s.cache.valid[:, :plen] = real
+        s.done.zero_()
+        s.step.zero_()
+        s.out.fill_(pad)
+        s.pad.fill_(pad)
+        s.eos.copy_(torch.tensor(eos + [-1] * (MAX_EOS - len(eos)), dtype=torch.long))
+        return tokens, positions
+
+    def _prefill(self, s: _Session, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The forward over the prompt tokens into cache slots ``0 … T−1``; sets the next step's position
+        and slot; returns the logits ``[B, V]`` of the last prompt position."""
+        plen = tokens.shape[1]
+        slots = torch.arange(plen, device=self.device)
+        logits = self.decoder.forward(s.cache, tokens, positions, slots, plen)
+        s.pos.copy_(positions[:, -1:])
+        s.slot.fill_(plen - 1)
+        return logits
+
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Sequence[int]] | torch.Tensor, max_new_tokens: int = 32,
                  sampling: SamplingParams | None = None, eos_token_id=None, pad_token_id: int | None = None,
@@ -188,16 +260,9 @@ class Engine:
         """Generate up to ``max_new_tokens`` for every prompt. ``stream(step, tokens)`` (if given) is
         called after each step with one new token per row (``pad`` for finished rows)."""
         sampling = sampling or SamplingParams()
-        if isinstance(prompts, torch.Tensor):
-            prompts = prompts.tolist() if prompts.dim() == 2 else [prompts.tolist()]
-        prompts = [list(map(int, p)) for p in prompts]
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("every prompt needs at least one token (an empty prompt: start it with BOS)")
+        prompts = self._check_prompts(prompts)
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        bad = [t for p in prompts for t in p if not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
         eos = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
         if len(eos) > MAX_EOS:
             raise ValueError(f"at most {MAX_EOS} end-of-sequence ids, got {len(eos)}")
@@ -216,28 +281,11 @@ class Engine:
             self._warm_up(s, min(KV_BLOCK, max_len))
 
         # ---- reset the session state and prefill
-        tokens = torch.full((bsz, plen), pad, dtype=torch.long)
-        real = torch.zeros(bsz, plen, dtype=torch.bool)
-        for b, p in enumerate(prompts):
-            tokens[b, plen - len(p):] = torch.tensor(p)
-            real[b, plen - len(p):] = True
-        positions = (real.long().cumsum(-1) - 1).clamp_min(0)
-        tokens, real, positions = tokens.to(dev), real.to(dev), positions.to(dev)
-        s.cache.reset()
-        s.cache.valid[:, :plen] = real
-        s.done.zero_()
-        s.step.zero_()
-        s.out.fill_(pad)
-        s.pad.fill_(pad)
-        s.eos.copy_(torch.tensor(eos + [-1] * (MAX_EOS - len(eos)), dtype=torch.long))
+        tokens, positions = self._reset(s, prompts, pad, eos)
         if self.cuda_graphs:
             torch.cuda.synchronize(dev)
         t0 = time.perf_counter()
-        slots = torch.arange(plen, device=dev)
-        logits = self.decoder.forward(s.cache, tokens, positions, slots, plen)
-        s.pos.copy_(positions[:, -1:])
-        s.slot.fill_(plen - 1)
-        self._advance(s, sample(logits, sampling, gen))
+        self._advance(s, sample(self._prefill(s, tokens, positions), sampling, gen))
         if self.cuda_graphs:
             torch.cuda.synchronize(dev)
         t1 = time.perf_counter()
