@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Prefill speed, fp16 against GQSA side by side in one process: eager wall time and device time.
+"""Prefill speed, fp16 against GQSA side by side in one process: eager and engine wall time, device time.
 
 ``gqsa bench`` reports one eager prefill per generation; across processes on the H200 its fp16 figure for 512
 tokens moved between 13.8 and 41.2 ms (benchmarks/RESULTS.md, session 16), so it cannot say whether a
@@ -7,15 +7,17 @@ compressed model's prefill is slower than fp16's. Here every setting's synthetic
 built once, in one process, and timed in ``--rounds`` rounds; each round visits the settings in a rotated
 order and, for every prompt shape, times
 
-* **eager**: one prefill as ``Engine.generate`` runs it (the forward over the prompt tokens and the first
-  token's choice; synchronized wall time): what a user waits for, host launches included;
+* **eager**: one prefill as ``Engine.generate`` runs it with ``prefill_graphs`` off (the forward over the
+  prompt tokens and the first token's choice; synchronized wall time), host launches included;
+* **generate**: the same with the engine's default, which replays a CUDA graph of a prefill shape it has
+  run before, up to ``engine.PREFILL_GRAPH_TOKENS`` tokens (eager above): what a user of the engine waits for;
 * **graph**: ``--replays`` replays of a CUDA graph of the same prefill (``Engine.prefill_runner(...,
   graph=True)``), CUDA events, per replay: the device's work alone.
 
 Ratios to fp16 are taken within each round (drift of the host or clocks hits both) and their median is
 reported, with the median times and the roofline of a dense prefill (2 · tokens · linear weights + causal
 attention FLOPs at ``--tflops``). Before timing, every setting's graphed prefill is checked to choose the
-same first tokens as its eager one.
+same first tokens as its eager one, and so is the engine's own (``generate``).
 
     python benchmarks/prefill.py --synthetic llama-2-7b --settings fp16,w4s50g16,w4s50g16b64,w4s30g64c64 \\
         --batch 1 --prompt-len 512,2048 --rounds 10 --json prefill.json
@@ -36,6 +38,7 @@ from gqsa.engine import Engine  # noqa: E402
 from gqsa.report import environment  # noqa: E402
 
 BASELINES = ("fp16", "bf16")
+MODES = ("eager", "generate", "graph")
 
 
 def dense_flops(cfg, batch: int, tokens: int) -> float:
@@ -48,7 +51,7 @@ def dense_flops(cfg, batch: int, tokens: int) -> float:
     return batch * (2 * tokens * linear + attention + 2 * h * cfg.vocab_size)
 
 
-def time_eager(run) -> float:
+def time_wall(run) -> float:
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     run()
@@ -107,20 +110,21 @@ def main(argv=None) -> int:
 
     gen = torch.Generator().manual_seed(args.seed)
     prompts = {sh: torch.randint(0, cfg.vocab_size, sh, generator=gen).tolist() for sh in shapes}
-    times = {(s, sh): {"eager": [], "graph": []} for s in settings for sh in shapes}
+    times = {(s, sh): {m: [] for m in MODES} for s in settings for sh in shapes}
     checks, profiles = {}, {}
     for sh in shapes:  # an engine holds one session (one shape): its graph is captured per shape
         graphs = {}
         for s, eng in engines.items():
             first = [t[0] for t in eng.generate(prompts[sh], 1).tokens]  # compile, prepare the launches
+            again = [t[0] for t in eng.generate(prompts[sh], 1).tokens]  # (the engine's prefill graph, if small)
             graphs[s] = eng.prefill_runner(prompts[sh], graph=True)
             out = next(iter(eng._sessions.values())).out
             with torch.inference_mode():
                 out.fill_(-1)
             graphs[s]()
             torch.cuda.synchronize()
-            checks[(s, sh)] = out[:, 0].tolist() == first
-            print(f"[{s}] B={sh[0]} T={sh[1]}: prefill graph captured, same first tokens as eager: "
+            checks[(s, sh)] = out[:, 0].tolist() == first == again
+            print(f"[{s}] B={sh[0]} T={sh[1]}: prefill graphs captured, same first tokens as eager: "
                   f"{checks[(s, sh)]}", flush=True)
             if args.profile:
                 profiles[f"{s}/b{sh[0]}/t{sh[1]}"] = p = kernel_breakdown(graphs[s])[0]
@@ -128,7 +132,9 @@ def main(argv=None) -> int:
         for r in range(args.rounds):
             for s in settings[r % len(settings):] + settings[:r % len(settings)]:
                 eng = engines[s]
-                times[(s, sh)]["eager"].append(time_eager(lambda: eng.generate(prompts[sh], 1)))
+                for mode, on in (("eager", False), ("generate", True)):
+                    eng.prefill_graphs = on
+                    times[(s, sh)][mode].append(time_wall(lambda: eng.generate(prompts[sh], 1)))
                 times[(s, sh)]["graph"].append(time_graph(graphs[s], args.replays))
 
     rows = []
@@ -137,27 +143,23 @@ def main(argv=None) -> int:
         roof_ms = 1e3 * flops / (args.tflops * 1e12)
         for s in settings:
             t = times[(s, sh)]
-            ratio = {k: statistics.median(b / a for a, b in zip(times[(s, sh)][k], times[(base, sh)][k]))
-                     for k in ("eager", "graph")}
-            rows.append({"setting": s, "batch": sh[0], "prompt_len": sh[1],
-                         "eager_ms": round(statistics.median(t["eager"]), 3),
-                         "eager_ms_min": round(min(t["eager"]), 3),
-                         "graph_ms": round(statistics.median(t["graph"]), 3),
-                         "graph_ms_min": round(min(t["graph"]), 3),
-                         "eager_speedup_vs_base": round(ratio["eager"], 3),
-                         "graph_speedup_vs_base": round(ratio["graph"], 3),
-                         "dense_roofline_ms": round(roof_ms, 3),
-                         "graph_pct_of_dense_roofline": round(100 * roof_ms / statistics.median(t["graph"]), 1),
-                         "graph_first_tokens_equal_eager": checks[(s, sh)],
-                         "eager_ms_rounds": [round(x, 3) for x in t["eager"]],
-                         "graph_ms_rounds": [round(x, 3) for x in t["graph"]]})
-    hdr = (f"{'setting':<14}{'B':>3}{'T':>6}{'eager ms':>10}{'× ' + base:>9}{'graph ms':>10}{'× ' + base:>9}"
-           f"{'% dense roof':>14}")
+            ratio = {m: statistics.median(b / a for a, b in zip(t[m], times[(base, sh)][m])) for m in MODES}
+            row = {"setting": s, "batch": sh[0], "prompt_len": sh[1]}
+            for m in MODES:
+                row.update({f"{m}_ms": round(statistics.median(t[m]), 3), f"{m}_ms_min": round(min(t[m]), 3),
+                            f"{m}_speedup_vs_base": round(ratio[m], 3)})
+            row.update({"dense_roofline_ms": round(roof_ms, 3),
+                        "graph_pct_of_dense_roofline": round(100 * roof_ms / statistics.median(t["graph"]), 1),
+                        "graph_first_tokens_equal_eager": checks[(s, sh)]})
+            row.update({f"{m}_ms_rounds": [round(x, 3) for x in t[m]] for m in MODES})
+            rows.append(row)
+    hdr = f"{'setting':<14}{'B':>3}{'T':>6}" + "".join(f"{m + ' ms':>13}{'× ' + base:>8}" for m in MODES) + \
+        f"{'% dense roof':>14}"
     print(hdr)
     for r in rows:
-        print(f"{r['setting']:<14}{r['batch']:>3}{r['prompt_len']:>6}{r['eager_ms']:>10.2f}"
-              f"{r['eager_speedup_vs_base']:>9.3f}{r['graph_ms']:>10.2f}{r['graph_speedup_vs_base']:>9.3f}"
-              f"{r['graph_pct_of_dense_roofline']:>14.1f}")
+        print(f"{r['setting']:<14}{r['batch']:>3}{r['prompt_len']:>6}" + "".join(
+            f"{r[m + '_ms']:>13.2f}{r[m + '_speedup_vs_base']:>8.3f}" for m in MODES) +
+            f"{r['graph_pct_of_dense_roofline']:>14.1f}")
     print(f"(× {base}: the median over rounds of {base}'s time / the setting's, within each round; > 1 = faster)")
     if args.json:
         out = {"environment": environment(dev), "config": vars(args), "rows": rows, "profiles": profiles}

@@ -138,6 +138,69 @@ def test_prefill_runner_repeats_the_generation_prefill(tiny_gqsa):
         eng.prefill_runner([[1], []])
 
 
+def test_prefill_graphs_capture_a_repeated_shape_and_replay_it(tiny_gqsa, monkeypatch):
+    """The engine's prefill graph bookkeeping, on the CPU with a stand-in for CUDA graphs (a "capture" runs the
+    body, a replay runs it again on the graph's own input copies into its output tensor): the first prefill of a shape in a session is
+    eager, the second captures it, later ones replay it with the new inputs copied in; a larger prefill than
+    PREFILL_GRAPH_TOKENS or another shape is eager; the tokens are the eager engine's."""
+    from gqsa.engine import engine as engine_mod
+
+    bodies = []
+
+    class FakeGraph:
+        def replay(self):
+            bodies[-1]()
+
+    calls = []
+    real_prefill = Engine._prefill
+
+    def counting_prefill(self, s, tokens, positions):
+        calls.append(tokens.shape)
+        out = real_prefill(self, s, tokens, positions)
+        if in_capture:  # a replay writes the captured output tensor again
+            bodies.append(lambda: out.copy_(real_prefill(self, s, tokens, positions)))
+        return out
+
+    in_capture = False
+
+    class Capture:
+        def __init__(self, graph):
+            pass
+
+        def __enter__(self):
+            nonlocal in_capture
+            in_capture = True
+
+        def __exit__(self, *exc):
+            nonlocal in_capture
+            in_capture = False
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", Capture)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(Engine, "_prefill", counting_prefill)
+    with pytest.raises(ValueError, match="prefill_graphs=True needs CUDA graphs"):
+        Engine(tiny_gqsa, prefill_graphs=True)
+    ref = Engine(tiny_gqsa, prefill_graphs=False)
+    eng = Engine(tiny_gqsa)
+    eng.prefill_graphs = True  # (CPU: no CUDA graphs; the stand-ins above)
+    a, b = [[1, 5, 9, 3], [7, 2, 4, 8]], [[4, 4, 1, 2], [9, 3, 3, 7]]
+    c = [[3, 1, 2]]
+    expect = {k: ref.generate(p, 6).tokens for k, p in (("a", a), ("b", b), ("c", c))}
+    assert expect["a"] != expect["b"]
+    calls.clear()
+    assert eng.generate(a, 6).tokens == expect["a"] and len(calls) == 1  # eager
+    assert ("prefill", (2, 4)) not in next(iter(eng._sessions.values())).graphs
+    assert eng.generate(b, 6).tokens == expect["b"] and len(calls) == 2 and len(bodies) == 1  # captured, replayed
+    assert ("prefill", (2, 4)) in next(iter(eng._sessions.values())).graphs
+    assert eng.generate(a, 6).tokens == expect["a"] and len(calls) == 2  # replayed with the new inputs copied in
+    assert eng.generate(c, 6).tokens == expect["c"] and len(calls) == 3  # a new shape (and session): eager
+    monkeypatch.setattr(engine_mod, "PREFILL_GRAPH_TOKENS", 7)
+    eng.generate(b, 6)
+    eng.generate(b, 6)
+    assert len(bodies) == 1 and len(calls) == 5  # 8 tokens > 7: eager every time
+
+
 def test_non_llama_models_are_refused():
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
     with pytest.raises(ValueError, match="LLaMA-family"):

@@ -35,6 +35,10 @@ from .sampling import SamplingParams, sample
 
 KV_BLOCK = 64  # cache slots per CUDA-graph bucket (and granularity of the cache length)
 MAX_EOS = 8  # end-of-sequence ids a generation may stop on
+# Prefills of at most this many tokens (batch × prompt length) are replayed from a CUDA graph once their shape has been
+# seen in the session: eagerly, a 7B model's 512-token prefill waited on the host's kernel launches (H200: fp16 32.1 ms
+# eager against 12.0 ms of device work; at 2048 tokens 55.8 against 54.9, benchmarks/RESULTS.md "Session 17").
+PREFILL_GRAPH_TOKENS = 1024
 
 
 @dataclass
@@ -74,6 +78,7 @@ class _Session:
         self.pad = torch.zeros((), **z)
         self.logits = None
         self.graphs: dict = {}
+        self.prefill_seen: set = set()  # prefill shapes run eagerly in this session (the next one is captured)
         self.pool = None
         self.warm = False
         self.bsz, self.max_len, self.max_new = bsz, max_len, max_new
@@ -84,18 +89,24 @@ class Engine:
 
     ``cuda_graphs``, ``fuse_projections``, ``compile_ops``, ``decode_kernels``: ``"auto"`` = on for a CUDA
     model, off on CPU (where the engine must reproduce transformers' greedy tokens exactly).
+    ``prefill_graphs`` (``"auto"``: with ``cuda_graphs``): a prefill of at most :data:`PREFILL_GRAPH_TOKENS`
+    tokens whose shape (batch, prompt length) the session has run before is replayed from a CUDA graph (the
+    second such prefill captures it; the same kernels, so the same tokens).
     ``decode_kernels`` (:mod:`gqsa.kernels.decode_ops`: RoPE + KV write, decode attention, add+RMSNorm,
     SiLU·up) also needs Triton; ``GQSA_NO_DECODE_KERNELS=1`` turns ``"auto"`` off.
     """
 
     def __init__(self, model, cuda_graphs="auto", fuse_projections="auto", compile_ops=False,
-                 sync_every: int = 32, decode_kernels="auto"):
+                 sync_every: int = 32, decode_kernels="auto", prefill_graphs="auto"):
         self.model = model
         self.device = next(model.parameters()).device
         on_cuda = self.device.type == "cuda"
         self.cuda_graphs = on_cuda if cuda_graphs == "auto" else bool(cuda_graphs)
         if self.cuda_graphs and not on_cuda:
             raise ValueError("cuda_graphs=True needs a model on a CUDA device")
+        self.prefill_graphs = self.cuda_graphs if prefill_graphs == "auto" else bool(prefill_graphs)
+        if self.prefill_graphs and not self.cuda_graphs:
+            raise ValueError("prefill_graphs=True needs CUDA graphs (a model on a CUDA device)")
         fuse = on_cuda if fuse_projections == "auto" else bool(fuse_projections)
         compile_ops = on_cuda if compile_ops == "auto" else bool(compile_ops)
         if decode_kernels == "auto":
@@ -184,8 +195,8 @@ class Engine:
     def prefill_runner(self, prompts: Sequence[Sequence[int]] | torch.Tensor, graph: bool = False) -> Callable[[], None]:
         """For benchmarks and profilers: a function that runs the prefill of ``prompts`` (the forward over
         every prompt token and the greedy choice of the first new token) on a session's state, as often as
-        called. With ``graph`` (CUDA graphs on), it replays a CUDA graph of that prefill captured here after
-        one eager run: the prefill's device time without the host's kernel launches. Call it after a
+        called. With ``graph`` (CUDA graphs on), it replays a CUDA graph of all of it captured here: the
+        prefill's device time without the host's kernel launches. Call it after a
         ``generate`` of the same prompts (kernels compiled, launches prepared); it holds until the next
         ``generate`` or ``prefill_runner`` (they reset the session's state)."""
         prompts = self._check_prompts(prompts)
@@ -202,12 +213,13 @@ class Engine:
 
         if not graph:
             return run
-        run()  # eager once: the prepared launches and the rope table of this session
+        run()  # eager once more in this session (its rope table; the launches are prepared by the generate)
         torch.cuda.synchronize(self.device)
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=s.pool):
+        with torch.cuda.graph(g):
             run()
-        s.graphs[("prefill", plen)] = g  # released with the session
+        # the graph reads these tensors (allocated outside its pool): they live as long as the session
+        s.graphs[("prefill_runner", tuple(tokens.shape))] = (g, tokens, positions)
         return g.replay
 
     # ------------------------------------------------------------------ generation
@@ -242,6 +254,30 @@ class Engine:
         s.pad.fill_(pad)
         s.eos.copy_(torch.tensor(eos + [-1] * (MAX_EOS - len(eos)), dtype=torch.long))
         return tokens, positions
+
+    def _prefill_logits(self, s: _Session, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """:meth:`_prefill`, replayed from a CUDA graph when :attr:`prefill_graphs` allows it: a shape of at most
+        :data:`PREFILL_GRAPH_TOKENS` tokens run eagerly before in this session (kernels compiled, launches
+        prepared) is captured, then replayed with its inputs copied in."""
+        shape = tuple(tokens.shape)
+        if not self.prefill_graphs or tokens.numel() > PREFILL_GRAPH_TOKENS:
+            return self._prefill(s, tokens, positions)
+        if shape not in s.prefill_seen:
+            s.prefill_seen.add(shape)
+            return self._prefill(s, tokens, positions)
+        key = ("prefill", shape)
+        if key not in s.graphs:
+            tok, pos = tokens.clone(), positions.clone()  # the graph's inputs: they live as long as the session
+            torch.cuda.synchronize(self.device)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):  # a pool of its own (the decode graphs share theirs)
+                logits = self._prefill(s, tok, pos)
+            s.graphs[key] = (g, tok, pos, logits)
+        g, tok, pos, logits = s.graphs[key]
+        tok.copy_(tokens)
+        pos.copy_(positions)
+        g.replay()
+        return logits
 
     def _prefill(self, s: _Session, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """The forward over the prompt tokens into cache slots ``0 … T−1``; sets the next step's position
@@ -285,7 +321,7 @@ class Engine:
         if self.cuda_graphs:
             torch.cuda.synchronize(dev)
         t0 = time.perf_counter()
-        self._advance(s, sample(self._prefill(s, tokens, positions), sampling, gen))
+        self._advance(s, sample(self._prefill_logits(s, tokens, positions), sampling, gen))
         if self.cuda_graphs:
             torch.cuda.synchronize(dev)
         t1 = time.perf_counter()
