@@ -71,7 +71,9 @@ def main(argv=None):
     config = GQSAConfig.preset(args.preset, bits=args.bits, group_size=args.group_size, sparsity=args.sparsity,
                                **given)
     model, tok = load_model(args.model, args.tokenizer)
-    tokens = calib.calibration_tokens(args.calib, tok, args.nsamples, args.seqlen, config.seed)
+    # the held-out windows (the last ones) from the text's tail, which no training window covers
+    tokens = calib.calibration_tokens(args.calib, tok, args.nsamples, args.seqlen, config.seed,
+                                      val_fraction=config.val_fraction)
 
     reference = load_model(args.model, args.tokenizer)[0].to(args.device) if args.kl_windows else None
 

@@ -119,6 +119,71 @@ def test_calibration_windows_that_need_more_tokens_than_the_text_warn():
         assert calib.sample_windows(ids, 20, 50).shape == (20, 50)
 
 
+def test_held_out_windows_come_from_text_no_training_window_covers():
+    """With val_fraction the last ceil(n · val_fraction) windows (split_calibration's held-out ones) come from the
+    text's last ceil(T · val_fraction) tokens and the training windows from the rest: no shared token position, even
+    when the windows need more tokens than the text has (then a warning says which part overlaps itself)."""
+    import warnings
+
+    from gqsa import calib
+
+    ids = torch.arange(1000)  # a token's value is its position
+    w = calib.sample_windows(ids, 40, 20, seed=3, val_fraction=0.1)
+    train, val = split_calibration(w, 0.1)
+    assert train.shape == (36, 20) and val.shape == (4, 20)
+    assert int(train.max()) < 900 <= int(val.min())  # the last 100 tokens hold the held-out windows, only they
+    assert ((w[:, 1:] - w[:, :-1]) == 1).all()  # each window a contiguous piece of the text
+    assert torch.equal(w, calib.sample_windows(ids, 40, 20, seed=3, val_fraction=0.1))  # seeded
+    assert not torch.equal(w, calib.sample_windows(ids, 40, 20, seed=4, val_fraction=0.1))
+    # windows drawn from the whole text (val_fraction 0: the sampling of before) do overlap their held-out split
+    whole_train, whole_val = split_calibration(calib.sample_windows(ids, 40, 20, seed=3), 0.1)
+    assert bool(torch.isin(whole_val, whole_train).any())
+    # 3× more tokens than the text: both parts overlap themselves, never each other; one warning says so
+    with pytest.warns(UserWarning, match=r"calibration: 135 training windows of 20 tokens need 2,700 tokens and the "
+                                         r"first 900 tokens .* overlap \(each token used 3\.0× on average\); the 15 "
+                                         r"held-out windows need 300 tokens and are drawn from the last 100: they "
+                                         r"overlap one another \(3\.0×\); no held-out window overlaps a training"):
+        w = calib.sample_windows(ids, 150, 20, val_fraction=0.1)
+    train, val = split_calibration(w, 0.1)
+    assert not bool(torch.isin(val, train).any()) and int(val.min()) >= 900
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        calib.sample_windows(ids, 40, 20, val_fraction=0.1)  # enough text for both parts: no warning
+    # the tail is at least one window and one token long, whatever the fraction
+    w = calib.sample_windows(ids, 10, 50, val_fraction=0.01)
+    assert int(w[:-1].max()) < 949 <= int(w[-1].min())
+
+
+def test_a_text_too_short_to_split_says_what_to_do():
+    from gqsa import calib
+
+    with pytest.raises(ValueError, match=r"^the calibration text has 60 tokens, too few to hold out its last 0\.1 "
+                                         r"for the held-out windows and train on the rest \(each part needs more "
+                                         r"than seqlen=40 tokens, 82 in all\): use a longer text, a smaller --seqlen, "
+                                         r"or --val-fraction 0$"):
+        calib.sample_windows(torch.arange(60), 10, 40, val_fraction=0.1)
+    with pytest.warns(UserWarning, match="the windows overlap"):  # without held-out windows it fits
+        assert calib.sample_windows(torch.arange(60), 10, 40).shape == (10, 40)
+    with pytest.raises(ValueError, match="1 calibration window.*use more --nsamples or val_fraction=0"):
+        calib.sample_windows(torch.arange(600), 1, 40, val_fraction=0.1)
+    assert calib.held_out_count(1, 0.0) == 0 and calib.held_out_count(10, 0.01) == 1
+    assert calib.held_out_count(2048, 0.1) == 205
+
+
+def test_calibration_from_a_file_holds_out_its_tail(tmp_path):
+    from gqsa import calib
+
+    class Words:  # one token per word, its value the word's position in the file
+        def __call__(self, text, return_tensors, add_special_tokens):
+            return type("Out", (), {"input_ids": torch.tensor([[int(x) for x in text.split()]])})()
+
+    f = tmp_path / "c.txt"
+    f.write_text(" ".join(map(str, range(500))))
+    train, val = split_calibration(calib.calibration_tokens(str(f), Words(), 20, 10, 0, val_fraction=0.2), 0.2)
+    assert int(train.max()) < 400 <= int(val.min()) and val.shape[0] == 4
+    assert bool(torch.isin(*split_calibration(calib.calibration_tokens(str(f), Words(), 20, 10, 0), 0.2)[::-1]).any())
+
+
 def test_a_run_says_its_plan_and_an_estimate_after_the_first_block(tiny_llama, capsys):
     compress_model(tiny_llama, GQSAConfig(stages="oneshot"), tokens(), "cpu", 4, progress=True)
     out = capsys.readouterr()

@@ -4,7 +4,7 @@ Public API::
 
     from gqsa import GQSAConfig, compress, load, save
     model, tok = gqsa.models.load_model("path/or/hub-id")
-    tokens = gqsa.calib.calibration_tokens("wikitext2", tok, nsamples=128, seqlen=2048)
+    tokens = gqsa.calib.calibration_tokens("wikitext2", tok, nsamples=128, seqlen=2048, val_fraction=0.1)
     compress(model, GQSAConfig(bits=4, group_size=16, sparsity=0.5), tokens)   # one-shot + BQPO + E2E-OQP
     # compress(model, GQSAConfig.preset("fast", stages="bqpo"), tokens)       # fewer epochs, no E2E
     save(model, "out-folder", tok)
@@ -84,7 +84,9 @@ def compress(model, config: GQSAConfig, calib_tokens, device=None, batch_size: i
     of ``config.stages`` (``oneshot``, ``bqpo`` or ``bqpo+e2e``, the default); returns the model (its
     compressed linears are now :class:`GQSALinear`).
 
-    Trained stages: the last ``config.val_fraction`` of the windows are held out for early stopping;
+    Trained stages: the last ``config.val_fraction`` of the windows are held out for early stopping
+    (``calib.calibration_tokens(…, val_fraction=config.val_fraction)`` draws them from text that no training
+    window covers);
     ``workdir`` receives each finished BQPO block so that ``resume=True`` continues a killed run
     (bitwise the same result); ``stats`` (a dict) receives the per-block and per-epoch losses, times and
     peak memory; ``log`` receives one line per block / epoch.

@@ -1,6 +1,7 @@
 """Calibration and evaluation text, tokenization, and capture of decoder-block inputs."""
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 
@@ -44,34 +45,80 @@ def tokenize(text: str, tokenizer, source: str | None = None) -> torch.Tensor:
     return ids
 
 
-def sample_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+def held_out_count(nsamples: int, val_fraction: float) -> int:
+    """How many of ``nsamples`` calibration windows are held out for early stopping: ``ceil(n · val_fraction)``,
+    at least one when ``val_fraction > 0``, none when it is 0 (the last windows, :func:`gqsa.pipeline.split_calibration`)."""
+    return 0 if val_fraction <= 0 else max(1, math.ceil(nsamples * val_fraction))
+
+
+def sample_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int = 0,
+                   val_fraction: float = 0.0) -> torch.Tensor:
     """``nsamples`` random windows of ``seqlen`` tokens (GPTQ's calibration sampling), ``[n, seqlen]``; they may
-    overlap, and a warning says so when they need more tokens than the text has."""
+    overlap, and a warning says so when they need more tokens than the text has.
+
+    ``val_fraction`` > 0: the last :func:`held_out_count` windows (those the trained stages hold out) are drawn
+    from the tail of the text — its last ``ceil(T · val_fraction)`` tokens, at least ``seqlen + 1`` — and the
+    training windows from the rest, so that no held-out window shares a token position with a training window
+    (windows drawn from the whole text overlap each other, and a held-out split of them measures text the
+    training saw). Seeded: the same call gives the same windows; ``val_fraction=0`` gives those of before."""
     if nsamples <= 0 or seqlen <= 0:
         raise ValueError(f"nsamples and seqlen must be positive, got {nsamples} and {seqlen}")
     if ids.numel() <= seqlen:
         raise ValueError(f"the calibration text has {ids.numel()} tokens, fewer than seqlen={seqlen}; "
                          f"use a longer text or a smaller --seqlen")
-    if nsamples * seqlen > ids.numel():
-        warnings.warn(f"calibration: {nsamples} windows of {seqlen} tokens need {nsamples * seqlen:,} tokens and "
-                      f"the text has {ids.numel():,}: the windows overlap (each token used "
-                      f"{nsamples * seqlen / ids.numel():.1f}× on average); a longer text adds more than more windows",
-                      stacklevel=2)
     g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, ids.numel() - seqlen, (nsamples,), generator=g)
-    return torch.stack([ids[s:s + seqlen] for s in starts.tolist()])
+    total = ids.numel()
+    n_val = held_out_count(nsamples, val_fraction)
+    if n_val == 0:
+        if nsamples * seqlen > total:
+            warnings.warn(f"calibration: {nsamples} windows of {seqlen} tokens need {nsamples * seqlen:,} tokens "
+                          f"and the text has {total:,}: the windows overlap (each token used "
+                          f"{nsamples * seqlen / total:.1f}× on average); a longer text adds more than more windows",
+                          stacklevel=2)
+        starts = torch.randint(0, total - seqlen, (nsamples,), generator=g)
+        return torch.stack([ids[s:s + seqlen] for s in starts.tolist()])
+    n_train = nsamples - n_val
+    if n_train < 1:
+        raise ValueError(f"{nsamples} calibration window(s) cannot be split into training and held-out windows "
+                         f"(val_fraction={val_fraction}): use more --nsamples or val_fraction=0")
+    tail = max(math.ceil(total * val_fraction), seqlen + 1)
+    head = total - tail
+    if head <= seqlen:
+        raise ValueError(f"the calibration text has {total:,} tokens, too few to hold out its last "
+                         f"{val_fraction:g} for the held-out windows and train on the rest (each part needs more "
+                         f"than seqlen={seqlen} tokens, {2 * (seqlen + 1):,} in all): use a longer text, a smaller "
+                         f"--seqlen, or --val-fraction 0")
+    over = []
+    if n_train * seqlen > head:
+        over.append(f"{n_train} training windows of {seqlen} tokens need {n_train * seqlen:,} tokens and the first "
+                    f"{head:,} tokens of the text, which they are drawn from, hold fewer: the training windows "
+                    f"overlap (each token used {n_train * seqlen / head:.1f}× on average)")
+    if n_val * seqlen > tail:
+        over.append(f"the {n_val} held-out windows need {n_val * seqlen:,} tokens and are drawn from the last "
+                    f"{tail:,}: they overlap one another ({n_val * seqlen / tail:.1f}×)")
+    if over:
+        warnings.warn(f"calibration: {'; '.join(over)}; no held-out window overlaps a training window; a longer "
+                      f"text adds more than more windows", stacklevel=2)
+    train = torch.randint(0, head - seqlen, (n_train,), generator=g)
+    val = head + torch.randint(0, tail - seqlen, (n_val,), generator=g)
+    return torch.stack([ids[s:s + seqlen] for s in torch.cat([train, val]).tolist()])
 
 
 def calibration_tokens(source: str, tokenizer, nsamples: int = 128, seqlen: int = 2048, seed: int = 0,
-                       model=None, progress: bool = True):
+                       model=None, progress: bool = True, val_fraction: float = 0.0):
     """``[nsamples, seqlen]`` calibration windows of a text file or dataset name, or, for ``source ==
     "self"``, sampled from ``model`` itself (:func:`self_tokens`: for a model without data of its domain;
-    ``progress``: its bar)."""
+    ``progress``: its bar).
+
+    ``val_fraction``: pass the trained stages' ``config.val_fraction`` so that the windows they hold out (the
+    last :func:`held_out_count`) come from text no training window covers (:func:`sample_windows`). Windows
+    sampled from the model are independent samples, each from its own BOS, and need no such split."""
     if source == SELF:
         if model is None:
             raise ValueError("--calib self samples the calibration text from the model: pass model=")
         return self_tokens(model, tokenizer, nsamples, seqlen, seed, progress=progress)
-    return sample_windows(tokenize(read_text(source, "calibration"), tokenizer, source), nsamples, seqlen, seed)
+    return sample_windows(tokenize(read_text(source, "calibration"), tokenizer, source), nsamples, seqlen, seed,
+                          val_fraction)
 
 
 @torch.no_grad()

@@ -81,7 +81,8 @@ class GQSAConfig:
         ``bqpo+e2e`` (then end-to-end training of the scales, optionally of the kept codes, mask frozen; default).
     val_fraction: fraction of the calibration windows held out (never trained on) for early stopping
         and best-epoch selection in both trained stages (at least one window when > 0; 0 = none:
-        the last epoch is kept).
+        the last epoch is kept); ``gqsa compress`` draws them from the last ``val_fraction`` of the calibration
+        text, which no training window covers (:func:`gqsa.calib.sample_windows`).
     amp: autocast dtype of the trained stages on CUDA: ``auto`` = bfloat16 on CUDA, none on CPU.
     bqpo_epochs, bqpo_batch_size: passes over the training windows per block, windows per step (``None``:
         :func:`auto_batch_size` of the calibration windows, 4 up to 1023 windows).

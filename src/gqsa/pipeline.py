@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .blockwise import block_linear_groups, layers_prefix, replace_linears
+from .calib import held_out_count
 from .config import GQSAConfig
 from .format import PackedLinear
 from .models.adapters import get_adapter
@@ -272,9 +273,11 @@ class _Plan:
 
 def split_calibration(tokens: torch.Tensor, val_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(training windows, held-out windows): the last ``ceil(n · val_fraction)`` windows are held out
-    (at least one when ``val_fraction > 0``; at least one window is always left for training)."""
+    (at least one when ``val_fraction > 0``; at least one window is always left for training;
+    :func:`gqsa.calib.held_out_count`). ``calib.calibration_tokens(…, val_fraction=)`` draws those windows
+    from text the training windows never cover."""
     n = tokens.shape[0]
-    n_val = 0 if val_fraction <= 0 else max(1, math.ceil(n * val_fraction))
+    n_val = held_out_count(n, val_fraction)
     if n_val >= n:
         raise ValueError(f"{n} calibration window(s) cannot be split into training and held-out windows "
                          f"(val_fraction={val_fraction}): use more --nsamples or val_fraction=0")

@@ -136,7 +136,9 @@ def compress_to_folder(model: str, out, *, calib: str, tokenizer: str | None = N
     if calib == calib_mod.SELF:
         print(f"sampling {nsamples} calibration windows of {seqlen} tokens from the model itself",
               file=sys.stderr, flush=True)
-    tokens = calib_mod.calibration_tokens(calib, tok, nsamples, seqlen, seed, model=loaded)
+    # the trained stages hold out the last windows: drawn from the text's tail, which no training window covers
+    held_out = config.val_fraction if method == "gqsa" and config.trained else 0.0
+    tokens = calib_mod.calibration_tokens(calib, tok, nsamples, seqlen, seed, model=loaded, val_fraction=held_out)
     dense = source_dtype if dense_dtype == "auto" else getattr(torch, dense_dtype)
     about = {"model": str(model), "tokenizer": str(tokenizer) if tokenizer else None, "calib": calib, "seed": seed,
              "compute_dtype": dtype, "dense_dtype": dense, "batch_size": batch_size, "overwrite": overwrite}

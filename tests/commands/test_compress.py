@@ -35,3 +35,25 @@ def test_given_options_are_only_those_on_the_command_line():
 
 def test_a_calibration_text_in_the_arguments_is_given():
     assert compress.given_options(["--calib", "other.txt"]) == {"calib": "other.txt"}
+
+
+@pytest.mark.parametrize("stages, method, held_out", [("bqpo+e2e", "gqsa", 0.2), ("bqpo", "gqsa", 0.2),
+                                                      ("oneshot", "gqsa", 0.0), ("bqpo+e2e", "gptq", 0.0)])
+def test_trained_runs_draw_their_held_out_windows_apart(stories260k, asset, tmp_path, monkeypatch, stages, method,
+                                                        held_out):
+    """The trained stages' held-out windows come from the text's tail (calib.calibration_tokens' val_fraction);
+    one-shot and the baselines hold nothing out, and sample the whole text as before."""
+    from gqsa import calib
+
+    seen = []
+
+    def record(*args, val_fraction=0.0, **kwargs):
+        seen.append(val_fraction)
+        raise KeyboardInterrupt  # enough: nothing to compress
+
+    monkeypatch.setattr(calib, "calibration_tokens", record)
+    model, tok = stories260k
+    with pytest.raises(KeyboardInterrupt):
+        compress_to_folder(str(model), tmp_path / "out", calib=str(asset("data/wikitext2/wiki.valid.tokens")),
+                           tokenizer=str(tok), stages=stages, method=method, bits=3, val_fraction=0.2, device="cpu")
+    assert seen == [held_out]

@@ -75,7 +75,8 @@ def add_arguments(p) -> None:
                    help="continue a killed run from its work folder <out>.partial (same settings and data); "
                         "the result is bitwise that of an uninterrupted run")
     t.add_argument("--val-fraction", type=float, help="calibration windows held out for early stopping "
-                                                      "and best-epoch selection (default 0.1)")
+                                                      "and best-epoch selection, drawn from that last fraction of "
+                                                      "the text, which no training window covers (default 0.1)")
     t.add_argument("--bqpo-epochs", type=int, help="BQPO epochs per block (default 20; fast: 5)")
     t.add_argument("--bqpo-batch-size", type=int, help="BQPO windows per step (default 4, and 4 per 512 "
                    "calibration windows from 1024 windows on, up to 16: more windows in about the same time)")
