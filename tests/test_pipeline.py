@@ -200,8 +200,28 @@ def test_the_plan_says_what_training_the_codes_costs_in_memory(tiny_llama):
         _Plan(tiny_llama, GQSAConfig(e2e_lr_codes=lr_codes), tokens(), torch.device("cpu"), lines.append)
     kept = sum(lin.weight.numel() for _, lin in block_linears(tiny_llama)) // 2
     assert (f"then E2E-OQP: 5 epochs over the whole model distilled from the uncompressed model, codes trained "
-            f"(about {kept * 16 / 1024:.1f} KiB of training state; --e2e-lr-codes 0 freezes them)") in lines[0]
-    assert "codes trained" not in lines[1] and "distilled from the uncompressed model;" in lines[1]
+            f"at 0.1 (about {kept * 16 / 1024:.1f} KiB of training state; --e2e-lr-codes 0 freezes them)") in lines[0]
+    assert "codes " not in lines[1] and "distilled from the uncompressed model;" in lines[1]
+
+
+def test_the_plan_and_stats_say_whether_the_codes_train_and_why(tiny_llama, monkeypatch, capsys):
+    """e2e_lr_codes not given: frozen below config.CODES_MIN_STEPS E2E-OQP steps, trained at CODES_LR from there; the
+    plan line and stats["e2e_codes"] say which and why."""
+    import copy
+
+    fresh = copy.deepcopy(tiny_llama)
+    stats = {}
+    compress_model(tiny_llama, GQSAConfig(bqpo_epochs=1, e2e_epochs=2), tokens(), "cpu", 4, True, stats=stats)
+    out = capsys.readouterr()
+    why = "auto: 6 E2E-OQP steps < 500, too few for the codes to gain"  # 9 training windows in steps of 4, 2 epochs
+    assert stats["e2e_codes"] == {"lr": 0.0, "why": why}
+    assert f"distilled from the uncompressed model, codes frozen ({why}); 10 calibration windows" in out.out + out.err
+    monkeypatch.setattr(gqsa.config, "CODES_MIN_STEPS", 6)
+    stats = {}
+    compress_model(fresh, GQSAConfig(bqpo_epochs=1, e2e_epochs=2), tokens(), "cpu", 4, True, stats=stats)
+    out = capsys.readouterr()
+    assert stats["e2e_codes"] == {"lr": 0.1, "why": "auto: 6 E2E-OQP steps >= 6"}
+    assert "codes trained at 0.1 (auto: 6 E2E-OQP steps >= 6; about" in out.out + out.err
 
 
 def test_sparsity_warning_when_whole_groups_per_row_miss_the_target(tiny_llama):

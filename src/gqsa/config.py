@@ -1,9 +1,11 @@
 """``GQSAConfig``: every setting of a compression run, validated once, recorded in the report."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 
 from . import quant
+from .calib import held_out_count
 
 SALIENCIES = ("magnitude", "wanda", "hessian")
 ALLOCATIONS = ("row", "layer", "block16", "block32", "block64", "block128", "cluster16", "cluster32", "cluster64", "cluster128")
@@ -13,6 +15,13 @@ BQPO_TARGETS = ("fp", "qinput")
 E2E_LOSSES = ("lm", "kd")
 # e2e_lr of each E2E-OQP objective when not given (kd: the rate of every accuracy table since session 8; lm: its best)
 E2E_LR = {"kd": 1e-2, "lm": 1e-3}
+# e2e_lr_codes=None (the default): the kept codes train at CODES_LR when E2E-OQP distils (kd) over at least
+# CODES_MIN_STEPS optimizer steps, else stay frozen. gutenberg-llama-22m W4 S50 G16, kd, held-out KL on the disjoint
+# calibration split (benchmarks/RESULTS.md "Session 17"): 0.1 lost at 58 and 145 steps, was even or lost at 290,
+# won at 580 (128 and 256 windows: -3 to -4 % held-out KL, -5 % perplexity; 2048: -9 %); 500 lies between, so that
+# the default 5 epochs over 512 windows (575 steps) or more (580) train them
+CODES_LR = 0.1
+CODES_MIN_STEPS = 500
 AMP_DTYPES = ("auto", "none", "bfloat16", "float16")
 ACTIVATION_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -123,13 +132,16 @@ class GQSAConfig:
         calibration text after one epoch; benchmarks/RESULTS.md).
     e2e_lr_codes: learning rate of the kept weights' latent codes in E2E-OQP (code units per step;
         straight-through rounding, the mask still frozen): end-to-end quantization-aware training of the kept
-        weights. 0 (default) freezes the codes (the paper's E2E-OQP). It pays with many training steps: with
-        ``kd`` and 2048 calibration windows (580 steps) perplexity fell with the rate up to 0.1 (W4 S50 G16 72.00
-        → 65.64, W4 S30 G64 64.33 → 59.29) and rose at 0.3; with 128 windows and the ``fast`` preset (58 steps)
-        0.1 lost (136.45 → 142.05 on the first 64 held-out windows), and with ``lm`` the codes overfit the
-        calibration text (75.67 → 105.25 at 0.03; benchmarks/RESULTS.md, "Session 16"). Costs 16 bytes of
-        device memory per kept weight (latent code, gradient, two AdamW moments): when that does not fit, the
-        stage runs again with the codes frozen (:func:`gqsa.pipeline.compress_model`).
+        weights; 0 freezes the codes (the paper's E2E-OQP). ``None`` (default): :data:`CODES_LR` (0.1) when
+        E2E-OQP distils (``kd``) over at least :data:`CODES_MIN_STEPS` (500) optimizer steps
+        (:meth:`e2e_steps`: 5 epochs of 512 or more windows with the batch sizes not given), else 0;
+        :meth:`for_windows` decides, the run's plan line says which and why (:meth:`codes_rule`). It pays with
+        many steps: with ``kd``, W4 S50 G16, 0.1 against frozen codes lost at 58 steps (128 windows, ``fast``:
+        136.45 → 142.05), lost or tied on the held-out split at 145-290 and won at 580 (128 / 256 / 2048 windows:
+        86.69 → 82.56, 80.98 → 77.13, 72.00 → 65.64); with ``lm`` the codes overfit the calibration text (75.67 →
+        105.25 at 0.03; benchmarks/RESULTS.md "Session 16", "Session 17"). Costs 16 bytes of device memory per
+        kept weight (latent code, gradient, two AdamW moments): when that does not fit, the stage runs again with
+        the codes frozen (:func:`gqsa.pipeline.compress_model`).
     e2e_loss: ``kd`` — KL from the uncompressed model's next-token distribution (default; distillation:
         fidelity to the original model rather than fit to the calibration text; needs the uncompressed model
         on the device during E2E-OQP — ``gqsa compress`` reads it again from its source when the stage starts,
@@ -173,7 +185,7 @@ class GQSAConfig:
     e2e_grad_accum: int = 1
     e2e_lr: float | None = None
     e2e_train_zero: bool = False
-    e2e_lr_codes: float = 0.0
+    e2e_lr_codes: float | None = None
     e2e_loss: str = "kd"
     e2e_grad_checkpointing: bool = True
 
@@ -233,6 +245,8 @@ class GQSAConfig:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
         for name in ("bqpo_lr_weight", "bqpo_lr_scale", "bqpo_lr_zero", "bqpo_lr_mask", "e2e_lr", "e2e_lr_codes"):
             value = getattr(self, name)
+            if name == "e2e_lr_codes" and value is None:
+                continue  # chosen from E2E-OQP's steps (codes_rule)
             if not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
                 raise ValueError(f"{name} must be in [0, 1) (0 freezes those parameters), got {value}")
 
@@ -262,10 +276,33 @@ class GQSAConfig:
 
     def for_windows(self, n_windows: int) -> "GQSAConfig":
         """This config with the training batch sizes not given (``None``) set for ``n_windows`` calibration
-        windows (:func:`auto_batch_size`)."""
+        windows (:func:`auto_batch_size`), and ``e2e_lr_codes`` not given set by :meth:`codes_rule`."""
         auto = {name: auto_batch_size(n_windows) for name in ("bqpo_batch_size", "e2e_batch_size")
                 if getattr(self, name) is None}
+        if self.e2e_lr_codes is None:
+            auto["e2e_lr_codes"] = self.codes_rule(n_windows)[0]
         return replace(self, **auto) if auto else self
+
+    def e2e_steps(self, n_windows: int) -> int:
+        """E2E-OQP's optimizer steps with ``n_windows`` calibration windows: its epochs × the steps of an epoch over
+        the training windows (those not held out, :func:`gqsa.calib.held_out_count`)."""
+        n_train = n_windows - held_out_count(n_windows, self.val_fraction)
+        micro = math.ceil(n_train / (self.e2e_batch_size or auto_batch_size(n_windows)))
+        return math.ceil(micro / self.e2e_grad_accum) * self.e2e_epochs
+
+    def codes_rule(self, n_windows: int) -> tuple[float, str]:
+        """(``e2e_lr_codes``, why) for ``n_windows`` calibration windows: the rate given, else :data:`CODES_LR` when
+        E2E-OQP distils (``kd``) over at least :data:`CODES_MIN_STEPS` steps, else 0 (codes frozen)."""
+        if self.e2e_lr_codes is not None:
+            return self.e2e_lr_codes, "given"
+        if self.stages != "bqpo+e2e":
+            return 0.0, "no E2E-OQP"
+        if self.e2e_loss != "kd":
+            return 0.0, f"auto: codes train only with e2e_loss kd (with {self.e2e_loss} they overfit the calibration text)"
+        steps = self.e2e_steps(n_windows)
+        if steps >= CODES_MIN_STEPS:
+            return CODES_LR, f"auto: {steps} E2E-OQP steps >= {CODES_MIN_STEPS}"
+        return 0.0, f"auto: {steps} E2E-OQP steps < {CODES_MIN_STEPS}, too few for the codes to gain"
 
     def to_dict(self) -> dict:
         return asdict(self)

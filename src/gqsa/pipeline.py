@@ -63,7 +63,9 @@ def compress_model(model, config: GQSAConfig, tokens: torch.Tensor, device=None,
         from .allocation import apply_target_bits
 
         apply_target_bits(model, config, tokens, device, batch_size)
-    config = config.for_windows(tokens.shape[0])  # the training batch sizes not given (a copy)
+    # the kept codes' E2E-OQP rate when not given: trained or frozen by the stage's steps (GQSAConfig.codes_rule)
+    codes_why = config.codes_rule(tokens.shape[0])[1] if config.stages == "bqpo+e2e" else None
+    config = config.for_windows(tokens.shape[0])  # the training batch sizes and codes' rate not given (a copy)
     if not distributed.is_main():  # under torchrun: rank 0 alone shows progress and logs
         progress, log = False, (lambda line: None)
     else:
@@ -71,7 +73,8 @@ def compress_model(model, config: GQSAConfig, tokens: torch.Tensor, device=None,
             if line:
                 warnings.warn(line, stacklevel=2)
     # the plan and the estimate go with the progress bar (``log`` keeps its one line per block / epoch)
-    eta = _Plan(model, config, tokens, device, tqdm.write if progress else (lambda line: None), on_block_done)
+    eta = _Plan(model, config, tokens, device, tqdm.write if progress else (lambda line: None), on_block_done,
+                codes_why=codes_why)
     if not config.trained:
         packed = compress_oneshot(model, config, tokens, device, batch_size, progress, on_block_done=eta.block_done)
         return _with_head(model, packed, config, tokens, device, batch_size, tqdm.write if progress else None)
@@ -86,6 +89,8 @@ def compress_model(model, config: GQSAConfig, tokens: torch.Tensor, device=None,
     distil = config.stages == "bqpo+e2e" and config.e2e_loss == "kd"
     uncompressed = copy.deepcopy(model) if distil and teacher is None else None
     stats["calibration_split"] = {"train_windows": int(train_tokens.shape[0]), "val_windows": int(val_tokens.shape[0])}
+    if codes_why is not None:
+        stats["e2e_codes"] = {"lr": config.e2e_lr_codes, "why": codes_why}
     packed = bqpo.run_bqpo(model, config, tokens, int(train_tokens.shape[0]), device, batch_size, progress,
                            workdir=workdir, resume=resume, stats=stats, log=log, on_block_done=on_block_done)
     replace_linears(model, packed)
@@ -231,7 +236,8 @@ class _Plan:
     """Says up front what a run will do (blocks × stages × epochs, windows, device, threads), and after
     the first block an estimate of the time left, from that block's time."""
 
-    def __init__(self, model, config: GQSAConfig, tokens: torch.Tensor, device, log, then=None):
+    def __init__(self, model, config: GQSAConfig, tokens: torch.Tensor, device, log, then=None,
+                 codes_why: str | None = None):
         self.log, self.then = log, then
         self.n_blocks = len(get_adapter(model).blocks(model))
         self.config = config
@@ -243,10 +249,14 @@ class _Plan:
                 work += f" per block, then E2E-OQP: {config.e2e_epochs} epochs over the whole model"
                 if config.e2e_loss == "kd":
                     work += " distilled from the uncompressed model"
+                auto = f"{codes_why}; " if codes_why and codes_why.startswith("auto") else ""
                 if config.e2e_lr_codes > 0:  # the largest memory item of the stage: say it up front
                     kept = sum(lin.weight.numel() for _, lin in block_linears(model, config)) * (1 - config.sparsity)
-                    work += (f", codes trained (about {fmt_bytes(int(kept * CODE_STATE_BYTES))} of training state; "
-                             f"--e2e-lr-codes 0 freezes them)")
+                    work += (f", codes trained at {config.e2e_lr_codes:g} ({auto}about "
+                             f"{fmt_bytes(int(kept * CODE_STATE_BYTES))} of training state; --e2e-lr-codes 0 freezes "
+                             f"them)")
+                elif auto:  # frozen by the rule: say why
+                    work += f", codes frozen ({codes_why})"
             else:
                 work += " per block"
         else:

@@ -156,12 +156,37 @@ def test_e2e_with_trained_codes_keeps_the_mask_moves_codes_and_never_worsens_the
         GQSAConfig(e2e_lr_codes=-0.1)
 
 
+def test_the_codes_train_by_default_when_e2e_oqp_has_enough_steps():
+    """e2e_lr_codes not given: 0.1 from 500 E2E-OQP optimizer steps with kd (RESULTS "Session 17": 0.1 lost or tied
+    at 58-290 steps, won at 580), else 0; a rate given is kept. Steps: epochs × the training windows' steps."""
+    from gqsa.config import CODES_LR, CODES_MIN_STEPS
+
+    auto = GQSAConfig()
+    assert (CODES_LR, CODES_MIN_STEPS) == (0.1, 500)
+    # 5 epochs; 128 windows: 115 training windows in steps of 4; 512: 460 of 4; 1024 / 2048: 921 of 8 / 1843 of 16
+    assert [auto.e2e_steps(n) for n in (128, 256, 512, 1024, 2048)] == [145, 290, 575, 580, 580]
+    assert [auto.for_windows(n).e2e_lr_codes for n in (128, 256, 512, 1024, 2048)] == [0.0, 0.0, 0.1, 0.1, 0.1]
+    assert auto.codes_rule(512) == (0.1, "auto: 575 E2E-OQP steps >= 500")
+    assert auto.codes_rule(256) == (0.0, "auto: 290 E2E-OQP steps < 500, too few for the codes to gain")
+    assert GQSAConfig(e2e_epochs=10).for_windows(256).e2e_lr_codes == 0.1  # 580 steps
+    assert GQSAConfig(e2e_grad_accum=2).e2e_steps(2048) == 290 and GQSAConfig(e2e_batch_size=4).e2e_steps(2048) == 2305
+    assert GQSAConfig(val_fraction=0.0).e2e_steps(128) == 160
+    assert GQSAConfig.preset("fast").for_windows(2048).e2e_lr_codes == 0.0  # 2 epochs: 232 steps
+    lm = GQSAConfig(e2e_loss="lm").codes_rule(2048)
+    assert lm[0] == 0.0 and "only with e2e_loss kd" in lm[1]
+    assert GQSAConfig(stages="bqpo").for_windows(2048).e2e_lr_codes == 0.0
+    assert GQSAConfig(e2e_lr_codes=0.0).for_windows(2048).e2e_lr_codes == 0.0  # given: kept
+    assert GQSAConfig(e2e_lr_codes=0.03).codes_rule(128) == (0.03, "given")
+    resolved = auto.for_windows(2048)
+    assert GQSAConfig.from_dict(resolved.to_dict()) == resolved and resolved.for_windows(128) == resolved
+
+
 def test_the_scale_rate_not_given_follows_the_objective():
     """kd (the default objective): 1e-2; lm: 1e-3 (RESULTS "Session 16"); a rate given is kept, a config read back
     keeps its rate; the codes stay frozen unless asked for."""
     kd, lm = GQSAConfig(), GQSAConfig(e2e_loss="lm")
-    assert (kd.e2e_loss, kd.e2e_lr, kd.e2e_lr_codes) == ("kd", 1e-2, 0.0)
-    assert (lm.e2e_lr, lm.e2e_lr_codes) == (1e-3, 0.0)
+    assert (kd.e2e_loss, kd.e2e_lr, kd.e2e_lr_codes) == ("kd", 1e-2, None)  # the codes' rate: codes_rule
+    assert (lm.e2e_lr, lm.e2e_lr_codes) == (1e-3, None)
     assert GQSAConfig(e2e_loss="lm", e2e_lr=0.005).e2e_lr == 0.005
     assert GQSAConfig.from_dict(lm.to_dict()) == lm and GQSAConfig.from_dict(kd.to_dict()) == kd
     with pytest.raises(ValueError, match="e2e_loss must be one of"):  # the objective named, not a rate
