@@ -177,6 +177,14 @@ def test_the_codes_train_by_default_when_e2e_oqp_has_enough_steps():
     assert GQSAConfig(stages="bqpo").for_windows(2048).e2e_lr_codes == 0.0
     assert GQSAConfig(e2e_lr_codes=0.0).for_windows(2048).e2e_lr_codes == 0.0  # given: kept
     assert GQSAConfig(e2e_lr_codes=0.03).codes_rule(128) == (0.03, "given")
+    # only sparse layers of 4+ bits (RESULTS "Session 17" item 4: W3 S0 G128 lost with its codes trained)
+    for dense_or_3bit in (GQSAConfig(bits=3, group_size=128, sparsity=0.0), GQSAConfig(sparsity=0.0),
+                          GQSAConfig(bits=3)):
+        rate, why = dense_or_3bit.codes_rule(2048)
+        assert rate == 0.0 and "only on sparse layers of 4+ bits" in why
+    assert GQSAConfig(sparsity=0.0, target_bits=3.5).codes_rule(2048)[0] == 0.1
+    assert GQSAConfig(bits=8, sparsity=0.3).codes_rule(2048)[0] == 0.1
+    assert GQSAConfig(bits=3, sparsity=0.0, e2e_lr_codes=0.1).codes_rule(2048) == (0.1, "given")
     resolved = auto.for_windows(2048)
     assert GQSAConfig.from_dict(resolved.to_dict()) == resolved and resolved.for_windows(128) == resolved
 

@@ -107,8 +107,9 @@ def add_arguments(p) -> None:
                    help="E2E-OQP lr of the kept weights' codes (code units per step, rounded straight-through; the "
                         "mask stays frozen): end-to-end quantization-aware training, 16 bytes of device memory per "
                         "kept weight; 0 freezes them. Default: 0.1 when E2E-OQP distils (--e2e-loss kd) over at "
-                        "least 500 optimizer steps (5 epochs of 512 or more calibration windows), else 0; the plan "
-                        "line says which. 0.1 gained 5-9%% perplexity at 580 steps, lost or tied at 58-290")
+                        "least 500 optimizer steps (5 epochs of 512 or more calibration windows) on sparse layers of "
+                        "4+ bits, else 0; the plan line says which. 0.1 gained 5-9%% perplexity at 580 steps (W4 "
+                        "S50/S30), lost or tied at 58-290, and lost on W3 S0 G128")
     t.add_argument("--e2e-loss", choices=("lm", "kd"),
                    help="E2E-OQP objective: kd = KL to the uncompressed model (default; holds a copy of it); "
                         "lm = causal-LM loss on the calibration text (no copy)")
