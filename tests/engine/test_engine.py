@@ -142,14 +142,18 @@ def test_prefill_graphs_capture_a_repeated_shape_and_replay_it(tiny_gqsa, monkey
     """The engine's prefill graph bookkeeping, on the CPU with a stand-in for CUDA graphs (a "capture" runs the
     body, a replay runs it again on the graph's own input copies into its output tensor): the first prefill of a shape in a session is
     eager, the second captures it, later ones replay it with the new inputs copied in; a larger prefill than
-    PREFILL_GRAPH_TOKENS or another shape is eager; the tokens are the eager engine's."""
+    PREFILL_GRAPH_TOKENS, another shape or one beyond MAX_PREFILL_GRAPHS of a session is eager; a session's prefill
+    graphs share one memory pool; the tokens are the eager engine's."""
     from gqsa.engine import engine as engine_mod
 
     bodies = []
 
     class FakeGraph:
         def replay(self):
-            bodies[-1]()
+            self.body()
+
+        def pool(self):
+            return "pool"
 
     calls = []
     real_prefill = Engine._prefill
@@ -159,13 +163,17 @@ def test_prefill_graphs_capture_a_repeated_shape_and_replay_it(tiny_gqsa, monkey
         out = real_prefill(self, s, tokens, positions)
         if in_capture:  # a replay writes the captured output tensor again
             bodies.append(lambda: out.copy_(real_prefill(self, s, tokens, positions)))
+            capturing[-1].body = bodies[-1]
         return out
 
     in_capture = False
 
+    capturing, pools = [], []
+
     class Capture:
-        def __init__(self, graph):
-            pass
+        def __init__(self, graph, pool=None):
+            capturing.append(graph)
+            pools.append(pool)
 
         def __enter__(self):
             nonlocal in_capture
@@ -195,10 +203,39 @@ def test_prefill_graphs_capture_a_repeated_shape_and_replay_it(tiny_gqsa, monkey
     assert ("prefill", (2, 4)) in next(iter(eng._sessions.values())).graphs
     assert eng.generate(a, 6).tokens == expect["a"] and len(calls) == 2  # replayed with the new inputs copied in
     assert eng.generate(c, 6).tokens == expect["c"] and len(calls) == 3  # a new shape (and session): eager
+    # back to batch 2 (a new session): two shapes of one session share the first one's memory pool
+    a5 = [p + [6] for p in a]  # (2, 5): the same session as (2, 4)
+    for prompts in (a, a5, a, a5, a, a5):
+        assert eng.generate(prompts, 6).tokens == ref.generate(prompts, 6).tokens
+    assert len(bodies) == 3 and pools == [None, None, "pool"]
+    monkeypatch.setattr(engine_mod, "MAX_PREFILL_GRAPHS", 2)  # a third shape in the session: eager from then on
+    a6 = [p + [6, 7] for p in a]
+    for _ in range(3):
+        assert eng.generate(a6, 6).tokens == ref.generate(a6, 6).tokens
+    assert len(bodies) == 3
     monkeypatch.setattr(engine_mod, "PREFILL_GRAPH_TOKENS", 7)
+    n = len(calls)
     eng.generate(b, 6)
     eng.generate(b, 6)
-    assert len(bodies) == 1 and len(calls) == 5  # 8 tokens > 7: eager every time
+    assert len(bodies) == 3 and len(calls) == n + 2  # 8 tokens > 7: eager every time
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+@pytest.mark.parametrize("setting", ["fp16", "w4s50g16"])
+def test_prefill_graphs_on_the_gpu_give_the_eager_tokens(setting):
+    """On a GPU: generations alternating between prompt shapes of one session (eager, captured, replayed, sharing the
+    session's prefill pool) give the tokens of an engine without prefill graphs."""
+    from gqsa.bench.synthetic import build_synthetic
+
+    model = build_synthetic("tiny", setting, "cuda", seed=0)
+    eager, graphed = Engine(model, prefill_graphs=False), Engine(model)
+    assert graphed.prefill_graphs
+    gen = torch.Generator().manual_seed(0)
+    shapes = [torch.randint(0, 256, (2, n), generator=gen).tolist() for n in (40, 41, 47)]
+    want = [eager.generate(p, 8).tokens for p in shapes]
+    for _ in range(3):
+        assert [graphed.generate(p, 8).tokens for p in shapes] == want
+    assert sum(k[0] == "prefill" for k in next(iter(graphed._sessions.values())).graphs) == 3
 
 
 def test_non_llama_models_are_refused():

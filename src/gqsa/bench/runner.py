@@ -6,7 +6,9 @@ loaded (a checkpoint folder: ``gqsa`` = the folder as is, ``fp16`` = the same we
 dense), then for each batch size: random prompts of ``prompt_len`` tokens, one untimed generation
 (warm-up: kernel compilation, CUDA-graph capture), then ``repeats`` timed generations of
 ``new_tokens`` tokens with no end-of-sequence stop. Reported per (setting, batch): decode tokens/s
-(batch × steps / decode time, median run), latency per step, prefill time, peak device memory,
+(batch × steps / decode time, median run), latency per step, prefill time (the median run's: on CUDA, a
+prefill of at most ``engine.PREFILL_GRAPH_TOKENS`` tokens is replayed from a CUDA graph from the second timed
+run on, as the engine does for a shape it has seen; ``benchmarks/prefill.py`` compares prefills), peak device memory,
 model size. ``profile=True`` adds, per setting at batch 1, a torch.profiler breakdown of one decode
 step's device time by kernel kind and the idle time between kernels of a replayed graph, and of one
 prefill's kernel time against its wall time.
@@ -129,9 +131,13 @@ def profile_prefill(engine: Engine, prompts) -> dict:
     """Kernel-time breakdown of one prefill (a generation of 1 token: the prefill alone; until
     2026-12-01 it was 2 tokens, so earlier profiles include one decode step), against its wall time:
     where ``kernel_sum_ms`` is well below ``wall_ms`` the prefill waits on the CPU (kernel launches),
-    not on the GPU."""
-    engine.generate(prompts, 1)  # warm
-    kernels, out, wall = kernel_breakdown(lambda: engine.generate(prompts, 1))
+    not on the GPU. The prefill is eager (the engine's prefill graphs off for it)."""
+    graphs, engine.prefill_graphs = engine.prefill_graphs, False
+    try:
+        engine.generate(prompts, 1)  # warm
+        kernels, out, wall = kernel_breakdown(lambda: engine.generate(prompts, 1))
+    finally:
+        engine.prefill_graphs = graphs
     return {"wall_ms": round(1e3 * wall, 2), "prefill_ms": round(1e3 * out.prefill_s, 2), **kernels}
 
 

@@ -39,6 +39,7 @@ MAX_EOS = 8  # end-of-sequence ids a generation may stop on
 # seen in the session: eagerly, a 7B model's 512-token prefill waited on the host's kernel launches (H200: fp16 32.1 ms
 # eager against 12.0 ms of device work; at 2048 tokens 55.8 against 54.9, benchmarks/RESULTS.md "Session 17").
 PREFILL_GRAPH_TOKENS = 1024
+MAX_PREFILL_GRAPHS = 16  # prefill shapes a session captures (they share one memory pool); later ones run eagerly
 
 
 @dataclass
@@ -79,7 +80,8 @@ class _Session:
         self.logits = None
         self.graphs: dict = {}
         self.prefill_seen: set = set()  # prefill shapes run eagerly in this session (the next one is captured)
-        self.pool = None
+        self.pool = None  # the decode graphs' memory pool
+        self.prefill_pool = None  # the prefill graphs' (one at a time replays: they share it)
         self.warm = False
         self.bsz, self.max_len, self.max_new = bsz, max_len, max_new
 
@@ -267,11 +269,16 @@ class Engine:
             return self._prefill(s, tokens, positions)
         key = ("prefill", shape)
         if key not in s.graphs:
+            if sum(k[0] == "prefill" for k in s.graphs) >= MAX_PREFILL_GRAPHS:
+                return self._prefill(s, tokens, positions)
             tok, pos = tokens.clone(), positions.clone()  # the graph's inputs: they live as long as the session
             torch.cuda.synchronize(self.device)
             g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):  # a pool of its own (the decode graphs share theirs)
+            # one pool for the session's prefill graphs: never replayed at once, and each one's inputs and logits
+            # stay allocated (referenced here), so a later capture reuses only the others' intermediates
+            with torch.cuda.graph(g, pool=s.prefill_pool):
                 logits = self._prefill(s, tok, pos)
+            s.prefill_pool = g.pool() if s.prefill_pool is None else s.prefill_pool
             s.graphs[key] = (g, tok, pos, logits)
         g, tok, pos, logits = s.graphs[key]
         tok.copy_(tokens)
