@@ -87,25 +87,35 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="write the result here")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("prefill.py: needs a CUDA GPU (it times CUDA graphs)", file=sys.stderr)
-        return 2
     settings = [s.strip() for s in args.settings.split(",") if s.strip()]
     base = next((s for s in settings if s in BASELINES), None)
     if base is None:
         print("prefill.py: --settings needs fp16 or bf16 as the baseline", file=sys.stderr)
         return 2
-    shapes = [(int(b), int(t)) for b in args.batch.split(",") for t in args.prompt_len.split(",")]
+    try:
+        shapes = [(int(b), int(t)) for b in args.batch.split(",") for t in args.prompt_len.split(",")]
+    except ValueError:
+        print("prefill.py: --batch and --prompt-len take comma-separated integers, e.g. 1,4 and 512,2048",
+              file=sys.stderr)
+        return 2
     if args.rounds < 1 or args.replays < 1 or min(min(s) for s in shapes) < 1:
         print("prefill.py: --rounds, --replays, batch sizes and prompt lengths must be >= 1", file=sys.stderr)
         return 2
-    cfg = arch_config(args.synthetic)
+    try:
+        cfg = arch_config(args.synthetic)
+        parsed = {s: parse_setting(s) for s in settings}
+    except ValueError as e:
+        print(f"prefill.py: {e}", file=sys.stderr)
+        return 2
+    if not torch.cuda.is_available():
+        print("prefill.py: needs a CUDA GPU (it times CUDA graphs)", file=sys.stderr)
+        return 2
     dev = torch.device("cuda")
 
     engines = {}
     for s in settings:
         t0 = time.perf_counter()
-        engines[s] = Engine(build_synthetic(args.synthetic, parse_setting(s), dev, seed=args.seed))
+        engines[s] = Engine(build_synthetic(args.synthetic, parsed[s], dev, seed=args.seed))
         print(f"[{s}] built in {time.perf_counter() - t0:.1f} s", flush=True)
 
     gen = torch.Generator().manual_seed(args.seed)
