@@ -295,7 +295,8 @@ class GQSAConfig:
 
     def codes_rule(self, n_windows: int) -> tuple[float, str]:
         """(``e2e_lr_codes``, why) for ``n_windows`` calibration windows: the rate given, else :data:`CODES_LR` when
-        E2E-OQP distils (``kd``) over at least :data:`CODES_MIN_STEPS` steps, else 0 (codes frozen)."""
+        E2E-OQP distils (``kd``) over at least :data:`CODES_MIN_STEPS` steps on sparse layers (``sparsity`` > 0 or
+        ``target_bits``) of 4 or more bits, else 0 (codes frozen)."""
         if self.e2e_lr_codes is not None:
             return self.e2e_lr_codes, "given"
         if self.stages != "bqpo+e2e":
