@@ -8,6 +8,7 @@ Shapes are small; outputs are poisoned with NaN before every launch. Tolerances 
 """
 from __future__ import annotations
 
+import dataclasses
 
 import pytest
 import torch
@@ -116,6 +117,17 @@ CASES = [
     (20, 300, 128, 8, True, 16, True, 4, torch.float16, False, C(np=1, scale_after=False, pre=True)),
     (130, 256, 16, 4, False, 128, True, 70, torch.float16, False, C(block_m=64, np=8, scale_after=False, pre=True,
                                                                      split_k=1)),
+    # pre with the scratch's weight tiles by TMA (tensor descriptors, emulated by the interpreter): the zeroed block
+    # tails, partial steps, split-K, K % G != 0, a step wider than the scratch's rows (G = 128)
+    (37, 200, 16, 4, False, 16, True, 20, torch.float16, True, C(block_m=32, np=4, scale_after=False, pre=True, tma=True)),
+    (29, 256, 32, 4, True, 16, False, 3, torch.bfloat16, False, C(np=2, scale_after=False, pre=True, split_k=2,
+                                                                  tma=True)),
+    (70, 256, 16, 2, False, 16, True, 17, torch.bfloat16, True, C(block_m=32, np=2, scale_after=False, pre=True,
+                                                                  tma=True)),
+    (40, 160, 16, 8, False, 16, False, 5, torch.float16, True, C(np=4, scale_after=False, pre=True, split_k=3, tma=True)),
+    (20, 300, 128, 8, True, 16, True, 4, torch.float16, False, C(np=1, scale_after=False, pre=True, tma=True)),
+    (130, 256, 16, 4, False, 128, True, 70, torch.float16, False, C(block_m=64, np=8, scale_after=False, pre=True,
+                                                                     split_k=1, tma=True)),
 ]
 
 
@@ -154,6 +166,57 @@ def test_uniform_blocks_need_no_block_pointers(idx, monkeypatch):
         ys.append(launch(x, lay, cfg))
     assert torch.equal(ys[0], ys[1])
     check(ys[0], x, p)
+
+
+def test_tma_pre_pass_writes_zeros_past_each_block(monkeypatch):
+    """The TMA step copies whole ``np·G``-column tiles of the ``pre`` scratch, so with ``zero`` the pass writes
+    every column up to the row stride: the kept weights where a block has slots, zeros past them (without
+    ``zero`` those columns keep whatever the allocation held: NaN here)."""
+    p = make_block_packed(70, 300, 16, 4, 0.5, False, 16, True)  # uneven blocks, K % G != 0
+    lay = block_layout.build_block_layout(p)
+    real_empty = torch.empty
+
+    def nan_empty(*a, **k):
+        t = real_empty(*a, **k)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    wz = block_gemm.dequantize_kept(lay, torch.float16, zero=True)
+    wn = block_gemm.dequantize_kept(lay, torch.float16)
+    monkeypatch.setattr(torch, "empty", real_empty)
+    dense = block_layout.dequantize(lay, torch.float16)
+    g, r = lay.group_size, lay.rows
+    tails = 0
+    for b in range(lay.n_blocks):
+        lo, hi = int(lay.block_ptr[b]), int(lay.block_ptr[b + 1])
+        rows = slice(b * r, (b + 1) * r)
+        for j, col in enumerate(lay.cols[lo:hi].tolist()):
+            kept = wz[rows, j * g:(j + 1) * g]
+            want = dense[b * r:(b + 1) * r, col * g:(col + 1) * g] if col >= 0 else torch.zeros_like(kept)
+            n_ok = min(r, lay.shape[0] - b * r)
+            assert torch.equal(kept[:n_ok, :want.shape[1]], want[:n_ok])
+        assert bool((wz[rows, (hi - lo) * g:] == 0).all())
+        tails += wz.shape[1] - (hi - lo) * g
+        assert bool(wn[rows, (hi - lo) * g:].isnan().all())
+    assert tails > 0
+
+
+def test_tma_is_used_where_available_and_stages_fit_shared_memory(monkeypatch):
+    p = make_block_packed(64, 256, 16, 4, 0.5, False, 16, True)
+    lay = block_layout.build_block_layout(p)
+    cfg = C(block_m=32, np=4, scale_after=False, pre=True, tma=True)
+    assert block_gemm.BlockCall(lay, cfg, 40, torch.float16, False, 256, 64, 1).consts["TMA"]  # interpreter
+    assert not block_gemm.BlockCall(lay, dataclasses.replace(cfg, tma=False), 40, torch.float16, False, 256, 64,
+                                    1).consts["TMA"]
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not block_gemm.tma_available(torch.device("cpu"))
+    with pytest.raises(ValueError, match="tma needs pre"):
+        C(tma=True)
+    # [R, np·G] + [np·G, block_m] fp16 per stage: 64 KiB at R = block_m = 128, np·G = 128 → 3 stages of 5
+    big = C(block_m=128, np=1, num_stages=5, scale_after=False, pre=True, tma=True)
+    assert block_gemm.fit_stages(big, 128, 128) == 3
+    assert block_gemm.fit_stages(big, 128, 16) == 5
+    assert block_gemm.fit_stages(C(num_stages=5), 128, 128) == 5  # the narrow kernel: untouched
 
 
 def test_block_kernel_nothing_kept():

@@ -20,6 +20,11 @@ from .gemm import check_io, num_sms, workspace
 from . import jit
 from .jit import _interpret, aligned16, jitted, rebind
 
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except Exception:  # pragma: no cover - without triton the block kernels are never launched
+    TensorDescriptor = None
+
 
 def _kernel():
     return jitted(block_kernel)
@@ -40,7 +45,10 @@ class BlockConfig:
     the layer's kept weights into a scratch tensor in the activation dtype (about half a dense copy at
     S50, written and read once per call), then the loop is a plain block-sparse GEMM, one dot of
     K = ``np · G`` per step of ``np`` slots (no dequantization in the loop: large M, where the weights
-    are read by few programs and the tensor cores are the limit)."""
+    are read by few programs and the tensor cores are the limit). ``tma`` (with ``pre``): the GEMM reads
+    the scratch's ``[R, np·G]`` tiles through a tensor descriptor, one bulk copy each (Hopper's TMA; where
+    the GPU has none — compute capability < 9.0 — the element loads as without it). ``num_stages`` is
+    lowered where the stages would not fit the shared memory (:data:`SMEM_BUDGET`)."""
 
     block_m: int = 16
     np: int = 2
@@ -54,6 +62,7 @@ class BlockConfig:
     wide: bool = False  # one dot of K = np·G per step (per-weight scales) instead of one of K = G per kept group
     pre: bool = False  # dequantize the kept weights first (a scratch tensor), then a GEMM without dequantization
     block_out: bool = False  # clusterR layers: y in block-row order with vector stores, then one gather into place
+    tma: bool = False  # pre only: the scratch's [R, np·G] weight tiles by TMA copies (compute capability ≥ 9.0)
 
     def __post_init__(self):
         if self.block_m < 16 or self.block_m & (self.block_m - 1):
@@ -64,6 +73,8 @@ class BlockConfig:
             raise ValueError("wide needs scale_after=False and np a power of two")
         if self.pre and (self.scale_after or self.wide or self.np & (self.np - 1)):
             raise ValueError("pre needs scale_after=False, wide=False and np a power of two")
+        if self.tma and not self.pre:
+            raise ValueError("tma needs pre=True (it is how the pre kernel reads its scratch)")
         if self.split_k < 0:
             raise ValueError(f"split_k must be ≥ 0, got {self.split_k}")
 
@@ -86,6 +97,27 @@ def steps_of(layout: BlockLayout, cfg: BlockConfig) -> int:
 
 
 PRE_TILES = 4  # byte tiles per program of the ``pre`` dequantization pass
+SMEM_BUDGET = 200 * 1024  # bytes of shared memory the pipeline stages of a launch may take (H100/H200: 227 KiB)
+
+
+def fit_stages(cfg: BlockConfig, rows: int, group_size: int, elem_bytes: int = 2) -> int:
+    """``cfg.num_stages``, lowered (to 2 at least) until the operand tiles of a ``pre``/``wide`` step — the
+    ``[R, np·G]`` weights and the ``[np·G, block_m]`` activations — fit :data:`SMEM_BUDGET` in every stage."""
+    if not (cfg.pre or cfg.wide):
+        return cfg.num_stages
+    per_stage = (rows + cfg.block_m) * cfg.np * group_size * elem_bytes
+    stages = cfg.num_stages
+    while stages > 2 and stages * per_stage > SMEM_BUDGET:
+        stages -= 1
+    return stages
+
+
+def tma_available(device: torch.device) -> bool:
+    """Whether launches on ``device`` can use tensor descriptors: the interpreter (which emulates them), or a
+    GPU of compute capability ≥ 9.0."""
+    if _interpret():
+        return True
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def _pre_stride(layout: BlockLayout) -> int:
@@ -97,15 +129,17 @@ class _Dequant:
     """The ``pre`` pass of one layout in one dtype (see :func:`dequantize_kept`), its launch bound after
     the first (the scratch is always freshly allocated, so its specialization never changes)."""
 
-    def __init__(self, layout: BlockLayout, dtype: torch.dtype):
+    def __init__(self, layout: BlockLayout, dtype: torch.dtype, zero: bool = False):
         r, g = layout.rows, layout.group_size
         self.layout, self.dtype, self.stride = layout, dtype, _pre_stride(layout)
         tiles = layout.max_slots * layout.bits // 8
         self.empty = tiles == 0 or layout.n_slots == 0
+        if zero:  # every column up to the stride: the blocks' tails as zeros (byte tiles of G · 8/bits columns)
+            tiles = max(tiles, math.ceil(self.stride / (g * 8 // layout.bits)))
         self.tpp = min(PRE_TILES, tiles)
         self.grid = (layout.n_blocks, math.ceil(tiles / max(1, self.tpp)))
         self.consts = dict(R=r, G=g, BITS=layout.bits, FLOAT_Z=layout.float_zeros, FP16=dtype == torch.float16,
-                           STEPS=self.tpp if _interpret() else 0)
+                           STEPS=self.tpp if _interpret() else 0, ZERO=zero)
         self.kern, self._bound = _dequant_kernel(), None
 
     def __call__(self) -> torch.Tensor:
@@ -119,11 +153,11 @@ class _Dequant:
         return wd
 
 
-def dequantize_kept(layout: BlockLayout, dtype: torch.dtype) -> torch.Tensor:
+def dequantize_kept(layout: BlockLayout, dtype: torch.dtype, zero: bool = False) -> torch.Tensor:
     """The ``pre`` pass: ``wd[b·R + r, j·G + t]``, the weight of row ``r``, feature ``t`` of block ``b``'s
-    ``j``-th slot in ``dtype`` (the reference's rounding); columns past a block's slots are not written.
-    Rows are padded to a multiple of 64 elements."""
-    return _Dequant(layout, dtype)()
+    ``j``-th slot in ``dtype`` (the reference's rounding); columns past a block's slots are not written
+    (``zero``: written as zeros). Rows are padded to a multiple of 64 elements."""
+    return _Dequant(layout, dtype, zero)()
 
 
 def auto_split(m: int, layout: BlockLayout, cfg: BlockConfig, sms: int) -> int:
@@ -152,6 +186,7 @@ class BlockCall:
             raise ValueError(f"M={m} rows are too many for the block kernels' 32-bit offsets: split the batch")
         interp = _interpret()
         self.layout, self.m = layout, m
+        self.tma = bool(cfg.tma and cfg.pre and layout.n_slots and tma_available(layout.qweight.device))
         steps = steps_of(layout, cfg)
         split = auto_split(m, layout, cfg, sms)
         sps = math.ceil(steps / split)
@@ -166,9 +201,10 @@ class BlockCall:
                            ASM=cfg.asm and not interp and layout.bits == 4 and dtype == torch.float16
                            and not layout.float_zeros, COL_VEC=cfg.col_vec, ROW_MAP=layout.row_map is not None,
                            WIDE=cfg.wide, PRE=cfg.pre, BLOCK_OUT=cfg.block_out and layout.row_map is not None,
-                           UNI=bool(layout.uniform_slots) and jit.UNIFORM)
+                           UNI=bool(layout.uniform_slots) and jit.UNIFORM, TMA=self.tma)
         self.block_out = self.consts["BLOCK_OUT"]
-        self.pre = _Dequant(layout, dtype) if cfg.pre and layout.n_slots else None
+        self.pre = _Dequant(layout, dtype, zero=self.tma) if cfg.pre and layout.n_slots else None
+        self.box = [layout.rows, cfg.np * layout.group_size]  # (tma: the weight tile of one step)
         stride_w = self.pre.stride if self.pre is not None else stride_y  # (unused without PRE: wd is y)
         stride_y = layout.n_blocks * layout.rows if self.block_out else stride_y
         qw, sz, cols = layout.qweight, layout.sz, layout.cols
@@ -180,7 +216,7 @@ class BlockCall:
         self.ints = (m, n, k, sps, split, stride_x, stride_y, layout.n_blocks, stride_w,
                      layout.uniform_slots if self.consts["UNI"] else 0)
         self.grid = (tm, layout.n_blocks, split)
-        self.launch = (cfg.num_warps, cfg.num_stages)
+        self.launch = (cfg.num_warps, fit_stages(cfg, layout.rows, layout.group_size, dtype.itemsize))
         self.kern, self._bound = _kernel(), None
 
     def __call__(self, x2: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
@@ -190,6 +226,8 @@ class BlockCall:
         else:
             ws = cnt = y  # unused
         wd = self.pre() if self.pre is not None else y  # (unused without PRE)
+        if self.tma:
+            wd = TensorDescriptor(wd, list(wd.shape), [wd.shape[1], 1], self.box)
         # clusterR with block_out: the kernel writes y in block-row order, one gather puts the rows in place
         yk = torch.empty(self.m, lay.n_blocks * lay.rows, dtype=y.dtype, device=y.device) if self.block_out else y
         args = (x2, *self.weights, bias if bias is not None else y, yk, ws, cnt, wd, *self.ints)

@@ -37,7 +37,11 @@ split-K partial sums stay in block-row order, so that their atomics are coalesce
 only at the final store — or, ``BLOCK_OUT``, not at all: y is written in block-row order, with vector
 stores, into a ``[M, n_blocks·R]`` buffer that the launcher permutes into place). ``PRE``: the kept weights were dequantized by :func:`block_dequant_kernel` into a
 scratch ``[n_blocks·R, slots·G]`` in the activation dtype; a step is ``NP`` slots, one dot of K = ``NP·G``,
-both operands copied asynchronously into shared memory and nothing computed in between (large M).
+both operands copied asynchronously into shared memory and nothing computed in between (large M). ``TMA``
+(with ``PRE``): the scratch comes as a tensor descriptor and each step's ``[R, NP·G]`` weight tile is one
+bulk copy by the Hopper tensor-memory accelerator instead of ``R·NP·G`` element addresses (the activations
+stay a gather of G-runs): fewer registers and instructions per step, measured 1.1-1.6× faster GEMMs at
+M ≥ 512 (benchmarks/RESULTS.md, "Session 18").
 
 (Under ``TRITON_INTERPRET=1``: the loop gets its trip count as a constexpr (``STEPS``), sums are
 ``tl.reduce`` (a jitted ``tl.sum`` made before the interpreter was switched on cannot run), and bf16 dots
@@ -81,7 +85,7 @@ def block_kernel(
     STEPS: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, SCALE_AFTER: tl.constexpr,
     DOT_F32: tl.constexpr, FLOAT_Z: tl.constexpr, FP16: tl.constexpr, ASM: tl.constexpr, COL_VEC: tl.constexpr,
     ROW_MAP: tl.constexpr, WIDE: tl.constexpr, PRE: tl.constexpr, BLOCK_OUT: tl.constexpr, PDL: tl.constexpr,
-    UNI: tl.constexpr = False,
+    UNI: tl.constexpr = False, TMA: tl.constexpr = False,
 ):
     CPB: tl.constexpr = 8 // BITS  # slots per byte tile
     QM: tl.constexpr = (1 << BITS) - 1
@@ -110,13 +114,17 @@ def block_kernel(
     u_start = u_lo + pid_k * sps * NP
     if PRE:  # the kept weights were dequantized by block_dequant_kernel: a step is NP slots, one dot of K = NP·G
         ar_j = tl.arange(0, NP * G)
-        a_row = wd_ptr + (blk * R + ar_r)[:, None].to(tl.int64) * stride_wd  # [R, 1]
+        if not TMA:
+            a_row = wd_ptr + (blk * R + ar_r)[:, None].to(tl.int64) * stride_wd  # [R, 1]
         xm_off = offs_m[None, :] * stride_xm
         for i in range(0, STEPS if STEPS > 0 else sps):
             j0 = (pid_k * sps + i) * NP  # the step's first slot of the block
             s_j = s_lo + j0 + ar_j // G  # [NP·G]: the slot of each k
             ok_j = s_j < s_hi
-            a = tl.load(a_row + (j0 * G + ar_j)[None, :], mask=ok_j[None, :], other=0.0)  # [R, NP·G]
+            if TMA:  # wd_ptr is a tensor descriptor of the scratch: one asynchronous bulk copy of [R, NP·G]
+                a = wd_ptr.load([blk * R, j0 * G])  # (columns past the block's slots are zeros: ZERO in the pass)
+            else:
+                a = tl.load(a_row + (j0 * G + ar_j)[None, :], mask=ok_j[None, :], other=0.0)  # [R, NP·G]
             col_j = tl.max_constancy(tl.load(col_ptr + s_j, mask=ok_j, other=-1), G)
             feat = tl.max_contiguous(tl.multiple_of(col_j * G + ar_j % G, G), G)
             xk = tl.load(x_ptr + feat[:, None] + xm_off, mask=((col_j >= 0) & (feat < K))[:, None] & m_ok[None, :],
@@ -288,11 +296,13 @@ def block_kernel(
 def block_dequant_kernel(
     qb_ptr, sz_ptr, bp_ptr, wd_ptr, stride_wd, TPP,
     R: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, FLOAT_Z: tl.constexpr, FP16: tl.constexpr,
-    STEPS: tl.constexpr, PDL: tl.constexpr,
+    STEPS: tl.constexpr, PDL: tl.constexpr, ZERO: tl.constexpr = False,
 ):
     """The ``pre`` path's first pass: the kept weights of block ``program_id(0)`` in the activation
     dtype, ``wd[b·R + r, j·G + t]`` = weight ``(r, t)`` of the block's ``j``-th slot (the reference's
-    rounding, as the wide step does it); program ``program_id(1)`` takes ``TPP`` byte tiles."""
+    rounding, as the wide step does it); program ``program_id(1)`` takes ``TPP`` byte tiles. ``ZERO``: the
+    columns past the block's slots, up to ``stride_wd``, are written as zeros (byte tiles past the block's
+    end load as code 0, scale 0) — for the TMA step, whose copies take whole ``NP·G`` columns."""
     CPB: tl.constexpr = 8 // BITS
     QM: tl.constexpr = (1 << BITS) - 1
     act = wd_ptr.dtype.element_ty
@@ -323,4 +333,8 @@ def block_dequant_kernel(
             else:
                 z = (szw >> 16).to(tl.uint8)[:, None]
                 w = ((q.to(tl.float32) - z.to(tl.float32)) * s.to(tl.float32)).to(act)
-            tl.store(row + ((ul * CPB + c) * G + ar_t)[None, :], w, mask=ok)
+            cols = (ul * CPB + c) * G + ar_t
+            if ZERO:
+                tl.store(row + cols[None, :], w, mask=(cols < stride_wd)[None, :])
+            else:
+                tl.store(row + cols[None, :], w, mask=ok)

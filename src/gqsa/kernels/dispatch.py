@@ -191,6 +191,13 @@ _P = functools.partial(BlockConfig, scale_after=False, pre=True)
 # sum of the three shapes at M = 32, 64, 256, 2048 and lost at 8 and 16; 7B synthetic w4s30g64c64 end to end, tokens/s
 # at B = 12 / 16 / 32 / 64: 3612.6 / 4540.5 / 6562.1 / 7464.8 without, 3136.8 / 4030.2 / 6599.3 / 8437.2 with (prefill
 # of 64 × 32 tokens 141.7 → 71.7 ms), so from M = 17 only (benchmarks/RESULTS.md "Session 12").
+# Eighteenth session: the ``pre`` GEMM reads its scratch by TMA (``tma``, one bulk copy of each [R, np·G] weight tile)
+# and the M ≥ 65 buckets were re-chosen (.carry sweep of 6 candidates against the table through launch_block, µs
+# summed over 4096², 11008×4096, 4096×11008, 28672×8192 W4 S50 G16, and for height 64 also cluster64 W4 S30 G64;
+# benchmarks/RESULTS.md "Session 18"): block128 M = 128-256 778 against 866 (the table's), M = 512-2048 3023 against
+# 3463 (the same configuration without TMA 3202: half the gain is the configuration, half the copies); block64 at
+# M = 512 4 warps × 128 tokens × 5 stages (1579 against 1656), from M = 1024 8 warps × 256 tokens (the table's
+# tile, 2.4-7 % faster with TMA). Block64 at M = 65-256 keeps its non-``pre`` kernel (1470 against ≥ 1851).
 H200_BLOCK_TABLE = BlockTable(
     buckets=(
         (16, ((16, _B(block_m=16, np=4, num_warps=1, num_stages=3, waves=4.0, scale_after=False)),
@@ -200,12 +207,13 @@ H200_BLOCK_TABLE = BlockTable(
               (32, _W(block_m=32, np=4, num_warps=1, num_stages=3, waves=4.0, block_out=True)),
               (64, _W(block_m=64, np=2, num_warps=1, num_stages=3, waves=4.0, block_out=True)),
               (256, _B(block_m=128, np=2, num_warps=4, num_stages=3, waves=1.0, scale_after=False, block_out=True)),
-              (1 << 62, _P(block_m=256, np=4, num_warps=4, num_stages=3, split_k=1, block_out=True)))),
+              (512, _P(block_m=128, np=4, num_warps=4, num_stages=5, split_k=1, block_out=True, tma=True)),
+              (1 << 62, _P(block_m=256, np=4, num_warps=8, num_stages=3, split_k=1, block_out=True, tma=True)))),
         (128, ((16, _W(block_m=16, np=4, num_warps=2, num_stages=3, waves=4.0)),
                (32, _W(block_m=32, np=4, num_warps=2, num_stages=3, waves=2.0, block_out=True)),
                (64, _W(block_m=64, np=2, num_warps=2, num_stages=3, waves=2.0, block_out=True)),
-               (256, _P(block_m=128, np=4, num_warps=8, num_stages=4, waves=1.0, block_out=True)),
-               (1 << 62, _P(block_m=128, np=4, num_warps=8, num_stages=3, split_k=1, block_out=True)))),
+               (256, _P(block_m=128, np=4, num_warps=4, num_stages=5, split_k=1, block_out=True, tma=True)),
+               (1 << 62, _P(block_m=128, np=4, num_warps=4, num_stages=5, split_k=1, block_out=True, tma=True)))),
     ),
     expand_min_m=((16, 256), (64, 1 << 62)),  # block64 and up: never (the pre kernels beat the expansion)
     # Seventh session: W4 S0 G128 (3-bit layers run as it; block128, every group kept): the pre kernels do twice an
