@@ -244,6 +244,9 @@ def block_candidates(m, rows, kinds=("wide", "pre", "table")):
         else:
             out += [P(block_m=bm, np=npp, num_warps=nw, num_stages=st, split_k=1)
                     for bm in (128, 256) for npp in (4, 8) for st in (3, 4)]
+        if m > 64:  # the scratch's tiles by TMA (session 18: 4 warps × 5 stages won for block128)
+            out += [P(block_m=bm, np=4, num_warps=w, num_stages=st, split_k=1, tma=True)
+                    for bm, w in ((128, 4), (256, 8)) for st in (3, 4, 5)]
     if "table" in kinds or not out:  # the table's configuration of today (same run: an A/B)
         out.append(dispatch.H200_TABLE.block.config(rows, m))
     return out
@@ -617,7 +620,8 @@ def main(argv=None):
     if args.block_check:
         tb = dispatch.default_table().block
         pre = block_gemm.BlockConfig(block_m=64, np=4, scale_after=False, pre=True)
-        meta["block_check_ok"] = block_check(lambda m, r: block_candidates(m, r)[:1] + [tb.config(r, m), pre],
+        pre_tma = dataclasses.replace(pre, tma=True, pre_tiles=2)  # the scratch by TMA, its zeroed tails
+        meta["block_check_ok"] = block_check(lambda m, r: block_candidates(m, r)[:1] + [tb.config(r, m), pre, pre_tma],
                                              quick=args.quick)
     if args.block_sweep:
         shapes = [(4096, 4096), (11008, 4096), (28672, 8192)]

@@ -63,6 +63,8 @@ class BlockConfig:
     pre: bool = False  # dequantize the kept weights first (a scratch tensor), then a GEMM without dequantization
     block_out: bool = False  # clusterR layers: y in block-row order with vector stores, then one gather into place
     tma: bool = False  # pre only: the scratch's [R, np·G] weight tiles by TMA copies (compute capability ≥ 9.0)
+    pre_tiles: int = 4  # pre only: byte tiles per program of the dequantization pass
+    pre_warps: int = 4  # pre only: warps per program of the dequantization pass
 
     def __post_init__(self):
         if self.block_m < 16 or self.block_m & (self.block_m - 1):
@@ -73,6 +75,9 @@ class BlockConfig:
             raise ValueError("wide needs scale_after=False and np a power of two")
         if self.pre and (self.scale_after or self.wide or self.np & (self.np - 1)):
             raise ValueError("pre needs scale_after=False, wide=False and np a power of two")
+        if self.pre_tiles < 1 or self.pre_warps < 1 or self.pre_warps & (self.pre_warps - 1):
+            raise ValueError(f"pre_tiles must be ≥ 1 and pre_warps a power of two, got {self.pre_tiles}, "
+                             f"{self.pre_warps}")
         if self.tma and not self.pre:
             raise ValueError("tma needs pre=True (it is how the pre kernel reads its scratch)")
         if self.split_k < 0:
@@ -96,7 +101,6 @@ def steps_of(layout: BlockLayout, cfg: BlockConfig) -> int:
     return max(1, math.ceil(layout.max_slots * layout.bits // 8 / cfg.np))
 
 
-PRE_TILES = 4  # byte tiles per program of the ``pre`` dequantization pass
 SMEM_BUDGET = 200 * 1024  # bytes of shared memory the pipeline stages of a launch may take (H100/H200: 227 KiB)
 
 
@@ -129,14 +133,15 @@ class _Dequant:
     """The ``pre`` pass of one layout in one dtype (see :func:`dequantize_kept`), its launch bound after
     the first (the scratch is always freshly allocated, so its specialization never changes)."""
 
-    def __init__(self, layout: BlockLayout, dtype: torch.dtype, zero: bool = False):
+    def __init__(self, layout: BlockLayout, dtype: torch.dtype, zero: bool = False, tiles_per_program: int = 4,
+                 num_warps: int = 4):
         r, g = layout.rows, layout.group_size
         self.layout, self.dtype, self.stride = layout, dtype, _pre_stride(layout)
         tiles = layout.max_slots * layout.bits // 8
         self.empty = tiles == 0 or layout.n_slots == 0
         if zero:  # every column up to the stride: the blocks' tails as zeros (byte tiles of G · 8/bits columns)
             tiles = max(tiles, math.ceil(self.stride / (g * 8 // layout.bits)))
-        self.tpp = min(PRE_TILES, tiles)
+        self.tpp, self.num_warps = min(tiles_per_program, tiles), num_warps
         self.grid = (layout.n_blocks, math.ceil(tiles / max(1, self.tpp)))
         self.consts = dict(R=r, G=g, BITS=layout.bits, FLOAT_Z=layout.float_zeros, FP16=dtype == torch.float16,
                            STEPS=self.tpp if _interpret() else 0, ZERO=zero)
@@ -148,7 +153,7 @@ class _Dequant:
         if self.empty:
             return wd
         args = (lay.qweight, lay.sz, lay.block_ptr, wd, self.stride, self.tpp)
-        self._bound = rebind(self._bound, True, self.kern, self.grid, args, self.consts, wd.device, 4, 1,
+        self._bound = rebind(self._bound, True, self.kern, self.grid, args, self.consts, wd.device, self.num_warps, 1,
                              pdl="block")  # (wd is always new, so always aligned)
         return wd
 
@@ -203,7 +208,8 @@ class BlockCall:
                            WIDE=cfg.wide, PRE=cfg.pre, BLOCK_OUT=cfg.block_out and layout.row_map is not None,
                            UNI=bool(layout.uniform_slots) and jit.UNIFORM, TMA=self.tma)
         self.block_out = self.consts["BLOCK_OUT"]
-        self.pre = _Dequant(layout, dtype, zero=self.tma) if cfg.pre and layout.n_slots else None
+        self.pre = (_Dequant(layout, dtype, self.tma, cfg.pre_tiles, cfg.pre_warps) if cfg.pre and layout.n_slots
+                    else None)
         self.box = [layout.rows, cfg.np * layout.group_size]  # (tma: the weight tile of one step)
         stride_w = self.pre.stride if self.pre is not None else stride_y  # (unused without PRE: wd is y)
         stride_y = layout.n_blocks * layout.rows if self.block_out else stride_y
