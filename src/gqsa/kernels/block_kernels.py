@@ -40,8 +40,8 @@ scratch ``[n_blocks·R, slots·G]`` in the activation dtype; a step is ``NP`` sl
 both operands copied asynchronously into shared memory and nothing computed in between (large M). ``TMA``
 (with ``PRE``): the scratch comes as a tensor descriptor and each step's ``[R, NP·G]`` weight tile is one
 bulk copy by the Hopper tensor-memory accelerator instead of ``R·NP·G`` element addresses (the activations
-stay a gather of G-runs): fewer registers and instructions per step, measured 1.1-1.6× faster GEMMs at
-M ≥ 512 (benchmarks/RESULTS.md, "Session 18").
+stay a gather of G-runs): fewer registers and address instructions per step; 3-12 % faster block128 layer
+calls at M = 512-2048 than the element loads in the same configuration (benchmarks/RESULTS.md, "Session 18").
 
 (Under ``TRITON_INTERPRET=1``: the loop gets its trip count as a constexpr (``STEPS``), sums are
 ``tl.reduce`` (a jitted ``tl.sum`` made before the interpreter was switched on cannot run), and bf16 dots

@@ -192,12 +192,13 @@ _P = functools.partial(BlockConfig, scale_after=False, pre=True)
 # at B = 12 / 16 / 32 / 64: 3612.6 / 4540.5 / 6562.1 / 7464.8 without, 3136.8 / 4030.2 / 6599.3 / 8437.2 with (prefill
 # of 64 × 32 tokens 141.7 → 71.7 ms), so from M = 17 only (benchmarks/RESULTS.md "Session 12").
 # Eighteenth session: the ``pre`` GEMM reads its scratch by TMA (``tma``, one bulk copy of each [R, np·G] weight tile)
-# and the M ≥ 65 buckets were re-chosen (.carry sweep of 6 candidates against the table through launch_block, µs
-# summed over 4096², 11008×4096, 4096×11008, 28672×8192 W4 S50 G16, and for height 64 also cluster64 W4 S30 G64;
-# benchmarks/RESULTS.md "Session 18"): block128 M = 128-256 778 against 866 (the table's), M = 512-2048 3023 against
-# 3463 (the same configuration without TMA 3202: half the gain is the configuration, half the copies); block64 at
-# M = 512 4 warps × 128 tokens × 5 stages (1579 against 1656), from M = 1024 8 warps × 256 tokens (the table's
-# tile, 2.4-7 % faster with TMA). Block64 at M = 65-256 keeps its non-``pre`` kernel (1470 against ≥ 1851).
+# and the M ≥ 65 buckets were re-chosen (benchmarks/results/session18/kernel_call4_sweep4.py: 6 candidates and the
+# table through launch_block, µs summed over 4096², 11008×4096, 4096×11008, 28672×8192 W4 S50 G16 — for height 64
+# also cluster64 W4 S30 G64 — at M = 128, 256 | 512, 1024, 2048; benchmarks/RESULTS.md "Session 18"): block128 4 warps ×
+# 128 tokens × 5 stages, 778 against the table's 866 at M ≤ 256 and 3023 against 3463 above (the same configuration
+# without TMA: 798 and 3202); block64 above 256 8 warps × 256 tokens × 3 stages, 9013 against 9494, and at M = 512 the
+# block128 configuration (block64 W4 S50 G16 alone: 739 against 778 for the table's, 768 for the 256-token tile; M =
+# 257-511 not measured). Block64 at M = 65-256 keeps its non-``pre`` kernel (1470 against ≥ 1851).
 H200_BLOCK_TABLE = BlockTable(
     buckets=(
         (16, ((16, _B(block_m=16, np=4, num_warps=1, num_stages=3, waves=4.0, scale_after=False)),
