@@ -123,7 +123,7 @@ CASES = [
     (29, 256, 32, 4, True, 16, False, 3, torch.bfloat16, False, C(np=2, scale_after=False, pre=True, split_k=2,
                                                                   tma=True)),
     (70, 256, 16, 2, False, 16, True, 17, torch.bfloat16, True, C(block_m=32, np=2, scale_after=False, pre=True,
-                                                                  tma=True)),
+                                                                  tma=True, pre_tiles=3, pre_warps=2)),
     (40, 160, 16, 8, False, 16, False, 5, torch.float16, True, C(np=4, scale_after=False, pre=True, split_k=3, tma=True)),
     (20, 300, 128, 8, True, 16, True, 4, torch.float16, False, C(np=1, scale_after=False, pre=True, tma=True)),
     (130, 256, 16, 4, False, 128, True, 70, torch.float16, False, C(block_m=64, np=8, scale_after=False, pre=True,
@@ -182,8 +182,10 @@ def test_tma_pre_pass_writes_zeros_past_each_block(monkeypatch):
 
     monkeypatch.setattr(torch, "empty", nan_empty)
     wz = block_gemm.dequantize_kept(lay, torch.float16, zero=True)
+    wz3 = block_gemm._Dequant(lay, torch.float16, True, 3, 2)()  # 3 byte tiles a program: the last one past the stride
     wn = block_gemm.dequantize_kept(lay, torch.float16)
     monkeypatch.setattr(torch, "empty", real_empty)
+    assert torch.equal(wz3, wz)
     dense = block_layout.dequantize(lay, torch.float16)
     g, r = lay.group_size, lay.rows
     tails = 0

@@ -63,7 +63,7 @@ class BlockConfig:
     pre: bool = False  # dequantize the kept weights first (a scratch tensor), then a GEMM without dequantization
     block_out: bool = False  # clusterR layers: y in block-row order with vector stores, then one gather into place
     tma: bool = False  # pre only: the scratch's [R, np·G] weight tiles by TMA copies (compute capability ≥ 9.0)
-    pre_tiles: int = 4  # pre only: byte tiles per program of the dequantization pass
+    pre_tiles: int = 1  # pre only: byte tiles per program of the dequantization pass (session 18: 1 of 1-8 fastest)
     pre_warps: int = 4  # pre only: warps per program of the dequantization pass
 
     def __post_init__(self):
@@ -133,7 +133,7 @@ class _Dequant:
     """The ``pre`` pass of one layout in one dtype (see :func:`dequantize_kept`), its launch bound after
     the first (the scratch is always freshly allocated, so its specialization never changes)."""
 
-    def __init__(self, layout: BlockLayout, dtype: torch.dtype, zero: bool = False, tiles_per_program: int = 4,
+    def __init__(self, layout: BlockLayout, dtype: torch.dtype, zero: bool = False, tiles_per_program: int = 1,
                  num_warps: int = 4):
         r, g = layout.rows, layout.group_size
         self.layout, self.dtype, self.stride = layout, dtype, _pre_stride(layout)

@@ -199,6 +199,9 @@ _P = functools.partial(BlockConfig, scale_after=False, pre=True)
 # without TMA: 798 and 3202); block64 above 256 8 warps × 256 tokens × 3 stages, 9013 against 9494, and at M = 512 the
 # block128 configuration (block64 W4 S50 G16 alone: 739 against 778 for the table's, 768 for the 256-token tile; M =
 # 257-511 not measured). Block64 at M = 65-256 keeps its non-``pre`` kernel (1470 against ≥ 1851).
+# The pass's tiles per program × warps (kernel_call5_pass5.py, the 12 layers above, the pass alone): one tile and 4
+# warps 521 µs summed against 578 for the four tiles of before (BlockConfig.pre_tiles now 1); 7B prefill of 512
+# tokens with it, block128 0.956× fp16 against 0.923× in the run beside it (RESULTS "Session 18" item 4).
 H200_BLOCK_TABLE = BlockTable(
     buckets=(
         (16, ((16, _B(block_m=16, np=4, num_warps=1, num_stages=3, waves=4.0, scale_after=False)),
