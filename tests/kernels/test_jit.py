@@ -50,7 +50,7 @@ def test_pdl_by_default_by_the_rows_a_launch_serves(monkeypatch):
     say its rows."""
     monkeypatch.delenv("GQSA_PDL", raising=False)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    monkeypatch.setattr(jit, "_PDL_DEVICES", {0: True})  # as on a GPU of compute capability 9.0
+    monkeypatch.setattr(jit, "_SM90_DEVICES", {0: True})  # as on a GPU of compute capability 9.0
     assert all(jit.pdl_enabled("cuda:0", f, 1) for f in ("gemv", "gemv2", "gemv2p", "ops"))
     assert not jit.pdl_enabled("cuda:0", "gemv2p", 2) and not jit.pdl_enabled("cuda:0", "ops", 4)
     assert not jit.pdl_enabled("cuda:0", "block", 1) and not jit.pdl_enabled("cuda:0", "gemm", 1)
@@ -61,7 +61,7 @@ def test_pdl_by_default_by_the_rows_a_launch_serves(monkeypatch):
         assert not any(jit.pdl_enabled("cuda:0", f, rows) for f in ("ops", "block", "gemm", "gemv2p"))
     monkeypatch.setenv("GQSA_PDL", "ops")  # an explicit family list: every launch of the family
     assert jit.pdl_enabled("cuda:0", "ops", 4) and not jit.pdl_enabled("cuda:0", "gemv2p", 1)
-    monkeypatch.setattr(jit, "_PDL_DEVICES", {0: False})  # compute capability < 9.0: never
+    monkeypatch.setattr(jit, "_SM90_DEVICES", {0: False})  # compute capability < 9.0: never
     assert not jit.pdl_enabled("cuda:0", "ops", 1)
 
 
@@ -128,7 +128,7 @@ def test_launch_fast_path_on_a_gpu_caches_per_specialization(monkeypatch):
     assert [e[0] for e in k.log] == ["slow", "fast", "slow", "slow", "fast"]
     monkeypatch.setenv("GQSA_PDL", "ops")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: (9, 0))
-    monkeypatch.setattr(jit, "_PDL_DEVICES", {})
+    monkeypatch.setattr(jit, "_SM90_DEVICES", {})
     jit.launch(k, (4,), (a, 16), {"BLOCK": 32}, dev, 4, 2, pdl="ops")
     assert k.log[-1][0] == "slow" and k.log[-1][3]["PDL"] is True and k.log[-1][3]["launch_pdl"] is True
 

@@ -119,9 +119,7 @@ def fit_stages(cfg: BlockConfig, rows: int, group_size: int, elem_bytes: int = 2
 def tma_available(device: torch.device) -> bool:
     """Whether launches on ``device`` can use tensor descriptors: the interpreter (which emulates them), or a
     GPU of compute capability ≥ 9.0."""
-    if _interpret():
-        return True
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    return _interpret() or jit.sm90(device)
 
 
 def _pre_stride(layout: BlockLayout) -> int:

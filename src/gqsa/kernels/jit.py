@@ -36,7 +36,7 @@ _JITTED: dict = {}
 # MmaLayout.uniform_quads). GQSA_UNIFORM=0 makes every kernel load the pointers (for A/B timing).
 UNIFORM = os.environ.get("GQSA_UNIFORM", "1").strip().lower() not in ("0", "off", "false", "no")
 _FAST: dict = {}  # (kernel, constexprs, options, device, specialization) -> compiled kernel
-_PDL_DEVICES: dict = {}
+_SM90_DEVICES: dict = {}
 
 
 def _interpret() -> bool:
@@ -109,13 +109,19 @@ def pdl_enabled(device, family: str | None = None, rows: int | None = None) -> b
     if by_rows is not None and (rows is None or not any(lo <= rows <= hi and (family is None or family in f)
                                                         for lo, hi, f in by_rows)):
         return False
+    return not _interpret() and sm90(device)
+
+
+def sm90(device) -> bool:
+    """Whether ``device`` is a GPU of compute capability ≥ 9.0 (Hopper and later: programmatic dependent launch,
+    TMA), cached per device."""
     device = torch.device(device)
-    if device.type != "cuda" or _interpret():
+    if device.type != "cuda":
         return False
     idx = device.index if device.index is not None else torch.cuda.current_device()
-    ok = _PDL_DEVICES.get(idx)
+    ok = _SM90_DEVICES.get(idx)
     if ok is None:
-        ok = _PDL_DEVICES[idx] = torch.cuda.get_device_capability(idx)[0] >= 9
+        ok = _SM90_DEVICES[idx] = torch.cuda.get_device_capability(idx)[0] >= 9
     return ok
 
 
