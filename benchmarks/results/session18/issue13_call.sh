@@ -1,7 +1,7 @@
 #!/bin/bash
 # issue 13, session 18: four settings at 2048 calibration windows, one process each, side by side.
 # Env for a CPU dry run only: N (windows), DEV (device), EXTRA (more stages_table args), SETX (more --set entries)
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/../../.."  # (ran from .carry/h13/ as ../..; needs .carry/assets, see RESULTS "Session 18")
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 OUT=${OUT:?}
 N=${N:-2048}; DEV=${DEV:-cuda}; EXTRA=${EXTRA:-}; SETX=${SETX:-}

@@ -2,7 +2,7 @@
 import json, sys
 from pathlib import Path
 import torch, triton, triton.language as tl
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]  # (ran from .carry/me/ as parents[2]; committed here)
 sys.path.insert(0, str(ROOT / "src")); sys.path.insert(0, str(ROOT / "benchmarks"))
 import gemv as bg
 from gqsa.kernels import block_gemm, dispatch

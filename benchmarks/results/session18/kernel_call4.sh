@@ -1,7 +1,8 @@
 #!/bin/bash
+# Ran as .carry/me/*.sh from the repository root (bash benchmarks/results/session18/THIS.sh runs the committed copy; $OUT: an output folder)
 export PYTHONPATH=$PWD/src
 S=$(date +%s)
-timeout 300 python .carry/me/sweep4.py $OUT > $OUT/sweep4.log 2>&1
+timeout 300 python benchmarks/results/session18/kernel_call4_sweep4.py $OUT > $OUT/sweep4.log 2>&1
 tail -3 $OUT/sweep4.log; grep -A40 '^{$' $OUT/sweep4.log | head -60
 echo "sweep done at $(( $(date +%s) - S )) s"
 left=$(( 560 - ($(date +%s) - S) ))

@@ -3,7 +3,7 @@ table with the best pair in the pre buckets (GQSA_DISPATCH_TABLE format)."""
 import dataclasses, json, sys
 from pathlib import Path
 import torch
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]  # (ran from .carry/me/ as parents[2]; committed here)
 sys.path.insert(0, str(ROOT / "src")); sys.path.insert(0, str(ROOT / "benchmarks"))
 import gemv as bg
 import gemm as bgemm
